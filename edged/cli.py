@@ -1,0 +1,137 @@
+"""The `edged` command. The only module that prints for users and calls sys.exit.
+
+Exit codes: 0 ok, 1 invalid input or check failed, 2 usage, 3 daemon unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from edged import __version__
+from edged.certs import check_bundle, describe_chain, parse_bundle
+from edged.config import DEFAULT_CONFIG_PATH, load_config
+from edged.errors import CertError, ConfigError, StoreError
+from edged.sources import load_site_certs, read_pem
+from edged.store.files import FileStore
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edged", description="Edge TLS termination daemon.")
+    parser.add_argument("--version", action="version", version=f"edged {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--config",
+            type=Path,
+            default=DEFAULT_CONFIG_PATH,
+            help=f"config file (default {DEFAULT_CONFIG_PATH})",
+        )
+
+    run = sub.add_parser("run", help="run the daemon in the foreground (systemd runs this)")
+    with_config(run)
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    check = sub.add_parser("check", help="validate the config and every certificate")
+    with_config(check)
+
+    cert = sub.add_parser("cert", help="certificate tools")
+    cert_sub = cert.add_subparsers(dest="cert_command", required=True, metavar="COMMAND")
+    inspect = cert_sub.add_parser("inspect", help="show a PEM file's certificates and problems")
+    inspect.add_argument("file", type=Path)
+    inspect.add_argument("--key", type=Path, help="private key to check against the leaf")
+    inspect.add_argument("--name", action="append", default=[], help="name it must cover")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        sys.exit(cmd_run(args.config, args.log_level))
+    if args.command == "check":
+        sys.exit(cmd_check(args.config))
+    if args.command == "cert" and args.cert_command == "inspect":
+        sys.exit(cmd_inspect(args.file, args.key, args.name))
+    sys.exit(EXIT_USAGE)
+
+
+def cmd_run(config_path: Path, level: str) -> int:
+    import uvloop
+
+    from edged.daemon import Daemon
+
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return uvloop.run(Daemon(config_path).run())
+
+
+def cmd_check(config_path: Path) -> int:
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem)
+        return EXIT_INVALID
+    store = None
+    if config.store_path is not None and config.store_path.is_dir():
+        try:
+            store = FileStore(config.store_path)
+        except StoreError as exc:
+            print(f"{config.store_path}: edged.store: {exc}")
+            return EXIT_INVALID
+    certs = load_site_certs(config, store, datetime.now(UTC))
+    for problem in certs.problems:
+        print(problem)
+    served = sum(len(b) for b in certs.bundles.values())
+    status = "FAILED" if certs.errors else "ok"
+    print(f"{config_path}: {status}: {len(config.sites)} sites, {served} valid certificates")
+    return EXIT_INVALID if certs.errors else EXIT_OK
+
+
+def cmd_inspect(path: Path, key_path: Path | None, names: list[str]) -> int:
+    now = datetime.now(UTC)
+    try:
+        cert_pem = read_pem(path)
+        summaries = describe_chain(cert_pem)
+    except CertError as exc:
+        print(f"{path}: {exc.message}")
+        return EXIT_INVALID
+    for s in summaries:
+        role = "leaf" if s.index == 0 else ("root" if s.self_issued else "intermediate")
+        print(f"[{s.index}] {role}: {s.subject}")
+        print(f"    issuer:     {s.issuer}")
+        if s.names:
+            print(f"    names:      {', '.join(s.names)}")
+        print(
+            f"    valid:      {s.not_before:%Y-%m-%d %H:%M:%S} .. "
+            f"{s.not_after:%Y-%m-%d %H:%M:%S} UTC"
+        )
+        print(f"    key:        {s.key_type}")
+        print(f"    serial:     {s.serial}")
+        print(f"    sha256:     {s.fingerprint}")
+    problems: list[str] = []
+    try:
+        key_pem = read_pem(key_path) if key_path else cert_pem
+        bundle = parse_bundle(cert_pem, key_pem, source=str(path), key_source=str(key_path or path))
+    except CertError as exc:
+        if key_path is not None or exc.reason.value not in ("no_key",):
+            problems.append(exc.message)
+        else:
+            print("key: not checked (pass --key KEY to check that it matches)")
+    else:
+        problems.extend(e.message for e in check_bundle(bundle, now=now, names=names))
+        print("chain order: ok (leaf first, each certificate signed by the next)")
+    for problem in problems:
+        print(f"{path}: problem: {problem}")
+    if not problems:
+        print(f"{path}: ok")
+    return EXIT_INVALID if problems else EXIT_OK

@@ -1,0 +1,601 @@
+"""The TOML config: frozen dataclasses, a pure parser that reports every problem, and a loader.
+
+`parse_config(text, source)` is pure: it never touches the disk (relative paths are resolved
+against the config file's directory but not opened). `load_config(path)` reads the file and
+then checks that every file the config names exists and is readable.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from edged.errors import ConfigError, Problem
+from edged.names import NameError_, normalize_name
+
+DEFAULT_CONFIG_PATH = Path("/etc/edged/edged.toml")
+TLS_VERSIONS = ("1.2", "1.3")
+PROXY_PROTOCOLS = ("", "v1", "v2")
+CHALLENGES = ("http-01", "dns-01")
+ACME_KEY_TYPES = ("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096")
+TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1")
+_ALPN_TOKEN = re.compile(r"^[\x21-\x7e]{1,255}$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+@dataclass(frozen=True)
+class Address:
+    """A TCP address (`host:port`, `[v6]:port`) or a unix socket (`unix:/path`)."""
+
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    @property
+    def is_unix(self) -> bool:
+        return bool(self.path)
+
+    def __str__(self) -> str:
+        if self.path:
+            return f"unix:{self.path}"
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class EdgedSettings:
+    store: str = "certs"
+    workers: int = 1
+    max_connections: int = 10000
+    idle_timeout: float = 300.0
+    drain_timeout: float = 30.0
+    backend_connect_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class ListenSettings:
+    https: tuple[Address, ...] = (Address("0.0.0.0", 443),)
+    http: tuple[Address, ...] = (Address("0.0.0.0", 80),)
+    metrics: Address | None = Address("127.0.0.1", 9464)
+    admin: Address | None = Address(path="/run/edged/admin.sock")
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    min_version: str = "1.2"
+    alpn: tuple[str, ...] = ("h2", "http/1.1")
+    default_cert: str = ""
+    handshake_timeout: float = 10.0
+    require_chain: bool = False
+    context_cache_size: int = 1000
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    server: Address = Address("127.0.0.1", 53)
+    tsig_key_name: str = "edged"
+    tsig_algorithm: str = "hmac-sha256"
+    tsig_secret_file: Path | None = None
+    zone: str = ""
+    delegate_to: str = ""
+
+
+@dataclass(frozen=True)
+class AcmeSettings:
+    directory: str = "https://acme-v02.api.letsencrypt.org/directory"
+    email: str = ""
+    ca_bundle: Path | None = None
+    challenge: str = "http-01"
+    key_types: tuple[str, ...] = ("ecdsa-p256",)
+    renew_before_days: int = 30
+    retry_interval: float = 900.0
+    max_attempts: int = 5
+    notify_webhook: str = ""
+    dns: DnsSettings | None = None
+
+
+@dataclass(frozen=True)
+class Site:
+    """One `[[site]]`: its names, where its plaintext goes, where its certificate comes from."""
+
+    index: int
+    names: tuple[str, ...]
+    backend: Address
+    proxy_protocol: str = ""
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    origin_tls: bool = False
+    origin_ca_file: Path | None = None
+    origin_server_name: str = ""
+    alpn: tuple[str, ...] | None = None
+
+    @property
+    def name(self) -> str:
+        """The site's first name: its certificate's directory in the store."""
+        return self.names[0]
+
+    @property
+    def key(self) -> str:
+        return f"site[{self.index}]"
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path
+    edged: EdgedSettings
+    listen: ListenSettings
+    tls: TlsSettings
+    acme: AcmeSettings | None
+    sites: tuple[Site, ...]
+
+    @property
+    def store_path(self) -> Path | None:
+        """The file store's directory, or None when the store is a URL (redis://)."""
+        if "://" in self.edged.store:
+            return None
+        path = Path(self.edged.store)
+        return path if path.is_absolute() else self.source.parent / path
+
+    def site_for(self, name: str) -> Site | None:
+        for site in self.sites:
+            if name in site.names:
+                return site
+        return None
+
+
+T = TypeVar("T")
+
+
+class _Reader:
+    """Reads one TOML table, recording a Problem (and returning the default) for each bad key."""
+
+    def __init__(
+        self, data: Mapping[str, Any], prefix: str, source: str, problems: list[Problem]
+    ) -> None:
+        self.data = data
+        self.prefix = prefix
+        self.source = source
+        self.problems = problems
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def problem(self, name: str, message: str) -> None:
+        self.problems.append(Problem(self.source, self.key(name), message))
+
+    def get(self, name: str, kind: type[T], default: T, what: str) -> T:
+        self.seen.add(name)
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)  # type: ignore[return-value]
+        if not ok:
+            self.problem(name, f"must be {what}, got {_toml_type(value)} {value!r}")
+            return default
+        return value  # type: ignore[no-any-return]
+
+    def str_list(self, name: str, default: tuple[str, ...], what: str) -> tuple[str, ...]:
+        value = self.get(name, list, list(default), f"a list of {what}")
+        if not all(isinstance(v, str) for v in value):
+            self.problem(name, f"must be a list of {what} (strings)")
+            return default
+        return tuple(value)
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.get(name, str, default, "a string")
+        if value not in choices:
+            allowed = ", ".join(repr(c) for c in choices)
+            self.problem(name, f"{value!r} is not one of {allowed}")
+            return default
+        return value
+
+    def positive(self, name: str, default: float, *, allow_zero: bool = False) -> float:
+        value = self.get(name, float, default, "a number of seconds")
+        if value < 0 or (value == 0 and not allow_zero):
+            self.problem(name, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+            return default
+        return value
+
+    def integer(self, name: str, default: int, minimum: int) -> int:
+        value = self.get(name, int, default, "an integer")
+        if value < minimum:
+            self.problem(name, f"must be >= {minimum}, got {value}")
+            return default
+        return value
+
+    def duration(self, name: str, default: float) -> float:
+        self.seen.add(name)
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            return float(value)
+        if isinstance(value, str) and (m := _DURATION.match(value)) and float(m.group(1)) > 0:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        self.problem(name, f"must be a duration like '15m', '30s', '1h' or seconds, got {value!r}")
+        return default
+
+    def path(self, name: str, base: Path) -> Path | None:
+        value = self.get(name, str, "", "a file path")
+        if not value:
+            return None
+        path = Path(value)
+        return path if path.is_absolute() else base / path
+
+    def table(self, name: str) -> Mapping[str, Any] | None:
+        self.seen.add(name)
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            self.problem(name, f"must be a table ([{self.key(name)}]), got {_toml_type(value)}")
+            return None
+        return value
+
+    def finish(self, known: Callable[[str], bool] | None = None) -> None:
+        for name in self.data:
+            if name not in self.seen and not (known and known(name)):
+                self.problem(name, "unknown key: check its spelling against config/edged.toml")
+
+
+def _toml_type(value: object) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a float",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+def parse_address(text: str, *, listen: bool, allow_unix: bool = True) -> Address:
+    """Parse `host:port`, `[v6]:port` or `unix:/path`; listen addresses need an IP literal."""
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if not allow_unix:
+            raise ValueError(f"{text!r}: a unix socket is not allowed here")
+        if not path.startswith("/"):
+            raise ValueError(f"{text!r}: a unix socket path must be absolute (unix:/run/x.sock)")
+        return Address(path=path)
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{text!r}: an IPv6 address is written [addr]:port")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"{text!r}: expected host:port (e.g. 127.0.0.1:8080)")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{text!r}: port must be a number from 1 to 65535")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        if listen:
+            raise ValueError(
+                f"{text!r}: a listen address needs an IP (0.0.0.0, [::], 127.0.0.1)"
+            ) from None
+        try:
+            normalize_name(host, allow_wildcard=False)
+        except NameError_ as exc:
+            raise ValueError(f"{text!r}: {exc}") from None
+        return Address(host.lower(), int(port_text))
+    return Address(str(ip), int(port_text))
+
+
+def _address_list(r: _Reader, name: str, default: tuple[Address, ...]) -> tuple[Address, ...]:
+    items = r.str_list(name, tuple(str(a) for a in default), "addresses")
+    out: list[Address] = []
+    for item in items:
+        try:
+            out.append(parse_address(item, listen=True, allow_unix=False))
+        except ValueError as exc:
+            r.problem(name, str(exc))
+    if len(set(out)) != len(out):
+        r.problem(name, "lists the same address twice")
+    return tuple(dict.fromkeys(out))
+
+
+def _optional_address(r: _Reader, name: str, default: Address | None) -> Address | None:
+    text = r.get(name, str, str(default) if default else "", "an address or ''")
+    if not text:
+        return None
+    try:
+        return parse_address(text, listen=True)
+    except ValueError as exc:
+        r.problem(name, str(exc))
+        return default
+
+
+def _alpn(r: _Reader, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    protos = r.str_list(name, default, "ALPN protocol ids")
+    for p in protos:
+        if not _ALPN_TOKEN.match(p):
+            r.problem(name, f"{p!r} is not a valid ALPN protocol id (e.g. 'h2', 'http/1.1')")
+            return default
+    return protos
+
+
+def _parse_edged(r: _Reader) -> EdgedSettings:
+    d = EdgedSettings()
+    s = EdgedSettings(
+        store=r.get("store", str, d.store, "a directory or redis:// URL") or d.store,
+        workers=r.integer("workers", d.workers, 0),
+        max_connections=r.integer("max_connections", d.max_connections, 1),
+        idle_timeout=r.positive("idle_timeout", d.idle_timeout),
+        drain_timeout=r.positive("drain_timeout", d.drain_timeout, allow_zero=True),
+        backend_connect_timeout=r.positive("backend_connect_timeout", d.backend_connect_timeout),
+    )
+    if "://" in s.store:
+        r.problem(
+            "store",
+            f"{s.store!r}: this version of edged stores certificates in a directory only; "
+            "set store = 'certs' (a redis:// store comes with the fleet feature)",
+        )
+    r.finish()
+    return s
+
+
+def _parse_listen(r: _Reader) -> ListenSettings:
+    d = ListenSettings()
+    s = ListenSettings(
+        https=_address_list(r, "https", d.https),
+        http=_address_list(r, "http", d.http),
+        metrics=_optional_address(r, "metrics", d.metrics),
+        admin=_optional_address(r, "admin", d.admin),
+    )
+    if s.admin and not s.admin.is_unix and not ipaddress.ip_address(s.admin.host).is_loopback:
+        r.problem("admin", f"{s.admin} is not loopback: use unix:/path or 127.0.0.1:PORT")
+    r.finish()
+    return s
+
+
+def _parse_tls(r: _Reader) -> TlsSettings:
+    d = TlsSettings()
+    s = TlsSettings(
+        min_version=r.choice("min_version", TLS_VERSIONS, d.min_version),
+        alpn=_alpn(r, "alpn", d.alpn),
+        default_cert=r.get("default_cert", str, d.default_cert, "a site name or ''"),
+        handshake_timeout=r.positive("handshake_timeout", d.handshake_timeout),
+        require_chain=r.get("require_chain", bool, d.require_chain, "true or false"),
+        context_cache_size=r.integer("context_cache_size", d.context_cache_size, 1),
+    )
+    r.finish()
+    return s
+
+
+def _parse_dns(r: _Reader, base: Path) -> DnsSettings:
+    d = DnsSettings()
+    server_text = r.get("server", str, str(d.server), "host:port")
+    try:
+        server = parse_address(server_text, listen=False, allow_unix=False)
+    except ValueError as exc:
+        r.problem("server", str(exc))
+        server = d.server
+    s = DnsSettings(
+        server=server,
+        tsig_key_name=r.get("tsig_key_name", str, d.tsig_key_name, "a string"),
+        tsig_algorithm=r.choice("tsig_algorithm", TSIG_ALGORITHMS, d.tsig_algorithm),
+        tsig_secret_file=r.path("tsig_secret_file", base),
+        zone=r.get("zone", str, d.zone, "a zone name or ''"),
+        delegate_to=r.get("delegate_to", str, d.delegate_to, "a zone name or ''"),
+    )
+    for key in ("zone", "delegate_to"):
+        value = getattr(s, key)
+        if value:
+            try:
+                normalize_name(value, allow_wildcard=False)
+            except NameError_ as exc:
+                r.problem(key, str(exc))
+    r.finish()
+    return s
+
+
+def _parse_acme(r: _Reader, base: Path) -> AcmeSettings:
+    d = AcmeSettings()
+    directory = r.get("directory", str, d.directory, "an https:// URL")
+    if not directory.startswith("https://"):
+        r.problem("directory", f"{directory!r}: the ACME directory must be an https:// URL")
+    key_types = r.str_list("key_types", d.key_types, "key types")
+    for kt in key_types:
+        if kt not in ACME_KEY_TYPES:
+            r.problem("key_types", f"{kt!r} is not one of {', '.join(ACME_KEY_TYPES)}")
+            key_types = d.key_types
+            break
+    if not key_types:
+        r.problem("key_types", "must name at least one key type, e.g. ['ecdsa-p256']")
+        key_types = d.key_types
+    challenge = r.choice("challenge", CHALLENGES, d.challenge)
+    dns_table = r.table("dns")
+    dns = (
+        _parse_dns(_Reader(dns_table, r.key("dns"), r.source, r.problems), base)
+        if dns_table
+        else None
+    )
+    if challenge == "dns-01" and dns is None:
+        r.problem("challenge", "dns-01 needs an [acme.dns] table (server, TSIG key)")
+    s = AcmeSettings(
+        directory=directory,
+        email=r.get("email", str, d.email, "an email address"),
+        ca_bundle=r.path("ca_bundle", base),
+        challenge=challenge,
+        key_types=key_types,
+        renew_before_days=r.integer("renew_before_days", d.renew_before_days, 0),
+        retry_interval=r.duration("retry_interval", d.retry_interval),
+        max_attempts=r.integer("max_attempts", d.max_attempts, 1),
+        notify_webhook=r.get("notify_webhook", str, d.notify_webhook, "a URL or ''"),
+        dns=dns,
+    )
+    if s.email and "@" not in s.email:
+        r.problem("email", f"{s.email!r} is not an email address")
+    r.finish()
+    return s
+
+
+def _parse_site(r: _Reader, index: int, base: Path) -> Site | None:
+    raw_names = r.str_list("names", (), "DNS names")
+    names: list[str] = []
+    for raw in raw_names:
+        try:
+            names.append(normalize_name(raw))
+        except NameError_ as exc:
+            r.problem("names", str(exc))
+    if not raw_names:
+        r.problem("names", "a site needs at least one name, e.g. names = ['example.com']")
+    backend_text = r.get("backend", str, "", "host:port or unix:/path")
+    backend: Address | None = None
+    if not backend_text:
+        r.problem("backend", "a site needs a backend, e.g. backend = '127.0.0.1:8080'")
+    else:
+        try:
+            backend = parse_address(backend_text, listen=False)
+        except ValueError as exc:
+            r.problem("backend", str(exc))
+    cert_file = r.path("cert_file", base)
+    key_file = r.path("key_file", base)
+    if bool(cert_file) != bool(key_file):
+        r.problem("cert_file", "cert_file and key_file go together: set both or neither")
+    alpn = _alpn(r, "alpn", ()) if "alpn" in r.data else None
+    origin_tls = r.get("origin_tls", bool, False, "true or false")
+    site = Site(
+        index=index,
+        names=tuple(dict.fromkeys(names)),
+        backend=backend or Address(),
+        proxy_protocol=r.choice("proxy_protocol", PROXY_PROTOCOLS, ""),
+        cert_file=cert_file,
+        key_file=key_file,
+        origin_tls=origin_tls,
+        origin_ca_file=r.path("origin_ca_file", base),
+        origin_server_name=r.get("origin_server_name", str, "", "a DNS name or ''"),
+        alpn=alpn,
+    )
+    if site.origin_tls and site.backend.is_unix and not site.origin_server_name:
+        r.problem("origin_server_name", "origin_tls to a unix socket needs origin_server_name")
+    if len(site.names) != len(names):
+        r.problem("names", "lists the same name twice")
+    r.finish()
+    return site if names and backend else None
+
+
+def parse_config(text: str, source: Path) -> Config:
+    """Parse config text; raise ConfigError listing every problem. Does no I/O."""
+    src = str(source)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([Problem(src, "", f"not valid TOML: {exc}")]) from None
+    problems: list[Problem] = []
+    base = source.parent
+    top = _Reader(data, "", src, problems)
+
+    def section(name: str) -> _Reader:
+        return _Reader(top.table(name) or {}, name, src, problems)
+
+    edged = _parse_edged(section("edged"))
+    listen = _parse_listen(section("listen"))
+    tls = _parse_tls(section("tls"))
+    acme_table = top.table("acme")
+    acme = _parse_acme(_Reader(acme_table, "acme", src, problems), base) if acme_table else None
+
+    top.seen.add("site")
+    raw_sites = data.get("site", [])
+    if not isinstance(raw_sites, list):
+        problems.append(Problem(src, "site", "sites are written as [[site]] tables"))
+        raw_sites = []
+    sites: list[Site] = []
+    owner: dict[str, int] = {}
+    for index, raw in enumerate(raw_sites):
+        r = _Reader(raw, f"site[{index}]", src, problems)
+        site = _parse_site(r, index, base)
+        if site is None:
+            continue
+        for name in site.names:
+            if name in owner:
+                r.problem(
+                    "names",
+                    f"{name!r} is already in site[{owner[name]}]: a name belongs to one site",
+                )
+            else:
+                owner[name] = index
+        sites.append(site)
+    top.finish()
+
+    if tls.default_cert:
+        try:
+            default = normalize_name(tls.default_cert)
+        except NameError_ as exc:
+            problems.append(Problem(src, "tls.default_cert", str(exc)))
+        else:
+            if default not in owner:
+                problems.append(
+                    Problem(src, "tls.default_cert", f"{default!r} is not a name of any [[site]]")
+                )
+            tls = TlsSettings(**{**tls.__dict__, "default_cert": default})
+    if not listen.https:
+        problems.append(
+            Problem(src, "listen.https", "needs at least one address, e.g. 0.0.0.0:443")
+        )
+    if not sites:
+        problems.append(Problem(src, "site", "no [[site]] defined: add at least one"))
+    if problems:
+        raise ConfigError(problems)
+    return Config(source, edged, listen, tls, acme, tuple(sites))
+
+
+def config_files(config: Config) -> list[tuple[str, Path]]:
+    """Every file the config refers to, with the key that names it."""
+    files: list[tuple[str, Path]] = []
+    for site in config.sites:
+        for key in ("cert_file", "key_file", "origin_ca_file"):
+            path = getattr(site, key)
+            if path is not None:
+                files.append((f"{site.key}.{key}", path))
+    if config.acme:
+        if config.acme.ca_bundle:
+            files.append(("acme.ca_bundle", config.acme.ca_bundle))
+        if config.acme.dns and config.acme.dns.tsig_secret_file:
+            files.append(("acme.dns.tsig_secret_file", config.acme.dns.tsig_secret_file))
+    return files
+
+
+def check_files(config: Config) -> list[Problem]:
+    """A problem for each referenced file that is missing or unreadable."""
+    problems = []
+    for key, path in config_files(config):
+        if not path.is_file():
+            problems.append(
+                Problem(str(config.source), key, f"{path}: no such file: check the path")
+            )
+        elif not os.access(path, os.R_OK):
+            problems.append(
+                Problem(str(config.source), key, f"{path}: not readable by this user: fix its mode")
+            )
+    return problems
+
+
+def load_config(path: Path) -> Config:
+    """Read and parse the config file and check that the files it names exist."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            [Problem(str(path), "", "no such file: pass --config PATH or create it")]
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([Problem(str(path), "", f"cannot read: {exc}")]) from None
+    config = parse_config(text, path.absolute())
+    problems = check_files(config)
+    if problems:
+        raise ConfigError(problems)
+    return config

@@ -1,0 +1,320 @@
+"""The daemon: wires config, store, certificates and listeners; handles signals; drains on stop.
+
+Everything long-running lives in one TaskGroup. Signals only set events; the main coroutine
+acts on them, so a reload and a stop never race each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import signal
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from edged import systemd
+from edged.certs import CertBundle
+from edged.config import Address, Config, Site, load_config
+from edged.counters import Counters
+from edged.errors import ConfigError, EdgedError, Problem
+from edged.proxy import ProxySettings, Terminator
+from edged.sni import SniIndex, build_index
+from edged.sources import SiteCerts, load_site_certs
+from edged.store.files import FileStore
+from edged.tls import ContextCache, SniSelector, build_listening_context, build_origin_context
+
+log = logging.getLogger("edged.daemon")
+
+LISTEN_BACKLOG = 4096
+
+
+class StartupError(EdgedError):
+    """The daemon cannot start (bad config, a port it cannot bind)."""
+
+
+def bind_tcp(address: Address) -> socket.socket:
+    """A listening, non-blocking TCP socket; StartupError says why binding failed."""
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # [::] and 0.0.0.0 are separate listeners in the config: keep them separate.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address.host, address.port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        hint = {
+            errno.EADDRINUSE: "another process (web server, another edged) listens there",
+            errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE",
+            errno.EADDRNOTAVAIL: "this host has no such address",
+        }.get(exc.errno or 0, "check [listen]")
+        raise StartupError(f"cannot listen on {address}: {exc.strerror}: {hint}") from None
+    return sock
+
+
+def proxy_settings(config: Config) -> ProxySettings:
+    return ProxySettings(
+        handshake_timeout=config.tls.handshake_timeout,
+        idle_timeout=config.edged.idle_timeout,
+        connect_timeout=config.edged.backend_connect_timeout,
+        max_connections=config.edged.max_connections,
+    )
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """Everything a (re)load prepares off the event loop before it is swapped in."""
+
+    config: Config
+    certs: SiteCerts
+    origin_contexts: dict[int, ssl.SSLContext]
+
+
+def prepare(config: Config, store: FileStore | None, now: datetime) -> Loaded:
+    """Blocking: read and validate certificates and origin CAs. Runs in a thread."""
+    certs = load_site_certs(config, store, now)
+    origins: dict[int, ssl.SSLContext] = {}
+    problems = list(certs.problems)
+    for site in config.sites:
+        if site.origin_tls:
+            try:
+                origins[site.index] = build_origin_context(site.origin_ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                problems.append(
+                    Problem(
+                        str(site.origin_ca_file),
+                        f"{site.key}.origin_ca_file",
+                        f"cannot load CA certificates: {exc}",
+                    )
+                )
+    return Loaded(config, SiteCerts(certs.bundles, tuple(problems)), origins)
+
+
+def _same_source(old: Site, new: Site) -> bool:
+    return (old.names, old.cert_file, old.key_file) == (new.names, new.cert_file, new.key_file)
+
+
+class Daemon:
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.counters = Counters()
+        self.ready = asyncio.Event()
+        self.config: Config | None = None
+        self.store: FileStore | None = None
+        self.term: Terminator | None = None
+        self.selector: SniSelector | None = None
+        self.bundles: dict[int, tuple[CertBundle, ...]] = {}
+        self._servers: dict[Address, asyncio.AbstractServer] = {}
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+
+    # --- control --------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    @property
+    def index(self) -> SniIndex:
+        assert self.selector is not None
+        return self.selector.index
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def run(self, *, install_signals: bool = True) -> int:
+        loop = asyncio.get_running_loop()
+        try:
+            config = await asyncio.to_thread(load_config, self.config_path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("config: %s", problem)
+            return 1
+        store = self._open_store(config)
+        loaded = await asyncio.to_thread(prepare, config, store, datetime.now(UTC))
+        self._log_problems(loaded.certs.problems)
+
+        async with asyncio.TaskGroup() as tg:
+            cache = ContextCache(config.tls.context_cache_size, config.tls.min_version)
+            self.selector = SniSelector(SniIndex([]), cache, config.tls.alpn)
+            self.term = Terminator(
+                listen_ctx=build_listening_context(config.tls, self.selector),
+                selector=self.selector,
+                settings=proxy_settings(config),
+                counters=self.counters,
+                tg=tg,
+            )
+            self.store = store
+            self._apply(loaded)
+            try:
+                await self._sync_listeners(config)
+            except StartupError as exc:
+                log.error("%s", exc)
+                self._close_listeners()
+                return 1
+            if install_signals:
+                loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+                loop.add_signal_handler(signal.SIGINT, self.request_stop)
+                loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+            log.info(
+                "edged ready: %d sites, %d names, listening on %s",
+                len(config.sites),
+                len(self.index),
+                ", ".join(str(a) for a in self._servers),
+            )
+            self.ready.set()
+            systemd.notify("READY=1")
+            try:
+                await self._serve()
+            finally:
+                if install_signals:
+                    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                        loop.remove_signal_handler(sig)
+            self._close_listeners()
+            systemd.notify("STOPPING=1")
+            open_conns = len(self.term.active)
+            log.info("stopping: draining %d connections (up to %ss)", open_conns, self._drain())
+            aborted = await self.term.drain(config.edged.drain_timeout)
+            if aborted:
+                log.warning("drain timeout: aborted %d connections", aborted)
+        log.info("edged stopped")
+        return 0
+
+    def _drain(self) -> float:
+        return self.config.edged.drain_timeout if self.config else 0.0
+
+    async def _serve(self) -> None:
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            while not self._stop.is_set():
+                reload = asyncio.ensure_future(self._reload.wait())
+                await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
+                if self._reload.is_set() and not self._stop.is_set():
+                    self._reload.clear()
+                    await self.reload("signal")
+                reload.cancel()
+        finally:
+            stop.cancel()
+
+    # --- reload ---------------------------------------------------------------------------
+
+    async def reload(self, kind: str) -> bool:
+        """Validate the new config and certificates off the loop, then swap; on any error keep
+        serving the last good state and say why."""
+        systemd.notify("RELOADING=1")
+        try:
+            return await self._reload_once(kind)
+        finally:
+            systemd.notify("READY=1")
+
+    async def _reload_once(self, kind: str) -> bool:
+        try:
+            config = await asyncio.to_thread(load_config, self.config_path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload rejected, keeping the running config: %s", problem)
+            self.counters.reloads[kind, "error"] += 1
+            return False
+        store = self._open_store(config)
+        loaded = await asyncio.to_thread(prepare, config, store, datetime.now(UTC))
+        self._log_problems(loaded.certs.problems)
+        try:
+            await self._sync_listeners(config)
+        except StartupError as exc:
+            log.error("reload rejected, keeping the running config: %s", exc)
+            self.counters.reloads[kind, "error"] += 1
+            return False
+        self.store = store
+        self._apply(loaded)
+        result = "error" if loaded.certs.errors else "ok"
+        self.counters.reloads[kind, result] += 1
+        if result == "ok":
+            self.counters.last_reload_success = time.time()
+        log.info("reloaded (%s): %d sites, %d names", kind, len(config.sites), len(self.index))
+        return result == "ok"
+
+    def _apply(self, loaded: Loaded) -> None:
+        """Swap in a prepared state. Runs on the loop and does no I/O."""
+        assert self.term is not None and self.selector is not None
+        config = loaded.config
+        bundles = dict(loaded.certs.bundles)
+        if self.config is not None:
+            # A site whose new certificate failed validation keeps serving its old one.
+            old_sites = {s.name: s for s in self.config.sites}
+            for site in config.sites:
+                old = old_sites.get(site.name)
+                if site.index not in bundles and old is not None and _same_source(old, site):
+                    kept = self.bundles.get(old.index)
+                    if kept:
+                        log.warning(
+                            "%s: keeping the previous certificate for %s", site.key, site.name
+                        )
+                        bundles[site.index] = kept
+            if config.tls != self.config.tls:
+                cache = ContextCache(config.tls.context_cache_size, config.tls.min_version)
+                self.selector.cache = cache
+                self.selector.default_alpn = config.tls.alpn
+                self.term.listen_ctx = build_listening_context(config.tls, self.selector)
+        self.selector.index = build_index(config.sites, bundles, config.tls.default_cert)
+        self.term.settings = proxy_settings(config)
+        self.term.origin_contexts = loaded.origin_contexts
+        self.bundles = bundles
+        self.config = config
+
+    # --- listeners ------------------------------------------------------------------------
+
+    async def _sync_listeners(self, config: Config) -> None:
+        """Bind new addresses first (all or nothing), then close the ones no longer wanted."""
+        assert self.term is not None
+        loop = asyncio.get_running_loop()
+        wanted = list(config.listen.https)
+        new: dict[Address, socket.socket] = {}
+        try:
+            for address in wanted:
+                if address not in self._servers:
+                    new[address] = bind_tcp(address)
+        except StartupError:
+            for sock in new.values():
+                sock.close()
+            raise
+        for address, sock in new.items():
+            self._servers[address] = await loop.create_server(self.term.protocol, sock=sock)
+        for address in list(self._servers):
+            if address not in wanted:
+                self._servers.pop(address).close()
+                log.info("stopped listening on %s", address)
+
+    def _close_listeners(self) -> None:
+        for server in self._servers.values():
+            server.close()
+        self._servers.clear()
+
+    def listening(self) -> list[Address]:
+        return list(self._servers)
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _open_store(self, config: Config) -> FileStore | None:
+        path = config.store_path
+        if path is None:
+            return None
+        if self.store is not None and self.store.root == path:
+            return self.store
+        return FileStore(path)
+
+    @staticmethod
+    def _log_problems(problems: tuple[Problem, ...]) -> None:
+        for problem in problems:
+            if problem.warning:
+                log.warning("%s", problem)
+            else:
+                log.error("certificate rejected, not served: %s", problem)

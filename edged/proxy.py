@@ -1,0 +1,626 @@
+"""The data path: terminate TLS on an accepted TCP connection and relay plaintext to the backend.
+
+TLS runs on an `ssl.SSLObject` over memory BIOs inside one protocol on the raw TCP transport
+(not asyncio's SSL transport), because that is what lets edged
+- classify and count every handshake failure (asyncio's transport only logs them at debug),
+- half-close in both directions (TLS 1.3 close_notify closes one direction; asyncio's SSL
+  transport closes the whole connection on the first close_notify),
+- and later read the ClientHello before the handshake starts.
+
+Backpressure: when the backend's send buffer is full edged stops reading from the client, and
+the other way round, so memory per connection stays bounded whatever the peers do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import cast
+
+from edged.config import Site
+from edged.counters import Counters
+from edged.proxy_header import Endpoints, TlsInfo, build_v1, build_v2
+from edged.sni import Route
+from edged.tls import REFUSED_ATTR, ROUTE_ATTR, SNI_ATTR, SniSelector
+
+log = logging.getLogger("edged.proxy")
+
+READ_CHUNK = 256 * 1024
+WRITE_HIGH_WATER = 256 * 1024
+# A ClientHello is at most a few KiB; more unprocessed bytes during the handshake is an attack.
+MAX_HANDSHAKE_BUFFER = 64 * 1024
+
+# ssl error reasons -> handshake result label (bounded set; see DESIGN.md metrics).
+_HANDSHAKE_REASONS = {
+    "NO_SHARED_CIPHER": "no_shared_cipher",
+    "NO_SUITABLE_SIGNATURE_ALGORITHM": "no_shared_cipher",
+    "NO_SHARED_SIGNATURE_ALGORITHMS": "no_shared_cipher",
+    "NO_SUITABLE_KEY_SHARE": "no_shared_cipher",
+    "NO_SHARED_GROUPS": "no_shared_cipher",
+    "UNSUPPORTED_PROTOCOL": "unsupported_version",
+    "WRONG_VERSION_NUMBER": "unsupported_version",
+    "VERSION_TOO_LOW": "unsupported_version",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "unsupported_version",
+    "HTTP_REQUEST": "http_on_https",
+    "HTTPS_PROXY_REQUEST": "http_on_https",
+}
+
+
+def classify_handshake_error(exc: ssl.SSLError, refused: str | None) -> str:
+    if refused:
+        return refused
+    return _HANDSHAKE_REASONS.get(exc.reason or "", "protocol_error")
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    connect_timeout: float = 5.0
+    max_connections: int = 10000
+
+
+class _Throttled:
+    """Logs a repeating warning at most once per `interval` per key, counting what it skipped."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def warning(self, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        last, skipped = self._last.get(key, (0.0, 0))
+        if now - last < self.interval:
+            self._last[key] = (last, skipped + 1)
+            return
+        self._last[key] = (now, 0)
+        suffix = f" ({skipped} more like this suppressed)" if skipped else ""
+        log.warning(msg + suffix, *args)
+
+
+@dataclass
+class Terminator:
+    """State shared by all TLS connections of this process; the daemon swaps its fields on
+    reload (one reference each), connections read them when they start."""
+
+    listen_ctx: ssl.SSLContext
+    selector: SniSelector
+    settings: ProxySettings
+    counters: Counters
+    tg: asyncio.TaskGroup
+    origin_contexts: dict[int, ssl.SSLContext] = field(default_factory=dict)
+    active: set[ClientConnection] = field(default_factory=set)
+    throttle: _Throttled = field(default_factory=_Throttled)
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def protocol(self) -> ClientConnection:
+        return ClientConnection(self)
+
+    def _removed(self, conn: ClientConnection) -> None:
+        self.active.discard(conn)
+        if not self.active:
+            self._idle.set()
+
+    async def drain(self, grace: float) -> int:
+        """Wait up to `grace` seconds for open connections to finish, abort the rest, and
+        return how many had to be aborted."""
+        if self.active:
+            self._idle.clear()
+            try:
+                async with asyncio.timeout(grace):
+                    await self._idle.wait()
+            except TimeoutError:
+                pass
+        left = list(self.active)
+        for conn in left:
+            conn.abort("drain_timeout")
+        return len(left)
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection: TLS handshake, then relay to the site's backend."""
+
+    def __init__(self, term: Terminator) -> None:
+        self.term = term
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.backend: BackendConnection | None = None
+        self.route: Route | None = None
+        self.sni: str | None = None
+        self.handshaking = True
+        self.closed = False
+        self.client_eof = False
+        self.backend_eof = False
+        self._notify_sent = False
+        self.peer: tuple[str, int] | None = None
+        self.started = time.monotonic()
+        self.last_activity = self.started
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._paused_for: set[str] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._sslobj = term.listen_ctx.wrap_bio(self._incoming, self._outgoing, server_side=True)
+
+    # --- client transport callbacks -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        term = self.term
+        term.counters.connections_total += 1
+        if len(term.active) >= term.settings.max_connections:
+            term.counters.connections_refused["max_connections"] += 1
+            term.throttle.warning(
+                "max_connections",
+                "refusing connection: max_connections=%d reached "
+                "(raise [edged].max_connections if the host can take more)",
+                term.settings.max_connections,
+            )
+            self.closed = True
+            transport.abort()
+            return
+        term.active.add(self)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = (str(peer[0]), int(peer[1]))
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self._timer = self.loop.call_later(term.settings.handshake_timeout, self._on_timer)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.last_activity = time.monotonic()
+        self._incoming.write(data)
+        if self.handshaking:
+            self._handshake()
+        else:
+            self._relay_to_backend()
+
+    def eof_received(self) -> bool:
+        if self.handshaking:
+            self._handshake_failed("client_closed", None)
+            return False
+        self._on_client_eof()
+        # Keep the TCP connection open: the response may still be on its way (half-close).
+        return not self.closed
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.handshaking and not self.closed:
+            self.term.counters.handshakes["client_closed", "none"] += 1
+        self.closed = True
+        self._finish()
+        if self.backend is not None:
+            self.backend.close(graceful=exc is None)
+
+    def pause_writing(self) -> None:
+        if self.backend is not None:
+            self.backend.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.backend is not None:
+            self.backend.resume_reading()
+
+    # --- handshake ------------------------------------------------------------------------
+
+    def _handshake(self) -> None:
+        try:
+            self._sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            if self._incoming.pending > MAX_HANDSHAKE_BUFFER:
+                self._handshake_failed("protocol_error", None)
+            return
+        except ssl.SSLError as exc:
+            self._flush()  # deliver the alert
+            refused = getattr(self._sslobj, REFUSED_ATTR, None)
+            self._handshake_failed(classify_handshake_error(exc, refused), exc)
+            return
+        except OSError as exc:
+            self._handshake_failed("protocol_error", exc)
+            return
+        self._flush()
+        self.handshaking = False
+        version = self._sslobj.version() or "unknown"
+        self.term.counters.handshakes["ok", version] += 1
+        self.route = getattr(self._sslobj, ROUTE_ATTR, None)
+        self.sni = getattr(self._sslobj, SNI_ATTR, None)
+        if self.route is None:  # cannot happen: the callback refuses without a route
+            self.abort("no_route")
+            return
+        self._pause_reading("connecting")
+        self._arm_idle_timer()
+        self.term.tg.create_task(self._connect_backend(self.route.site))
+
+    def _handshake_failed(self, result: str, exc: Exception | None) -> None:
+        self.term.counters.handshakes[result, "none"] += 1
+        if result in ("no_shared_cipher", "internal_error"):
+            # The failures that otherwise leave no trace: an RSA-only client and an
+            # ECDSA-only certificate fail without any alert the operator could see.
+            self.term.throttle.warning(
+                f"handshake:{result}",
+                "TLS handshake failed: %s for SNI %r from %s (%s)",
+                result,
+                getattr(self._sslobj, SNI_ATTR, None),
+                self.peer[0] if self.peer else "?",
+                exc,
+            )
+        else:
+            log.debug("TLS handshake failed: %s from %s: %s", result, self.peer, exc)
+        self.handshaking = False
+        self.closed = True
+        if self.transport is not None:
+            # close() sends what is buffered (the alert) before closing.
+            self.transport.close()
+        self._finish()
+
+    # --- relay ----------------------------------------------------------------------------
+
+    def _relay_to_backend(self) -> None:
+        """Decrypt what the client sent and pass it on (once the backend is connected)."""
+        if self.backend is None or not self.backend.connected:
+            return  # stays in the BIO; read after connecting
+        chunks = []
+        eof = False
+        while True:
+            try:
+                chunk = self._sslobj.read(READ_CHUNK)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                eof = True
+                break
+            except ssl.SSLError as exc:
+                log.debug("TLS error from client %s: %s", self.peer, exc)
+                self.abort("tls_error")
+                return
+            if not chunk:
+                eof = True
+                break
+            chunks.append(chunk)
+        self._flush()  # TLS 1.3 key updates and alerts need answers
+        if chunks:
+            data = b"".join(chunks)
+            self.bytes_in += len(data)
+            self.term.counters.bytes_in += len(data)
+            self.backend.write(data)
+        if eof:
+            self._on_client_eof()
+
+    def from_backend(self, data: bytes) -> None:
+        if self.closed or self.transport is None:
+            return
+        self.last_activity = time.monotonic()
+        self.bytes_out += len(data)
+        self.term.counters.bytes_out += len(data)
+        try:
+            self._sslobj.write(data)
+        except ssl.SSLError as exc:
+            log.debug("cannot encrypt to client %s: %s", self.peer, exc)
+            self.abort("tls_error")
+            return
+        self._flush()
+
+    def _on_client_eof(self) -> None:
+        if self.client_eof:
+            return
+        self.client_eof = True
+        if self.backend is not None:
+            self.backend.write_eof()
+        if self.backend_eof:
+            self.close()
+
+    def on_backend_eof(self) -> None:
+        """The backend finished sending: send close_notify (half-close towards the client) and
+        keep reading until the client is done too."""
+        if self.backend_eof or self.closed:
+            return
+        self.backend_eof = True
+        if self.client_eof:
+            self.close()
+            return
+        self._send_close_notify()
+        if self.transport is not None and self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def on_backend_lost(self, reason: str | None) -> None:
+        if self.closed:
+            return
+        if reason is not None:
+            self.term.counters.backend_errors[reason] += 1
+            self.abort(reason)
+        elif not self.backend_eof:
+            self.on_backend_eof()
+
+    def on_backend_failed(self, reason: str, detail: str) -> None:
+        site = self.route.site if self.route else None
+        self.term.counters.backend_errors[reason] += 1
+        self.term.throttle.warning(
+            f"backend:{site.index if site else -1}:{reason}",
+            "backend %s of %s: %s: %s",
+            site.backend if site else "?",
+            site.key if site else "?",
+            reason,
+            detail,
+        )
+        self.close()
+
+    # --- flow control ---------------------------------------------------------------------
+
+    def _pause_reading(self, why: str) -> None:
+        if not self._paused_for and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self._paused_for.add(why)
+
+    def _resume_reading(self, why: str) -> None:
+        if why not in self._paused_for:
+            return
+        self._paused_for.discard(why)
+        if not self._paused_for and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def backend_full(self) -> None:
+        self._pause_reading("backend_full")
+
+    def backend_drained(self) -> None:
+        self._resume_reading("backend_full")
+
+    def backend_ready(self, backend: BackendConnection) -> None:
+        self.backend = backend
+        self._resume_reading("connecting")
+        self._relay_to_backend()
+
+    # --- backend connection ---------------------------------------------------------------
+
+    async def _connect_backend(self, site: Site) -> None:
+        """Runs in the daemon's TaskGroup; handles every error itself so the group survives."""
+        backend = BackendConnection(self)
+        self.backend = backend
+        try:
+            async with asyncio.timeout(self.term.settings.connect_timeout):
+                await backend.connect(site, self._proxy_header(site), self._origin_sni(site))
+        except TimeoutError:
+            self.on_backend_failed("connect_timeout", "no answer within connect timeout")
+            return
+        except ConnectionRefusedError:
+            self.on_backend_failed("refused", "connection refused: is the backend running?")
+            return
+        except ssl.SSLCertVerificationError as exc:
+            self.on_backend_failed("origin_tls", f"origin certificate not trusted: {exc}")
+            return
+        except ssl.SSLError as exc:
+            self.on_backend_failed("origin_tls", f"TLS to origin failed: {exc}")
+            return
+        except OSError as exc:
+            self.on_backend_failed("connect_error", exc.strerror or str(exc))
+            return
+        except Exception as exc:  # the TaskGroup must never see an exception
+            log.exception("unexpected error connecting to backend")
+            self.on_backend_failed("internal_error", repr(exc))
+            return
+        if self.closed:  # the client left while we were connecting
+            backend.close(graceful=False)
+            return
+        self.backend_ready(backend)
+
+    def _proxy_header(self, site: Site) -> bytes:
+        if not site.proxy_protocol or self.transport is None:
+            return b""
+        ends = Endpoints(_ip_port(self.transport, "peername"), _ip_port(self.transport, "sockname"))
+        if site.proxy_protocol == "v1":
+            return build_v1(ends)
+        cipher = self._sslobj.cipher()
+        info = TlsInfo(
+            alpn=self._sslobj.selected_alpn_protocol() or "",
+            sni=self.sni or "",
+            version=self._sslobj.version() or "",
+            cipher=cipher[0] if cipher else "",
+        )
+        return build_v2(ends, info)
+
+    def _origin_sni(self, site: Site) -> str | None:
+        if not site.origin_tls:
+            return None
+        if site.origin_server_name:
+            return site.origin_server_name
+        if self.sni:
+            return self.sni.lower().rstrip(".")
+        if not site.backend.is_unix and not _is_ip(site.backend.host):
+            return site.backend.host
+        return site.name.removeprefix("*.")
+
+    # --- timers and closing ---------------------------------------------------------------
+
+    def _arm_idle_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(self.term.settings.idle_timeout, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        if self.handshaking:
+            self._handshake_failed("timeout", None)
+            return
+        idle = time.monotonic() - self.last_activity
+        remaining = self.term.settings.idle_timeout - idle
+        if remaining > 0.05:
+            self._timer = self.loop.call_later(remaining, self._on_timer)
+            return
+        log.debug("closing idle connection from %s after %.0fs", self.peer, idle)
+        self.close()
+
+    def _flush(self) -> None:
+        data = self._outgoing.read()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _send_close_notify(self) -> None:
+        if self._notify_sent:
+            return
+        self._notify_sent = True
+        try:
+            self._sslobj.unwrap()
+        except ssl.SSLWantReadError:
+            pass  # our close_notify is out; the client's may follow later
+        except (ssl.SSLError, OSError, ValueError):
+            return
+        self._flush()
+
+    def close(self) -> None:
+        """Orderly close: close_notify to the client, flush, close both sides."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.transport is not None:
+            if not self.handshaking:
+                self._send_close_notify()
+            self.transport.close()
+        if self.backend is not None:
+            self.backend.close(graceful=True)
+        self._finish()
+
+    def abort(self, reason: str) -> None:
+        """Hard close (RST) of both sides, e.g. when the backend reset: the client must not
+        mistake a truncated response for a complete one."""
+        if self.closed and self.transport is None:
+            return
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+        if self.backend is not None:
+            self.backend.close(graceful=False)
+        log.debug("aborted connection from %s: %s", self.peer, reason)
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self in self.term.active:
+            self.term._removed(self)
+            if self.route is not None:
+                log.debug(
+                    "conn from=%s sni=%s name=%s in=%d out=%d secs=%.3f",
+                    self.peer[0] if self.peer else "-",
+                    self.sni,
+                    self.route.name,
+                    self.bytes_in,
+                    self.bytes_out,
+                    time.monotonic() - self.started,
+                )
+
+
+class BackendConnection(asyncio.Protocol):
+    """The plaintext (or re-encrypted) side towards the site's backend."""
+
+    def __init__(self, client: ClientConnection) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+        self.connected = False
+        self.closed = False
+        self._eof_sent = False
+
+    async def connect(self, site: Site, header: bytes, origin_sni: str | None) -> None:
+        loop = self.client.loop
+        backend = site.backend
+        if backend.is_unix:
+            transport, _ = await loop.create_unix_connection(lambda: self, backend.path)
+        else:
+            transport, _ = await loop.create_connection(lambda: self, backend.host, backend.port)
+        # The PROXY header goes first, in clear, also when the origin speaks TLS.
+        if header:
+            transport.write(header)
+        if origin_sni is not None:
+            ctx = self.client.term.origin_contexts[site.index]
+            new = await loop.start_tls(transport, self, ctx, server_hostname=origin_sni)
+            if new is None:
+                raise ConnectionResetError("origin closed during TLS handshake")
+            transport = new
+        self.transport = transport
+        self.connected = True
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        self.client.from_backend(data)
+
+    def eof_received(self) -> bool:
+        self.client.on_backend_eof()
+        return True  # keep our write side open: the client may still be sending
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.connected:
+            return  # connect() reports the failure
+        reason = None
+        if isinstance(exc, ConnectionResetError):
+            reason = "reset"
+        elif exc is not None:
+            reason = "connection_error"
+        self.client.on_backend_lost(reason)
+
+    def pause_writing(self) -> None:
+        self.client.backend_full()
+
+    def resume_writing(self) -> None:
+        self.client.backend_drained()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def write_eof(self) -> None:
+        if self.transport is None or self._eof_sent or self.transport.is_closing():
+            return
+        self._eof_sent = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def close(self, *, graceful: bool) -> None:
+        self.closed = True
+        if self.transport is None or self.transport.is_closing():
+            return  # connect() closes what it opens after the client left
+        if graceful:
+            self.transport.close()
+        else:
+            self.transport.abort()
+
+
+def _ip_port(transport: asyncio.BaseTransport, which: str) -> tuple[str, int] | None:
+    value = transport.get_extra_info(which)
+    if isinstance(value, tuple) and len(value) >= 2:
+        return str(value[0]), int(value[1])
+    return None
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,183 @@
+"""Shared test fixtures: uvloop, free ports, a recording backend, edged started in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import textwrap
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from edged.daemon import Daemon
+from edged.proxy_header import V2_SIGNATURE
+from edged.sni import Route
+
+
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> Mapping[str, Callable[[], Any]]:
+    # edged runs on uvloop in production: test on it too.
+    return {"uvloop": uvloop.new_event_loop}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class BackendConn:
+    data: bytearray = field(default_factory=bytearray)
+    raw: bytearray = field(default_factory=bytearray)  # every byte, PROXY header included
+    eof: asyncio.Event = field(default_factory=asyncio.Event)
+    writer: asyncio.StreamWriter | None = None
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, BackendConn], Any]
+
+
+async def http_handler(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: BackendConn, name: str
+) -> None:
+    """Answers each HTTP request (after an optional PROXY header) with `name` and the Host."""
+    header_done = False
+    while True:
+        chunk = await reader.read(65536)
+        if not chunk:
+            conn.eof.set()
+            return
+        conn.raw += chunk
+        conn.data += chunk
+        if not header_done:
+            if conn.data.startswith(V2_SIGNATURE):
+                if len(conn.data) < 16:
+                    continue
+                del conn.data[: 16 + int.from_bytes(conn.data[14:16], "big")]
+            elif conn.data.startswith(b"PROXY "):
+                if b"\r\n" not in conn.data:
+                    continue
+                del conn.data[: conn.data.index(b"\r\n") + 2]
+            header_done = True
+        while b"\r\n\r\n" in conn.data:
+            head, _, rest = bytes(conn.data).partition(b"\r\n\r\n")
+            conn.data[:] = rest
+            host = b""
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"host:"):
+                    host = line[5:].strip()
+            body = b"backend=" + name.encode() + b" host=" + host + b"\n"
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+
+
+@dataclass
+class Backend:
+    """A real TCP server on loopback recording every byte each connection receives."""
+
+    port: int
+    conns: list[BackendConn]
+    server: asyncio.AbstractServer
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@contextlib.asynccontextmanager
+async def run_backend(
+    handler: Handler | None = None, name: str = "b1", ssl_ctx: ssl.SSLContext | None = None
+) -> AsyncIterator[Backend]:
+    conns: list[BackendConn] = []
+
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = BackendConn(writer=writer)
+        conns.append(conn)
+        try:
+            if handler is None:
+                await http_handler(reader, writer, conn, name)
+            else:
+                await handler(reader, writer, conn)
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(on_conn, "127.0.0.1", 0, ssl=ssl_ctx)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield Backend(port, conns, server)
+    finally:
+        server.close()
+
+
+@dataclass
+class Edged:
+    daemon: Daemon
+    config_path: Path
+    port: int
+    task: asyncio.Task[int]
+
+    def route(self, name: str) -> Route | None:
+        return self.daemon.index.lookup(name)
+
+
+@contextlib.asynccontextmanager
+async def run_edged(tmp_path: Path, body: str, port: int | None = None) -> AsyncIterator[Edged]:
+    """Start edged in this event loop with `body` (sites, tls…) and a free https port."""
+    port = port or free_port()
+    config_path = tmp_path / "edged.toml"
+    head = f"""
+        [edged]
+        store = "store"
+        drain_timeout = 2
+        [listen]
+        https = ["127.0.0.1:{port}"]
+        http = []
+        metrics = ""
+        admin = ""
+    """
+    config_path.write_text(textwrap.dedent(head) + textwrap.dedent(body))
+    daemon = Daemon(config_path)
+    task = asyncio.create_task(daemon.run(install_signals=False))
+    ready = asyncio.create_task(daemon.ready.wait())
+    await asyncio.wait({task, ready}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    if not daemon.ready.is_set():
+        ready.cancel()
+        raise RuntimeError(f"edged did not start (exit {task.result() if task.done() else '?'})")
+    try:
+        yield Edged(daemon, config_path, port, task)
+    finally:
+        daemon.request_stop()
+        assert await asyncio.wait_for(task, 10) == 0
+
+
+@dataclass
+class Proc:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def run_cmd(*args: str, stdin: bytes = b"", limit: float = 20) -> Proc:
+    proc = await asyncio.create_subprocess_exec(
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin), limit)
+    assert proc.returncode is not None
+    return Proc(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
+async def s_client(port: int, servername: str | None, *extra: str) -> Proc:
+    """openssl s_client against edged; stdin closed at once (-ign_eof keeps reading)."""
+    args = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-brief"]
+    args += ["-servername", servername] if servername else ["-noservername"]
+    return await run_cmd(*args, *extra)

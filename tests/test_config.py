@@ -1,0 +1,229 @@
+"""Config parsing: every problem is reported with file, key and a fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edged.config import Address, load_config, parse_address, parse_config
+from edged.errors import ConfigError
+
+SRC = Path("/etc/edged/edged.toml")
+
+MINIMAL = """
+[listen]
+https = ["127.0.0.1:8443"]
+
+[[site]]
+names = ["Example.COM.", "*.example.com"]
+backend = "127.0.0.1:8080"
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, SRC)
+    return [str(p) for p in info.value.problems]
+
+
+def test_minimal_config_defaults_and_normalisation() -> None:
+    config = parse_config(MINIMAL, SRC)
+    assert config.listen.https == (Address("127.0.0.1", 8443),)
+    site = config.sites[0]
+    assert site.names == ("example.com", "*.example.com")
+    assert site.backend == Address("127.0.0.1", 8080)
+    assert config.tls.min_version == "1.2"
+    assert config.tls.alpn == ("h2", "http/1.1")
+    assert config.store_path == Path("/etc/edged/certs")
+    assert config.acme is None
+
+
+def test_example_config_in_repo_parses() -> None:
+    root = Path(__file__).resolve().parent.parent
+    for name in ("edged.toml", "demo.toml"):
+        path = root / "config" / name
+        config = parse_config(path.read_text(), path)
+        assert config.sites
+
+
+def test_unknown_keys_are_named_with_their_table() -> None:
+    text = MINIMAL + '\n[tls]\nmin_versoin = "1.3"\n'
+    assert problems(text) == [
+        f"{SRC}: tls.min_versoin: unknown key: check its spelling against config/edged.toml"
+    ]
+
+
+def test_unknown_key_in_site_and_top_level() -> None:
+    text = MINIMAL.replace('backend = "127.0.0.1:8080"', 'backend = "127.0.0.1:8080"\nbakend = 1')
+    text += "\n[bogus]\nx = 1\n"
+    found = problems(text)
+    assert any("site[0].bakend: unknown key" in p for p in found)
+    assert any(": bogus: unknown key" in p for p in found)
+
+
+def test_wrong_types_say_what_was_expected() -> None:
+    text = MINIMAL + '\n[edged]\nworkers = "two"\nmax_connections = true\n'
+    found = problems(text)
+    assert f"{SRC}: edged.workers: must be an integer, got a string 'two'" in found
+    assert any("edged.max_connections: must be an integer, got a boolean" in p for p in found)
+
+
+def test_every_problem_is_reported_not_only_the_first() -> None:
+    text = """
+[listen]
+https = ["localhost:443", "1.2.3.4:99999"]
+[tls]
+min_version = "1.1"
+handshake_timeout = -1
+[[site]]
+names = ["ok.example.com", "bad_name.example.com"]
+backend = "nohost"
+"""
+    found = problems(text)
+    assert len(found) >= 5
+    joined = "\n".join(found)
+    assert "listen.https: 'localhost:443': a listen address needs an IP" in joined
+    assert "port must be a number from 1 to 65535" in joined
+    assert "tls.min_version: '1.1' is not one of '1.2', '1.3'" in joined
+    assert "tls.handshake_timeout: must be > 0" in joined
+    assert "site[0].names: 'bad_name.example.com': label 'bad_name'" in joined
+    assert "site[0].backend: 'nohost': expected host:port" in joined
+
+
+def test_duplicate_names_across_sites() -> None:
+    text = MINIMAL + '\n[[site]]\nnames = ["example.com"]\nbackend = "127.0.0.1:9"\n'
+    assert problems(text) == [
+        f"{SRC}: site[1].names: 'example.com' is already in site[0]: a name belongs to one site"
+    ]
+
+
+def test_cert_file_needs_key_file_and_default_cert_must_exist() -> None:
+    text = MINIMAL.replace(
+        'backend = "127.0.0.1:8080"', 'backend = "127.0.0.1:8080"\ncert_file = "a.pem"'
+    )
+    text += '\n[tls]\ndefault_cert = "other.example.com"\n'
+    found = problems(text)
+    assert any("cert_file and key_file go together" in p for p in found)
+    assert any(
+        "tls.default_cert: 'other.example.com' is not a name of any [[site]]" in p for p in found
+    )
+
+
+def test_wildcard_rules() -> None:
+    found = problems(MINIMAL.replace('"*.example.com"', '"*.com", "a.*.example.com"'))
+    assert any("'*.com': a wildcard needs at least two labels" in p for p in found)
+    assert any("'a.*.example.com': label '*'" in p for p in found)
+
+
+def test_admin_must_be_loopback_or_unix() -> None:
+    found = problems(
+        MINIMAL.replace(
+            'https = ["127.0.0.1:8443"]', 'https = ["127.0.0.1:8443"]\nadmin = "0.0.0.0:9465"'
+        )
+    )
+    assert found == [
+        f"{SRC}: listen.admin: 0.0.0.0:9465 is not loopback: use unix:/path or 127.0.0.1:PORT"
+    ]
+
+
+def test_not_toml() -> None:
+    [message] = problems("[edged\nstore=")
+    assert message.startswith(f"{SRC}: not valid TOML:")
+
+
+def test_relative_paths_resolve_against_config_dir(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        'backend = "127.0.0.1:8080"',
+        'backend = "127.0.0.1:8080"\ncert_file = "c/full.pem"\nkey_file = "/abs/key.pem"',
+    )
+    config = parse_config(text, tmp_path / "edged.toml")
+    assert config.sites[0].cert_file == tmp_path / "c/full.pem"
+    assert config.sites[0].key_file == Path("/abs/key.pem")
+
+
+def test_load_config_reports_missing_files(tmp_path: Path) -> None:
+    path = tmp_path / "edged.toml"
+    path.write_text(
+        MINIMAL.replace(
+            'backend = "127.0.0.1:8080"',
+            'backend = "127.0.0.1:8080"\ncert_file = "full.pem"\nkey_file = "key.pem"',
+        )
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    found = [str(p) for p in info.value.problems]
+    assert found == [
+        f"{path}: site[0].cert_file: {tmp_path}/full.pem: no such file: check the path",
+        f"{path}: site[0].key_file: {tmp_path}/key.pem: no such file: check the path",
+    ]
+
+
+def test_load_config_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "nope.toml")
+    assert "no such file: pass --config PATH" in str(info.value)
+
+
+def test_acme_section_and_durations() -> None:
+    text = (
+        MINIMAL
+        + """
+[acme]
+directory = "https://localhost:14000/dir"
+email = "ops@example.com"
+challenge = "dns-01"
+retry_interval = "15m"
+key_types = ["ecdsa-p256", "rsa-2048"]
+[acme.dns]
+server = "127.0.0.1:5353"
+tsig_secret_file = "tsig.key"
+"""
+    )
+    config = parse_config(text, SRC)
+    assert config.acme is not None
+    assert config.acme.retry_interval == 900.0
+    assert config.acme.key_types == ("ecdsa-p256", "rsa-2048")
+    assert config.acme.dns is not None
+    assert config.acme.dns.server == Address("127.0.0.1", 5353)
+    assert config.acme.dns.tsig_secret_file == Path("/etc/edged/tsig.key")
+
+
+def test_acme_bad_values() -> None:
+    text = (
+        MINIMAL
+        + """
+[acme]
+directory = "http://insecure/dir"
+challenge = "dns-01"
+retry_interval = "soon"
+key_types = ["dsa"]
+"""
+    )
+    joined = "\n".join(problems(text))
+    assert (
+        "acme.directory: 'http://insecure/dir': the ACME directory must be an https:// URL"
+        in joined
+    )
+    assert "acme.retry_interval: must be a duration like '15m'" in joined
+    assert "acme.key_types: 'dsa' is not one of" in joined
+    assert "acme.challenge: dns-01 needs an [acme.dns] table" in joined
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:443", Address("127.0.0.1", 443)),
+        ("[::1]:8443", Address("::1", 8443)),
+        ("unix:/run/cache.sock", Address(path="/run/cache.sock")),
+        ("Origin.Example.NET:443", Address("origin.example.net", 443)),
+    ],
+)
+def test_parse_address(text: str, expected: Address) -> None:
+    assert parse_address(text, listen=False) == expected
+
+
+@pytest.mark.parametrize("text", ["unix:relative.sock", "[::1]443", ":443", "host:0", "a b:1"])
+def test_parse_address_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_address(text, listen=False)

@@ -1,0 +1,352 @@
+"""The relay: half-close both ways, backpressure, backend faults, limits, SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import ssl
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from edged.proxy import WRITE_HIGH_WATER
+from tests.conftest import BackendConn, free_port, run_backend, run_edged
+from tests.pki import make_ca, make_intermediate, make_leaf, write_pair
+
+NAME = "one.example.test"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("pki")
+    ca = make_ca("Test Root CA")
+    inter = make_intermediate(ca, "Test Intermediate")
+    (d / "ca.pem").write_bytes(ca.cert_pem)
+    cert, key = write_pair(d, "one", make_leaf(inter, [NAME]), [inter])
+    return {"ca": d / "ca.pem", "cert": cert, "key": key}
+
+
+def site(pki: dict[str, Path], backend: str, extra: str = "") -> str:
+    return f"""
+[[site]]
+names = ["{NAME}"]
+backend = "{backend}"
+cert_file = "{pki["cert"]}"
+key_file = "{pki["key"]}"
+{extra}
+"""
+
+
+class TlsClient:
+    """A blocking TLS client on memory BIOs, so a test can half-close (close_notify + FIN) and
+    keep reading. Run its methods with asyncio.to_thread."""
+
+    def __init__(self, port: int, cafile: Path, sni: str = NAME) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        ctx = ssl.create_default_context(cafile=str(cafile))
+        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.inc, self.out, server_hostname=sni)
+        try:
+            self._handshake()
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _handshake(self) -> None:
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._send_pending()
+                if not self._recv():
+                    raise ConnectionResetError("closed during handshake") from None
+        self._send_pending()
+
+    def _send_pending(self) -> None:
+        data = self.out.read()
+        if data:
+            self.sock.sendall(data)
+
+    def _recv(self, size: int = 65536) -> bool:
+        data = self.sock.recv(size)
+        if data:
+            self.inc.write(data)
+        else:
+            self.inc.write_eof()
+        return bool(data)
+
+    def send(self, data: bytes) -> None:
+        self.obj.write(data)
+        self._send_pending()
+
+    def close_write(self) -> None:
+        with contextlib.suppress(ssl.SSLWantReadError):
+            self.obj.unwrap()
+        self._send_pending()
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def read(self, limit: int = 1 << 30) -> tuple[bytes, bool]:
+        """Read until close_notify/EOF or `limit` bytes; returns (data, got_close_notify)."""
+        buf = bytearray()
+        while len(buf) < limit:
+            try:
+                chunk = self.obj.read(65536)
+            except ssl.SSLWantReadError:
+                if not self._recv():
+                    return bytes(buf), False
+                continue
+            except ssl.SSLZeroReturnError:
+                return bytes(buf), True
+            except ssl.SSLEOFError:
+                return bytes(buf), False
+            if not chunk:
+                return bytes(buf), True
+            buf += chunk
+        return bytes(buf), False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def test_client_half_close_still_gets_the_response(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: BackendConn
+    ) -> None:
+        conn.data += await reader.read()  # until the client's EOF arrives as a FIN
+        writer.write(b"got %d bytes" % len(conn.data))
+        await writer.drain()
+
+    async with (
+        run_backend(handler) as backend,
+        run_edged(tmp_path, site(pki, backend.address)) as edged,
+    ):
+        client = await asyncio.to_thread(TlsClient, edged.port, pki["ca"])
+        await asyncio.to_thread(client.send, b"hello")
+        await asyncio.to_thread(client.close_write)
+        data, clean = await asyncio.to_thread(client.read)
+        client.close()
+        assert data == b"got 5 bytes"
+        assert clean  # edged closed with close_notify after the backend finished
+
+
+async def test_backend_half_close_client_can_still_send(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: BackendConn
+    ) -> None:
+        writer.write(b"early")
+        writer.write_eof()  # backend is done sending, still listening
+        conn.data += await reader.read()
+
+    async with (
+        run_backend(handler) as backend,
+        run_edged(tmp_path, site(pki, backend.address)) as edged,
+    ):
+        client = await asyncio.to_thread(TlsClient, edged.port, pki["ca"])
+        data, clean = await asyncio.to_thread(client.read)
+        assert (data, clean) == (b"early", True)
+        await asyncio.to_thread(client.send, b"late data")
+        await asyncio.to_thread(client.close_write)
+        for _ in range(100):
+            if backend.conns and backend.conns[0].data == b"late data":
+                break
+            await asyncio.sleep(0.02)
+        client.close()
+        assert backend.conns[0].data == b"late data"
+
+
+async def test_backpressure_slow_client_bounded_memory(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    total = 96 * 1024 * 1024
+    sent = 0
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: BackendConn
+    ) -> None:
+        nonlocal sent
+        await reader.read(10)
+        chunk = b"x" * 65536
+        while sent < total:
+            writer.write(chunk)
+            await writer.drain()
+            sent += len(chunk)
+        writer.write_eof()
+
+    async with (
+        run_backend(handler) as backend,
+        run_edged(tmp_path, site(pki, backend.address)) as edged,
+    ):
+        client = await asyncio.to_thread(TlsClient, edged.port, pki["ca"])
+        await asyncio.to_thread(client.send, b"go")
+        await asyncio.sleep(1.5)  # the client reads nothing meanwhile
+        stalled_at = sent
+        term = edged.daemon.term
+        assert term is not None
+        buffered = sum(c.transport.get_write_buffer_size() for c in term.active if c.transport)
+        # Kernel socket buffers hold some MiB; edged itself holds about one high-water mark.
+        assert stalled_at < 40 * 1024 * 1024, stalled_at
+        assert buffered <= WRITE_HIGH_WATER + 512 * 1024, buffered
+        data, clean = await asyncio.to_thread(client.read)
+        client.close()
+        assert len(data) == total and clean
+        assert edged.daemon.counters.bytes_out == total
+
+
+async def test_backend_refused_closes_client_and_counts(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    async with run_edged(tmp_path, site(pki, dead)) as edged:
+        client = await asyncio.to_thread(TlsClient, edged.port, pki["ca"])
+        await asyncio.to_thread(client.send, b"GET / HTTP/1.1\r\n\r\n")
+        data, clean = await asyncio.to_thread(client.read)
+        client.close()
+        assert data == b"" and clean
+        assert edged.daemon.counters.backend_errors["refused"] == 1
+
+
+async def test_backend_reset_mid_stream_aborts_client(tmp_path: Path, pki: dict[str, Path]) -> None:
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: BackendConn
+    ) -> None:
+        await reader.read(10)
+        writer.write(b"partial")
+        await writer.drain()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        writer.transport.abort()  # RST
+
+    async with (
+        run_backend(handler) as backend,
+        run_edged(tmp_path, site(pki, backend.address)) as edged,
+    ):
+        client = await asyncio.to_thread(TlsClient, edged.port, pki["ca"])
+        await asyncio.to_thread(client.send, b"go")
+        try:
+            data, clean = await asyncio.to_thread(client.read)
+        except ConnectionResetError:
+            data, clean = b"partial", False
+        client.close()
+        assert data == b"partial" and not clean  # no close_notify: truncation is visible
+        assert edged.daemon.counters.backend_errors["reset"] == 1
+
+
+async def test_idle_timeout_closes(tmp_path: Path, pki: dict[str, Path]) -> None:
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: BackendConn
+    ) -> None:
+        conn.data += await reader.read()  # accepts and never answers
+
+    async with (
+        run_backend(handler) as backend,
+        run_edged(tmp_path, site(pki, backend.address)) as edged,
+    ):
+        text = edged.config_path.read_text().replace("drain_timeout = 2", "idle_timeout = 0.5")
+        edged.config_path.write_text(text)
+        assert await edged.daemon.reload("test")
+        client = await asyncio.to_thread(TlsClient, edged.port, pki["ca"])
+        await asyncio.to_thread(client.send, b"hello")
+        start = time.monotonic()
+        data, clean = await asyncio.to_thread(client.read)
+        client.close()
+        assert data == b"" and clean
+        assert 0.3 < time.monotonic() - start < 5
+
+
+async def test_max_connections(tmp_path: Path, pki: dict[str, Path]) -> None:
+    async with (
+        run_backend() as backend,
+        run_edged(tmp_path, site(pki, backend.address)) as edged,
+    ):
+        text = edged.config_path.read_text().replace("drain_timeout = 2", "max_connections = 2")
+        edged.config_path.write_text(text)
+        assert await edged.daemon.reload("test")
+        held = [await asyncio.to_thread(TlsClient, edged.port, pki["ca"]) for _ in range(2)]
+        with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+            extra = await asyncio.to_thread(TlsClient, edged.port, pki["ca"])
+            extra.close()
+        assert edged.daemon.counters.connections_refused["max_connections"] == 1
+        for c in held:
+            c.close()
+
+
+def _notify_socket(tmp_path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.setblocking(False)
+    return sock
+
+
+async def _next_notify(sock: socket.socket) -> str:
+    loop = asyncio.get_running_loop()
+    data = await asyncio.wait_for(loop.sock_recv(sock, 4096), 10)
+    return data.decode()
+
+
+async def test_sigterm_drains_open_connections_and_notifies_systemd(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    async def slow(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: BackendConn
+    ) -> None:
+        await reader.read(10)
+        await asyncio.sleep(1.0)
+        writer.write(b"finished")
+        await writer.drain()
+        writer.write_eof()
+
+    port = free_port()
+    async with run_backend(slow) as backend:
+        config = tmp_path / "edged.toml"
+        config.write_text(
+            textwrap.dedent(f"""
+                [edged]
+                store = "store"
+                drain_timeout = 10
+                [listen]
+                https = ["127.0.0.1:{port}"]
+                http = []
+                metrics = ""
+                admin = ""
+            """)
+            + site(pki, backend.address)
+        )
+        notify = _notify_socket(tmp_path)
+        env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+        edged_bin = str(Path(sys.executable).with_name("edged"))
+        proc = await asyncio.create_subprocess_exec(
+            edged_bin, "run", "--config", str(config), env=env, stderr=asyncio.subprocess.PIPE
+        )
+        try:
+            assert await _next_notify(notify) == "READY=1"
+            client = await asyncio.to_thread(TlsClient, port, pki["ca"])  # bound when READY
+            await asyncio.to_thread(client.send, b"request")
+            await asyncio.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            assert await _next_notify(notify) == "STOPPING=1"
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            data, clean = await asyncio.to_thread(client.read)
+            client.close()
+            assert (data, clean) == (b"finished", True)
+            assert await asyncio.wait_for(proc.wait(), 10) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            notify.close()
+        assert proc.stderr is not None
+        log = (await proc.stderr.read()).decode()
+        assert "draining 1 connections" in log
+        assert "edged stopped" in log
