@@ -160,7 +160,8 @@ async def test_proxy_protocol_v1_and_v2_byte_for_byte(tmp_path: Path, pki: dict[
         async with run_edged(tmp_path, body) as edged:
             for host in ("one.example.test", "two.example.test"):
                 out = await run_cmd(
-                    "curl", "-sS", "--http1.1", "--cacert", str(pki["ca"]), "--local-port", "41000-42000",
+                    "curl", "-sS", "--http1.1", "--cacert", str(pki["ca"]),
+                    "--local-port", "41000-42000",
                     "--resolve", f"{host}:{edged.port}:127.0.0.1",
                     f"https://{host}:{edged.port}/",
                 )  # fmt: skip
