@@ -443,7 +443,23 @@ def _check_chain(certs: list[x509.Certificate], key: PrivateKeyTypes, source: st
             "CERT and openssl pkey -pubout -in KEY)",
             source,
         )
-    leaf_index = matches[0]
+    _check_order(certs, matches[0], source)
+
+
+def chain_problem(cert_pem: bytes, source: str = "") -> CertError | None:
+    """Chain order and linkage of a PEM file without its key (for `edged cert inspect`): the
+    leaf is taken to be the first certificate that is not a CA. Raises CertError only for
+    unreadable input."""
+    certs = _read_certs(cert_pem, source)
+    leaf_index = next((i for i, c in enumerate(certs) if not _is_ca(c)), 0)
+    try:
+        _check_order(certs, leaf_index, source)
+    except CertError as exc:
+        return exc
+    return None
+
+
+def _check_order(certs: list[x509.Certificate], leaf_index: int, source: str) -> None:
     broken = _first_broken_link(certs)
     if leaf_index == 0 and broken is None:
         return

@@ -12,9 +12,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from edged import __version__
-from edged.certs import check_bundle, describe_chain, parse_bundle
+from edged.certs import chain_problem, check_bundle, describe_chain, parse_bundle
 from edged.config import DEFAULT_CONFIG_PATH, load_config
-from edged.errors import CertError, ConfigError, StoreError
+from edged.errors import CertError, CertReason, ConfigError, StoreError
+from edged.names import covers
 from edged.sources import load_site_certs, read_pem
 from edged.store.files import FileStore
 
@@ -119,16 +120,35 @@ def cmd_inspect(path: Path, key_path: Path | None, names: list[str]) -> int:
         print(f"    serial:     {s.serial}")
         print(f"    sha256:     {s.fingerprint}")
     problems: list[str] = []
-    try:
-        key_pem = read_pem(key_path) if key_path else cert_pem
-        bundle = parse_bundle(cert_pem, key_pem, source=str(path), key_source=str(key_path or path))
-    except CertError as exc:
-        if key_path is not None or exc.reason.value not in ("no_key",):
+    order_ok = True
+    if key_path is None and b"PRIVATE KEY" not in cert_pem:
+        # No key to match: still check order, linkage, dates and names.
+        order = chain_problem(cert_pem, str(path))
+        if order is not None:
+            order_ok = False
+            problems.append(order.message)
+        leaf = summaries[0]
+        if now > leaf.not_after:
+            problems.append(f"expired on {leaf.not_after:%Y-%m-%d %H:%M:%S} UTC")
+        elif now < leaf.not_before:
+            problems.append(f"not valid before {leaf.not_before:%Y-%m-%d %H:%M:%S} UTC")
+        for name in names:
+            if not any(covers(n, name.lower().rstrip(".")) for n in leaf.names):
+                problems.append(f"{name!r} is not covered by {', '.join(leaf.names) or 'no name'}")
+        print("key:         not checked (pass --key KEY to check that it matches)")
+    else:
+        try:
+            key_pem = read_pem(key_path) if key_path else cert_pem
+            bundle = parse_bundle(
+                cert_pem, key_pem, source=str(path), key_source=str(key_path or path)
+            )
+        except CertError as exc:
+            order_ok = exc.reason not in (CertReason.CHAIN_ORDER, CertReason.CHAIN_BROKEN)
             problems.append(exc.message)
         else:
-            print("key: not checked (pass --key KEY to check that it matches)")
-    else:
-        problems.extend(e.message for e in check_bundle(bundle, now=now, names=names))
+            problems.extend(e.message for e in check_bundle(bundle, now=now, names=names))
+            print("key:         matches the leaf")
+    if order_ok:
         print("chain order: ok (leaf first, each certificate signed by the next)")
     for problem in problems:
         print(f"{path}: problem: {problem}")

@@ -546,7 +546,7 @@ def parse_config(text: str, source: Path) -> Config:
         problems.append(
             Problem(src, "listen.https", "needs at least one address, e.g. 0.0.0.0:443")
         )
-    if not sites:
+    if not raw_sites:
         problems.append(Problem(src, "site", "no [[site]] defined: add at least one"))
     if problems:
         raise ConfigError(problems)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from edged.store import FileStore, PemPair, StoredCert
 from tests.conftest import free_port, run_backend, run_cmd, run_edged, s_client
-from tests.pki import make_ca, make_intermediate, make_leaf, write_pair
+from tests.pki import fullchain, make_ca, make_intermediate, make_leaf, write_pair
 
 
 @pytest.fixture(scope="module")
@@ -290,3 +291,84 @@ async def test_ipv6_listener(tmp_path: Path, pki: dict[str, Path]) -> None:
             )  # fmt: skip
             assert out.returncode == 0, out.stderr
             assert out.stdout.startswith("backend=b1")
+
+
+async def test_store_cert_ecdsa_and_rsa_served_from_one_context(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    ca = make_ca("Dual CA")
+    ec = make_leaf(ca, ["dual.example.test"], key_type="ecdsa-p256")
+    rsa = make_leaf(ca, ["dual.example.test"], key_type="rsa-2048")
+    FileStore(tmp_path / "store").save(
+        StoredCert(
+            name="dual.example.test",
+            names=("dual.example.test",),
+            pairs=(
+                PemPair("ecdsa-p256", fullchain(ec), ec.key_pem),
+                PemPair("rsa-2048", fullchain(rsa), rsa.key_pem),
+            ),
+            source="upload",
+            stored_at=0.0,
+        )
+    )
+    async with run_backend() as backend:
+        body = f'[[site]]\nnames = ["dual.example.test"]\nbackend = "{backend.address}"\n'
+        async with run_edged(tmp_path, body) as edged:
+            rsa_only = ("-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256")
+            out = await s_client(edged.port, "dual.example.test", *rsa_only)
+            assert out.returncode == 0, out.stderr
+            assert "Signature type: RSA" in out.stderr or "RSA-PSS" in out.stderr, out.stderr
+            out = await s_client(edged.port, "dual.example.test")
+            assert out.returncode == 0, out.stderr
+            assert "Signature type: ECDSA" in out.stderr, out.stderr
+            assert len(edged.daemon.selector.cache) == 1  # type: ignore[union-attr]
+
+
+async def test_unix_socket_backend(tmp_path: Path, pki: dict[str, Path]) -> None:
+    path = tmp_path / "backend.sock"
+
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nunix\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_unix_server(on_conn, str(path))
+    try:
+        body = site(["one.example.test"], f"unix:{path}", pki, "one", 'proxy_protocol = "v2"')
+        async with run_edged(tmp_path, body) as edged:
+            out = await run_cmd(
+                "curl", "-sS", "--http1.1", "--cacert", str(pki["ca"]),
+                "--resolve", f"one.example.test:{edged.port}:127.0.0.1",
+                f"https://one.example.test:{edged.port}/",
+            )  # fmt: skip
+            assert out.returncode == 0, out.stderr
+            assert out.stdout == "unix\n"
+    finally:
+        server.close()
+
+
+async def test_sighup_reload_keeps_old_cert_when_new_file_is_bad(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    cert = tmp_path / "one.crt"
+    key = tmp_path / "one.key"
+    cert.write_bytes(pki["one_cert"].read_bytes())
+    key.write_bytes(pki["one_key"].read_bytes())
+    async with run_backend() as backend:
+        body = (
+            f'[[site]]\nnames = ["one.example.test"]\nbackend = "{backend.address}"\n'
+            f'cert_file = "{cert}"\nkey_file = "{key}"\n'
+        )
+        async with run_edged(tmp_path, body) as edged:
+            before = await s_client(edged.port, "one.example.test")
+            assert before.returncode == 0
+            key.write_bytes(pki["two_key"].read_bytes())  # wrong key for the cert
+            assert not await edged.daemon.reload("signal")
+            assert edged.daemon.counters.reloads["signal", "error"] == 1
+            after = await s_client(edged.port, "one.example.test")
+            assert after.returncode == 0 and peer_cn(after.stderr) == "one.example.test"
+            # A bad config is rejected as a whole; the running one keeps serving.
+            edged.config_path.write_text(edged.config_path.read_text() + "\n[bogus]\n")
+            assert not await edged.daemon.reload("signal")
+            assert (await s_client(edged.port, "one.example.test")).returncode == 0

@@ -1,0 +1,137 @@
+"""`edged check` and `edged cert inspect` as an operator runs them, on real bad files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from tests.pki import encrypted_key_pem, fullchain, make_ca, make_intermediate, make_leaf
+
+EDGED = str(Path(sys.executable).with_name("edged"))
+
+
+def edged(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([EDGED, *args], capture_output=True, text=True, timeout=60)
+
+
+def cert_files() -> dict[str, tuple[str, bytes, bytes, str]]:
+    """stem -> (site name, cert PEM, key PEM, text its problem line must contain)."""
+    ca = make_ca()
+    inter = make_intermediate(ca, "Test Intermediate")
+    now = datetime.now(UTC)
+    good = make_leaf(inter, ["good.test"])
+    mismatch = make_leaf(inter, ["mismatch.test"])
+    encrypted = make_leaf(inter, ["encrypted.test"])
+    order = make_leaf(inter, ["order.test"])
+    broken = make_leaf(inter, ["broken.test"])
+    day = timedelta(days=1)
+    expired = make_leaf(inter, ["expired.test"], not_before=now - 30 * day, not_after=now - day)
+    future = make_leaf(inter, ["future.test"], not_before=now + 2 * day, not_after=now + 9 * day)
+    wild = make_leaf(inter, ["*.a.test"])
+    weak = make_leaf(inter, ["weak.test"], key_type="rsa-1024")
+    other_key = make_leaf(inter, ["other.test"]).key_pem
+    unrelated = make_intermediate(ca, "Unrelated Intermediate")
+    return {
+        "good": ("good.test", fullchain(good, inter), good.key_pem, ""),
+        "mismatch": ("mismatch.test", fullchain(mismatch, inter), other_key,
+                     "the private key does not belong to the certificate"),
+        "encrypted": ("encrypted.test", fullchain(encrypted, inter), encrypted_key_pem(encrypted),
+                      "remove the passphrase: openssl pkey -in"),
+        "order": ("order.test", fullchain(inter, order), order.key_pem,
+                  "the leaf certificate must come first"),
+        "broken": ("broken.test", fullchain(broken, unrelated), broken.key_pem,
+                   "is not signed by certificate 2"),
+        "expired": ("expired.test", fullchain(expired, inter), expired.key_pem, "expired"),
+        "future": ("future.test", fullchain(future, inter), future.key_pem, "not valid"),
+        "wild": ("x.y.a.test", fullchain(wild, inter), wild.key_pem,
+                 "a wildcard covers exactly one label"),
+        "empty": ("empty.test", b"", good.key_pem, "empty"),
+        "garbage": ("garbage.test", b"hello, no PEM here\n", good.key_pem, "no PEM block"),
+        "weak": ("weak.test", fullchain(weak, inter), weak.key_pem, "2048"),
+    }  # fmt: skip
+
+
+def test_check_prints_every_bad_certificate_and_exits_1(tmp_path: Path) -> None:
+    files = cert_files()
+    body = '[listen]\nhttps = ["127.0.0.1:8443"]\n'
+    for stem, (name, cert, key, _) in files.items():
+        (tmp_path / f"{stem}.crt").write_bytes(cert)
+        (tmp_path / f"{stem}.key").write_bytes(key)
+        body += (
+            f'[[site]]\nnames = ["{name}"]\nbackend = "127.0.0.1:9"\n'
+            f'cert_file = "{stem}.crt"\nkey_file = "{stem}.key"\n'
+        )
+    body += '[[site]]\nnames = ["nocert.test"]\nbackend = "127.0.0.1:9"\n'
+    config = tmp_path / "edged.toml"
+    config.write_text(body)
+    out = edged("check", "--config", str(config))
+    assert out.returncode == 1, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    for index, (stem, (_, _, _, expected)) in enumerate(files.items()):
+        mine = [ln for ln in lines if f"site[{index}]" in ln]
+        if stem == "good":
+            assert mine == [], mine
+            continue
+        assert len(mine) == 1, (stem, lines)
+        assert mine[0].startswith(f"{tmp_path}/{stem}.") and expected in mine[0], (stem, mine)
+    warning = [ln for ln in lines if "site[11]" in ln]
+    assert warning and "warning: no certificate yet for nocert.test" in warning[0]
+    assert lines[-1] == f"{config}: FAILED: 12 sites, 1 valid certificates"
+
+
+def test_check_reports_config_errors_as_path_key_message(tmp_path: Path) -> None:
+    config = tmp_path / "edged.toml"
+    config.write_text('[tls]\nmin_versoin = "1.3"\n[[site]]\nnames = ["a.test"]\nbackend = "x"\n')
+    out = edged("check", "--config", str(config))
+    assert out.returncode == 1
+    assert out.stdout.splitlines() == [
+        f"{config}: tls.min_versoin: unknown key: check its spelling against config/edged.toml",
+        f"{config}: site[0].backend: 'x': expected host:port (e.g. 127.0.0.1:8080)",
+    ]
+
+
+def test_check_ok_with_only_warnings(tmp_path: Path) -> None:
+    config = tmp_path / "edged.toml"
+    config.write_text('[[site]]\nnames = ["a.test"]\nbackend = "127.0.0.1:9"\n')
+    out = edged("check", "--config", str(config))
+    assert out.returncode == 0, out.stdout
+    assert "warning: no certificate yet for a.test" in out.stdout
+    assert out.stdout.splitlines()[-1].endswith(": ok: 1 sites, 0 valid certificates")
+
+
+def test_cert_inspect(tmp_path: Path) -> None:
+    files = cert_files()
+    _, cert, key, _ = files["good"]
+    (tmp_path / "good.crt").write_bytes(cert)
+    (tmp_path / "good.key").write_bytes(key)
+    out = edged("cert", "inspect", str(tmp_path / "good.crt"), "--key", str(tmp_path / "good.key"))
+    assert out.returncode == 0, out.stdout
+    assert "[0] leaf: CN=good.test" in out.stdout
+    assert "[1] intermediate: CN=Test Intermediate" in out.stdout
+    assert "names:      good.test" in out.stdout
+    assert "key:        ecdsa-p256" in out.stdout
+    assert "chain order: ok" in out.stdout and "key:         matches the leaf" in out.stdout
+
+    # Without --key the order is still checked.
+    _, cert, _, _ = files["order"]
+    (tmp_path / "order.crt").write_bytes(cert)
+    out = edged("cert", "inspect", str(tmp_path / "order.crt"))
+    assert out.returncode == 1
+    assert "problem:" in out.stdout and "come first" in out.stdout
+    assert "chain order: ok" not in out.stdout
+
+    _, cert, key, _ = files["wild"]
+    (tmp_path / "wild.crt").write_bytes(cert)
+    out = edged("cert", "inspect", str(tmp_path / "wild.crt"), "--name", "x.y.a.test")
+    assert out.returncode == 1 and "'x.y.a.test' is not covered by *.a.test" in out.stdout
+
+    (tmp_path / "empty.crt").write_bytes(b"")
+    out = edged("cert", "inspect", str(tmp_path / "empty.crt"))
+    assert out.returncode == 1 and "empty" in out.stdout
+
+
+def test_usage_errors_exit_2() -> None:
+    assert edged("frobnicate").returncode == 2
+    assert edged("check", "--bogus").returncode == 2
