@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import uvloop
 
 from edged.daemon import Daemon
 from edged.proxy_header import V2_SIGNATURE
 from edged.sni import Route
+from tests.pki import make_ca, make_intermediate, make_leaf, write_pair
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> Mapping[str, Callable[[], Any]]:
@@ -181,3 +183,33 @@ async def s_client(port: int, servername: str | None, *extra: str) -> Proc:
     args = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-brief"]
     args += ["-servername", servername] if servername else ["-noservername"]
     return await run_cmd(*args, *extra)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA, an intermediate and leaf certificates written as files."""
+    d = tmp_path_factory.mktemp("pki")
+    ca = make_ca("Test Root CA")
+    inter = make_intermediate(ca, "Test Intermediate")
+    (d / "ca.pem").write_bytes(ca.cert_pem)
+    out: dict[str, Path] = {"dir": d, "ca": d / "ca.pem"}
+    leaves = {
+        "one": (["one.example.test"], "ecdsa-p256"),
+        "two": (["two.example.test"], "ecdsa-p256"),
+        "wild": (["*.wild.example.test", "wild.example.test"], "ecdsa-p256"),
+        "fallback": (["fallback.example.test"], "ecdsa-p256"),
+        "rsa": (["rsa.example.test"], "rsa-2048"),
+    }
+    for stem, (names, key_type) in leaves.items():
+        leaf = make_leaf(inter, names, key_type=key_type)
+        cert, key = write_pair(d, stem, leaf, [inter])
+        out[stem + "_cert"], out[stem + "_key"] = cert, key
+    return out
+
+
+async def curl(port: int, host: str, cafile: Path, *extra: str) -> Proc:
+    """curl https://host:port/ through edged on loopback, HTTP/1.1, verified against `cafile`."""
+    return await run_cmd(
+        "curl", "-sS", "--http1.1", "--cacert", str(cafile), *extra,
+        "--resolve", f"{host}:{port}:127.0.0.1", f"https://{host}:{port}/",
+    )  # fmt: skip

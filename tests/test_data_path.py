@@ -17,19 +17,8 @@ import pytest
 
 from edged.proxy import WRITE_HIGH_WATER
 from tests.conftest import BackendConn, free_port, run_backend, run_edged
-from tests.pki import make_ca, make_intermediate, make_leaf, write_pair
 
 NAME = "one.example.test"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("pki")
-    ca = make_ca("Test Root CA")
-    inter = make_intermediate(ca, "Test Intermediate")
-    (d / "ca.pem").write_bytes(ca.cert_pem)
-    cert, key = write_pair(d, "one", make_leaf(inter, [NAME]), [inter])
-    return {"ca": d / "ca.pem", "cert": cert, "key": key}
 
 
 def site(pki: dict[str, Path], backend: str, extra: str = "") -> str:
@@ -37,8 +26,8 @@ def site(pki: dict[str, Path], backend: str, extra: str = "") -> str:
 [[site]]
 names = ["{NAME}"]
 backend = "{backend}"
-cert_file = "{pki["cert"]}"
-key_file = "{pki["key"]}"
+cert_file = "{pki["one_cert"]}"
+key_file = "{pki["one_key"]}"
 {extra}
 """
 

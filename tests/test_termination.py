@@ -11,30 +11,8 @@ from pathlib import Path
 import pytest
 
 from edged.store import FileStore, PemPair, StoredCert
-from tests.conftest import free_port, run_backend, run_cmd, run_edged, s_client
-from tests.pki import fullchain, make_ca, make_intermediate, make_leaf, write_pair
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A CA, an intermediate and leaf certificates written as files."""
-    d = tmp_path_factory.mktemp("pki")
-    ca = make_ca("Test Root CA")
-    inter = make_intermediate(ca, "Test Intermediate")
-    (d / "ca.pem").write_bytes(ca.cert_pem)
-    out: dict[str, Path] = {"dir": d, "ca": d / "ca.pem"}
-    leaves = {
-        "one": (["one.example.test"], "ecdsa-p256"),
-        "two": (["two.example.test"], "ecdsa-p256"),
-        "wild": (["*.wild.example.test", "wild.example.test"], "ecdsa-p256"),
-        "fallback": (["fallback.example.test"], "ecdsa-p256"),
-        "rsa": (["rsa.example.test"], "rsa-2048"),
-    }
-    for stem, (names, key_type) in leaves.items():
-        leaf = make_leaf(inter, names, key_type=key_type)
-        cert, key = write_pair(d, stem, leaf, [inter])
-        out[stem + "_cert"], out[stem + "_key"] = cert, key
-    return out
+from tests.conftest import curl, free_port, run_backend, run_cmd, run_edged, s_client
+from tests.pki import fullchain, make_ca, make_leaf, write_pair
 
 
 def site(names: list[str], backend: str, pki: dict[str, Path], stem: str, extra: str = "") -> str:
@@ -114,11 +92,7 @@ async def test_curl_through_edged_to_backend_per_name(tmp_path: Path, pki: dict[
         )
         async with run_edged(tmp_path, body) as edged:
             for host, expect in (("one.example.test", "b1"), ("two.example.test", "b2")):
-                out = await run_cmd(
-                    "curl", "-sS", "--http1.1", "--cacert", str(pki["ca"]),
-                    "--resolve", f"{host}:{edged.port}:127.0.0.1",
-                    f"https://{host}:{edged.port}/path",
-                )  # fmt: skip
+                out = await curl(edged.port, host, pki["ca"])
                 assert out.returncode == 0, out.stderr
                 assert out.stdout == f"backend={expect} host={host}:{edged.port}\n"
             assert edged.daemon.counters.handshakes["ok", "TLSv1.3"] == 2
@@ -160,12 +134,7 @@ async def test_proxy_protocol_v1_and_v2_byte_for_byte(tmp_path: Path, pki: dict[
         body += site(["two.example.test"], b2.address, pki, "two", 'proxy_protocol = "v2"')
         async with run_edged(tmp_path, body) as edged:
             for host in ("one.example.test", "two.example.test"):
-                out = await run_cmd(
-                    "curl", "-sS", "--http1.1", "--cacert", str(pki["ca"]),
-                    "--local-port", "41000-42000",
-                    "--resolve", f"{host}:{edged.port}:127.0.0.1",
-                    f"https://{host}:{edged.port}/",
-                )  # fmt: skip
+                out = await curl(edged.port, host, pki["ca"], "--local-port", "41000-42000")
                 assert out.returncode == 0, out.stderr
             await asyncio.sleep(0.05)
     # v1: exact line, then the request.
@@ -202,19 +171,11 @@ async def test_origin_tls_verifies_and_sends_sni(tmp_path: Path, pki: dict[str, 
         # The second site trusts the system CAs only: the origin's private CA must be refused.
         body += site(["two.example.test"], origin.address, pki, "two", "origin_tls = true")
         async with run_edged(tmp_path, body) as edged:
-            out = await run_cmd(
-                "curl", "-sS", "--http1.1", "--cacert", str(pki["ca"]),
-                "--resolve", f"one.example.test:{edged.port}:127.0.0.1",
-                f"https://one.example.test:{edged.port}/",
-            )  # fmt: skip
+            out = await curl(edged.port, "one.example.test", pki["ca"])
             assert out.returncode == 0, out.stderr
             assert out.stdout.startswith("backend=origin host=one.example.test")
             assert seen_sni == ["one.example.test"]
-            out = await run_cmd(
-                "curl", "-sS", "--http1.1", "--cacert", str(pki["ca"]),
-                "--resolve", f"two.example.test:{edged.port}:127.0.0.1",
-                f"https://two.example.test:{edged.port}/",
-            )  # fmt: skip
+            out = await curl(edged.port, "two.example.test", pki["ca"])
             assert out.returncode != 0
             assert edged.daemon.counters.backend_errors["origin_tls"] == 1
 
@@ -337,11 +298,7 @@ async def test_unix_socket_backend(tmp_path: Path, pki: dict[str, Path]) -> None
     try:
         body = site(["one.example.test"], f"unix:{path}", pki, "one", 'proxy_protocol = "v2"')
         async with run_edged(tmp_path, body) as edged:
-            out = await run_cmd(
-                "curl", "-sS", "--http1.1", "--cacert", str(pki["ca"]),
-                "--resolve", f"one.example.test:{edged.port}:127.0.0.1",
-                f"https://one.example.test:{edged.port}/",
-            )  # fmt: skip
+            out = await curl(edged.port, "one.example.test", pki["ca"])
             assert out.returncode == 0, out.stderr
             assert out.stdout == "unix\n"
     finally:
