@@ -58,6 +58,7 @@ class EdgedSettings:
     idle_timeout: float = 300.0
     drain_timeout: float = 30.0
     backend_connect_timeout: float = 5.0
+    watch: bool = True
 
 
 @dataclass(frozen=True)
@@ -336,6 +337,7 @@ def _parse_edged(r: _Reader) -> EdgedSettings:
         idle_timeout=r.positive("idle_timeout", d.idle_timeout),
         drain_timeout=r.positive("drain_timeout", d.drain_timeout, allow_zero=True),
         backend_connect_timeout=r.positive("backend_connect_timeout", d.backend_connect_timeout),
+        watch=r.get("watch", bool, d.watch, "true or false"),
     )
     if "://" in s.store:
         r.problem(

@@ -7,6 +7,7 @@ acts on them, so a reload and a stop never race each other.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import signal
@@ -23,6 +24,7 @@ from edged.config import Address, Config, Site, load_config
 from edged.counters import Counters
 from edged.errors import ConfigError, EdgedError, Problem
 from edged.proxy import ProxySettings, Terminator
+from edged.reload import WatchSet, watch_changes, watch_set
 from edged.sni import SniIndex, build_index
 from edged.sources import SiteCerts, load_site_certs
 from edged.store.files import FileStore
@@ -115,13 +117,18 @@ class Daemon:
         self._servers: dict[Address, asyncio.AbstractServer] = {}
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
+        self._reload_kind = "signal"
+        self._watching: WatchSet | None = None
+        self._watch_stop = asyncio.Event()
 
     # --- control --------------------------------------------------------------------------
 
     def request_stop(self) -> None:
         self._stop.set()
 
-    def request_reload(self) -> None:
+    def request_reload(self, kind: str = "signal") -> None:
+        """Ask for a reload; requests that arrive while one runs coalesce into one more."""
+        self._reload_kind = kind
         self._reload.set()
 
     @property
@@ -173,9 +180,11 @@ class Daemon:
             )
             self.ready.set()
             systemd.notify("READY=1")
+            tg.create_task(self._watch_loop())
             try:
                 await self._serve()
             finally:
+                self._watch_stop.set()
                 if install_signals:
                     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                         loop.remove_signal_handler(sig)
@@ -200,7 +209,7 @@ class Daemon:
                 await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
                 if self._reload.is_set() and not self._stop.is_set():
                     self._reload.clear()
-                    await self.reload("signal")
+                    await self.reload(self._reload_kind)
                 reload.cancel()
         finally:
             stop.cancel()
@@ -235,6 +244,7 @@ class Daemon:
             return False
         self.store = store
         self._apply(loaded)
+        await self._refresh_watch()
         result = "error" if loaded.certs.errors else "ok"
         self.counters.reloads[kind, result] += 1
         if result == "ok":
@@ -269,6 +279,53 @@ class Daemon:
         self.term.origin_contexts = loaded.origin_contexts
         self.bundles = bundles
         self.config = config
+
+    # --- file watching ---------------------------------------------------------------------
+
+    async def _watch_loop(self) -> None:
+        """Watch the config, every file it names and the store; restart when that set changes.
+        Runs in the TaskGroup: it handles its own errors so serving never depends on it."""
+        while not self._stop.is_set():
+            assert self.config is not None
+            self._watch_stop = asyncio.Event()
+            if not self.config.edged.watch:
+                self._watching = None
+                await self._watch_stop.wait()
+                continue
+            try:
+                previous = self._watching
+                self._watching = await asyncio.to_thread(watch_set, self.config, self.config_path)
+                if self._stop.is_set():  # stopped while we were listing paths
+                    break
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(
+                        watch_changes(self._watching, self._watch_stop, self._on_files_changed)
+                    )
+                    if previous is not None and previous != self._watching:
+                        tg.create_task(self._catch_up())
+            except Exception:
+                log.exception("file watcher failed; SIGHUP still reloads; retrying in 5s")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 5)
+
+    async def _catch_up(self) -> None:
+        """A file that changed while the watcher was being restarted (e.g. a symlink now
+        pointing into a new directory) was not seen: look once more when the new one runs."""
+        await asyncio.sleep(0.3)
+        if not self._watch_stop.is_set():
+            self.request_reload("file")
+
+    def _on_files_changed(self, paths: set[Path]) -> None:
+        log.info("changed: %s", ", ".join(sorted(str(p) for p in paths)))
+        self.request_reload("file")
+
+    async def _refresh_watch(self) -> None:
+        assert self.config is not None
+        fresh = None
+        if self.config.edged.watch:
+            fresh = await asyncio.to_thread(watch_set, self.config, self.config_path)
+        if fresh != self._watching:
+            self._watch_stop.set()  # the loop starts again with the new set
 
     # --- listeners ------------------------------------------------------------------------
 

@@ -1,0 +1,84 @@
+"""What to watch for a reload, and the watcher itself (watchfiles, debounced and coalesced).
+
+Files are replaced in many ways: written in place, written to a temp file and renamed over, or
+swapped as symlinks (certbot's live/ -> archive/). Watching a file's inode misses the last two,
+so edged watches the directories that hold each configured file (and the directory its symlink
+points into), and filters events down to the paths it cares about. A cert and its key written a
+few milliseconds apart arrive in one debounced batch; if they still do not match, validation
+keeps the old pair and the next write triggers another reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchfiles import awatch
+
+from edged.config import Config, config_files
+
+log = logging.getLogger("edged.reload")
+
+DEBOUNCE_MS = 150
+
+
+@dataclass(frozen=True)
+class WatchSet:
+    """Directories to watch and the paths inside them that matter."""
+
+    dirs: frozenset[Path]
+    files: frozenset[Path]
+    trees: frozenset[Path]  # directories where any change matters (the store)
+
+    def relevant(self, path: Path) -> bool:
+        if path in self.files:
+            return True
+        return any(path == tree or tree in path.parents for tree in self.trees)
+
+
+def watch_set(config: Config, config_path: Path) -> WatchSet:
+    """The config file, every file it names (and their symlink targets), and the store."""
+    files: set[Path] = {config_path.absolute()}
+    files.update(path.absolute() for _, path in config_files(config))
+    for path in list(files):
+        with contextlib.suppress(OSError):
+            files.add(Path(os.path.realpath(path)))
+    dirs = {path.parent for path in files}
+    trees: set[Path] = set()
+    store = config.store_path
+    if store is not None:
+        trees.add(store.absolute())
+    existing = {d for d in dirs if d.is_dir()}
+    return WatchSet(
+        frozenset(existing), frozenset(files), frozenset(t for t in trees if t.is_dir())
+    )
+
+
+async def watch_changes(
+    watch: WatchSet, stop: asyncio.Event, on_change: Callable[[set[Path]], None]
+) -> None:
+    """Call `on_change` with each debounced batch of relevant changed paths until `stop`."""
+    # Non-recursive on plain directories (a config dir may hold much else); the store is a tree.
+    flat = sorted(d for d in watch.dirs if d not in watch.trees)
+    groups = [(flat, False), (sorted(watch.trees), True)]
+
+    async def pump(roots: list[Path], recursive: bool) -> None:
+        changes_iter = awatch(
+            *roots, debounce=DEBOUNCE_MS, step=20, stop_event=stop, recursive=recursive,
+            watch_filter=None, ignore_permission_denied=True,
+        )  # fmt: skip
+        async for changes in changes_iter:
+            hits = {Path(p) for _, p in changes if watch.relevant(Path(p))}
+            if hits:
+                on_change(hits)
+
+    async with asyncio.TaskGroup() as tg:
+        for roots, recursive in groups:
+            if roots:
+                tg.create_task(pump(roots, recursive))
+        await stop.wait()
