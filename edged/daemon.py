@@ -24,7 +24,7 @@ from edged.config import Address, Config, Site, load_config
 from edged.counters import Counters
 from edged.errors import ConfigError, EdgedError, Problem
 from edged.proxy import ProxySettings, Terminator
-from edged.reload import WatchSet, watch_changes, watch_set
+from edged.reload import Snapshot, WatchSet, take_snapshot, watch_changes, watch_set
 from edged.sni import SniIndex, build_index
 from edged.sources import SiteCerts, load_site_certs
 from edged.store.files import FileStore
@@ -78,10 +78,12 @@ class Loaded:
     config: Config
     certs: SiteCerts
     origin_contexts: dict[int, ssl.SSLContext]
+    snapshot: Snapshot
 
 
-def prepare(config: Config, store: FileStore | None, now: datetime) -> Loaded:
+def prepare(config: Config, config_path: Path, store: FileStore | None, now: datetime) -> Loaded:
     """Blocking: read and validate certificates and origin CAs. Runs in a thread."""
+    snapshot = take_snapshot(watch_set(config, config_path))  # before reading: err on new
     certs = load_site_certs(config, store, now)
     origins: dict[int, ssl.SSLContext] = {}
     problems = list(certs.problems)
@@ -97,7 +99,7 @@ def prepare(config: Config, store: FileStore | None, now: datetime) -> Loaded:
                         f"cannot load CA certificates: {exc}",
                     )
                 )
-    return Loaded(config, SiteCerts(certs.bundles, tuple(problems)), origins)
+    return Loaded(config, SiteCerts(certs.bundles, tuple(problems)), origins, snapshot)
 
 
 def _same_source(old: Site, new: Site) -> bool:
@@ -114,6 +116,7 @@ class Daemon:
         self.term: Terminator | None = None
         self.selector: SniSelector | None = None
         self.bundles: dict[int, tuple[CertBundle, ...]] = {}
+        self._snapshot: Snapshot = {}
         self._servers: dict[Address, asyncio.AbstractServer] = {}
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
@@ -147,7 +150,9 @@ class Daemon:
                 log.error("config: %s", problem)
             return 1
         store = self._open_store(config)
-        loaded = await asyncio.to_thread(prepare, config, store, datetime.now(UTC))
+        loaded = await asyncio.to_thread(
+            prepare, config, self.config_path, store, datetime.now(UTC)
+        )
         self._log_problems(loaded.certs.problems)
 
         async with asyncio.TaskGroup() as tg:
@@ -234,7 +239,9 @@ class Daemon:
             self.counters.reloads[kind, "error"] += 1
             return False
         store = self._open_store(config)
-        loaded = await asyncio.to_thread(prepare, config, store, datetime.now(UTC))
+        loaded = await asyncio.to_thread(
+            prepare, config, self.config_path, store, datetime.now(UTC)
+        )
         self._log_problems(loaded.certs.problems)
         try:
             await self._sync_listeners(config)
@@ -279,6 +286,7 @@ class Daemon:
         self.term.origin_contexts = loaded.origin_contexts
         self.bundles = bundles
         self.config = config
+        self._snapshot = loaded.snapshot
 
     # --- file watching ---------------------------------------------------------------------
 
@@ -293,7 +301,6 @@ class Daemon:
                 await self._watch_stop.wait()
                 continue
             try:
-                previous = self._watching
                 self._watching = await asyncio.to_thread(watch_set, self.config, self.config_path)
                 if self._stop.is_set():  # stopped while we were listing paths
                     break
@@ -301,18 +308,21 @@ class Daemon:
                     tg.create_task(
                         watch_changes(self._watching, self._watch_stop, self._on_files_changed)
                     )
-                    if previous is not None and previous != self._watching:
-                        tg.create_task(self._catch_up())
+                    tg.create_task(self._catch_up())
             except Exception:
                 log.exception("file watcher failed; SIGHUP still reloads; retrying in 5s")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), 5)
 
     async def _catch_up(self) -> None:
-        """A file that changed while the watcher was being restarted (e.g. a symlink now
-        pointing into a new directory) was not seen: look once more when the new one runs."""
-        await asyncio.sleep(0.3)
-        if not self._watch_stop.is_set():
+        """Changes made while no watcher ran (between the load and the watcher's start, or
+        while it restarted for a new set of paths) are found by comparing stat snapshots."""
+        await asyncio.sleep(0.2)  # let the watcher start first, so nothing falls in between
+        if self._watch_stop.is_set() or self._watching is None:
+            return
+        now = await asyncio.to_thread(take_snapshot, self._watching)
+        if now != self._snapshot:
+            log.info("files changed while not watched: reloading")
             self.request_reload("file")
 
     def _on_files_changed(self, paths: set[Path]) -> None:

@@ -59,6 +59,27 @@ def watch_set(config: Config, config_path: Path) -> WatchSet:
     )
 
 
+Snapshot = dict[Path, tuple[int, int, int]]
+
+
+def take_snapshot(watch: WatchSet) -> Snapshot:
+    """(inode, size, mtime) of every watched file and of each stored bundle's meta.json: the
+    state a load saw, to find changes made while no watcher was running."""
+    paths = set(watch.files)
+    for tree in watch.trees:
+        live = tree / "live"
+        if live.is_dir():
+            paths.update(d / "meta.json" for d in live.iterdir())
+    snap: Snapshot = {}
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        snap[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return snap
+
+
 async def watch_changes(
     watch: WatchSet, stop: asyncio.Event, on_change: Callable[[set[Path]], None]
 ) -> None:

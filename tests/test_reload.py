@@ -105,3 +105,21 @@ async def test_config_edit_adds_a_site(tmp_path: Path) -> None:
             assert await served_cn(edged, "r.example.test") == "site-b"
             # truncate + write may arrive as two batches: each one is rejected
             assert edged.daemon.counters.reloads["file", "error"] >= 1
+
+
+async def test_change_right_after_start_is_not_lost(tmp_path: Path) -> None:
+    """A write between the initial load and the watcher's start is caught by the snapshot."""
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    c0, k0 = pair(tmp_path, "v0", "early-0")
+    cert.write_bytes(c0.read_bytes())
+    key.write_bytes(k0.read_bytes())
+    c1, k1 = pair(tmp_path, "v1", "early-1")
+    async with run_backend() as backend:
+        body = (
+            f'[[site]]\nnames = ["r.example.test"]\nbackend = "{backend.address}"\n'
+            f'cert_file = "{cert}"\nkey_file = "{key}"\n'
+        )
+        async with run_edged(tmp_path, body) as edged:
+            cert.write_bytes(c1.read_bytes())
+            key.write_bytes(k1.read_bytes())
+            assert await wait_for("early-1", edged, "r.example.test") < 2
