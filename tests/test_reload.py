@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from tests.conftest import Edged, run_backend, run_edged, s_client
-from tests.pki import make_ca, make_leaf, write_pair
+from tests.conftest import Edged, free_port, run_backend, run_edged, s_client
+from tests.pki import encrypted_key_pem, make_ca, make_leaf, write_pair
 
 
 async def served_cn(edged: Edged, sni: str) -> str:
@@ -123,3 +125,97 @@ async def test_change_right_after_start_is_not_lost(tmp_path: Path) -> None:
             cert.write_bytes(c1.read_bytes())
             key.write_bytes(k1.read_bytes())
             assert await wait_for("early-1", edged, "r.example.test") < 2
+
+
+BAD_INPUTS = ["truncated", "other_key", "expired", "wrong_names", "encrypted", "empty", "no_key",
+              "deleted"]  # fmt: skip
+
+
+async def test_every_bad_replacement_keeps_the_old_cert(tmp_path: Path) -> None:
+    ca = make_ca("Bad CA")
+    now = datetime.now(UTC)
+    good = make_leaf(ca, ["r.example.test"], cn="good")
+    cert, key = write_pair(tmp_path, "live", good, [])
+    bad_leaf = {
+        "expired": make_leaf(
+            ca, ["r.example.test"], not_before=now - timedelta(days=9), not_after=now - timedelta(1)
+        ),
+        "wrong_names": make_leaf(ca, ["other.example.test"]),
+    }
+    async with run_backend() as backend:
+        body = (
+            f'[[site]]\nnames = ["r.example.test"]\nbackend = "{backend.address}"\n'
+            f'cert_file = "{cert}"\nkey_file = "{key}"\n'
+        )
+        async with run_edged(tmp_path, body) as edged:
+            for case in BAD_INPUTS:
+                errors_before = edged.daemon.counters.reloads["signal", "error"]
+                if case == "truncated":
+                    cert.write_bytes(good.cert_pem[: len(good.cert_pem) // 2])
+                elif case == "other_key":
+                    key.write_bytes(make_leaf(ca, ["r.example.test"]).key_pem)
+                elif case in bad_leaf:
+                    cert.write_bytes(bad_leaf[case].cert_pem)
+                    key.write_bytes(bad_leaf[case].key_pem)
+                elif case == "encrypted":
+                    key.write_bytes(encrypted_key_pem(good))
+                elif case == "empty":
+                    cert.write_bytes(b"")
+                elif case == "no_key":
+                    key.write_bytes(good.cert_pem)
+                elif case == "deleted":
+                    cert.unlink()
+                assert not await edged.daemon.reload("signal"), case
+                assert edged.daemon.counters.reloads["signal", "error"] == errors_before + 1
+                assert await served_cn(edged, "r.example.test") == "good", case
+                # restore, and the good pair is accepted again
+                cert.write_bytes(good.cert_pem)
+                key.write_bytes(good.key_pem)
+                assert await edged.daemon.reload("signal"), case
+
+
+async def test_sighup_burst_coalesces_and_serving_goes_on(tmp_path: Path) -> None:
+    c0, k0 = pair(tmp_path, "a", "burst")
+    async with run_backend() as backend:
+        body = (
+            f'[[site]]\nnames = ["r.example.test"]\nbackend = "{backend.address}"\n'
+            f'cert_file = "{c0}"\nkey_file = "{k0}"\n'
+        )
+        async with run_edged(tmp_path, body) as edged:
+            for _ in range(100):
+                edged.daemon.request_reload("signal")
+            assert await served_cn(edged, "r.example.test") == "burst"
+            await asyncio.sleep(0.5)
+            reloads = sum(
+                n for (kind, _), n in edged.daemon.counters.reloads.items() if kind == "signal"
+            )
+            assert 1 <= reloads <= 2  # 100 requests, one or two reloads
+
+
+async def test_removing_a_listener_closes_only_that_one(tmp_path: Path) -> None:
+    c0, k0 = pair(tmp_path, "a", "listeners")
+    extra = free_port()
+    async with run_backend() as backend:
+        body = (
+            f'[[site]]\nnames = ["r.example.test"]\nbackend = "{backend.address}"\n'
+            f'cert_file = "{c0}"\nkey_file = "{k0}"\n'
+        )
+        async with run_edged(tmp_path, body) as edged:
+            text = edged.config_path.read_text()
+            both = text.replace(
+                f'https = ["127.0.0.1:{edged.port}"]',
+                f'https = ["127.0.0.1:{edged.port}", "127.0.0.1:{extra}"]',
+            )
+            edged.config_path.write_text(both)
+            assert await edged.daemon.reload("signal")
+            socket.create_connection(("127.0.0.1", extra), timeout=2).close()
+            held = socket.create_connection(("127.0.0.1", edged.port), timeout=2)
+            edged.config_path.write_text(text)
+            assert await edged.daemon.reload("signal")
+            try:
+                socket.create_connection(("127.0.0.1", extra), timeout=2).close()
+                raise AssertionError("removed listener still accepts")
+            except ConnectionRefusedError:
+                pass
+            assert await served_cn(edged, "r.example.test") == "listeners"
+            held.close()
