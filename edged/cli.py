@@ -15,7 +15,7 @@ from edged import __version__
 from edged.certs import chain_problem, check_bundle, describe_chain, parse_bundle
 from edged.config import DEFAULT_CONFIG_PATH, load_config
 from edged.errors import CertError, CertReason, ConfigError, StoreError
-from edged.names import covers
+from edged.names import NameError_, covers, normalize_name
 from edged.sources import load_site_certs, read_pem
 from edged.store.files import FileStore
 
@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate the config and every certificate")
     with_config(check)
 
+    rollback = sub.add_parser(
+        "rollback", help="restore a name's previous certificate from the store (one step)"
+    )
+    with_config(rollback)
+    rollback.add_argument("name", help="the site's first name (the store directory)")
+
     cert = sub.add_parser("cert", help="certificate tools")
     cert_sub = cert.add_subparsers(dest="cert_command", required=True, metavar="COMMAND")
     inspect = cert_sub.add_parser("inspect", help="show a PEM file's certificates and problems")
@@ -57,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(cmd_run(args.config, args.log_level))
     if args.command == "check":
         sys.exit(cmd_check(args.config))
+    if args.command == "rollback":
+        sys.exit(cmd_rollback(args.config, args.name))
     if args.command == "cert" and args.cert_command == "inspect":
         sys.exit(cmd_inspect(args.file, args.key, args.name))
     sys.exit(EXIT_USAGE)
@@ -96,6 +104,53 @@ def cmd_check(config_path: Path) -> int:
     status = "FAILED" if certs.errors else "ok"
     print(f"{config_path}: {status}: {len(config.sites)} sites, {served} valid certificates")
     return EXIT_INVALID if certs.errors else EXIT_OK
+
+
+def cmd_rollback(config_path: Path, raw_name: str) -> int:
+    """Swap live/ and previous/ for a name, after checking that the previous version is still
+    valid for the site; a running daemon picks the change up from its store watch."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem)
+        return EXIT_INVALID
+    try:
+        name = normalize_name(raw_name)
+    except NameError_ as exc:
+        print(f"{raw_name}: {exc}")
+        return EXIT_INVALID
+    site = config.site_for(name)
+    if site is None or site.name != name:
+        first = f" (its certificate is stored under {site.name!r})" if site else ""
+        print(f"{name}: not the first name of any [[site]]{first}")
+        return EXIT_INVALID
+    if site.cert_file is not None:
+        print(f"{name}: {site.key} uses cert_file {site.cert_file}: restore that file instead")
+        return EXIT_INVALID
+    if config.store_path is None:
+        print(f"{name}: edged.store is not a directory")
+        return EXIT_INVALID
+    store = FileStore(config.store_path)
+    try:
+        previous = store.load_previous(name)
+        if previous is None:
+            print(f"{name}: no previous version in {config.store_path}: nothing to roll back to")
+            return EXIT_INVALID
+        now = datetime.now(UTC)
+        for pair in previous.pairs:
+            bundle = parse_bundle(pair.fullchain, pair.privkey, source=f"previous {pair.key_type}")
+            problems = check_bundle(bundle, now=now, names=site.names)
+            if problems:
+                print(f"{name}: previous {pair.key_type} certificate: {problems[0].message}")
+                print(f"{name}: not rolled back")
+                return EXIT_INVALID
+        store.rollback(name)
+    except (StoreError, CertError) as exc:
+        print(f"{name}: {exc}")
+        return EXIT_INVALID
+    print(f"{name}: rolled back to the previous version (the running daemon reloads it)")
+    return EXIT_OK
 
 
 def cmd_inspect(path: Path, key_path: Path | None, names: list[str]) -> int:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from tests.conftest import Edged, free_port, run_backend, run_edged, s_client
-from tests.pki import encrypted_key_pem, make_ca, make_leaf, write_pair
+from edged.store import FileStore, PemPair, StoredCert
+from tests.conftest import Edged, free_port, run_backend, run_cmd, run_edged, s_client
+from tests.pki import encrypted_key_pem, fullchain, make_ca, make_leaf, write_pair
+
+EDGED = str(Path(sys.executable).with_name("edged"))
 
 
 async def served_cn(edged: Edged, sni: str) -> str:
@@ -219,3 +223,35 @@ async def test_removing_a_listener_closes_only_that_one(tmp_path: Path) -> None:
                 pass
             assert await served_cn(edged, "r.example.test") == "listeners"
             held.close()
+
+
+def stored(name: str, cn: str, ca: object) -> StoredCert:
+    leaf = make_leaf(ca, [name], cn=cn)  # type: ignore[arg-type]
+    return StoredCert(
+        name=name,
+        names=(name,),
+        pairs=(PemPair("ecdsa-p256", fullchain(leaf), leaf.key_pem),),
+        source="upload",
+        stored_at=0.0,
+    )
+
+
+async def test_rollback_command_restores_previous_and_daemon_serves_it(tmp_path: Path) -> None:
+    ca = make_ca("Rollback CA")
+    store = FileStore(tmp_path / "store")
+    store.save(stored("r.example.test", "first", ca))
+    store.save(stored("r.example.test", "second", ca))
+    async with run_backend() as backend:
+        body = f'[[site]]\nnames = ["r.example.test"]\nbackend = "{backend.address}"\n'
+        async with run_edged(tmp_path, body) as edged:
+            assert await served_cn(edged, "r.example.test") == "second"
+            out = await run_cmd(
+                EDGED, "rollback", "--config", str(edged.config_path), "R.example.test"
+            )
+            assert out.returncode == 0, out.stdout
+            assert "rolled back" in out.stdout
+            assert await wait_for("first", edged, "r.example.test") < 1.5
+            out = await run_cmd(EDGED, "rollback", "--config", str(edged.config_path), "x.test")
+            assert out.returncode == 1 and "not the first name of any [[site]]" in out.stdout
+    mode = (tmp_path / "store/live/r.example.test/privkey.pem").stat().st_mode & 0o777
+    assert mode == 0o600
