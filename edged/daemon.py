@@ -106,6 +106,27 @@ def _same_source(old: Site, new: Site) -> bool:
     return (old.names, old.cert_file, old.key_file) == (new.names, new.cert_file, new.key_file)
 
 
+def build_serving(
+    old_config: Config | None,
+    old_bundles: dict[int, tuple[CertBundle, ...]],
+    config: Config,
+    new_bundles: dict[int, tuple[CertBundle, ...]],
+) -> tuple[dict[int, tuple[CertBundle, ...]], SniIndex]:
+    """The bundles to serve and their index. A site whose new certificate failed validation
+    keeps serving its old one (same names, same files). Pure; runs in a thread."""
+    bundles = dict(new_bundles)
+    if old_config is not None:
+        old_sites = {s.name: s for s in old_config.sites}
+        for site in config.sites:
+            old = old_sites.get(site.name)
+            if site.index not in bundles and old is not None and _same_source(old, site):
+                kept = old_bundles.get(old.index)
+                if kept:
+                    log.warning("%s: keeping the previous certificate for %s", site.key, site.name)
+                    bundles[site.index] = kept
+    return bundles, build_index(config.sites, bundles, config.tls.default_cert)
+
+
 class Daemon:
     def __init__(self, config_path: Path) -> None:
         self.config_path = config_path
@@ -166,7 +187,7 @@ class Daemon:
                 tg=tg,
             )
             self.store = store
-            self._apply(loaded)
+            await self._apply(loaded)
             try:
                 await self._sync_listeners(config)
             except StartupError as exc:
@@ -250,7 +271,7 @@ class Daemon:
             self.counters.reloads[kind, "error"] += 1
             return False
         self.store = store
-        self._apply(loaded)
+        await self._apply(loaded)
         await self._refresh_watch()
         result = "error" if loaded.certs.errors else "ok"
         self.counters.reloads[kind, result] += 1
@@ -259,29 +280,19 @@ class Daemon:
         log.info("reloaded (%s): %d sites, %d names", kind, len(config.sites), len(self.index))
         return result == "ok"
 
-    def _apply(self, loaded: Loaded) -> None:
-        """Swap in a prepared state. Runs on the loop and does no I/O."""
+    async def _apply(self, loaded: Loaded) -> None:
+        """Build the new index off the loop, then swap it in with single assignments."""
         assert self.term is not None and self.selector is not None
         config = loaded.config
-        bundles = dict(loaded.certs.bundles)
-        if self.config is not None:
-            # A site whose new certificate failed validation keeps serving its old one.
-            old_sites = {s.name: s for s in self.config.sites}
-            for site in config.sites:
-                old = old_sites.get(site.name)
-                if site.index not in bundles and old is not None and _same_source(old, site):
-                    kept = self.bundles.get(old.index)
-                    if kept:
-                        log.warning(
-                            "%s: keeping the previous certificate for %s", site.key, site.name
-                        )
-                        bundles[site.index] = kept
-            if config.tls != self.config.tls:
-                cache = ContextCache(config.tls.context_cache_size, config.tls.min_version)
-                self.selector.cache = cache
-                self.selector.default_alpn = config.tls.alpn
-                self.term.listen_ctx = build_listening_context(config.tls, self.selector)
-        self.selector.index = build_index(config.sites, bundles, config.tls.default_cert)
+        bundles, index = await asyncio.to_thread(
+            build_serving, self.config, self.bundles, config, loaded.certs.bundles
+        )
+        if self.config is not None and config.tls != self.config.tls:
+            cache = ContextCache(config.tls.context_cache_size, config.tls.min_version)
+            self.selector.cache = cache
+            self.selector.default_alpn = config.tls.alpn
+            self.term.listen_ctx = build_listening_context(config.tls, self.selector)
+        self.selector.index = index
         self.term.settings = proxy_settings(config)
         self.term.origin_contexts = loaded.origin_contexts
         self.bundles = bundles
