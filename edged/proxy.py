@@ -378,6 +378,8 @@ class ClientConnection(asyncio.Protocol):
         self.backend = backend
         self._resume_reading("connecting")
         self._relay_to_backend()
+        if self.client_eof:  # the client finished while we were connecting
+            backend.write_eof()
 
     # --- backend connection ---------------------------------------------------------------
 
