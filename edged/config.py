@@ -575,7 +575,14 @@ def check_files(config: Config) -> list[Problem]:
     """A problem for each referenced file that is missing or unreadable."""
     problems = []
     for key, path in config_files(config):
-        if not path.is_file():
+        try:
+            exists = path.is_file()
+        except OSError as exc:  # e.g. EACCES on a parent directory
+            problems.append(
+                Problem(str(config.source), key, f"{path}: {exc.strerror}: fix its mode")
+            )
+            continue
+        if not exists:
             problems.append(
                 Problem(str(config.source), key, f"{path}: no such file: check the path")
             )

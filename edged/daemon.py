@@ -170,10 +170,12 @@ class Daemon:
             for problem in exc.problems:
                 log.error("config: %s", problem)
             return 1
-        store = self._open_store(config)
-        loaded = await asyncio.to_thread(
-            prepare, config, self.config_path, store, datetime.now(UTC)
-        )
+        try:
+            store = self._open_store(config)
+            loaded = await self._prepare(config, store)
+        except (EdgedError, OSError) as exc:
+            log.error("cannot start: %s", exc)
+            return 1
         self._log_problems(loaded.certs.problems)
 
         async with asyncio.TaskGroup() as tg:
@@ -218,7 +220,7 @@ class Daemon:
             systemd.notify("STOPPING=1")
             open_conns = len(self.term.active)
             log.info("stopping: draining %d connections (up to %ss)", open_conns, self._drain())
-            aborted = await self.term.drain(config.edged.drain_timeout)
+            aborted = await self.term.drain(self._drain())
             if aborted:
                 log.warning("drain timeout: aborted %d connections", aborted)
         log.info("edged stopped")
@@ -248,6 +250,11 @@ class Daemon:
         systemd.notify("RELOADING=1")
         try:
             return await self._reload_once(kind)
+        except (EdgedError, OSError) as exc:
+            # Whatever went wrong, the running state stays: a reload never takes edged down.
+            log.error("reload rejected, keeping the running config: %s", exc)
+            self.counters.reloads[kind, "error"] += 1
+            return False
         finally:
             systemd.notify("READY=1")
 
@@ -260,9 +267,7 @@ class Daemon:
             self.counters.reloads[kind, "error"] += 1
             return False
         store = self._open_store(config)
-        loaded = await asyncio.to_thread(
-            prepare, config, self.config_path, store, datetime.now(UTC)
-        )
+        loaded = await self._prepare(config, store)
         self._log_problems(loaded.certs.problems)
         try:
             await self._sync_listeners(config)
@@ -344,7 +349,10 @@ class Daemon:
         assert self.config is not None
         fresh = None
         if self.config.edged.watch:
-            fresh = await asyncio.to_thread(watch_set, self.config, self.config_path)
+            try:
+                fresh = await asyncio.to_thread(watch_set, self.config, self.config_path)
+            except OSError as exc:
+                log.warning("cannot list files to watch (%s); SIGHUP still reloads", exc)
         if fresh != self._watching:
             self._watch_stop.set()  # the loop starts again with the new set
 
@@ -380,6 +388,9 @@ class Daemon:
         return list(self._servers)
 
     # --- helpers --------------------------------------------------------------------------
+
+    async def _prepare(self, config: Config, store: FileStore | None) -> Loaded:
+        return await asyncio.to_thread(prepare, config, self.config_path, store, datetime.now(UTC))
 
     def _open_store(self, config: Config) -> FileStore | None:
         path = config.store_path

@@ -23,6 +23,7 @@ from typing import cast
 
 from edged.config import Site
 from edged.counters import Counters
+from edged.names import covers
 from edged.proxy_header import Endpoints, TlsInfo, build_v1, build_v2
 from edged.sni import Route
 from edged.tls import REFUSED_ATTR, ROUTE_ATTR, SNI_ATTR, SniSelector
@@ -314,7 +315,15 @@ class ClientConnection(asyncio.Protocol):
         if self.client_eof:
             return
         self.client_eof = True
-        if self.backend is not None:
+        self._forward_client_eof()
+
+    def _forward_client_eof(self) -> None:
+        """Pass the client's EOF on as a FIN (once connected; backend_ready calls it again)."""
+        if self.backend is not None and self.backend.connected:
+            if not self.backend.can_write_eof():
+                # TLS to the origin cannot half-close: the client is done, so is the exchange.
+                self.close()
+                return
             self.backend.write_eof()
         if self.backend_eof:
             self.close()
@@ -379,7 +388,7 @@ class ClientConnection(asyncio.Protocol):
         self._resume_reading("connecting")
         self._relay_to_backend()
         if self.client_eof:  # the client finished while we were connecting
-            backend.write_eof()
+            self._forward_client_eof()
 
     # --- backend connection ---------------------------------------------------------------
 
@@ -387,9 +396,17 @@ class ClientConnection(asyncio.Protocol):
         """Runs in the daemon's TaskGroup; handles every error itself so the group survives."""
         backend = BackendConnection(self)
         self.backend = backend
+        origin: tuple[ssl.SSLContext, str] | None = None
+        if site.origin_tls:
+            # Taken now: a reload during the connect may renumber the sites.
+            ctx = self.term.origin_contexts.get(site.index)
+            if ctx is None:
+                self.on_backend_failed("origin_tls", "no usable origin CA: see origin_ca_file")
+                return
+            origin = (ctx, self._origin_sni(site))
         try:
             async with asyncio.timeout(self.term.settings.connect_timeout):
-                await backend.connect(site, self._proxy_header(site), self._origin_sni(site))
+                await backend.connect(site, self._proxy_header(site), origin)
         except TimeoutError:
             self.on_backend_failed("connect_timeout", "no answer within connect timeout")
             return
@@ -429,13 +446,14 @@ class ClientConnection(asyncio.Protocol):
         )
         return build_v2(ends, info)
 
-    def _origin_sni(self, site: Site) -> str | None:
-        if not site.origin_tls:
-            return None
+    def _origin_sni(self, site: Site) -> str:
         if site.origin_server_name:
             return site.origin_server_name
-        if self.sni:
-            return self.sni.lower().rstrip(".")
+        sni = (self.sni or "").lower().rstrip(".")
+        # Only a name the site really serves goes to the origin (not an unknown SNI that fell
+        # back to the default certificate).
+        if sni and self.route is not None and covers(self.route.name, sni):
+            return sni
         if not site.backend.is_unix and not _is_ip(site.backend.host):
             return site.backend.host
         return site.name.removeprefix("*.")
@@ -533,7 +551,9 @@ class BackendConnection(asyncio.Protocol):
         self.closed = False
         self._eof_sent = False
 
-    async def connect(self, site: Site, header: bytes, origin_sni: str | None) -> None:
+    async def connect(
+        self, site: Site, header: bytes, origin: tuple[ssl.SSLContext, str] | None
+    ) -> None:
         loop = self.client.loop
         backend = site.backend
         if backend.is_unix:
@@ -543,9 +563,9 @@ class BackendConnection(asyncio.Protocol):
         # The PROXY header goes first, in clear, also when the origin speaks TLS.
         if header:
             transport.write(header)
-        if origin_sni is not None:
-            ctx = self.client.term.origin_contexts[site.index]
-            new = await loop.start_tls(transport, self, ctx, server_hostname=origin_sni)
+        if origin is not None:
+            ctx, server_name = origin
+            new = await loop.start_tls(transport, self, ctx, server_hostname=server_name)
             if new is None:
                 raise ConnectionResetError("origin closed during TLS handshake")
             transport = new
@@ -565,7 +585,12 @@ class BackendConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.client.on_backend_eof()
-        return True  # keep our write side open: the client may still be sending
+        # Keep our write side open (the client may still be sending) unless the transport
+        # cannot half-close (TLS to the origin).
+        return self.can_write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self.transport is not None and self.transport.can_write_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -53,10 +53,18 @@ def watch_set(config: Config, config_path: Path) -> WatchSet:
     store = config.store_path
     if store is not None:
         trees.add(store.absolute())
-    existing = {d for d in dirs if d.is_dir()}
     return WatchSet(
-        frozenset(existing), frozenset(files), frozenset(t for t in trees if t.is_dir())
+        frozenset(d for d in dirs if _is_dir(d)),
+        frozenset(files),
+        frozenset(t for t in trees if _is_dir(t)),
     )
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # EACCES on a parent: cannot be watched, the load reports the file
+        return False
 
 
 Snapshot = dict[Path, tuple[int, int, int]]
@@ -67,9 +75,9 @@ def take_snapshot(watch: WatchSet) -> Snapshot:
     state a load saw, to find changes made while no watcher was running."""
     paths = set(watch.files)
     for tree in watch.trees:
-        live = tree / "live"
-        if live.is_dir():
-            paths.update(d / "meta.json" for d in live.iterdir())
+        # No live/ yet, or unreadable: the watcher and the load report it.
+        with contextlib.suppress(OSError):
+            paths.update(d / "meta.json" for d in (tree / "live").iterdir())
     snap: Snapshot = {}
     for path in paths:
         try:

@@ -329,3 +329,39 @@ async def test_sighup_reload_keeps_old_cert_when_new_file_is_bad(
             edged.config_path.write_text(edged.config_path.read_text() + "\n[bogus]\n")
             assert not await edged.daemon.reload("signal")
             assert (await s_client(edged.port, "one.example.test")).returncode == 0
+
+
+async def test_origin_tls_connection_ends_when_the_client_leaves(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    origin_ca = make_ca("Origin CA 2")
+    cert, key = write_pair(tmp_path, "origin2", make_leaf(origin_ca, ["one.example.test"]), [])
+    (tmp_path / "origin-ca.pem").write_bytes(origin_ca.cert_pem)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    async with run_backend(ssl_ctx=server_ctx, name="origin") as origin:
+        extra = f'origin_tls = true\norigin_ca_file = "{tmp_path / "origin-ca.pem"}"'
+        body = site(["one.example.test"], origin.address, pki, "one", extra)
+        async with run_edged(tmp_path, body) as edged:
+            for _ in range(3):
+                out = await curl(edged.port, "one.example.test", pki["ca"])
+                assert out.returncode == 0, out.stderr
+            term = edged.daemon.term
+            assert term is not None
+            for _ in range(50):  # TLS to the origin cannot half-close: edged closes at once
+                if not term.active:
+                    break
+                await asyncio.sleep(0.02)
+            assert not term.active
+
+
+async def test_reload_error_of_any_kind_keeps_serving(tmp_path: Path, pki: dict[str, Path]) -> None:
+    async with run_backend() as backend:
+        body = site(["one.example.test"], backend.address, pki, "one")
+        async with run_edged(tmp_path, body) as edged:
+            (tmp_path / "not-a-dir").write_text("")
+            text = edged.config_path.read_text().replace('store = "store"', 'store = "not-a-dir"')
+            edged.config_path.write_text(text)
+            assert not await edged.daemon.reload("signal")
+            assert not edged.task.done()
+            assert (await s_client(edged.port, "one.example.test")).returncode == 0
