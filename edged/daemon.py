@@ -372,8 +372,14 @@ class Daemon:
             for sock in new.values():
                 sock.close()
             raise
-        for address, sock in new.items():
-            self._servers[address] = await loop.create_server(self.term.protocol, sock=sock)
+        pending = dict(new)
+        try:
+            for address, sock in new.items():
+                self._servers[address] = await loop.create_server(self.term.protocol, sock=sock)
+                del pending[address]
+        finally:
+            for sock in pending.values():  # not handed to a server: ours to close
+                sock.close()
         for address in list(self._servers):
             if address not in wanted:
                 self._servers.pop(address).close()

@@ -515,6 +515,9 @@ class ClientConnection(asyncio.Protocol):
         mistake a truncated response for a complete one."""
         if self.closed and self.transport is None:
             return
+        if self.handshaking and not self.closed:
+            self.term.counters.handshakes["aborted", "none"] += 1
+            self.handshaking = False
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
