@@ -13,7 +13,7 @@ from pathlib import Path
 
 from edged import __version__
 from edged.certs import chain_problem, check_bundle, describe_chain, parse_bundle
-from edged.config import DEFAULT_CONFIG_PATH, load_config
+from edged.config import DEFAULT_CONFIG_PATH, Config, load_config
 from edged.errors import CertError, CertReason, ConfigError, StoreError
 from edged.names import NameError_, covers, normalize_name
 from edged.sources import load_site_certs, read_pem
@@ -83,12 +83,19 @@ def cmd_run(config_path: Path, level: str) -> int:
     return uvloop.run(Daemon(config_path).run())
 
 
-def cmd_check(config_path: Path) -> int:
+def _load_config_or_report(config_path: Path) -> Config | None:
+    """The config, or None after printing each of its problems."""
     try:
-        config = load_config(config_path)
+        return load_config(config_path)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem)
+        return None
+
+
+def cmd_check(config_path: Path) -> int:
+    config = _load_config_or_report(config_path)
+    if config is None:
         return EXIT_INVALID
     store = None
     if config.store_path is not None and config.store_path.is_dir():
@@ -109,11 +116,8 @@ def cmd_check(config_path: Path) -> int:
 def cmd_rollback(config_path: Path, raw_name: str) -> int:
     """Swap live/ and previous/ for a name, after checking that the previous version is still
     valid for the site; a running daemon picks the change up from its store watch."""
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem)
+    config = _load_config_or_report(config_path)
+    if config is None:
         return EXIT_INVALID
     try:
         name = normalize_name(raw_name)

@@ -35,6 +35,13 @@ async def wait_for(predicate_cn: str, edged: Edged, sni: str, limit: float = 3.0
     raise AssertionError(f"{sni} not served with CN={predicate_cn} within {limit}s")
 
 
+def cert_site(backend: str, cert: Path, key: Path) -> str:
+    return (
+        f'[[site]]\nnames = ["r.example.test"]\nbackend = "{backend}"\n'
+        f'cert_file = "{cert}"\nkey_file = "{key}"\n'
+    )
+
+
 def pair(tmp: Path, stem: str, cn: str) -> tuple[Path, Path]:
     ca = make_ca("Reload CA")
     return write_pair(tmp, stem, make_leaf(ca, ["r.example.test"], cn=cn), [])
@@ -50,10 +57,7 @@ async def test_cert_changes_are_picked_up_in_every_way_files_get_replaced(
     cert.write_bytes(c0.read_bytes())
     key.write_bytes(k0.read_bytes())
     async with run_backend() as backend:
-        body = (
-            f'[[site]]\nnames = ["r.example.test"]\nbackend = "{backend.address}"\n'
-            f'cert_file = "{cert}"\nkey_file = "{key}"\n'
-        )
+        body = cert_site(backend.address, cert, key)
         async with run_edged(tmp_path, body) as edged:
             assert await served_cn(edged, "r.example.test") == "version-0"
 
@@ -97,10 +101,7 @@ async def test_config_edit_adds_a_site(tmp_path: Path) -> None:
     c0, k0 = pair(tmp_path, "a", "site-a")
     c1, k1 = pair(tmp_path, "b", "site-b")
     async with run_backend() as backend:
-        body = (
-            f'[[site]]\nnames = ["r.example.test"]\nbackend = "{backend.address}"\n'
-            f'cert_file = "{c0}"\nkey_file = "{k0}"\n'
-        )
+        body = cert_site(backend.address, c0, k0)
         async with run_edged(tmp_path, body) as edged:
             assert await served_cn(edged, "r.example.test") == "site-a"
             text = edged.config_path.read_text().replace(str(c0), str(c1)).replace(str(k0), str(k1))
@@ -121,10 +122,7 @@ async def test_change_right_after_start_is_not_lost(tmp_path: Path) -> None:
     key.write_bytes(k0.read_bytes())
     c1, k1 = pair(tmp_path, "v1", "early-1")
     async with run_backend() as backend:
-        body = (
-            f'[[site]]\nnames = ["r.example.test"]\nbackend = "{backend.address}"\n'
-            f'cert_file = "{cert}"\nkey_file = "{key}"\n'
-        )
+        body = cert_site(backend.address, cert, key)
         async with run_edged(tmp_path, body) as edged:
             cert.write_bytes(c1.read_bytes())
             key.write_bytes(k1.read_bytes())
@@ -147,10 +145,7 @@ async def test_every_bad_replacement_keeps_the_old_cert(tmp_path: Path) -> None:
         "wrong_names": make_leaf(ca, ["other.example.test"]),
     }
     async with run_backend() as backend:
-        body = (
-            f'[[site]]\nnames = ["r.example.test"]\nbackend = "{backend.address}"\n'
-            f'cert_file = "{cert}"\nkey_file = "{key}"\n'
-        )
+        body = cert_site(backend.address, cert, key)
         async with run_edged(tmp_path, body) as edged:
             for case in BAD_INPUTS:
                 errors_before = edged.daemon.counters.reloads["signal", "error"]
@@ -181,10 +176,7 @@ async def test_every_bad_replacement_keeps_the_old_cert(tmp_path: Path) -> None:
 async def test_sighup_burst_coalesces_and_serving_goes_on(tmp_path: Path) -> None:
     c0, k0 = pair(tmp_path, "a", "burst")
     async with run_backend() as backend:
-        body = (
-            f'[[site]]\nnames = ["r.example.test"]\nbackend = "{backend.address}"\n'
-            f'cert_file = "{c0}"\nkey_file = "{k0}"\n'
-        )
+        body = cert_site(backend.address, c0, k0)
         async with run_edged(tmp_path, body) as edged:
             for _ in range(100):
                 edged.daemon.request_reload("signal")
@@ -200,10 +192,7 @@ async def test_removing_a_listener_closes_only_that_one(tmp_path: Path) -> None:
     c0, k0 = pair(tmp_path, "a", "listeners")
     extra = free_port()
     async with run_backend() as backend:
-        body = (
-            f'[[site]]\nnames = ["r.example.test"]\nbackend = "{backend.address}"\n'
-            f'cert_file = "{c0}"\nkey_file = "{k0}"\n'
-        )
+        body = cert_site(backend.address, c0, k0)
         async with run_edged(tmp_path, body) as edged:
             text = edged.config_path.read_text()
             both = text.replace(
