@@ -137,6 +137,7 @@ class ClientConnection(asyncio.Protocol):
         self.client_eof = False
         self.backend_eof = False
         self._notify_sent = False
+        self._fin_sent = False
         self.peer: tuple[str, int] | None = None
         self.started = time.monotonic()
         self.last_activity = self.started
@@ -340,6 +341,7 @@ class ClientConnection(asyncio.Protocol):
         self._send_close_notify()
         if self.transport is not None and self.transport.can_write_eof():
             self.transport.write_eof()
+            self._fin_sent = True
 
     def on_backend_lost(self, reason: str | None) -> None:
         if self.closed:
@@ -482,8 +484,10 @@ class ClientConnection(asyncio.Protocol):
 
     def _flush(self) -> None:
         data = self._outgoing.read()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        # Nothing can follow our FIN (e.g. an alert OpenSSL emits after close_notify).
+        transport = self.transport
+        if data and transport is not None and not transport.is_closing() and not self._fin_sent:
+            transport.write(data)
 
     def _send_close_notify(self) -> None:
         if self._notify_sent:
