@@ -16,7 +16,7 @@ from edged.certs import chain_problem, check_bundle, describe_chain, parse_bundl
 from edged.config import DEFAULT_CONFIG_PATH, Config, load_config
 from edged.errors import CertError, CertReason, ConfigError, StoreError
 from edged.names import NameError_, covers, normalize_name
-from edged.sources import load_site_certs, read_pem
+from edged.sources import load_site_certs, read_pem, validate_stored
 from edged.store.files import FileStore
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -141,16 +141,17 @@ def cmd_rollback(config_path: Path, raw_name: str) -> int:
         if previous is None:
             print(f"{name}: no previous version in {config.store_path}: nothing to roll back to")
             return EXIT_INVALID
-        now = datetime.now(UTC)
-        for pair in previous.pairs:
-            bundle = parse_bundle(pair.fullchain, pair.privkey, source=f"previous {pair.key_type}")
-            problems = check_bundle(bundle, now=now, names=site.names)
-            if problems:
-                print(f"{name}: previous {pair.key_type} certificate: {problems[0].message}")
-                print(f"{name}: not rolled back")
-                return EXIT_INVALID
+        # The same validation the daemon applies, so a rollback is never silently refused.
+        _, problems = validate_stored(
+            previous, site, datetime.now(UTC), config.tls.require_chain, "previous"
+        )
+        if problems:
+            for problem in problems:
+                print(f"{name}: {problem.source} certificate: {problem.message}")
+            print(f"{name}: not rolled back")
+            return EXIT_INVALID
         store.rollback(name)
-    except (StoreError, CertError) as exc:
+    except StoreError as exc:
         print(f"{name}: {exc}")
         return EXIT_INVALID
     print(f"{name}: rolled back to the previous version (the running daemon reloads it)")

@@ -15,7 +15,7 @@ from pathlib import Path
 from edged.certs import CertBundle, check_bundle, parse_bundle
 from edged.config import Config, Site
 from edged.errors import CertError, CertReason, Problem, StoreError
-from edged.store.base import Store
+from edged.store.base import Store, StoredCert
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,14 @@ def load_stored_bundles(
         return (), [Problem(label, site.key, str(exc))]
     if stored is None:
         return (), []
+    return validate_stored(stored, site, now, require_chain, label)
+
+
+def validate_stored(
+    stored: StoredCert, site: Site, now: datetime, require_chain: bool, label: str
+) -> tuple[tuple[CertBundle, ...], list[Problem]]:
+    """Parse and check each key type of a stored certificate exactly as the daemon serves it:
+    the bundles that pass, and a Problem (source `label:key_type`) for each that does not."""
     bundles: list[CertBundle] = []
     problems: list[Problem] = []
     for pair in stored.pairs:
