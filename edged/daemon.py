@@ -78,12 +78,14 @@ class Loaded:
     config: Config
     certs: SiteCerts
     origin_contexts: dict[int, ssl.SSLContext]
-    snapshot: Snapshot
+    watch: WatchSet  # the files this config depends on
+    snapshot: Snapshot  # their state as this load saw it
 
 
 def prepare(config: Config, config_path: Path, store: FileStore | None, now: datetime) -> Loaded:
     """Blocking: read and validate certificates and origin CAs. Runs in a thread."""
-    snapshot = take_snapshot(watch_set(config, config_path))  # before reading: err on new
+    watch = watch_set(config, config_path)
+    snapshot = take_snapshot(watch)  # before reading: a change during the read shows as new
     certs = load_site_certs(config, store, now)
     origins: dict[int, ssl.SSLContext] = {}
     problems = list(certs.problems)
@@ -99,7 +101,7 @@ def prepare(config: Config, config_path: Path, store: FileStore | None, now: dat
                         f"cannot load CA certificates: {exc}",
                     )
                 )
-    return Loaded(config, SiteCerts(certs.bundles, tuple(problems)), origins, snapshot)
+    return Loaded(config, SiteCerts(certs.bundles, tuple(problems)), origins, watch, snapshot)
 
 
 def _same_source(old: Site, new: Site) -> bool:
@@ -137,6 +139,7 @@ class Daemon:
         self.term: Terminator | None = None
         self.selector: SniSelector | None = None
         self.bundles: dict[int, tuple[CertBundle, ...]] = {}
+        self._loaded_watch: WatchSet | None = None
         self._snapshot: Snapshot = {}
         self._servers: dict[Address, asyncio.AbstractServer] = {}
         self._stop = asyncio.Event()
@@ -277,7 +280,7 @@ class Daemon:
             return False
         self.store = store
         await self._apply(loaded)
-        await self._refresh_watch()
+        self._refresh_watch()
         result = "error" if loaded.certs.errors else "ok"
         self.counters.reloads[kind, result] += 1
         if result == "ok":
@@ -302,6 +305,7 @@ class Daemon:
         self.term.origin_contexts = loaded.origin_contexts
         self.bundles = bundles
         self.config = config
+        self._loaded_watch = loaded.watch
         self._snapshot = loaded.snapshot
 
     # --- file watching ---------------------------------------------------------------------
@@ -316,10 +320,9 @@ class Daemon:
                 self._watching = None
                 await self._watch_stop.wait()
                 continue
+            self._watching = self._loaded_watch
+            assert self._watching is not None
             try:
-                self._watching = await asyncio.to_thread(watch_set, self.config, self.config_path)
-                if self._stop.is_set():  # stopped while we were listing paths
-                    break
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(
                         watch_changes(self._watching, self._watch_stop, self._on_files_changed)
@@ -345,14 +348,10 @@ class Daemon:
         log.info("changed: %s", ", ".join(sorted(str(p) for p in paths)))
         self.request_reload("file")
 
-    async def _refresh_watch(self) -> None:
+    def _refresh_watch(self) -> None:
+        """After a reload: restart the watcher when the set of files to watch changed."""
         assert self.config is not None
-        fresh = None
-        if self.config.edged.watch:
-            try:
-                fresh = await asyncio.to_thread(watch_set, self.config, self.config_path)
-            except OSError as exc:
-                log.warning("cannot list files to watch (%s); SIGHUP still reloads", exc)
+        fresh = self._loaded_watch if self.config.edged.watch else None
         if fresh != self._watching:
             self._watch_stop.set()  # the loop starts again with the new set
 
