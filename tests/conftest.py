@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import ssl
 import textwrap
@@ -176,6 +177,12 @@ async def run_cmd(*args: str, stdin: bytes = b"", limit: float = 20) -> Proc:
     out, err = await asyncio.wait_for(proc.communicate(stdin), limit)
     assert proc.returncode is not None
     return Proc(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
+def peer_cn(s_client_stderr: str) -> str:
+    """The CN of the certificate `openssl s_client -brief` reports ("" if none)."""
+    match = re.search(r"^Peer certificate:.*?CN\s*=\s*([^,/\n]+)", s_client_stderr, re.M)
+    return match.group(1).strip() if match else ""
 
 
 async def s_client(port: int, servername: str | None, *extra: str) -> Proc:

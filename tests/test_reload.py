@@ -10,18 +10,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from edged.store import FileStore, PemPair, StoredCert
-from tests.conftest import Edged, free_port, run_backend, run_cmd, run_edged, s_client
+from tests.conftest import Edged, free_port, peer_cn, run_backend, run_cmd, run_edged, s_client
 from tests.pki import encrypted_key_pem, fullchain, make_ca, make_leaf, write_pair
 
 EDGED = str(Path(sys.executable).with_name("edged"))
 
 
 async def served_cn(edged: Edged, sni: str) -> str:
-    out = await s_client(edged.port, sni)
-    for line in out.stderr.splitlines():
-        if line.startswith("Peer certificate:") and "CN" in line:
-            return line.split("CN", 1)[1].lstrip(" =").split(",")[0].strip()
-    return ""
+    return peer_cn((await s_client(edged.port, sni)).stderr)
 
 
 async def wait_for(predicate_cn: str, edged: Edged, sni: str, limit: float = 3.0) -> float:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import ssl
 import struct
 from pathlib import Path
@@ -11,8 +10,18 @@ from pathlib import Path
 import pytest
 
 from edged.store import FileStore, PemPair, StoredCert
-from tests.conftest import curl, free_port, run_backend, run_cmd, run_edged, s_client
+from tests.conftest import curl, free_port, peer_cn, run_backend, run_cmd, run_edged, s_client
 from tests.pki import fullchain, make_ca, make_leaf, write_pair
+
+
+def origin_server_context(tmp_path: Path) -> ssl.SSLContext:
+    """A TLS origin for one.example.test under its own private CA (written to origin-ca.pem)."""
+    origin_ca = make_ca("Origin CA")
+    cert, key = write_pair(tmp_path, "origin", make_leaf(origin_ca, ["one.example.test"]), [])
+    (tmp_path / "origin-ca.pem").write_bytes(origin_ca.cert_pem)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    return ctx
 
 
 def site(names: list[str], backend: str, pki: dict[str, Path], stem: str, extra: str = "") -> str:
@@ -25,11 +34,6 @@ cert_file = "{pki[stem + "_cert"]}"
 key_file = "{pki[stem + "_key"]}"
 {extra}
 """
-
-
-def peer_cn(text: str) -> str:
-    match = re.search(r"^Peer certificate:.*?CN\s*=\s*([^,/\n]+)", text, re.M)
-    return match.group(1).strip() if match else ""
 
 
 async def test_sni_selects_each_names_certificate(tmp_path: Path, pki: dict[str, Path]) -> None:
@@ -157,12 +161,7 @@ async def test_proxy_protocol_v1_and_v2_byte_for_byte(tmp_path: Path, pki: dict[
 
 
 async def test_origin_tls_verifies_and_sends_sni(tmp_path: Path, pki: dict[str, Path]) -> None:
-    origin_ca = make_ca("Origin CA")
-    origin_leaf = make_leaf(origin_ca, ["one.example.test"])
-    cert, key = write_pair(tmp_path, "origin", origin_leaf, [])
-    (tmp_path / "origin-ca.pem").write_bytes(origin_ca.cert_pem)
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ctx.load_cert_chain(cert, key)
+    server_ctx = origin_server_context(tmp_path)
     seen_sni: list[str | None] = []
     server_ctx.sni_callback = lambda sslobj, name, ctx: seen_sni.append(name)  # type: ignore[assignment,misc,func-returns-value]
     async with run_backend(ssl_ctx=server_ctx, name="origin") as origin:
@@ -334,11 +333,7 @@ async def test_sighup_reload_keeps_old_cert_when_new_file_is_bad(
 async def test_origin_tls_connection_ends_when_the_client_leaves(
     tmp_path: Path, pki: dict[str, Path]
 ) -> None:
-    origin_ca = make_ca("Origin CA 2")
-    cert, key = write_pair(tmp_path, "origin2", make_leaf(origin_ca, ["one.example.test"]), [])
-    (tmp_path / "origin-ca.pem").write_bytes(origin_ca.cert_pem)
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ctx.load_cert_chain(cert, key)
+    server_ctx = origin_server_context(tmp_path)
     async with run_backend(ssl_ctx=server_ctx, name="origin") as origin:
         extra = f'origin_tls = true\norigin_ca_file = "{tmp_path / "origin-ca.pem"}"'
         body = site(["one.example.test"], origin.address, pki, "one", extra)
