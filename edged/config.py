@@ -87,6 +87,12 @@ class DnsSettings:
     tsig_secret_file: Path | None = None
     zone: str = ""
     delegate_to: str = ""
+    # Recursive resolver for CNAME/SOA/CAA lookups; None = the system resolver.
+    resolver: Address | None = None
+    # Port on which the zone's authoritative nameservers are asked during the propagation wait.
+    nameserver_port: int = 53
+    propagation_timeout: float = 120.0
+    ttl: int = 60
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,8 @@ class AcmeSettings:
     max_attempts: int = 5
     notify_webhook: str = ""
     dns: DnsSettings | None = None
+    eab_kid: str = ""
+    eab_hmac_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -377,6 +385,17 @@ def _parse_tls(r: _Reader) -> TlsSettings:
     return s
 
 
+def _peer_address(r: _Reader, key: str) -> Address | None:
+    text = r.get(key, str, "", "host:port or ''")
+    if not text:
+        return None
+    try:
+        return parse_address(text, listen=False, allow_unix=False)
+    except ValueError as exc:
+        r.problem(key, str(exc))
+        return None
+
+
 def _parse_dns(r: _Reader, base: Path) -> DnsSettings:
     d = DnsSettings()
     server_text = r.get("server", str, str(d.server), "host:port")
@@ -392,7 +411,13 @@ def _parse_dns(r: _Reader, base: Path) -> DnsSettings:
         tsig_secret_file=r.path("tsig_secret_file", base),
         zone=r.get("zone", str, d.zone, "a zone name or ''"),
         delegate_to=r.get("delegate_to", str, d.delegate_to, "a zone name or ''"),
+        resolver=_peer_address(r, "resolver"),
+        nameserver_port=r.integer("nameserver_port", d.nameserver_port, 1),
+        propagation_timeout=r.duration("propagation_timeout", d.propagation_timeout),
+        ttl=r.integer("ttl", d.ttl, 1),
     )
+    if s.nameserver_port > 65535:
+        r.problem("nameserver_port", f"{s.nameserver_port} is not a port (1-65535)")
     for key in ("zone", "delegate_to"):
         value = getattr(s, key)
         if value:
@@ -438,7 +463,11 @@ def _parse_acme(r: _Reader, base: Path) -> AcmeSettings:
         max_attempts=r.integer("max_attempts", d.max_attempts, 1),
         notify_webhook=r.get("notify_webhook", str, d.notify_webhook, "a URL or ''"),
         dns=dns,
+        eab_kid=r.get("eab_kid", str, d.eab_kid, "the CA's key identifier or ''"),
+        eab_hmac_file=r.path("eab_hmac_file", base),
     )
+    if bool(s.eab_kid) != bool(s.eab_hmac_file):
+        r.problem("eab_kid", "eab_kid and eab_hmac_file go together: set both or neither")
     if s.email and "@" not in s.email:
         r.problem("email", f"{s.email!r} is not an email address")
     r.finish()
@@ -568,6 +597,8 @@ def config_files(config: Config) -> list[tuple[str, Path]]:
             files.append(("acme.ca_bundle", config.acme.ca_bundle))
         if config.acme.dns and config.acme.dns.tsig_secret_file:
             files.append(("acme.dns.tsig_secret_file", config.acme.dns.tsig_secret_file))
+        if config.acme.eab_hmac_file:
+            files.append(("acme.eab_hmac_file", config.acme.eab_hmac_file))
     return files
 
 
