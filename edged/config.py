@@ -23,6 +23,7 @@ DEFAULT_CONFIG_PATH = Path("/etc/edged/edged.toml")
 TLS_VERSIONS = ("1.2", "1.3")
 PROXY_PROTOCOLS = ("", "v1", "v2")
 CHALLENGES = ("http-01", "dns-01")
+HTTP_MODES = ("redirect", "forward")
 ACME_KEY_TYPES = ("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096")
 TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1")
 _ALPN_TOKEN = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -125,6 +126,7 @@ class Site:
     origin_ca_file: Path | None = None
     origin_server_name: str = ""
     alpn: tuple[str, ...] | None = None
+    http: str = "redirect"  # plain-HTTP requests (other than ACME challenges): redirect|forward
 
     @property
     def name(self) -> str:
@@ -510,6 +512,7 @@ def _parse_site(r: _Reader, index: int, base: Path) -> Site | None:
         origin_ca_file=r.path("origin_ca_file", base),
         origin_server_name=r.get("origin_server_name", str, "", "a DNS name or ''"),
         alpn=alpn,
+        http=r.choice("http", HTTP_MODES, "redirect"),
     )
     if site.origin_tls and site.backend.is_unix and not site.origin_server_name:
         r.problem("origin_server_name", "origin_tls to a unix socket needs origin_server_name")

@@ -7,6 +7,7 @@ and says what to do about it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 
 
@@ -68,3 +69,25 @@ class CertError(EdgedError):
 
 class StoreError(EdgedError):
     """The certificate store could not be read or written."""
+
+
+class AcmeError(EdgedError):
+    """An ACME operation failed for a certificate name.
+
+    `problem` keeps the CA's problem document (type, detail, status, subproblems) or, for
+    failures outside the protocol (network, DNS, validation of the result), {"message": ...}.
+    `retry_after` is the earliest time the CA allows the next attempt (429 / rateLimited).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        message: str,
+        problem: dict[str, object] | None = None,
+        retry_after: datetime | None = None,
+    ) -> None:
+        self.name = name
+        self.message = message
+        self.problem: dict[str, object] = problem or {"message": message}
+        self.retry_after = retry_after
+        super().__init__(f"{name}: {message}" if name else message)

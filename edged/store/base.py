@@ -122,3 +122,11 @@ class Store(Protocol):
     def save_state(self, name: str, state: Mapping[str, object]) -> None:
         """Replace the renewal state (a JSON object) atomically."""
         ...
+
+    def load_account(self, directory: str) -> tuple[dict[str, object], bytes] | None:
+        """The ACME account (registration JSON, key PEM) for a directory URL, or None."""
+        ...
+
+    def save_account(self, directory: str, account: Mapping[str, object], key_pem: bytes) -> None:
+        """Store the ACME account of a directory URL (the key file is 0600)."""
+        ...

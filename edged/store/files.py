@@ -31,6 +31,7 @@ import shutil
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from edged.errors import StoreError
 from edged.names import NameError_, name_from_dirname, normalize_name, store_dirname
@@ -87,6 +88,7 @@ class FileStore:
         self.root = Path(root)
         self._live = self.root / "live"
         self._state = self.root / "state"
+        self._accounts = self.root / "accounts"
         self._lock = threading.Lock()
         if not self.root.is_dir():
             with _os_errors("create", self.root):
@@ -213,6 +215,35 @@ class FileStore:
             self._make_dirs(self._state)
             self._write_file(self._state / f"{dirname}.json", data.encode() + b"\n")
 
+    def load_account(self, directory: str) -> tuple[dict[str, object], bytes] | None:
+        folder = self._accounts / account_dirname(directory)
+        try:
+            raw = (folder / "account.json").read_bytes()
+            key_pem = (folder / "key.pem").read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot read the ACME account in {folder}: {exc.strerror}") from exc
+        try:
+            account = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            account = None
+        if not isinstance(account, dict):
+            raise StoreError(
+                f"ACME account {folder}/account.json is corrupt; delete {folder} to register "
+                "a new account"
+            )
+        return account, key_pem
+
+    def save_account(self, directory: str, account: Mapping[str, object], key_pem: bytes) -> None:
+        folder = self._accounts / account_dirname(directory)
+        data = json.dumps(dict(account), indent=2, sort_keys=True).encode() + b"\n"
+        with self._lock:
+            self._make_dirs(folder)
+            # The key first: an account.json without its key would be unusable.
+            self._write_file(folder / "key.pem", key_pem)
+            self._write_file(folder / "account.json", data)
+
     # --- reading ------------------------------------------------------------------------
 
     def _load_dir(self, directory: Path, name: str) -> StoredCert | None:
@@ -308,6 +339,12 @@ class FileStore:
             with _os_errors("create", path):
                 os.mkdir(path, DIR_MODE)
                 _fsync_dir(path.parent)
+
+
+def account_dirname(directory: str) -> str:
+    """accounts/<dir> for an ACME directory URL: its host and port, safe as a file name."""
+    host = urlsplit(directory).netloc.lower() or "unknown"
+    return re.sub(r"[^a-z0-9.-]", "_", host)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -1,0 +1,1 @@
+"""Embedded ACME client: hardened protocol session, order flow, challenge solvers."""

@@ -1,0 +1,99 @@
+"""Challenge solvers: make a challenge answerable, wait until it is, and clean up afterwards.
+
+A solver instance belongs to one order. `cleanup()` removes everything `present()` created and
+is called in a finally block, so tokens and TXT records never outlive a failed order.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Protocol
+
+from acme import challenges, messages
+from josepy import jwk
+
+from edged.http01 import ChallengeBoard
+
+if TYPE_CHECKING:
+    from edged.dns import DnsUpdater
+
+log = logging.getLogger(__name__)
+
+
+class Solver(Protocol):
+    challenge_type: str
+
+    def present(
+        self, identifier: str, challb: messages.ChallengeBody, key: jwk.JWK
+    ) -> challenges.ChallengeResponse:
+        """Publish the answer for `identifier`; return the response to send to the CA."""
+        ...
+
+    def wait_ready(self) -> None:
+        """Block until every presented answer is visible to the CA (DNS propagation)."""
+        ...
+
+    def cleanup(self) -> None:
+        """Withdraw everything presented (never raises)."""
+        ...
+
+
+class Http01Solver:
+    challenge_type = "http-01"
+
+    def __init__(self, board: ChallengeBoard) -> None:
+        self.board = board
+        self._tokens: list[str] = []
+
+    def present(
+        self, identifier: str, challb: messages.ChallengeBody, key: jwk.JWK
+    ) -> challenges.ChallengeResponse:
+        chall = challb.chall
+        assert isinstance(chall, challenges.HTTP01)
+        response, validation = chall.response_and_validation(key)
+        token = chall.encode("token")
+        self.board.add(token, validation, [identifier])
+        self._tokens.append(token)
+        return response
+
+    def wait_ready(self) -> None:
+        return None
+
+    def cleanup(self) -> None:
+        for token in self._tokens:
+            self.board.remove(token)
+        self._tokens.clear()
+
+
+class Dns01Solver:
+    challenge_type = "dns-01"
+
+    def __init__(self, updater: DnsUpdater) -> None:
+        self.updater = updater
+        self._records: list[tuple[str, str]] = []
+
+    def present(
+        self, identifier: str, challb: messages.ChallengeBody, key: jwk.JWK
+    ) -> challenges.ChallengeResponse:
+        chall = challb.chall
+        assert isinstance(chall, challenges.DNS01)
+        response, validation = chall.response_and_validation(key)
+        fqdn = self.updater.challenge_fqdn(identifier)
+        self.updater.add_txt(fqdn, validation)
+        self._records.append((fqdn, validation))
+        return response
+
+    def wait_ready(self) -> None:
+        by_name: dict[str, list[str]] = {}
+        for fqdn, value in self._records:
+            by_name.setdefault(fqdn, []).append(value)
+        for fqdn, values in by_name.items():
+            self.updater.wait_propagated(fqdn, values)
+
+    def cleanup(self) -> None:
+        for fqdn, value in self._records:
+            try:
+                self.updater.delete_txt(fqdn, value)
+            except Exception as exc:  # cleanup must go on for the other records
+                log.warning("dns-01 cleanup failed record=%s error=%s", fqdn, exc)
+        self._records.clear()

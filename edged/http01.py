@@ -1,0 +1,201 @@
+"""Port 80: ACME HTTP-01 answers, and a redirect to https (or forwarding) for everything else.
+
+The challenge path is matched first and never redirected or forwarded: a token is answered only
+while its order is pending and only for a Host that is one of that order's names. Everything
+else about a request is untrusted: Host must be a configured site name before we redirect or
+forward (no open redirect), tokens must be base64url before they are looked up.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from edged.config import Config, Site
+from edged.names import NameError_, covers, normalize_name
+
+log = logging.getLogger(__name__)
+
+CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+TOKEN_TTL = 900.0  # an order that takes longer than this has failed anyway
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+
+
+@dataclass(frozen=True)
+class PendingToken:
+    key_authorization: str
+    names: frozenset[str]
+    expires: float  # time.monotonic()
+
+
+class ChallengeBoard:
+    """Tokens of pending HTTP-01 challenges. Written by ACME worker threads, read on the loop."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._tokens: dict[str, PendingToken] = {}
+        self._lock = threading.Lock()
+        self._clock = clock
+
+    def add(
+        self, token: str, key_authorization: str, names: Iterable[str], ttl: float = TOKEN_TTL
+    ) -> None:
+        if not _TOKEN.match(token):
+            raise ValueError(f"ACME token {token!r} is not base64url")
+        entry = PendingToken(key_authorization, frozenset(names), self._clock() + ttl)
+        with self._lock:
+            self._tokens[token] = entry
+
+    def remove(self, token: str) -> None:
+        with self._lock:
+            self._tokens.pop(token, None)
+
+    def lookup(self, token: str, host: str) -> str | None:
+        """The key authorization when `token` is pending for `host`; None otherwise."""
+        with self._lock:
+            entry = self._tokens.get(token)
+            if entry is not None and entry.expires < self._clock():
+                del self._tokens[token]
+                entry = None
+        if entry is None or host not in entry.names:
+            return None
+        return entry.key_authorization
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._tokens)
+
+
+def request_host(request: web.Request) -> str | None:
+    """The Host header as a normalised DNS name (port and trailing dot dropped), or None."""
+    raw = request.headers.get("Host", "")
+    if raw.startswith("["):
+        return None  # an IPv6 literal is never a certificate name
+    host = raw.rsplit(":", 1)[0] if ":" in raw else raw
+    try:
+        return normalize_name(host.rstrip("."), allow_wildcard=False)
+    except NameError_:
+        return None
+
+
+def site_for_host(config: Config, host: str) -> Site | None:
+    for site in config.sites:
+        if any(covers(pattern, host) for pattern in site.names):
+            return site
+    return None
+
+
+def _text(status: int, text: str) -> web.Response:
+    return web.Response(status=status, text=text + "\n", content_type="text/plain")
+
+
+class Http01App:
+    """The aiohttp application of the HTTP listeners; reads the live config on every request."""
+
+    def __init__(self, board: ChallengeBoard, config: Callable[[], Config]) -> None:
+        self.board = board
+        self.config = config
+        self._client: aiohttp.ClientSession | None = None
+        self.app = web.Application(client_max_size=1024 * 1024)
+        self.app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.app.on_cleanup.append(self._close_client)
+        self.answered = 0
+        self.refused = 0
+
+    async def _close_client(self, _app: web.Application) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        if path.startswith(CHALLENGE_PREFIX):
+            return self._challenge(request, path[len(CHALLENGE_PREFIX) :])
+        host = request_host(request)
+        config = self.config()
+        site = site_for_host(config, host) if host else None
+        if host is None or site is None:
+            return _text(404, "unknown host")
+        if site.http == "forward":
+            return await self._forward(request, site, host)
+        port = config.listen.https[0].port if config.listen.https else 443
+        authority = host if port == 443 else f"{host}:{port}"
+        raise web.HTTPMovedPermanently(f"https://{authority}{request.path_qs}")
+
+    def _challenge(self, request: web.Request, token: str) -> web.Response:
+        host = request_host(request)
+        if request.method not in ("GET", "HEAD") or host is None or not _TOKEN.match(token):
+            self.refused += 1
+            return _text(404, "no such challenge")
+        answer = self.board.lookup(token, host)
+        if answer is None:
+            self.refused += 1
+            log.info("http-01 refused host=%s reason=unknown token or host", host)
+            return _text(404, "no such challenge")
+        self.answered += 1
+        return web.Response(status=200, text=answer, content_type="text/plain")
+
+    async def _forward(self, request: web.Request, site: Site, host: str) -> web.StreamResponse:
+        """Plain-HTTP reverse proxy to the site's backend (for sites with http = "forward")."""
+        if self._client is None:
+            self._client = aiohttp.ClientSession(
+                auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None, connect=5)
+            )
+        backend = site.backend
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        headers["Host"] = request.headers.get("Host", host)
+        peer = request.remote or ""
+        prior = request.headers.get("X-Forwarded-For")
+        headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+        headers["X-Forwarded-Proto"] = "http"
+        if backend.is_unix:
+            url = f"http://{host}{request.path_qs}"
+            connector_session = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=backend.path), auto_decompress=False
+            )
+        else:
+            url = f"http://{backend}{request.path_qs}"
+            connector_session = None
+        session = connector_session or self._client
+        try:
+            async with session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=request.content if request.body_exists else None,
+                allow_redirects=False,
+            ) as upstream:
+                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                for key, value in upstream.headers.items():
+                    if key.lower() not in _HOP_BY_HOP:
+                        response.headers.add(key, value)
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_chunked(65536):
+                    await response.write(chunk)
+                await response.write_eof()
+                return response
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("http forward failed site=%s backend=%s error=%s", site.key, backend, exc)
+            return _text(502, f"backend {backend} unavailable")
+        finally:
+            if connector_session is not None:
+                await connector_session.close()
