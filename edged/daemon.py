@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import signal
 import socket
@@ -18,48 +17,31 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from aiohttp import web
+
 from edged import systemd
 from edged.certs import CertBundle
 from edged.config import Address, Config, Site, load_config
 from edged.counters import Counters
 from edged.errors import ConfigError, EdgedError, Problem
+from edged.http01 import ChallengeBoard, Http01App, HttpListeners
+from edged.listen import StartupError, bind_tcp
+from edged.metrics import (
+    CertMetric,
+    MetricsServerError,
+    NameStatus,
+    build_registry,
+    start_metrics_server,
+)
 from edged.proxy import ProxySettings, Terminator
 from edged.reload import Snapshot, WatchSet, take_snapshot, watch_changes, watch_set
+from edged.renewer import Renewer
 from edged.sni import SniIndex, build_index
 from edged.sources import SiteCerts, load_site_certs
 from edged.store.files import FileStore
 from edged.tls import ContextCache, SniSelector, build_listening_context, build_origin_context
 
 log = logging.getLogger("edged.daemon")
-
-LISTEN_BACKLOG = 4096
-
-
-class StartupError(EdgedError):
-    """The daemon cannot start (bad config, a port it cannot bind)."""
-
-
-def bind_tcp(address: Address) -> socket.socket:
-    """A listening, non-blocking TCP socket; StartupError says why binding failed."""
-    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            # [::] and 0.0.0.0 are separate listeners in the config: keep them separate.
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((address.host, address.port))
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        hint = {
-            errno.EADDRINUSE: "another process (web server, another edged) listens there",
-            errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE",
-            errno.EADDRNOTAVAIL: "this host has no such address",
-        }.get(exc.errno or 0, "check [listen]")
-        raise StartupError(f"cannot listen on {address}: {exc.strerror}: {hint}") from None
-    return sock
 
 
 def proxy_settings(config: Config) -> ProxySettings:
@@ -147,6 +129,47 @@ class Daemon:
         self._reload_kind = "signal"
         self._watching: WatchSet | None = None
         self._watch_stop = asyncio.Event()
+        self.board = ChallengeBoard()
+        self.http01 = Http01App(self.board, self._current_config)
+        self.http = HttpListeners(self.http01)
+        self.renewer = Renewer(
+            board=self.board,
+            counters=self.counters,
+            on_installed=lambda _name: self.request_reload("store"),
+            serving=self.serving,
+        )
+        self._metrics: web.AppRunner | None = None
+        self.started = time.time()
+
+    def _current_config(self) -> Config:
+        assert self.config is not None
+        return self.config
+
+    # --- live state (metrics, status) -------------------------------------------------------
+
+    def serving(self, name: str) -> CertBundle | None:
+        """The certificate served for the site whose first name is `name` (first key type)."""
+        site = self.config.site_for(name) if self.config else None
+        found = self.bundles.get(site.index) if site is not None else None
+        return found[0] if found else None
+
+    def connections_active(self) -> int:
+        return len(self.term.active) if self.term is not None else 0
+
+    def cert_metrics(self) -> list[CertMetric]:
+        if self.config is None:
+            return []
+        return [
+            CertMetric(site.name, b.key_type, b.not_before.timestamp(), b.not_after.timestamp())
+            for site in self.config.sites
+            for b in self.bundles.get(site.index, ())
+        ]
+
+    def name_statuses(self) -> list[NameStatus]:
+        return [
+            NameStatus(name, view.state.status.value, self.renewer.fallback_active(name))
+            for name, view in self.renewer.views().items()
+        ]
 
     # --- control --------------------------------------------------------------------------
 
@@ -195,10 +218,17 @@ class Daemon:
             await self._apply(loaded)
             try:
                 await self._sync_listeners(config)
-            except StartupError as exc:
+                await self.http.sync(config.listen.http)
+                if config.listen.metrics is not None:
+                    self._metrics = await start_metrics_server(
+                        config.listen.metrics, build_registry(self)
+                    )
+            except (StartupError, MetricsServerError) as exc:
                 log.error("%s", exc)
                 self._close_listeners()
+                await self._close_services()
                 return 1
+            await self.renewer.configure(config, store)
             if install_signals:
                 loop.add_signal_handler(signal.SIGTERM, self.request_stop)
                 loop.add_signal_handler(signal.SIGINT, self.request_stop)
@@ -212,6 +242,7 @@ class Daemon:
             self.ready.set()
             systemd.notify("READY=1")
             tg.create_task(self._watch_loop())
+            tg.create_task(self.renewer.run(self._stop))
             try:
                 await self._serve()
             finally:
@@ -220,6 +251,7 @@ class Daemon:
                     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                         loop.remove_signal_handler(sig)
             self._close_listeners()
+            await self._close_services()
             systemd.notify("STOPPING=1")
             open_conns = len(self.term.active)
             log.info("stopping: draining %d connections (up to %ss)", open_conns, self._drain())
@@ -274,12 +306,16 @@ class Daemon:
         self._log_problems(loaded.certs.problems)
         try:
             await self._sync_listeners(config)
+            await self.http.sync(config.listen.http)
         except StartupError as exc:
             log.error("reload rejected, keeping the running config: %s", exc)
             self.counters.reloads[kind, "error"] += 1
             return False
+        if self.config is not None and config.listen.metrics != self.config.listen.metrics:
+            log.warning("listen.metrics changed: takes effect at the next restart")
         self.store = store
         await self._apply(loaded)
+        await self.renewer.configure(config, store)
         self._refresh_watch()
         result = "error" if loaded.certs.errors else "ok"
         self.counters.reloads[kind, result] += 1
@@ -383,6 +419,12 @@ class Daemon:
             if address not in wanted:
                 self._servers.pop(address).close()
                 log.info("stopped listening on %s", address)
+
+    async def _close_services(self) -> None:
+        await self.http.close()
+        if self._metrics is not None:
+            await self._metrics.cleanup()
+            self._metrics = None
 
     def _close_listeners(self) -> None:
         for server in self._servers.values():

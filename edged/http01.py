@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from edged.config import Config, Site
+from edged.config import Address, Config, Site
+from edged.listen import StartupError, bind_tcp
 from edged.names import NameError_, covers, normalize_name
 
 log = logging.getLogger(__name__)
@@ -199,3 +201,52 @@ class Http01App:
         finally:
             if connector_session is not None:
                 await connector_session.close()
+
+
+class HttpListeners:
+    """The plain-HTTP listeners of `[listen].http`, re-synced on config reloads."""
+
+    def __init__(self, app: Http01App) -> None:
+        # Small limits: port 80 only ever needs short GETs (challenges, redirects).
+        self.runner = web.AppRunner(
+            app.app,
+            access_log=None,
+            keepalive_timeout=15,
+            max_line_size=8190,
+            max_field_size=8190,
+        )
+        self._sites: dict[Address, web.SockSite] = {}
+        self._started = False
+
+    async def sync(self, addresses: Iterable[Address]) -> None:
+        """Bind new addresses first (all or nothing), then stop the ones no longer wanted."""
+        if not self._started:
+            await self.runner.setup()
+            self._started = True
+        wanted = list(addresses)
+        new: dict[Address, socket.socket] = {}
+        try:
+            for address in wanted:
+                if address not in self._sites:
+                    new[address] = bind_tcp(address)
+        except StartupError:
+            for sock in new.values():
+                sock.close()
+            raise
+        for address, sock in new.items():
+            site = web.SockSite(self.runner, sock)
+            await site.start()
+            self._sites[address] = site
+        for address in list(self._sites):
+            if address not in wanted:
+                await self._sites.pop(address).stop()
+                log.info("stopped listening on http %s", address)
+
+    def addresses(self) -> list[Address]:
+        return list(self._sites)
+
+    async def close(self) -> None:
+        self._sites.clear()
+        if self._started:
+            await self.runner.cleanup()
+            self._started = False

@@ -1,0 +1,370 @@
+"""The renewal loop: obtains missing certificates and renews due ones, forever, beside serving.
+
+The decisions (when, how often, which state) are the pure functions of edged.renewal; this
+module does the I/O: ACME in worker threads (one session per attempt), store writes, state
+persistence, notifications. A new certificate is validated by the order flow before it is
+stored, and the daemon's reload validates it again before it serves it; a failure leaves the
+old certificate serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import aiohttp
+
+from edged import renewal
+from edged.acme.client import AcmeSession
+from edged.acme.issue import Issued, OrderRequest, issue
+from edged.acme.solvers import Dns01Solver, Http01Solver, Solver
+from edged.certs import CertBundle, parse_bundle
+from edged.config import AcmeSettings, Config, Site
+from edged.counters import Counters
+from edged.errors import AcmeError, EdgedError, StoreError
+from edged.http01 import ChallengeBoard
+from edged.renewal import Notice, RenewalPolicy, RenewalState
+from edged.store.base import Store
+
+log = logging.getLogger("edged.renewal")
+
+MAX_SLEEP = 60.0  # re-evaluate at least this often (config reloads, expiry logging)
+CONCURRENT_ORDERS = 4
+WEBHOOK_ATTEMPTS = 5
+
+
+def node_id() -> str:
+    return socket.gethostname()
+
+
+def managed_sites(config: Config, store: Store | None) -> list[Site]:
+    """Sites whose certificate edged obtains itself: ACME configured, no cert files, no upload."""
+    if config.acme is None or store is None:
+        return []
+    out = []
+    for site in config.sites:
+        if site.cert_file is not None:
+            continue
+        try:
+            stored = store.load(site.name)
+        except StoreError:
+            stored = None  # unreadable: obtaining a fresh one repairs it
+        if stored is not None and stored.source == "upload":
+            continue
+        out.append(site)
+    return out
+
+
+def build_solver_factory(settings: AcmeSettings, board: ChallengeBoard) -> Callable[[], Solver]:
+    if settings.challenge == "dns-01":
+        from edged.dns import DnsUpdater, load_tsig_key
+
+        dns_settings = settings.dns
+        assert dns_settings is not None  # the config parser requires [acme.dns] for dns-01
+        key = load_tsig_key(dns_settings)
+        return lambda: Dns01Solver(DnsUpdater(dns_settings, key))
+    return lambda: Http01Solver(board)
+
+
+def obtain(
+    settings: AcmeSettings,
+    store: Store,
+    site: Site,
+    new_solver: Callable[[], Solver],
+    counters: Counters | None = None,
+    replaces: str = "",
+) -> Issued:
+    """Blocking: order a certificate for `site`, store it atomically. AcmeError on failure."""
+    observe = counters.acme_requests.observe if counters is not None else None
+    session = AcmeSession(settings, store, observe=observe)
+    request = OrderRequest(
+        name=site.name,
+        names=site.names,
+        key_types=settings.key_types,
+        replaces={settings.key_types[0]: replaces} if replaces else {},
+    )
+    issued = issue(session, request, new_solver, extra={"node": node_id()})
+    try:
+        store.save(issued.cert)
+    except StoreError as exc:
+        raise AcmeError(site.name, f"the new certificate could not be stored: {exc}") from exc
+    return issued
+
+
+@dataclass
+class NameView:
+    """What status output and metrics show for one managed name."""
+
+    state: RenewalState
+    serving: CertBundle | None
+
+
+class Renewer:
+    def __init__(
+        self,
+        *,
+        board: ChallengeBoard,
+        counters: Counters,
+        on_installed: Callable[[str], None],
+        serving: Callable[[str], CertBundle | None],
+        rng: random.Random | None = None,
+    ) -> None:
+        self.board = board
+        self.counters = counters
+        self.on_installed = on_installed
+        self.serving = serving
+        self.rng = rng or random.Random()
+        self.states: dict[str, RenewalState] = {}
+        self.config: Config | None = None
+        self.store: Store | None = None
+        self._sites: dict[str, Site] = {}
+        self._wake = asyncio.Event()
+        self._running: set[str] = set()
+        self._expiry_notice: dict[str, datetime] = {}
+        self._expired_log: dict[str, float] = {}
+
+    # --- control -------------------------------------------------------------------------
+
+    async def configure(self, config: Config, store: Store | None) -> None:
+        """Take a (re)loaded config: load states of newly managed names, resume them."""
+        self.config = config
+        self.store = store
+        sites = await asyncio.to_thread(managed_sites, config, store)
+        self._sites = {s.name: s for s in sites}
+        now = datetime.now(UTC)
+        policy = self._policy()
+        for name in self._sites:
+            if name in self.states:
+                continue
+            state = await asyncio.to_thread(self._load_state, name)
+            if policy is not None:
+                state = renewal.resume(state, policy, now, self.rng)
+            self.states[name] = state
+            await self._save(state)
+        for name in list(self.states):
+            if name not in self._sites:
+                del self.states[name]
+        self.observe_serving()
+        self._wake.set()
+
+    def observe_serving(self) -> None:
+        """After a reload: schedule renewals of the certificates now being served."""
+        policy = self._policy()
+        if policy is None:
+            return
+        now = datetime.now(UTC)
+        for name, state in self.states.items():
+            bundle = self.serving(name)
+            if bundle is not None and not state.in_flight:
+                self.states[name] = renewal.observe_cert(state, bundle, policy, now, self.rng)
+
+    def force(self, name: str) -> RenewalState:
+        """Start an attempt now, in any state, with a fresh attempt counter."""
+        state = self.states.get(name)
+        if state is None:
+            raise KeyError(name)
+        state = renewal.force_retry(state, datetime.now(UTC))
+        self.states[name] = state
+        self._wake.set()
+        return state
+
+    def views(self) -> dict[str, NameView]:
+        return {n: NameView(s, self.serving(n)) for n, s in sorted(self.states.items())}
+
+    def fallback_active(self, name: str) -> bool:
+        state = self.states.get(name)
+        if state is None:
+            return False
+        bundle = self.serving(name)
+        not_after = bundle.not_after if bundle else None
+        return renewal.fallback_active(state, not_after, datetime.now(UTC))
+
+    # --- the loop --------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as tg:
+            limit = asyncio.Semaphore(CONCURRENT_ORDERS)
+            while not stop.is_set():
+                self._wake.clear()
+                now = datetime.now(UTC)
+                for name, state in list(self.states.items()):
+                    if name in self._running or not renewal.is_due(state, now):
+                        continue
+                    self._running.add(name)
+                    tg.create_task(self._attempt(name, limit, tg))
+                self._check_expiry(now, tg)
+                await self._sleep_until_due(stop)
+
+    async def _sleep_until_due(self, stop: asyncio.Event) -> None:
+        now = datetime.now(UTC)
+        wait = MAX_SLEEP
+        for name, state in self.states.items():
+            if name in self._running:
+                continue
+            when = state.next_try or now
+            if state.not_before_retry is not None:
+                when = max(when, state.not_before_retry)
+            wait = min(wait, max(0.0, (when - now).total_seconds()))
+        waiters = {asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())}
+        try:
+            await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def _attempt(self, name: str, limit: asyncio.Semaphore, tg: asyncio.TaskGroup) -> None:
+        try:
+            async with limit:
+                await self._attempt_once(name, tg)
+        except Exception:
+            # Never let one name's bug stop the loop for every other name.
+            log.exception("renewal attempt crashed name=%s", name)
+        finally:
+            self._running.discard(name)
+            self._wake.set()
+
+    async def _attempt_once(self, name: str, tg: asyncio.TaskGroup) -> None:
+        site, config, store, policy = self._sites.get(name), self.config, self.store, self._policy()
+        if site is None or config is None or config.acme is None or store is None:
+            return
+        assert policy is not None
+        before = self.states[name]
+        state = renewal.begin_attempt(before, datetime.now(UTC))
+        self.states[name] = state
+        await self._save(state)
+        log.info("renewal attempt name=%s attempt=%d", name, state.attempts + 1)
+        try:
+            new_solver = build_solver_factory(config.acme, self.board)
+            issued = await asyncio.to_thread(
+                obtain, config.acme, store, site, new_solver, self.counters, state.replaces
+            )
+            pair = issued.cert.pairs[0]
+            bundle = parse_bundle(pair.fullchain, pair.privkey, source=name)
+        except EdgedError as exc:
+            error = exc.problem if isinstance(exc, AcmeError) else {"message": str(exc)}
+            retry_after = exc.retry_after if isinstance(exc, AcmeError) else None
+            now = datetime.now(UTC)
+            after = renewal.record_failure(self.states[name], policy, now, error, retry_after)
+            self.counters.renewal_attempts[name, "failure"] += 1
+            log.error(
+                "renewal failed name=%s state=%s attempts=%d next_try=%s error=%s",
+                name,
+                after.status.value,
+                after.attempts,
+                after.next_try.isoformat() if after.next_try else "-",
+                exc,
+            )
+        else:
+            now = datetime.now(UTC)
+            after = renewal.record_success(
+                self.states[name], bundle, policy, now, self.rng, issued_by=node_id()
+            )
+            self.counters.renewal_attempts[name, "success"] += 1
+            log.info(
+                "certificate obtained name=%s not_after=%s key_types=%s seconds=%.2f",
+                name,
+                bundle.not_after.isoformat(),
+                ",".join(issued.cert.key_types),
+                issued.seconds,
+            )
+            self.on_installed(name)
+        self.states[name] = after
+        await self._save(after)
+        serving = self.serving(name)
+        self._notify(
+            renewal.notices(before, after, serving.not_after if serving else None, now, None),
+            tg,
+        )
+
+    def _check_expiry(self, now: datetime, tg: asyncio.TaskGroup) -> None:
+        for name, state in self.states.items():
+            bundle = self.serving(name)
+            if bundle is None:
+                continue
+            if (
+                bundle.not_after <= now
+                and time.monotonic() - self._expired_log.get(name, -1e9) > 3600
+            ):
+                self._expired_log[name] = time.monotonic()
+                log.error(
+                    "certificate expired and still served name=%s not_after=%s state=%s",
+                    name,
+                    bundle.not_after.isoformat(),
+                    state.status.value,
+                )
+            found = renewal.notices(
+                state, state, bundle.not_after, now, self._expiry_notice.get(name)
+            )
+            if found:
+                self._expiry_notice[name] = now
+                self._notify(found, tg)
+
+    # --- notifications ------------------------------------------------------------------------
+
+    def _notify(self, found: Iterable[Notice], tg: asyncio.TaskGroup) -> None:
+        url = self.config.acme.notify_webhook if self.config and self.config.acme else ""
+        for notice in found:
+            fields = notice.to_json()
+            log.warning(
+                "certificate notice %s",
+                " ".join(
+                    f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in fields.items()
+                ),
+            )
+            if url:
+                tg.create_task(self._post_webhook(url, fields))
+
+    async def _post_webhook(self, url: str, body: dict[str, object]) -> None:
+        delay = 1.0
+        timeout = aiohttp.ClientTimeout(total=10)
+        for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
+            try:
+                async with (
+                    aiohttp.ClientSession(timeout=timeout) as session,
+                    session.post(url, json=body) as response,
+                ):
+                    if response.status < 300:
+                        return
+                    reason = f"HTTP {response.status}"
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            log.warning(
+                "webhook failed url=%s attempt=%d/%d reason=%s",
+                url,
+                attempt,
+                WEBHOOK_ATTEMPTS,
+                reason,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 4, 300.0)
+
+    # --- state persistence ------------------------------------------------------------------
+
+    def _policy(self) -> RenewalPolicy | None:
+        if self.config is None or self.config.acme is None:
+            return None
+        return RenewalPolicy.from_settings(self.config.acme)
+
+    def _load_state(self, name: str) -> RenewalState:
+        assert self.store is not None
+        try:
+            raw = self.store.load_state(name)
+            return RenewalState.from_json(raw, name) if raw else RenewalState.new(name)
+        except (StoreError, renewal.StateError) as exc:
+            log.error("renewal state unreadable, starting over name=%s error=%s", name, exc)
+            return RenewalState.new(name)
+
+    async def _save(self, state: RenewalState) -> None:
+        if self.store is None:
+            return
+        try:
+            await asyncio.to_thread(self.store.save_state, state.name, state.to_json())
+        except StoreError as exc:
+            log.error("cannot save renewal state name=%s error=%s", state.name, exc)
