@@ -1,0 +1,260 @@
+"""The embedded ACME client against real Pebble: HTTP-01 issuance, hardening, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from edged.acme.client import AcmeSession
+from edged.acme.issue import OrderRequest, issue
+from edged.acme.solvers import Http01Solver
+from edged.config import AcmeSettings, parse_config
+from edged.errors import AcmeError
+from edged.http01 import ChallengeBoard, Http01App
+from edged.store.files import FileStore
+from tests.pebble import Pebble, start_pebble
+
+SITES = """
+[listen]
+https = ["127.0.0.1:8443"]
+[[site]]
+names = ["a.test", "www.a.test"]
+backend = "127.0.0.1:9"
+[[site]]
+names = ["b.test"]
+backend = "127.0.0.1:9"
+http = "forward"
+"""
+
+
+@pytest.fixture
+def pebble(tmp_path: Path) -> Iterator[Pebble]:
+    p = start_pebble(tmp_path / "pebble")
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+@asynccontextmanager
+async def http01(board: ChallengeBoard, port: int) -> AsyncIterator[Http01App]:
+    config = parse_config(SITES, Path("/etc/edged/edged.toml"))
+    app = Http01App(board, lambda: config)
+    runner = web.AppRunner(app.app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        yield app
+    finally:
+        await runner.cleanup()
+
+
+def settings(pebble: Pebble, **kw: object) -> AcmeSettings:
+    return AcmeSettings(
+        directory=pebble.directory,
+        ca_bundle=pebble.listener_ca,
+        email="ops@a.test",
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def verify_chain(pebble: Pebble, tmp_path: Path, fullchain: bytes) -> None:
+    """openssl verifies the served chain up to Pebble's root."""
+    root = tmp_path / "root.pem"
+    root.write_bytes(pebble.root_pem())
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(fullchain)
+    out = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(root), "-untrusted", str(chain), str(chain)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+async def test_issue_http01_dual_key(pebble: Pebble, tmp_path: Path) -> None:
+    board = ChallengeBoard()
+    store = FileStore(tmp_path / "store")
+    session = AcmeSession(settings(pebble), store)
+    request = OrderRequest("a.test", ("a.test", "www.a.test"), ("ecdsa-p256", "rsa-2048"))
+    async with http01(board, pebble.http_port) as app:
+        issued = await asyncio.to_thread(issue, session, request, lambda: Http01Solver(board))
+    assert issued.cert.key_types == ("ecdsa-p256", "rsa-2048")
+    assert issued.cert.names == ("a.test", "www.a.test")
+    assert app.answered >= 2  # Pebble really fetched the tokens over HTTP
+    assert len(board) == 0  # tokens vanish when the order ends
+    for pair in issued.cert.pairs:
+        verify_chain(pebble, tmp_path, pair.fullchain)
+    # The account is stored once (key 0600) and reused by the next session.
+    account_dir = next((tmp_path / "store" / "accounts").iterdir())
+    assert (account_dir / "key.pem").stat().st_mode & 0o777 == 0o600
+    again = AcmeSession(settings(pebble), store)
+    await asyncio.to_thread(again.open)
+    assert again.net is not None and again.net.account is not None
+    assert session.net is not None and session.net.account is not None
+    assert again.net.account.uri == session.net.account.uri
+
+
+async def test_nonce_rejection_30_percent_issues_20_of_20(tmp_path: Path) -> None:
+    p = start_pebble(tmp_path / "pebble", nonce_reject=30)
+    try:
+        board = ChallengeBoard()
+        session = AcmeSession(settings(p), FileStore(tmp_path / "store"))
+        ok = 0
+        async with http01(board, p.http_port):
+            for i in range(20):
+                request = OrderRequest(f"n{i}.a.test", (f"n{i}.a.test",))
+                await asyncio.to_thread(issue, session, request, lambda: Http01Solver(board))
+                ok += 1
+        assert ok == 20
+        assert session.net is not None and session.net.nonce_rejections > 5
+    finally:
+        p.stop()
+
+
+class WrongTokenBoard(ChallengeBoard):
+    """Serves a wrong key authorization: the CA must reject the challenge."""
+
+    def lookup(self, token: str, host: str) -> str | None:
+        found = super().lookup(token, host)
+        return None if found is None else found + "x"
+
+
+async def test_invalid_challenge_gives_problem_detail(pebble: Pebble, tmp_path: Path) -> None:
+    board = WrongTokenBoard()
+    store = FileStore(tmp_path / "store")
+    session = AcmeSession(settings(pebble), store)
+    async with http01(board, pebble.http_port):
+        with pytest.raises(AcmeError) as info:
+            await asyncio.to_thread(
+                issue, session, OrderRequest("a.test", ("a.test",)), lambda: Http01Solver(board)
+            )
+    err = info.value
+    assert err.name == "a.test"
+    assert "could not validate a.test over http-01" in err.message
+    assert err.problem.get("type") == "urn:ietf:params:acme:error:unauthorized"
+    assert "key authorization" in str(err.problem.get("detail")).lower()
+    assert len(board) == 0
+    assert store.names() == []  # nothing half-written
+
+
+async def test_ca_unreachable(tmp_path: Path) -> None:
+    from tests.pebble import free_port
+
+    session = AcmeSession(
+        AcmeSettings(directory=f"https://127.0.0.1:{free_port()}/dir"), FileStore(tmp_path)
+    )
+    with pytest.raises(AcmeError) as info:
+        await asyncio.to_thread(
+            issue,
+            session,
+            OrderRequest("a.test", ("a.test",)),
+            lambda: Http01Solver(ChallengeBoard()),
+        )
+    assert "cannot reach the ACME server" in str(info.value)
+    assert "acme.directory" in str(info.value)
+
+
+async def test_ca_error_rejected_identifier(pebble: Pebble, tmp_path: Path) -> None:
+    """The CA refuses an identifier: the problem document comes through typed."""
+    session = AcmeSession(settings(pebble), FileStore(tmp_path / "store"))
+    with pytest.raises(AcmeError) as info:
+        await asyncio.to_thread(
+            issue, session, OrderRequest("x", ("nodot",)), lambda: Http01Solver(ChallengeBoard())
+        )
+    assert str(info.value.problem.get("type")).startswith("urn:ietf:params:acme:error:")
+    assert info.value.name == "x"
+
+
+async def test_untrusted_ca_certificate(pebble: Pebble, tmp_path: Path) -> None:
+    session = AcmeSession(AcmeSettings(directory=pebble.directory), FileStore(tmp_path))
+    with pytest.raises(AcmeError) as info:
+        await asyncio.to_thread(session.open)
+    assert "acme.ca_bundle" in str(info.value)
+
+
+async def test_http01_host_check_and_unknown_token(tmp_path: Path) -> None:
+    from tests.pebble import free_port
+
+    board = ChallengeBoard()
+    board.add("tok_1", "tok_1.thumb", ["a.test"])
+    port = free_port()
+    async with http01(board, port), aiohttp.ClientSession() as client:
+        base = f"http://127.0.0.1:{port}/.well-known/acme-challenge/"
+
+        async def get(path: str, host: str) -> tuple[int, str, str]:
+            async with client.get(base + path, headers={"Host": host}, allow_redirects=False) as r:
+                return r.status, await r.text(), r.headers.get("Content-Type", "")
+
+        assert await get("tok_1", "a.test") == (200, "tok_1.thumb", "text/plain; charset=utf-8")
+        assert (await get("tok_1", "A.TEST:80"))[0] == 200  # case and port ignored
+        assert (await get("tok_1", "www.a.test"))[0] == 404  # another name of the same site
+        assert (await get("tok_1", "b.test"))[0] == 404
+        assert (await get("nope", "a.test"))[0] == 404
+        assert (await get("..%2f..%2fetc%2fpasswd", "a.test"))[0] == 404
+        async with client.get(
+            f"http://127.0.0.1:{port}/x?y=1", headers={"Host": "www.a.test"}, allow_redirects=False
+        ) as r:
+            assert r.status == 301
+            assert r.headers["Location"] == "https://www.a.test:8443/x?y=1"
+        async with client.get(
+            f"http://127.0.0.1:{port}/x", headers={"Host": "evil.test"}, allow_redirects=False
+        ) as r:
+            assert r.status == 404  # never redirect for a name we do not serve
+        board.remove("tok_1")
+        assert (await get("tok_1", "a.test"))[0] == 404
+
+
+async def test_http01_forward_to_backend(tmp_path: Path) -> None:
+    """Sites with http = "forward" get plain HTTP proxied; the challenge path still wins."""
+    from tests.pebble import free_port
+
+    seen: list[str] = []
+
+    async def backend_handler(request: web.Request) -> web.Response:
+        seen.append(f"{request.method} {request.path_qs} {request.headers['X-Forwarded-Proto']}")
+        return web.Response(text="from backend")
+
+    backend_app = web.Application()
+    backend_app.router.add_route("*", "/{tail:.*}", backend_handler)
+    backend_runner = web.AppRunner(backend_app)
+    await backend_runner.setup()
+    backend_port = free_port()
+    await web.TCPSite(backend_runner, "127.0.0.1", backend_port).start()
+    config = parse_config(
+        SITES.replace(
+            'backend = "127.0.0.1:9"\nhttp', f'backend = "127.0.0.1:{backend_port}"\nhttp'
+        ),
+        Path("/etc/edged/edged.toml"),
+    )
+    board = ChallengeBoard()
+    board.add("tok2", "tok2.thumb", ["b.test"])
+    app = Http01App(board, lambda: config)
+    runner = web.AppRunner(app.app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession() as client:
+            async with client.post(
+                f"http://127.0.0.1:{port}/p?q=1", headers={"Host": "b.test"}, data=b"body"
+            ) as r:
+                assert r.status == 200 and await r.text() == "from backend"
+            async with client.get(
+                f"http://127.0.0.1:{port}/.well-known/acme-challenge/tok2",
+                headers={"Host": "b.test"},
+            ) as r:
+                assert await r.text() == "tok2.thumb"
+        assert seen == ["POST /p?q=1 http"]
+    finally:
+        await runner.cleanup()
+        await backend_runner.cleanup()
