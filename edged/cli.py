@@ -6,10 +6,13 @@ Exit codes: 0 ok, 1 invalid input or check failed, 2 usage, 3 daemon unreachable
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from edged import __version__
 from edged.certs import chain_problem, check_bundle, describe_chain, parse_bundle
@@ -18,6 +21,9 @@ from edged.errors import CertError, CertReason, ConfigError, StoreError
 from edged.names import NameError_, covers, normalize_name
 from edged.sources import load_site_certs, read_pem, validate_stored
 from edged.store.files import FileStore
+
+if TYPE_CHECKING:
+    from edged.admin_client import AdminClient
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -54,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("file", type=Path)
     inspect.add_argument("--key", type=Path, help="private key to check against the leaf")
     inspect.add_argument("--name", action="append", default=[], help="name it must cover")
+    _add_admin_commands(sub, with_config)
     return parser
 
 
@@ -67,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(cmd_rollback(args.config, args.name))
     if args.command == "cert" and args.cert_command == "inspect":
         sys.exit(cmd_inspect(args.file, args.key, args.name))
+    if args.command in ADMIN_COMMANDS:
+        sys.exit(cmd_admin(args))
     sys.exit(EXIT_USAGE)
 
 
@@ -215,3 +224,258 @@ def cmd_inspect(path: Path, key_path: Path | None, names: list[str]) -> int:
     if not problems:
         print(f"{path}: ok")
     return EXIT_INVALID if problems else EXIT_OK
+
+
+# --- admin API commands: status, renew, upload, revoke, reload ----------------------------------
+
+ADMIN_COMMANDS = ("status", "renew", "upload", "revoke", "reload")
+_REVOKE_REASONS = (
+    "unspecified",
+    "keyCompromise",
+    "superseded",
+    "cessationOfOperation",
+    "affiliationChanged",
+)
+
+
+def _add_admin_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    with_config: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    """The subcommands that talk to a running edged over its admin API (listen.admin).
+
+    Exit codes: 0 ok, 1 the API refused (printed as `edged: <code>: <message>`), 2 usage,
+    3 the daemon is unreachable.
+    """
+    epilog = "talks to the running daemon at listen.admin; exit 3 when it is unreachable"
+
+    def admin_parser(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog)
+        with_config(p)
+        p.add_argument("--json", action="store_true", help="print the API's JSON answer")
+        return p
+
+    status = admin_parser("status", "show the daemon and every certificate (or one, by NAME)")
+    status.add_argument("name", nargs="?", help="show this certificate in detail")
+    renew = admin_parser("renew", "renew a certificate now (also retries a failed renewal)")
+    renew.add_argument("name", help="the site's first name, e.g. example.com or '*.example.com'")
+    upload = admin_parser(
+        "upload",
+        "serve your own certificate for NAME instead of ACME (--remove: back to ACME)",
+    )
+    upload.add_argument("name", help="the site's first name")
+    source = upload.add_mutually_exclusive_group(required=True)
+    source.add_argument("--cert", type=Path, help="PEM chain file, leaf first (needs --key)")
+    source.add_argument(
+        "--remove",
+        action="store_true",
+        help="delete the uploaded certificate: ACME manages NAME again",
+    )
+    upload.add_argument("--key", type=Path, help="PEM private key file (unencrypted)")
+    revoke = admin_parser(
+        "revoke", "revoke NAME's certificate at the CA and issue a new one (unless --no-replace)"
+    )
+    revoke.add_argument("name", help="the site's first name")
+    revoke.add_argument(
+        "--reason", choices=_REVOKE_REASONS, default="unspecified", help="default unspecified"
+    )
+    revoke.add_argument(
+        "--no-replace",
+        dest="replace",
+        action="store_false",
+        help="do not issue a replacement (NAME's handshakes are refused until one exists)",
+    )
+    admin_parser("reload", "reload the config and every certificate (like SIGHUP), report result")
+
+
+def _admin_client(config_path: Path) -> AdminClient | int:
+    """A client for the config's listen.admin, or an exit code after printing why not."""
+    from edged.admin_client import AdminClient
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_INVALID
+    if config.listen.admin is None:
+        print(
+            f"edged: {config_path}: listen.admin is '' (the admin API is off): set it, e.g. "
+            'admin = "unix:/run/edged/admin.sock", and restart edged',
+            file=sys.stderr,
+        )
+        return EXIT_UNREACHABLE
+    token = None
+    token_file = config.listen.admin_token_file
+    if token_file is not None:
+        from edged.admin import AdminStartupError, read_token_file
+
+        try:
+            token = read_token_file(Path(token_file))
+        except AdminStartupError as exc:
+            print(f"edged: {exc}", file=sys.stderr)
+            return EXIT_INVALID
+    return AdminClient(config.listen.admin, token=token)
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    from edged.admin_client import AdminRequestError, AdminUnreachable
+
+    if args.command == "upload" and args.cert is not None and args.key is None:
+        print("edged upload: --cert needs --key KEY_FILE", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "upload" and args.remove and args.key is not None:
+        print("edged upload: --remove takes no --key", file=sys.stderr)
+        return EXIT_USAGE
+    pems: tuple[bytes, bytes] | None = None
+    if args.command == "upload" and args.cert is not None:
+        try:
+            pems = (read_pem(args.cert), read_pem(args.key))
+        except CertError as exc:
+            print(f"edged: {exc}", file=sys.stderr)
+            return EXIT_INVALID
+    client = _admin_client(args.config)
+    if isinstance(client, int):
+        return client
+    try:
+        if args.command == "status":
+            return _print_status(client, args.name, args.json)
+        if args.command == "renew":
+            answer = client.renew(args.name)
+        elif args.command == "upload":
+            if pems is None:
+                answer = client.remove_upload(args.name)
+            else:
+                answer = client.upload(args.name, *pems)
+        elif args.command == "revoke":
+            answer = client.revoke(args.name, args.reason, args.replace)
+        else:
+            answer = client.reload()
+    except AdminUnreachable as exc:
+        print(f"edged: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except AdminRequestError as exc:
+        reason = f" ({exc.reason})" if exc.reason else ""
+        print(f"edged: {exc.code}: {exc.message}{reason}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+    else:
+        done = {"renew": "renewal started", "upload": "done", "revoke": "revoked", "reload": ""}
+        target = f"{args.name}: " if args.command != "reload" else ""
+        print(f"{target}{answer.get('message') or done[args.command] or 'reloaded'}")
+    return EXIT_OK
+
+
+def _print_status(client: AdminClient, name: str | None, as_json: bool) -> int:
+    if name is not None:
+        detail = client.cert(name)
+        if as_json:
+            print(json.dumps(detail, indent=2, sort_keys=True))
+            return EXIT_OK
+        width = max((len(k) for k in detail), default=0) + 1
+        for key, value in detail.items():
+            if value is None or value == "" or value == []:
+                shown = "-"
+            elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+                shown = ", ".join(value)
+            else:
+                shown = value if isinstance(value, str) else json.dumps(value)
+            print(f"{key + ':':<{width}} {shown}")
+        return EXIT_OK
+    status = client.status()
+    certs = client.certs()
+    if as_json:
+        print(json.dumps({"status": status, "certs": certs}, indent=2, sort_keys=True))
+        return EXIT_OK
+    print(_status_line(status))
+    counts = status.get("certs")
+    if isinstance(counts, dict) and counts:
+        print("certs: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    print()
+    if not certs:
+        print("no certificates: add a [[site]] to the config")
+        return EXIT_OK
+    now = datetime.now(UTC)
+    header = ["NAME", "STATE", "NOT_AFTER", "DAYS LEFT", "KEY TYPES", "ISSUER", "ATTEMPTS"]
+    header += ["NEXT", "LAST ERROR"]
+    rows = [header] + [_cert_row(c, now) for c in sorted(certs, key=lambda c: str(c.get("name")))]
+    print(_table(rows))
+    return EXIT_OK
+
+
+def _status_line(status: dict[str, Any]) -> str:
+    parts = [f"edged {status.get('version', '?')}"]
+    if status.get("node"):
+        parts[0] += f" on {status['node']}"
+    uptime = status.get("uptime_seconds")
+    if isinstance(uptime, int | float):
+        parts.append(f"up {_duration(float(uptime))}")
+    listeners = status.get("listeners")
+    if isinstance(listeners, list):
+        parts.append(f"listening on {', '.join(map(str, listeners)) or 'nothing'}")
+    conns = status.get("connections_active")
+    if isinstance(conns, int):
+        parts.append(f"{conns} connections")
+    return ", ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    minutes, hours, days = int(seconds // 60) % 60, int(seconds // 3600) % 24, int(seconds // 86400)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {int(seconds) % 60}s"
+
+
+def _when(value: object) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _cert_row(cert: dict[str, Any], now: datetime) -> list[str]:
+    def text(value: object) -> str:
+        if value is None or value == "" or value == []:
+            return "-"
+        if isinstance(value, list):
+            return ",".join(map(str, value))
+        return " ".join(str(value).split())  # one line
+
+    not_after = _when(cert.get("not_after"))
+    days = "-"
+    if not_after is not None:
+        left = (not_after - now).total_seconds() / 86400
+        days = "expired" if left < 0 else str(int(left))
+    next_try = _when(cert.get("next_try"))
+    issuer = text(cert.get("issuer"))
+    cn = [p[3:] for p in issuer.split(",") if p.startswith("CN=")]
+    error = text(cert.get("last_error"))
+    return [
+        text(cert.get("name")),
+        text(cert.get("state")),
+        f"{not_after:%Y-%m-%d %H:%M}" if not_after else "-",
+        days,
+        text(cert.get("key_types")),
+        _short(cn[0] if cn else issuer, 30),
+        text(cert.get("attempts")),
+        f"{next_try:%Y-%m-%d %H:%M}" if next_try else "-",
+        _short(error, 60),
+    ]
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )

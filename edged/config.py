@@ -68,6 +68,7 @@ class ListenSettings:
     http: tuple[Address, ...] = (Address("0.0.0.0", 80),)
     metrics: Address | None = Address("127.0.0.1", 9464)
     admin: Address | None = Address(path="/run/edged/admin.sock")
+    admin_token_file: Path | None = None  # bearer token for the admin API (loopback TCP)
 
 
 @dataclass(frozen=True)
@@ -359,13 +360,14 @@ def _parse_edged(r: _Reader) -> EdgedSettings:
     return s
 
 
-def _parse_listen(r: _Reader) -> ListenSettings:
+def _parse_listen(r: _Reader, base: Path) -> ListenSettings:
     d = ListenSettings()
     s = ListenSettings(
         https=_address_list(r, "https", d.https),
         http=_address_list(r, "http", d.http),
         metrics=_optional_address(r, "metrics", d.metrics),
         admin=_optional_address(r, "admin", d.admin),
+        admin_token_file=r.path("admin_token_file", base),
     )
     if s.admin and not s.admin.is_unix and not ipaddress.ip_address(s.admin.host).is_loopback:
         r.problem("admin", f"{s.admin} is not loopback: use unix:/path or 127.0.0.1:PORT")
@@ -537,7 +539,7 @@ def parse_config(text: str, source: Path) -> Config:
         return _Reader(top.table(name) or {}, name, src, problems)
 
     edged = _parse_edged(section("edged"))
-    listen = _parse_listen(section("listen"))
+    listen = _parse_listen(section("listen"), base)
     tls = _parse_tls(section("tls"))
     acme_table = top.table("acme")
     acme = _parse_acme(_Reader(acme_table, "acme", src, problems), base) if acme_table else None
@@ -590,6 +592,8 @@ def parse_config(text: str, source: Path) -> Config:
 def config_files(config: Config) -> list[tuple[str, Path]]:
     """Every file the config refers to, with the key that names it."""
     files: list[tuple[str, Path]] = []
+    if config.listen.admin_token_file is not None:
+        files.append(("listen.admin_token_file", config.listen.admin_token_file))
     for site in config.sites:
         for key in ("cert_file", "key_file", "origin_ca_file"):
             path = getattr(site, key)

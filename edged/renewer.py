@@ -144,7 +144,9 @@ class Renewer:
             if name in self.states:
                 continue
             state = await asyncio.to_thread(self._load_state, name)
-            if policy is not None:
+            # A name never tried is ordered at once; known ones resume their pacing, spread so
+            # a fleet restart does not start every overdue order in the same second.
+            if policy is not None and not state.is_new:
                 state = renewal.resume(state, policy, now, self.rng)
             self.states[name] = state
             await self._save(state)
@@ -161,8 +163,12 @@ class Renewer:
             return
         now = datetime.now(UTC)
         for name, state in self.states.items():
+            if state.in_flight:
+                continue
             bundle = self.serving(name)
-            if bundle is not None and not state.in_flight:
+            if bundle is None:
+                self.states[name] = renewal.observe_no_cert(state, now)
+            else:
                 self.states[name] = renewal.observe_cert(state, bundle, policy, now, self.rng)
 
     def force(self, name: str) -> RenewalState:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import socket
 import ssl
@@ -131,8 +132,11 @@ class Edged:
 
 
 @contextlib.asynccontextmanager
-async def run_edged(tmp_path: Path, body: str, port: int | None = None) -> AsyncIterator[Edged]:
-    """Start edged in this event loop with `body` (sites, tls…) and a free https port."""
+async def run_edged(
+    tmp_path: Path, body: str, port: int | None = None, http: tuple[int, ...] = ()
+) -> AsyncIterator[Edged]:
+    """Start edged in this event loop with `body` (sites, tls…), a free https port and the
+    plain-HTTP listeners on 127.0.0.1:`http` ports."""
     port = port or free_port()
     config_path = tmp_path / "edged.toml"
     head = f"""
@@ -141,7 +145,7 @@ async def run_edged(tmp_path: Path, body: str, port: int | None = None) -> Async
         drain_timeout = 2
         [listen]
         https = ["127.0.0.1:{port}"]
-        http = []
+        http = {json.dumps([f"127.0.0.1:{p}" for p in http])}
         metrics = ""
         admin = ""
     """

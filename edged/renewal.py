@@ -1,0 +1,800 @@
+"""The pure core of certificate renewal: when to renew, ARI, per-name state and notifications.
+
+Nothing here does I/O: the current time (`now`, an aware UTC datetime) and randomness (`rng`, a
+`random.Random`) are parameters, so the whole state machine is tested without sleeping. The
+I/O loop (RenewalLoop) calls these functions and persists `RenewalState.to_json()`.
+
+State machine per name (CertStatus):
+
+    new ──observe_cert──▶ ACTIVE ──is_due──▶ begin_attempt ──▶ PROCESSING (in_flight)
+                            ▲                                     │ record_failure
+                            └──────── record_success ─────────────┤ attempts < max: PROCESSING,
+                                                                  │   retry after retry_interval
+                                                                  └ attempts >= max: FAILED,
+                                                                      retried once a day
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import json
+import random
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta, timezone
+from enum import StrEnum
+
+from cryptography import x509
+
+from edged.certs import CertBundle
+from edged.config import AcmeSettings
+from edged.errors import EdgedError
+
+# Certificates shorter than this are "short-lived profiles": renew at half, not a third, left.
+SHORT_LIVED = timedelta(days=10)
+# Jitter spreads a fleet's renewals: proportional to the lifetime so a 6-day certificate is
+# not moved by hours, capped so a 1-year certificate is not moved by days.
+JITTER_FRACTION = 0.01
+MAX_JITTER = timedelta(hours=4)
+# RFC 9773 section 4.3: default and limits for how often renewal info is polled.
+ARI_DEFAULT_CHECK = timedelta(hours=6)
+ARI_MIN_CHECK = timedelta(minutes=1)
+ARI_MAX_CHECK = timedelta(hours=24)
+# Spread of due work after a restart, so a fleet restart does not start every order at once.
+RESUME_SPREAD = timedelta(minutes=5)
+EXPIRING_WITHIN = timedelta(days=7)
+EXPIRING_EVERY = timedelta(days=1)
+EXPIRED_EVERY = timedelta(hours=1)
+INTERRUPTED = "interrupted by restart"
+
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
+    r"(?:[Zz]|([+-])(\d{2}):(\d{2}))"
+)
+_SECONDS = re.compile(r"[0-9]{1,12}")
+
+
+class AriError(EdgedError):
+    """ARI (RFC 9773) is unusable for a certificate or a renewal-info response is malformed."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)
+
+
+class StateError(EdgedError):
+    """A stored renewal state is malformed; names the certificate and the bad key."""
+
+    def __init__(self, name: str, message: str) -> None:
+        self.name = name
+        self.message = message
+        super().__init__(f"renewal state of {name}: {message}")
+
+
+class CertStatus(StrEnum):
+    """A name's renewal status (stable values: state files, metrics, admin API)."""
+
+    PROCESSING = "processing"  # an order is running or a retry is pending
+    ACTIVE = "active"  # a valid certificate, next renewal known
+    FAILED = "failed"  # attempts exhausted; retried once a day until a success
+
+
+# --- policy -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RenewalPolicy:
+    """How renewals are paced; built from `[acme]` by `from_settings`."""
+
+    renew_before_days: int = 30  # 0 = lifetime fraction (a third left; half if < 10 days)
+    retry_interval: float = 900.0  # seconds between failed attempts
+    max_attempts: int = 5  # failed attempts before FAILED
+    failed_retry_interval: float = 86400.0  # seconds between attempts once FAILED
+
+    def __post_init__(self) -> None:
+        # The config parser reports bad values to users; these guard programming errors only.
+        if self.renew_before_days < 0:
+            raise ValueError(f"renew_before_days must be >= 0, got {self.renew_before_days}")
+        if self.retry_interval <= 0 or self.failed_retry_interval <= 0:
+            raise ValueError("retry intervals must be positive")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+
+    @classmethod
+    def from_settings(cls, acme: AcmeSettings) -> RenewalPolicy:
+        return cls(
+            renew_before_days=acme.renew_before_days,
+            retry_interval=acme.retry_interval,
+            max_attempts=acme.max_attempts,
+        )
+
+
+# --- ARI (RFC 9773) ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AriInfo:
+    """A CA's suggested renewal window for one certificate, and when to ask again.
+
+    `cert_id` is the ARI id of the certificate the window is for; "" means unbound (the caller
+    vouches that it belongs to the state's current certificate).
+    """
+
+    start: datetime
+    end: datetime
+    explanation_url: str
+    next_check: datetime
+    cert_id: str = ""
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "start": format_time(self.start),
+            "end": format_time(self.end),
+            "explanation_url": self.explanation_url,
+            "next_check": format_time(self.next_check),
+            "cert_id": self.cert_id,
+        }
+
+
+def ari_cert_id(leaf: x509.Certificate) -> str:
+    """The RFC 9773 certificate id: base64url(AKI keyIdentifier) "." base64url(DER serial)."""
+    try:
+        aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        raise AriError(
+            f"the certificate with serial {leaf.serial_number:x} has no Authority Key "
+            "Identifier, so it has no ARI id: it is renewed on the lifetime schedule"
+        ) from None
+    except ValueError as exc:  # a malformed extension elsewhere in the certificate
+        raise AriError(f"the certificate's extensions cannot be read ({exc})") from None
+    if not aki.key_identifier:
+        raise AriError(
+            f"the certificate with serial {leaf.serial_number:x} has an Authority Key "
+            "Identifier without keyIdentifier, so it has no ARI id"
+        )
+    return f"{_b64url(aki.key_identifier)}.{_b64url(_serial_der(leaf.serial_number))}"
+
+
+def _serial_der(serial: int) -> bytes:
+    # The content octets of a DER INTEGER: minimal two's complement, so a positive serial whose
+    # high bit is set gets a leading 0x00 (RFC 9773 section 4.1).
+    magnitude = serial if serial >= 0 else ~serial
+    return serial.to_bytes(magnitude.bit_length() // 8 + 1, "big", signed=True)
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def parse_retry_after(value: str | None, now: datetime) -> datetime | None:
+    """The time a Retry-After header (delay seconds or HTTP-date) names; None if absent/invalid."""
+    if value is None:
+        return None
+    value = value.strip()
+    if _SECONDS.fullmatch(value):
+        return now + timedelta(seconds=int(value))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    # "-0000" (and obsolete zones) parse as naive; HTTP-dates are always GMT.
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def parse_renewal_info(
+    body: bytes,
+    retry_after: str | None,
+    now: datetime,
+    default_check: timedelta = ARI_DEFAULT_CHECK,
+    *,
+    cert_id: str = "",
+) -> AriInfo:
+    """Parse a renewalInfo response; AriError names what is wrong with the body.
+
+    A missing or unreadable Retry-After header does not invalidate a good window: the next
+    check then uses `default_check`. The delay is clamped to [1 minute, 24 hours] (RFC 9773
+    section 4.3) so a hostile or broken CA can neither make us poll constantly nor never.
+    """
+    data = _json_object(body)
+    window = data.get("suggestedWindow")
+    if not isinstance(window, Mapping):
+        raise AriError("renewal info has no suggestedWindow object")
+    start = _window_time(window, "start")
+    end = _window_time(window, "end")
+    if end <= start:
+        raise AriError(
+            f"renewal info suggestedWindow.end ({format_time(end)}) is not after "
+            f"start ({format_time(start)})"
+        )
+    url = data.get("explanationURL", "")
+    if not isinstance(url, str):
+        raise AriError(f"renewal info explanationURL must be a string, got {_kind(url)}")
+    return AriInfo(start, end, url, _next_check(retry_after, now, default_check), cert_id)
+
+
+def _json_object(body: bytes) -> Mapping[str, object]:
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise AriError(f"renewal info is not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise AriError(f"renewal info must be a JSON object, got {_kind(data)}")
+    return data
+
+
+def _window_time(window: Mapping[str, object], key: str) -> datetime:
+    value = window.get(key)
+    if not isinstance(value, str):
+        raise AriError(f"renewal info suggestedWindow.{key} must be an RFC 3339 time string")
+    try:
+        return parse_time(value)
+    except ValueError:
+        raise AriError(
+            f"renewal info suggestedWindow.{key} {value[:64]!r} is not an RFC 3339 time"
+        ) from None
+
+
+def _next_check(retry_after: str | None, now: datetime, default: timedelta) -> datetime:
+    when = parse_retry_after(retry_after, now)
+    delay = default if when is None else when - now
+    return now + min(max(delay, ARI_MIN_CHECK), ARI_MAX_CHECK)
+
+
+def pick_in_window(start: datetime, end: datetime, now: datetime, rng: random.Random) -> datetime:
+    """A uniformly random time in [start, end); `now` when that time (or the window) is past.
+
+    This is RFC 9773 section 4.2 literally: picking in the whole window (not only its remaining
+    part) keeps re-picks independent, so re-reading the same window cannot drift towards its end.
+    """
+    if end <= now:
+        return now
+    if end <= start:
+        raise ValueError(f"window end {format_time(end)} is not after start {format_time(start)}")
+    return max(start + (end - start) * rng.random(), now)
+
+
+def ari_check_due(state: RenewalState, now: datetime) -> bool:
+    """True when renewal info should be (re)fetched for the state's certificate."""
+    return state.ari is None or state.ari.next_check <= now
+
+
+# --- schedule ---------------------------------------------------------------------------------
+
+
+def renewal_deadline(bundle: CertBundle, policy: RenewalPolicy) -> datetime:
+    """The latest time the schedule renews `bundle` (before jitter; ARI not considered)."""
+    lifetime = bundle.not_after - bundle.not_before
+    before = timedelta(days=policy.renew_before_days)
+    # renew_before >= lifetime would renew right after every issuance: use the fraction then.
+    if timedelta(0) < before < lifetime:
+        return bundle.not_after - before
+    left = lifetime / 2 if lifetime < SHORT_LIVED else lifetime / 3
+    return bundle.not_after - left
+
+
+def max_jitter(bundle: CertBundle) -> timedelta:
+    """How much earlier than the deadline the schedule may renew (1% of lifetime, <= 4 h)."""
+    lifetime = max(bundle.not_after - bundle.not_before, timedelta(0))
+    return min(lifetime * JITTER_FRACTION, MAX_JITTER)
+
+
+def next_renewal(
+    bundle: CertBundle,
+    state: RenewalState | None,
+    policy: RenewalPolicy,
+    now: datetime,
+    rng: random.Random,
+) -> datetime:
+    """When to renew `bundle`: in the CA's ARI window if one is known, else on the schedule.
+
+    The schedule renews `renew_before_days` before expiry (or at a lifetime fraction), minus a
+    random jitter: earlier, never later than the deadline, never before not_before. A time in
+    the past becomes `now`.
+    """
+    window = _current_window(bundle, state)
+    if window is not None:
+        return pick_in_window(window.start, window.end, now, rng)
+    if bundle.not_after <= bundle.not_before:
+        return now  # a certificate with no lifetime is useless: replace it
+    jittered = renewal_deadline(bundle, policy) - max_jitter(bundle) * rng.random()
+    return max(jittered, bundle.not_before, now)
+
+
+def _current_window(bundle: CertBundle, state: RenewalState | None) -> AriInfo | None:
+    ari = state.ari if state is not None else None
+    if ari is None:
+        return None
+    if ari.cert_id and ari.cert_id != _cert_id_or_empty(bundle):
+        return None  # the window is for another (older) certificate
+    # A window ending after expiry would let the certificate lapse: such a CA answer is broken,
+    # and the lifetime schedule is safer.
+    if ari.end > bundle.not_after:
+        return None
+    return ari
+
+
+def _cert_id_or_empty(bundle: CertBundle) -> str:
+    try:
+        return ari_cert_id(bundle.leaf)
+    except AriError:
+        return ""
+
+
+# --- state ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RenewalState:
+    """Everything the renewal loop remembers about one name (persisted as JSON in the store)."""
+
+    name: str
+    status: CertStatus = CertStatus.PROCESSING
+    attempts: int = 0  # failed attempts since the last success or force_retry
+    last_error: dict[str, object] | None = None  # ACME problem fields, or {"message": ...}
+    last_success: datetime | None = None
+    last_attempt: datetime | None = None
+    next_try: datetime | None = None  # None: never scheduled, due at once
+    not_before_retry: datetime | None = None  # Retry-After / rate limit: nothing before it
+    in_flight: bool = False  # an order was started and not finished
+    ari: AriInfo | None = None
+    replaces: str = ""  # ARI id of the certificate the next order replaces
+    issued_by: str = ""  # node id that obtained the current certificate
+    # First failure since the last success. Unlike `attempts` it survives force_retry, so the
+    # fallback alarm and the "recovered" notice track the outage until a certificate arrives.
+    failing_since: datetime | None = None
+
+    @classmethod
+    def new(cls, name: str) -> RenewalState:
+        """A name never seen before: no certificate, no attempt yet, due at once."""
+        return cls(name=name)
+
+    @property
+    def is_new(self) -> bool:
+        """Never attempted and never succeeded (resume's spread does not change that)."""
+        return (
+            self.status is CertStatus.PROCESSING
+            and self.last_attempt is None
+            and self.last_success is None
+            and self.attempts == 0
+            and not self.in_flight
+        )
+
+    @property
+    def failing(self) -> bool:
+        """True from the first failed attempt until the next success."""
+        return (
+            self.status is CertStatus.FAILED
+            or (self.status is CertStatus.PROCESSING and self.attempts > 0)
+            or self.failing_since is not None
+        )
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "status": self.status.value,
+            "attempts": self.attempts,
+            "last_error": self.last_error,
+            "last_success": _format_optional(self.last_success),
+            "last_attempt": _format_optional(self.last_attempt),
+            "next_try": _format_optional(self.next_try),
+            "not_before_retry": _format_optional(self.not_before_retry),
+            "in_flight": self.in_flight,
+            "ari": self.ari.to_json() if self.ari is not None else None,
+            "replaces": self.replaces,
+            "issued_by": self.issued_by,
+            "failing_since": _format_optional(self.failing_since),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object], name: str) -> RenewalState:
+        """Rebuild a state; missing keys take defaults, unknown keys are ignored (newer files)."""
+        if not isinstance(data, Mapping):
+            raise StateError(name, f"must be a JSON object, got {_kind(data)}")
+        reader = _StateReader(data, name)
+        stored_name = reader.string("name", name)
+        if stored_name != name:
+            raise StateError(name, f"the file is for {stored_name!r}: remove or rename it")
+        return cls(
+            name=name,
+            status=reader.status(),
+            attempts=reader.count("attempts"),
+            last_error=reader.error(),
+            last_success=reader.time("last_success"),
+            last_attempt=reader.time("last_attempt"),
+            next_try=reader.time("next_try"),
+            not_before_retry=reader.time("not_before_retry"),
+            in_flight=reader.flag("in_flight"),
+            ari=reader.ari(),
+            replaces=reader.string("replaces", ""),
+            issued_by=reader.string("issued_by", ""),
+            failing_since=reader.time("failing_since"),
+        )
+
+
+class _StateReader:
+    """Typed access to one state document; every problem is a StateError naming the key."""
+
+    def __init__(self, data: Mapping[str, object], name: str) -> None:
+        self.data = data
+        self.name = name
+
+    def fail(self, key: str, message: str) -> StateError:
+        return StateError(self.name, f"{key}: {message}")
+
+    def string(self, key: str, default: str) -> str:
+        value = self.data.get(key, default)
+        if not isinstance(value, str):
+            raise self.fail(key, f"must be a string, got {_kind(value)}")
+        return value
+
+    def count(self, key: str) -> int:
+        value = self.data.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise self.fail(key, f"must be a non-negative integer, got {value!r}")
+        return value
+
+    def flag(self, key: str) -> bool:
+        value = self.data.get(key, False)
+        if not isinstance(value, bool):
+            raise self.fail(key, f"must be true or false, got {_kind(value)}")
+        return value
+
+    def status(self) -> CertStatus:
+        value = self.string("status", CertStatus.PROCESSING.value)
+        try:
+            return CertStatus(value)
+        except ValueError:
+            allowed = ", ".join(s.value for s in CertStatus)
+            raise self.fail("status", f"{value[:32]!r} is not one of {allowed}") from None
+
+    def time(self, key: str) -> datetime | None:
+        return self.time_value(key, self.data.get(key))
+
+    def time_value(self, key: str, value: object) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self.fail(key, f"must be an RFC 3339 time string, got {_kind(value)}")
+        try:
+            return parse_time(value)
+        except ValueError:
+            raise self.fail(key, f"{value[:64]!r} is not an RFC 3339 time") from None
+
+    def error(self) -> dict[str, object] | None:
+        value = self.data.get("last_error")
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            raise self.fail("last_error", f"must be an object or null, got {_kind(value)}")
+        return _plain_error(value)
+
+    def ari(self) -> AriInfo | None:
+        value = self.data.get("ari")
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            raise self.fail("ari", f"must be an object or null, got {_kind(value)}")
+        start, end, next_check = (self.time_value(f"ari.{k}", value.get(k)) for k in _ARI_TIMES)
+        if start is None or end is None or next_check is None:
+            raise self.fail("ari", "needs start, end and next_check")
+        if end <= start:
+            raise self.fail("ari", "end is not after start")
+        url = value.get("explanation_url", "")
+        cert_id = value.get("cert_id", "")
+        if not isinstance(url, str) or not isinstance(cert_id, str):
+            raise self.fail("ari", "explanation_url and cert_id must be strings")
+        return AriInfo(start, end, url, next_check, cert_id)
+
+
+_ARI_TIMES = ("start", "end", "next_check")
+
+
+# --- transitions ------------------------------------------------------------------------------
+
+
+def is_due(state: RenewalState, now: datetime) -> bool:
+    """True when an attempt should start now (never while one runs or a rate limit holds)."""
+    if state.in_flight:
+        return False
+    if state.not_before_retry is not None and now < state.not_before_retry:
+        return False
+    return state.next_try is None or state.next_try <= now
+
+
+def begin_attempt(state: RenewalState, now: datetime) -> RenewalState:
+    """An order starts. A FAILED name stays FAILED during its daily attempt (so the "failed"
+    notice and metric do not flap); everything else becomes PROCESSING."""
+    status = CertStatus.FAILED if state.status is CertStatus.FAILED else CertStatus.PROCESSING
+    return replace(state, status=status, in_flight=True, last_attempt=now)
+
+
+def record_failure(
+    state: RenewalState,
+    policy: RenewalPolicy,
+    now: datetime,
+    error: Mapping[str, object],
+    retry_after: datetime | None,
+) -> RenewalState:
+    """An attempt failed: retry after retry_interval, or daily once max_attempts are used up.
+
+    `retry_after` (Retry-After, a rate limit's reset) wins over the schedule: no attempt is
+    made before it, and an earlier, longer limit is kept.
+    """
+    attempts = state.attempts + 1
+    if attempts < policy.max_attempts:
+        status, delay = CertStatus.PROCESSING, policy.retry_interval
+    else:
+        # Attempts keep counting (they are "failures since the last success") but only a
+        # success leaves FAILED; the daily attempt exists so a fixed problem heals by itself.
+        status, delay = CertStatus.FAILED, policy.failed_retry_interval
+    limit = _future(_latest(state.not_before_retry, retry_after), now)
+    return replace(
+        state,
+        status=status,
+        attempts=attempts,
+        last_error=_plain_error(error),
+        last_attempt=state.last_attempt if state.in_flight and state.last_attempt else now,
+        next_try=_latest(now + timedelta(seconds=delay), limit),
+        not_before_retry=limit,
+        in_flight=False,
+        failing_since=state.failing_since or now,
+    )
+
+
+def record_success(
+    state: RenewalState,
+    bundle: CertBundle,
+    policy: RenewalPolicy,
+    now: datetime,
+    rng: random.Random,
+    ari: AriInfo | None = None,
+    *,
+    issued_by: str = "",
+) -> RenewalState:
+    """A new certificate was obtained and installed; `ari` is the window for it, if fetched."""
+    done = replace(
+        state,
+        status=CertStatus.ACTIVE,
+        attempts=0,
+        last_error=None,
+        last_success=now,
+        in_flight=False,
+        ari=ari,  # any older window was for the replaced certificate
+        replaces=_cert_id_or_empty(bundle),
+        issued_by=issued_by,
+        not_before_retry=_future(state.not_before_retry, now),
+        failing_since=None,
+    )
+    return _scheduled(done, next_renewal(bundle, done, policy, now, rng))
+
+
+def observe_cert(
+    state: RenewalState,
+    bundle: CertBundle,
+    policy: RenewalPolicy,
+    now: datetime,
+    rng: random.Random,
+) -> RenewalState:
+    """A certificate for the name was loaded at startup or installed by another node.
+
+    ACTIVE and new states are (re)scheduled for it; PROCESSING and FAILED keep their retry
+    pacing (a running outage is not hidden by a reload). The ARI id to replace always follows
+    the certificate, and a window for another certificate is dropped.
+    """
+    cert_id = _cert_id_or_empty(bundle)
+    ari = state.ari
+    if ari is not None and ari.cert_id and ari.cert_id != cert_id:
+        ari = None
+    seen = replace(state, ari=ari, replaces=cert_id)
+    if not (state.status is CertStatus.ACTIVE or state.is_new):
+        return seen
+    seen = replace(seen, status=CertStatus.ACTIVE)
+    return _scheduled(seen, next_renewal(bundle, seen, policy, now, rng))
+
+
+def observe_no_cert(state: RenewalState, now: datetime) -> RenewalState:
+    """The name has no usable certificate (none in the store, or it was deleted): an ACTIVE
+    name is due now, since its schedule was for a certificate that is gone. Failing names keep
+    their pacing, and a rate limit still holds."""
+    if state.status is not CertStatus.ACTIVE:
+        return state
+    # `replaces` stays: the certificate still exists at the CA, and naming it in the order lets
+    # the CA treat the order as its renewal (RFC 9773 section 5).
+    return _scheduled(replace(state, status=CertStatus.PROCESSING), now)
+
+
+def record_ari(
+    state: RenewalState,
+    bundle: CertBundle,
+    policy: RenewalPolicy,
+    now: datetime,
+    rng: random.Random,
+    ari: AriInfo,
+) -> RenewalState:
+    """Fresh renewal info for the current certificate: store it; an ACTIVE name is rescheduled
+    only when the window changed (RFC 9773: pick a new time for a new window)."""
+    old = state.ari
+    same = old is not None and (old.start, old.end, old.cert_id) == (
+        ari.start,
+        ari.end,
+        ari.cert_id,
+    )
+    updated = replace(state, ari=ari)
+    if state.status is not CertStatus.ACTIVE or (same and state.next_try is not None):
+        return updated
+    return _scheduled(updated, next_renewal(bundle, updated, policy, now, rng))
+
+
+def force_retry(state: RenewalState, now: datetime) -> RenewalState:
+    """An operator asked for a renewal now (`edged renew NAME`): attempts start from zero.
+
+    A CA's Retry-After/rate limit (`not_before_retry`) is kept: trying earlier only fails and
+    can extend the limit, so the forced attempt starts when the limit ends. An attempt already
+    running is not duplicated (in_flight is kept; is_due stays False until it finishes).
+    """
+    forced = replace(state, status=CertStatus.PROCESSING, attempts=0)
+    return _scheduled(forced, now)
+
+
+def resume(
+    state: RenewalState,
+    policy: RenewalPolicy,
+    now: datetime,
+    rng: random.Random,
+    spread: timedelta = RESUME_SPREAD,
+) -> RenewalState:
+    """A state loaded after a restart.
+
+    An attempt that was in flight counts as failed (attempts are not reset, so a crash loop
+    cannot turn into an order flood: it is paced like any failure). Work that is overdue is
+    moved to now + a uniform delay in [0, spread], so a fleet restart does not start every
+    order in the same second.
+    """
+    if state.in_flight:
+        state = record_failure(state, policy, now, {"message": INTERRUPTED}, None)
+    state = replace(state, not_before_retry=_future(state.not_before_retry, now))
+    if state.next_try is None or state.next_try <= now:
+        state = _scheduled(state, now + spread * rng.random())
+    return state
+
+
+def _scheduled(state: RenewalState, when: datetime) -> RenewalState:
+    """`state` with next_try = when, but never before a rate limit."""
+    return replace(state, next_try=_latest(when, state.not_before_retry))
+
+
+# --- notifications ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something an operator must hear about (log line, webhook)."""
+
+    event: str  # "failed" | "recovered" | "expiring" | "expired"
+    name: str
+    state: str
+    attempts: int
+    error: dict[str, object] | None
+    not_after: datetime | None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "state": self.state,
+            "attempts": self.attempts,
+            "error": self.error,
+            "not_after": _format_optional(self.not_after),
+            "event": self.event,
+        }
+
+
+def notices(
+    before: RenewalState | None,
+    after: RenewalState,
+    serving_not_after: datetime | None,
+    now: datetime,
+    last_expiry_notice: datetime | None,
+) -> list[Notice]:
+    """The notices a state change and the serving certificate's expiry call for.
+
+    "failed" and "recovered" fire on transitions only, so calling this again with the same
+    states yields nothing. "expiring"/"expired" are rate limited by `last_expiry_notice`,
+    which the caller sets to `now` whenever one of them is returned.
+    """
+    events: list[str] = []
+    if after.status is CertStatus.FAILED and (before is None or before.status is not after.status):
+        events.append("failed")
+    if after.status is CertStatus.ACTIVE and before is not None and before.failing:
+        events.append("recovered")
+    expiry = _expiry_event(after, serving_not_after, now, last_expiry_notice)
+    if expiry:
+        events.append(expiry)
+    return [_notice(event, after, serving_not_after) for event in events]
+
+
+def _expiry_event(
+    state: RenewalState, not_after: datetime | None, now: datetime, last: datetime | None
+) -> str:
+    if not_after is None:
+        return ""
+    if not_after <= now:
+        return "expired" if last is None or now - last >= EXPIRED_EVERY else ""
+    # A healthy short-lived certificate is always within 7 days of expiry: only a failing
+    # renewal makes that worth a notice.
+    if not_after - now > EXPIRING_WITHIN or not state.failing:
+        return ""
+    return "expiring" if last is None or now - last >= EXPIRING_EVERY else ""
+
+
+def _notice(event: str, state: RenewalState, not_after: datetime | None) -> Notice:
+    return Notice(
+        event, state.name, state.status.value, state.attempts, state.last_error, not_after
+    )
+
+
+def fallback_active(state: RenewalState, serving_not_after: datetime | None, now: datetime) -> bool:
+    """True when renewal is failing while an older certificate still serves the name.
+
+    An expired certificate that is still served counts too (the alarm must not clear at
+    expiry); `now` is accepted so callers need not special-case that.
+    """
+    del now  # the decision does not depend on the time (see above)
+    return serving_not_after is not None and state.failing
+
+
+# --- time and JSON helpers --------------------------------------------------------------------
+
+
+def parse_time(text: str) -> datetime:
+    """An RFC 3339 timestamp as an aware UTC datetime (nanoseconds truncated); ValueError."""
+    match = _RFC3339.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not an RFC 3339 time: {text[:64]!r}")
+    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    fraction, sign, off_h, off_m = match.groups()[6:]
+    micro = int((fraction or "0")[:6].ljust(6, "0"))
+    offset = timedelta(0)
+    if sign:
+        if int(off_h) > 23 or int(off_m) > 59:
+            raise ValueError(f"bad UTC offset in {text[:64]!r}")
+        offset = timedelta(hours=int(off_h), minutes=int(off_m)) * (-1 if sign == "-" else 1)
+    # A leap second (":60") is a real RFC 3339 value that datetime cannot hold.
+    second = min(second, 59)
+    local = datetime(year, month, day, hour, minute, second, micro, timezone(offset))
+    return local.astimezone(UTC)
+
+
+def format_time(when: datetime) -> str:
+    """RFC 3339 in UTC with a "Z" (microseconds only when present)."""
+    return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _format_optional(when: datetime | None) -> str | None:
+    return None if when is None else format_time(when)
+
+
+def _latest(a: datetime | None, b: datetime | None) -> datetime | None:
+    if a is None or b is None:
+        return a or b
+    return max(a, b)
+
+
+def _future(when: datetime | None, now: datetime) -> datetime | None:
+    return when if when is not None and when > now else None
+
+
+def _plain_error(error: Mapping[str, object]) -> dict[str, object]:
+    # The error is persisted and sent in webhooks: force it into plain JSON types now (a stray
+    # exception object or datetime becomes its text) rather than fail when saving later.
+    plain = json.loads(json.dumps(dict(error), default=str))
+    if not isinstance(plain, dict):  # dict(...) of a Mapping always is; keeps mypy exact
+        raise TypeError("error must be a mapping")
+    return plain
+
+
+def _kind(value: object) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}.get(
+        type(value), "null" if value is None else type(value).__name__
+    )

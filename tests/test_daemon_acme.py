@@ -1,0 +1,150 @@
+"""The daemon obtains its own certificates from real Pebble, serves them, and reports failures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from edged.renewal import CertStatus
+from tests.conftest import curl, free_port, run_backend, run_edged, s_client
+from tests.pebble import Pebble, start_pebble
+
+
+@pytest.fixture
+def pebble(tmp_path: Path) -> Iterator[Pebble]:
+    p = start_pebble(tmp_path / "pebble")
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def acme_body(pebble: Pebble, backend_port: int, extra: str = "", names: str = "") -> str:
+    names = names or '"shop.test", "www.shop.test"'
+    return f"""
+        [acme]
+        directory = "{pebble.directory}"
+        ca_bundle = "{pebble.listener_ca}"
+        email = "ops@shop.test"
+        key_types = ["ecdsa-p256", "rsa-2048"]
+        {extra}
+        [[site]]
+        names = [{names}]
+        backend = "127.0.0.1:{backend_port}"
+    """
+
+
+async def wait_for(predicate: object, limit: float = 15) -> None:
+    deadline = time.monotonic() + limit
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+async def test_daemon_issues_at_startup_and_serves(pebble: Pebble, tmp_path: Path) -> None:
+    root = tmp_path / "root.pem"
+    async with run_backend() as backend:
+        body = acme_body(pebble, backend.port)
+        async with run_edged(tmp_path, body, http=(pebble.http_port,)) as edged:
+            # Serving starts at once (no cert yet: handshakes refused), issuance runs beside it.
+            await wait_for(lambda: edged.daemon.serving("shop.test") is not None)
+            root.write_bytes(pebble.root_pem())
+            for host in ("shop.test", "www.shop.test"):
+                out = await curl(edged.port, host, root)
+                assert out.returncode == 0, out.stderr
+            # Both key types served from one context: an RSA-only client gets the RSA cert.
+            rsa = await s_client(edged.port, "shop.test", "-sigalgs", "RSA-PSS+SHA256")
+            assert "signature type: RSA-PSS" in rsa.stderr.replace("Signature", "signature")
+            state = edged.daemon.renewer.states["shop.test"]
+            assert state.status is CertStatus.ACTIVE
+            assert state.next_try is not None
+            stored = json.loads((tmp_path / "store" / "state" / "shop.test.json").read_text())
+            assert stored["status"] == "active"
+            assert edged.daemon.counters.renewal_attempts["shop.test", "success"] == 1
+            assert edged.daemon.counters.acme_requests.snapshot().count > 5
+            assert len(edged.daemon.board) == 0
+
+
+async def test_restart_reuses_stored_cert(pebble: Pebble, tmp_path: Path) -> None:
+    async with run_backend() as backend:
+        body = acme_body(pebble, backend.port)
+        async with run_edged(tmp_path, body, http=(pebble.http_port,)) as edged:
+            await wait_for(lambda: edged.daemon.serving("shop.test") is not None)
+            first = edged.daemon.serving("shop.test")
+        async with run_edged(tmp_path, body, http=(pebble.http_port,)) as edged:
+            served = edged.daemon.serving("shop.test")
+            assert served is not None and first is not None
+            assert served.fingerprint == first.fingerprint  # no new order on restart
+            await asyncio.sleep(0.3)
+            assert edged.daemon.counters.renewal_attempts["shop.test", "success"] == 0
+
+
+async def test_failures_retry_then_failed_webhook_then_force(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    """CA down: attempts fail with the real error, processing → failed after max_attempts, the
+    webhook hears it; CA back + force retry → active and served."""
+    hooks: list[dict[str, object]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        hooks.append(await request.json())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    hook_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", hook_port).start()
+    pebble.stop()  # the CA is down from the start
+    extra = (
+        f'retry_interval = "50ms"\nmax_attempts = 3\n'
+        f'notify_webhook = "http://127.0.0.1:{hook_port}/hook"'
+    )
+    try:
+        async with (
+            run_backend() as backend,
+            run_edged(
+                tmp_path, acme_body(pebble, backend.port, extra), http=(pebble.http_port,)
+            ) as edged,
+        ):
+            renewer = edged.daemon.renewer
+            await wait_for(lambda: renewer.states["shop.test"].status is CertStatus.FAILED)
+            state = renewer.states["shop.test"]
+            assert state.attempts == 3
+            assert "cannot reach the ACME server" in str(state.last_error)
+            assert edged.daemon.counters.renewal_attempts["shop.test", "failure"] == 3
+            await wait_for(lambda: any(h.get("event") == "failed" for h in hooks))
+            failed = next(h for h in hooks if h["event"] == "failed")
+            assert failed["name"] == "shop.test" and failed["attempts"] == 3
+            # The CA comes back; a forced retry works at once.
+            restarted = start_pebble(tmp_path / "pebble2", http_port=pebble.http_port)
+            try:
+                body = edged.config_path.read_text()
+                edged.config_path.write_text(
+                    body.replace(pebble.directory, restarted.directory).replace(
+                        str(pebble.listener_ca), str(restarted.listener_ca)
+                    )
+                )
+                await wait_for(
+                    lambda: (
+                        edged.daemon.config is not None
+                        and edged.daemon.config.acme is not None
+                        and edged.daemon.config.acme.directory == restarted.directory
+                    )
+                )
+                renewer.force("shop.test")
+                await wait_for(lambda: renewer.states["shop.test"].status is CertStatus.ACTIVE)
+                await wait_for(lambda: edged.daemon.serving("shop.test") is not None)
+                await wait_for(lambda: any(h.get("event") == "recovered" for h in hooks))
+            finally:
+                restarted.stop()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,528 @@
+"""edged.dns against a real BIND9: TSIG-signed updates, CNAME delegation, propagation, CAA."""
+
+from __future__ import annotations
+
+import base64
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from edged.config import Address, DnsSettings
+from edged.dns import (
+    CaaResult,
+    DnsError,
+    DnsUpdater,
+    TsigKey,
+    build_resolver,
+    check_caa,
+    load_tsig_key,
+    parse_tsig_secret,
+)
+from tests.bind import TSIG_KEYGEN, Bind, bind_fixture
+
+PEBBLE = "pebble.letsencrypt.org"
+
+bind = bind_fixture(
+    {
+        "a.test": """
+            _acme-challenge.deleg CNAME deleg.a.test.acme.test.
+            _acme-challenge.hops CNAME hop1.a.test.
+            hop1 CNAME hops.a.test.acme.test.
+            _acme-challenge.elsewhere CNAME _acme-challenge.elsewhere.b.test.
+            _acme-challenge.loop1 CNAME _acme-challenge.loop2.a.test.
+            _acme-challenge.loop2 CNAME _acme-challenge.loop1.a.test.
+            _acme-challenge.long CNAME l1.a.test.
+            l1 CNAME l2.a.test.
+            l2 CNAME l3.a.test.
+            l3 CNAME l4.a.test.
+            l4 CNAME l5.a.test.
+            l5 CNAME l6.a.test.
+            l6 CNAME l7.a.test.
+            l7 CNAME l8.a.test.
+            l8 CNAME l9.a.test.
+        """,
+        "acme.test": "",
+        "b.test": "",
+        "locked.test": "",
+    },
+    read_only=("locked.test",),
+)
+
+caa_bind = bind_fixture(
+    {
+        "test": "",
+        "nocaa.test": 'iodef-only CAA 0 iodef "mailto:ops@nocaa.test"',
+        "le.test": f"""
+            @ CAA 0 issue "{PEBBLE}"
+            own CAA 0 issue "other.ca"
+            params CAA 0 issue "{PEBBLE}; validationmethods=dns-01"
+            alias CNAME b2.test.
+            alias-empty CNAME target.b2.test.
+        """,
+        "b2.test": '@ CAA 0 issue "other.ca"',
+        "wild.test": f"""
+            @ CAA 0 issue "other.ca"
+            @ CAA 0 issuewild "{PEBBLE}"
+        """,
+        "forbid.test": '@ CAA 0 issue ";"',
+        "crit.test": f"""
+            @ CAA 0 issue "{PEBBLE}"
+            @ CAA 128 tbs "unknown"
+        """,
+        "noncrit.test": f"""
+            @ CAA 0 issue "{PEBBLE}"
+            @ CAA 0 tbs "unknown"
+        """,
+    },
+    recursion=True,
+)
+
+
+def updater(named: Bind, /, **overrides: object) -> DnsUpdater:
+    settings = named.settings(**overrides)
+    return DnsUpdater(settings, load_tsig_key(settings), timeout=2.0, poll_interval=0.05)
+
+
+def secret_of(server: Bind) -> str:
+    match = re.search(r'secret "([^"]+)"', server.secret_file.read_text())
+    assert match
+    return match.group(1)
+
+
+def keygen(name: str, algorithm: str = "hmac-sha256") -> str:
+    return subprocess.run(
+        [TSIG_KEYGEN, "-a", algorithm, name], capture_output=True, check=True, text=True
+    ).stdout
+
+
+# --- updates -------------------------------------------------------------------------------
+
+
+def test_add_and_delete_txt(bind: Bind) -> None:
+    u = updater(bind)
+    fqdn = u.challenge_fqdn("add.a.test")
+    assert fqdn == "_acme-challenge.add.a.test"
+    assert u.find_zone(fqdn) == "a.test"
+    u.add_txt(fqdn, "value-one")
+    assert bind.txt(fqdn) == {"value-one"}
+    ttl = bind.query(fqdn, "TXT").answer[0].ttl
+    assert ttl == 60
+    u.delete_txt(fqdn + ".", "value-one")  # trailing dot accepted
+    assert bind.txt(fqdn) == set()
+    u.delete_txt(fqdn, "value-one")  # deleting what is not there is fine
+
+
+def test_apex_and_wildcard_values_coexist(bind: Bind) -> None:
+    u = updater(bind, ttl=120)
+    fqdn = u.challenge_fqdn("two.a.test")
+    assert u.challenge_fqdn("*.two.a.test") == fqdn
+    assert u.challenge_fqdn("TWO.A.TEST.") == fqdn
+    u.add_txt(fqdn, "apex-value")
+    u.add_txt(fqdn, "wildcard-value")
+    assert bind.txt(fqdn) == {"apex-value", "wildcard-value"}
+    assert bind.query(fqdn, "TXT").answer[0].ttl == 120
+    u.delete_txt(fqdn, "apex-value")
+    assert bind.txt(fqdn) == {"wildcard-value"}
+    u.delete_txt(fqdn, "wildcard-value")
+    assert bind.txt(fqdn) == set()
+
+
+def test_long_value_is_split_and_rejoined(bind: Bind) -> None:
+    u = updater(bind)
+    fqdn = u.challenge_fqdn("long-value.a.test")
+    value = "x" * 300
+    u.add_txt(fqdn, value)
+    assert bind.txt(fqdn) == {value}
+    u.wait_propagated(fqdn, [value])
+    u.delete_txt(fqdn, value)
+    assert bind.txt(fqdn) == set()
+
+
+def test_explicit_zone_setting(bind: Bind) -> None:
+    u = updater(bind, zone="a.test.")
+    fqdn = u.challenge_fqdn("zoned.a.test")
+    assert u.find_zone(fqdn) == "a.test"
+    u.add_txt(fqdn, "v")
+    assert bind.txt(fqdn) == {"v"}
+    u.delete_txt(fqdn, "v")
+    with pytest.raises(DnsError) as err:
+        u.find_zone("_acme-challenge.x.b.test")
+    assert err.value.name == "_acme-challenge.x.b.test"
+    assert "acme.dns.zone" in err.value.message
+
+
+# --- propagation ---------------------------------------------------------------------------
+
+
+def test_wait_propagated_after_add(bind: Bind) -> None:
+    u = updater(bind)
+    fqdn = u.challenge_fqdn("prop.a.test")
+    u.add_txt(fqdn, "p1")
+    u.add_txt(fqdn, "p2")
+    started = time.monotonic()
+    u.wait_propagated(fqdn, ["p1", "p2"])
+    assert time.monotonic() - started < 1.0
+    u.delete_txt(fqdn, "p1")
+    u.delete_txt(fqdn, "p2")
+
+
+def test_wait_propagated_times_out_naming_the_nameserver(bind: Bind) -> None:
+    u = updater(bind, propagation_timeout=0.3)
+    fqdn = u.challenge_fqdn("absent.a.test")
+    started = time.monotonic()
+    with pytest.raises(DnsError) as err:
+        u.wait_propagated(fqdn, ["never-added"])
+    assert 0.3 <= time.monotonic() - started < 2.0
+    text = str(err.value)
+    assert text.startswith(f"{fqdn}: ")
+    assert f"ns1.a.test (127.0.0.1:{bind.port})" in text
+    assert "zone a.test" in text
+    assert "propagation_timeout" in text
+
+
+def test_wait_propagated_partial_values_with_injected_clock(bind: Bind) -> None:
+    u = updater(bind, propagation_timeout=10.0)
+    u.poll_interval = 2.0
+    fqdn = u.challenge_fqdn("partial.a.test")
+    u.add_txt(fqdn, "here")
+    now = [100.0]
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    with pytest.raises(DnsError) as err:
+        u.wait_propagated(fqdn, ["here", "missing"], clock=lambda: now[0], sleep=sleep)
+    assert sleeps == [2.0] * 5
+    assert "has 1 of 2 values" in str(err.value)
+    sleeps.clear()
+    u.wait_propagated(fqdn, ["here"], clock=lambda: now[0], sleep=sleep)
+    assert sleeps == []
+    u.delete_txt(fqdn, "here")
+
+
+def test_wait_propagated_through_delegation(bind: Bind) -> None:
+    u = updater(bind, delegate_to="acme.test")
+    fqdn = u.challenge_fqdn("deleg.a.test")
+    u.add_txt(fqdn, "delegated")
+    u.wait_propagated(fqdn, ["delegated"])
+    u.delete_txt(fqdn, "delegated")
+
+
+# --- TSIG failures -------------------------------------------------------------------------
+
+
+def test_wrong_tsig_secret_names_the_key_not_the_secret(bind: Bind, tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong.key"
+    wrong.write_text(keygen("edged"))
+    wrong_secret = re.search(r'secret "([^"]+)"', wrong.read_text())
+    assert wrong_secret
+    u = updater(bind, tsig_secret_file=wrong)
+    fqdn = u.challenge_fqdn("badsig.a.test")
+    with pytest.raises(DnsError) as err:
+        u.add_txt(fqdn, "v")
+    text = str(err.value)
+    assert "BADSIG" in text
+    assert "'edged'" in text
+    assert str(wrong) in text
+    assert wrong_secret.group(1) not in text
+    assert secret_of(bind) not in text
+    assert bind.txt(fqdn) == set()
+
+
+def test_wrong_tsig_key_name(bind: Bind, tmp_path: Path) -> None:
+    other = tmp_path / "other.key"
+    other.write_text(f'key "other" {{ algorithm hmac-sha256; secret "{secret_of(bind)}"; }};\n')
+    u = updater(bind, tsig_key_name="other", tsig_secret_file=other)
+    with pytest.raises(DnsError) as err:
+        u.add_txt("_acme-challenge.badkey.a.test", "v")
+    text = str(err.value)
+    assert "BADKEY" in text
+    assert "'other'" in text
+    assert "acme.dns.tsig_key_name" in text
+    assert secret_of(bind) not in text
+
+
+def test_wrong_tsig_algorithm(bind: Bind, tmp_path: Path) -> None:
+    key_file = tmp_path / "sha512.key"
+    key_file.write_text(secret_of(bind) + "\n")  # bare secret: the algorithm comes from settings
+    u = updater(bind, tsig_algorithm="hmac-sha512", tsig_secret_file=key_file)
+    with pytest.raises(DnsError, match=r"hmac-sha512 \(BADKEY\)"):
+        u.add_txt("_acme-challenge.badalg.a.test", "v")
+
+
+def test_check_permission(bind: Bind, tmp_path: Path) -> None:
+    summary = updater(bind).check_permission("perm.a.test")
+    assert "_acme-challenge.perm.a.test" in summary
+    assert "zone a.test" in summary
+    assert "\n" not in summary
+    assert bind.txt("_acme-challenge.perm.a.test") == set()
+
+    summary = updater(bind, delegate_to="acme.test").check_permission("*.deleg.a.test")
+    assert "deleg.a.test.acme.test" in summary
+    assert "CNAME from _acme-challenge.deleg.a.test" in summary
+    assert bind.txt("deleg.a.test.acme.test") == set()
+
+    wrong = tmp_path / "wrong.key"
+    wrong.write_text(keygen("edged"))
+    with pytest.raises(DnsError, match="BADSIG"):
+        updater(bind, tsig_secret_file=wrong).check_permission("perm.a.test")
+    with pytest.raises(DnsError, match="CNAME"):
+        updater(bind, delegate_to="acme.test").check_permission("perm.a.test")
+
+
+# --- zones ---------------------------------------------------------------------------------
+
+
+def test_unknown_zone(bind: Bind) -> None:
+    u = updater(bind)
+    with pytest.raises(DnsError) as err:
+        u.find_zone("_acme-challenge.www.nowhere.example")
+    assert err.value.name == "_acme-challenge.www.nowhere.example"
+    assert "no DNS zone found" in err.value.message
+    assert f"127.0.0.1:{bind.port}" in err.value.message
+    with pytest.raises(DnsError, match="no DNS zone found"):
+        u.add_txt("_acme-challenge.www.nowhere.example", "v")
+
+
+def test_server_not_authoritative_for_zone(bind: Bind) -> None:
+    u = updater(bind, zone="nozone.test")
+    with pytest.raises(DnsError) as err:
+        u.add_txt("_acme-challenge.x.nozone.test", "v")
+    assert "NOTAUTH" in err.value.message
+    assert "primary" in err.value.message
+    assert str(bind.address) in err.value.message
+
+
+def test_update_refused_mentions_update_policy(bind: Bind) -> None:
+    u = updater(bind)
+    with pytest.raises(DnsError) as err:
+        u.add_txt("_acme-challenge.x.locked.test", "v")
+    assert "REFUSED" in err.value.message
+    assert "update-policy" in err.value.message
+    assert "zone locked.test" in err.value.message
+
+
+def test_unreachable_server(bind: Bind) -> None:
+    u = updater(bind, server=Address("127.0.0.1", 1))
+    with pytest.raises(DnsError) as err:
+        u.add_txt("_acme-challenge.x.a.test", "v")
+    assert "DNS server 127.0.0.1:1" in err.value.message
+    assert "acme.dns.server" in err.value.message
+
+
+# --- CNAME delegation ----------------------------------------------------------------------
+
+
+def test_cname_delegation_is_followed(bind: Bind) -> None:
+    u = updater(bind, delegate_to="acme.test")
+    fqdn = u.challenge_fqdn("deleg.a.test")
+    assert fqdn == "deleg.a.test.acme.test"
+    assert u.challenge_fqdn("*.deleg.a.test") == fqdn
+    assert u.find_zone(fqdn) == "acme.test"
+    u.add_txt(fqdn, "in-delegate")
+    assert bind.txt(fqdn) == {"in-delegate"}
+    # What the CA sees: the CNAME at the original name, then the TXT in the delegate zone.
+    cname = bind.query("_acme-challenge.deleg.a.test", "CNAME").answer
+    assert [rd.target.to_text() for rd in cname[0]] == [fqdn + "."]
+    u.delete_txt(fqdn, "in-delegate")
+    assert bind.txt(fqdn) == set()
+
+
+def test_cname_chain_followed_without_delegate_to(bind: Bind) -> None:
+    u = updater(bind)
+    assert u.challenge_fqdn("hops.a.test") == "hops.a.test.acme.test"
+    assert u.challenge_fqdn("deleg.a.test") == "deleg.a.test.acme.test"
+
+
+def test_delegate_to_without_cname_says_which_cname_to_add(bind: Bind) -> None:
+    u = updater(bind, delegate_to="acme.test.")
+    with pytest.raises(DnsError) as err:
+        u.challenge_fqdn("*.nocname.a.test")
+    assert err.value.name == "_acme-challenge.nocname.a.test"
+    assert "`_acme-challenge.nocname.a.test. CNAME nocname.a.test.acme.test.`" in str(err.value)
+    with pytest.raises(DnsError) as err:
+        u.challenge_fqdn("elsewhere.a.test")
+    assert "_acme-challenge.elsewhere.b.test" in err.value.message
+    assert "CNAME elsewhere.a.test.acme.test." in err.value.message
+
+
+def test_cname_loop(bind: Bind) -> None:
+    with pytest.raises(DnsError) as err:
+        updater(bind).challenge_fqdn("loop1.a.test")
+    assert "CNAME loop" in err.value.message
+    assert "_acme-challenge.loop2.a.test" in err.value.message
+
+
+def test_cname_chain_too_long(bind: Bind) -> None:
+    with pytest.raises(DnsError, match="CNAME chain longer than"):
+        updater(bind).challenge_fqdn("long.a.test")
+
+
+def test_invalid_name() -> None:
+    u = DnsUpdater(DnsSettings(resolver=Address("127.0.0.1", 1)), TsigKey("k", "hmac-sha256", b"s"))
+    with pytest.raises(DnsError):
+        u.challenge_fqdn("bad_name!.a.test")
+    with pytest.raises(DnsError):
+        u.find_zone("")
+
+
+# --- TSIG key files ------------------------------------------------------------------------
+
+
+def test_parse_tsig_secret_from_tsig_keygen_output() -> None:
+    text = keygen("other") + keygen("edged")
+    secret = re.findall(r'secret "([^"]+)"', text)[1]
+    assert parse_tsig_secret(text, "edged", "k.conf") == base64.b64decode(secret)
+    assert parse_tsig_secret(text, "edged.", "k.conf") == base64.b64decode(secret)
+    unquoted = f'# comment\nkey edged {{\n  algorithm hmac-sha256;\n  secret "{secret}";\n}};'
+    assert parse_tsig_secret(unquoted, "edged", "k.conf") == base64.b64decode(secret)
+
+
+def test_parse_tsig_secret_bare_base64() -> None:
+    raw = bytes(range(32))
+    assert parse_tsig_secret(base64.b64encode(raw).decode() + "\n", "edged", "k") == raw
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "not a key at all",
+        "c2VjcmV0===",
+        'key edged { algorithm hmac-sha256; secret "!!notbase64!!"; };',
+        'key "edged" { algorithm hmac-sha256; };',
+        "key edged {",
+    ],
+)
+def test_parse_tsig_secret_rejects_garbage(text: str) -> None:
+    with pytest.raises(DnsError) as err:
+        parse_tsig_secret(text, "edged", "/etc/edged/tsig.key")
+    assert err.value.name == "/etc/edged/tsig.key"
+    assert str(err.value).startswith("/etc/edged/tsig.key: ")
+
+
+def test_parse_tsig_secret_missing_key_name() -> None:
+    text = keygen("other")
+    secret = re.findall(r'secret "([^"]+)"', text)[0]
+    with pytest.raises(DnsError) as err:
+        parse_tsig_secret(text, "edged", "k.conf")
+    assert 'no TSIG key named "edged"' in err.value.message
+    assert '"other"' in err.value.message
+    assert secret not in str(err.value)
+
+
+def test_load_tsig_key(tmp_path: Path) -> None:
+    path = tmp_path / "tsig.key"
+    path.write_text(keygen("edged", "hmac-sha512"))
+    key = load_tsig_key(DnsSettings(tsig_algorithm="hmac-sha512", tsig_secret_file=path))
+    assert key.name == "edged"
+    assert key.algorithm == "hmac-sha512"
+    assert len(key.secret) == 64
+    assert repr(key.secret) not in repr(key)
+    with pytest.raises(DnsError, match=r"hmac-sha512 but acme\.dns\.tsig_algorithm is hmac-sha256"):
+        load_tsig_key(DnsSettings(tsig_secret_file=path))
+    with pytest.raises(DnsError, match="cannot read the TSIG secret file"):
+        load_tsig_key(DnsSettings(tsig_secret_file=tmp_path / "missing"))
+    with pytest.raises(DnsError, match=r"^acme\.dns\.tsig_secret_file: is not set"):
+        load_tsig_key(DnsSettings())
+
+
+def test_build_resolver_uses_settings() -> None:
+    resolver = build_resolver(DnsSettings(resolver=Address("127.0.0.1", 5353)), timeout=1.5)
+    assert [str(ns) for ns in resolver.nameservers] == ["127.0.0.1"]
+    assert resolver.port == 5353
+    assert resolver.lifetime == 1.5
+
+
+# --- CAA -----------------------------------------------------------------------------------
+
+
+def caa(named: Bind, name: str, *cas: str) -> CaaResult:
+    return check_caa(name, cas or (PEBBLE,), build_resolver(named.settings(), timeout=2.0))
+
+
+def test_caa_absent_allows_any_ca(caa_bind: Bind) -> None:
+    result = caa(caa_bind, "www.nocaa.test")
+    assert result.allowed
+    assert result.owner == ""
+    assert result.records == ()
+    assert "no CAA" in result.describe()
+    only_iodef = caa(caa_bind, "iodef-only.nocaa.test")
+    assert only_iodef.allowed
+    assert only_iodef.owner == "iodef-only.nocaa.test"
+
+
+def test_caa_issue_allows_named_ca_and_blocks_others(caa_bind: Bind) -> None:
+    ok = caa(caa_bind, "le.test.")
+    assert ok.allowed
+    assert ok.owner == "le.test"
+    assert ok.records == (f'0 issue "{PEBBLE}"',)
+    blocked = caa(caa_bind, "le.test", "sectigo.com")
+    assert not blocked.allowed
+    assert blocked.blocking == f'0 issue "{PEBBLE}"'
+    described = blocked.describe()
+    assert "le.test" in described
+    assert f'0 issue "{PEBBLE}"' in described
+    assert 'CAA 0 issue "sectigo.com"' in described
+    assert caa(caa_bind, "params.le.test").allowed  # parameters after ';' are ignored
+
+
+def test_caa_on_parent_applies_to_child(caa_bind: Bind) -> None:
+    child = caa(caa_bind, "deep.sub.le.test")
+    assert child.allowed
+    assert child.owner == "le.test"
+    own = caa(caa_bind, "own.le.test")
+    assert not own.allowed
+    assert own.owner == "own.le.test"
+    assert own.blocking == '0 issue "other.ca"'
+
+
+def test_caa_issuewild_for_wildcards(caa_bind: Bind) -> None:
+    wild = caa(caa_bind, "*.wild.test")
+    assert wild.allowed
+    assert wild.name == "*.wild.test"
+    apex = caa(caa_bind, "wild.test")
+    assert not apex.allowed
+    assert apex.blocking == '0 issue "other.ca"'
+    other = caa(caa_bind, "*.wild.test", "other.ca")
+    assert not other.allowed
+    assert other.blocking == f'0 issuewild "{PEBBLE}"'
+    assert "issuewild" in other.describe()
+    assert caa(caa_bind, "*.le.test").allowed  # no issuewild: issue applies
+
+
+def test_caa_empty_issue_forbids_all(caa_bind: Bind) -> None:
+    result = caa(caa_bind, "forbid.test")
+    assert not result.allowed
+    assert result.blocking == '0 issue ";"'
+
+
+def test_caa_critical_unknown_tag_blocks(caa_bind: Bind) -> None:
+    result = caa(caa_bind, "crit.test")
+    assert not result.allowed
+    assert result.blocking == '128 tbs "unknown"'
+    assert caa(caa_bind, "noncrit.test").allowed
+
+
+def test_caa_follows_cname(caa_bind: Bind) -> None:
+    result = caa(caa_bind, "alias.le.test")
+    assert not result.allowed  # the CNAME target (b2.test) only lets other.ca issue
+    assert result.owner == "alias.le.test"
+    assert result.blocking == '0 issue "other.ca"'
+    # RFC 8659: no CAA at the target, so the climb continues from the alias's parent.
+    result = caa(caa_bind, "alias-empty.le.test")
+    assert result.allowed
+    assert result.owner == "le.test"
+
+
+def test_caa_lookup_failure_is_an_error(caa_bind: Bind) -> None:
+    resolver = build_resolver(caa_bind.settings(resolver=Address("127.0.0.1", 1)), timeout=0.3)
+    with pytest.raises(DnsError) as err:
+        check_caa("le.test", [PEBBLE], resolver)
+    assert "CAA lookup" in err.value.message
+    assert "acme.dns.resolver" in err.value.message
