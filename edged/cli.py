@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from edged import __version__
 from edged.certs import chain_problem, check_bundle, describe_chain, parse_bundle
-from edged.config import DEFAULT_CONFIG_PATH, Config, load_config
+from edged.config import DEFAULT_CONFIG_PATH, Config, Site, load_config
 from edged.errors import CertError, CertReason, ConfigError, StoreError
 from edged.names import NameError_, covers, normalize_name
 from edged.sources import load_site_certs, read_pem, validate_stored
@@ -54,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     with_config(rollback)
     rollback.add_argument("name", help="the site's first name (the store directory)")
 
+    issue = sub.add_parser(
+        "issue", help="obtain certificates over ACME now, into the store (one-shot)"
+    )
+    with_config(issue)
+    issue.add_argument("names", nargs="+", metavar="NAME", help="a name of a [[site]]")
+
     cert = sub.add_parser("cert", help="certificate tools")
     cert_sub = cert.add_subparsers(dest="cert_command", required=True, metavar="COMMAND")
     inspect = cert_sub.add_parser("inspect", help="show a PEM file's certificates and problems")
@@ -72,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(cmd_check(args.config))
     if args.command == "rollback":
         sys.exit(cmd_rollback(args.config, args.name))
+    if args.command == "issue":
+        sys.exit(cmd_issue(args.config, args.names))
     if args.command == "cert" and args.cert_command == "inspect":
         sys.exit(cmd_inspect(args.file, args.key, args.name))
     if args.command in ADMIN_COMMANDS:
@@ -120,6 +128,67 @@ def cmd_check(config_path: Path) -> int:
     status = "FAILED" if certs.errors else "ok"
     print(f"{config_path}: {status}: {len(config.sites)} sites, {served} valid certificates")
     return EXIT_INVALID if certs.errors else EXIT_OK
+
+
+def cmd_issue(config_path: Path, raw_names: list[str]) -> int:
+    """Order certificates for the sites of the given names and store them; a running daemon
+    picks them up from its store watch."""
+    import asyncio
+
+    from edged.acme.issue import Issued
+    from edged.listen import StartupError
+    from edged.renewer import issue_now
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    config = _load_config_or_report(config_path)
+    if config is None:
+        return EXIT_INVALID
+    if config.acme is None:
+        print(f"{config_path}: acme: no [acme] table: add one (directory, email) to issue")
+        return EXIT_INVALID
+    if config.store_path is None:
+        print(f"{config_path}: edged.store: `edged issue` needs a directory store")
+        return EXIT_INVALID
+    sites: list[Site] = []
+    for raw in raw_names:
+        try:
+            name = normalize_name(raw)
+        except NameError_ as exc:
+            print(f"{raw}: {exc}")
+            return EXIT_INVALID
+        site = config.site_for(name)
+        if site is None:
+            print(f"{name}: not a name of any [[site]] in {config_path}: add it to a site first")
+            return EXIT_INVALID
+        if site.cert_file is not None:
+            print(f"{name}: {site.key} uses cert_file {site.cert_file}: edged does not order it")
+            return EXIT_INVALID
+        if site not in sites:
+            sites.append(site)
+    store = FileStore(config.store_path)
+    try:
+        results = asyncio.run(issue_now(config, store, sites))
+    except StartupError as exc:
+        print(
+            f"{exc}\nIf edged is running it answers the challenges itself: use "
+            f"`edged renew NAME --config {config_path}` instead."
+        )
+        return EXIT_INVALID
+    failed = 0
+    for site, result in results:
+        if isinstance(result, Issued):
+            cert = result.cert
+            pair = cert.pairs[0]
+            bundle = parse_bundle(pair.fullchain, pair.privkey)
+            print(
+                f"{site.name}: issued for {', '.join(cert.names)}; key types "
+                f"{', '.join(cert.key_types)}; valid until {bundle.not_after:%Y-%m-%d %H:%M} UTC; "
+                f"issuer {bundle.issuer}; {result.seconds:.2f} s"
+            )
+        else:
+            failed += 1
+            print(f"{site.name}: not issued: {result}")
+    return EXIT_INVALID if failed else EXIT_OK
 
 
 def cmd_rollback(config_path: Path, raw_name: str) -> int:

@@ -29,7 +29,7 @@ from edged.certs import CertBundle, parse_bundle
 from edged.config import AcmeSettings, Config, Site
 from edged.counters import Counters
 from edged.errors import AcmeError, EdgedError, StoreError
-from edged.http01 import ChallengeBoard
+from edged.http01 import ChallengeBoard, Http01App, HttpListeners
 from edged.renewal import Notice, RenewalPolicy, RenewalState
 from edged.store.base import Store
 
@@ -374,3 +374,34 @@ class Renewer:
             await asyncio.to_thread(self.store.save_state, state.name, state.to_json())
         except StoreError as exc:
             log.error("cannot save renewal state name=%s error=%s", state.name, exc)
+
+
+async def issue_now(
+    config: Config, store: Store, sites: Iterable[Site], counters: Counters | None = None
+) -> list[tuple[Site, Issued | EdgedError]]:
+    """One-shot issuance (`edged issue`): serve HTTP-01 ourselves when that is the challenge.
+
+    StartupError when the HTTP listeners cannot be bound (usually: the daemon runs; then
+    `edged renew` is the way)."""
+    assert config.acme is not None
+    board = ChallengeBoard()
+    listeners: HttpListeners | None = None
+    if config.acme.challenge == "http-01":
+        listeners = HttpListeners(Http01App(board, lambda: config))
+        await listeners.sync(config.listen.http)
+    results: list[tuple[Site, Issued | EdgedError]] = []
+    try:
+        new_solver = build_solver_factory(config.acme, board)
+        for site in sites:
+            try:
+                issued = await asyncio.to_thread(
+                    obtain, config.acme, store, site, new_solver, counters
+                )
+            except EdgedError as exc:
+                results.append((site, exc))
+            else:
+                results.append((site, issued))
+    finally:
+        if listeners is not None:
+            await listeners.close()
+    return results

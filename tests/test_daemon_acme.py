@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from edged.renewal import CertStatus
-from tests.conftest import curl, free_port, run_backend, run_edged, s_client
+from tests.conftest import curl, free_port, run_backend, run_cmd, run_edged, s_client
 from tests.pebble import Pebble, start_pebble
 
 
@@ -148,3 +151,55 @@ async def test_failures_retry_then_failed_webhook_then_force(
                 restarted.stop()
     finally:
         await runner.cleanup()
+
+
+EDGED = str(Path(sys.executable).with_name("edged"))
+
+
+def write_config(tmp_path: Path, pebble: Pebble, http_port: int) -> Path:
+    config = tmp_path / "edged.toml"
+    config.write_text(
+        textwrap.dedent(f"""
+            [edged]
+            store = "store"
+            [listen]
+            https = ["127.0.0.1:{free_port()}"]
+            http = ["127.0.0.1:{http_port}"]
+            metrics = ""
+            admin = ""
+        """)
+        + textwrap.dedent(acme_body(pebble, 9))
+    )
+    return config
+
+
+async def test_cli_issue_one_shot(pebble: Pebble, tmp_path: Path) -> None:
+    config = write_config(tmp_path, pebble, pebble.http_port)
+    out = await run_cmd(EDGED, "issue", "www.shop.test", "--config", str(config), limit=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "shop.test: issued for shop.test, www.shop.test; key types ecdsa-p256, rsa-2048" in (
+        out.stdout
+    )
+    assert (tmp_path / "store" / "live" / "shop.test" / "meta.json").exists()
+    check = await run_cmd(EDGED, "check", "--config", str(config))
+    assert check.returncode == 0, check.stdout
+
+
+async def test_cli_issue_port_busy_points_to_renew(pebble: Pebble, tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        config = write_config(tmp_path, pebble, busy.getsockname()[1])
+        out = await run_cmd(EDGED, "issue", "shop.test", "--config", str(config))
+    assert out.returncode == 1
+    assert "cannot listen on 127.0.0.1" in out.stdout
+    assert "edged renew NAME" in out.stdout
+
+
+async def test_cli_issue_reports_ca_error(pebble: Pebble, tmp_path: Path) -> None:
+    config = write_config(tmp_path, pebble, free_port())  # Pebble cannot reach this port
+    out = await run_cmd(EDGED, "issue", "shop.test", "--config", str(config), limit=60)
+    assert out.returncode == 1
+    assert "shop.test: not issued:" in out.stdout
+    assert "urn:ietf:params:acme:error:" in out.stdout or "connection" in out.stdout.lower()
+    assert not (tmp_path / "store" / "live" / "shop.test").exists()
