@@ -20,6 +20,7 @@ from pathlib import Path
 from aiohttp import web
 
 from edged import systemd
+from edged.admin import AdminStartupError, start_admin_server
 from edged.certs import CertBundle
 from edged.config import Address, Config, Site, load_config
 from edged.counters import Counters
@@ -33,6 +34,7 @@ from edged.metrics import (
     build_registry,
     start_metrics_server,
 )
+from edged.operations import DaemonOperations
 from edged.proxy import ProxySettings, Terminator
 from edged.reload import Snapshot, WatchSet, take_snapshot, watch_changes, watch_set
 from edged.renewer import Renewer
@@ -135,10 +137,12 @@ class Daemon:
         self.renewer = Renewer(
             board=self.board,
             counters=self.counters,
-            on_installed=lambda _name: self.request_reload("store"),
+            on_installed=lambda _name: self.reload("store"),
             serving=self.serving,
         )
         self._metrics: web.AppRunner | None = None
+        self._admin: web.AppRunner | None = None
+        self._reload_lock = asyncio.Lock()
         self.started = time.time()
 
     def _current_config(self) -> Config:
@@ -223,7 +227,13 @@ class Daemon:
                     self._metrics = await start_metrics_server(
                         config.listen.metrics, build_registry(self)
                     )
-            except (StartupError, MetricsServerError) as exc:
+                if config.listen.admin is not None:
+                    self._admin = await start_admin_server(
+                        config.listen.admin,
+                        DaemonOperations(self),
+                        token_file=config.listen.admin_token_file,
+                    )
+            except (StartupError, MetricsServerError, AdminStartupError) as exc:
                 log.error("%s", exc)
                 self._close_listeners()
                 await self._close_services()
@@ -282,6 +292,10 @@ class Daemon:
     async def reload(self, kind: str) -> bool:
         """Validate the new config and certificates off the loop, then swap; on any error keep
         serving the last good state and say why."""
+        async with self._reload_lock:  # the serve loop, the renewal loop and the admin API
+            return await self._reload_locked(kind)
+
+    async def _reload_locked(self, kind: str) -> bool:
         systemd.notify("RELOADING=1")
         try:
             return await self._reload_once(kind)
@@ -311,8 +325,11 @@ class Daemon:
             log.error("reload rejected, keeping the running config: %s", exc)
             self.counters.reloads[kind, "error"] += 1
             return False
-        if self.config is not None and config.listen.metrics != self.config.listen.metrics:
-            log.warning("listen.metrics changed: takes effect at the next restart")
+        for key in ("metrics", "admin", "admin_token_file"):
+            if self.config is not None and getattr(config.listen, key) != getattr(
+                self.config.listen, key
+            ):
+                log.warning("listen.%s changed: takes effect at the next restart", key)
         self.store = store
         await self._apply(loaded)
         await self.renewer.configure(config, store)
@@ -343,6 +360,7 @@ class Daemon:
         self.config = config
         self._loaded_watch = loaded.watch
         self._snapshot = loaded.snapshot
+        await self.renewer.changed()
 
     # --- file watching ---------------------------------------------------------------------
 
@@ -422,9 +440,10 @@ class Daemon:
 
     async def _close_services(self) -> None:
         await self.http.close()
-        if self._metrics is not None:
-            await self._metrics.cleanup()
-            self._metrics = None
+        for runner in (self._admin, self._metrics):
+            if runner is not None:
+                await runner.cleanup()
+        self._admin = self._metrics = None
 
     def _close_listeners(self) -> None:
         for server in self._servers.values():

@@ -15,7 +15,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -112,7 +112,7 @@ class Renewer:
         *,
         board: ChallengeBoard,
         counters: Counters,
-        on_installed: Callable[[str], None],
+        on_installed: Callable[[str], Awaitable[object]],
         serving: Callable[[str], CertBundle | None],
         rng: random.Random | None = None,
     ) -> None:
@@ -129,6 +129,12 @@ class Renewer:
         self._running: set[str] = set()
         self._expiry_notice: dict[str, datetime] = {}
         self._expired_log: dict[str, float] = {}
+        # Notified after every attempt and every swap of served certificates (see changed()).
+        self.changes = asyncio.Condition()
+
+    async def changed(self) -> None:
+        async with self.changes:
+            self.changes.notify_all()
 
     # --- control -------------------------------------------------------------------------
 
@@ -280,9 +286,10 @@ class Renewer:
                 ",".join(issued.cert.key_types),
                 issued.seconds,
             )
-            self.on_installed(name)
+            await self.on_installed(name)  # served before the attempt counts as done
         self.states[name] = after
         await self._save(after)
+        await self.changed()
         serving = self.serving(name)
         self._notify(
             renewal.notices(before, after, serving.not_after if serving else None, now, None),
@@ -391,7 +398,10 @@ async def issue_now(
         await listeners.sync(config.listen.http)
     results: list[tuple[Site, Issued | EdgedError]] = []
     try:
-        new_solver = build_solver_factory(config.acme, board)
+        try:
+            new_solver = build_solver_factory(config.acme, board)
+        except EdgedError as exc:  # e.g. the TSIG key file is unreadable: every site fails
+            return [(site, exc) for site in sites]
         for site in sites:
             try:
                 issued = await asyncio.to_thread(

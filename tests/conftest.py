@@ -133,7 +133,12 @@ class Edged:
 
 @contextlib.asynccontextmanager
 async def run_edged(
-    tmp_path: Path, body: str, port: int | None = None, http: tuple[int, ...] = ()
+    tmp_path: Path,
+    body: str,
+    port: int | None = None,
+    http: tuple[int, ...] = (),
+    admin: str = "",
+    metrics: str = "",
 ) -> AsyncIterator[Edged]:
     """Start edged in this event loop with `body` (sites, tls…), a free https port and the
     plain-HTTP listeners on 127.0.0.1:`http` ports."""
@@ -146,8 +151,8 @@ async def run_edged(
         [listen]
         https = ["127.0.0.1:{port}"]
         http = {json.dumps([f"127.0.0.1:{p}" for p in http])}
-        metrics = ""
-        admin = ""
+        metrics = "{metrics}"
+        admin = "{admin}"
     """
     config_path.write_text(textwrap.dedent(head) + textwrap.dedent(body))
     daemon = Daemon(config_path)

@@ -1,0 +1,303 @@
+"""What the admin API asks of the running daemon: status, certificates, renew, upload, revoke.
+
+Every answer is built from the daemon's live objects (the served bundles, the renewal states),
+so `edged status` shows what is actually being served. Mutations go through the same paths as
+everything else: uploads are validated like files and stored atomically, then picked up by a
+reload; renewals go through the renewal loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from edged import __version__
+from edged.acme.client import AcmeSession
+from edged.acme.revoke import revoke_certs
+from edged.admin import AdminError
+from edged.certs import CertBundle, check_bundle, parse_bundle
+from edged.config import Config, Site
+from edged.errors import AcmeError, StoreError
+from edged.names import NameError_, normalize_name
+from edged.renewal import CertStatus
+from edged.store.base import PemPair, StoredCert
+
+if TYPE_CHECKING:
+    from edged.daemon import Daemon
+
+WAIT_LIMIT = 90.0  # the CLI waits up to 120 s; answer before it gives up
+
+
+class DaemonOperations:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    # --- reading ------------------------------------------------------------------------
+
+    def _config(self) -> Config:
+        config = self.daemon.config
+        if config is None:
+            raise AdminError("busy", "edged is still starting", 503)
+        return config
+
+    def _site(self, raw: str) -> Site:
+        try:
+            name = normalize_name(raw)
+        except NameError_ as exc:
+            raise AdminError("bad_name", str(exc), 400) from None
+        site = self._config().site_for(name)
+        if site is None:
+            raise AdminError("unknown_name", f"{name} is not a name of any [[site]]", 404)
+        return site
+
+    def status(self) -> dict[str, object]:
+        config = self._config()
+        counts: dict[str, int] = {}
+        for summary in self.certs():
+            state = str(summary["state"])
+            counts[state] = counts.get(state, 0) + 1
+        handshakes = self.daemon.counters.handshakes
+        return {
+            "node": socket.gethostname(),
+            "version": __version__,
+            "uptime_seconds": round(time.time() - self.daemon.started, 1),
+            "listeners": [f"https {a}" for a in self.daemon.listening()]
+            + [f"http {a}" for a in self.daemon.http.addresses()],
+            "sites": len(config.sites),
+            "certs": counts,
+            "connections_active": self.daemon.connections_active(),
+            "handshakes_ok": sum(n for (result, _), n in handshakes.items() if result == "ok"),
+            "handshakes_failed": sum(n for (result, _), n in handshakes.items() if result != "ok"),
+            "acme": config.acme.directory if config.acme else None,
+        }
+
+    def certs(self) -> list[dict[str, object]]:
+        return [self._summary(site) for site in self._config().sites]
+
+    def cert(self, name: str) -> dict[str, object]:
+        site = self._site(name)
+        summary = self._summary(site)
+        served = self.daemon.bundles.get(site.index, ())
+        summary["certificates"] = [
+            {
+                "key_type": b.key_type,
+                "subject": b.subject,
+                "issuer": b.issuer,
+                "serial": b.serial,
+                "fingerprint_sha256": b.fingerprint,
+                "not_before": b.not_before,
+                "not_after": b.not_after,
+                "names": list(b.names),
+            }
+            for b in served
+        ]
+        state = self.daemon.renewer.states.get(site.name)
+        if state is not None:
+            summary["last_success"] = state.last_success
+            summary["last_attempt"] = state.last_attempt
+            summary["not_before_retry"] = state.not_before_retry
+            summary["issued_by"] = state.issued_by
+            summary["error"] = state.last_error
+        return summary
+
+    def _summary(self, site: Site) -> dict[str, object]:
+        served: tuple[CertBundle, ...] = self.daemon.bundles.get(site.index, ())
+        state = self.daemon.renewer.states.get(site.name)
+        first = served[0] if served else None
+        if site.cert_file is not None:
+            source = "files"
+        elif state is not None:
+            source = "acme"
+        elif first is not None:
+            source = "upload"
+        else:
+            source = "none"
+        if state is not None:
+            status = state.status.value
+            if self.daemon.renewer.fallback_active(site.name):
+                status = "fallback"
+        else:
+            status = "active" if first is not None else "missing"
+        return {
+            "name": site.name,
+            "names": list(site.names),
+            "state": status,
+            "source": source,
+            "not_after": first.not_after if first else None,
+            "key_types": [b.key_type for b in served],
+            "issuer": first.issuer if first else "",
+            "attempts": state.attempts if state else 0,
+            "next_try": state.next_try if state else None,
+            "last_error": _error_line(state.last_error) if state and state.last_error else None,
+        }
+
+    # --- actions --------------------------------------------------------------------------
+
+    async def renew(self, name: str) -> dict[str, object]:
+        site = self._site(name)
+        renewer = self.daemon.renewer
+        if site.name not in renewer.states:
+            raise AdminError(
+                "not_acme",
+                f"{site.name} is not managed by ACME (cert_file, an upload, or no [acme]): "
+                "nothing to renew",
+                409,
+            )
+        started = datetime.now(UTC)
+        renewer.force(site.name)
+        await self._wait(
+            lambda: (
+                (s := renewer.states[site.name]).last_attempt is not None
+                and s.last_attempt >= started
+                and not s.in_flight
+            )
+        )
+        state = renewer.states[site.name]
+        if (
+            state.status is CertStatus.ACTIVE
+            and state.last_success
+            and (state.last_success >= started)
+        ):
+            served = self.daemon.serving(site.name)
+            until = f" valid until {served.not_after:%Y-%m-%d %H:%M} UTC" if served else ""
+            return {"name": site.name, "state": "active", "message": f"renewed {site.name};{until}"}
+        if state.last_attempt is None or state.last_attempt < started:
+            return {
+                "name": site.name,
+                "state": state.status.value,
+                "message": f"renewal of {site.name} started; `edged status` shows the result",
+            }
+        raise AdminError(
+            "renewal_failed",
+            f"renewal of {site.name} failed: {_error_line(state.last_error or {})}; "
+            f"state {state.status.value}, next try {state.next_try}",
+            502,
+        )
+
+    async def upload(self, name: str, cert_pem: bytes, key_pem: bytes) -> dict[str, object]:
+        site = self._site(name)
+        config = self._config()
+        if site.cert_file is not None:
+            raise AdminError(
+                "managed_by_files",
+                f"{site.key} uses cert_file {site.cert_file}: replace that file instead",
+                409,
+            )
+        store = self.daemon.store
+        if store is None:
+            raise AdminError("no_store", "edged.store is not a directory store", 409)
+        bundle = parse_bundle(cert_pem, key_pem, source="upload", key_source="upload key")
+        problems = check_bundle(
+            bundle, now=datetime.now(UTC), names=site.names, require_chain=config.tls.require_chain
+        )
+        if problems:
+            raise problems[0]
+        cert = StoredCert(
+            name=site.name,
+            names=bundle.names,
+            pairs=(PemPair(bundle.key_type, bundle.fullchain_pem, bundle.key_pem),),
+            source="upload",
+            stored_at=time.time(),
+        )
+        await self._store(lambda: store.save(cert))
+        await self.daemon.reload("admin")
+        await self._wait(lambda: _serves(self.daemon.serving(site.name), bundle))
+        return {
+            "name": site.name,
+            "fingerprint_sha256": bundle.fingerprint,
+            "message": f"uploaded certificate now serves {', '.join(site.names)} "
+            f"(valid until {bundle.not_after:%Y-%m-%d} UTC); ACME stops managing {site.name} "
+            f"until `edged upload {site.name} --remove`",
+        }
+
+    async def unmanage_upload(self, name: str) -> dict[str, object]:
+        site = self._site(name)
+        store = self.daemon.store
+        if store is None or self._config().acme is None:
+            raise AdminError("not_acme", "no [acme] table: nothing would manage the name", 409)
+        stored = await asyncio.to_thread(store.load, site.name)
+        if stored is None or stored.source != "upload":
+            raise AdminError("not_uploaded", f"{site.name} has no uploaded certificate", 409)
+        # The upload keeps serving until ACME has a certificate: hand it back to ACME as the
+        # certificate to renew, and renew it now.
+        handed_back = StoredCert(
+            name=stored.name,
+            names=stored.names,
+            pairs=stored.pairs,
+            source="acme",
+            stored_at=time.time(),
+            extra={**stored.extra, "origin": "upload"},
+        )
+        await self._store(lambda: store.save(handed_back))
+        await self.daemon.reload("admin")
+        if site.name in self.daemon.renewer.states:
+            self.daemon.renewer.force(site.name)
+        return {
+            "name": site.name,
+            "message": f"{site.name} is managed by ACME again; the uploaded certificate serves "
+            "until the new one is issued",
+        }
+
+    async def revoke(self, name: str, reason: str, replace: bool) -> dict[str, object]:
+        site = self._site(name)
+        config = self._config()
+        store = self.daemon.store
+        if config.acme is None or store is None or site.name not in self.daemon.renewer.states:
+            raise AdminError("not_acme", f"{site.name} was not issued by edged's ACME account", 409)
+        stored = await asyncio.to_thread(store.load, site.name)
+        if stored is None or stored.source != "acme":
+            raise AdminError("not_acme", f"{site.name} has no ACME certificate to revoke", 409)
+        session = AcmeSession(
+            config.acme, store, observe=self.daemon.counters.acme_requests.observe
+        )
+        chains = [pair.fullchain for pair in stored.pairs]
+        try:
+            count = await asyncio.to_thread(revoke_certs, session, site.name, chains, reason)
+        except AcmeError as exc:
+            raise AdminError("revoke_failed", str(exc), 502) from exc
+        message = f"revoked {count} certificate(s) of {site.name} (reason {reason})"
+        if replace:
+            self.daemon.renewer.force(site.name)
+            message += "; a replacement is being ordered"
+        return {"name": site.name, "revoked": count, "message": message}
+
+    async def reload(self) -> dict[str, object]:
+        ok = await self.daemon.reload("admin")
+        if not ok:
+            raise AdminError(
+                "reload_failed",
+                "reload rejected or partly rejected; the last good state keeps serving: "
+                "see `edged check` and the log",
+                422,
+            )
+        return {"message": "reloaded"}
+
+    # --- helpers --------------------------------------------------------------------------
+
+    async def _wait(self, done: Callable[[], bool]) -> None:
+        changes = self.daemon.renewer.changes
+        async with changes:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changes.wait_for(done), WAIT_LIMIT)
+
+    @staticmethod
+    async def _store(write: Callable[[], None]) -> None:
+        try:
+            await asyncio.to_thread(write)
+        except StoreError as exc:
+            raise AdminError("store_failed", str(exc), 500) from exc
+
+
+def _serves(served: CertBundle | None, bundle: CertBundle) -> bool:
+    return served is not None and served.fingerprint == bundle.fingerprint
+
+
+def _error_line(error: dict[str, object]) -> str:
+    if "detail" in error:
+        return f"{error.get('type', '')}: {error['detail']}".strip(": ")
+    return str(error.get("message", error))

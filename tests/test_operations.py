@@ -1,0 +1,178 @@
+"""The admin API and CLI against the real daemon, with real Pebble: status, renew, upload,
+remove, revoke, reload; and /metrics while serving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from edged.admin_client import AdminClient, AdminRequestError
+from edged.config import Address
+from tests.conftest import free_port, peer_cn, run_backend, run_cmd, run_edged, s_client
+from tests.pebble import Pebble, start_pebble
+from tests.pki import fullchain, make_ca, make_intermediate, make_leaf
+from tests.test_daemon_acme import acme_body, wait_for
+
+EDGED = str(Path(sys.executable).with_name("edged"))
+
+
+@pytest.fixture
+def pebble(tmp_path: Path) -> Iterator[Pebble]:
+    p = start_pebble(tmp_path / "pebble")
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+async def test_admin_end_to_end(pebble: Pebble, tmp_path: Path) -> None:
+    sock = tmp_path / "admin.sock"
+    async with (
+        run_backend() as backend,
+        run_edged(
+            tmp_path,
+            acme_body(pebble, backend.port),
+            http=(pebble.http_port,),
+            admin=f"unix:{sock}",
+        ) as edged,
+    ):
+        await wait_for(lambda: edged.daemon.serving("shop.test") is not None)
+        assert sock.stat().st_mode & 0o777 == 0o600
+        client = AdminClient(Address(path=str(sock)))
+        config = str(edged.config_path)
+
+        status = await asyncio.to_thread(client.status)
+        assert status["certs"] == {"active": 1}
+        first = edged.daemon.serving("shop.test")
+        assert first is not None
+
+        out = await run_cmd(EDGED, "status", "--config", config)
+        assert out.returncode == 0, out.stderr
+        assert "shop.test" in out.stdout and "active" in out.stdout
+        out = await run_cmd(EDGED, "status", "--json", "--config", config)
+        assert json.loads(out.stdout)
+
+        # Force a renewal: a new certificate is served.
+        out = await run_cmd(EDGED, "renew", "www.shop.test", "--config", config, limit=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "renewed shop.test" in out.stdout
+        second = edged.daemon.serving("shop.test")
+        assert second is not None and second.fingerprint != first.fingerprint
+
+        # Upload our own certificate: validated, served, ACME stops managing the name.
+        ca = make_ca("Own CA")
+        inter = make_intermediate(ca, "Own Intermediate")
+        leaf = make_leaf(inter, ["shop.test", "www.shop.test"], cn="own upload")
+        cert_file = tmp_path / "own.pem"
+        key_file = tmp_path / "own.key"
+        cert_file.write_bytes(fullchain(leaf, inter))
+        key_file.write_bytes(leaf.key_pem)
+        out = await run_cmd(
+            EDGED, "upload", "shop.test", "--cert", str(cert_file), "--key", str(key_file),
+            "--config", config,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        cn = peer_cn((await s_client(edged.port, "www.shop.test")).stderr)
+        assert cn == "own upload"
+        assert "shop.test" not in edged.daemon.renewer.states
+
+        # A bad upload (key of another cert) is refused with the reason; nothing changes.
+        other = make_leaf(inter, ["shop.test"])
+        key_file.write_bytes(other.key_pem)
+        out = await run_cmd(
+            EDGED, "upload", "shop.test", "--cert", str(cert_file), "--key", str(key_file),
+            "--config", config,
+        )  # fmt: skip
+        assert out.returncode == 1
+        assert "key_mismatch" in out.stderr
+        assert "PRIVATE KEY" not in out.stderr + out.stdout
+        assert peer_cn((await s_client(edged.port, "shop.test")).stderr) == "own upload"
+
+        # Hand the name back to ACME: the upload serves until the new cert is there.
+        out = await run_cmd(EDGED, "upload", "shop.test", "--remove", "--config", config)
+        assert out.returncode == 0, out.stdout + out.stderr
+        await wait_for(
+            lambda: (s := edged.daemon.serving("shop.test")) is not None and "Pebble" in s.issuer
+        )
+
+        # Revoke through ACME; a replacement is ordered at once.
+        before = edged.daemon.serving("shop.test")
+        assert before is not None
+        out = await run_cmd(
+            EDGED, "revoke", "shop.test", "--reason", "keyCompromise", "--config", config,
+            limit=60,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "revoked 2 certificate(s)" in out.stdout
+        await wait_for(
+            lambda: (
+                (s := edged.daemon.serving("shop.test")) is not None
+                and s.fingerprint != before.fingerprint
+            )
+        )
+
+        # Unknown name and reload.
+        with pytest.raises(AdminRequestError) as info:
+            await asyncio.to_thread(client.cert, "nope.test")
+        assert info.value.status == 404
+        out = await run_cmd(EDGED, "reload", "--config", config)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert edged.daemon.counters.reloads["admin", "ok"] >= 1
+
+
+async def test_metrics_while_serving(pebble: Pebble, tmp_path: Path) -> None:
+    metrics_port = free_port()
+    async with (
+        run_backend() as backend,
+        run_edged(
+            tmp_path,
+            acme_body(pebble, backend.port),
+            http=(pebble.http_port,),
+            metrics=f"127.0.0.1:{metrics_port}",
+        ) as edged,
+    ):
+        await wait_for(lambda: edged.daemon.serving("shop.test") is not None)
+        ok = await s_client(edged.port, "shop.test")
+        assert "CONNECTION ESTABLISHED" in ok.stderr
+        refused = await s_client(edged.port, "unknown.test")
+        assert "alert" in (refused.stdout + refused.stderr).lower()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{metrics_port}/metrics") as response,
+        ):
+            assert response.status == 200
+            text = await response.text()
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+        served = edged.daemon.serving("shop.test")
+        assert served is not None
+        key = ("edged_cert_not_after_seconds", (("key_type", "ecdsa-p256"), ("name", "shop.test")))
+        assert samples[key] == served.not_after.timestamp()
+        assert samples[("edged_cert_state", (("name", "shop.test"), ("state", "active")))] == 1
+        assert samples[("edged_cert_fallback_active", (("name", "shop.test"),))] == 0
+        ok_total = sum(
+            v
+            for (n, labels), v in samples.items()
+            if n == "edged_tls_handshakes_total" and ("result", "ok") in labels
+        )
+        no_cert = sum(
+            v
+            for (n, labels), v in samples.items()
+            if n == "edged_tls_handshakes_total" and ("result", "no_cert") in labels
+        )
+        assert ok_total >= 1 and no_cert >= 1
+        attempts = ("edged_renewal_attempts_total", (("name", "shop.test"), ("result", "success")))
+        assert samples[attempts] == 1
+        assert samples[("edged_acme_request_seconds_count", ())] > 5
+        check = await run_cmd("promtool", "check", "metrics", stdin=text.encode())
+        assert check.returncode == 0, check.stdout + check.stderr
