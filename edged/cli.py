@@ -44,9 +44,21 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the daemon in the foreground (systemd runs this)")
     with_config(run)
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="stderr log lines: 'ts level logger message' (default) or one JSON object each",
+    )
 
     check = sub.add_parser("check", help="validate the config and every certificate")
     with_config(check)
+    check.add_argument(
+        "--preflight",
+        action="store_true",
+        help="also check CAA, that names point here and the ACME challenge for every "
+        "ACME-managed name (queries DNS, the CA's directory and, for dns-01, updates DNS)",
+    )
 
     rollback = sub.add_parser(
         "rollback", help="restore a name's previous certificate from the store (one step)"
@@ -73,9 +85,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "run":
-        sys.exit(cmd_run(args.config, args.log_level))
+        sys.exit(cmd_run(args.config, args.log_level, args.log_format))
     if args.command == "check":
-        sys.exit(cmd_check(args.config))
+        sys.exit(cmd_check(args.config, preflight=args.preflight))
     if args.command == "rollback":
         sys.exit(cmd_rollback(args.config, args.name))
     if args.command == "issue":
@@ -87,16 +99,13 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(EXIT_USAGE)
 
 
-def cmd_run(config_path: Path, level: str) -> int:
+def cmd_run(config_path: Path, level: str, log_format: str = "text") -> int:
     import uvloop
 
     from edged.daemon import Daemon
+    from edged.logs import setup_logging
 
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(level, log_format, sys.stderr)
     return uvloop.run(Daemon(config_path).run())
 
 
@@ -110,7 +119,7 @@ def _load_config_or_report(config_path: Path) -> Config | None:
         return None
 
 
-def cmd_check(config_path: Path) -> int:
+def cmd_check(config_path: Path, *, preflight: bool = False) -> int:
     config = _load_config_or_report(config_path)
     if config is None:
         return EXIT_INVALID
@@ -127,7 +136,33 @@ def cmd_check(config_path: Path) -> int:
     served = sum(len(b) for b in certs.bundles.values())
     status = "FAILED" if certs.errors else "ok"
     print(f"{config_path}: {status}: {len(config.sites)} sites, {served} valid certificates")
-    return EXIT_INVALID if certs.errors else EXIT_OK
+    failed = bool(certs.errors)
+    if preflight:
+        failed = _preflight(config_path, config, store) or failed
+    return EXIT_INVALID if failed else EXIT_OK
+
+
+def _preflight(config_path: Path, config: Config, store: FileStore | None) -> bool:
+    """Print one line per preflight check (`name: check: ok|FAIL: message`); True if any failed."""
+    import asyncio
+
+    from edged.preflight import any_failed, preflight_sites, run_preflight
+
+    if config.acme is None:
+        print(f"{config_path}: preflight: no [acme] table: nothing to check")
+        return False
+    sites = preflight_sites(config, store)
+    if not sites:
+        print(f"{config_path}: preflight: no ACME-managed sites: nothing to check")
+        return False
+    results = asyncio.run(run_preflight(config, sites=sites))
+    for result in results:
+        print(result.line())
+    bad = sum(not r.ok for r in results)
+    print(
+        f"{config_path}: preflight {'FAILED' if bad else 'ok'}: {len(results)} checks, {bad} failed"
+    )
+    return any_failed(results)
 
 
 def cmd_issue(config_path: Path, raw_names: list[str]) -> int:

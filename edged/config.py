@@ -60,6 +60,8 @@ class EdgedSettings:
     drain_timeout: float = 30.0
     backend_connect_timeout: float = 5.0
     watch: bool = True
+    connection_log: bool = False  # one log line per closed client connection
+    connection_log_sample: float = 1.0  # the fraction of connections logged (0..1)
 
 
 @dataclass(frozen=True)
@@ -346,10 +348,19 @@ def _parse_edged(r: _Reader) -> EdgedSettings:
         workers=r.integer("workers", d.workers, 0),
         max_connections=r.integer("max_connections", d.max_connections, 1),
         idle_timeout=r.positive("idle_timeout", d.idle_timeout),
-        drain_timeout=r.positive("drain_timeout", d.drain_timeout, allow_zero=True),
+        drain_timeout=_drain_timeout(r, d.drain_timeout),
         backend_connect_timeout=r.positive("backend_connect_timeout", d.backend_connect_timeout),
         watch=r.get("watch", bool, d.watch, "true or false"),
+        connection_log=r.get("connection_log", bool, d.connection_log, "true or false"),
+        connection_log_sample=r.get(
+            "connection_log_sample", float, d.connection_log_sample, "a number from 0 to 1"
+        ),
     )
+    if not 0.0 <= s.connection_log_sample <= 1.0:
+        r.problem(
+            "connection_log_sample",
+            f"must be a fraction from 0 to 1 (1 = every connection), got {s.connection_log_sample}",
+        )
     if "://" in s.store:
         r.problem(
             "store",
@@ -358,6 +369,16 @@ def _parse_edged(r: _Reader) -> EdgedSettings:
         )
     r.finish()
     return s
+
+
+def _drain_timeout(r: _Reader, default: float) -> float:
+    """`drain_timeout`, also spelled `shutdown_timeout` (the name systemd users look for)."""
+    if "shutdown_timeout" not in r.data:
+        return r.positive("drain_timeout", default, allow_zero=True)
+    if "drain_timeout" in r.data:
+        r.seen.add("drain_timeout")
+        r.problem("shutdown_timeout", "is another name for drain_timeout: set only one of them")
+    return r.positive("shutdown_timeout", default, allow_zero=True)
 
 
 def _parse_listen(r: _Reader, base: Path) -> ListenSettings:

@@ -9,13 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import os
 import signal
 import socket
 import ssl
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -26,7 +30,7 @@ from edged.config import Address, Config, Site, load_config
 from edged.counters import Counters
 from edged.errors import ConfigError, EdgedError, Problem
 from edged.http01 import ChallengeBoard, Http01App, HttpListeners
-from edged.listen import StartupError, bind_tcp
+from edged.listen import InheritedListeners, StartupError
 from edged.metrics import (
     CertMetric,
     MetricsServerError,
@@ -37,6 +41,7 @@ from edged.metrics import (
 from edged.operations import DaemonOperations
 from edged.proxy import ProxySettings, Terminator
 from edged.reload import Snapshot, WatchSet, take_snapshot, watch_changes, watch_set
+from edged.renewal import CertStatus
 from edged.renewer import Renewer
 from edged.sni import SniIndex, build_index
 from edged.sources import SiteCerts, load_site_certs
@@ -45,6 +50,8 @@ from edged.tls import ContextCache, SniSelector, build_listening_context, build_
 
 log = logging.getLogger("edged.daemon")
 
+STATUS_INTERVAL = 10.0  # seconds between checks whether systemd's STATUS= line changed
+
 
 def proxy_settings(config: Config) -> ProxySettings:
     return ProxySettings(
@@ -52,6 +59,9 @@ def proxy_settings(config: Config) -> ProxySettings:
         idle_timeout=config.edged.idle_timeout,
         connect_timeout=config.edged.backend_connect_timeout,
         max_connections=config.edged.max_connections,
+        connection_log_sample=(
+            config.edged.connection_log_sample if config.edged.connection_log else 0.0
+        ),
     )
 
 
@@ -127,6 +137,10 @@ class Daemon:
         self._snapshot: Snapshot = {}
         self._servers: dict[Address, asyncio.AbstractServer] = {}
         self._stop = asyncio.Event()
+        self._abort = asyncio.Event()  # a second SIGTERM/SIGINT: stop draining, exit now
+        self._exited = asyncio.Event()  # drained: the systemd loop ends
+        self._last_status = ""
+        self._inherited = InheritedListeners([])
         self._reload = asyncio.Event()
         self._reload_kind = "signal"
         self._watching: WatchSet | None = None
@@ -169,6 +183,30 @@ class Daemon:
             for b in self.bundles.get(site.index, ())
         ]
 
+    def status_text(self) -> str:
+        """The one-line summary systemd shows (`systemctl status edged`)."""
+        conns = self.connections_active()
+        if self._stop.is_set():
+            return f"stopping: draining {conns} connections"
+        certs = sum(len(b) for b in self.bundles.values())
+        notes = []
+        failed = sum(1 for s in self.renewer.states.values() if s.status == CertStatus.FAILED)
+        if failed:
+            notes.append(f"{failed} failed")
+        if self.config is not None:
+            missing = sum(1 for site in self.config.sites if not self.bundles.get(site.index))
+            if missing:
+                notes.append(f"{missing} sites without a cert")
+        detail = f" ({', '.join(notes)})" if notes else ""
+        return f"serving {certs} certs{detail}, {conns} connections"
+
+    def _send_status(self, *, only_changed: bool = False) -> None:
+        text = self.status_text()
+        if only_changed and text == self._last_status:
+            return
+        self._last_status = text
+        systemd.notify(systemd.status_line(text))
+
     def name_statuses(self) -> list[NameStatus]:
         return [
             NameStatus(name, view.state.status.value, self.renewer.fallback_active(name))
@@ -179,6 +217,20 @@ class Daemon:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def request_abort(self) -> None:
+        """Stop at once: abort open connections instead of draining them."""
+        self._stop.set()
+        self._abort.set()
+
+    def _on_signal(self, name: str) -> None:
+        if self._stop.is_set():
+            if not self._abort.is_set():
+                log.warning("%s again: aborting open connections and exiting now", name)
+            self.request_abort()
+        else:
+            log.info("%s: stopping (send it again to exit without draining)", name)
+            self.request_stop()
 
     def request_reload(self, kind: str = "signal") -> None:
         """Ask for a reload; requests that arrive while one runs coalesce into one more."""
@@ -193,6 +245,15 @@ class Daemon:
     # --- lifecycle ------------------------------------------------------------------------
 
     async def run(self, *, install_signals: bool = True) -> int:
+        # Socket activation: listening sockets passed by systemd (edged.socket), used for the
+        # [listen] addresses they are bound to.
+        self._inherited = InheritedListeners(systemd.listen_fds())
+        try:
+            return await self._run(install_signals)
+        finally:
+            self._inherited.close()
+
+    async def _run(self, install_signals: bool) -> int:
         loop = asyncio.get_running_loop()
         try:
             config = await asyncio.to_thread(load_config, self.config_path)
@@ -222,7 +283,8 @@ class Daemon:
             await self._apply(loaded)
             try:
                 await self._sync_listeners(config)
-                await self.http.sync(config.listen.http)
+                await self.http.sync(config.listen.http, self._inherited.bind)
+                self._inherited.close_unused()
                 if config.listen.metrics is not None:
                     self._metrics = await start_metrics_server(
                         config.listen.metrics, build_registry(self)
@@ -240,36 +302,97 @@ class Daemon:
                 return 1
             await self.renewer.configure(config, store)
             if install_signals:
-                loop.add_signal_handler(signal.SIGTERM, self.request_stop)
-                loop.add_signal_handler(signal.SIGINT, self.request_stop)
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(sig, self._on_signal, sig.name)
                 loop.add_signal_handler(signal.SIGHUP, self.request_reload)
-            log.info(
-                "edged ready: %d sites, %d names, listening on %s",
-                len(config.sites),
-                len(self.index),
-                ", ".join(str(a) for a in self._servers),
-            )
-            self.ready.set()
-            systemd.notify("READY=1")
-            tg.create_task(self._watch_loop())
-            tg.create_task(self.renewer.run(self._stop))
             try:
-                await self._serve()
+                log.info(
+                    "edged ready: %d sites, %d names, listening on %s",
+                    len(config.sites),
+                    len(self.index),
+                    ", ".join(str(a) for a in self._servers),
+                )
+                self.ready.set()
+                systemd.notify("READY=1")
+                self._send_status()
+                tg.create_task(self._systemd_loop())
+                tg.create_task(self._watch_loop())
+                renewing = tg.create_task(self.renewer.run(self._stop))
+                try:
+                    await self._serve()
+                finally:
+                    self._watch_stop.set()
+                await self._shut_down(renewing)
             finally:
-                self._watch_stop.set()
+                self._exited.set()
                 if install_signals:
                     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                         loop.remove_signal_handler(sig)
-            self._close_listeners()
-            await self._close_services()
-            systemd.notify("STOPPING=1")
-            open_conns = len(self.term.active)
-            log.info("stopping: draining %d connections (up to %ss)", open_conns, self._drain())
-            aborted = await self.term.drain(self._drain())
-            if aborted:
-                log.warning("drain timeout: aborted %d connections", aborted)
         log.info("edged stopped")
         return 0
+
+    async def _shut_down(self, renewing: asyncio.Task[None]) -> None:
+        """Stop accepting, then let open connections finish for up to drain_timeout; a second
+        signal (request_abort) cuts every wait short and aborts what is left."""
+        assert self.term is not None
+        self._close_listeners()
+        await self._unless_aborted(self._close_services())
+        systemd.notify("STOPPING=1")
+        self._send_status()
+        log.info(
+            "stopping: draining %d connections (up to %ss)",
+            len(self.term.active),
+            self._drain(),
+        )
+        drain = asyncio.ensure_future(self.term.drain(self._drain()))
+        if await self._unless_aborted(drain):
+            aborted = drain.result()
+            if aborted:
+                log.warning("drain timeout: aborted %d connections", aborted)
+        else:
+            renewing.cancel()  # an ACME order in progress resumes at the next start
+            aborted = await self.term.drain(0)
+            log.warning("second signal: aborted %d connections", aborted)
+
+    async def _unless_aborted(self, aw: Awaitable[Any]) -> bool:
+        """Await `aw` unless request_abort() comes first (then cancel it); True if it ran out."""
+        task = asyncio.ensure_future(aw)
+        abort = asyncio.ensure_future(self._abort.wait())
+        try:
+            await asyncio.wait({task, abort}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            abort.cancel()
+        if task.done():
+            task.result()
+            return True
+        task.cancel()
+        await asyncio.wait({task})
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("cut short: %r", task.exception())
+        return False
+
+    async def _systemd_loop(self) -> None:
+        """WATCHDOG=1 at half of WATCHDOG_USEC, from the event loop: when the loop is stuck the
+        pings stop and systemd restarts edged. And STATUS= when the summary changed. Runs until
+        the daemon has drained (the watchdog keeps running while it stops)."""
+        if not os.environ.get("NOTIFY_SOCKET"):
+            return
+        loop = asyncio.get_running_loop()
+        watchdog = systemd.watchdog_interval()
+        if watchdog is not None:
+            log.info("systemd watchdog: pinging every %.1fs", watchdog)
+        next_status = loop.time() + STATUS_INTERVAL
+        while not self._exited.is_set():
+            if watchdog is not None:
+                systemd.notify("WATCHDOG=1")
+            now = loop.time()
+            if now >= next_status:
+                self._send_status(only_changed=True)
+                next_status = now + STATUS_INTERVAL
+            wait = min(watchdog if watchdog is not None else math.inf, next_status - now)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(wait, 0.01)):
+                    await self._exited.wait()
 
     def _drain(self) -> float:
         return self.config.edged.drain_timeout if self.config else 0.0
@@ -306,6 +429,7 @@ class Daemon:
             return False
         finally:
             systemd.notify("READY=1")
+            self._send_status()
 
     async def _reload_once(self, kind: str) -> bool:
         try:
@@ -320,7 +444,7 @@ class Daemon:
         self._log_problems(loaded.certs.problems)
         try:
             await self._sync_listeners(config)
-            await self.http.sync(config.listen.http)
+            await self.http.sync(config.listen.http, self._inherited.bind)
         except StartupError as exc:
             log.error("reload rejected, keeping the running config: %s", exc)
             self.counters.reloads[kind, "error"] += 1
@@ -420,7 +544,7 @@ class Daemon:
         try:
             for address in wanted:
                 if address not in self._servers:
-                    new[address] = bind_tcp(address)
+                    new[address] = self._inherited.bind(address)
         except StartupError:
             for sock in new.values():
                 sock.close()

@@ -218,8 +218,13 @@ class HttpListeners:
         self._sites: dict[Address, web.SockSite] = {}
         self._started = False
 
-    async def sync(self, addresses: Iterable[Address]) -> None:
-        """Bind new addresses first (all or nothing), then stop the ones no longer wanted."""
+    async def sync(
+        self,
+        addresses: Iterable[Address],
+        bind: Callable[[Address], socket.socket] = bind_tcp,
+    ) -> None:
+        """Bind new addresses first (all or nothing), then stop the ones no longer wanted.
+        `bind` gives the listening socket for an address (socket activation passes its own)."""
         if not self._started:
             await self.runner.setup()
             self._started = True
@@ -228,7 +233,7 @@ class HttpListeners:
         try:
             for address in wanted:
                 if address not in self._sites:
-                    new[address] = bind_tcp(address)
+                    new[address] = bind(address)
         except StartupError:
             for sock in new.values():
                 sock.close()

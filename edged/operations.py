@@ -260,6 +260,8 @@ class DaemonOperations:
             count = await asyncio.to_thread(revoke_certs, session, site.name, chains, reason)
         except AcmeError as exc:
             raise AdminError("revoke_failed", str(exc), 502) from exc
+        finally:
+            session.close()
         message = f"revoked {count} certificate(s) of {site.name} (reason {reason})"
         if replace:
             self.daemon.renewer.force(site.name)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
 import ssl
 import time
@@ -29,6 +30,7 @@ from edged.sni import Route
 from edged.tls import REFUSED_ATTR, ROUTE_ATTR, SNI_ATTR, SniSelector
 
 log = logging.getLogger("edged.proxy")
+conn_log = logging.getLogger("edged.conn")  # [edged] connection_log: one line per connection
 
 READ_CHUNK = 256 * 1024
 WRITE_HIGH_WATER = 256 * 1024
@@ -63,6 +65,7 @@ class ProxySettings:
     idle_timeout: float = 300.0
     connect_timeout: float = 5.0
     max_connections: int = 10000
+    connection_log_sample: float = 0.0  # fraction of closed connections logged; 0 = off
 
 
 class _Throttled:
@@ -134,6 +137,7 @@ class ClientConnection(asyncio.Protocol):
         self.sni: str | None = None
         self.handshaking = True
         self.closed = False
+        self.close_reason = ""  # why the connection ended (connection log); first one wins
         self.client_eof = False
         self.backend_eof = False
         self._notify_sent = False
@@ -199,6 +203,8 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.handshaking and not self.closed:
             self.term.counters.handshakes["client_closed", "none"] += 1
+            self._reason("handshake_client_closed")
+        self._reason("client_closed" if exc is None else "client_error")
         self.closed = True
         self._finish()
         if self.backend is not None:
@@ -245,6 +251,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _handshake_failed(self, result: str, exc: Exception | None) -> None:
         self.term.counters.handshakes[result, "none"] += 1
+        self._reason(f"handshake_{result}")
         if result in ("no_shared_cipher", "internal_error"):
             # The failures that otherwise leave no trace: an RSA-only client and an
             # ECDSA-only certificate fail without any alert the operator could see.
@@ -348,7 +355,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if reason is not None:
             self.term.counters.backend_errors[reason] += 1
-            self.abort(reason)
+            self.abort(f"backend_{reason}")
         elif not self.backend_eof:
             self.on_backend_eof()
 
@@ -363,7 +370,7 @@ class ClientConnection(asyncio.Protocol):
             reason,
             detail,
         )
-        self.close()
+        self.close(f"backend_{reason}")
 
     # --- flow control ---------------------------------------------------------------------
 
@@ -480,7 +487,7 @@ class ClientConnection(asyncio.Protocol):
             self._timer = self.loop.call_later(remaining, self._on_timer)
             return
         log.debug("closing idle connection from %s after %.0fs", self.peer, idle)
-        self.close()
+        self.close("idle_timeout")
 
     def _flush(self) -> None:
         data = self._outgoing.read()
@@ -501,10 +508,11 @@ class ClientConnection(asyncio.Protocol):
             return
         self._flush()
 
-    def close(self) -> None:
+    def close(self, reason: str = "done") -> None:
         """Orderly close: close_notify to the client, flush, close both sides."""
         if self.closed:
             return
+        self._reason(reason)
         self.closed = True
         if self.transport is not None:
             if not self.handshaking:
@@ -519,6 +527,7 @@ class ClientConnection(asyncio.Protocol):
         mistake a truncated response for a complete one."""
         if self.closed and self.transport is None:
             return
+        self._reason(reason)
         if self.handshaking and not self.closed:
             self.term.counters.handshakes["aborted", "none"] += 1
             self.handshaking = False
@@ -530,22 +539,48 @@ class ClientConnection(asyncio.Protocol):
         log.debug("aborted connection from %s: %s", self.peer, reason)
         self._finish()
 
+    def _reason(self, reason: str) -> None:
+        if not self.close_reason:
+            self.close_reason = reason
+
     def _finish(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if self in self.term.active:
             self.term._removed(self)
-            if self.route is not None:
-                log.debug(
-                    "conn from=%s sni=%s name=%s in=%d out=%d secs=%.3f",
-                    self.peer[0] if self.peer else "-",
-                    self.sni,
-                    self.route.name,
-                    self.bytes_in,
-                    self.bytes_out,
-                    time.monotonic() - self.started,
-                )
+            sample = self.term.settings.connection_log_sample
+            if sample > 0 and random.random() < sample:
+                self._log_connection()
+
+    def _log_connection(self) -> None:
+        """The connection log line. The SNI is shown only when it is a name the route serves
+        (so an unknown or hostile SNI never reaches the log); every field is edged's own text
+        or a number."""
+        sni = (self.sni or "").lower().rstrip(".")
+        if not (sni and self.route is not None and covers(self.route.name, sni)):
+            sni = "-"
+        obj = self._sslobj
+        done = not self.handshaking and self.route is not None
+        cipher = obj.cipher() if done else None
+        fields = {
+            "client": _format_peer(self.peer),
+            "sni": sni,
+            "site": self.route.site.name if self.route is not None else "-",
+            "tls_version": (obj.version() if done else None) or "-",
+            "cipher": cipher[0] if cipher else "-",
+            "alpn": (obj.selected_alpn_protocol() if done else None) or "-",
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "duration": round(time.monotonic() - self.started, 3),
+            "reason": self.close_reason or "closed",
+        }
+        conn_log.info(
+            "conn client=%s sni=%s site=%s tls=%s cipher=%s alpn=%s in=%d out=%d secs=%.3f "
+            "reason=%s",
+            *fields.values(),
+            extra=fields,
+        )
 
 
 class BackendConnection(asyncio.Protocol):
@@ -658,3 +693,10 @@ def _is_ip(host: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def _format_peer(peer: tuple[str, int] | None) -> str:
+    if peer is None:
+        return "-"
+    host, port = peer
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -17,9 +17,10 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
+import requests
 
 from edged import renewal
 from edged.acme.client import AcmeSession
@@ -30,7 +31,7 @@ from edged.config import AcmeSettings, Config, Site
 from edged.counters import Counters
 from edged.errors import AcmeError, EdgedError, StoreError
 from edged.http01 import ChallengeBoard, Http01App, HttpListeners
-from edged.renewal import Notice, RenewalPolicy, RenewalState
+from edged.renewal import CertStatus, Notice, RenewalPolicy, RenewalState
 from edged.store.base import Store
 
 log = logging.getLogger("edged.renewal")
@@ -38,6 +39,7 @@ log = logging.getLogger("edged.renewal")
 MAX_SLEEP = 60.0  # re-evaluate at least this often (config reloads, expiry logging)
 CONCURRENT_ORDERS = 4
 WEBHOOK_ATTEMPTS = 5
+ARI_RETRY = timedelta(hours=1)
 
 
 def node_id() -> str:
@@ -90,12 +92,39 @@ def obtain(
         key_types=settings.key_types,
         replaces={settings.key_types[0]: replaces} if replaces else {},
     )
-    issued = issue(session, request, new_solver, extra={"node": node_id()})
+    try:
+        issued = issue(session, request, new_solver, extra={"node": node_id()})
+    finally:
+        session.close()
     try:
         store.save(issued.cert)
     except StoreError as exc:
         raise AcmeError(site.name, f"the new certificate could not be stored: {exc}") from exc
     return issued
+
+
+def fetch_directory(settings: AcmeSettings) -> dict[str, object]:
+    """Blocking: the ACME directory JSON (to find `renewalInfo`)."""
+    verify: bool | str = str(settings.ca_bundle) if settings.ca_bundle else True
+    response = requests.get(settings.directory, verify=verify, timeout=30)
+    response.raise_for_status()
+    data = response.json()
+    if not isinstance(data, dict):
+        raise ValueError("the ACME directory is not a JSON object")
+    return data
+
+
+def fetch_renewal_info(
+    settings: AcmeSettings, base_url: str, bundle: CertBundle, now: datetime
+) -> renewal.AriInfo:
+    """Blocking: GET renewalInfo/<cert id> (RFC 9773 section 4.1) and parse it."""
+    cert_id = renewal.ari_cert_id(bundle.leaf)
+    verify: bool | str = str(settings.ca_bundle) if settings.ca_bundle else True
+    response = requests.get(f"{base_url.rstrip('/')}/{cert_id}", verify=verify, timeout=30)
+    response.raise_for_status()
+    return renewal.parse_renewal_info(
+        response.content, response.headers.get("Retry-After"), now, cert_id=cert_id
+    )
 
 
 @dataclass
@@ -129,6 +158,8 @@ class Renewer:
         self._running: set[str] = set()
         self._expiry_notice: dict[str, datetime] = {}
         self._expired_log: dict[str, float] = {}
+        self._renewal_info: dict[str, str] = {}  # directory URL → renewalInfo base ("" = none)
+        self._ari_retry: dict[str, datetime] = {}  # name → next try after a failed ARI fetch
         # Notified after every attempt and every swap of served certificates (see changed()).
         self.changes = asyncio.Condition()
 
@@ -212,6 +243,7 @@ class Renewer:
                     self._running.add(name)
                     tg.create_task(self._attempt(name, limit, tg))
                 self._check_expiry(now, tg)
+                await self._refresh_ari(now)
                 await self._sleep_until_due(stop)
 
     async def _sleep_until_due(self, stop: asyncio.Event) -> None:
@@ -252,10 +284,12 @@ class Renewer:
         self.states[name] = state
         await self._save(state)
         log.info("renewal attempt name=%s attempt=%d", name, state.attempts + 1)
+        # `replaces` only where the CA speaks ARI (RFC 9773 section 5); others may reject it.
+        replaces = state.replaces if self._renewal_info.get(config.acme.directory) else ""
         try:
             new_solver = build_solver_factory(config.acme, self.board)
             issued = await asyncio.to_thread(
-                obtain, config.acme, store, site, new_solver, self.counters, state.replaces
+                obtain, config.acme, store, site, new_solver, self.counters, replaces
             )
             pair = issued.cert.pairs[0]
             bundle = parse_bundle(pair.fullchain, pair.privkey, source=name)
@@ -318,6 +352,55 @@ class Renewer:
             if found:
                 self._expiry_notice[name] = now
                 self._notify(found, tg)
+
+    async def _refresh_ari(self, now: datetime) -> None:
+        """Ask the CA (RFC 9773) when to renew; its window replaces the schedule. Failures only
+        delay the next ARI check: the schedule still applies."""
+        config, policy = self.config, self._policy()
+        if config is None or config.acme is None or policy is None:
+            return
+        acme = config.acme
+        base = self._renewal_info.get(acme.directory)
+        if base is None:
+            try:
+                directory = await asyncio.to_thread(fetch_directory, acme)
+            except (requests.RequestException, ValueError) as exc:
+                log.warning("acme directory unreadable (ARI check skipped) error=%s", exc)
+                return
+            found = directory.get("renewalInfo")
+            base = found if isinstance(found, str) else ""
+            self._renewal_info[acme.directory] = base
+        if not base:
+            return
+        for name, state in list(self.states.items()):
+            bundle = self.serving(name)
+            retry = self._ari_retry.get(name)
+            if (
+                bundle is None
+                or name in self._running
+                or state.status is not CertStatus.ACTIVE
+                or not renewal.ari_check_due(state, now)
+                or (retry is not None and now < retry)
+            ):
+                continue
+            try:
+                info = await asyncio.to_thread(fetch_renewal_info, acme, base, bundle, now)
+            except (requests.RequestException, renewal.AriError, EdgedError) as exc:
+                self._ari_retry[name] = now + ARI_RETRY
+                log.warning("ari check failed name=%s error=%s", name, exc)
+                continue
+            self._ari_retry.pop(name, None)
+            updated = renewal.record_ari(self.states[name], bundle, policy, now, self.rng, info)
+            if updated != self.states[name]:
+                self.states[name] = updated
+                await self._save(updated)
+                log.info(
+                    "ari window name=%s start=%s end=%s next_try=%s",
+                    name,
+                    info.start.isoformat(),
+                    info.end.isoformat(),
+                    updated.next_try.isoformat() if updated.next_try else "-",
+                )
 
     # --- notifications ------------------------------------------------------------------------
 

@@ -278,9 +278,12 @@ def _notify_socket(tmp_path: Path) -> socket.socket:
 
 
 async def _next_notify(sock: socket.socket) -> str:
+    """The next state notification (STATUS= and WATCHDOG= messages are skipped)."""
     loop = asyncio.get_running_loop()
-    data = await asyncio.wait_for(loop.sock_recv(sock, 4096), 10)
-    return data.decode()
+    while True:
+        data = await asyncio.wait_for(loop.sock_recv(sock, 4096), 10)
+        if not data.startswith((b"STATUS=", b"WATCHDOG=")):
+            return data.decode()
 
 
 async def test_sigterm_drains_open_connections_and_notifies_systemd(

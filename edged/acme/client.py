@@ -192,6 +192,14 @@ class AcmeSession:
         self.client: acme_client.ClientV2 | None = None
         self.net: HardenedNetwork | None = None
 
+    def close(self) -> None:
+        """Close the HTTP connections to the CA (keep-alive sockets must not linger)."""
+        if self.net is not None:
+            if self.net.last_response is not None:
+                self.net.last_response.close()
+                self.net.last_response = None
+            self.net.session.close()
+
     # --- errors -------------------------------------------------------------------------
 
     @contextmanager

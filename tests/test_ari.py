@@ -1,0 +1,159 @@
+"""ARI (RFC 9773) in the renewal loop. Pebble 2.4 has no renewalInfo, so a small in-test HTTPS
+server publishes a directory that is Pebble's plus `renewalInfo` (served by the test server) and
+a `newOrder` the test server records (to see `replaces`) and refuses."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import requests
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from edged.renewal import ari_cert_id
+from tests.conftest import free_port, run_backend, run_edged
+from tests.pebble import Pebble, start_pebble
+from tests.pki import make_ca, make_leaf
+from tests.test_daemon_acme import acme_body, wait_for
+
+
+@pytest.fixture
+def pebble(tmp_path: Path) -> Iterator[Pebble]:
+    p = start_pebble(tmp_path / "pebble")
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+@dataclass
+class AriServer:
+    url: str
+    ca_bundle: Path
+    window: tuple[datetime, datetime]
+    retry_after: str = "3600"
+    ari_requests: list[str] = field(default_factory=list)
+    orders: list[dict[str, object]] = field(default_factory=list)
+
+
+def pebble_directory(pebble: Pebble) -> dict[str, object]:
+    data: dict[str, object] = requests.get(
+        pebble.directory, verify=str(pebble.listener_ca), timeout=5
+    ).json()
+    return data
+
+
+@asynccontextmanager
+async def ari_server(pebble: Pebble, tmp_path: Path) -> AsyncIterator[AriServer]:
+    ca = make_ca("ARI test CA")
+    leaf = make_leaf(ca, ["localhost"])
+    (tmp_path / "ari.pem").write_bytes(leaf.cert_pem)
+    (tmp_path / "ari.key").write_bytes(leaf.key_pem)
+    bundle = tmp_path / "trust.pem"  # trust both the test server and Pebble's listener
+    bundle.write_bytes(ca.cert_pem + pebble.listener_ca.read_bytes())
+    port = free_port()
+    base = f"https://localhost:{port}"
+    pebble_dir = await asyncio.to_thread(pebble_directory, pebble)
+    now = datetime.now(UTC)
+    server = AriServer(f"{base}/dir", bundle, (now + timedelta(days=10), now + timedelta(days=11)))
+
+    async def directory(_request: web.Request) -> web.Response:
+        return web.json_response(
+            {**pebble_dir, "renewalInfo": f"{base}/ari", "newOrder": f"{base}/new-order"}
+        )
+
+    async def renewal_info(request: web.Request) -> web.Response:
+        server.ari_requests.append(request.match_info["id"])
+        start, end = server.window
+        body = {"suggestedWindow": {"start": start.isoformat(), "end": end.isoformat()}}
+        return web.json_response(body, headers={"Retry-After": server.retry_after})
+
+    async def new_order(request: web.Request) -> web.Response:
+        jws = await request.json()
+        payload = jws["payload"] + "=" * (-len(jws["payload"]) % 4)
+        server.orders.append(json.loads(base64.urlsafe_b64decode(payload)))
+        problem = {"type": "urn:ietf:params:acme:error:serverInternal", "detail": "test CA"}
+        return web.json_response(problem, status=500, content_type="application/problem+json")
+
+    @web.middleware
+    async def close_after(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # No keep-alive: a pooled client connection left behind would make uvloop's loop.close()
+        # wait for a TLS shutdown that never comes.
+        response = await handler(request)
+        response.force_close()
+        return response
+
+    app = web.Application(middlewares=[close_after])
+    app.router.add_get("/dir", directory)
+    app.router.add_get("/ari/{id}", renewal_info)
+    app.router.add_post("/new-order", new_order)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tmp_path / "ari.pem", tmp_path / "ari.key")
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx).start()
+    try:
+        yield server
+    finally:
+        await runner.cleanup()
+
+
+def with_directory(body: str, pebble: Pebble, server: AriServer) -> str:
+    return body.replace(pebble.directory, server.url).replace(
+        str(pebble.listener_ca), str(server.ca_bundle)
+    )
+
+
+async def test_ari_window_retry_after_and_replaces(pebble: Pebble, tmp_path: Path) -> None:
+    async with run_backend() as backend, ari_server(pebble, tmp_path) as ari:
+        body = acme_body(pebble, backend.port)
+        # Issue with plain Pebble (no ARI): the schedule decides, nothing is sent to ARI.
+        async with run_edged(tmp_path, body, http=(pebble.http_port,)) as edged:
+            await wait_for(lambda: edged.daemon.serving("shop.test") is not None)
+            served = edged.daemon.serving("shop.test")
+            assert served is not None
+            state = edged.daemon.renewer.states["shop.test"]
+            assert state.ari is None and state.next_try is not None
+            assert state.next_try < served.not_after - timedelta(days=29)  # renew_before_days
+        cert_id = ari_cert_id(served.leaf)
+
+        # Same store, directory with renewalInfo: the CA's window wins, Retry-After paces.
+        (tmp_path / "store" / "state" / "shop.test.json").unlink()
+        async with run_edged(
+            tmp_path, with_directory(body, pebble, ari), http=(pebble.http_port,)
+        ) as edged:
+            renewer = edged.daemon.renewer
+            await wait_for(lambda: renewer.states["shop.test"].ari is not None)
+            state = renewer.states["shop.test"]
+            assert ari.ari_requests == [cert_id]
+            assert state.next_try is not None and state.ari is not None
+            assert ari.window[0] <= state.next_try <= ari.window[1]
+            now = datetime.now(UTC)
+            assert timedelta(minutes=59) < state.ari.next_check - now <= timedelta(hours=1)
+            assert ari.orders == []  # not due yet
+
+        # A window that has passed: renew now, and say which certificate this replaces.
+        (tmp_path / "store" / "state" / "shop.test.json").unlink()
+        now = datetime.now(UTC)
+        ari.window = (now - timedelta(hours=2), now - timedelta(hours=1))
+        async with run_edged(
+            tmp_path, with_directory(body, pebble, ari), http=(pebble.http_port,)
+        ) as edged:
+            await wait_for(lambda: len(ari.orders) >= 1)
+            assert ari.orders[0]["replaces"] == cert_id
+            renewer = edged.daemon.renewer
+            await wait_for(lambda: renewer.states["shop.test"].attempts >= 1)
+            assert "serverInternal" in str(renewer.states["shop.test"].last_error)
+            # The old certificate keeps serving while renewal fails.
+            still = edged.daemon.serving("shop.test")
+            assert still is not None and still.fingerprint == served.fingerprint
+            assert renewer.fallback_active("shop.test")

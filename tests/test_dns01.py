@@ -1,0 +1,251 @@
+"""DNS-01 end to end: real Pebble validating against a real BIND9 that edged updates (RFC 2136).
+
+Pebble's `-dnsserver` is the BIND started here, so Pebble reads `_acme-challenge` TXT records
+exactly as edged wrote them with TSIG-signed updates (no challtestsrv, no VA_ALWAYS_VALID).
+BIND recurses for 127.0.0.1 so a CNAME from one of its zones into another is chased for Pebble.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+import textwrap
+from collections.abc import Collection, Iterator
+from pathlib import Path
+
+import pytest
+from acme import challenges, messages
+from cryptography import x509
+from josepy import jwk
+
+from edged.acme.client import AcmeSession
+from edged.acme.issue import OrderRequest, issue
+from edged.acme.solvers import Dns01Solver
+from edged.config import AcmeSettings, DnsSettings
+from edged.dns import DnsError, DnsUpdater, load_tsig_key
+from edged.errors import AcmeError
+from edged.store.files import FileStore
+from tests.bind import TSIG_KEYGEN, Bind, bind_fixture
+from tests.conftest import free_port, run_cmd
+from tests.pebble import Pebble, start_pebble
+from tests.test_acme import verify_chain
+
+EDGED = str(Path(sys.executable).with_name("edged"))
+
+bind = bind_fixture(
+    {
+        "example.test": "* A 127.0.0.1",
+        "cli.test": "* A 127.0.0.1",
+        "fail.test": "* A 127.0.0.1",
+        "cust.test": "_acme-challenge CNAME cust.test.acme.edge.test.",
+        "acme.edge.test": "",
+    },
+    recursion=True,
+)
+
+
+@pytest.fixture(scope="module")
+def pebble(bind: Bind, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pebble]:
+    p = start_pebble(tmp_path_factory.mktemp("pebble"), dns_server=f"127.0.0.1:{bind.port}")
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def acme_settings(pebble: Pebble, dns: DnsSettings) -> AcmeSettings:
+    return AcmeSettings(
+        directory=pebble.directory,
+        ca_bundle=pebble.listener_ca,
+        email="ops@example.test",
+        challenge="dns-01",
+        dns=dns,
+    )
+
+
+def updater(settings: DnsSettings) -> DnsUpdater:
+    return DnsUpdater(settings, load_tsig_key(settings), timeout=2.0, poll_interval=0.05)
+
+
+def leaf_names(fullchain: bytes) -> set[str]:
+    leaf = x509.load_pem_x509_certificates(fullchain)[0]
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return set(san.get_values_for_type(x509.DNSName))
+
+
+def keygen(name: str) -> str:
+    return subprocess.run(
+        [TSIG_KEYGEN, "-a", "hmac-sha256", name], capture_output=True, text=True, check=True
+    ).stdout
+
+
+class RecordingUpdater(DnsUpdater):
+    """Records where each TXT went, and what BIND itself answered once it was propagated."""
+
+    def __init__(self, settings: DnsSettings, bind: Bind) -> None:
+        super().__init__(settings, load_tsig_key(settings), timeout=2.0, poll_interval=0.05)
+        self.bind = bind
+        self.added: list[tuple[str, str]] = []  # (fqdn, zone)
+        self.deleted: list[str] = []
+        self.seen_at_bind: dict[str, set[str]] = {}
+
+    def add_txt(self, fqdn: str, value: str) -> None:
+        super().add_txt(fqdn, value)
+        self.added.append((fqdn, self.find_zone(fqdn)))
+
+    def delete_txt(self, fqdn: str, value: str) -> None:
+        super().delete_txt(fqdn, value)
+        self.deleted.append(fqdn)
+
+    def wait_propagated(self, fqdn: str, values: Collection[str], **kw: object) -> None:
+        super().wait_propagated(fqdn, values, **kw)  # type: ignore[arg-type]
+        self.seen_at_bind[fqdn] = self.bind.txt(fqdn)
+
+
+async def test_wildcard_and_apex_in_one_order(pebble: Pebble, bind: Bind, tmp_path: Path) -> None:
+    dns = bind.settings()
+    store = FileStore(tmp_path / "store")
+    session = AcmeSession(acme_settings(pebble, dns), store)
+    rec = RecordingUpdater(dns, bind)
+    request = OrderRequest("example.test", ("example.test", "*.example.test"))
+    issued = await asyncio.to_thread(issue, session, request, lambda: Dns01Solver(rec))
+    assert issued.orders == 1
+    pair = issued.cert.pairs[0]
+    verify_chain(pebble, tmp_path, pair.fullchain)
+    assert leaf_names(pair.fullchain) == {"example.test", "*.example.test"}
+    # Both authorizations answered at the same name: two values, both seen by BIND at once.
+    fqdn = "_acme-challenge.example.test"
+    assert [a[0] for a in rec.added] == [fqdn, fqdn]
+    assert len(rec.seen_at_bind[fqdn]) == 2
+    assert bind.txt(fqdn) == set()  # cleaned up
+
+
+async def test_cname_delegation(pebble: Pebble, bind: Bind, tmp_path: Path) -> None:
+    dns = bind.settings(delegate_to="acme.edge.test")
+    session = AcmeSession(acme_settings(pebble, dns), FileStore(tmp_path / "store"))
+    rec = RecordingUpdater(dns, bind)
+    request = OrderRequest("cust.test", ("cust.test", "*.cust.test"))
+    issued = await asyncio.to_thread(issue, session, request, lambda: Dns01Solver(rec))
+    verify_chain(pebble, tmp_path, issued.cert.pairs[0].fullchain)
+    assert leaf_names(issued.cert.pairs[0].fullchain) == {"cust.test", "*.cust.test"}
+    target = "cust.test.acme.edge.test"
+    assert rec.added == [(target, "acme.edge.test")] * 2
+    assert len(rec.seen_at_bind[target]) == 2  # written in the delegate zone
+    assert rec.deleted == [target, target]
+    assert "updating zone 'acme.edge.test/IN': adding an RR at 'cust.test.acme.edge.test' TXT" in (
+        bind.log
+    )
+    assert bind.txt(target) == set()
+    assert bind.txt("_acme-challenge.cust.test") == set()  # only the CNAME lives there
+    cname = bind.query("_acme-challenge.cust.test", "CNAME").answer
+    assert [rd.target.to_text() for rd in cname[0]] == [target + "."]
+
+
+async def test_wrong_tsig_secret_stores_nothing(pebble: Pebble, bind: Bind, tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong.key"
+    wrong.write_text(keygen("edged"))
+    dns = bind.settings(tsig_secret_file=wrong)
+    store = FileStore(tmp_path / "store")
+    session = AcmeSession(acme_settings(pebble, dns), store)
+    request = OrderRequest("fail.test", ("fail.test", "*.fail.test"))
+    with pytest.raises((DnsError, AcmeError)) as info:
+        await asyncio.to_thread(issue, session, request, lambda: Dns01Solver(updater(dns)))
+    text = str(info.value)
+    assert "TSIG key 'edged'" in text
+    assert "BADSIG" in text
+    assert str(wrong) in text
+    secret = re.search(r'secret "([^"]+)"', wrong.read_text())
+    assert secret and secret.group(1) not in text
+    assert store.names() == []
+    assert bind.txt("_acme-challenge.fail.test") == set()
+
+
+class WrongValueSolver(Dns01Solver):
+    """Publishes a wrong key authorization for the wildcard: Pebble must refuse that one."""
+
+    def present(
+        self, identifier: str, challb: messages.ChallengeBody, key: jwk.JWK
+    ) -> challenges.ChallengeResponse:
+        response = super().present(identifier, challb, key)
+        if identifier.startswith("*."):
+            fqdn, value = self._records.pop()
+            self.updater.delete_txt(fqdn, value)
+            self.updater.add_txt(fqdn, "not-the-key-authorization")
+            self._records.append((fqdn, "not-the-key-authorization"))
+        return response
+
+
+async def test_failed_validation_cleans_up(pebble: Pebble, bind: Bind, tmp_path: Path) -> None:
+    dns = bind.settings()
+    store = FileStore(tmp_path / "store")
+    session = AcmeSession(acme_settings(pebble, dns), store)
+    rec = RecordingUpdater(dns, bind)
+    request = OrderRequest("bad.fail.test", ("bad.fail.test", "*.bad.fail.test"))
+    with pytest.raises(AcmeError) as info:
+        await asyncio.to_thread(issue, session, request, lambda: WrongValueSolver(rec))
+    err = info.value
+    assert "could not validate *.bad.fail.test over dns-01" in err.message
+    assert err.problem.get("type") == "urn:ietf:params:acme:error:unauthorized"
+    fqdn = "_acme-challenge.bad.fail.test"
+    assert len(rec.seen_at_bind[fqdn]) == 2  # both were published before the CA looked
+    assert bind.txt(fqdn) == set()  # and every one is withdrawn after the failure
+    assert sorted(rec.deleted).count(fqdn) >= 2
+    assert store.names() == []
+
+
+def write_config(tmp_path: Path, pebble: Pebble, bind: Bind, secret_file: Path) -> Path:
+    config = tmp_path / "edged.toml"
+    config.write_text(
+        textwrap.dedent(f"""
+            [edged]
+            store = "store"
+            [listen]
+            https = ["127.0.0.1:{free_port()}"]
+            http = []
+            metrics = ""
+            admin = ""
+            [acme]
+            directory = "{pebble.directory}"
+            ca_bundle = "{pebble.listener_ca}"
+            email = "ops@cli.test"
+            challenge = "dns-01"
+            [acme.dns]
+            server = "127.0.0.1:{bind.port}"
+            tsig_key_name = "{bind.key_name}"
+            tsig_secret_file = "{secret_file}"
+            resolver = "127.0.0.1:{bind.port}"
+            nameserver_port = {bind.port}
+            propagation_timeout = "5s"
+            [[site]]
+            names = ["cli.test", "*.cli.test"]
+            backend = "127.0.0.1:9"
+        """)
+    )
+    return config
+
+
+async def test_cli_issue_wildcard_over_dns01(pebble: Pebble, bind: Bind, tmp_path: Path) -> None:
+    config = write_config(tmp_path, pebble, bind, bind.secret_file)
+    out = await run_cmd(EDGED, "issue", "*.cli.test", "--config", str(config), limit=25)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "cli.test: issued for cli.test, *.cli.test" in out.stdout
+    live = tmp_path / "store" / "live" / "cli.test"
+    fullchain = (live / "fullchain.pem").read_bytes()
+    verify_chain(pebble, tmp_path, fullchain)
+    assert leaf_names(fullchain) == {"cli.test", "*.cli.test"}
+    assert bind.txt("_acme-challenge.cli.test") == set()
+    check = await run_cmd(EDGED, "check", "--config", str(config))
+    assert check.returncode == 0, check.stdout
+
+
+async def test_cli_issue_unusable_tsig_key(pebble: Pebble, bind: Bind, tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.key"
+    garbage.write_text("not a key at all\n")
+    config = write_config(tmp_path, pebble, bind, garbage)
+    out = await run_cmd(EDGED, "issue", "cli.test", "--config", str(config), limit=25)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    assert f"cli.test: not issued: {garbage}: not a TSIG key" in out.stdout
+    assert not (tmp_path / "store" / "live").exists()
