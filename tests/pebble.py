@@ -235,15 +235,22 @@ def running_pebble(workdir: Path, **kwargs: object) -> Iterator[Pebble]:
 
 
 if __name__ == "__main__":
-    # scripts/demo: start Pebble for HTTP-01 on the given port and report where it is.
+    # scripts/demo: `python -m tests.pebble DIR HTTP_PORT ACME_PORT` starts Pebble (validating
+    # HTTP-01 on HTTP_PORT), writes Pebble's root to DIR/root.pem and runs until killed.
+    import signal
+
+    def _stop(_signum: int, _frame: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _stop)  # so `finally` stops Pebble when the demo ends
     workdir = Path(sys.argv[1])
-    http = int(sys.argv[2])
-    p = start_pebble(workdir, http_port=http)
+    p = start_pebble(workdir, http_port=int(sys.argv[2]), port=int(sys.argv[3]))
+    (workdir / "root.pem").write_bytes(p.root_pem())
     print(json.dumps({"directory": p.directory, "ca_bundle": str(p.listener_ca)}), flush=True)
     try:
         while all(proc.poll() is None for proc in p.procs):
             time.sleep(0.5)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         pass
     finally:
         p.stop()
