@@ -113,6 +113,7 @@ class AcmeSettings:
     dns: DnsSettings | None = None
     eab_kid: str = ""
     eab_hmac_file: Path | None = None
+    preflight: bool = True  # CAA / points-here / challenge self-check before a name's first order
 
 
 @dataclass(frozen=True)
@@ -490,6 +491,7 @@ def _parse_acme(r: _Reader, base: Path) -> AcmeSettings:
         dns=dns,
         eab_kid=r.get("eab_kid", str, d.eab_kid, "the CA's key identifier or ''"),
         eab_hmac_file=r.path("eab_hmac_file", base),
+        preflight=r.get("preflight", bool, d.preflight, "true or false"),
     )
     if bool(s.eab_kid) != bool(s.eab_hmac_file):
         r.problem("eab_kid", "eab_kid and eab_hmac_file go together: set both or neither")

@@ -284,6 +284,8 @@ class Renewer:
         self.states[name] = state
         await self._save(state)
         log.info("renewal attempt name=%s attempt=%d", name, state.attempts + 1)
+        if before.is_new and config.acme.preflight:
+            await self._preflight(config, site, store)
         # `replaces` only where the CA speaks ARI (RFC 9773 section 5); others may reject it.
         replaces = state.replaces if self._renewal_info.get(config.acme.directory) else ""
         try:
@@ -329,6 +331,20 @@ class Renewer:
             renewal.notices(before, after, serving.not_after if serving else None, now, None),
             tg,
         )
+
+    async def _preflight(self, config: Config, site: Site, store: Store) -> None:
+        """Before a name's first order: say what will make it fail (CAA, DNS not pointing
+        here, challenge not reachable). Advisory: the order runs anyway, the CA decides."""
+        from edged.preflight import run_preflight
+
+        try:
+            results = await run_preflight(config, sites=[site], store=store, board=self.board)
+        except Exception as exc:  # a broken check must not stop issuance
+            log.warning("preflight could not run name=%s error=%s", site.name, exc)
+            return
+        for result in results:
+            if not result.ok:
+                log.warning("preflight %s", result.line())
 
     def _check_expiry(self, now: datetime, tg: asyncio.TaskGroup) -> None:
         for name, state in self.states.items():
