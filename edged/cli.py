@@ -373,7 +373,7 @@ def _add_admin_commands(
     source.add_argument(
         "--remove",
         action="store_true",
-        help="delete the uploaded certificate: ACME manages NAME again",
+        help="hand NAME back to ACME (the upload serves until ACME has issued a new certificate)",
     )
     upload.add_argument("--key", type=Path, help="PEM private key file (unencrypted)")
     revoke = admin_parser(
