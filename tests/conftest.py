@@ -9,7 +9,7 @@ import re
 import socket
 import ssl
 import textwrap
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ import uvloop
 from edged.daemon import Daemon
 from edged.proxy_header import V2_SIGNATURE
 from edged.sni import Route
+from tests.pebble import Pebble, start_pebble
 from tests.pki import make_ca, make_intermediate, make_leaf, write_pair
 
 
@@ -229,3 +230,13 @@ async def curl(port: int, host: str, cafile: Path, *extra: str) -> Proc:
         "curl", "-sS", "--http1.1", "--cacert", str(cafile), *extra,
         "--resolve", f"{host}:{port}:127.0.0.1", f"https://{host}:{port}/",
     )  # fmt: skip
+
+
+@pytest.fixture
+def pebble(tmp_path: Path) -> Iterator[Pebble]:
+    """Real Pebble + pebble-challtestsrv on free ports (HTTP-01 validated on pebble.http_port)."""
+    p = start_pebble(tmp_path / "pebble")
+    try:
+        yield p
+    finally:
+        p.stop()

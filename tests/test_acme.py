@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -32,15 +32,6 @@ names = ["b.test"]
 backend = "127.0.0.1:9"
 http = "forward"
 """
-
-
-@pytest.fixture
-def pebble(tmp_path: Path) -> Iterator[Pebble]:
-    p = start_pebble(tmp_path / "pebble")
-    try:
-        yield p
-    finally:
-        p.stop()
 
 
 @asynccontextmanager

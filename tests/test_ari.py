@@ -8,31 +8,21 @@ import asyncio
 import base64
 import json
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
 import requests
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from edged.renewal import ari_cert_id
 from tests.conftest import free_port, run_backend, run_edged
-from tests.pebble import Pebble, start_pebble
+from tests.pebble import Pebble
 from tests.pki import make_ca, make_leaf
 from tests.test_daemon_acme import acme_body, wait_for
-
-
-@pytest.fixture
-def pebble(tmp_path: Path) -> Iterator[Pebble]:
-    p = start_pebble(tmp_path / "pebble")
-    try:
-        yield p
-    finally:
-        p.stop()
 
 
 @dataclass

@@ -8,7 +8,6 @@ import socket
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,6 @@ from aiohttp import web
 from edged.renewal import CertStatus
 from tests.conftest import curl, free_port, run_backend, run_cmd, run_edged, s_client
 from tests.pebble import Pebble, start_pebble
-
-
-@pytest.fixture
-def pebble(tmp_path: Path) -> Iterator[Pebble]:
-    p = start_pebble(tmp_path / "pebble")
-    try:
-        yield p
-    finally:
-        p.stop()
 
 
 def acme_body(pebble: Pebble, backend_port: int, extra: str = "", names: str = "") -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -16,20 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from edged.admin_client import AdminClient, AdminRequestError
 from edged.config import Address
 from tests.conftest import free_port, peer_cn, run_backend, run_cmd, run_edged, s_client
-from tests.pebble import Pebble, start_pebble
+from tests.pebble import Pebble
 from tests.pki import fullchain, make_ca, make_intermediate, make_leaf
 from tests.test_daemon_acme import acme_body, wait_for
 
 EDGED = str(Path(sys.executable).with_name("edged"))
-
-
-@pytest.fixture
-def pebble(tmp_path: Path) -> Iterator[Pebble]:
-    p = start_pebble(tmp_path / "pebble")
-    try:
-        yield p
-    finally:
-        p.stop()
 
 
 async def test_admin_end_to_end(pebble: Pebble, tmp_path: Path) -> None:
