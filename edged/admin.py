@@ -255,6 +255,8 @@ async def _body(request: web.Request, *, required: bool) -> dict[str, Any]:
         ) from None
     except ValueError:  # not UTF-8
         raise AdminError("bad_request", "the body is not valid JSON (not UTF-8)") from None
+    except RecursionError:  # arrays/objects nested thousands deep: no real request does that
+        raise AdminError("bad_request", "the body is nested too deeply to be a request") from None
     if not isinstance(value, dict):
         raise AdminError("bad_request", "the body must be a JSON object", 400)
     return value

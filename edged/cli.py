@@ -502,7 +502,7 @@ def _print_status(client: AdminClient, name: str | None, as_json: bool) -> int:
         return EXIT_OK
     now = datetime.now(UTC)
     header = ["NAME", "STATE", "NOT_AFTER", "DAYS LEFT", "KEY TYPES", "ISSUER", "ATTEMPTS"]
-    header += ["NEXT", "LAST ERROR"]
+    header += ["NEXT", "ISSUED BY", "LEASE", "LAST ERROR"]
     rows = [header] + [_cert_row(c, now) for c in sorted(certs, key=lambda c: str(c.get("name")))]
     print(_table(rows))
     return EXIT_OK
@@ -569,6 +569,8 @@ def _cert_row(cert: dict[str, Any], now: datetime) -> list[str]:
         _short(cn[0] if cn else issuer, 30),
         text(cert.get("attempts")),
         f"{next_try:%Y-%m-%d %H:%M}" if next_try else "-",
+        text(cert.get("issued_by")),
+        text(str(cert.get("lease") or "").split("/")[0]),  # the node, not the lease token
         _short(error, 60),
     ]
 

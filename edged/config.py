@@ -8,6 +8,7 @@ then checks that every file the config names exists and is readable.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -24,6 +25,8 @@ TLS_VERSIONS = ("1.2", "1.3")
 PROXY_PROTOCOLS = ("", "v1", "v2")
 CHALLENGES = ("http-01", "dns-01")
 HTTP_MODES = ("redirect", "forward")
+SITE_MODES = ("terminate", "passthrough")
+PP2_CUSTOM_TLV = range(0xE0, 0xF0)  # PP2_TYPE_MIN_CUSTOM..PP2_TYPE_MAX_CUSTOM
 ACME_KEY_TYPES = ("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096")
 TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1")
 _ALPN_TOKEN = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -62,6 +65,9 @@ class EdgedSettings:
     watch: bool = True
     connection_log: bool = False  # one log line per closed client connection
     connection_log_sample: float = 1.0  # the fraction of connections logged (0..1)
+    store_local: str = "certs"  # with a redis:// store: the local copy served during outages
+    redis_prefix: str = "edged"  # key prefix, so several fleets can share one Redis
+    redis_password_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,14 @@ class Site:
     origin_server_name: str = ""
     alpn: tuple[str, ...] | None = None
     http: str = "redirect"  # plain-HTTP requests (other than ACME challenges): redirect|forward
+    # terminate: edged holds the certificate; passthrough: the raw TLS stream goes to the
+    # backend, which terminates (edged only reads the ClientHello to route by SNI).
+    mode: str = "terminate"
+    ja4_tlv: int = 0  # PROXY v2 TLV type carrying the client's JA4 fingerprint; 0 = off
+
+    @property
+    def passthrough(self) -> bool:
+        return self.mode == "passthrough"
 
     @property
     def name(self) -> str:
@@ -150,6 +164,16 @@ class Config:
     tls: TlsSettings
     acme: AcmeSettings | None
     sites: tuple[Site, ...]
+
+    @property
+    def redis_url(self) -> str | None:
+        return self.edged.store if "://" in self.edged.store else None
+
+    @property
+    def local_store_path(self) -> Path:
+        """The directory store, or the local copy a Redis-backed node serves from in outages."""
+        path = Path(self.edged.store_local if self.redis_url else self.edged.store)
+        return path if path.is_absolute() else self.source.parent / path
 
     @property
     def store_path(self) -> Path | None:
@@ -217,6 +241,9 @@ class _Reader:
 
     def positive(self, name: str, default: float, *, allow_zero: bool = False) -> float:
         value = self.get(name, float, default, "a number of seconds")
+        if not math.isfinite(value):
+            self.problem(name, f"must be a finite number of seconds, got {value}")
+            return default
         if value < 0 or (value == 0 and not allow_zero):
             self.problem(name, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
             return default
@@ -342,7 +369,7 @@ def _alpn(r: _Reader, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
     return protos
 
 
-def _parse_edged(r: _Reader) -> EdgedSettings:
+def _parse_edged(r: _Reader, base: Path) -> EdgedSettings:
     d = EdgedSettings()
     s = EdgedSettings(
         store=r.get("store", str, d.store, "a directory or redis:// URL") or d.store,
@@ -356,18 +383,22 @@ def _parse_edged(r: _Reader) -> EdgedSettings:
         connection_log_sample=r.get(
             "connection_log_sample", float, d.connection_log_sample, "a number from 0 to 1"
         ),
+        store_local=r.get("store_local", str, d.store_local, "a directory") or d.store_local,
+        redis_prefix=r.get("redis_prefix", str, d.redis_prefix, "a key prefix"),
+        redis_password_file=r.path("redis_password_file", base),
     )
     if not 0.0 <= s.connection_log_sample <= 1.0:
         r.problem(
             "connection_log_sample",
             f"must be a fraction from 0 to 1 (1 = every connection), got {s.connection_log_sample}",
         )
-    if "://" in s.store:
+    if "://" in s.store and not s.store.startswith(("redis://", "rediss://", "unix://")):
         r.problem(
             "store",
-            f"{s.store!r}: this version of edged stores certificates in a directory only; "
-            "set store = 'certs' (a redis:// store comes with the fleet feature)",
+            f"{s.store!r}: use a directory, redis://host:port/db, rediss://… (TLS) or unix://path",
         )
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", s.redis_prefix):
+        r.problem("redis_prefix", f"{s.redis_prefix!r}: use 1-64 of A-Z a-z 0-9 _ . -")
     r.finish()
     return s
 
@@ -538,13 +569,38 @@ def _parse_site(r: _Reader, index: int, base: Path) -> Site | None:
         origin_server_name=r.get("origin_server_name", str, "", "a DNS name or ''"),
         alpn=alpn,
         http=r.choice("http", HTTP_MODES, "redirect"),
+        mode=r.choice("mode", SITE_MODES, "terminate"),
+        ja4_tlv=r.integer("ja4_tlv", 0, 0),
     )
     if site.origin_tls and site.backend.is_unix and not site.origin_server_name:
         r.problem("origin_server_name", "origin_tls to a unix socket needs origin_server_name")
+    if site.ja4_tlv and site.ja4_tlv not in PP2_CUSTOM_TLV:
+        r.problem(
+            "ja4_tlv",
+            f"{site.ja4_tlv} is not a custom PROXY v2 TLV type: use one from 0xE0 to 0xEF "
+            "(e.g. ja4_tlv = 0xE4), or 0 for off",
+        )
+    elif site.ja4_tlv and site.proxy_protocol != "v2":
+        r.problem("ja4_tlv", "the JA4 TLV travels in a PROXY v2 header: set proxy_protocol = 'v2'")
+    if site.passthrough:
+        _check_passthrough(r, site)
     if len(site.names) != len(names):
         r.problem("names", "lists the same name twice")
     r.finish()
     return site if names and backend else None
+
+
+def _check_passthrough(r: _Reader, site: Site) -> None:
+    """A passthrough site's backend terminates TLS itself: the TLS settings do not apply."""
+    why = "a passthrough site does not terminate TLS (its backend holds the certificate)"
+    if site.cert_file is not None:
+        r.problem("cert_file", f"{why}: remove cert_file/key_file or set mode = 'terminate'")
+    if site.origin_tls:
+        r.problem("origin_tls", f"{why}: the client's TLS stream already reaches the backend")
+    if site.alpn is not None:
+        r.problem("alpn", f"{why}: the backend negotiates ALPN; remove alpn")
+    if site.http == "forward":
+        r.problem("http", f"{why}: its backend speaks TLS, not plain HTTP; use 'redirect'")
 
 
 def parse_config(text: str, source: Path) -> Config:
@@ -554,6 +610,10 @@ def parse_config(text: str, source: Path) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([Problem(src, "", f"not valid TOML: {exc}")]) from None
+    except RecursionError:
+        raise ConfigError(
+            [Problem(src, "", "not valid TOML: nested too deeply (arrays or inline tables)")]
+        ) from None
     problems: list[Problem] = []
     base = source.parent
     top = _Reader(data, "", src, problems)
@@ -561,7 +621,7 @@ def parse_config(text: str, source: Path) -> Config:
     def section(name: str) -> _Reader:
         return _Reader(top.table(name) or {}, name, src, problems)
 
-    edged = _parse_edged(section("edged"))
+    edged = _parse_edged(section("edged"), base)
     listen = _parse_listen(section("listen"), base)
     tls = _parse_tls(section("tls"))
     acme_table = top.table("acme")
@@ -600,6 +660,15 @@ def parse_config(text: str, source: Path) -> Config:
                 problems.append(
                     Problem(src, "tls.default_cert", f"{default!r} is not a name of any [[site]]")
                 )
+            elif any(s.passthrough and default in s.names for s in sites):
+                problems.append(
+                    Problem(
+                        src,
+                        "tls.default_cert",
+                        f"{default!r} belongs to a passthrough site, which has no certificate: "
+                        "name a terminated site",
+                    )
+                )
             tls = TlsSettings(**{**tls.__dict__, "default_cert": default})
     if not listen.https:
         problems.append(
@@ -615,6 +684,8 @@ def parse_config(text: str, source: Path) -> Config:
 def config_files(config: Config) -> list[tuple[str, Path]]:
     """Every file the config refers to, with the key that names it."""
     files: list[tuple[str, Path]] = []
+    if config.edged.redis_password_file is not None:
+        files.append(("edged.redis_password_file", config.edged.redis_password_file))
     if config.listen.admin_token_file is not None:
         files.append(("listen.admin_token_file", config.listen.admin_token_file))
     for site in config.sites:

@@ -15,7 +15,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +29,7 @@ from edged.certs import CertBundle
 from edged.config import Address, Config, Site, load_config
 from edged.counters import Counters
 from edged.errors import ConfigError, EdgedError, Problem
+from edged.fleet import follow_changes
 from edged.http01 import ChallengeBoard, Http01App, HttpListeners
 from edged.listen import InheritedListeners, StartupError
 from edged.metrics import (
@@ -45,7 +46,8 @@ from edged.renewal import CertStatus
 from edged.renewer import Renewer
 from edged.sni import SniIndex, build_index
 from edged.sources import SiteCerts, load_site_certs
-from edged.store.files import FileStore
+from edged.store import Store, open_store
+from edged.store.redis import RedisStore
 from edged.tls import ContextCache, SniSelector, build_listening_context, build_origin_context
 
 log = logging.getLogger("edged.daemon")
@@ -76,11 +78,12 @@ class Loaded:
     snapshot: Snapshot  # their state as this load saw it
 
 
-def prepare(config: Config, config_path: Path, store: FileStore | None, now: datetime) -> Loaded:
+def prepare(config: Config, config_path: Path, store: Store | None, now: datetime) -> Loaded:
     """Blocking: read and validate certificates and origin CAs. Runs in a thread."""
     watch = watch_set(config, config_path)
     snapshot = take_snapshot(watch)  # before reading: a change during the read shows as new
-    certs = load_site_certs(config, store, now)
+    # An expired store certificate is still served when it is all a site has (clients decide).
+    certs = load_site_certs(config, store, now, keep_expired=True)
     origins: dict[int, ssl.SSLContext] = {}
     problems = list(certs.problems)
     for site in config.sites:
@@ -95,7 +98,8 @@ def prepare(config: Config, config_path: Path, store: FileStore | None, now: dat
                         f"cannot load CA certificates: {exc}",
                     )
                 )
-    return Loaded(config, SiteCerts(certs.bundles, tuple(problems)), origins, watch, snapshot)
+    certs = SiteCerts(certs.bundles, tuple(problems), certs.expired)
+    return Loaded(config, certs, origins, watch, snapshot)
 
 
 def _same_source(old: Site, new: Site) -> bool:
@@ -107,19 +111,35 @@ def build_serving(
     old_bundles: dict[int, tuple[CertBundle, ...]],
     config: Config,
     new_bundles: dict[int, tuple[CertBundle, ...]],
+    expired: Collection[int] = (),
 ) -> tuple[dict[int, tuple[CertBundle, ...]], SniIndex]:
     """The bundles to serve and their index. A site whose new certificate failed validation
-    keeps serving its old one (same names, same files). Pure; runs in a thread."""
+    keeps serving its old one (same names, same files). `expired`: sites whose new bundles
+    are expired, loaded only because there is nothing else: a site already serving something
+    keeps that (an expired certificate is never accepted as a replacement). Pure; runs in a
+    thread."""
     bundles = dict(new_bundles)
     if old_config is not None:
         old_sites = {s.name: s for s in old_config.sites}
         for site in config.sites:
             old = old_sites.get(site.name)
-            if site.index not in bundles and old is not None and _same_source(old, site):
-                kept = old_bundles.get(old.index)
-                if kept:
-                    log.warning("%s: keeping the previous certificate for %s", site.key, site.name)
-                    bundles[site.index] = kept
+            if old is None or not _same_source(old, site):
+                continue
+            kept = old_bundles.get(old.index)
+            new = bundles.get(site.index)
+            if not kept or new == kept:
+                continue
+            if new is None:
+                log.warning("%s: keeping the previous certificate for %s", site.key, site.name)
+                bundles[site.index] = kept
+            elif site.index in expired:
+                log.error(
+                    "%s: the stored certificate for %s is expired: refused as a replacement, "
+                    "keeping the previous certificate",
+                    site.key,
+                    site.name,
+                )
+                bundles[site.index] = kept
     return bundles, build_index(config.sites, bundles, config.tls.default_cert)
 
 
@@ -129,7 +149,7 @@ class Daemon:
         self.counters = Counters()
         self.ready = asyncio.Event()
         self.config: Config | None = None
-        self.store: FileStore | None = None
+        self.store: Store | None = None
         self.term: Terminator | None = None
         self.selector: SniSelector | None = None
         self.bundles: dict[int, tuple[CertBundle, ...]] = {}
@@ -157,6 +177,7 @@ class Daemon:
         self._metrics: web.AppRunner | None = None
         self._admin: web.AppRunner | None = None
         self._reload_lock = asyncio.Lock()
+        self._stopping = False
         self.started = time.time()
 
     def _current_config(self) -> Config:
@@ -280,6 +301,7 @@ class Daemon:
                 tg=tg,
             )
             self.store = store
+            self.board.shared = store if isinstance(store, RedisStore) else None
             await self._apply(loaded)
             try:
                 await self._sync_listeners(config)
@@ -318,10 +340,22 @@ class Daemon:
                 tg.create_task(self._systemd_loop())
                 tg.create_task(self._watch_loop())
                 renewing = tg.create_task(self.renewer.run(self._stop))
+                following: asyncio.Task[None] | None = None
+                if isinstance(store, RedisStore):
+                    following = tg.create_task(
+                        follow_changes(
+                            store,
+                            self.request_reload,
+                            self._stop,
+                            on_state=self.renewer.note_shared_state,
+                        )
+                    )
                 try:
                     await self._serve()
                 finally:
                     self._watch_stop.set()
+                if following is not None:
+                    following.cancel()
                 await self._shut_down(renewing)
             finally:
                 self._exited.set()
@@ -335,7 +369,9 @@ class Daemon:
         """Stop accepting, then let open connections finish for up to drain_timeout; a second
         signal (request_abort) cuts every wait short and aborts what is left."""
         assert self.term is not None
-        self._close_listeners()
+        async with self._reload_lock:  # a reload in progress finishes first, none starts after
+            self._stopping = True
+            self._close_listeners()
         await self._unless_aborted(self._close_services())
         systemd.notify("STOPPING=1")
         self._send_status()
@@ -416,6 +452,8 @@ class Daemon:
         """Validate the new config and certificates off the loop, then swap; on any error keep
         serving the last good state and say why."""
         async with self._reload_lock:  # the serve loop, the renewal loop and the admin API
+            if self._stopping:
+                return False  # never bind listeners again once shutdown closed them
             return await self._reload_locked(kind)
 
     async def _reload_locked(self, kind: str) -> bool:
@@ -470,13 +508,21 @@ class Daemon:
         assert self.term is not None and self.selector is not None
         config = loaded.config
         bundles, index = await asyncio.to_thread(
-            build_serving, self.config, self.bundles, config, loaded.certs.bundles
+            build_serving,
+            self.config,
+            self.bundles,
+            config,
+            loaded.certs.bundles,
+            loaded.certs.expired.keys(),
         )
         if self.config is not None and config.tls != self.config.tls:
             cache = ContextCache(config.tls.context_cache_size, config.tls.min_version)
             self.selector.cache = cache
             self.selector.default_alpn = config.tls.alpn
             self.term.listen_ctx = build_listening_context(config.tls, self.selector)
+        for site_index, problem in loaded.certs.expired.items():
+            if bundles.get(site_index) == loaded.certs.bundles.get(site_index):
+                log.error("certificate served although expired: %s", problem)
         self.selector.index = index
         self.term.settings = proxy_settings(config)
         self.term.origin_contexts = loaded.origin_contexts
@@ -579,16 +625,11 @@ class Daemon:
 
     # --- helpers --------------------------------------------------------------------------
 
-    async def _prepare(self, config: Config, store: FileStore | None) -> Loaded:
+    async def _prepare(self, config: Config, store: Store | None) -> Loaded:
         return await asyncio.to_thread(prepare, config, self.config_path, store, datetime.now(UTC))
 
-    def _open_store(self, config: Config) -> FileStore | None:
-        path = config.store_path
-        if path is None:
-            return None
-        if self.store is not None and self.store.root == path:
-            return self.store
-        return FileStore(path)
+    def _open_store(self, config: Config) -> Store:
+        return open_store(config, self.store)
 
     @staticmethod
     def _log_problems(problems: tuple[Problem, ...]) -> None:

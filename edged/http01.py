@@ -8,6 +8,7 @@ forward (no open redirect), tokens must be base64url before they are looked up.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import socket
@@ -15,11 +16,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
 
 from edged.config import Address, Config, Site
+from edged.errors import EdgedError
 from edged.listen import StartupError, bind_tcp
 from edged.names import NameError_, covers, normalize_name
 
@@ -28,6 +31,19 @@ log = logging.getLogger(__name__)
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 TOKEN_TTL = 900.0  # an order that takes longer than this has failed anyway
+SHARED_CACHE = 1.0  # seconds a Redis token answer (or its absence) is reused
+
+
+class SharedTokens(Protocol):
+    def put_token(
+        self, token: str, key_authorization: str, names: list[str], ttl: float
+    ) -> None: ...
+
+    def get_token(self, token: str) -> tuple[str, list[str]] | None: ...
+
+    def delete_token(self, token: str) -> None: ...
+
+
 _HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -58,6 +74,9 @@ class ChallengeBoard:
         self._tokens: dict[str, PendingToken] = {}
         self._lock = threading.Lock()
         self._clock = clock
+        # In a fleet: tokens also go to Redis, so any node answers any node's challenge.
+        self.shared: SharedTokens | None = None
+        self._cache: dict[str, tuple[float, PendingToken | None]] = {}
 
     def add(
         self, token: str, key_authorization: str, names: Iterable[str], ttl: float = TOKEN_TTL
@@ -67,10 +86,44 @@ class ChallengeBoard:
         entry = PendingToken(key_authorization, frozenset(names), self._clock() + ttl)
         with self._lock:
             self._tokens[token] = entry
+        if self.shared is not None:  # called from an ACME worker thread: blocking is fine
+            self.shared.put_token(token, key_authorization, sorted(entry.names), ttl)
 
     def remove(self, token: str) -> None:
         with self._lock:
             self._tokens.pop(token, None)
+        if self.shared is not None:
+            try:
+                self.shared.delete_token(token)
+            except EdgedError as exc:  # it expires by itself
+                log.warning("shared token not removed error=%s", exc)
+
+    async def lookup_shared(self, token: str, host: str) -> str | None:
+        """Another node's pending token, from Redis through a short local cache."""
+        shared = self.shared
+        if shared is None:
+            return None
+        now = self._clock()
+        cached = self._cache.get(token)
+        if cached is not None and cached[0] > now:
+            entry = cached[1]
+        else:
+            try:
+                found = await asyncio.to_thread(shared.get_token, token)
+            except EdgedError as exc:
+                log.warning("shared token lookup failed error=%s", exc)
+                return None
+            entry = (
+                None
+                if found is None
+                else PendingToken(found[0], frozenset(found[1]), now + SHARED_CACHE)
+            )
+            if len(self._cache) > 10000:
+                self._cache.clear()  # bounded: tokens are random, a flood must not grow it
+            self._cache[token] = (now + SHARED_CACHE, entry)
+        if entry is None or host not in entry.names:
+            return None
+        return entry.key_authorization
 
     def lookup(self, token: str, host: str) -> str | None:
         """The key authorization when `token` is pending for `host`; None otherwise."""
@@ -129,9 +182,12 @@ class Http01App:
             await self._client.close()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        path = request.path
+        # The raw (still percent-encoded) path: a token is base64url and needs no escapes, so
+        # "acme-challenge%2fTOKEN" or "%54OKEN" is not a challenge request (the decoded path
+        # would let encoded slashes act as separators).
+        path = request.rel_url.raw_path
         if path.startswith(CHALLENGE_PREFIX):
-            return self._challenge(request, path[len(CHALLENGE_PREFIX) :])
+            return await self._challenge(request, path[len(CHALLENGE_PREFIX) :])
         host = request_host(request)
         config = self.config()
         site = site_for_host(config, host) if host else None
@@ -143,12 +199,12 @@ class Http01App:
         authority = host if port == 443 else f"{host}:{port}"
         raise web.HTTPMovedPermanently(f"https://{authority}{request.path_qs}")
 
-    def _challenge(self, request: web.Request, token: str) -> web.Response:
+    async def _challenge(self, request: web.Request, token: str) -> web.Response:
         host = request_host(request)
         if request.method not in ("GET", "HEAD") or host is None or not _TOKEN.match(token):
             self.refused += 1
             return _text(404, "no such challenge")
-        answer = self.board.lookup(token, host)
+        answer = self.board.lookup(token, host) or await self.board.lookup_shared(token, host)
         if answer is None:
             self.refused += 1
             log.info("http-01 refused host=%s reason=unknown token or host", host)
@@ -214,6 +270,11 @@ class HttpListeners:
             keepalive_timeout=15,
             max_line_size=8190,
             max_field_size=8190,
+            # After answering a request whose body was not read (a POST to the challenge
+            # path), aiohttp reads and discards the rest for lingering_time (default 10 s),
+            # even after the client has gone: a cheap way to hold connections and delay a
+            # shutdown. One second is plenty for a client to read a short refusal.
+            lingering_time=1.0,
         )
         self._sites: dict[Address, web.SockSite] = {}
         self._started = False

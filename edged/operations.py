@@ -134,6 +134,8 @@ class DaemonOperations:
             "attempts": state.attempts if state else 0,
             "next_try": state.next_try if state else None,
             "last_error": _error_line(state.last_error) if state and state.last_error else None,
+            "issued_by": state.issued_by if state else "",
+            "lease": self.daemon.renewer.lease_holders.get(site.name, ""),
         }
 
     # --- actions --------------------------------------------------------------------------
@@ -182,6 +184,12 @@ class DaemonOperations:
     async def upload(self, name: str, cert_pem: bytes, key_pem: bytes) -> dict[str, object]:
         site = self._site(name)
         config = self._config()
+        if site.passthrough:
+            raise AdminError(
+                "passthrough",
+                f"{site.key} passes TLS through to its backend, which holds the certificate",
+                409,
+            )
         if site.cert_file is not None:
             raise AdminError(
                 "managed_by_files",

@@ -80,7 +80,7 @@ def preflight_sites(config: Config, store: Store | None = None) -> list[Site]:
         from edged.renewer import managed_sites
 
         return managed_sites(config, store)
-    return [site for site in config.sites if site.cert_file is None]
+    return [site for site in config.sites if site.cert_file is None and not site.passthrough]
 
 
 async def run_preflight(

@@ -5,7 +5,15 @@ TLS runs on an `ssl.SSLObject` over memory BIOs inside one protocol on the raw T
 - classify and count every handshake failure (asyncio's transport only logs them at debug),
 - half-close in both directions (TLS 1.3 close_notify closes one direction; asyncio's SSL
   transport closes the whole connection on the first close_notify),
-- and later read the ClientHello before the handshake starts.
+- and read the ClientHello before the handshake starts.
+
+The first bytes a client sends are held back until they make a whole ClientHello
+(edged.clienthello; within the handshake timeout and a size cap). Its SNI decides: a name of a
+passthrough site gets the raw bytes relayed to that site's backend, which terminates TLS itself;
+anything else is fed to the SSLObject as if it had just arrived. A malformed ClientHello closes
+the connection (counted like the handshake failure it is). The parsed ClientHello also gives
+the client's JA4 fingerprint, computed only when a site sends it (ja4_tlv) or a connection is
+logged.
 
 Backpressure: when the backend's send buffer is full edged stops reading from the client, and
 the other way round, so memory per connection stays bounded whatever the peers do.
@@ -22,8 +30,16 @@ import time
 from dataclasses import dataclass, field
 from typing import cast
 
+from edged.clienthello import (
+    ClientHello,
+    ClientHelloError,
+    ClientHelloReason,
+    NeedMore,
+    parse_client_hello,
+)
 from edged.config import Site
 from edged.counters import Counters
+from edged.ja4 import ja4
 from edged.names import covers
 from edged.proxy_header import Endpoints, TlsInfo, build_v1, build_v2
 from edged.sni import Route
@@ -50,6 +66,13 @@ _HANDSHAKE_REASONS = {
     "TLSV1_ALERT_PROTOCOL_VERSION": "unsupported_version",
     "HTTP_REQUEST": "http_on_https",
     "HTTPS_PROXY_REQUEST": "http_on_https",
+}
+
+
+# Malformed ClientHello -> handshake result label: the labels OpenSSL's own checks would give.
+_HELLO_RESULTS = {
+    ClientHelloReason.HTTP: "http_on_https",
+    ClientHelloReason.SSLV2: "unsupported_version",
 }
 
 
@@ -136,6 +159,11 @@ class ClientConnection(asyncio.Protocol):
         self.route: Route | None = None
         self.sni: str | None = None
         self.handshaking = True
+        self.hello: ClientHello | None = None  # set once the whole ClientHello has arrived
+        self._hello_buf = bytearray()  # the bytes before that
+        self._hello_need = 0  # parse again once _hello_buf holds this many bytes
+        self._ja4: str | None = None
+        self.passthrough = False  # relaying the raw TLS stream (a passthrough site)
         self.closed = False
         self.close_reason = ""  # why the connection ended (connection log); first one wins
         self.client_eof = False
@@ -147,6 +175,9 @@ class ClientConnection(asyncio.Protocol):
         self.last_activity = self.started
         self.bytes_in = 0
         self.bytes_out = 0
+        # The client sent data the backend has not answered yet (an idle timeout then is the
+        # backend's fault: counted as a backend error).
+        self._backend_owes = False
         self._paused_for: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._incoming = ssl.MemoryBIO()
@@ -186,6 +217,12 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             return
         self.last_activity = time.monotonic()
+        if self.passthrough:
+            self._relay_raw(data)
+            return
+        if self.hello is None:
+            self._preread(data)
+            return
         self._incoming.write(data)
         if self.handshaking:
             self._handshake()
@@ -217,6 +254,71 @@ class ClientConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.backend is not None:
             self.backend.resume_reading()
+
+    # --- ClientHello and passthrough ------------------------------------------------------
+
+    def _preread(self, data: bytes) -> None:
+        """Hold the first bytes until they make a whole ClientHello, then route by its SNI."""
+        buf = self._hello_buf
+        if buf:
+            buf += data
+            if len(buf) < self._hello_need:
+                return  # parsing now would only say NeedMore again
+            data = bytes(buf)
+        try:
+            hello = parse_client_hello(data)
+        except NeedMore as more:
+            if not buf:
+                buf += data
+            self._hello_need = more.need
+            if len(buf) > MAX_HANDSHAKE_BUFFER:  # parse_client_hello caps it well before
+                self._hello_failed(ClientHelloError(ClientHelloReason.TOO_LARGE))
+            return
+        except ClientHelloError as exc:
+            self._hello_failed(exc)
+            return
+        self.hello = hello
+        self._hello_buf = bytearray()
+        route = self.term.selector.index.lookup(hello.server_name) if hello.server_name else None
+        if route is not None and route.site.passthrough:
+            self._start_passthrough(route, data)
+            return
+        self._incoming.write(data)
+        self._handshake()
+
+    def _hello_failed(self, exc: ClientHelloError) -> None:
+        self._reason(f"clienthello_{exc.reason}")
+        log.debug("malformed ClientHello from %s: %s", self.peer, exc)
+        self._handshake_failed(_HELLO_RESULTS.get(exc.reason, "protocol_error"), exc)
+
+    def _start_passthrough(self, route: Route, data: bytes) -> None:
+        self.passthrough = True
+        self.handshaking = False
+        self.route = route
+        self.sni = self.hello.server_name if self.hello is not None else None
+        self.term.counters.handshakes["passthrough", "none"] += 1
+        self._hello_buf = bytearray(data)  # relayed once the backend is connected
+        self._pause_reading("connecting")
+        self._arm_idle_timer()
+        self.term.tg.create_task(self._connect_backend(route.site))
+
+    def _relay_raw(self, data: bytes) -> None:
+        if self.backend is None or not self.backend.connected:
+            self._hello_buf += data  # cannot happen while paused, but keep the order if it does
+            return
+        self.bytes_in += len(data)
+        self.term.counters.bytes_in += len(data)
+        self._backend_owes = True
+        self.backend.write(data)
+
+    @property
+    def ja4(self) -> str:
+        """The client's JA4 fingerprint ("" before the ClientHello); computed on first use."""
+        if self._ja4 is None:
+            if self.hello is None:
+                return ""
+            self._ja4 = ja4(self.hello)
+        return self._ja4
 
     # --- handshake ------------------------------------------------------------------------
 
@@ -278,6 +380,11 @@ class ClientConnection(asyncio.Protocol):
         """Decrypt what the client sent and pass it on (once the backend is connected)."""
         if self.backend is None or not self.backend.connected:
             return  # stays in the BIO; read after connecting
+        if self.passthrough:
+            held, self._hello_buf = self._hello_buf, bytearray()
+            if held:
+                self._relay_raw(bytes(held))
+            return
         chunks = []
         eof = False
         while True:
@@ -301,6 +408,7 @@ class ClientConnection(asyncio.Protocol):
             data = b"".join(chunks)
             self.bytes_in += len(data)
             self.term.counters.bytes_in += len(data)
+            self._backend_owes = True
             self.backend.write(data)
         if eof:
             self._on_client_eof()
@@ -311,6 +419,11 @@ class ClientConnection(asyncio.Protocol):
         self.last_activity = time.monotonic()
         self.bytes_out += len(data)
         self.term.counters.bytes_out += len(data)
+        self._backend_owes = False
+        if self.passthrough:
+            if not self.transport.is_closing():
+                self.transport.write(data)
+            return
         try:
             self._sslobj.write(data)
         except ssl.SSLError as exc:
@@ -446,6 +559,9 @@ class ClientConnection(asyncio.Protocol):
         ends = Endpoints(_ip_port(self.transport, "peername"), _ip_port(self.transport, "sockname"))
         if site.proxy_protocol == "v1":
             return build_v1(ends)
+        extra = [(site.ja4_tlv, self.ja4.encode("ascii"))] if site.ja4_tlv and self.hello else []
+        if self.passthrough:
+            return build_v2(ends, authority=self.sni or "", extra=extra)
         cipher = self._sslobj.cipher()
         info = TlsInfo(
             alpn=self._sslobj.selected_alpn_protocol() or "",
@@ -453,7 +569,7 @@ class ClientConnection(asyncio.Protocol):
             version=self._sslobj.version() or "",
             cipher=cipher[0] if cipher else "",
         )
-        return build_v2(ends, info)
+        return build_v2(ends, info, extra=extra)
 
     def _origin_sni(self, site: Site) -> str:
         if site.origin_server_name:
@@ -486,6 +602,11 @@ class ClientConnection(asyncio.Protocol):
         if remaining > 0.05:
             self._timer = self.loop.call_later(remaining, self._on_timer)
             return
+        if self._backend_owes and self.backend is not None and self.backend.connected:
+            self.term.counters.backend_errors["timeout"] += 1
+            log.info("backend never answered peer=%s idle=%.0fs", self.peer, idle)
+            self.close("backend_timeout")
+            return
         log.debug("closing idle connection from %s after %.0fs", self.peer, idle)
         self.close("idle_timeout")
 
@@ -497,7 +618,7 @@ class ClientConnection(asyncio.Protocol):
             transport.write(data)
 
     def _send_close_notify(self) -> None:
-        if self._notify_sent:
+        if self._notify_sent or self.passthrough:
             return
         self._notify_sent = True
         try:
@@ -561,7 +682,7 @@ class ClientConnection(asyncio.Protocol):
         if not (sni and self.route is not None and covers(self.route.name, sni)):
             sni = "-"
         obj = self._sslobj
-        done = not self.handshaking and self.route is not None
+        done = not self.handshaking and self.route is not None and not self.passthrough
         cipher = obj.cipher() if done else None
         fields = {
             "client": _format_peer(self.peer),
@@ -574,13 +695,21 @@ class ClientConnection(asyncio.Protocol):
             "bytes_out": self.bytes_out,
             "duration": round(time.monotonic() - self.started, 3),
             "reason": self.close_reason or "closed",
+            "mode": "passthrough" if self.passthrough else "terminate",
+            "ja4": self.ja4 or "-",
         }
-        conn_log.info(
+        text = (
             "conn client=%s sni=%s site=%s tls=%s cipher=%s alpn=%s in=%d out=%d secs=%.3f "
-            "reason=%s",
-            *fields.values(),
-            extra=fields,
+            "reason=%s"
         )
+        args = list(fields.values())[:10]
+        site = self.route.site if self.route is not None else None
+        if site is not None and (site.passthrough or site.ja4_tlv):
+            # Sites that use the ClientHello say so in the text line too (the JSON line has
+            # mode and ja4 always).
+            text += " mode=%s ja4=%s"
+            args += [fields["mode"], fields["ja4"]]
+        conn_log.info(text, *args, extra=fields)
 
 
 class BackendConnection(asyncio.Protocol):

@@ -1,13 +1,16 @@
 """PROXY protocol v1 and v2 headers (haproxy.org/download/2.9/doc/proxy-protocol.txt). Pure.
 
 The backend learns the client's address, and with v2 also the negotiated ALPN, the SNI (as the
-authority TLV) and the TLS version and cipher (PP2_TYPE_SSL sub-TLVs).
+authority TLV) and the TLS version and cipher (PP2_TYPE_SSL sub-TLVs). A passed-through
+connection (not terminated) carries only the authority; custom TLVs (types 0xE0-0xEF, e.g. the
+client's JA4 fingerprint) follow the standard ones.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -60,7 +63,15 @@ def _tlv(kind: int, value: bytes) -> bytes:
     return struct.pack("!BH", kind, len(value)) + value
 
 
-def build_v2(ends: Endpoints, tls: TlsInfo | None = None) -> bytes:
+def build_v2(
+    ends: Endpoints,
+    tls: TlsInfo | None = None,
+    *,
+    authority: str = "",
+    extra: Sequence[tuple[int, bytes]] = (),
+) -> bytes:
+    """`tls`: the terminated connection's TLS details; `authority`: the SNI when edged did not
+    terminate (ignored when `tls` is given: its sni is the authority); `extra`: further TLVs."""
     pair = _ip_pair(ends)
     if pair is None or ends.src is None or ends.dst is None:
         family, addresses = 0x00, b""  # AF_UNSPEC: the receiver uses the real connection
@@ -80,5 +91,9 @@ def build_v2(ends: Endpoints, tls: TlsInfo | None = None) -> bytes:
         if tls.cipher:
             sub += _tlv(PP2_SUBTYPE_SSL_CIPHER, tls.cipher.encode("ascii"))
         tlvs += _tlv(PP2_TYPE_SSL, struct.pack("!BI", PP2_CLIENT_SSL, 0) + sub)
+    elif authority:
+        tlvs += _tlv(PP2_TYPE_AUTHORITY, authority.encode("ascii", "replace"))
+    for kind, value in extra:
+        tlvs += _tlv(kind, value)
     body = addresses + tlvs
     return V2_SIGNATURE + struct.pack("!BBH", 0x21, family, len(body)) + body

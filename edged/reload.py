@@ -38,7 +38,11 @@ class WatchSet:
     def relevant(self, path: Path) -> bool:
         if path in self.files:
             return True
-        return any(path == tree or tree in path.parents for tree in self.trees)
+        # In the store only certificates matter (live/); renewal state and accounts change on
+        # every attempt and must not reload the daemon.
+        return any(
+            path in (tree, tree / "live") or tree / "live" in path.parents for tree in self.trees
+        )
 
 
 def watch_set(config: Config, config_path: Path) -> WatchSet:

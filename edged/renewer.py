@@ -16,7 +16,7 @@ import random
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
@@ -33,6 +33,7 @@ from edged.errors import AcmeError, EdgedError, StoreError
 from edged.http01 import ChallengeBoard, Http01App, HttpListeners
 from edged.renewal import CertStatus, Notice, RenewalPolicy, RenewalState
 from edged.store.base import Store
+from edged.store.redis import RedisStore
 
 log = logging.getLogger("edged.renewal")
 
@@ -40,6 +41,8 @@ MAX_SLEEP = 60.0  # re-evaluate at least this often (config reloads, expiry logg
 CONCURRENT_ORDERS = 4
 WEBHOOK_ATTEMPTS = 5
 ARI_RETRY = timedelta(hours=1)
+LEASE_TTL = 60.0  # seconds: a node that dies mid-order loses the name after this
+LEASE_RECHECK = timedelta(seconds=5)
 
 
 def node_id() -> str:
@@ -52,7 +55,7 @@ def managed_sites(config: Config, store: Store | None) -> list[Site]:
         return []
     out = []
     for site in config.sites:
-        if site.cert_file is not None:
+        if site.cert_file is not None or site.passthrough:
             continue
         try:
             stored = store.load(site.name)
@@ -156,6 +159,9 @@ class Renewer:
         self._sites: dict[str, Site] = {}
         self._wake = asyncio.Event()
         self._running: set[str] = set()
+        self._forced_while_running: set[str] = set()
+        self._shared_changed: set[str] = set()  # names whose state another node saved
+        self.lease_holders: dict[str, str] = {}  # fleet: who orders a name (last seen)
         self._expiry_notice: dict[str, datetime] = {}
         self._expired_log: dict[str, float] = {}
         self._renewal_info: dict[str, str] = {}  # directory URL → renewalInfo base ("" = none)
@@ -178,12 +184,30 @@ class Renewer:
         now = datetime.now(UTC)
         policy = self._policy()
         for name in self._sites:
+            if name in self.states and isinstance(store, RedisStore) and name not in self._running:
+                # Shared state: another node may have renewed the name; its state is the truth.
+                shared = await asyncio.to_thread(self._load_state, name)
+                known = self.states[name].last_success
+                if shared.last_success is not None and (
+                    known is None or shared.last_success > known
+                ):
+                    self.states[name] = shared
+                    self.lease_holders.pop(name, None)
+                continue
             if name in self.states:
                 continue
             state = await asyncio.to_thread(self._load_state, name)
             # A name never tried is ordered at once; known ones resume their pacing, spread so
             # a fleet restart does not start every overdue order in the same second.
-            if policy is not None and not state.is_new:
+            if (
+                state.in_flight
+                and isinstance(store, RedisStore)
+                and await self._lease_held(store, name)
+            ):
+                # In a fleet the attempt in flight is another node's, alive (it holds the
+                # lease): not an interrupted attempt of ours. Look again once it is done.
+                state = replace(state, in_flight=False, next_try=now + LEASE_RECHECK)
+            elif policy is not None and not state.is_new:
                 state = renewal.resume(state, policy, now, self.rng)
             self.states[name] = state
             await self._save(state)
@@ -208,6 +232,25 @@ class Renewer:
             else:
                 self.states[name] = renewal.observe_cert(state, bundle, policy, now, self.rng)
 
+    def note_shared_state(self, name: str) -> None:
+        """Another node (or this one) saved `name`'s state in the shared store."""
+        if name in self.states:
+            self._shared_changed.add(name)
+            self._wake.set()
+
+    async def _adopt_shared_states(self) -> None:
+        """A renewal another node finished is the fleet's truth: take its state."""
+        changed, self._shared_changed = self._shared_changed, set()
+        for name in changed:
+            if name in self._running or name not in self.states:
+                continue
+            shared = await asyncio.to_thread(self._load_state, name)
+            known = self.states[name].last_success
+            if shared.last_success is not None and (known is None or shared.last_success > known):
+                self.states[name] = shared
+                self.lease_holders.pop(name, None)  # that node's order is over
+                log.info("renewal state from the fleet name=%s by=%s", name, shared.issued_by)
+
     def force(self, name: str) -> RenewalState:
         """Start an attempt now, in any state, with a fresh attempt counter."""
         state = self.states.get(name)
@@ -215,6 +258,10 @@ class Renewer:
             raise KeyError(name)
         state = renewal.force_retry(state, datetime.now(UTC))
         self.states[name] = state
+        if name in self._running:
+            # The running attempt commits its own result when it ends, which would drop this
+            # request: it is applied again then, so a new attempt follows the running one.
+            self._forced_while_running.add(name)
         self._wake.set()
         return state
 
@@ -236,6 +283,8 @@ class Renewer:
             limit = asyncio.Semaphore(CONCURRENT_ORDERS)
             while not stop.is_set():
                 self._wake.clear()
+                if self._shared_changed:
+                    await self._adopt_shared_states()
                 now = datetime.now(UTC)
                 for name, state in list(self.states.items()):
                     if name in self._running or not renewal.is_due(state, now):
@@ -272,6 +321,11 @@ class Renewer:
             log.exception("renewal attempt crashed name=%s", name)
         finally:
             self._running.discard(name)
+            if name in self._forced_while_running:
+                self._forced_while_running.discard(name)
+                state = self.states.get(name)
+                if state is not None and not state.in_flight:
+                    self.states[name] = renewal.force_retry(state, datetime.now(UTC))
             self._wake.set()
 
     async def _attempt_once(self, name: str, tg: asyncio.TaskGroup) -> None:
@@ -279,6 +333,78 @@ class Renewer:
         if site is None or config is None or config.acme is None or store is None:
             return
         assert policy is not None
+        if not isinstance(store, RedisStore):
+            await self._attempt_locked(name, tg, site, config, store, policy)
+            return
+        # A fleet: one node orders a name at a time (a lease in Redis, kept alive while the
+        # order runs, released by compare-and-delete); the others adopt its result.
+        lease = await self._take_lease(name, store)
+        if lease is None:
+            return
+        keeper = tg.create_task(self._keep_lease(name, store, lease))
+        self.lease_holders[name] = lease
+        try:
+            fresh = await asyncio.to_thread(self._load_state, name)
+            mine = self.states[name]
+            if fresh.last_success is not None and (
+                mine.last_success is None or fresh.last_success > mine.last_success
+            ):
+                # Another node renewed it while we waited: adopt its result, order nothing.
+                self.states[name] = fresh
+                log.info("renewal done by another node name=%s by=%s", name, fresh.issued_by)
+                return
+            await self._attempt_locked(name, tg, site, config, store, policy)
+        finally:
+            keeper.cancel()
+            self.lease_holders.pop(name, None)
+            try:
+                await asyncio.to_thread(store.release_lease, name, lease)
+            except StoreError as exc:
+                log.warning("lease not released (it expires) name=%s error=%s", name, exc)
+
+    @staticmethod
+    async def _lease_held(store: RedisStore, name: str) -> bool:
+        try:
+            return await asyncio.to_thread(store.lease_holder, name) is not None
+        except StoreError:
+            return False
+
+    async def _take_lease(self, name: str, store: RedisStore) -> str | None:
+        now = datetime.now(UTC)
+        try:
+            lease = await asyncio.to_thread(store.acquire_lease, name, LEASE_TTL, node_id())
+            holder = None if lease else await asyncio.to_thread(store.lease_holder, name)
+        except StoreError as exc:
+            log.warning("renewal waits for Redis name=%s error=%s", name, exc)
+            holder, lease = "", None
+        if lease is None:
+            if holder:
+                self.lease_holders[name] = holder
+                log.info("renewal of %s runs on another node holder=%s", name, holder)
+            # Look again soon: the holder's result arrives over pub/sub before that.
+            self.states[name] = replace(self.states[name], next_try=now + LEASE_RECHECK)
+        return lease
+
+    async def _keep_lease(self, name: str, store: RedisStore, lease: str) -> None:
+        while True:
+            await asyncio.sleep(LEASE_TTL / 3)
+            try:
+                if not await asyncio.to_thread(store.extend_lease, name, lease, LEASE_TTL):
+                    log.error("lease of %s lost while ordering (Redis restarted?)", name)
+                    return
+            except StoreError as exc:
+                log.warning("lease not extended name=%s error=%s", name, exc)
+
+    async def _attempt_locked(
+        self,
+        name: str,
+        tg: asyncio.TaskGroup,
+        site: Site,
+        config: Config,
+        store: Store,
+        policy: RenewalPolicy,
+    ) -> None:
+        assert config.acme is not None
         before = self.states[name]
         state = renewal.begin_attempt(before, datetime.now(UTC))
         self.states[name] = state

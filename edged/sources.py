@@ -4,6 +4,11 @@ First that applies: the site's `cert_file`/`key_file` (the files are the source 
 the certificate stored under the site's first name (uploaded or issued by ACME). A bundle that
 fails validation is not served; the problem is reported with the file and what to do. Runs in a
 thread (file I/O); `now` is a parameter.
+
+One exception, for the daemon only (`keep_expired=True`): when every certificate a site has in
+the store is expired and otherwise valid, it is served anyway (clients decide whether to accept
+it) and reported at error level; a replacement for a certificate already served is still
+refused (see edged.daemon.build_serving), and `edged check` reports it as the error it is.
 """
 
 from __future__ import annotations
@@ -12,9 +17,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from edged.certs import CertBundle, check_bundle, parse_bundle
+from edged.certs import CertBundle, _span, _when, check_bundle, parse_bundle
 from edged.config import Config, Site
 from edged.errors import CertError, CertReason, Problem, StoreError
+from edged.renewal import RenewalState, StateError
 from edged.store.base import Store, StoredCert
 
 
@@ -24,6 +30,9 @@ class SiteCerts:
 
     bundles: dict[int, tuple[CertBundle, ...]] = field(default_factory=dict)
     problems: tuple[Problem, ...] = ()
+    # Sites served with an expired store certificate because they have nothing else (only with
+    # keep_expired): index → the error to report. Not in `problems`: nothing was rejected.
+    expired: dict[int, Problem] = field(default_factory=dict)
 
     @property
     def errors(self) -> list[Problem]:
@@ -36,6 +45,13 @@ def read_pem(path: Path) -> bytes:
         return path.read_bytes()
     except FileNotFoundError:
         raise CertError(CertReason.EMPTY, "no such file: check the path", str(path)) from None
+    except PermissionError:
+        raise CertError(
+            CertReason.EMPTY,
+            "cannot read: permission denied: the user edged runs as needs read access to this "
+            "file and search access to its directories (chmod/chown)",
+            str(path),
+        ) from None
     except OSError as exc:
         raise CertError(
             CertReason.EMPTY, f"cannot read: {exc.strerror}: check its permissions", str(path)
@@ -57,9 +73,10 @@ def load_file_bundle(site: Site, now: datetime, require_chain: bool) -> CertBund
 
 
 def load_stored_bundles(
-    site: Site, store: Store, now: datetime, require_chain: bool
+    site: Site, store: Store, now: datetime, require_chain: bool, *, keep_expired: bool = False
 ) -> tuple[tuple[CertBundle, ...], list[Problem]]:
-    """The store's bundles for a site (one per key type) that pass validation."""
+    """The store's bundles for a site (one per key type) that pass validation (or, with
+    `keep_expired`, the expired ones when that is all there is: see validate_stored)."""
     label = f"store:{site.name}"
     try:
         stored = store.load(site.name)
@@ -67,15 +84,26 @@ def load_stored_bundles(
         return (), [Problem(label, site.key, str(exc))]
     if stored is None:
         return (), []
-    return validate_stored(stored, site, now, require_chain, label)
+    return validate_stored(stored, site, now, require_chain, label, keep_expired=keep_expired)
 
 
 def validate_stored(
-    stored: StoredCert, site: Site, now: datetime, require_chain: bool, label: str
+    stored: StoredCert,
+    site: Site,
+    now: datetime,
+    require_chain: bool,
+    label: str,
+    *,
+    keep_expired: bool = False,
 ) -> tuple[tuple[CertBundle, ...], list[Problem]]:
     """Parse and check each key type of a stored certificate exactly as the daemon serves it:
-    the bundles that pass, and a Problem (source `label:key_type`) for each that does not."""
+    the bundles that pass, and a Problem (source `label:key_type`) for each that does not.
+
+    With `keep_expired`, when no key type passes but some fail only by having expired, those
+    are returned instead (without a problem: the caller reports them as served while expired).
+    """
     bundles: list[CertBundle] = []
+    expired: list[tuple[str, CertBundle]] = []
     problems: list[Problem] = []
     for pair in stored.pairs:
         source = f"{label}:{pair.key_type}"
@@ -85,30 +113,93 @@ def validate_stored(
             problems.append(Problem(source, site.key, exc.message))
             continue
         errors = check_bundle(bundle, now=now, names=site.names, require_chain=require_chain)
+        if errors and keep_expired and all(e.reason is CertReason.EXPIRED for e in errors):
+            expired.append((source, bundle))
+            continue
         if errors:
             problems.extend(Problem(source, site.key, e.message) for e in errors)
             continue
         bundles.append(bundle)
+    if expired and not bundles:
+        return tuple(b for _, b in expired), problems
+    for source, bundle in expired:  # a valid key type serves the site: the expired ones go
+        problems.extend(Problem(source, site.key, e.message) for e in check_bundle(bundle, now=now))
     return tuple(bundles), problems
 
 
-def load_site_certs(config: Config, store: Store | None, now: datetime) -> SiteCerts:
-    """Load every site's certificates; never raises for bad input, reports it instead."""
+def expired_problem(
+    site: Site, bundles: tuple[CertBundle, ...], store: Store, acme: bool, now: datetime
+) -> Problem:
+    """The error for a site served with expired certificates because it has no other."""
+    not_after = max(b.not_after for b in bundles)
+    ago = _span((now - not_after).total_seconds())
+    return Problem(
+        f"store:{site.name}",
+        site.key,
+        f"expired since {_when(not_after)} ({ago} ago), still served because there is no "
+        f"replacement; renewal state: {renewal_summary(site, store, acme)}",
+    )
+
+
+def renewal_summary(site: Site, store: Store, acme: bool) -> str:
+    """One line on where a site's next certificate comes from (for the expired-cert error)."""
+    try:
+        stored = store.load(site.name)
+        raw = store.load_state(site.name) if acme else None
+        state = RenewalState.from_json(raw, site.name) if raw else None
+    except (StoreError, StateError) as exc:
+        return f"unreadable ({exc})"
+    if not acme or (stored is not None and stored.source == "upload"):
+        return "none: not managed by ACME, upload or install a new certificate"
+    if state is None:
+        return "no attempt yet"
+    parts = [state.status.value, f"{state.attempts} failed attempts"]
+    if state.last_error:
+        message = state.last_error.get("detail") or state.last_error.get("message")
+        parts.append(f"last error: {message}")
+    if state.next_try is not None:
+        parts.append(f"next try {_when(state.next_try)}")
+    return ", ".join(parts)
+
+
+def load_site_certs(
+    config: Config, store: Store | None, now: datetime, *, keep_expired: bool = False
+) -> SiteCerts:
+    """Load every site's certificates; never raises for bad input, reports it instead.
+
+    `keep_expired` (the daemon): a site whose store certificates are all expired, and have no
+    other fault, is served with them and listed in SiteCerts.expired (see the module doc)."""
     require_chain = config.tls.require_chain
     bundles: dict[int, tuple[CertBundle, ...]] = {}
     problems: list[Problem] = []
+    expired: dict[int, Problem] = {}
     for site in config.sites:
+        if site.passthrough:
+            continue  # its backend terminates TLS and holds the certificate
         if site.cert_file is not None:
             try:
                 bundles[site.index] = (load_file_bundle(site, now, require_chain),)
             except CertError as exc:
                 source = exc.source or str(site.cert_file)
-                problems.append(Problem(source, f"{site.key}.cert_file", exc.message))
+                # Name the setting of the file at fault (the key's own problems come with the
+                # key file as their source).
+                key = (
+                    "key_file"
+                    if source == str(site.key_file) != str(site.cert_file)
+                    else "cert_file"
+                )
+                problems.append(Problem(source, f"{site.key}.{key}", exc.message))
             continue
         found: tuple[CertBundle, ...] = ()
         if store is not None:
-            found, store_problems = load_stored_bundles(site, store, now, require_chain)
+            found, store_problems = load_stored_bundles(
+                site, store, now, require_chain, keep_expired=keep_expired
+            )
             problems.extend(store_problems)
+            if found and all(b.not_after < now for b in found):
+                expired[site.index] = expired_problem(
+                    site, found, store, config.acme is not None, now
+                )
         if found:
             bundles[site.index] = found
         elif not any(p.key == site.key for p in problems):
@@ -126,4 +217,4 @@ def load_site_certs(config: Config, store: Store | None, now: datetime) -> SiteC
                     warning=True,
                 )
             )
-    return SiteCerts(bundles, tuple(problems))
+    return SiteCerts(bundles, tuple(problems), expired)

@@ -22,6 +22,7 @@ from edged.proxy_header import V2_SIGNATURE
 from edged.sni import Route
 from tests.pebble import Pebble, start_pebble
 from tests.pki import make_ca, make_intermediate, make_leaf, write_pair
+from tests.redis_server import redis_server  # noqa: F401  (a fixture for every test module)
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> Mapping[str, Callable[[], Any]]:
@@ -140,15 +141,18 @@ async def run_edged(
     http: tuple[int, ...] = (),
     admin: str = "",
     metrics: str = "",
+    store: str = "store",
+    edged_extra: str = "",
 ) -> AsyncIterator[Edged]:
     """Start edged in this event loop with `body` (sites, tls…), a free https port and the
-    plain-HTTP listeners on 127.0.0.1:`http` ports."""
+    plain-HTTP listeners on 127.0.0.1:`http` ports; `edged_extra` adds [edged] keys."""
     port = port or free_port()
     config_path = tmp_path / "edged.toml"
     head = f"""
         [edged]
-        store = "store"
+        store = "{store}"
         drain_timeout = 2
+        {edged_extra}
         [listen]
         https = ["127.0.0.1:{port}"]
         http = {json.dumps([f"127.0.0.1:{p}" for p in http])}
@@ -180,11 +184,13 @@ class Proc:
 async def run_cmd(*args: str, stdin: bytes = b"", limit: float = 20) -> Proc:
     proc = await asyncio.create_subprocess_exec(
         *args,
-        stdin=asyncio.subprocess.PIPE,
+        # No input: stdin closed from the start (writing to the pipe of a process that already
+        # exited raises under uvloop).
+        stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(stdin), limit)
+    out, err = await asyncio.wait_for(proc.communicate(stdin or None), limit)
     assert proc.returncode is not None
     return Proc(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
 

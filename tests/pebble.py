@@ -141,8 +141,13 @@ def start_pebble(
     nonce_reject: int = 0,
     env: dict[str, str] | None = None,
     port: int | None = None,
+    eab_required: bool = False,
+    eab_keys: dict[str, str] | None = None,
 ) -> Pebble:
-    """Start Pebble (+ challtestsrv unless `dns_server` is given); the caller must stop() it."""
+    """Start Pebble (+ challtestsrv unless `dns_server` is given); the caller must stop() it.
+
+    `eab_required` makes new accounts need an external account binding (RFC 8555 section
+    7.3.4); `eab_keys` maps each key id Pebble accepts to its base64url HMAC key."""
     workdir.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = _listener_cert(workdir)
     acme_port = port or free_port()
@@ -197,9 +202,11 @@ def start_pebble(
                 "httpPort": http_port,
                 "tlsPort": tls_port,
                 "ocspResponderURL": "",
-                "externalAccountBindingRequired": False,
+                "externalAccountBindingRequired": eab_required,
             }
         }
+        if eab_keys:
+            config["pebble"]["externalAccountMACKeys"] = dict(eab_keys)
         config_path = workdir / "pebble-config.json"
         config_path.write_text(json.dumps(config))
         proc_env = {

@@ -3,9 +3,7 @@ HTTP-01 tokens, leases, prefixes, pub/sub, and the local copy when Redis is down
 
 from __future__ import annotations
 
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,45 +14,8 @@ from edged.errors import StoreError
 from edged.store.base import PemPair, StoredCert
 from edged.store.files import FileStore
 from edged.store.redis import RedisStore
-from tests.pebble import free_port
 from tests.pki import make_ca, make_leaf
-
-
-class RedisServer:
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(workdir)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        client = redis.Redis(port=self.port, socket_timeout=1)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.RedisError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.02)
-        client.close()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(5)
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    s = RedisServer(tmp_path)
-    try:
-        yield s
-    finally:
-        s.stop()
+from tests.redis_server import RedisServer
 
 
 def bundle(name: str, cn: str) -> StoredCert:
@@ -71,13 +32,13 @@ def bundle(name: str, cn: str) -> StoredCert:
 
 
 def store(
-    server: RedisServer, tmp_path: Path, node: str = "a", prefix: str = "edged"
+    redis_server: RedisServer, tmp_path: Path, node: str = "a", prefix: str = "edged"
 ) -> RedisStore:
-    return RedisStore(server.url, FileStore(tmp_path / f"local-{node}"), prefix=prefix)
+    return RedisStore(redis_server.url, FileStore(tmp_path / f"local-{node}"), prefix=prefix)
 
 
-def test_bundle_previous_rollback_and_local_copy(server: RedisServer, tmp_path: Path) -> None:
-    a, b = store(server, tmp_path, "a"), store(server, tmp_path, "b")
+def test_bundle_previous_rollback_and_local_copy(redis_server: RedisServer, tmp_path: Path) -> None:
+    a, b = store(redis_server, tmp_path, "a"), store(redis_server, tmp_path, "b")
     first, second = bundle("shop.test", "v1"), bundle("shop.test", "v2")
     a.save(first)
     a.save(second)
@@ -96,24 +57,26 @@ def test_bundle_previous_rollback_and_local_copy(server: RedisServer, tmp_path: 
     assert a.load("shop.test") is None and a.names() == []
 
 
-def test_state_accounts_and_prefix_isolation(server: RedisServer, tmp_path: Path) -> None:
-    a = store(server, tmp_path, "a")
-    other_fleet = store(server, tmp_path, "x", prefix="fleet2")
+def test_state_accounts_and_prefix_isolation(redis_server: RedisServer, tmp_path: Path) -> None:
+    a = store(redis_server, tmp_path, "a")
+    other_fleet = store(redis_server, tmp_path, "x", prefix="fleet2")
     a.save_state("shop.test", {"status": "active", "attempts": 0})
-    assert store(server, tmp_path, "b").load_state("shop.test") == {
+    assert store(redis_server, tmp_path, "b").load_state("shop.test") == {
         "status": "active",
         "attempts": 0,
     }
     assert other_fleet.load_state("shop.test") is None
     a.save_account("https://ca.test/dir", {"uri": "https://ca.test/acct/1"}, b"KEY1")
     # NX: a second registration racing the first does not replace the fleet's account.
-    store(server, tmp_path, "b").save_account("https://ca.test/dir", {"uri": "acct/2"}, b"KEY2")
+    store(redis_server, tmp_path, "b").save_account(
+        "https://ca.test/dir", {"uri": "acct/2"}, b"KEY2"
+    )
     assert a.load_account("https://ca.test/dir") == ({"uri": "https://ca.test/acct/1"}, b"KEY1")
     assert other_fleet.load_account("https://ca.test/dir") is None
 
 
-def test_shared_tokens_expire(server: RedisServer, tmp_path: Path) -> None:
-    a, b = store(server, tmp_path, "a"), store(server, tmp_path, "b")
+def test_shared_tokens_expire(redis_server: RedisServer, tmp_path: Path) -> None:
+    a, b = store(redis_server, tmp_path, "a"), store(redis_server, tmp_path, "b")
     a.put_token("tok_1", "tok_1.thumb", ["shop.test"], ttl=0.3)
     assert b.get_token("tok_1") == ("tok_1.thumb", ["shop.test"])
     time.sleep(0.5)
@@ -123,8 +86,10 @@ def test_shared_tokens_expire(server: RedisServer, tmp_path: Path) -> None:
     assert b.get_token("tok_2") is None
 
 
-def test_lease_one_owner_expiry_and_compare_and_delete(server: RedisServer, tmp_path: Path) -> None:
-    a, b = store(server, tmp_path, "a"), store(server, tmp_path, "b")
+def test_lease_one_owner_expiry_and_compare_and_delete(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    a, b = store(redis_server, tmp_path, "a"), store(redis_server, tmp_path, "b")
     owner = a.acquire_lease("shop.test", ttl=0.5, node="node-a")
     assert owner is not None and owner.startswith("node-a/")
     assert b.acquire_lease("shop.test", ttl=0.5, node="node-b") is None
@@ -139,9 +104,9 @@ def test_lease_one_owner_expiry_and_compare_and_delete(server: RedisServer, tmp_
     assert a.lease_holder("shop.test") is None
 
 
-def test_changes_are_published(server: RedisServer, tmp_path: Path) -> None:
-    a = store(server, tmp_path, "a")
-    listener = redis.Redis.from_url(server.url).pubsub()
+def test_changes_are_published(redis_server: RedisServer, tmp_path: Path) -> None:
+    a = store(redis_server, tmp_path, "a")
+    listener = redis.Redis.from_url(redis_server.url).pubsub()
     listener.subscribe(a.channel)
     assert listener.get_message(timeout=1) is not None  # subscribe confirmation
     a.save(bundle("shop.test", "v1"))
@@ -150,14 +115,16 @@ def test_changes_are_published(server: RedisServer, tmp_path: Path) -> None:
     listener.close()
 
 
-def test_redis_down_serves_local_copy_and_reports(server: RedisServer, tmp_path: Path) -> None:
-    a = store(server, tmp_path, "a")
+def test_redis_down_serves_local_copy_and_reports(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    a = store(redis_server, tmp_path, "a")
     cert = bundle("shop.test", "v1")
     a.save(cert)
     a.save_state("shop.test", {"status": "active"})
-    server.stop()
+    redis_server.stop()
     # A node (also one restarted now) keeps what it serves from its local copy.
-    restarted = store(server, tmp_path, "a")
+    restarted = store(redis_server, tmp_path, "a")
     assert restarted.load("shop.test") == cert
     assert restarted.names() == ["shop.test"]
     assert restarted.load_state("shop.test") == {"status": "active"}
@@ -168,8 +135,8 @@ def test_redis_down_serves_local_copy_and_reports(server: RedisServer, tmp_path:
     assert restarted.load("shop.test") == cert  # the failed write changed nothing
 
 
-def test_names_never_become_keys_unvalidated(server: RedisServer, tmp_path: Path) -> None:
-    a = store(server, tmp_path, "a")
+def test_names_never_become_keys_unvalidated(redis_server: RedisServer, tmp_path: Path) -> None:
+    a = store(redis_server, tmp_path, "a")
     for bad in ("../x", "a/b", "", "a\x00b", "*"):
         with pytest.raises(StoreError):
             a.load(bad)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ from acme import errors as acme_errors
 from acme import messages
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from josepy import b64 as jose_b64
 from josepy import errors as jose_errors
 from josepy import jwa, jwk
 
@@ -172,6 +174,13 @@ def load_account_key(pem: bytes) -> jwk.JWK:
     raise ValueError("the account key is neither ECDSA nor RSA")
 
 
+def account_body_json(body: messages.Registration) -> dict[str, object]:
+    """The account object as stored. The CA may echo the external account binding: a JWS that
+    josepy decodes into a frozendict it cannot encode again; it is only needed to register."""
+    data: dict[str, object] = json.loads(body.update(external_account_binding=None).json_dumps())
+    return data
+
+
 class AcmeSession:
     """One account at one ACME directory; every call converts failures into AcmeError."""
 
@@ -278,7 +287,7 @@ class AcmeSession:
                 self.settings.directory,
                 {
                     "uri": net.account.uri,
-                    "body": json.loads(net.account.body.json_dumps()),
+                    "body": account_body_json(net.account.body),
                     "directory": self.settings.directory,
                     "created": self.clock().isoformat(),
                 },
@@ -298,8 +307,13 @@ class AcmeSession:
                 "this CA requires external account binding: set acme.eab_kid and "
                 "acme.eab_hmac_file to the key id and HMAC key the CA gave you",
             )
+        what = "registering the ACME account"
         if self.settings.eab_kid and self.settings.eab_hmac_file is not None:
-            hmac_key = _read_secret(self.settings.eab_hmac_file)
+            hmac_key = read_eab_hmac_key(self.settings.eab_hmac_file, name)
+            what += (
+                f" (external account binding with acme.eab_kid {self.settings.eab_kid!r} and "
+                f"the key in {self.settings.eab_hmac_file})"
+            )
             eab = messages.ExternalAccountBinding.from_data(
                 account_public_key=key.public_key(),
                 kid=self.settings.eab_kid,
@@ -311,7 +325,7 @@ class AcmeSession:
             terms_of_service_agreed=True,
             external_account_binding=eab,
         )
-        with self.errors(name, "registering the ACME account"):
+        with self.errors(name, what):
             try:
                 return client.new_account(registration)
             except acme_errors.ConflictError as conflict:
@@ -342,9 +356,10 @@ class AcmeSession:
             if done(value):
                 return value
             wait = delay
-            retry_after = parse_retry_after(response.headers.get("Retry-After"), self.clock())
+            now = self.clock()  # one reading: "Retry-After: 1" means a whole second
+            retry_after = parse_retry_after(response.headers.get("Retry-After"), now)
             if retry_after is not None:
-                wait = max(wait, (retry_after - self.clock()).total_seconds())
+                wait = max(wait, (retry_after - now).total_seconds())
             if time.monotonic() + wait > deadline:
                 raise AcmeError(
                     name,
@@ -355,11 +370,31 @@ class AcmeSession:
             delay = min(delay * self.poll_pace.factor, self.poll_pace.cap)
 
 
-def _read_secret(path: Path) -> str:
+def read_eab_hmac_key(path: Path, name: str = "") -> str:
+    """The EAB HMAC key as the CA hands it out (base64url), checked before use. Messages name
+    the file, never its content: the key is a secret."""
     try:
-        return path.read_text().strip()
-    except OSError as exc:
-        raise AcmeError("", f"cannot read {path}: {exc.strerror}") from exc
+        text = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not text"
+        raise AcmeError(name, f"cannot read acme.eab_hmac_file {path}: {reason}") from None
+    if not text:
+        raise AcmeError(
+            name, f"acme.eab_hmac_file {path} is empty: put the HMAC key the CA gave you in it"
+        )
+    try:
+        valid = re.fullmatch(r"[A-Za-z0-9_\-+/]+={0,2}", text) is not None and bool(
+            jose_b64.b64decode(text)
+        )
+    except (ValueError, TypeError):
+        valid = False
+    if not valid:
+        raise AcmeError(
+            name,
+            f"acme.eab_hmac_file {path} does not hold a base64url HMAC key: copy the key "
+            "exactly as the CA shows it (one line, no quotes or labels)",
+        )
+    return text
 
 
 def account_summary(store: Store, directory: str) -> dict[str, object] | None:

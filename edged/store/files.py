@@ -197,7 +197,7 @@ class FileStore:
             ) from exc
         try:
             state = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise StoreError(
                 f"renewal state {path} is corrupt ({exc}); delete it to start over"
             ) from None
@@ -226,7 +226,7 @@ class FileStore:
             raise StoreError(f"cannot read the ACME account in {folder}: {exc.strerror}") from exc
         try:
             account = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             account = None
         if not isinstance(account, dict):
             raise StoreError(
@@ -416,7 +416,8 @@ def _read_bundle(directory: Path, name: str) -> StoredCert:
         raise _Unusable(f"cannot read {meta_path}: {exc.strerror}") from None
     try:
         meta = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: a hostile or corrupt file nesting arrays thousands deep.
         raise _Unusable(f"{meta_path} is not valid JSON ({exc})") from None
     try:
         return _cert_from_meta(meta, directory, name)

@@ -155,6 +155,10 @@ class RedisStore:
     def channel(self) -> str:
         return self.key("changes")
 
+    @property
+    def state_channel(self) -> str:
+        return self.key("states")
+
     def _call(self, what: str, fn: Any, *args: Any) -> Any:
         try:
             result = fn(*args)
@@ -256,7 +260,10 @@ class RedisStore:
         name = _name(name)
         data = json.dumps(dict(state), sort_keys=True)
         self.local.save_state(name, state)  # first: survives a Redis outage
-        self._call("save_state", self.client.set, self.key("state", name), data)
+        pipe = self.client.pipeline()
+        pipe.set(self.key("state", name), data)
+        pipe.publish(self.state_channel, name)
+        self._call("save_state", pipe.execute)
 
     def load_account(self, directory: str) -> tuple[dict[str, object], bytes] | None:
         key = self.key("account", account_dirname(directory))

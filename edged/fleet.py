@@ -1,0 +1,85 @@
+"""Following the fleet's changes: a node that stores a new certificate publishes its name; every
+node reloads (fetch, validate, swap) when it hears it, and resyncs periodically and after a Redis
+outage in case it missed a message. Reconnects back off with jitter so a Redis restart does not
+bring every node back in the same second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
+
+from edged.store.redis import RedisStore
+
+log = logging.getLogger("edged.fleet")
+
+RESYNC_EVERY = 60.0  # seconds; catches messages missed while subscribed
+BACKOFF_FIRST, BACKOFF_CAP = 0.5, 30.0
+
+
+async def follow_changes(
+    store: RedisStore,
+    on_change: Callable[[str], None],
+    stop: asyncio.Event,
+    on_state: Callable[[str], None] | None = None,
+    *,
+    resync_every: float = RESYNC_EVERY,
+    rng: random.Random | None = None,
+) -> None:
+    """Call on_change("store") for every published certificate change, on_state(name) for a
+    renewal state another node saved, on_change("resync") periodically and after each
+    (re)subscribe. Returns when `stop` is set; never raises for Redis trouble."""
+    rng = rng or random.Random()
+    delay = BACKOFF_FIRST
+    failed = False
+    while not stop.is_set():
+        client = aioredis.Redis.from_url(
+            store.url, password=store.client.connection_pool.connection_kwargs.get("password")
+        )
+        pubsub = client.pubsub()
+        try:
+            await pubsub.subscribe(store.channel, store.state_channel)
+            if failed:
+                # Back after an outage: resync, spread over a few seconds across the fleet.
+                await _sleep(stop, rng.uniform(0, 5))
+                log.info("redis reachable again: resyncing")
+            # Also right after the first subscribe: a change published between the startup
+            # load and the subscription would otherwise wait for the periodic resync.
+            on_change("resync")
+            failed = False
+            delay = BACKOFF_FIRST
+            loop = asyncio.get_running_loop()
+            next_resync = loop.time() + resync_every
+            while not stop.is_set():
+                timeout = max(0.0, min(1.0, next_resync - loop.time()))
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
+                if message is not None:
+                    if message["channel"] == store.state_channel.encode():
+                        if on_state is not None:
+                            on_state(message["data"].decode())
+                    else:
+                        on_change("store")
+                if loop.time() >= next_resync:
+                    on_change("resync")
+                    next_resync = loop.time() + resync_every
+        except Exception as exc:  # Redis trouble of any kind must never take the daemon down
+            failed = True
+            log.warning("redis pub/sub lost error=%s retry_in=%.1fs", exc, delay)
+            await _sleep(stop, delay * rng.uniform(0.5, 1.5))
+            delay = min(delay * 2, BACKOFF_CAP)
+        finally:
+            # Bounded: closing must not hang a shutdown when Redis is gone mid-close.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pubsub.aclose(), 2)  # type: ignore[no-untyped-call]
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.aclose(), 2)
+
+
+async def _sleep(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

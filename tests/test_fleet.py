@@ -1,0 +1,136 @@
+"""Three edge nodes sharing one Redis and one Pebble: one order per name, HTTP-01 answered by a
+node that did not order, every node serving the new certificate within a second, and Redis
+outages that change nothing for serving."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+from edged.operations import DaemonOperations
+from edged.renewal import CertStatus
+from tests.conftest import Edged, free_port, run_backend, run_edged
+from tests.pebble import Pebble
+from tests.redis_server import RedisServer
+from tests.test_daemon_acme import acme_body, wait_for
+
+
+def site_only(backend_port: int) -> str:
+    return f"""
+        [[site]]
+        names = ["shop.test", "www.shop.test"]
+        backend = "127.0.0.1:{backend_port}"
+    """
+
+
+async def start_fleet(
+    stack: AsyncExitStack, tmp_path: Path, redis_server: RedisServer, pebble: Pebble, backend: int
+) -> list[Edged]:
+    """Node a holds Pebble's HTTP-01 port and has no [acme] (it only serves and answers
+    challenges from Redis); nodes b and c have [acme] and race for the lease."""
+    nodes = []
+    for node in ("a", "b", "c"):
+        workdir = tmp_path / node
+        workdir.mkdir()
+        body = site_only(backend) if node == "a" else acme_body(pebble, backend)
+        http = pebble.http_port if node == "a" else free_port()
+        nodes.append(
+            await stack.enter_async_context(
+                run_edged(
+                    workdir,
+                    body,
+                    http=(http,),
+                    store=redis_server.url,
+                    edged_extra='store_local = "local"\nredis_prefix = "fleet1"',
+                )
+            )
+        )
+    return nodes
+
+
+async def test_one_order_shared_tokens_and_propagation(
+    pebble: Pebble, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with AsyncExitStack() as stack:
+        backend = await stack.enter_async_context(run_backend())
+        a, b, c = await start_fleet(stack, tmp_path, redis_server, pebble, backend.port)
+        await wait_for(lambda: all(n.daemon.serving("shop.test") is not None for n in (a, b, c)))
+        prints = {n.daemon.serving("shop.test").fingerprint for n in (a, b, c)}  # type: ignore[union-attr]
+        assert len(prints) == 1  # every node serves the same certificate
+        # One order per key type for the fleet, not one per node.
+        assert pebble.count('Added order "') == 2
+        # Node a never ordered, yet Pebble's validation reached only node a's port: it
+        # answered from the tokens the ordering node put in Redis.
+        assert a.daemon.http01.answered >= 2
+        orderer = b if b.daemon.counters.renewal_attempts["shop.test", "success"] else c
+        assert orderer.daemon.http01.answered == 0
+        await wait_for(
+            lambda: all(
+                n.daemon.renewer.states["shop.test"].status is CertStatus.ACTIVE for n in (b, c)
+            )
+        )
+
+        # Status on any node says which node issued it (and who holds a lease, while one runs).
+        ops = DaemonOperations(c.daemon)
+        assert ops.cert("shop.test")["issued_by"] == socket.gethostname()
+        await wait_for(lambda: ops.cert("shop.test")["lease"] == "")  # released after the order
+
+        # A forced renewal on one node: every node serves the new certificate within 1 s.
+        before = next(iter(prints))
+        other = c if orderer is b else b
+        other.daemon.renewer.force("shop.test")
+        await wait_for(
+            lambda: (s := other.daemon.serving("shop.test")) is not None and s.fingerprint != before
+        )
+        changed = time.monotonic()
+        new = other.daemon.serving("shop.test")
+        assert new is not None
+        await wait_for(
+            lambda: all(
+                (s := n.daemon.serving("shop.test")) is not None
+                and s.fingerprint == new.fingerprint
+                for n in (a, b, c)
+            ),
+            limit=1.0,
+        )
+        assert time.monotonic() - changed < 1.0
+        assert pebble.count('Added order "') == 4
+
+
+async def test_redis_outage_keeps_serving_and_resyncs(
+    pebble: Pebble, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with AsyncExitStack() as stack:
+        backend = await stack.enter_async_context(run_backend())
+        a, b, c = await start_fleet(stack, tmp_path, redis_server, pebble, backend.port)
+        await wait_for(lambda: all(n.daemon.serving("shop.test") is not None for n in (a, b, c)))
+        served = b.daemon.serving("shop.test")
+        assert served is not None
+        redis_server.stop()
+        # Serving goes on; a reload while Redis is down keeps the certificate (local copy).
+        assert await b.daemon.reload("signal") in (True, False)
+        still = b.daemon.serving("shop.test")
+        assert still is not None and still.fingerprint == served.fingerprint
+        # A node restarted while Redis is down starts from its local copy.
+        # (Its own config, node a's local copy: a second instance of node a.)
+        (tmp_path / "a2").mkdir()
+        restarted = await stack.enter_async_context(
+            run_edged(
+                tmp_path / "a2",
+                site_only(backend.port),
+                http=(free_port(),),
+                store=redis_server.url,
+                edged_extra='store_local = "../a/local"\nredis_prefix = "fleet1"',
+            )
+        )
+        again = restarted.daemon.serving("shop.test")
+        assert again is not None and again.fingerprint == served.fingerprint
+        # Redis comes back (empty, like a restart without persistence): nodes keep serving.
+        redis_server.start_again()
+        await asyncio.sleep(0.5)
+        for node in (a, b, c, restarted):
+            s = node.daemon.serving("shop.test")
+            assert s is not None and s.fingerprint == served.fingerprint

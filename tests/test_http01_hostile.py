@@ -1,0 +1,325 @@
+"""Port 80 under hostile requests: only a pending token, asked for with one of its names, is ever
+answered; bad requests are refused and the listener keeps serving.
+
+The app runs behind the production HttpListeners (same header limits as the daemon) on a free
+port; requests are written byte for byte on raw sockets where the exact bytes matter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from edged.config import parse_address, parse_config
+from edged.http01 import ChallengeBoard, Http01App, HttpListeners
+from tests.conftest import free_port
+
+SITES = """
+[listen]
+https = ["127.0.0.1:8443"]
+[[site]]
+names = ["a.test", "www.a.test"]
+backend = "127.0.0.1:9"
+[[site]]
+names = ["b.test", "*.wild.test"]
+backend = "127.0.0.1:9"
+"""
+TOKEN = "tok_A-1"
+KEY_AUTH = "tok_A-1.thumbprint"
+OTHER = "tokB"
+OTHER_AUTH = "tokB.thumbprint"
+PREFIX = "/.well-known/acme-challenge/"
+
+
+@dataclass
+class Port80:
+    port: int
+    app: Http01App
+    board: ChallengeBoard
+    listeners: HttpListeners
+
+
+@pytest.fixture
+async def port80() -> AsyncIterator[Port80]:
+    config = parse_config(SITES, Path("/etc/edged/edged.toml"))
+    board = ChallengeBoard()
+    board.add(TOKEN, KEY_AUTH, ["a.test"])
+    board.add(OTHER, OTHER_AUTH, ["b.test"])
+    app = Http01App(board, lambda: config)
+    listeners = HttpListeners(app)
+    port = free_port()
+    await listeners.sync([parse_address(f"127.0.0.1:{port}", listen=True)])
+    try:
+        yield Port80(port, app, board, listeners)
+    finally:
+        await listeners.close()
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def parse_reply(raw: bytes) -> Reply:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    match = re.match(r"HTTP/1\.[01] (\d{3})", lines[0])
+    assert match, f"not an HTTP response: {raw[:200]!r}"
+    headers = {}
+    for line in lines[1:]:
+        key, _, value = line.partition(":")
+        headers[key.strip().lower()] = value.strip()
+    return Reply(int(match.group(1)), headers, body)
+
+
+async def raw_request(port: int, data: bytes, *, body_chunks: int = 0) -> Reply:
+    """Send `data` (and `body_chunks` more 64 KiB chunks while the server lets us), read to EOF."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(body_chunks):
+                writer.write(b"x" * 65536)
+                await asyncio.wait_for(writer.drain(), 5)
+        raw = b""
+        with contextlib.suppress(ConnectionError):
+            async with asyncio.timeout(10):
+                while chunk := await reader.read(65536):
+                    raw += chunk
+                    if b"\r\n\r\n" in raw and _complete(raw):
+                        break
+        return parse_reply(raw)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+def _complete(raw: bytes) -> bool:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    return match is not None and len(body) >= int(match.group(1))
+
+
+async def get(port: int, path: str, host: str | None, extra: str = "") -> Reply:
+    host_line = f"Host: {host}\r\n" if host is not None else ""
+    request = f"GET {path} HTTP/1.1\r\n{host_line}{extra}Connection: close\r\n\r\n"
+    return await raw_request(port, request.encode("latin-1"))
+
+
+def refused(reply: Reply) -> bool:
+    """Not answered: no key authorization anywhere in the reply."""
+    return (
+        reply.status != 200
+        and KEY_AUTH.encode() not in reply.body
+        and OTHER_AUTH.encode() not in reply.body
+    )
+
+
+async def still_serving(port: int) -> None:
+    reply = await get(port, PREFIX + TOKEN, "a.test")
+    assert (reply.status, reply.body) == (200, KEY_AUTH.encode())
+
+
+# --- tokens -----------------------------------------------------------------------------------
+
+
+async def test_only_pending_token_for_its_name(port80: Port80) -> None:
+    port = port80.port
+    await still_serving(port)
+    assert refused(await get(port, PREFIX + "unknown", "a.test"))
+    assert refused(await get(port, PREFIX + OTHER, "a.test"))  # token of another name
+    assert refused(await get(port, PREFIX + TOKEN, "b.test"))
+    assert refused(await get(port, PREFIX + TOKEN, "www.a.test"))  # same site, not the order's
+    assert refused(await get(port, PREFIX + TOKEN, "evil.test"))
+    assert refused(await get(port, PREFIX + TOKEN, None))  # no Host at all
+    assert refused(await get(port, PREFIX + TOKEN.lower(), "a.test"))  # tokens are exact
+    assert refused(await get(port, PREFIX, "a.test"))  # empty token
+    assert refused(await get(port, PREFIX + TOKEN + "x", "a.test"))
+    port80.board.remove(TOKEN)
+    assert refused(await get(port, PREFIX + TOKEN, "a.test"))
+    assert port80.app.answered == 1
+
+
+async def test_expired_token_is_not_answered() -> None:
+    now = [100.0]
+    board = ChallengeBoard(clock=lambda: now[0])
+    board.add(TOKEN, KEY_AUTH, ["a.test"], ttl=10)
+    assert board.lookup(TOKEN, "a.test") == KEY_AUTH
+    now[0] = 111.0
+    assert board.lookup(TOKEN, "a.test") is None
+    assert len(board) == 0
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        PREFIX + "../" + TOKEN,
+        PREFIX + "../../../../etc/passwd",
+        PREFIX + "%2e%2e/%2e%2e/etc/passwd",
+        PREFIX + "%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        PREFIX + "..%2F..%2Fetc%2Fpasswd",
+        PREFIX + "..%5c..%5cetc%5cpasswd",
+        PREFIX + TOKEN + "/..",
+        PREFIX + TOKEN + "%2f",
+        PREFIX + TOKEN + "%00",
+        PREFIX + TOKEN + "%0d%0aX-Injected:%201",
+        PREFIX + "%252e%252e%252fetc",
+        PREFIX + ".",
+        PREFIX + "..",
+        "/.well-known/acme-challenge%2f" + TOKEN,
+        "/.well-known/./acme-challenge/../../etc/passwd",
+        "//.well-known/acme-challenge/" + OTHER,
+        PREFIX + OTHER + ";" + TOKEN,
+        PREFIX + OTHER + "?" + TOKEN,
+    ],
+)
+async def test_traversal_in_the_token_is_never_answered(port80: Port80, path: str) -> None:
+    reply = await get(port80.port, path, "a.test")
+    assert refused(reply), (path, reply)
+    assert b"root:" not in reply.body
+    assert "x-injected" not in reply.headers
+    if reply.status in (301, 302, 307, 308):
+        # Normalised away from the challenge path: a redirect to the same site, nothing else.
+        assert reply.headers["location"].startswith("https://a.test:8443/")
+    await still_serving(port80.port)
+
+
+# --- Host -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["A.TEST", "a.test.", "a.test:80", "A.Test.:8080", "a.test:"])
+async def test_host_with_port_case_and_trailing_dot(port80: Port80, host: str) -> None:
+    reply = await get(port80.port, PREFIX + TOKEN, host)
+    assert (reply.status, reply.body) == (200, KEY_AUTH.encode())
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "evil.test",
+        "a.test.evil.test",
+        "evil.test/a.test",
+        "a.test@evil.test",
+        "evil.test#a.test",
+        "evil.test?a.test",
+        "a.test\\@evil.test",
+        "[::1]",
+        "[::1]:80",
+        "127.0.0.1",
+        "*.wild.test",
+        "x.y.wild.test",
+        "a..test",
+        "",
+        "a.test:80:80",
+        "a.test .evil.test",
+        "xn--a-test",
+        "%61.test",
+    ],
+)
+async def test_redirect_only_to_site_names(port80: Port80, host: str) -> None:
+    reply = await get(port80.port, "/some/page?q=1", host)
+    assert reply.status in (400, 404), (host, reply)
+    assert "location" not in reply.headers
+    assert refused(await get(port80.port, PREFIX + TOKEN, host))
+
+
+async def test_redirect_for_site_names_stays_on_the_name(port80: Port80) -> None:
+    for host, expected in [
+        ("WWW.A.TEST.", "https://www.a.test:8443/p?q=1"),
+        ("b.test:80", "https://b.test:8443/p?q=1"),
+        ("x.wild.test", "https://x.wild.test:8443/p?q=1"),
+    ]:
+        reply = await get(port80.port, "/p?q=1", host)
+        assert (reply.status, reply.headers.get("location")) == (301, expected), host
+    # A path that looks like an authority stays a path on our host (no //evil.test).
+    reply = await get(port80.port, "//evil.test/x", "a.test")
+    location = reply.headers.get("location", "")
+    assert reply.status == 404 or location.startswith("https://a.test:8443/"), reply
+
+
+async def test_two_host_headers_are_not_answered(port80: Port80) -> None:
+    reply = await get(port80.port, PREFIX + TOKEN, "evil.test", extra="Host: a.test\r\n")
+    assert refused(reply)
+    await still_serving(port80.port)
+
+
+# --- sizes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", ["one_big_header", "long_request_line", "many_headers"])
+async def test_huge_headers_refused_and_server_keeps_serving(port80: Port80, shape: str) -> None:
+    if shape == "one_big_header":
+        extra = "X-Big: " + "a" * 16384 + "\r\n"
+        path = PREFIX + TOKEN
+    elif shape == "long_request_line":
+        extra = ""
+        path = PREFIX + TOKEN + "?" + "q" * 16384
+    else:
+        extra = "".join(f"X-H{i}: {'v' * 100}\r\n" for i in range(2000))
+        path = PREFIX + TOKEN
+    reply = await get(port80.port, path, "a.test", extra)
+    assert reply.status in (400, 413, 414, 431), reply
+    assert refused(reply)
+    await still_serving(port80.port)
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT"])
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_huge_body_to_the_challenge_path(port80: Port80, method: str, framing: str) -> None:
+    if framing == "length":
+        head = f"Content-Length: {100 * 1024 * 1024}\r\n"
+    else:
+        head = "Transfer-Encoding: chunked\r\n"
+    request = (
+        f"{method} {PREFIX}{TOKEN} HTTP/1.1\r\nHost: a.test\r\n{head}Connection: close\r\n\r\n"
+    ).encode()
+    if framing == "chunked":
+        request += b"10000\r\n"
+    reply = await raw_request(port80.port, request, body_chunks=64)  # up to 4 MiB
+    assert reply.status in (404, 405, 413), reply
+    assert refused(reply)
+    await still_serving(port80.port)
+
+
+async def test_unread_body_does_not_hold_the_listener(port80: Port80) -> None:
+    """A client that starts a chunked upload and leaves must not keep the server busy (aiohttp
+    lingers up to lingering_time reading the unread body): stopping the listener is prompt."""
+    request = (
+        f"POST {PREFIX}{TOKEN} HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+        "10000\r\n"
+    ).encode()
+    assert refused(await raw_request(port80.port, request, body_chunks=4))
+    await asyncio.wait_for(port80.listeners.close(), 5)  # aiohttp's default lingers 10 s
+
+
+# --- many at once -----------------------------------------------------------------------------
+
+
+async def test_200_concurrent_requests_only_valid_tokens_answered(port80: Port80) -> None:
+    cases = [
+        (PREFIX + TOKEN, "a.test", KEY_AUTH),
+        (PREFIX + OTHER, "b.test", OTHER_AUTH),
+        (PREFIX + TOKEN, "b.test", None),
+        (PREFIX + OTHER, "a.test", None),
+        (PREFIX + "nope", "a.test", None),
+        (PREFIX + "../" + TOKEN, "evil.test", None),
+        (PREFIX + TOKEN, "evil.test", None),
+        ("/", "evil.test", None),
+    ]
+    jobs = [cases[i % len(cases)] for i in range(200)]
+    replies = await asyncio.gather(*(get(port80.port, path, host) for path, host, _ in jobs))
+    for (path, host, expected), reply in zip(jobs, replies, strict=True):
+        if expected is None:
+            assert refused(reply), (path, host, reply)
+        else:
+            assert (reply.status, reply.body) == (200, expected.encode()), (path, host)
+    assert port80.app.answered == 50

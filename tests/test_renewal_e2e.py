@@ -1,0 +1,537 @@
+"""Renewal end to end against real Pebble: renewals under handshake load, kill -9 in the middle
+of an order, and an expired certificate that stays served when there is no replacement."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import ssl
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiohttp
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from edged.certs import parse_bundle
+from edged.config import load_config
+from edged.renewal import INTERRUPTED, CertStatus
+from edged.sources import load_site_certs
+from edged.store.base import PemPair, StoredCert
+from edged.store.files import FileStore
+from tests.conftest import free_port, peer_cn, run_backend, run_cmd, run_edged, s_client
+from tests.pebble import Pebble, start_pebble
+from tests.pki import Issued, fullchain, make_ca, make_intermediate, make_leaf
+
+NAME = "shop.test"
+NAMES = [NAME, "www.shop.test"]
+EDGED = str(Path(sys.executable).with_name("edged"))
+ORDER = "POST /order-plz"  # one line in Pebble's log per new order
+
+
+@pytest.fixture
+def pebble(tmp_path: Path) -> Iterator[Pebble]:
+    p = start_pebble(tmp_path / "pebble")
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def acme_table(directory: str, ca_bundle: Path, extra: str = "") -> str:
+    return textwrap.dedent(f"""
+        [acme]
+        directory = "{directory}"
+        ca_bundle = "{ca_bundle}"
+        email = "ops@shop.test"
+        key_types = ["ecdsa-p256"]
+    """) + textwrap.dedent(extra)
+
+
+def site_table(backend: str) -> str:
+    return f'[[site]]\nnames = {json.dumps(NAMES)}\nbackend = "{backend}"\n'
+
+
+async def wait_for(predicate: object, limit: float = 20, what: str = "condition") -> None:
+    deadline = time.monotonic() + limit
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached in {limit}s")
+        await asyncio.sleep(0.02)
+
+
+def store_cert(store: FileStore, leaf: Issued, chain: tuple[Issued, ...], source: str) -> None:
+    pair = PemPair("ecdsa-p256", fullchain(leaf, *chain), leaf.key_pem)
+    store.save(StoredCert(NAME, tuple(NAMES), (pair,), source, time.time()))
+
+
+def fingerprint(der: bytes) -> str:
+    return hashlib.sha256(der).hexdigest()
+
+
+class Handshaker(threading.Thread):
+    """Full TLS handshakes (a new session each time: no resumption) as fast as it can, each
+    verified against `cafiles` for a random name of the site. Connection refusals before the
+    first success (edged still starting) are not failures."""
+
+    def __init__(self, port: int, cafiles: list[Path], stop: threading.Event, seed: int) -> None:
+        super().__init__(daemon=True)
+        self.port, self.stop, self.rng = port, stop, random.Random(seed)
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies, checks the hostname
+        for cafile in cafiles:
+            self.ctx.load_verify_locations(cafile=str(cafile))
+        self.ok = 0
+        self.failures: list[str] = []
+        self.seen: dict[str, int] = {}  # leaf fingerprint → handshakes that got it
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            name = self.rng.choice(NAMES)
+            try:
+                with (
+                    socket.create_connection(("127.0.0.1", self.port), timeout=5) as raw,
+                    self.ctx.wrap_socket(raw, server_hostname=name) as tls,
+                ):
+                    der = tls.getpeercert(binary_form=True)
+                    assert der is not None
+                    fp = fingerprint(der)
+                    self.seen[fp] = self.seen.get(fp, 0) + 1
+                    self.ok += 1
+            except ConnectionRefusedError:
+                if self.ok:
+                    self.failures.append(f"{name}: connection refused")
+                time.sleep(0.002)
+            except (OSError, ssl.SSLError) as exc:
+                self.failures.append(f"{name}: {exc!r}")
+
+
+async def stop_clients(stop: threading.Event, clients: list[Handshaker]) -> None:
+    stop.set()
+    for client in clients:
+        await asyncio.to_thread(client.join, 10)
+        assert not client.is_alive()
+
+
+# --- 1. renewals under load ---------------------------------------------------------------------
+
+
+async def test_due_cert_renewed_by_loop_then_five_forced_renewals_under_load(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    """A stored certificate that is due is renewed by the loop on its own (no force); then five
+    forced renewals in a row. Handshakes run all along: none fails, each gets a certificate
+    that verifies (the old private-CA one or one from Pebble), and every certificate served
+    was seen by the clients."""
+    ca = make_ca("Old CA")
+    inter = make_intermediate(ca, "Old Intermediate")
+    now = datetime.now(UTC)
+    # 40 days of lifetime, 10 left: renew_before_days = 30 makes it due at once.
+    old = make_leaf(
+        inter, NAMES, not_before=now - timedelta(days=30), not_after=now + timedelta(days=10)
+    )
+    store_cert(FileStore(tmp_path / "store"), old, (inter,), "acme")
+    old_fp = fingerprint(old.cert.public_bytes(Encoding.DER))
+    (tmp_path / "old-ca.pem").write_bytes(ca.cert_pem)
+    (tmp_path / "pebble-root.pem").write_bytes(pebble.root_pem())
+    cafiles = [tmp_path / "old-ca.pem", tmp_path / "pebble-root.pem"]
+    port = free_port()
+    stop = threading.Event()
+    clients = [Handshaker(port, cafiles, stop, seed) for seed in range(2)]
+    for client in clients:
+        client.start()
+    served: list[str] = []
+    try:
+        async with run_backend() as backend:
+            body = acme_table(pebble.directory, pebble.listener_ca) + site_table(backend.address)
+            async with run_edged(tmp_path, body, port=port, http=(pebble.http_port,)) as edged:
+                daemon, renewer = edged.daemon, edged.daemon.renewer
+
+                def serving_fp() -> str:
+                    bundle = daemon.serving(NAME)
+                    assert bundle is not None
+                    return bundle.fingerprint
+
+                def seen(fp: str) -> bool:
+                    return any(c.seen.get(fp) for c in clients)
+
+                served.append(old_fp)
+                # The natural path: the renewal loop finds the stored certificate due.
+                await wait_for(lambda: serving_fp() != old_fp, what="the due renewal")
+                assert daemon.counters.renewal_attempts[NAME, "success"] == 1
+                served.append(serving_fp())
+                await wait_for(lambda: seen(served[-1]), what="the renewed cert at a client")
+                for n in range(2, 7):
+                    renewer.force(NAME)
+                    await wait_for(lambda: serving_fp() != served[-1], what=f"renewal {n}")
+                    served.append(serving_fp())
+                    await wait_for(lambda: seen(served[-1]), what=f"renewal {n} at a client")
+                    assert daemon.counters.renewal_attempts[NAME, "success"] == n
+                assert renewer.states[NAME].status is CertStatus.ACTIVE
+                assert daemon.counters.renewal_attempts[NAME, "failure"] == 0
+                await stop_clients(stop, clients)  # before edged stops listening
+    finally:
+        await stop_clients(stop, clients)
+    failures = [f for c in clients for f in c.failures]
+    total = sum(c.ok for c in clients)
+    seen_fps = {fp for c in clients for fp in c.seen}
+    print(f"handshakes={total} failures={len(failures)} certs={len(served)}")
+    assert failures == [], failures[:10]
+    assert len(set(served)) == 7  # the old one, the loop's renewal, five forced ones
+    assert seen_fps <= set(served)  # every handshake got one of the served certificates
+    assert set(served[1:]) <= seen_fps  # each renewal was seen (awaited above)
+    assert total > 50, total
+
+
+async def test_force_while_an_attempt_finishes_is_not_lost(pebble: Pebble, tmp_path: Path) -> None:
+    """`edged renew` arriving while an attempt is between serving its certificate and
+    recording its result starts another attempt after it (it used to be overwritten)."""
+    async with run_backend() as backend:
+        body = acme_table(pebble.directory, pebble.listener_ca) + site_table(backend.address)
+        async with run_edged(tmp_path, body, http=(pebble.http_port,)) as edged:
+            daemon, renewer = edged.daemon, edged.daemon.renewer
+            successes = daemon.counters.renewal_attempts
+            await wait_for(lambda: successes[NAME, "success"] == 1, what="the first issuance")
+            installed = renewer.on_installed
+            forced: list[bool] = []
+
+            async def install_then_force(name: str) -> object:
+                result = await installed(name)
+                if not forced:  # the operator's request lands in the attempt's last step
+                    forced.append(name in renewer._running)
+                    renewer.force(name)
+                return result
+
+            renewer.on_installed = install_then_force
+            renewer.force(NAME)
+            await wait_for(lambda: successes[NAME, "success"] == 3, what="the follow-up attempt")
+            assert forced == [True]
+            await wait_for(lambda: not renewer.states[NAME].in_flight, what="the attempt's end")
+            assert renewer.states[NAME].status is CertStatus.ACTIVE
+            assert successes[NAME, "success"] == 3 and successes[NAME, "failure"] == 0
+            assert pebble.count(ORDER) == 3
+
+
+# --- 2. kill -9 in the middle of an order ------------------------------------------------------
+
+
+def read_state(store: Path) -> dict[str, object] | None:
+    path = store / "state" / f"{NAME}.json"
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    assert isinstance(data, dict)
+    return data
+
+
+def stored_fingerprint(store: Path) -> str | None:
+    """The store holds no certificate or a whole, valid one (never a half one)."""
+    stored = FileStore(store).load(NAME)
+    if stored is None:
+        return None
+    bundles = [parse_bundle(p.fullchain, p.privkey, source=p.key_type) for p in stored.pairs]
+    assert [b.key_type for b in bundles] == ["ecdsa-p256"]
+    assert set(bundles[0].names) == set(NAMES)
+    return bundles[0].fingerprint
+
+
+def attempt_lines(log: Path) -> list[str]:
+    text = log.read_text(errors="replace")
+    return [line for line in text.splitlines() if f"renewal attempt name={NAME}" in line]
+
+
+class Killer(threading.Thread):
+    """Sends SIGKILL to `pid` the moment its attempt is in flight (a new `last_attempt` in the
+    state file) and Pebble's log, read from `offset` on, shows `needle` (None: at once), plus
+    `delay` seconds. Polls every millisecond, in a thread, so the kill lands within the order
+    (a whole order takes ~20 ms here)."""
+
+    def __init__(
+        self, pid: int, store: Path, pebble_log: Path, needle: str | None, before: object
+    ) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.store, self.pebble_log = pid, store, pebble_log
+        self.needle, self.before = needle, before
+        self.offset = pebble_log.stat().st_size
+        self.delay = 0.0
+        self.killed = False
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        seen = ""
+        in_flight = False
+        while not self.stop.wait(0.001):
+            if not in_flight:
+                state = read_state(self.store)  # replaced atomically: never half written
+                in_flight = bool(
+                    state and state["in_flight"] is True and state["last_attempt"] != self.before
+                )
+            if self.needle in STORE_MOMENTS and in_flight:
+                seen = self.needle if (self.store / self.needle).exists() else ""
+            elif self.needle and in_flight:
+                with self.pebble_log.open("rb") as f:
+                    f.seek(self.offset)
+                    seen = f.read().decode(errors="replace")
+            if in_flight and (self.needle is None or self.needle in seen):
+                time.sleep(self.delay)
+                os.kill(self.pid, signal.SIGKILL)
+                self.killed = True
+                return
+
+
+# Moments to kill at: as soon as the state says in_flight, when Pebble's log shows the order
+# reached a step, when the store starts writing the certificate (live/ is created first) and
+# when it has written it (meta.json comes last); plus a random 0-3 ms so the kill lands at
+# varying points. The last moment is the latest: a kill that comes after the attempt was
+# recorded ends the kill runs.
+STORE_MOMENTS = ("live", f"live/{NAME}/meta.json")
+KILL_AT = [None, ORDER, "POST /chalZ/", "POST /finalize-order/", "Issued certificate"]
+KILL_AT += STORE_MOMENTS
+
+
+async def test_kill_9_during_orders_restart_resumes_store_stays_whole(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    https = free_port()
+    config = tmp_path / "edged.toml"
+    config.write_text(
+        textwrap.dedent(f"""
+            [edged]
+            store = "store"
+            [listen]
+            https = ["127.0.0.1:{https}"]
+            http = ["127.0.0.1:{pebble.http_port}"]
+            metrics = ""
+            admin = ""
+        """)
+        + acme_table(
+            pebble.directory,
+            pebble.listener_ca,
+            'retry_interval = "100ms"\nmax_attempts = 20\npreflight = false\n',
+        )
+        + site_table("127.0.0.1:9")
+    )
+    rng = random.Random(os.getpid())
+    interrupted = 0
+    completed = False
+    last_attempt: object = None
+    outcomes: list[str] = []
+
+    async def start(run: int) -> tuple[asyncio.subprocess.Process, Path]:
+        log = tmp_path / f"run{run}.log"
+        with log.open("wb") as out:
+            proc = await asyncio.create_subprocess_exec(
+                EDGED, "run", "--config", str(config), stdout=out, stderr=out
+            )
+        return proc, log
+
+    for run, needle in enumerate(KILL_AT):
+        orders = pebble.count(ORDER)
+        proc, log = await start(run)
+        killer = Killer(proc.pid, store, pebble.workdir / "pebble.log", needle, last_attempt)
+        killer.delay = rng.uniform(0, 0.003)
+        killer.start()
+        try:
+            done = asyncio.ensure_future(proc.wait())
+            await asyncio.wait({done}, timeout=20)
+            assert killer.killed, f"run {run}: no attempt reached {needle!r}"
+        finally:
+            killer.stop.set()
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+            await asyncio.to_thread(killer.join, 5)
+        assert proc.returncode == -signal.SIGKILL
+        fp = stored_fingerprint(store)  # nothing or a whole certificate
+        outcomes.append(f"{needle or 'in_flight'}: {'whole cert' if fp else 'no cert'}")
+        state = read_state(store)
+        assert state is not None
+        # One order per run at most: a restart does not flood the CA.
+        assert pebble.count(ORDER) - orders <= 1
+        # Attempts were not reset by the restarts: this is attempt number `interrupted + 1`
+        # (its log line comes after the in_flight state: an early kill may precede it).
+        lines = attempt_lines(log)
+        assert len(lines) <= 1, lines
+        assert all(line.endswith(f"attempt={interrupted + 1}") for line in lines), lines
+        if not state["in_flight"]:  # the kill came after the attempt was recorded
+            assert state["status"] == "active" and fp is not None
+            completed = True
+            break
+        assert state["attempts"] == interrupted
+        if interrupted:
+            assert state["last_error"] == {"message": INTERRUPTED}
+        interrupted += 1
+        last_attempt = state["last_attempt"]
+
+    print(f"kills inside the order: {interrupted}, after it: {int(completed)}; {outcomes}")
+    assert interrupted >= 3, interrupted  # most kills land inside the order
+    orders = pebble.count(ORDER)
+    proc, log = await start(len(KILL_AT))
+    try:
+        await wait_for(
+            lambda: (s := read_state(store)) is not None and s["status"] == "active",
+            what="the certificate after the restart",
+        )
+        fp = stored_fingerprint(store)
+        (tmp_path / "root.pem").write_bytes(pebble.root_pem())
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "root.pem"))
+        served = await asyncio.to_thread(handshake_fp, https, ctx)
+        assert served == fp
+        state = read_state(store)
+        assert state is not None and state["attempts"] == 0 and not state["in_flight"]
+        lines = attempt_lines(log)
+        if completed:  # nothing to resume: the certificate is served, no order
+            assert lines == [] and pebble.count(ORDER) == orders, lines
+        else:  # the interrupted attempt resumes: one attempt, numbered on, and one order
+            assert len(lines) == 1 and lines[0].endswith(f"attempt={interrupted + 1}"), lines
+            assert pebble.count(ORDER) - orders == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 15)
+    assert proc.returncode == 0
+
+
+def handshake_fp(port: int, ctx: ssl.SSLContext) -> str:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+                ctx.wrap_socket(raw, server_hostname=NAME) as tls,
+            ):
+                der = tls.getpeercert(binary_form=True)
+                assert der is not None
+                return fingerprint(der)
+        except (ConnectionRefusedError, ssl.SSLError):  # not listening / no cert yet
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+# --- 3. an expired certificate with no replacement ---------------------------------------------
+
+
+def expired_leaf(cn: str) -> tuple[Issued, Issued, Issued]:
+    ca = make_ca("Expired CA")
+    inter = make_intermediate(ca, "Expired Intermediate")
+    now = datetime.now(UTC)
+    leaf = make_leaf(
+        inter, NAMES, not_before=now - timedelta(days=30), not_after=now - timedelta(days=1), cn=cn
+    )
+    return ca, inter, leaf
+
+
+async def test_expired_cert_without_replacement_is_still_served(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a restart the only certificate of an ACME site is expired and the CA is down:
+    it is served (the client decides), the error is logged with the renewal state, the
+    fallback alarm is raised once renewal fails, and `edged check` still calls it an error."""
+    caplog.set_level(logging.INFO)
+    ca, inter, leaf = expired_leaf("expired-shop")
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
+    store_cert(FileStore(tmp_path / "store"), leaf, (inter,), "acme")
+    down = f"https://127.0.0.1:{free_port()}/dir"  # no CA there: every renewal fails
+    extra = 'retry_interval = "50ms"\nmax_attempts = 2\npreflight = false\n'
+    metrics = free_port()
+    async with run_backend() as backend:
+        body = acme_table(down, tmp_path / "ca.pem", extra) + site_table(backend.address)
+        async with run_edged(tmp_path, body, metrics=f"127.0.0.1:{metrics}") as edged:
+            out = await s_client(edged.port, NAME, "-CAfile", str(tmp_path / "ca.pem"))
+            assert peer_cn(out.stderr) == "expired-shop", out.stderr
+            assert "certificate has expired" in out.stderr  # the client's verdict
+            renewer = edged.daemon.renewer
+            await wait_for(lambda: renewer.fallback_active(NAME), what="the fallback alarm")
+            await wait_for(lambda: renewer.states[NAME].status is CertStatus.FAILED)
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"http://127.0.0.1:{metrics}/metrics") as response,
+            ):
+                text = await response.text()
+            assert f'edged_cert_fallback_active{{name="{NAME}"}} 1.0' in text
+            # A reload reports the error again, now with the failing renewal; it is no
+            # rejection: the reload succeeds and the certificate stays served.
+            assert await edged.daemon.reload("signal")
+            www = await s_client(edged.port, "www.shop.test")
+            assert peer_cn(www.stderr) == "expired-shop", www.stderr
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f"certificate expired and still served name={NAME}" in m for m in messages)
+    # Logged at every load (the state file's watcher reloads too): first and last here.
+    served = [m for m in messages if m.startswith("certificate served although expired")]
+    assert len(served) >= 2, served
+    assert (
+        "expired since" in served[0]
+        and "still served because there is no replacement" in (served[0])
+    )
+    assert served[0].endswith("renewal state: no attempt yet"), served[0]
+    assert "renewal state: failed, 2 failed attempts, last error:" in served[-1], served[-1]
+    assert all(r.levelno == logging.ERROR for r in caplog.records if "although" in r.getMessage())
+    check = await run_cmd(EDGED, "check", "--config", str(tmp_path / "edged.toml"))
+    assert check.returncode == 1, check.stdout
+    assert "the certificate expired at" in check.stdout
+
+
+async def test_expired_replacement_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An expired certificate arriving in the store while a valid one serves is refused."""
+    _, inter, expired = expired_leaf("expired-shop")
+    valid = make_leaf(inter, NAMES, cn="valid-shop")
+    store = FileStore(tmp_path / "store")
+    store_cert(store, valid, (inter,), "upload")
+    async with (
+        run_backend() as backend,
+        run_edged(tmp_path, site_table(backend.address)) as edged,
+    ):
+        assert peer_cn((await s_client(edged.port, NAME)).stderr) == "valid-shop"
+        store_cert(store, expired, (inter,), "upload")
+        await edged.daemon.reload("store")
+        assert peer_cn((await s_client(edged.port, NAME)).stderr) == "valid-shop"
+    assert any("refused as a replacement" in r.getMessage() for r in caplog.records)
+
+
+def test_loader_keeps_expired_only_when_nothing_else(tmp_path: Path) -> None:
+    """The loader's policy: strict by default (`edged check`, rollback); with keep_expired an
+    expired store certificate is kept only when no key type of it is valid, and a cert_file
+    is never kept."""
+    _, inter, expired = expired_leaf("expired-shop")
+    store = FileStore(tmp_path / "store")
+    store_cert(store, expired, (inter,), "acme")
+    (tmp_path / "old.pem").write_bytes(fullchain(expired, inter))
+    (tmp_path / "old.key").write_bytes(expired.key_pem)
+    (tmp_path / "edged.toml").write_text(
+        '[edged]\nstore = "store"\n'
+        + site_table("127.0.0.1:9")
+        + '[[site]]\nnames = ["file.test"]\nbackend = "127.0.0.1:9"\n'
+        'cert_file = "old.pem"\nkey_file = "old.key"\n'
+    )
+    config = load_config(tmp_path / "edged.toml")
+    now = datetime.now(UTC)
+    strict = load_site_certs(config, store, now)
+    assert strict.bundles == {} and strict.expired == {}
+    assert sum("expired at" in p.message for p in strict.errors) == 2
+    kept = load_site_certs(config, store, now, keep_expired=True)
+    assert list(kept.bundles) == [0] and list(kept.expired) == [0]
+    assert "expired at" in " ".join(p.message for p in kept.errors)  # the cert_file one
+    # A valid key type beside the expired one: only the valid one is served.
+    rsa = make_leaf(inter, NAMES, key_type="rsa-2048", cn="rsa-shop")
+    pairs = (
+        PemPair("ecdsa-p256", fullchain(expired, inter), expired.key_pem),
+        PemPair("rsa-2048", fullchain(rsa, inter), rsa.key_pem),
+    )
+    store.save(StoredCert(NAME, tuple(NAMES), pairs, "acme", time.time()))
+    mixed = load_site_certs(config, store, now, keep_expired=True)
+    assert [b.key_type for b in mixed.bundles[0]] == ["rsa-2048"] and mixed.expired == {}
+    assert any(p.source.endswith(":ecdsa-p256") and "expired" in p.message for p in mixed.errors)
