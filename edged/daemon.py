@@ -192,6 +192,10 @@ class Daemon:
         found = self.bundles.get(site.index) if site is not None else None
         return found[0] if found else None
 
+    def store_available(self) -> bool:
+        """False while a shared (Redis) store is unreachable."""
+        return bool(getattr(self.store, "available", True))
+
     def connections_active(self) -> int:
         return len(self.term.active) if self.term is not None else 0
 

@@ -92,6 +92,14 @@ class EdgedCollector(Collector):
         yield from self._data_path(self.source.counters, self.source.connections_active())
         yield from self._renewal(self.source.counters)
         yield from self._reloads(self.source.counters)
+        up = getattr(self.source, "store_available", None)
+        if callable(up):
+            yield GaugeMetricFamily(
+                "edged_store_available",
+                "1 while the certificate store answers (0: a Redis outage; serving goes on "
+                "from the local copy, renewals wait).",
+                value=1 if up() else 0,
+            )
         info = GaugeMetricFamily(
             "edged_build_info",
             "Always 1; the labels say which edged, Python and OpenSSL versions run.",

@@ -4,12 +4,12 @@ outages that change nothing for serving."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+from edged.metrics import build_registry, render
 from edged.operations import DaemonOperations
 from edged.renewal import CertStatus
 from tests.conftest import Edged, free_port, run_backend, run_edged
@@ -110,10 +110,13 @@ async def test_redis_outage_keeps_serving_and_resyncs(
         served = b.daemon.serving("shop.test")
         assert served is not None
         redis_server.stop()
-        # Serving goes on; a reload while Redis is down keeps the certificate (local copy).
+        # Serving goes on; a reload while Redis is down keeps the certificate (local copy), and
+        # the outage shows in edged_store_available.
         assert await b.daemon.reload("signal") in (True, False)
         still = b.daemon.serving("shop.test")
         assert still is not None and still.fingerprint == served.fingerprint
+        assert not b.daemon.store_available()
+        assert b"edged_store_available 0.0" in render(build_registry(b.daemon, process=False))
         # A node restarted while Redis is down starts from its local copy.
         # (Its own config, node a's local copy: a second instance of node a.)
         (tmp_path / "a2").mkdir()
@@ -130,7 +133,8 @@ async def test_redis_outage_keeps_serving_and_resyncs(
         assert again is not None and again.fingerprint == served.fingerprint
         # Redis comes back (empty, like a restart without persistence): nodes keep serving.
         redis_server.start_again()
-        await asyncio.sleep(0.5)
+        # The pub/sub follower reconnects and resyncs (within its backoff and a 0-5 s spread).
+        await wait_for(lambda: all(n.daemon.store_available() for n in (a, b, c, restarted)), 20)
         for node in (a, b, c, restarted):
             s = node.daemon.serving("shop.test")
             assert s is not None and s.fingerprint == served.fingerprint

@@ -3,6 +3,7 @@ HTTP-01 tokens, leases, prefixes, pub/sub, and the local copy when Redis is down
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -142,3 +143,40 @@ def test_names_never_become_keys_unvalidated(redis_server: RedisServer, tmp_path
             a.load(bad)
         with pytest.raises(StoreError):
             a.save_state(bad, {})
+
+
+def test_lease_under_contention_has_one_holder_at_a_time(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """16 threads (each its own client, like nodes) grab, hold and release one lease for 1.5 s:
+    never two holders at once, and the lease changes hands many times."""
+    inside = 0
+    worst = 0
+    grants = 0
+    lock = threading.Lock()
+    deadline = time.monotonic() + 1.5
+
+    def node(i: int) -> None:
+        nonlocal inside, worst, grants
+        s = store(redis_server, tmp_path, f"n{i}")
+        while time.monotonic() < deadline:
+            owner = s.acquire_lease("shop.test", ttl=5, node=f"n{i}")
+            if owner is None:
+                continue
+            with lock:
+                inside += 1
+                worst = max(worst, inside)
+                grants += 1
+            time.sleep(0.002)
+            with lock:
+                inside -= 1
+            assert s.release_lease("shop.test", owner)
+        s.close()
+
+    threads = [threading.Thread(target=node, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert worst == 1
+    assert grants > 20
