@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -19,7 +18,6 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from edged.acme.client import AcmeSession
 from edged.acme.issue import OrderRequest, issue
@@ -29,9 +27,9 @@ from edged.errors import AcmeError
 from edged.http01 import ChallengeBoard
 from edged.renewal import CertStatus
 from edged.store.files import FileStore
-from tests.conftest import free_port, run_backend, run_edged
+from tests.conftest import run_backend, run_edged
+from tests.https_front import HttpsFront
 from tests.pebble import Pebble, start_pebble
-from tests.pki import make_ca, make_leaf
 from tests.test_ari import pebble_directory
 from tests.test_daemon_acme import wait_for
 
@@ -72,14 +70,9 @@ def nonce_headers() -> dict[str, str]:
 
 @asynccontextmanager
 async def ca_front(pebble: Pebble, tmp_path: Path) -> AsyncIterator[CaFront]:
-    ca = make_ca("Rate limit test CA")
-    leaf = make_leaf(ca, ["localhost"])
-    (tmp_path / "front.pem").write_bytes(leaf.cert_pem)
-    (tmp_path / "front.key").write_bytes(leaf.key_pem)
-    bundle = tmp_path / "trust.pem"
-    bundle.write_bytes(ca.cert_pem + pebble.listener_ca.read_bytes())
-    port = free_port()
-    base = f"https://localhost:{port}"
+    https = HttpsFront(tmp_path, pebble, "front")
+    base = https.base
+    bundle = https.trust
     pebble_dir = await asyncio.to_thread(pebble_directory, pebble)
     front = CaFront(f"{base}/dir", bundle, base)
 
@@ -121,27 +114,13 @@ async def ca_front(pebble: Pebble, tmp_path: Path) -> AsyncIterator[CaFront]:
             body["error"] = {"type": "urn:ietf:params:acme:error:serverInternal", "detail": "t"}
         return web.json_response(body, headers=headers)
 
-    @web.middleware
-    async def close_after(request: web.Request, handler: Handler) -> web.StreamResponse:
-        # No keep-alive: a pooled client connection left behind would make uvloop's loop.close()
-        # wait for a TLS shutdown that never comes (see tests/test_ari.py).
-        response = await handler(request)
-        response.force_close()
-        return response
-
-    app = web.Application(middlewares=[close_after])
-    app.router.add_get("/dir", directory)
-    app.router.add_post("/new-order", new_order)
-    app.router.add_post("/order/1", order)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(tmp_path / "front.pem", tmp_path / "front.key")
-    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx).start()
-    try:
+    routes = [
+        web.get("/dir", directory),
+        web.post("/new-order", new_order),
+        web.post("/order/1", order),
+    ]
+    async with https.serve(routes):
         yield front
-    finally:
-        await runner.cleanup()
 
 
 def order_once(front: CaFront, store: FileStore) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -16,12 +15,11 @@ from pathlib import Path
 
 import requests
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from edged.renewal import ari_cert_id
-from tests.conftest import free_port, run_backend, run_edged
+from tests.conftest import run_backend, run_edged
+from tests.https_front import HttpsFront
 from tests.pebble import Pebble
-from tests.pki import make_ca, make_leaf
 from tests.test_daemon_acme import acme_body, wait_for
 
 
@@ -44,14 +42,9 @@ def pebble_directory(pebble: Pebble) -> dict[str, object]:
 
 @asynccontextmanager
 async def ari_server(pebble: Pebble, tmp_path: Path) -> AsyncIterator[AriServer]:
-    ca = make_ca("ARI test CA")
-    leaf = make_leaf(ca, ["localhost"])
-    (tmp_path / "ari.pem").write_bytes(leaf.cert_pem)
-    (tmp_path / "ari.key").write_bytes(leaf.key_pem)
-    bundle = tmp_path / "trust.pem"  # trust both the test server and Pebble's listener
-    bundle.write_bytes(ca.cert_pem + pebble.listener_ca.read_bytes())
-    port = free_port()
-    base = f"https://localhost:{port}"
+    front = HttpsFront(tmp_path, pebble, "ari")
+    base = front.base
+    bundle = front.trust
     pebble_dir = await asyncio.to_thread(pebble_directory, pebble)
     now = datetime.now(UTC)
     server = AriServer(f"{base}/dir", bundle, (now + timedelta(days=10), now + timedelta(days=11)))
@@ -74,27 +67,13 @@ async def ari_server(pebble: Pebble, tmp_path: Path) -> AsyncIterator[AriServer]
         problem = {"type": "urn:ietf:params:acme:error:serverInternal", "detail": "test CA"}
         return web.json_response(problem, status=500, content_type="application/problem+json")
 
-    @web.middleware
-    async def close_after(request: web.Request, handler: Handler) -> web.StreamResponse:
-        # No keep-alive: a pooled client connection left behind would make uvloop's loop.close()
-        # wait for a TLS shutdown that never comes.
-        response = await handler(request)
-        response.force_close()
-        return response
-
-    app = web.Application(middlewares=[close_after])
-    app.router.add_get("/dir", directory)
-    app.router.add_get("/ari/{id}", renewal_info)
-    app.router.add_post("/new-order", new_order)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(tmp_path / "ari.pem", tmp_path / "ari.key")
-    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx).start()
-    try:
+    routes = [
+        web.get("/dir", directory),
+        web.get("/ari/{id}", renewal_info),
+        web.post("/new-order", new_order),
+    ]
+    async with front.serve(routes):
         yield server
-    finally:
-        await runner.cleanup()
 
 
 def with_directory(body: str, pebble: Pebble, server: AriServer) -> str:

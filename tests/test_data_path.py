@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import socket
@@ -17,6 +16,7 @@ import pytest
 
 from edged.proxy import WRITE_HIGH_WATER
 from tests.conftest import BackendConn, free_port, run_backend, run_edged
+from tests.tls_client import MemoryTlsClient
 
 NAME = "one.example.test"
 
@@ -32,76 +32,14 @@ key_file = "{pki["one_key"]}"
 """
 
 
-class TlsClient:
-    """A blocking TLS client on memory BIOs, so a test can half-close (close_notify + FIN) and
-    keep reading. Run its methods with asyncio.to_thread."""
+class TlsClient(MemoryTlsClient):
+    """The shared memory-BIO client, for NAME by default; read() → (data, got_close_notify)."""
 
     def __init__(self, port: int, cafile: Path, sni: str = NAME) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        ctx = ssl.create_default_context(cafile=str(cafile))
-        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.obj = ctx.wrap_bio(self.inc, self.out, server_hostname=sni)
-        try:
-            self._handshake()
-        except BaseException:
-            self.sock.close()
-            raise
-
-    def _handshake(self) -> None:
-        while True:
-            try:
-                self.obj.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                self._send_pending()
-                if not self._recv():
-                    raise ConnectionResetError("closed during handshake") from None
-        self._send_pending()
-
-    def _send_pending(self) -> None:
-        data = self.out.read()
-        if data:
-            self.sock.sendall(data)
-
-    def _recv(self, size: int = 65536) -> bool:
-        data = self.sock.recv(size)
-        if data:
-            self.inc.write(data)
-        else:
-            self.inc.write_eof()
-        return bool(data)
-
-    def send(self, data: bytes) -> None:
-        self.obj.write(data)
-        self._send_pending()
-
-    def close_write(self) -> None:
-        with contextlib.suppress(ssl.SSLWantReadError):
-            self.obj.unwrap()
-        self._send_pending()
-        self.sock.shutdown(socket.SHUT_WR)
+        super().__init__(port, cafile, sni)
 
     def read(self, limit: int = 1 << 30) -> tuple[bytes, bool]:
-        """Read until close_notify/EOF or `limit` bytes; returns (data, got_close_notify)."""
-        buf = bytearray()
-        while len(buf) < limit:
-            try:
-                chunk = self.obj.read(65536)
-            except ssl.SSLWantReadError:
-                if not self._recv():
-                    return bytes(buf), False
-                continue
-            except ssl.SSLZeroReturnError:
-                return bytes(buf), True
-            except ssl.SSLEOFError:
-                return bytes(buf), False
-            if not chunk:
-                return bytes(buf), True
-            buf += chunk
-        return bytes(buf), False
-
-    def close(self) -> None:
-        self.sock.close()
+        return self.read_all(limit)
 
 
 async def test_client_half_close_still_gets_the_response(

@@ -4,6 +4,7 @@ outages that change nothing for serving."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import time
 from contextlib import AsyncExitStack
@@ -106,7 +107,22 @@ async def test_redis_outage_keeps_serving_and_resyncs(
     async with AsyncExitStack() as stack:
         backend = await stack.enter_async_context(run_backend())
         a, b, c = await start_fleet(stack, tmp_path, redis_server, pebble, backend.port)
-        await wait_for(lambda: all(n.daemon.serving("shop.test") is not None for n in (a, b, c)))
+        # Settled: the order is over (states saved, lease released) and every node serves it.
+        await wait_for(
+            lambda: all(
+                n.daemon.renewer.states["shop.test"].status is CertStatus.ACTIVE
+                and not n.daemon.renewer.lease_holders
+                for n in (b, c)
+            )
+        )
+        await wait_for(
+            lambda: (
+                len(
+                    {getattr(n.daemon.serving("shop.test"), "fingerprint", None) for n in (a, b, c)}
+                )
+                == 1
+            )
+        )
         served = b.daemon.serving("shop.test")
         assert served is not None
         redis_server.stop()
@@ -118,15 +134,17 @@ async def test_redis_outage_keeps_serving_and_resyncs(
         assert not b.daemon.store_available()
         assert b"edged_store_available 0.0" in render(build_registry(b.daemon, process=False))
         # A node restarted while Redis is down starts from its local copy.
-        # (Its own config, node a's local copy: a second instance of node a.)
+        # (Its own config and a copy of node a's local store: node a, restarted elsewhere; two
+        # processes never write one directory store.)
         (tmp_path / "a2").mkdir()
+        shutil.copytree(tmp_path / "a" / "local", tmp_path / "a2" / "local")
         restarted = await stack.enter_async_context(
             run_edged(
                 tmp_path / "a2",
                 site_only(backend.port),
                 http=(free_port(),),
                 store=redis_server.url,
-                edged_extra='store_local = "../a/local"\nredis_prefix = "fleet1"',
+                edged_extra='store_local = "local"\nredis_prefix = "fleet1"',
             )
         )
         again = restarted.daemon.serving("shop.test")

@@ -27,6 +27,7 @@ from edged.renewer import managed_sites
 from edged.sources import load_site_certs
 from tests.conftest import BackendConn, peer_cn, run_backend, run_edged, s_client
 from tests.pki import make_ca, make_leaf, write_pair
+from tests.tls_client import MemoryTlsClient
 
 PT_NAME = "pt.example.test"
 JA4_TLV = 0xE4
@@ -150,94 +151,15 @@ def run_origin(pki: dict[str, Path]) -> Iterator[TlsOrigin]:
 # --- a blocking TLS client that keeps its ClientHello ---------------------------------------
 
 
-class Client:
-    """TLS over memory BIOs: `hello` is the exact first flight; `byte_by_byte` sends it one
-    byte per TCP segment. Run it with asyncio.to_thread."""
+class Client(MemoryTlsClient):
+    """The shared memory-BIO client with the test's argument order; read() reads until a
+    marker (or the end)."""
 
     def __init__(self, port: int, sni: str, cafile: Path, *, byte_by_byte: bool = False) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        host, port = self.sock.getsockname()[:2]
-        self.local = (str(host), int(port))
-        ctx = ssl.create_default_context(cafile=str(cafile))
-        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.obj = ctx.wrap_bio(self.inc, self.out, server_hostname=sni)
-        try:
-            with contextlib.suppress(ssl.SSLWantReadError):
-                self.obj.do_handshake()
-            self.hello = self.out.read()
-            if byte_by_byte:
-                for i in range(len(self.hello)):
-                    self.sock.send(self.hello[i : i + 1])
-                    time.sleep(0.0005)
-            else:
-                self.sock.sendall(self.hello)
-            self._handshake()
-        except BaseException:
-            self.sock.close()
-            raise
-
-    def _handshake(self) -> None:
-        while True:
-            try:
-                self.obj.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                self._send_pending()
-                if not self._recv():
-                    raise ConnectionResetError("closed during handshake") from None
-        self._send_pending()
-
-    def _send_pending(self) -> None:
-        data = self.out.read()
-        if data:
-            self.sock.sendall(data)
-
-    def _recv(self) -> bool:
-        data = self.sock.recv(65536)
-        if data:
-            self.inc.write(data)
-        else:
-            self.inc.write_eof()
-        return bool(data)
-
-    def send(self, data: bytes) -> None:
-        self.obj.write(data)
-        self._send_pending()
+        super().__init__(port, cafile, sni, byte_by_byte=byte_by_byte)
 
     def read(self, until: bytes = b"") -> bytes:
-        """Read until `until` is in the data (or close_notify/EOF when `until` is empty)."""
-        buf = b""
-        while not until or until not in buf:
-            try:
-                chunk = self.obj.read(65536)
-            except ssl.SSLWantReadError:
-                if not self._recv():
-                    return buf
-                continue
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                return buf
-            if not chunk:
-                return buf
-            buf += chunk
-        return buf
-
-    def close_write(self) -> None:
-        with contextlib.suppress(ssl.SSLWantReadError):
-            self.obj.unwrap()
-        self._send_pending()
-        self.sock.shutdown(socket.SHUT_WR)
-
-    def peer_cn(self) -> str:
-        cert = self.obj.getpeercert() or {}
-        for rdn in cert.get("subject", ()):
-            for key, value in rdn:
-                if key == "commonName":
-                    return str(value)
-        return ""
-
-    def close(self) -> None:
-        self.sock.close()
+        return self.read_until(until)
 
 
 def parse_v2(header: bytes) -> tuple[int, tuple[str, int], tuple[str, int], dict[int, bytes]]:
