@@ -44,6 +44,7 @@ from edged.config import AcmeSettings, Address, Config, DnsSettings, Site
 from edged.dns import DnsError, DnsUpdater, build_resolver, check_caa, load_tsig_key
 from edged.http01 import CHALLENGE_PREFIX, ChallengeBoard, Http01App, HttpListeners
 from edged.listen import StartupError
+from edged.renewer import fetch_directory, managed_sites
 from edged.store.base import Store
 
 DEFAULT_TIMEOUT = 5.0
@@ -77,8 +78,6 @@ def preflight_sites(config: Config, store: Store | None = None) -> list[Site]:
     if config.acme is None:
         return []
     if store is not None:
-        from edged.renewer import managed_sites
-
         return managed_sites(config, store)
     return [site for site in config.sites if site.cert_file is None and not site.passthrough]
 
@@ -137,37 +136,28 @@ class _DirectoryError(Exception):
 
 def directory_caa_identities(settings: AcmeSettings, query_timeout: float) -> tuple[str, ...]:
     """meta.caaIdentities of the ACME directory (empty when it lists none)."""
-    verify: bool | str = str(settings.ca_bundle) if settings.ca_bundle is not None else True
     url = settings.directory
     try:
-        response = requests.get(
-            url,
-            verify=verify,
-            timeout=query_timeout,
-            headers={"User-Agent": f"edged/{__version__} preflight"},
-        )
+        body = fetch_directory(settings, query_timeout, f"edged/{__version__} preflight")
     except requests.exceptions.SSLError as exc:
         raise _DirectoryError(
             f"TLS to the ACME directory {url} failed ({exc}); if it uses a private CA, point "
             "acme.ca_bundle at that CA's certificate"
+        ) from None
+    except requests.exceptions.HTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "?"
+        raise _DirectoryError(
+            f"the ACME directory {url} answered HTTP {status}: check acme.directory"
+        ) from None
+    except (requests.exceptions.JSONDecodeError, ValueError):
+        raise _DirectoryError(
+            f"the ACME directory {url} did not answer JSON: check acme.directory"
         ) from None
     except requests.exceptions.RequestException as exc:
         raise _DirectoryError(
             f"cannot fetch the ACME directory {url} ({type(exc).__name__}): check "
             "acme.directory and the network"
         ) from None
-    with response:
-        if response.status_code != 200:
-            raise _DirectoryError(
-                f"the ACME directory {url} answered HTTP {response.status_code}: check "
-                "acme.directory"
-            )
-        try:
-            body = response.json()
-        except ValueError:
-            raise _DirectoryError(
-                f"the ACME directory {url} did not answer JSON: check acme.directory"
-            ) from None
     meta = body.get("meta") if isinstance(body, dict) else None
     identities = meta.get("caaIdentities") if isinstance(meta, dict) else None
     if not isinstance(identities, list):

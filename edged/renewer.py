@@ -23,7 +23,7 @@ import aiohttp
 import requests
 
 from edged import renewal
-from edged.acme.client import AcmeSession
+from edged.acme.client import USER_AGENT, AcmeSession
 from edged.acme.issue import Issued, OrderRequest, issue
 from edged.acme.solvers import Dns01Solver, Http01Solver, Solver
 from edged.certs import CertBundle, parse_bundle
@@ -106,15 +106,17 @@ def obtain(
     return issued
 
 
-def fetch_directory(settings: AcmeSettings) -> dict[str, object]:
-    """Blocking: the ACME directory JSON (to find `renewalInfo`)."""
+def fetch_directory(
+    settings: AcmeSettings, timeout: float = 30.0, user_agent: str = USER_AGENT
+) -> object:
+    """Blocking: the ACME directory's JSON (for `renewalInfo`, `meta.caaIdentities`).
+    requests' errors (HTTPError for a non-2xx answer) and ValueError for a non-JSON body."""
     verify: bool | str = str(settings.ca_bundle) if settings.ca_bundle else True
-    response = requests.get(settings.directory, verify=verify, timeout=30)
-    response.raise_for_status()
-    data = response.json()
-    if not isinstance(data, dict):
-        raise ValueError("the ACME directory is not a JSON object")
-    return data
+    with requests.get(
+        settings.directory, verify=verify, timeout=timeout, headers={"User-Agent": user_agent}
+    ) as response:
+        response.raise_for_status()
+        return response.json()
 
 
 def fetch_renewal_info(
@@ -185,14 +187,7 @@ class Renewer:
         policy = self._policy()
         for name in self._sites:
             if name in self.states and isinstance(store, RedisStore) and name not in self._running:
-                # Shared state: another node may have renewed the name; its state is the truth.
-                shared = await asyncio.to_thread(self._load_state, name)
-                known = self.states[name].last_success
-                if shared.last_success is not None and (
-                    known is None or shared.last_success > known
-                ):
-                    self.states[name] = shared
-                    self.lease_holders.pop(name, None)
+                await self._adopt_newer_shared(name)
                 continue
             if name in self.states:
                 continue
@@ -242,14 +237,20 @@ class Renewer:
         """A renewal another node finished is the fleet's truth: take its state."""
         changed, self._shared_changed = self._shared_changed, set()
         for name in changed:
-            if name in self._running or name not in self.states:
-                continue
-            shared = await asyncio.to_thread(self._load_state, name)
-            known = self.states[name].last_success
-            if shared.last_success is not None and (known is None or shared.last_success > known):
-                self.states[name] = shared
-                self.lease_holders.pop(name, None)  # that node's order is over
-                log.info("renewal state from the fleet name=%s by=%s", name, shared.issued_by)
+            if name not in self._running and name in self.states:
+                await self._adopt_newer_shared(name)
+
+    async def _adopt_newer_shared(self, name: str) -> bool:
+        """Take the shared store's state for `name` when it records a newer success than ours
+        (another node renewed it: its state is the fleet's truth). True when adopted."""
+        shared = await asyncio.to_thread(self._load_state, name)
+        known = self.states[name].last_success
+        if shared.last_success is None or (known is not None and shared.last_success <= known):
+            return False
+        self.states[name] = shared
+        self.lease_holders.pop(name, None)  # that node's order is over
+        log.info("renewal state from the fleet name=%s by=%s", name, shared.issued_by)
+        return True
 
     def force(self, name: str) -> RenewalState:
         """Start an attempt now, in any state, with a fresh attempt counter."""
@@ -344,15 +345,8 @@ class Renewer:
         keeper = tg.create_task(self._keep_lease(name, store, lease))
         self.lease_holders[name] = lease
         try:
-            fresh = await asyncio.to_thread(self._load_state, name)
-            mine = self.states[name]
-            if fresh.last_success is not None and (
-                mine.last_success is None or fresh.last_success > mine.last_success
-            ):
-                # Another node renewed it while we waited: adopt its result, order nothing.
-                self.states[name] = fresh
-                log.info("renewal done by another node name=%s by=%s", name, fresh.issued_by)
-                return
+            if await self._adopt_newer_shared(name):
+                return  # another node renewed it while we waited: order nothing
             await self._attempt_locked(name, tg, site, config, store, policy)
         finally:
             keeper.cancel()
@@ -509,7 +503,7 @@ class Renewer:
             except (requests.RequestException, ValueError) as exc:
                 log.warning("acme directory unreadable (ARI check skipped) error=%s", exc)
                 return
-            found = directory.get("renewalInfo")
+            found = directory.get("renewalInfo") if isinstance(directory, dict) else None
             base = found if isinstance(found, str) else ""
             self._renewal_info[acme.directory] = base
         if not base:

@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,6 +37,7 @@ from josepy import jwa, jwk
 from edged import __version__
 from edged.config import AcmeSettings
 from edged.errors import AcmeError
+from edged.renewal import parse_retry_after
 from edged.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -46,20 +46,6 @@ USER_AGENT = f"edged/{__version__} acme-python"
 NONCE_RETRIES = 10
 REQUEST_TIMEOUT = 30
 T = TypeVar("T")
-
-
-def parse_retry_after(value: str | None, now: datetime) -> datetime | None:
-    """Retry-After as seconds or an HTTP-date; None when absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return now + timedelta(seconds=int(value))
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def problem_of(error: messages.Error) -> dict[str, object]:
@@ -395,12 +381,3 @@ def read_eab_hmac_key(path: Path, name: str = "") -> str:
             "exactly as the CA shows it (one line, no quotes or labels)",
         )
     return text
-
-
-def account_summary(store: Store, directory: str) -> dict[str, object] | None:
-    """The stored account of a directory without its key (for status output)."""
-    stored = store.load_account(directory)
-    if stored is None:
-        return None
-    account, _ = stored
-    return {k: str(account[k]) for k in ("uri", "created") if k in account}
