@@ -37,6 +37,27 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def write_process_config(
+    tmp_path: Path, body: str, *, https: int = 0, http: tuple[int, ...] = ()
+) -> Path:
+    """edged.toml for edged run as a process: store "store", TLS on 127.0.0.1:`https` (a free
+    port by default), HTTP on 127.0.0.1:`http` ports, no metrics or admin; then `body`."""
+    config = tmp_path / "edged.toml"
+    config.write_text(
+        textwrap.dedent(f"""
+            [edged]
+            store = "store"
+            [listen]
+            https = ["127.0.0.1:{https or free_port()}"]
+            http = {json.dumps([f"127.0.0.1:{p}" for p in http])}
+            metrics = ""
+            admin = ""
+        """)
+        + textwrap.dedent(body)
+    )
+    return config
+
+
 @dataclass
 class BackendConn:
     data: bytearray = field(default_factory=bytearray)

@@ -6,7 +6,6 @@ import asyncio
 import json
 import socket
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -14,7 +13,15 @@ import pytest
 from aiohttp import web
 
 from edged.renewal import CertStatus
-from tests.conftest import curl, free_port, run_backend, run_cmd, run_edged, s_client
+from tests.conftest import (
+    curl,
+    free_port,
+    run_backend,
+    run_cmd,
+    run_edged,
+    s_client,
+    write_process_config,
+)
 from tests.pebble import Pebble, start_pebble
 
 
@@ -152,21 +159,13 @@ async def test_failures_retry_then_failed_webhook_then_force(
 EDGED = str(Path(sys.executable).with_name("edged"))
 
 
-def write_config(tmp_path: Path, pebble: Pebble, http_port: int) -> Path:
-    config = tmp_path / "edged.toml"
-    config.write_text(
-        textwrap.dedent(f"""
-            [edged]
-            store = "store"
-            [listen]
-            https = ["127.0.0.1:{free_port()}"]
-            http = ["127.0.0.1:{http_port}"]
-            metrics = ""
-            admin = ""
-        """)
-        + textwrap.dedent(acme_body(pebble, 9))
+def write_config(
+    tmp_path: Path, pebble: Pebble, http_port: int, *, https: int = 0, body: str = ""
+) -> Path:
+    """Config for edged as a process; `body` defaults to the Pebble-backed shop.test site."""
+    return write_process_config(
+        tmp_path, body or acme_body(pebble, 9), https=https, http=(http_port,)
     )
-    return config
 
 
 async def test_cli_issue_one_shot(pebble: Pebble, tmp_path: Path) -> None:

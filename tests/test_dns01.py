@@ -11,7 +11,6 @@ import asyncio
 import re
 import subprocess
 import sys
-import textwrap
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from edged.dns import DnsError, DnsUpdater, load_tsig_key
 from edged.errors import AcmeError
 from edged.store.files import FileStore
 from tests.bind import TSIG_KEYGEN, Bind, bind_fixture
-from tests.conftest import free_port, run_cmd
+from tests.conftest import run_cmd, write_process_config
 from tests.pebble import Pebble, start_pebble
 from tests.test_acme import verify_chain
 
@@ -196,16 +195,9 @@ async def test_failed_validation_cleans_up(pebble: Pebble, bind: Bind, tmp_path:
 
 
 def write_config(tmp_path: Path, pebble: Pebble, bind: Bind, secret_file: Path) -> Path:
-    config = tmp_path / "edged.toml"
-    config.write_text(
-        textwrap.dedent(f"""
-            [edged]
-            store = "store"
-            [listen]
-            https = ["127.0.0.1:{free_port()}"]
-            http = []
-            metrics = ""
-            admin = ""
+    return write_process_config(
+        tmp_path,
+        f"""
             [acme]
             directory = "{pebble.directory}"
             ca_bundle = "{pebble.listener_ca}"
@@ -221,9 +213,8 @@ def write_config(tmp_path: Path, pebble: Pebble, bind: Bind, secret_file: Path) 
             [[site]]
             names = ["cli.test", "*.cli.test"]
             backend = "127.0.0.1:9"
-        """)
+        """,
     )
-    return config
 
 
 async def test_cli_issue_wildcard_over_dns01(pebble: Pebble, bind: Bind, tmp_path: Path) -> None:

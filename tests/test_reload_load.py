@@ -8,11 +8,10 @@ import random
 import socket
 import ssl
 import sys
-import textwrap
 import threading
 from pathlib import Path
 
-from tests.conftest import free_port, run_backend
+from tests.conftest import free_port, run_backend, write_process_config
 from tests.pki import make_ca, make_leaf, write_pair
 
 NAMES = ["a.load.test", "b.load.test", "c.load.test"]
@@ -88,19 +87,7 @@ async def test_500_mixed_swaps_under_handshake_load(tmp_path: Path) -> None:
             f'cert_file = "live/{n}/fullchain.pem"\nkey_file = "live/{n}/privkey.pem"\n'
             for n in NAMES
         )
-        config = tmp_path / "edged.toml"
-        config.write_text(
-            textwrap.dedent(f"""
-                [edged]
-                store = "store"
-                [listen]
-                https = ["127.0.0.1:{port}"]
-                http = []
-                metrics = ""
-                admin = ""
-            """)
-            + sites
-        )
+        config = write_process_config(tmp_path, sites, https=port)
         edged_bin = str(Path(sys.executable).with_name("edged"))
         proc = await asyncio.create_subprocess_exec(
             edged_bin, "run", "--config", str(config), stderr=asyncio.subprocess.DEVNULL

@@ -33,6 +33,7 @@ from edged.store.files import FileStore
 from tests.conftest import free_port, peer_cn, run_backend, run_cmd, run_edged, s_client
 from tests.pebble import Pebble, start_pebble
 from tests.pki import Issued, fullchain, make_ca, make_intermediate, make_leaf
+from tests.test_daemon_acme import write_config
 
 NAME = "shop.test"
 NAMES = [NAME, "www.shop.test"]
@@ -305,23 +306,17 @@ async def test_kill_9_during_orders_restart_resumes_store_stays_whole(
 ) -> None:
     store = tmp_path / "store"
     https = free_port()
-    config = tmp_path / "edged.toml"
-    config.write_text(
-        textwrap.dedent(f"""
-            [edged]
-            store = "store"
-            [listen]
-            https = ["127.0.0.1:{https}"]
-            http = ["127.0.0.1:{pebble.http_port}"]
-            metrics = ""
-            admin = ""
-        """)
-        + acme_table(
+    config = write_config(
+        tmp_path,
+        pebble,
+        pebble.http_port,
+        https=https,
+        body=acme_table(
             pebble.directory,
             pebble.listener_ca,
             'retry_interval = "100ms"\nmax_attempts = 20\npreflight = false\n',
         )
-        + site_table("127.0.0.1:9")
+        + site_table("127.0.0.1:9"),
     )
     rng = random.Random(os.getpid())
     interrupted = 0
