@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BackendConn, free_port, run_backend, run_edged
-from tests.test_data_path import TlsClient
+from tests.test_data_path import TlsClient, reset_mid_stream
 
 BAD = "one.example.test"
 GOOD = "two.example.test"
@@ -74,17 +74,6 @@ def full_accept_queue() -> Iterator[str]:
 
 async def silent(reader: asyncio.StreamReader, _w: asyncio.StreamWriter, conn: BackendConn) -> None:
     conn.data += await reader.read()  # accepts, reads, never answers
-
-
-async def reset_mid_stream(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: BackendConn
-) -> None:
-    await reader.read(10)
-    writer.write(b"partial")
-    await writer.drain()
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    writer.transport.abort()
 
 
 @contextlib.asynccontextmanager

@@ -143,19 +143,21 @@ async def test_backend_refused_closes_client_and_counts(
         assert edged.daemon.counters.backend_errors["refused"] == 1
 
 
-async def test_backend_reset_mid_stream_aborts_client(tmp_path: Path, pki: dict[str, Path]) -> None:
-    async def handler(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: BackendConn
-    ) -> None:
-        await reader.read(10)
-        writer.write(b"partial")
-        await writer.drain()
-        sock = writer.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        writer.transport.abort()  # RST
+async def reset_mid_stream(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: BackendConn
+) -> None:
+    """A backend that answers a little, then resets the connection (RST, SO_LINGER 0)."""
+    await reader.read(10)
+    writer.write(b"partial")
+    await writer.drain()
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    writer.transport.abort()
 
+
+async def test_backend_reset_mid_stream_aborts_client(tmp_path: Path, pki: dict[str, Path]) -> None:
     async with (
-        run_backend(handler) as backend,
+        run_backend(reset_mid_stream) as backend,
         run_edged(tmp_path, site(pki, backend.address)) as edged,
     ):
         client = await asyncio.to_thread(TlsClient, edged.port, pki["ca"])
