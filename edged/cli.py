@@ -24,6 +24,7 @@ from edged.store.files import FileStore
 
 if TYPE_CHECKING:
     from edged.admin_client import AdminClient
+    from edged.zygote import Zygote
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -106,7 +107,25 @@ def cmd_run(config_path: Path, level: str, log_format: str = "text") -> int:
     from edged.logs import setup_logging
 
     setup_logging(level, log_format, sys.stderr)
-    return uvloop.run(Daemon(config_path).run())
+    return uvloop.run(Daemon(config_path, _start_zygote(config_path)).run())
+
+
+def _start_zygote(config_path: Path) -> Zygote | None:
+    """With `[edged] workers` other than 1, the zygote that forks the worker processes; it must
+    be forked now, before the event loop and any thread exist. A config that does not load is
+    reported by the daemon as usual (and then there is nothing to fork)."""
+    from edged.daemon import worker_count
+    from edged.tls import server_context
+    from edged.worker import run_worker
+    from edged.zygote import start_zygote
+
+    try:
+        config = load_config(config_path)
+    except ConfigError:
+        return None
+    if worker_count(config) == 1:
+        return None
+    return start_zygote(config.tls.min_version, server_context, run_worker)
 
 
 def _load_config_or_report(config_path: Path) -> Config | None:

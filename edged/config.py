@@ -87,6 +87,9 @@ class TlsSettings:
     handshake_timeout: float = 10.0
     require_chain: bool = False
     context_cache_size: int = 1000
+    # New TLS session ticket keys this often (seconds; 0 = never): tickets issued before stop
+    # resuming, so a stolen ticket key cannot decrypt sessions older than this.
+    ticket_key_rotation: float = 86400.0
 
 
 @dataclass(frozen=True)
@@ -256,16 +259,24 @@ class _Reader:
             return default
         return value
 
-    def duration(self, name: str, default: float) -> float:
+    def duration(self, name: str, default: float, *, zero: bool = False) -> float:
+        """A positive duration (`zero`: 0 allowed too, meaning "off")."""
         self.seen.add(name)
         if name not in self.data:
             return default
         value = self.data[name]
-        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
-            return float(value)
-        if isinstance(value, str) and (m := _DURATION.match(value)) and float(m.group(1)) > 0:
-            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-        self.problem(name, f"must be a duration like '15m', '30s', '1h' or seconds, got {value!r}")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str) and (m := _DURATION.match(value)):
+            number = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        else:
+            number = -1.0
+        if number > 0 or (zero and number == 0):
+            return number
+        what = " or 0 (off)" if zero else ""
+        self.problem(
+            name, f"must be a duration like '15m', '30s', '1h' or seconds{what}, got {value!r}"
+        )
         return default
 
     def path(self, name: str, base: Path) -> Path | None:
@@ -437,6 +448,7 @@ def _parse_tls(r: _Reader) -> TlsSettings:
         handshake_timeout=r.positive("handshake_timeout", d.handshake_timeout),
         require_chain=r.get("require_chain", bool, d.require_chain, "true or false"),
         context_cache_size=r.integer("context_cache_size", d.context_cache_size, 1),
+        ticket_key_rotation=r.duration("ticket_key_rotation", d.ticket_key_rotation, zero=True),
     )
     r.finish()
     return s

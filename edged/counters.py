@@ -90,6 +90,16 @@ class LatencyHistogram:
                 self._counts[i] += n
             self._sum += total
 
+    def __getstate__(self) -> dict[str, object]:
+        # Worker processes send their Counters to the main process: a lock cannot be pickled.
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def __repr__(self) -> str:
         snap = self.snapshot()
         return f"LatencyHistogram(count={snap.count}, sum={snap.sum:.6g})"
@@ -110,6 +120,8 @@ class Counters:
     last_reload_success: float = 0.0
     renewal_attempts: Counter[tuple[str, str]] = field(default_factory=Counter)  # (name, result)
     acme_requests: LatencyHistogram = field(default_factory=LatencyHistogram)  # seconds
+    ticket_key_rotations: int = 0
+    worker_restarts: int = 0  # worker processes replaced after dying
 
 
 def merge_counters(parts: Iterable[Counters]) -> Counters:
@@ -127,4 +139,6 @@ def merge_counters(parts: Iterable[Counters]) -> Counters:
         total.last_reload_success = max(total.last_reload_success, part.last_reload_success)
         total.renewal_attempts.update(part.renewal_attempts)
         total.acme_requests.add(part.acme_requests)
+        total.ticket_key_rotations += part.ticket_key_rotations
+        total.worker_restarts += part.worker_restarts
     return total

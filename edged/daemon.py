@@ -27,7 +27,7 @@ from edged import systemd
 from edged.admin import AdminStartupError, start_admin_server
 from edged.certs import CertBundle
 from edged.config import Address, Config, Site, load_config
-from edged.counters import Counters
+from edged.counters import Counters, merge_counters
 from edged.errors import ConfigError, EdgedError, Problem
 from edged.fleet import follow_changes
 from edged.http01 import ChallengeBoard, Http01App, HttpListeners
@@ -49,6 +49,8 @@ from edged.sources import SiteCerts, load_site_certs
 from edged.store import Store, open_store
 from edged.store.redis import RedisStore
 from edged.tls import ContextCache, SniSelector, build_listening_context, build_origin_context
+from edged.workers import WorkerPool
+from edged.zygote import Zygote
 
 log = logging.getLogger("edged.daemon")
 
@@ -143,9 +145,18 @@ def build_serving(
     return bundles, build_index(config.sites, bundles, config.tls.default_cert)
 
 
+def worker_count(config: Config) -> int:
+    """`[edged] workers`: 0 means one per CPU core."""
+    return config.edged.workers or os.cpu_count() or 1
+
+
 class Daemon:
-    def __init__(self, config_path: Path) -> None:
+    def __init__(self, config_path: Path, zygote: Zygote | None = None) -> None:
+        """`zygote`: run the TLS data path in worker processes forked by it (workers > 1)."""
         self.config_path = config_path
+        self.zygote = zygote
+        self.pool: WorkerPool | None = None
+        self._tg: asyncio.TaskGroup | None = None
         self.counters = Counters()
         self.ready = asyncio.Event()
         self.config: Config | None = None
@@ -197,7 +208,14 @@ class Daemon:
         return bool(getattr(self.store, "available", True))
 
     def connections_active(self) -> int:
-        return len(self.term.active) if self.term is not None else 0
+        own = len(self.term.active) if self.term is not None else 0
+        return own + (self.pool.connections_active() if self.pool is not None else 0)
+
+    def total_counters(self) -> Counters:
+        """This process's counters plus, with worker processes, the sum of theirs."""
+        if self.pool is None:
+            return self.counters
+        return merge_counters([self.counters, self.pool.counters()])
 
     def cert_metrics(self) -> list[CertMetric]:
         if self.config is None:
@@ -295,6 +313,9 @@ class Daemon:
         self._log_problems(loaded.certs.problems)
 
         async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            if self.zygote is not None:
+                self.pool = WorkerPool(self.zygote, self._inherited, self.counters)
             cache = ContextCache(config.tls.context_cache_size, config.tls.min_version)
             self.selector = SniSelector(SniIndex([]), cache, config.tls.alpn)
             self.term = Terminator(
@@ -313,7 +334,7 @@ class Daemon:
                 self._inherited.close_unused()
                 if config.listen.metrics is not None:
                     self._metrics = await start_metrics_server(
-                        config.listen.metrics, build_registry(self)
+                        config.listen.metrics, build_registry(MetricsView(self))
                     )
                 if config.listen.admin is not None:
                     self._admin = await start_admin_server(
@@ -325,6 +346,7 @@ class Daemon:
                 log.error("%s", exc)
                 self._close_listeners()
                 await self._close_services()
+                await self._close_pool(abort=True)
                 return 1
             await self.renewer.configure(config, store)
             if install_signals:
@@ -336,13 +358,14 @@ class Daemon:
                     "edged ready: %d sites, %d names, listening on %s",
                     len(config.sites),
                     len(self.index),
-                    ", ".join(str(a) for a in self._servers),
+                    ", ".join(str(a) for a in self.listening()),
                 )
                 self.ready.set()
                 systemd.notify("READY=1")
                 self._send_status()
                 tg.create_task(self._systemd_loop())
                 tg.create_task(self._watch_loop())
+                rotating = tg.create_task(self._ticket_rotation_loop())
                 renewing = tg.create_task(self.renewer.run(self._stop))
                 following: asyncio.Task[None] | None = None
                 if isinstance(store, RedisStore):
@@ -360,6 +383,7 @@ class Daemon:
                     self._watch_stop.set()
                 if following is not None:
                     following.cancel()
+                rotating.cancel()
                 await self._shut_down(renewing)
             finally:
                 self._exited.set()
@@ -376,6 +400,8 @@ class Daemon:
         async with self._reload_lock:  # a reload in progress finishes first, none starts after
             self._stopping = True
             self._close_listeners()
+            if self.pool is not None:
+                await self.pool.stop(abort=False)
         await self._unless_aborted(self._close_services())
         systemd.notify("STOPPING=1")
         self._send_status()
@@ -389,10 +415,21 @@ class Daemon:
             aborted = drain.result()
             if aborted:
                 log.warning("drain timeout: aborted %d connections", aborted)
+            if self.pool is not None:  # the workers drain on their own, with the same timeout
+                await self._unless_aborted(self.pool.wait_stopped())
         else:
             renewing.cancel()  # an ACME order in progress resumes at the next start
             aborted = await self.term.drain(0)
             log.warning("second signal: aborted %d connections", aborted)
+        await self._close_pool(abort=True)
+
+    async def _close_pool(self, *, abort: bool) -> None:
+        """Stop the workers (abort: without draining), wait for them, close the zygote."""
+        if self.pool is None:
+            return
+        await self.pool.stop(abort=abort)
+        await self.pool.wait_stopped()
+        await self.pool.close()
 
     async def _unless_aborted(self, aw: Awaitable[Any]) -> bool:
         """Await `aw` unless request_abort() comes first (then cancel it); True if it ran out."""
@@ -519,6 +556,8 @@ class Daemon:
             loaded.certs.bundles,
             loaded.certs.expired.keys(),
         )
+        old_floor = self.config.tls.min_version if self.config is not None else None
+        new_floor = old_floor is not None and config.tls.min_version != old_floor
         if self.config is not None and config.tls != self.config.tls:
             cache = ContextCache(config.tls.context_cache_size, config.tls.min_version)
             self.selector.cache = cache
@@ -534,6 +573,10 @@ class Daemon:
         self.config = config
         self._loaded_watch = loaded.watch
         self._snapshot = loaded.snapshot
+        if self.pool is not None and self.pool.current:
+            await self.pool.publish(config, bundles)
+            if new_floor:  # the version floor lives in the listening context the workers share
+                await self.pool.rotate(config.tls.min_version)
         await self.renewer.changed()
 
     # --- file watching ---------------------------------------------------------------------
@@ -585,9 +628,39 @@ class Daemon:
 
     # --- listeners ------------------------------------------------------------------------
 
+    async def _ticket_rotation_loop(self) -> None:
+        """New TLS session ticket keys every `[tls] ticket_key_rotation`: a new listening
+        context (with workers: a new generation of workers forked from it)."""
+        while True:
+            assert self.config is not None
+            interval = self.config.tls.ticket_key_rotation
+            if interval <= 0:
+                await asyncio.sleep(3600)  # a reload may turn it on
+                continue
+            await asyncio.sleep(interval)
+            async with self._reload_lock:
+                if self._stopping:
+                    return
+                config = self.config
+                if self.pool is not None:
+                    await self.pool.rotate(config.tls.min_version)
+                elif self.term is not None and self.selector is not None:
+                    self.term.listen_ctx = build_listening_context(config.tls, self.selector)
+                self.counters.ticket_key_rotations += 1
+                log.info("TLS session ticket keys rotated")
+
     async def _sync_listeners(self, config: Config) -> None:
         """Bind new addresses first (all or nothing), then close the ones no longer wanted."""
         assert self.term is not None
+        if self.pool is not None:
+            assert self._tg is not None
+            if not self.pool.current:
+                await self.pool.start(self._tg, config, worker_count(config), self.bundles)
+            else:
+                if worker_count(config) != self.pool.count:
+                    log.warning("edged.workers changed: takes effect at the next restart")
+                await self.pool.sync_listeners(config)
+            return
         loop = asyncio.get_running_loop()
         wanted = list(config.listen.https)
         new: dict[Address, socket.socket] = {}
@@ -625,7 +698,7 @@ class Daemon:
         self._servers.clear()
 
     def listening(self) -> list[Address]:
-        return list(self._servers)
+        return self.pool.addresses() if self.pool is not None else list(self._servers)
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -642,3 +715,26 @@ class Daemon:
                 log.warning("%s", problem)
             else:
                 log.error("certificate rejected, not served: %s", problem)
+
+
+class MetricsView:
+    """What /metrics reads: the daemon, with the counters of its worker processes added."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    @property
+    def counters(self) -> Counters:
+        return self.daemon.total_counters()
+
+    def connections_active(self) -> int:
+        return self.daemon.connections_active()
+
+    def cert_metrics(self) -> list[CertMetric]:
+        return self.daemon.cert_metrics()
+
+    def name_statuses(self) -> list[NameStatus]:
+        return self.daemon.name_statuses()
+
+    def store_available(self) -> bool:
+        return self.daemon.store_available()

@@ -21,12 +21,16 @@ class StartupError(EdgedError):
     """The daemon cannot start (bad config, a port it cannot bind)."""
 
 
-def bind_tcp(address: Address) -> socket.socket:
-    """A listening, non-blocking TCP socket; StartupError says why binding failed."""
+def bind_tcp(address: Address, *, reuseport: bool = False) -> socket.socket:
+    """A listening, non-blocking TCP socket; StartupError says why binding failed.
+    `reuseport`: one of several sockets on the same address, one per worker process, among
+    which the kernel spreads new connections evenly."""
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # [::] and 0.0.0.0 are separate listeners in the config: keep them separate.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

@@ -190,6 +190,16 @@ class EdgedCollector(Collector):
         for reason, n in sorted(c.backend_errors.items()):
             backend.add_metric([reason], n)
         yield backend
+        yield CounterMetricFamily(
+            "edged_tls_ticket_key_rotations",
+            "TLS session ticket key rotations ([tls] ticket_key_rotation).",
+            value=c.ticket_key_rotations,
+        )
+        yield CounterMetricFamily(
+            "edged_worker_restarts",
+            "Worker processes that died and were replaced ([edged] workers > 1).",
+            value=c.worker_restarts,
+        )
 
     def _renewal(self, c: Counters) -> Iterator[Metric]:
         attempts = CounterMetricFamily(

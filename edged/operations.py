@@ -61,7 +61,7 @@ class DaemonOperations:
         for summary in self.certs():
             state = str(summary["state"])
             counts[state] = counts.get(state, 0) + 1
-        handshakes = self.daemon.counters.handshakes
+        handshakes = self.daemon.total_counters().handshakes
         return {
             "node": socket.gethostname(),
             "version": __version__,
@@ -74,6 +74,7 @@ class DaemonOperations:
             "handshakes_ok": sum(n for (result, _), n in handshakes.items() if result == "ok"),
             "handshakes_failed": sum(n for (result, _), n in handshakes.items() if result != "ok"),
             "acme": config.acme.directory if config.acme else None,
+            "workers": self.daemon.pool.describe() if self.daemon.pool is not None else [],
         }
 
     def certs(self) -> list[dict[str, object]]:

@@ -7,11 +7,42 @@ wildcard, then the default (`[tls].default_cert`), else None (refuse the handsha
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
-from edged.certs import CertBundle
 from edged.config import Site
+
+
+class Servable(Protocol):
+    """What serving a certificate needs: a CertBundle (parsed) or a ServedCert (bytes only)."""
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    @property
+    def key_type(self) -> str: ...
+
+    @property
+    def fullchain_pem(self) -> bytes: ...
+
+    @property
+    def key_pem(self) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class ServedCert:
+    """A certificate as worker processes get it: PEM bytes and identity, no parsed objects
+    (those cannot be pickled, and the main process has validated the bundle already)."""
+
+    fingerprint: str
+    key_type: str
+    fullchain_pem: bytes
+    key_pem: bytes = field(repr=False)
+
+    @classmethod
+    def of(cls, bundle: Servable) -> ServedCert:
+        return cls(bundle.fingerprint, bundle.key_type, bundle.fullchain_pem, bundle.key_pem)
 
 
 @dataclass(frozen=True)
@@ -20,7 +51,7 @@ class Route:
 
     name: str  # the configured name that matched (exact or wildcard): a bounded label
     site: Site
-    bundles: tuple[CertBundle, ...]  # empty: no certificate yet, handshakes are refused
+    bundles: tuple[Servable, ...]  # empty: no certificate yet, handshakes are refused
 
     @property
     def cert_key(self) -> tuple[str, ...]:
@@ -31,11 +62,25 @@ class Route:
 class SniIndex:
     """Immutable map from server name to Route."""
 
-    __slots__ = ("_default", "_routes")
+    __slots__ = ("_default", "_default_name", "_routes")
 
     def __init__(self, routes: Iterable[Route], default_name: str = "") -> None:
         self._routes = {route.name: route for route in routes}
+        self._default_name = default_name
         self._default = self._routes.get(default_name) if default_name else None
+
+    def updated(self, changes: Iterable[tuple[Site, Sequence[Servable]]]) -> SniIndex:
+        """A new index where the names of each site in `changes` get its new certificates;
+        O(names) for a dict copy instead of rebuilding every Route (one renewal among 100k)."""
+        new = SniIndex((), "")
+        routes = dict(self._routes)
+        for site, bundles in changes:
+            for name in site.names:
+                routes[name] = Route(name, site, tuple(bundles))
+        new._routes = routes
+        new._default_name = self._default_name
+        new._default = routes.get(self._default_name) if self._default_name else None
+        return new
 
     def __len__(self) -> int:
         return len(self._routes)
@@ -69,10 +114,12 @@ def _is_label(text: str) -> bool:
 
 
 def build_index(
-    sites: Iterable[Site], bundles: dict[int, tuple[CertBundle, ...]], default_name: str = ""
+    sites: Iterable[Site], bundles: Mapping[int, Sequence[Servable]], default_name: str = ""
 ) -> SniIndex:
     """One route per configured name; `bundles` maps site index to its valid certificates."""
     routes = [
-        Route(name, site, bundles.get(site.index, ())) for site in sites for name in site.names
+        Route(name, site, tuple(bundles.get(site.index, ())))
+        for site in sites
+        for name in site.names
     ]
     return SniIndex(routes, default_name)

@@ -14,9 +14,8 @@ import ssl
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from edged.certs import CertBundle
 from edged.config import TlsSettings
-from edged.sni import Route, SniIndex
+from edged.sni import Route, Servable, SniIndex
 
 log = logging.getLogger("edged.tls")
 
@@ -30,7 +29,9 @@ _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 _OPTIONS = ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
 
 
-def _server_context(min_version: str) -> ssl.SSLContext:
+def server_context(min_version: str) -> ssl.SSLContext:
+    """A bare server context with edged's options and version floor (the zygote's listening
+    context: the sni_callback is set in each worker)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = _VERSIONS[min_version]
     ctx.options |= _OPTIONS
@@ -38,10 +39,10 @@ def _server_context(min_version: str) -> ssl.SSLContext:
 
 
 def build_cert_context(
-    bundles: Sequence[CertBundle], alpn: Sequence[str], min_version: str = "1.2"
+    bundles: Sequence[Servable], alpn: Sequence[str], min_version: str = "1.2"
 ) -> ssl.SSLContext:
     """A context serving `bundles` (RSA and ECDSA together: OpenSSL picks by client sigalgs)."""
-    ctx = _server_context(min_version)
+    ctx = server_context(min_version)
     for bundle in bundles:
         _load_pem(ctx, bundle.fullchain_pem, bundle.key_pem)
     if alpn:
@@ -61,7 +62,7 @@ def _load_pem(ctx: ssl.SSLContext, fullchain: bytes, key: bytes) -> None:
 def build_listening_context(tls: TlsSettings, sni: SniSelector) -> ssl.SSLContext:
     """The context every connection starts with: no cert of its own, the version floor (the
     sni_callback's context switch does not carry minimum_version) and the callback."""
-    ctx = _server_context(tls.min_version)
+    ctx = server_context(tls.min_version)
     ctx.sni_callback = sni.callback
     return ctx
 

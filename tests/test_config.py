@@ -227,3 +227,16 @@ def test_parse_address(text: str, expected: Address) -> None:
 def test_parse_address_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_address(text, listen=False)
+
+
+def test_workers_and_ticket_key_rotation() -> None:
+    config = parse_config("[edged]\nworkers = 0\n" + MINIMAL, SRC)
+    assert config.edged.workers == 0  # one per core
+    assert config.tls.ticket_key_rotation == 86400.0  # daily by default
+    for text, seconds in (('"6h"', 21600.0), ("0", 0.0), ('"0s"', 0.0)):
+        config = parse_config(MINIMAL + f"[tls]\nticket_key_rotation = {text}\n", SRC)
+        assert config.tls.ticket_key_rotation == seconds
+    with pytest.raises(ConfigError) as info:
+        parse_config(MINIMAL + '[tls]\nticket_key_rotation = "daily"\n', SRC)
+    assert "tls.ticket_key_rotation: must be a duration like '15m'" in str(info.value)
+    assert "or 0 (off)" in str(info.value)

@@ -77,6 +77,8 @@ def filled_source() -> FakeSource:
     c.last_reload_success = 1_700_000_123.5
     c.renewal_attempts[A, "success"] += 3
     c.renewal_attempts[B, "failure"] += 5
+    c.ticket_key_rotations = 2
+    c.worker_restarts = 1
     for seconds in (0.001, 0.005, 0.2, 0.2, 3.0, 45.0):
         c.acme_requests.observe(seconds)
     return FakeSource(
@@ -183,6 +185,8 @@ async def test_scrape_has_exactly_the_live_values() -> None:
             series("edged_bytes_total", 1234, direction="in"),
             series("edged_bytes_total", 56789, direction="out"),
             series("edged_backend_errors_total", 4, reason="connect_refused"),
+            series("edged_tls_ticket_key_rotations_total", 2),
+            series("edged_worker_restarts_total", 1),
             series("edged_reloads_total", 2, kind="signal", result="success"),
             series("edged_reloads_total", 1, kind="file", result="failure"),
             series("edged_config_last_reload_success_timestamp_seconds", 1_700_000_123.5),

@@ -1,0 +1,195 @@
+"""A worker process: serves TLS on its share of the listening sockets, nothing else.
+
+Forked by the zygote (edged.zygote). It gets everything it serves from the main process over
+its channel — the config and the certificates, already read and validated there, as PEM bytes —
+so a certificate change costs a worker one dictionary update, not a re-read of the store. It
+reports its counters every second. It stops (closes its listeners, drains its connections) on
+"stop" or when the main process goes away; signals are the main process's to act on.
+
+Messages (edged.ipc):
+  main → worker: ("state", config | None, {site index: (ServedCert, ...)}, full)
+                 ("stop", abort)
+  worker → main: ("ready", pid), ("counters", Counters, active connections)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import ssl
+
+from edged.config import Address, Config
+from edged.counters import Counters
+from edged.daemon import proxy_settings
+from edged.ipc import IpcError, encode, read_message
+from edged.proxy import Terminator
+from edged.sni import ServedCert, SniIndex, build_index
+from edged.tls import ContextCache, SniSelector, build_origin_context
+
+log = logging.getLogger("edged.worker")
+
+REPORT_INTERVAL = 1.0  # seconds between counter reports (what /metrics lags by at most)
+
+
+def run_worker(
+    slot: int,
+    generation: int,
+    sockets: list[tuple[Address, socket.socket]],
+    listen_ctx: ssl.SSLContext,
+    chan: socket.socket,
+) -> int:
+    """The worker's main (in the forked child)."""
+    import uvloop
+
+    return uvloop.run(Worker(slot, generation, sockets, listen_ctx, chan).run())
+
+
+class Worker:
+    def __init__(
+        self,
+        slot: int,
+        generation: int,
+        sockets: list[tuple[Address, socket.socket]],
+        listen_ctx: ssl.SSLContext,
+        chan: socket.socket,
+    ) -> None:
+        self.slot = slot
+        self.generation = generation
+        self.sockets = sockets
+        self.listen_ctx = listen_ctx
+        self.chan = chan
+        self.counters = Counters()
+        self.config: Config | None = None
+        self.certs: dict[int, tuple[ServedCert, ...]] = {}
+        self._stop = asyncio.Event()
+        self._abort = asyncio.Event()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        reader, writer = await asyncio.open_unix_connection(sock=self.chan)
+        first = await read_message(reader)
+        if not (isinstance(first, tuple) and first[0] == "state" and first[1] is not None):
+            log.error("worker %d: no state from the main process; exiting", self.slot)
+            return 1
+        config: Config = first[1]
+        # The main process decides: it gets the signals (systemd and a terminal send them to
+        # every process of the service at once) and tells each worker in order. A worker that
+        # acted on its own SIGTERM first would look like a crash and be replaced.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        async with asyncio.TaskGroup() as tg:
+            cache = ContextCache(config.tls.context_cache_size, config.tls.min_version)
+            selector = SniSelector(SniIndex([]), cache, config.tls.alpn)
+            # The inherited context keeps its ticket keys; only the callback is this process's.
+            self.listen_ctx.sni_callback = selector.callback
+            term = Terminator(
+                listen_ctx=self.listen_ctx,
+                selector=selector,
+                settings=proxy_settings(config),
+                counters=self.counters,
+                tg=tg,
+            )
+            await self._apply(term, first[1], first[2], full=True)
+            servers = [
+                await loop.create_server(term.protocol, sock=sock) for _, sock in self.sockets
+            ]
+            writer.write(encode(("ready", os.getpid())))
+            reports = tg.create_task(self._report_loop(writer, term))
+            reading = tg.create_task(self._read_loop(reader, term))
+            await self._stop.wait()
+            for server in servers:
+                server.close()
+            reading.cancel()
+            assert self.config is not None
+            grace = 0.0 if self._abort.is_set() else self.config.edged.drain_timeout
+            drain = asyncio.ensure_future(term.drain(grace))
+            abort = asyncio.ensure_future(self._abort.wait())
+            await asyncio.wait({drain, abort}, return_when=asyncio.FIRST_COMPLETED)
+            abort.cancel()
+            if not drain.done():
+                drain.cancel()
+                await term.drain(0)
+            reports.cancel()
+            with contextlib.suppress(ConnectionError, OSError):
+                writer.write(encode(("counters", self.counters, 0)))
+                await writer.drain()
+            writer.close()
+        return 0
+
+    async def _read_loop(self, reader: asyncio.StreamReader, term: Terminator) -> None:
+        while True:
+            try:
+                message = await read_message(reader)
+            except IpcError as exc:
+                log.error("worker %d: %s; stopping", self.slot, exc)
+                message = None
+            if message is None:  # the main process is gone: finish what is open, then exit
+                log.warning("worker %d: main process gone; draining and exiting", self.slot)
+                self._stop.set()
+                return
+            assert isinstance(message, tuple)
+            if message[0] == "state":
+                await self._apply(term, message[1], message[2], full=message[3])
+            elif message[0] == "stop":
+                if message[1]:
+                    self._abort.set()
+                self._stop.set()
+
+    async def _apply(
+        self,
+        term: Terminator,
+        config: Config | None,
+        certs: dict[int, tuple[ServedCert, ...]],
+        *,
+        full: bool,
+    ) -> None:
+        """Swap in what the main process sent: a new config (with every site's certificates)
+        or only the certificates that changed."""
+        selector = term.selector
+        if config is None:
+            assert self.config is not None
+            self.certs.update(certs)
+            by_index = {site.index: site for site in self.config.sites}
+            changes = [(by_index[i], bundles) for i, bundles in certs.items() if i in by_index]
+            selector.index = selector.index.updated(changes)
+            return
+        old = self.config
+        self.certs = dict(certs) if full else {**self.certs, **certs}
+        index = await asyncio.to_thread(
+            build_index, config.sites, self.certs, config.tls.default_cert
+        )
+        origins = await asyncio.to_thread(_origin_contexts, config)
+        if old is not None and old.tls != config.tls:
+            selector.cache = ContextCache(config.tls.context_cache_size, config.tls.min_version)
+            selector.default_alpn = tuple(config.tls.alpn)
+        selector.index = index
+        term.settings = proxy_settings(config)
+        term.origin_contexts = origins
+        self.config = config
+
+    async def _report_loop(self, writer: asyncio.StreamWriter, term: Terminator) -> None:
+        while True:
+            await asyncio.sleep(REPORT_INTERVAL)
+            try:
+                writer.write(encode(("counters", self.counters, len(term.active))))
+                await writer.drain()
+            except (ConnectionError, OSError):
+                self._stop.set()
+                return
+
+
+def _origin_contexts(config: Config) -> dict[int, ssl.SSLContext]:
+    """The origin_tls client contexts (the main process validated the CA files; a file that
+    fails here now is reported and the site goes without re-encryption context)."""
+    found: dict[int, ssl.SSLContext] = {}
+    for site in config.sites:
+        if site.origin_tls:
+            try:
+                found[site.index] = build_origin_context(site.origin_ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                log.error("%s.origin_ca_file: cannot load CA certificates: %s", site.key, exc)
+    return found

@@ -1,0 +1,326 @@
+"""Worker processes (`[edged] workers` > 1): every worker serves, certificate and config changes
+reach all of them, a killed worker is replaced, /metrics sums them, TLS 1.3 tickets resume on
+any worker, ticket key rotation swaps the workers without failing a handshake, SIGTERM stops
+them all.
+
+edged runs as a real process here: workers are forked by the zygote, which must be created
+before an event loop exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.conftest import free_port, run_backend
+from tests.pki import Issued, make_ca, make_leaf, write_pair
+
+NAME = "w.example.test"
+
+
+@dataclass
+class Running:
+    proc: asyncio.subprocess.Process
+    port: int
+    admin: int
+    metrics: int
+    config: Path
+
+    def get(self, port: int, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return str(resp.read().decode())
+
+    def status(self) -> dict[str, object]:
+        data = json.loads(self.get(self.admin, "/status"))
+        assert isinstance(data, dict)
+        return data
+
+    def workers(self) -> list[dict[str, object]]:
+        found = self.status()["workers"]
+        assert isinstance(found, list)
+        return found
+
+    def metric(self, line_start: str) -> float:
+        for line in self.get(self.metrics, "/metrics").splitlines():
+            if line.startswith(line_start + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+
+async def wait_for(predicate: Callable[[], object], what: str, limit: float = 15.0) -> None:
+    deadline = time.monotonic() + limit
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = await asyncio.to_thread(predicate)
+            if last:
+                return
+        except OSError as exc:  # not up yet
+            last = exc
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+@contextlib.asynccontextmanager
+async def run_workers(
+    tmp_path: Path, sites: str, workers: int = 2, tls_extra: str = ""
+) -> AsyncIterator[Running]:
+    port, admin, metrics = free_port(), free_port(), free_port()
+    config = tmp_path / "edged.toml"
+    config.write_text(
+        f"""
+[edged]
+store = "store"
+workers = {workers}
+drain_timeout = 2
+[listen]
+https = ["127.0.0.1:{port}"]
+http = []
+metrics = "127.0.0.1:{metrics}"
+admin = "127.0.0.1:{admin}"
+[tls]
+alpn = ["http/1.1"]
+{tls_extra}
+{sites}
+"""
+    )
+    edged_bin = str(Path(sys.executable).with_name("edged"))
+    proc = await asyncio.create_subprocess_exec(edged_bin, "run", "--config", str(config))
+    running = Running(proc, port, admin, metrics, config)
+    try:
+        await wait_for(
+            lambda: sum(1 for w in running.workers() if w["ready"]) == workers, "workers up"
+        )
+        yield running
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        await asyncio.wait_for(proc.wait(), 20)
+
+
+def client_context(ca: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    return ctx
+
+
+def fetch(
+    port: int, ctx: ssl.SSLContext, name: str = NAME, session: ssl.SSLSession | None = None
+) -> tuple[str, bool, ssl.SSLSession | None]:
+    """One request through edged: (certificate CN, session reused?, the session to reuse)."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname=name, session=session) as tls,
+    ):
+        tls.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
+        body = b""
+        while b"\r\n\r\n" not in body or len(body) < _expected(body):
+            chunk = tls.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        assert body.startswith(b"HTTP/1.1 200"), body[:100]
+        cert = tls.getpeercert()
+        assert cert is not None
+        cn = next(v for rdn in cert["subject"] for k, v in rdn if k == "commonName")
+        return str(cn), tls.session_reused, tls.session
+
+
+def _expected(response: bytes) -> int:
+    """The length of a whole response (headers + Content-Length body) once headers are in."""
+    head, _, _ = response.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return len(head) + 4 + int(line.split(b":", 1)[1])
+    return len(response)
+
+
+def site(backend: str, cert: Path, key: Path, name: str = NAME) -> str:
+    return (
+        f'[[site]]\nnames = ["{name}"]\nbackend = "{backend}"\n'
+        f'cert_file = "{cert}"\nkey_file = "{key}"\n'
+    )
+
+
+def issue(ca: Issued, tmp_path: Path, stem: str, cn: str, name: str = NAME) -> tuple[Path, Path]:
+    return write_pair(tmp_path, stem, make_leaf(ca, [name], cn=cn))
+
+
+async def test_workers_serve_and_metrics_sum_over_them(tmp_path: Path) -> None:
+    ca = make_ca("Workers CA")
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
+    cert, key = issue(ca, tmp_path, "v1", "v1")
+    async with (
+        run_backend() as backend,
+        run_workers(tmp_path, site(backend.address, cert, key)) as e,
+    ):
+        ctx = client_context(tmp_path / "ca.pem")
+        for _ in range(40):
+            cn, _, _ = await asyncio.to_thread(fetch, e.port, ctx)
+            assert cn == "v1"
+        # Counters reach the main process once a second; both workers took connections
+        # (SO_REUSEPORT spreads them by source port).
+        await wait_for(
+            lambda: e.metric('edged_tls_handshakes_total{result="ok",version="TLSv1.3"}') == 40,
+            "/metrics to count 40 handshakes",
+        )
+        workers = await asyncio.to_thread(e.workers)
+        assert len(workers) == 2
+        assert {w["slot"] for w in workers} == {0, 1}
+        assert all(int(str(w["handshakes_ok"])) > 0 for w in workers), workers
+        assert sum(int(str(w["handshakes_ok"])) for w in workers) == 40
+        pids = {int(str(w["pid"])) for w in workers}
+        assert e.proc.pid not in pids and len(pids) == 2
+        assert e.metric("edged_connections_total") == 40
+
+
+async def test_cert_and_config_changes_reach_every_worker(tmp_path: Path) -> None:
+    ca = make_ca("Workers CA")
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
+    cert, key = issue(ca, tmp_path, "live", "v1")
+    async with (
+        run_backend() as backend,
+        run_workers(tmp_path, site(backend.address, cert, key)) as e,
+    ):
+        ctx = client_context(tmp_path / "ca.pem")
+        # A renewed certificate (files replaced): the main process reloads and sends it on.
+        new_cert, new_key = issue(ca, tmp_path, "next", "v2")
+        os.replace(new_key, key)
+        os.replace(new_cert, cert)
+
+        def all_new() -> bool:
+            return all(fetch(e.port, ctx)[0] == "v2" for _ in range(20))
+
+        await wait_for(all_new, "every worker to serve v2")
+        # A config change (a new site) by SIGHUP.
+        other = "x.example.test"
+        o_cert, o_key = issue(ca, tmp_path, "other", "other", name=other)
+        with e.config.open("a") as f:
+            f.write(site(backend.address, o_cert, o_key, name=other))
+        e.proc.send_signal(signal.SIGHUP)
+
+        def all_other() -> bool:
+            try:
+                return all(fetch(e.port, ctx, name=other)[0] == "other" for _ in range(20))
+            except ssl.SSLError:
+                return False
+
+        await wait_for(all_other, "every worker to serve the new site")
+        assert await asyncio.to_thread(all_new)
+
+
+async def test_killed_worker_is_replaced(tmp_path: Path) -> None:
+    ca = make_ca("Workers CA")
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
+    cert, key = issue(ca, tmp_path, "v1", "v1")
+    async with (
+        run_backend() as backend,
+        run_workers(tmp_path, site(backend.address, cert, key)) as e,
+    ):
+        ctx = client_context(tmp_path / "ca.pem")
+        before = await asyncio.to_thread(e.workers)
+        victim = int(str(before[0]["pid"]))
+        os.kill(victim, signal.SIGKILL)
+
+        def replaced() -> bool:
+            now = e.workers()
+            pids = {int(str(w["pid"])) for w in now if w["ready"]}
+            return len(pids) == 2 and victim not in pids
+
+        await wait_for(replaced, "a new worker in place of the killed one")
+        assert e.metric("edged_worker_restarts_total") == 1
+        for _ in range(20):
+            cn, _, _ = await asyncio.to_thread(fetch, e.port, ctx)
+            assert cn == "v1"
+        assert e.proc.returncode is None
+
+
+async def test_tickets_resume_across_workers_and_rotation(tmp_path: Path) -> None:
+    ca = make_ca("Workers CA")
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
+    cert, key = issue(ca, tmp_path, "v1", "v1")
+    async with run_backend() as backend:
+        sites = site(backend.address, cert, key)
+        async with run_workers(tmp_path, sites) as e:
+            ctx = client_context(tmp_path / "ca.pem")
+            _, reused, session = await asyncio.to_thread(fetch, e.port, ctx)
+            assert not reused and session is not None
+            # 20 resumptions from new source ports: with two workers, all landing on the one
+            # that issued the ticket has probability 2**-20; every one must resume.
+            results = [
+                (await asyncio.to_thread(fetch, e.port, ctx, NAME, session))[1] for _ in range(20)
+            ]
+            assert all(results), results
+
+    # Rotation: a short interval, handshakes running throughout.
+    async with run_backend() as backend:
+        sites = site(backend.address, cert, key)
+        async with run_workers(tmp_path, sites, tls_extra='ticket_key_rotation = "2s"') as e:
+            ctx = client_context(tmp_path / "ca.pem")
+            _, _, session = await asyncio.to_thread(fetch, e.port, ctx)
+            first = {int(str(w["pid"])) for w in await asyncio.to_thread(e.workers)}
+            stop = threading.Event()
+            failures: list[str] = []
+            done = [0]
+
+            def load() -> None:
+                while not stop.is_set():
+                    try:
+                        fetch(e.port, ctx)
+                        done[0] += 1
+                    except (OSError, AssertionError) as exc:
+                        failures.append(repr(exc))
+
+            thread = threading.Thread(target=load)
+            thread.start()
+            try:
+                await wait_for(
+                    lambda: e.metric("edged_tls_ticket_key_rotations_total") >= 2,
+                    "two rotations",
+                )
+            finally:
+                stop.set()
+                await asyncio.to_thread(thread.join, 15)
+            assert failures == [], failures[:5]
+            assert done[0] > 10
+            now = {int(str(w["pid"])) for w in await asyncio.to_thread(e.workers)}
+            assert now.isdisjoint(first), (first, now)
+            _, reused, _ = await asyncio.to_thread(fetch, e.port, ctx, NAME, session)
+            assert not reused  # new keys: the old ticket no longer decrypts
+
+
+async def test_sigterm_stops_every_worker(tmp_path: Path) -> None:
+    ca = make_ca("Workers CA")
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
+    cert, key = issue(ca, tmp_path, "v1", "v1")
+    async with (
+        run_backend() as backend,
+        run_workers(tmp_path, site(backend.address, cert, key)) as e,
+    ):
+        pids = [int(str(w["pid"])) for w in await asyncio.to_thread(e.workers)]
+        e.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(e.proc.wait(), 20) == 0
+        for pid in pids:  # the workers are not our children: look them up in /proc
+            assert await asyncio.to_thread(process_gone, pid), pid
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", e.port)) != 0
+
+
+def process_gone(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().split(") ", 1)[1].startswith("Z")  # a zombie has exited
+    except FileNotFoundError:
+        return True
