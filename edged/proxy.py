@@ -737,7 +737,9 @@ class ClientConnection(asyncio.Protocol):
         if transport is None or self._lost:
             return
         left = transport.get_write_buffer_size()
-        if left and left < left_before:
+        if not left:
+            return  # all taken: the transport is closing the socket now
+        if left < left_before:
             self._linger(left)  # slow, but reading
             return
         log.debug("resetting %s: it took none of the last %d bytes", self.peer, left)

@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import uvloop
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -350,8 +351,6 @@ def proc_status(pid: int) -> dict[str, int]:
 
 async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """edged_* samples of the metrics endpoint, keyed by (name, sorted labels)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
     raw = await reader.read()
@@ -410,8 +409,10 @@ async def run(args: argparse.Namespace) -> int:
     https, metrics_port, backend_port = free_port(), free_port(), free_port()
     config = tmp / "edged.toml"
     config.write_text(config_text(tmp, https, metrics_port, backend_port, sites, 0))
-    edged_bin = Path(sys.executable).with_name("edged")
-    edged_cmd = [str(edged_bin)] if edged_bin.exists() else [sys.executable, "-m", "edged.cli"]
+    edged_bin = Path(sys.executable).with_name("edged")  # the venv's console script
+    if not edged_bin.exists():
+        raise SystemExit(f"soak: {edged_bin} is missing: run scripts/install (or scripts/soak)")
+    edged_cmd = [str(edged_bin)]
     log_path = tmp / "edged.log"
     backend = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--backend", str(backend_port), stdin=asyncio.subprocess.DEVNULL
