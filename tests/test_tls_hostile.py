@@ -186,9 +186,12 @@ async def edged_process(
                         break
                     await asyncio.sleep(0.1)
             await edged.serves()
+            start = edged.status()
             yield edged
             assert proc.returncode is None, "edged died"
             await edged.serves()  # still serving after the hostile case
+            # Memory bounded: what any case left behind (the slowloris one peaks at ~20 MiB).
+            assert edged.status()["VmRSS"] - start["VmRSS"] < 48 * 1024, (start, edged.status())
         finally:
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
