@@ -16,7 +16,6 @@ import random
 import signal
 import socket
 import ssl
-import struct
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,8 +26,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edged.config import parse_config
-from edged.proxy import client_key
+from edged.proxy import CLOSE_REASONS, client_key, close_category
 from tests.conftest import BackendConn, Handler, free_port, run_backend, run_cmd
+from tests.test_clienthello import _client_hello, _sni
 
 NAME = "one.example.test"
 Key = tuple[str, frozenset[tuple[str, str]]]
@@ -241,22 +241,6 @@ def hello_with_name(name: bytes) -> bytes:
     return hello.replace(placeholder.encode(), name)
 
 
-def raw_hello(
-    name: bytes | None, version: int = 0x0303, record_version: int = 0x0301, ciphers: bytes = b""
-) -> bytes:
-    """A minimal hand-built ClientHello (any server name length, any version)."""
-    ciphers = ciphers or b"\x13\x01\xc0\x2b\x00\x2f"
-    ext = b""
-    if name is not None:
-        entry = b"\x00" + struct.pack("!H", len(name)) + name
-        ext = struct.pack("!HHH", 0, len(entry) + 2, len(entry)) + entry
-    body = struct.pack("!H", version) + bytes(32) + b"\x00"
-    body += struct.pack("!H", len(ciphers)) + ciphers + b"\x01\x00"
-    body += struct.pack("!H", len(ext)) + ext
-    msg = b"\x01" + len(body).to_bytes(3, "big") + body
-    return struct.pack("!BHH", 22, record_version, len(msg)) + msg
-
-
 async def send_and_wait_close(port: int, data: bytes, *, then_close: bool = False) -> bytes:
     """Send `data`, then wait (up to 30 s) for edged to close; returns what edged answered."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -332,7 +316,7 @@ async def test_hostile_server_names(tmp_path: Path, pki: dict[str, Path]) -> Non
                 assert answer == b"", (name, answer)
         # Longer than a host name can be (edged's parser refuses these before OpenSSL).
         for size in (256, 1000, 16000):
-            answer = await send_and_wait_close(edged.port, raw_hello(b"a" * size))
+            answer = await send_and_wait_close(edged.port, _client_hello(_sni(b"a" * size)))
             assert answer == b""
         expected = {"ok": 1.0, "no_cert": 0.0, "protocol_error": 3.0}
         for _, result in HOSTILE_NAMES:
@@ -543,8 +527,9 @@ async def test_old_protocol_versions_are_refused(tmp_path: Path, pki: dict[str, 
             )  # fmt: skip
             assert out.returncode != 0
             assert "alert protocol version" in out.stdout + out.stderr, out.stderr
-        sslv3 = raw_hello(NAME.encode(), version=0x0300, record_version=0x0300, ciphers=b"\x00\x2f")
-        answer = await send_and_wait_close(edged.port, sslv3)
+        sslv3 = bytearray(_client_hello(_sni(NAME.encode()), ciphers=b"\x00\x2f"))
+        sslv3[1:3] = sslv3[9:11] = b"\x03\x00"  # record and ClientHello version: SSL 3.0
+        answer = await send_and_wait_close(edged.port, bytes(sslv3))
         assert answer[:1] == b"\x15" and answer[-1:] == b"\x28"  # handshake_failure alert
         sslv2 = bytes.fromhex("801f010002000600000010") + b"\x01\x00\x80" * 2 + bytes(16)
         assert await send_and_wait_close(edged.port, sslv2) == b""
@@ -602,3 +587,12 @@ def test_max_connections_per_ip_config() -> None:
     assert off.edged.max_connections_per_ip == 0
     with pytest.raises(Exception, match="max_connections_per_ip: must be >= 0"):
         parse_config("[edged]\nmax_connections_per_ip = -1\n" + base, src)
+
+
+def test_close_reasons_are_a_bounded_set() -> None:
+    assert close_category("done") == "done"
+    assert close_category("handshake_timeout") == "handshake_failed"
+    assert close_category("clienthello_bad_server_name") == "handshake_failed"
+    assert close_category("backend_connect_timeout") == "backend_error"
+    assert close_category("no_route") == "other"
+    assert close_category("anything a future change adds") in CLOSE_REASONS
