@@ -59,6 +59,7 @@ class EdgedSettings:
     store: str = "certs"
     workers: int = 1
     max_connections: int = 10000
+    max_connections_per_ip: int = 1000  # per client address (IPv6: per /64); 0 = no limit
     idle_timeout: float = 300.0
     drain_timeout: float = 30.0
     backend_connect_timeout: float = 5.0
@@ -386,6 +387,7 @@ def _parse_edged(r: _Reader, base: Path) -> EdgedSettings:
         store=r.get("store", str, d.store, "a directory or redis:// URL") or d.store,
         workers=r.integer("workers", d.workers, 0),
         max_connections=r.integer("max_connections", d.max_connections, 1),
+        max_connections_per_ip=r.integer("max_connections_per_ip", d.max_connections_per_ip, 0),
         idle_timeout=r.positive("idle_timeout", d.idle_timeout),
         drain_timeout=_drain_timeout(r, d.drain_timeout),
         backend_connect_timeout=r.positive("backend_connect_timeout", d.backend_connect_timeout),

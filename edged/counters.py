@@ -113,6 +113,7 @@ class Counters:
     handshakes: Counter[tuple[str, str]] = field(default_factory=Counter)  # (result, version)
     connections_total: int = 0
     connections_refused: Counter[str] = field(default_factory=Counter)  # reason
+    connections_closed: Counter[str] = field(default_factory=Counter)  # proxy.CLOSE_REASONS
     bytes_in: int = 0  # from clients to backends
     bytes_out: int = 0  # from backends to clients
     backend_errors: Counter[str] = field(default_factory=Counter)  # reason
@@ -132,6 +133,7 @@ def merge_counters(parts: Iterable[Counters]) -> Counters:
         total.handshakes.update(part.handshakes)
         total.connections_total += part.connections_total
         total.connections_refused.update(part.connections_refused)
+        total.connections_closed.update(part.connections_closed)
         total.bytes_in += part.bytes_in
         total.bytes_out += part.bytes_out
         total.backend_errors.update(part.backend_errors)

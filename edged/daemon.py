@@ -63,6 +63,7 @@ def proxy_settings(config: Config) -> ProxySettings:
         idle_timeout=config.edged.idle_timeout,
         connect_timeout=config.edged.backend_connect_timeout,
         max_connections=config.edged.max_connections,
+        max_connections_per_ip=config.edged.max_connections_per_ip,
         connection_log_sample=(
             config.edged.connection_log_sample if config.edged.connection_log else 0.0
         ),

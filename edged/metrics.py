@@ -168,12 +168,22 @@ class EdgedCollector(Collector):
         )
         refused = CounterMetricFamily(
             "edged_connections_refused",
-            "Client connections closed before the handshake, by reason (e.g. connection limit).",
+            "Client connections reset before reading anything, by the limit they hit "
+            "(max_connections, max_connections_per_ip).",
             labels=["reason"],
         )
         for reason, n in sorted(c.connections_refused.items()):
             refused.add_metric([reason], n)
         yield refused
+        closed = CounterMetricFamily(
+            "edged_connections_closed",
+            "Client connections closed after they were accepted, by why they ended (done, "
+            "client_closed, idle_timeout, handshake_failed, backend_error, tls_error, ...).",
+            labels=["reason"],
+        )
+        for reason, n in sorted(c.connections_closed.items()):
+            closed.add_metric([reason], n)
+        yield closed
         traffic = CounterMetricFamily(
             "edged_bytes",
             "Plaintext bytes proxied: direction in = client to backend, out = backend to client.",

@@ -22,11 +22,13 @@ the other way round, so memory per connection stays bounded whatever the peers d
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
 import socket
 import ssl
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -82,12 +84,44 @@ def classify_handshake_error(exc: ssl.SSLError, refused: str | None) -> str:
     return _HANDSHAKE_REASONS.get(exc.reason or "", "protocol_error")
 
 
+# Why connections ended -> edged_connections_closed_total{reason} (a bounded set; the
+# connection log has the precise reason, e.g. handshake_timeout or backend_refused).
+CLOSE_REASONS = (
+    "done", "client_closed", "client_error", "idle_timeout", "tls_error", "drain_timeout",
+    "handshake_failed", "backend_error", "other",
+)  # fmt: skip
+
+
+def close_category(reason: str) -> str:
+    if reason.startswith(("handshake_", "clienthello_")):
+        return "handshake_failed"
+    if reason.startswith("backend_"):
+        return "backend_error"
+    return reason if reason in CLOSE_REASONS else "other"
+
+
+def client_key(host: str) -> str:
+    """What max_connections_per_ip counts: an IPv4 address (also when mapped into IPv6), or the
+    /64 of an IPv6 address (one host or one customer network: a per-address limit would be
+    bypassed by changing the interface identifier)."""
+    if ":" not in host:
+        return host
+    try:
+        addr = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(ipaddress.IPv6Network((addr, 64), strict=False))
+
+
 @dataclass(frozen=True)
 class ProxySettings:
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0
     connect_timeout: float = 5.0
     max_connections: int = 10000
+    max_connections_per_ip: int = 1000  # open connections per client_key(); 0 = no limit
     connection_log_sample: float = 0.0  # fraction of closed connections logged; 0 = off
 
 
@@ -121,6 +155,7 @@ class Terminator:
     tg: asyncio.TaskGroup
     origin_contexts: dict[int, ssl.SSLContext] = field(default_factory=dict)
     active: set[ClientConnection] = field(default_factory=set)
+    per_client: Counter[str] = field(default_factory=Counter)  # open connections by client_key
     throttle: _Throttled = field(default_factory=_Throttled)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -129,6 +164,13 @@ class Terminator:
 
     def _removed(self, conn: ClientConnection) -> None:
         self.active.discard(conn)
+        key = conn.client_key
+        if key is not None:
+            left = self.per_client[key] - 1
+            if left > 0:
+                self.per_client[key] = left
+            else:
+                del self.per_client[key]
         if not self.active:
             self._idle.set()
 
@@ -171,6 +213,8 @@ class ClientConnection(asyncio.Protocol):
         self._notify_sent = False
         self._fin_sent = False
         self.peer: tuple[str, int] | None = None
+        self.client_key: str | None = None  # counted in term.per_client while active
+        self._lost = False  # connection_lost was called
         self.started = time.monotonic()
         self.last_activity = self.started
         self.bytes_in = 0
@@ -192,26 +236,48 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport
         term = self.term
         term.counters.connections_total += 1
-        if len(term.active) >= term.settings.max_connections:
-            term.counters.connections_refused["max_connections"] += 1
-            term.throttle.warning(
-                "max_connections",
-                "refusing connection: max_connections=%d reached "
-                "(raise [edged].max_connections if the host can take more)",
-                term.settings.max_connections,
-            )
-            self.closed = True
-            transport.abort()
-            return
-        term.active.add(self)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = (str(peer[0]), int(peer[1]))
+        settings = term.settings
+        if len(term.active) >= settings.max_connections:
+            self._refuse(
+                "max_connections",
+                "refusing connection: max_connections=%d reached "
+                "(raise [edged].max_connections if the host can take more)",
+                settings.max_connections,
+            )
+            return
+        key = client_key(self.peer[0]) if self.peer is not None else None
+        if key is not None:
+            limit = settings.max_connections_per_ip
+            if limit and term.per_client[key] >= limit:
+                self._refuse(
+                    "max_connections_per_ip",
+                    "refusing connection from %s: max_connections_per_ip=%d reached (raise "
+                    "[edged].max_connections_per_ip, or set it to 0 when a proxy or load "
+                    "balancer that hides client addresses sits in front)",
+                    key,
+                    limit,
+                )
+                return
+            term.per_client[key] += 1
+            self.client_key = key
+        term.active.add(self)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self._timer = self.loop.call_later(term.settings.handshake_timeout, self._on_timer)
+
+    def _refuse(self, reason: str, msg: str, *args: object) -> None:
+        """Reset a connection over a limit before reading anything from it."""
+        self.term.counters.connections_refused[reason] += 1
+        self.term.throttle.warning(reason, msg, *args)
+        self.closed = True
+        self.handshaking = False
+        if self.transport is not None:
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -238,6 +304,7 @@ class ClientConnection(asyncio.Protocol):
         return not self.closed
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
         if self.handshaking and not self.closed:
             self.term.counters.handshakes["client_closed", "none"] += 1
             self._reason("handshake_client_closed")
@@ -403,6 +470,11 @@ class ClientConnection(asyncio.Protocol):
                 eof = True
                 break
             chunks.append(chunk)
+        if self._outgoing.pending and not eof and self._sslobj.version() == "TLSv1.2":
+            # Reading TLS 1.2 application data makes OpenSSL write only one thing: the
+            # no_renegotiation warning with which it refuses a client's renegotiation
+            # (OP_NO_RENEGOTIATION). Count it, so the attempts are visible.
+            self.term.counters.handshakes["renegotiation_refused", "TLSv1.2"] += 1
         self._flush()  # TLS 1.3 key updates and alerts need answers
         if chunks:
             data = b"".join(chunks)
@@ -635,13 +707,43 @@ class ClientConnection(asyncio.Protocol):
             return
         self._reason(reason)
         self.closed = True
-        if self.transport is not None:
-            if not self.handshaking:
-                self._send_close_notify()
-            self.transport.close()
         if self.backend is not None:
             self.backend.close(graceful=True)
+        transport = self.transport
+        if transport is not None:
+            if not self.handshaking:
+                self._send_close_notify()
+            transport.close()
+            left = transport.get_write_buffer_size()
+            if left and not self._lost:
+                # The transport sends what is buffered before it lets go of the socket, and a
+                # client that stopped reading would hold both forever. So the connection still
+                # counts (max_connections, per client) until it is gone, and it is reset when
+                # the client takes nothing for idle_timeout.
+                self._linger(left)
+                return
         self._finish()
+
+    def _linger(self, left: int) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(
+            self.term.settings.idle_timeout, self._linger_expired, left
+        )
+
+    def _linger_expired(self, left_before: int) -> None:
+        self._timer = None
+        transport = self.transport
+        if transport is None or self._lost:
+            return
+        left = transport.get_write_buffer_size()
+        if not left:
+            return  # all taken: the transport is closing the socket now
+        if left < left_before:
+            self._linger(left)  # slow, but reading
+            return
+        log.debug("resetting %s: it took none of the last %d bytes", self.peer, left)
+        transport.abort()  # connection_lost follows and finishes the connection
 
     def abort(self, reason: str) -> None:
         """Hard close (RST) of both sides, e.g. when the backend reset: the client must not
@@ -670,6 +772,7 @@ class ClientConnection(asyncio.Protocol):
             self._timer = None
         if self in self.term.active:
             self.term._removed(self)
+            self.term.counters.connections_closed[close_category(self.close_reason)] += 1
             sample = self.term.settings.connection_log_sample
             if sample > 0 and random.random() < sample:
                 self._log_connection()

@@ -69,6 +69,7 @@ def filled_source() -> FakeSource:
     c.handshakes["no_cert", "TLSv1.3"] += 1
     c.connections_total = 10
     c.connections_refused["limit"] += 3
+    c.connections_closed["idle_timeout"] += 2
     c.bytes_in = 1234
     c.bytes_out = 56789
     c.backend_errors["connect_refused"] += 4
@@ -182,6 +183,7 @@ async def test_scrape_has_exactly_the_live_values() -> None:
             series("edged_connections_active", 5),
             series("edged_connections_total", 10),
             series("edged_connections_refused_total", 3, reason="limit"),
+            series("edged_connections_closed_total", 2, reason="idle_timeout"),
             series("edged_bytes_total", 1234, direction="in"),
             series("edged_bytes_total", 56789, direction="out"),
             series("edged_backend_errors_total", 4, reason="connect_refused"),
@@ -346,6 +348,7 @@ def test_merge_counters_sums_every_field() -> None:
     assert total.handshakes == a.handshakes + b.handshakes
     assert total.connections_total == 20
     assert total.connections_refused == Counter({"limit": 6})
+    assert total.connections_closed == Counter({"idle_timeout": 4})
     assert (total.bytes_in, total.bytes_out) == (2468, 113578)
     assert total.backend_errors == Counter({"connect_refused": 8})
     assert total.reloads == a.reloads + b.reloads
