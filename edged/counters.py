@@ -96,6 +96,9 @@ class LatencyHistogram:
 
 
 RENEWAL_RESULTS = ("success", "failure")  # the `result` of Counters.renewal_attempts
+# The `result` of Counters.acme_tls_alpn: a TLS-ALPN-01 validation handshake completed with the
+# challenge certificate, refused (no pending challenge for the name), or failed midway.
+TLS_ALPN_RESULTS = ("answered", "no_challenge", "failed")
 
 
 @dataclass
@@ -110,6 +113,7 @@ class Counters:
     last_reload_success: float = 0.0
     renewal_attempts: Counter[tuple[str, str]] = field(default_factory=Counter)  # (name, result)
     acme_requests: LatencyHistogram = field(default_factory=LatencyHistogram)  # seconds
+    acme_tls_alpn: Counter[str] = field(default_factory=Counter)  # TLS_ALPN_RESULTS
 
 
 def merge_counters(parts: Iterable[Counters]) -> Counters:
@@ -127,4 +131,5 @@ def merge_counters(parts: Iterable[Counters]) -> Counters:
         total.last_reload_success = max(total.last_reload_success, part.last_reload_success)
         total.renewal_attempts.update(part.renewal_attempts)
         total.acme_requests.add(part.acme_requests)
+        total.acme_tls_alpn.update(part.acme_tls_alpn)
     return total

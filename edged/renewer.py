@@ -25,15 +25,20 @@ import requests
 from edged import renewal
 from edged.acme.client import USER_AGENT, AcmeSession
 from edged.acme.issue import Issued, OrderRequest, issue
-from edged.acme.solvers import Dns01Solver, Http01Solver, Solver
+from edged.acme.solvers import Dns01Solver, Http01Solver, Solver, TlsAlpn01Solver
 from edged.certs import CertBundle, parse_bundle
 from edged.config import AcmeSettings, Config, Site
 from edged.counters import Counters
 from edged.errors import AcmeError, EdgedError, StoreError
 from edged.http01 import ChallengeBoard, Http01App, HttpListeners
+from edged.listen import bind_tcp
+from edged.proxy import ProxySettings, Terminator
 from edged.renewal import CertStatus, Notice, RenewalPolicy, RenewalState
+from edged.sni import SniIndex
 from edged.store.base import Store
 from edged.store.redis import RedisStore
+from edged.tls import ContextCache, SniSelector, build_listening_context
+from edged.tlsalpn import AlpnChallengeBoard
 
 log = logging.getLogger("edged.renewal")
 
@@ -67,7 +72,14 @@ def managed_sites(config: Config, store: Store | None) -> list[Site]:
     return out
 
 
-def build_solver_factory(settings: AcmeSettings, board: ChallengeBoard) -> Callable[[], Solver]:
+def build_solver_factory(
+    settings: AcmeSettings, board: ChallengeBoard, alpn_board: AlpnChallengeBoard | None = None
+) -> Callable[[], Solver]:
+    if settings.challenge == "tls-alpn-01":
+        if alpn_board is None:
+            raise ValueError("tls-alpn-01 needs the board the TLS listeners answer from")
+        board_ = alpn_board
+        return lambda: TlsAlpn01Solver(board_)
     if settings.challenge == "dns-01":
         from edged.dns import DnsUpdater, load_tsig_key
 
@@ -145,12 +157,14 @@ class Renewer:
         self,
         *,
         board: ChallengeBoard,
+        alpn_board: AlpnChallengeBoard,
         counters: Counters,
         on_installed: Callable[[str], Awaitable[object]],
         serving: Callable[[str], CertBundle | None],
         rng: random.Random | None = None,
     ) -> None:
         self.board = board
+        self.alpn_board = alpn_board
         self.counters = counters
         self.on_installed = on_installed
         self.serving = serving
@@ -409,7 +423,7 @@ class Renewer:
         # `replaces` only where the CA speaks ARI (RFC 9773 section 5); others may reject it.
         replaces = state.replaces if self._renewal_info.get(config.acme.directory) else ""
         try:
-            new_solver = build_solver_factory(config.acme, self.board)
+            new_solver = build_solver_factory(config.acme, self.board, self.alpn_board)
             issued = await asyncio.to_thread(
                 obtain, config.acme, store, site, new_solver, self.counters, replaces
             )
@@ -605,32 +619,64 @@ class Renewer:
 async def issue_now(
     config: Config, store: Store, sites: Iterable[Site], counters: Counters | None = None
 ) -> list[tuple[Site, Issued | EdgedError]]:
-    """One-shot issuance (`edged issue`): serve HTTP-01 ourselves when that is the challenge.
+    """One-shot issuance (`edged issue`): serve HTTP-01 (on [listen].http) or TLS-ALPN-01 (on
+    [listen].https, answering nothing but validations) ourselves when that is the challenge.
 
-    StartupError when the HTTP listeners cannot be bound (usually: the daemon runs; then
+    StartupError when the listeners cannot be bound (usually: the daemon runs; then
     `edged renew` is the way)."""
     assert config.acme is not None
     board = ChallengeBoard()
+    alpn_board = AlpnChallengeBoard()
     listeners: HttpListeners | None = None
     if config.acme.challenge == "http-01":
         listeners = HttpListeners(Http01App(board, lambda: config))
         await listeners.sync(config.listen.http)
     results: list[tuple[Site, Issued | EdgedError]] = []
-    try:
+    async with asyncio.TaskGroup() as tg:
+        servers: list[asyncio.AbstractServer] = []
+        term: Terminator | None = None
         try:
-            new_solver = build_solver_factory(config.acme, board)
-        except EdgedError as exc:  # e.g. the TSIG key file is unreadable: every site fails
-            return [(site, exc) for site in sites]
-        for site in sites:
+            if config.acme.challenge == "tls-alpn-01":
+                term = _challenge_terminator(config, alpn_board, tg)
+                for address in config.listen.https:
+                    sock = bind_tcp(address)
+                    servers.append(
+                        await asyncio.get_running_loop().create_server(term.protocol, sock=sock)
+                    )
             try:
-                issued = await asyncio.to_thread(
-                    obtain, config.acme, store, site, new_solver, counters
-                )
-            except EdgedError as exc:
-                results.append((site, exc))
-            else:
-                results.append((site, issued))
-    finally:
-        if listeners is not None:
-            await listeners.close()
+                new_solver = build_solver_factory(config.acme, board, alpn_board)
+            except EdgedError as exc:  # e.g. the TSIG key file is unreadable: every site fails
+                return [(site, exc) for site in sites]
+            for site in sites:
+                try:
+                    issued = await asyncio.to_thread(
+                        obtain, config.acme, store, site, new_solver, counters
+                    )
+                except EdgedError as exc:
+                    results.append((site, exc))
+                else:
+                    results.append((site, issued))
+        finally:
+            for server in servers:
+                server.close()
+            if term is not None:
+                await term.drain(0)
+            if listeners is not None:
+                await listeners.close()
     return results
+
+
+def _challenge_terminator(
+    config: Config, alpn_board: AlpnChallengeBoard, tg: asyncio.TaskGroup
+) -> Terminator:
+    """The data path with no certificate of its own: it answers TLS-ALPN-01 validations and
+    refuses every other handshake (for `edged issue` while no daemon holds the port)."""
+    selector = SniSelector(SniIndex([]), ContextCache(1, config.tls.min_version), ())
+    return Terminator(
+        listen_ctx=build_listening_context(config.tls, selector),
+        selector=selector,
+        settings=ProxySettings(handshake_timeout=config.tls.handshake_timeout),
+        counters=Counters(),
+        tg=tg,
+        alpn_board=alpn_board,
+    )
