@@ -10,12 +10,13 @@ old certificate serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
@@ -31,7 +32,7 @@ from edged.config import AcmeSettings, Config, Site
 from edged.counters import Counters
 from edged.errors import AcmeError, EdgedError, StoreError
 from edged.http01 import ChallengeBoard, Http01App, HttpListeners
-from edged.listen import bind_tcp
+from edged.listen import StartupError, bind_tcp
 from edged.proxy import ProxySettings, Terminator
 from edged.renewal import CertStatus, Notice, RenewalPolicy, RenewalState
 from edged.sni import SniIndex
@@ -472,7 +473,9 @@ class Renewer:
         from edged.preflight import run_preflight
 
         try:
-            results = await run_preflight(config, sites=[site], store=store, board=self.board)
+            results = await run_preflight(
+                config, sites=[site], store=store, board=self.board, alpn_board=self.alpn_board
+            )
         except Exception as exc:  # a broken check must not stop issuance
             log.warning("preflight could not run name=%s error=%s", site.name, exc)
             return
@@ -627,56 +630,63 @@ async def issue_now(
     assert config.acme is not None
     board = ChallengeBoard()
     alpn_board = AlpnChallengeBoard()
-    listeners: HttpListeners | None = None
-    if config.acme.challenge == "http-01":
-        listeners = HttpListeners(Http01App(board, lambda: config))
-        await listeners.sync(config.listen.http)
-    results: list[tuple[Site, Issued | EdgedError]] = []
-    async with asyncio.TaskGroup() as tg:
-        servers: list[asyncio.AbstractServer] = []
-        term: Terminator | None = None
+    async with contextlib.AsyncExitStack() as stack:
+        if config.acme.challenge == "http-01":
+            listeners = HttpListeners(Http01App(board, lambda: config))
+            stack.push_async_callback(listeners.close)
+            await listeners.sync(config.listen.http)
+        elif config.acme.challenge == "tls-alpn-01":
+            await stack.enter_async_context(serve_tls_alpn(config, alpn_board))
         try:
-            if config.acme.challenge == "tls-alpn-01":
-                term = _challenge_terminator(config, alpn_board, tg)
-                for address in config.listen.https:
-                    sock = bind_tcp(address)
-                    servers.append(
-                        await asyncio.get_running_loop().create_server(term.protocol, sock=sock)
-                    )
+            new_solver = build_solver_factory(config.acme, board, alpn_board)
+        except EdgedError as exc:  # e.g. the TSIG key file is unreadable: every site fails
+            return [(site, exc) for site in sites]
+        results: list[tuple[Site, Issued | EdgedError]] = []
+        for site in sites:
             try:
-                new_solver = build_solver_factory(config.acme, board, alpn_board)
-            except EdgedError as exc:  # e.g. the TSIG key file is unreadable: every site fails
-                return [(site, exc) for site in sites]
-            for site in sites:
-                try:
-                    issued = await asyncio.to_thread(
-                        obtain, config.acme, store, site, new_solver, counters
-                    )
-                except EdgedError as exc:
-                    results.append((site, exc))
-                else:
-                    results.append((site, issued))
+                issued = await asyncio.to_thread(
+                    obtain, config.acme, store, site, new_solver, counters
+                )
+            except EdgedError as exc:
+                results.append((site, exc))
+            else:
+                results.append((site, issued))
+        return results
+
+
+@contextlib.asynccontextmanager
+async def serve_tls_alpn(config: Config, board: AlpnChallengeBoard) -> AsyncIterator[None]:
+    """[listen].https bound to a data path with no certificate of its own: it answers the
+    TLS-ALPN-01 validations on `board` and refuses every other handshake (for `edged issue`
+    and preflight while no daemon holds the port). StartupError when a port is busy."""
+    socks: list[socket.socket] = []
+    try:
+        for address in config.listen.https:
+            socks.append(bind_tcp(address))
+    except StartupError:
+        for sock in socks:
+            sock.close()
+        raise
+    async with asyncio.TaskGroup() as tg:
+        selector = SniSelector(SniIndex([]), ContextCache(1, config.tls.min_version), ())
+        term = Terminator(
+            listen_ctx=build_listening_context(config.tls, selector),
+            selector=selector,
+            settings=ProxySettings(handshake_timeout=config.tls.handshake_timeout),
+            counters=Counters(),
+            tg=tg,
+            alpn_board=board,
+        )
+        loop = asyncio.get_running_loop()
+        servers: list[asyncio.AbstractServer] = []
+        try:
+            while socks:
+                servers.append(await loop.create_server(term.protocol, sock=socks[0]))
+                socks.pop(0)
+            yield
         finally:
+            for sock in socks:  # not handed to a server: ours to close
+                sock.close()
             for server in servers:
                 server.close()
-            if term is not None:
-                await term.drain(0)
-            if listeners is not None:
-                await listeners.close()
-    return results
-
-
-def _challenge_terminator(
-    config: Config, alpn_board: AlpnChallengeBoard, tg: asyncio.TaskGroup
-) -> Terminator:
-    """The data path with no certificate of its own: it answers TLS-ALPN-01 validations and
-    refuses every other handshake (for `edged issue` while no daemon holds the port)."""
-    selector = SniSelector(SniIndex([]), ContextCache(1, config.tls.min_version), ())
-    return Terminator(
-        listen_ctx=build_listening_context(config.tls, selector),
-        selector=selector,
-        settings=ProxySettings(handshake_timeout=config.tls.handshake_timeout),
-        counters=Counters(),
-        tg=tg,
-        alpn_board=alpn_board,
-    )
+            await term.drain(0)

@@ -129,20 +129,23 @@ class AlpnChallengeBoard:
         self.shared: SharedTokens | None = None
         self._cache: dict[str, PendingAlpn] = {}  # shared answers seen, by name
 
-    def add(self, name: str, key_authorization: str, ttl: float = CHALLENGE_TTL) -> None:
-        """Blocking (builds the certificate; writes to the shared store): call it in a thread."""
+    def add(
+        self, name: str, key_authorization: str, ttl: float = CHALLENGE_TTL, *, share: bool = True
+    ) -> None:
+        """Blocking (builds the certificate; writes to the shared store): call it in a thread.
+        `share=False` keeps it on this node (preflight probes)."""
         name = name.lower()
         context = build_challenge(name, key_authorization, self._wall())
         with self._lock:
             self._pending[name] = PendingAlpn(key_authorization, context, self._clock() + ttl)
-        if self.shared is not None:
+        if share and self.shared is not None:
             self.shared.put_token(SHARED_PREFIX + name, key_authorization, [name], ttl)
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str, *, share: bool = True) -> None:
         name = name.lower()
         with self._lock:
             self._pending.pop(name, None)
-        if self.shared is not None:
+        if share and self.shared is not None:
             try:
                 self.shared.delete_token(SHARED_PREFIX + name)
             except EdgedError as exc:  # it expires by itself

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import signal
 import socket
 import ssl
@@ -20,7 +21,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from edged.config import Config, parse_config
 from edged.metrics import build_registry, render
+from edged.preflight import run_preflight
 from edged.tlsalpn import (
     ACME_TLS_ALPN,
     ID_PE_ACME_IDENTIFIER,
@@ -28,9 +31,12 @@ from edged.tlsalpn import (
     build_challenge_cert,
     is_challenge_alpn,
 )
-from tests.conftest import free_port, run_backend, run_edged, write_process_config
+from tests.bind import Bind
+from tests.conftest import free_port, run_backend, run_cmd, run_edged, write_process_config
 from tests.pebble import start_pebble
+from tests.pki import make_ca, make_leaf, write_pair
 from tests.redis_server import RedisServer
+from tests.test_preflight import CA, bind, by_check, config_text  # noqa: F401 (bind: a fixture)
 
 NAMES = ("shop.test", "www.shop.test")
 EDGED = str(Path(sys.executable).with_name("edged"))
@@ -88,11 +94,16 @@ def test_board_add_lookup_expire_remove() -> None:
 # --- the data path -------------------------------------------------------------------------
 
 
-def handshake(port: int, sni: str, alpn: list[str] | None) -> tuple[str | None, x509.Certificate]:
+def handshake(
+    port: int, sni: str, alpn: list[str] | None, rsa_only: bool = False
+) -> tuple[str | None, x509.Certificate]:
     """A TLS handshake offering `alpn`: (selected protocol, the server's certificate)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
+    if rsa_only:
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")
     if alpn:
         ctx.set_alpn_protocols(alpn)
     with (
@@ -149,6 +160,11 @@ async def test_preread_answers_validations_and_leaves_other_clients_alone(
             for name in ("new.example.test", "unknown.example.test"):
                 with pytest.raises(ssl.SSLError, match="no application protocol"):
                     await asyncio.to_thread(handshake, edged.port, name, [ACME_TLS_ALPN])
+            # A validator that cannot use the (ECDSA) challenge certificate: a failed one.
+            with pytest.raises(ssl.SSLError):
+                await asyncio.to_thread(
+                    handshake, edged.port, "one.example.test", [ACME_TLS_ALPN], True
+                )
             # Removed (the order finished): refused like any other name.
             await asyncio.to_thread(daemon.alpn_board.remove, "one.example.test")
             with pytest.raises(ssl.SSLError, match="no application protocol"):
@@ -156,10 +172,12 @@ async def test_preread_answers_validations_and_leaves_other_clients_alone(
             counters = daemon.counters
             assert counters.acme_tls_alpn["answered"] == 1
             assert counters.acme_tls_alpn["no_challenge"] == 3
+            assert counters.acme_tls_alpn["failed"] == 1
             assert sum(n for (result, _), n in counters.handshakes.items() if result == "ok") == 3
             text = render(build_registry(daemon, process=False)).decode()
             assert 'edged_acme_tls_alpn_handshakes_total{result="answered"} 1.0' in text
             assert 'edged_acme_tls_alpn_handshakes_total{result="no_challenge"} 3.0' in text
+            assert 'edged_acme_tls_alpn_handshakes_total{result="failed"} 1.0' in text
             await asyncio.sleep(0.1)
             assert len(backend.conns) == 3  # the three normal clients only
 
@@ -315,5 +333,72 @@ async def test_fleet_node_answers_the_challenge_another_node_ordered(
             assert a.daemon.counters.acme_tls_alpn["answered"] >= 1
             assert b.daemon.counters.acme_tls_alpn["answered"] == 0
             assert len(b.daemon.alpn_board) == 0
+    finally:
+        pebble.stop()
+
+
+# --- preflight -----------------------------------------------------------------------------
+
+
+def alpn_config(server: Bind, names: list[str], https: int) -> Config:
+    text = config_text(server, names, challenge="tls-alpn-01")
+    text = re.sub(r'https = \["127\.0\.0\.1:\d+"\]', f'https = ["127.0.0.1:{https}"]', text)
+    return parse_config(text, Path("/etc/edged/edged.toml"))
+
+
+async def test_preflight_probes_the_tls_port(bind: Bind, tmp_path: Path) -> None:  # noqa: F811
+    names = ["www.pf.test", "away.pf.test", "*.pf.test"]
+    https = free_port()
+    # Nothing holds the port: the check binds it and a probe challenge makes the round trip.
+    results = await run_preflight(alpn_config(bind, names, https), ca_domains=[CA])
+    checks = by_check(results, "tls-alpn-01")
+    assert checks["www.pf.test"].ok, checks["www.pf.test"]
+    assert "a probe challenge answered on port" in checks["www.pf.test"].message
+    assert "port 443 must be forwarded" in checks["www.pf.test"].message
+    assert not checks["*.pf.test"].ok and "wildcards need dns-01" in checks["*.pf.test"].message
+    points = by_check(results, "points-here")
+    assert points["www.pf.test"].ok and not points["away.pf.test"].ok
+    # edged runs there: the CLI can only see that it answers like edged; the daemon's own
+    # board gives the full round trip.
+    site = '[[site]]\nnames = ["www.pf.test"]\nbackend = "127.0.0.1:9"\n'
+    async with run_edged(tmp_path, site, port=https) as edged:
+        config = alpn_config(bind, names[:1], https)
+        busy = by_check(await run_preflight(config, ca_domains=[CA]), "tls-alpn-01")
+        assert busy["www.pf.test"].ok, busy
+        assert "refuses an unknown validation like edged" in busy["www.pf.test"].message
+        own = await run_preflight(config, ca_domains=[CA], alpn_board=edged.daemon.alpn_board)
+        assert "came back" in by_check(own, "tls-alpn-01")["www.pf.test"].message
+        assert len(edged.daemon.alpn_board) == 0  # the probe is gone again
+    # Another TLS server holds the port: it does not answer like edged.
+    other = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    leaf = make_leaf(make_ca("Other"), ["www.pf.test"])
+    cert, key = write_pair(tmp_path, "other", leaf, [])
+    other.load_cert_chain(cert, key)
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", https, ssl=other)
+    try:
+        config = alpn_config(bind, names[:1], https)
+        failed = by_check(await run_preflight(config, ca_domains=[CA]), "tls-alpn-01")
+        assert not failed["www.pf.test"].ok, failed
+        assert "another server" in failed["www.pf.test"].message
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_cli_issue_answers_tls_alpn_01_itself(tmp_path: Path) -> None:
+    """`edged issue` without a daemon binds [listen].https for the validations only."""
+    https = free_port()
+    pebble = start_pebble(tmp_path / "pebble", tls_port=https)
+    try:
+        site = f'[[site]]\nnames = {json.dumps(list(NAMES))}\nbackend = "127.0.0.1:9"\n'
+        config = write_process_config(
+            tmp_path, acme_table(pebble.directory, pebble.listener_ca) + site, https=https
+        )
+        out = await run_cmd(EDGED, "issue", "shop.test", "--config", str(config), limit=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "shop.test: issued for shop.test, www.shop.test" in out.stdout
+        assert (tmp_path / "store" / "live" / "shop.test" / "meta.json").exists()
+        with socket.socket() as probe:  # the port is free again
+            probe.bind(("127.0.0.1", https))
     finally:
         pebble.stop()
