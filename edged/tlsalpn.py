@@ -39,11 +39,11 @@ log = logging.getLogger(__name__)
 ACME_TLS_ALPN = "acme-tls/1"
 ID_PE_ACME_IDENTIFIER = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")
 CHALLENGE_TTL = 900.0  # an order that takes longer than this has failed anyway
-SHARED_CACHE = 1.0  # seconds a shared (Redis) answer, or its absence, is reused
+MAX_SHARED_LOOKUPS = 64  # store lookups in flight at once; a CA opens a handful
 # Shared entries live beside HTTP-01 tokens; a dot never occurs in a (base64url) token, so
 # this id can neither collide with one nor be asked for over HTTP-01.
 SHARED_PREFIX = "tls-alpn-01."
-_CACHE_LIMIT = 10000
+_BUILT_LIMIT = 256
 
 
 def is_challenge_alpn(alpn: tuple[str, ...]) -> bool:
@@ -108,7 +108,7 @@ def build_challenge(name: str, key_authorization: str, now: datetime) -> ssl.SSL
 @dataclass(frozen=True)
 class PendingAlpn:
     key_authorization: str
-    context: ssl.SSLContext | None  # None: a cached "not pending" (shared lookups)
+    context: ssl.SSLContext
     expires: float  # clock()
 
 
@@ -127,7 +127,8 @@ class AlpnChallengeBoard:
         self._wall = wall or _utcnow
         # In a fleet: challenges also go to Redis, so any node answers any node's challenge.
         self.shared: SharedTokens | None = None
-        self._cache: dict[str, PendingAlpn] = {}  # shared answers seen, by name
+        self._built: dict[tuple[str, str], ssl.SSLContext] = {}  # (name, key auth) → context
+        self._inflight = 0  # shared lookups running (on the event loop: no lock needed)
 
     def add(
         self, name: str, key_authorization: str, ttl: float = CHALLENGE_TTL, *, share: bool = True
@@ -162,35 +163,35 @@ class AlpnChallengeBoard:
         return entry.context if entry is not None else None
 
     async def lookup_shared(self, server_name: str) -> ssl.SSLContext | None:
-        """Another node's pending challenge for `server_name`, from the shared store through a
-        short cache (its certificate is built once per key authorization). Call it only for
-        configured names: the cache is keyed by name."""
+        """Another node's pending challenge for `server_name`, from the shared store. Call it
+        only for configured names.
+
+        Every call asks the store: a name gets a new challenge (new key authorization) for
+        each order, e.g. one per key type seconds apart, so a cached answer, or a cached
+        absence, could be stale just when the CA connects. The certificate is built once per
+        key authorization, and at most MAX_SHARED_LOOKUPS lookups run at once (a flood of
+        acme-tls/1 hellos is refused rather than queued on the store)."""
         shared = self.shared
-        if shared is None:
+        if shared is None or self._inflight >= MAX_SHARED_LOOKUPS:
             return None
         name = server_name.lower().rstrip(".")
-        now = self._clock()
-        cached = self._cache.get(name)
-        if cached is not None and cached.expires > now:
-            return cached.context
+        self._inflight += 1
         try:
             found = await asyncio.to_thread(shared.get_token, SHARED_PREFIX + name)
         except EdgedError as exc:
             log.warning("shared tls-alpn-01 lookup failed name=%s error=%s", name, exc)
             return None
-        context: ssl.SSLContext | None = None
-        key_authorization = ""
-        if found is not None and name in found[1]:
-            key_authorization = found[0]
-            if cached is not None and cached.key_authorization == key_authorization:
-                context = cached.context
-            else:
-                context = await asyncio.to_thread(
-                    build_challenge, name, key_authorization, self._wall()
-                )
-        if len(self._cache) > _CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[name] = PendingAlpn(key_authorization, context, now + SHARED_CACHE)
+        finally:
+            self._inflight -= 1
+        if found is None or name not in found[1]:
+            return None
+        key = (name, found[0])
+        context = self._built.get(key)
+        if context is None:
+            context = await asyncio.to_thread(build_challenge, name, found[0], self._wall())
+            if len(self._built) >= _BUILT_LIMIT:
+                self._built.clear()  # entries exist only for real challenges: rarely reached
+            self._built[key] = context
         return context
 
     def __len__(self) -> int:

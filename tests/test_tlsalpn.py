@@ -4,6 +4,7 @@ validations without disturbing other clients, and real Pebble validating on edge
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import re
@@ -24,6 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from edged.config import Config, parse_config
 from edged.metrics import build_registry, render
 from edged.preflight import run_preflight
+from edged.store import FileStore
+from edged.store.redis import RedisStore
 from edged.tlsalpn import (
     ACME_TLS_ALPN,
     ID_PE_ACME_IDENTIFIER,
@@ -89,6 +92,53 @@ def test_board_add_lookup_expire_remove() -> None:
     board.add("shop.test", KEY_AUTH)
     board.remove("shop.test")
     assert board.lookup("shop.test") is None
+
+
+def _served_digest(ctx: ssl.SSLContext | None) -> bytes:
+    """The acmeIdentifier value of the certificate `ctx` serves (a handshake on memory BIOs)."""
+    assert ctx is not None
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.check_hostname = False
+    client_ctx.verify_mode = ssl.CERT_NONE
+    client_ctx.set_alpn_protocols([ACME_TLS_ALPN])
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="shop.test")
+    server = ctx.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):
+        try:
+            client.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            s_in.write(c_out.read())
+        with contextlib.suppress(ssl.SSLWantReadError):
+            server.do_handshake()
+        c_in.write(s_out.read())
+    cert = x509.load_der_x509_certificate(client.getpeercert(binary_form=True) or b"")
+    value = cert.extensions.get_extension_for_oid(ID_PE_ACME_IDENTIFIER).value
+    assert isinstance(value, x509.UnrecognizedExtension)
+    return value.value
+
+
+async def test_shared_board_always_answers_the_current_challenge(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A name gets a new challenge per order (one per key type, seconds apart): another node
+    must serve the current one at once, never a cached earlier one (a real failure seen with
+    Pebble when answers were cached for a second)."""
+    ordering = AlpnChallengeBoard()
+    ordering.shared = RedisStore(redis_server.url, FileStore(tmp_path / "b"), prefix="t")
+    answering = AlpnChallengeBoard()
+    answering.shared = RedisStore(redis_server.url, FileStore(tmp_path / "a"), prefix="t")
+    assert await answering.lookup_shared("shop.test") is None
+    for key_authorization in (KEY_AUTH, KEY_AUTH + "2", KEY_AUTH):
+        await asyncio.to_thread(ordering.add, "shop.test", key_authorization)
+        ctx = await answering.lookup_shared("Shop.Test.")
+        expected = b"\x04\x20" + hashlib.sha256(key_authorization.encode()).digest()
+        assert await asyncio.to_thread(_served_digest, ctx) == expected
+        assert answering.lookup("shop.test") is None  # it never was on this node's own board
+    await asyncio.to_thread(ordering.remove, "shop.test")
+    assert await answering.lookup_shared("shop.test") is None  # withdrawn: refused at once
+    assert await answering.lookup_shared("www.shop.test") is None
 
 
 # --- the data path -------------------------------------------------------------------------
