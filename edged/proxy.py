@@ -369,7 +369,8 @@ class ClientConnection(asyncio.Protocol):
     def _refuse_challenge(self) -> None:
         self.term.counters.acme_tls_alpn["no_challenge"] += 1
         self._reason("tls_alpn_no_challenge")
-        log.info("tls-alpn-01 refused: no pending challenge for this name peer=%s", self.peer)
+        # Debug only: anyone can send such hellos (the metric counts them).
+        log.debug("tls-alpn-01 refused: no pending challenge for this name peer=%s", self.peer)
         self.handshaking = False
         self.closed = True
         if self.transport is not None:
