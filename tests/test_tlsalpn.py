@@ -189,6 +189,7 @@ async def test_preread_answers_validations_and_leaves_other_clients_alone(
         """
         async with run_edged(tmp_path, body) as edged:
             daemon = edged.daemon
+            counters = daemon.counters
             await asyncio.to_thread(daemon.alpn_board.add, "one.example.test", KEY_AUTH)
             # The validation: challenge certificate, ALPN acme-tls/1, then edged closes.
             alpn, cert = await asyncio.to_thread(
@@ -215,17 +216,27 @@ async def test_preread_answers_validations_and_leaves_other_clients_alone(
                 await asyncio.to_thread(
                     handshake, edged.port, "one.example.test", [ACME_TLS_ALPN], True
                 )
+            # A name without a certificate yet, its first order pending: the validation is
+            # answered, a normal client is refused (unrecognized_name) as before.
+            await asyncio.to_thread(daemon.alpn_board.add, "new.example.test", KEY_AUTH)
+            alpn, cert = await asyncio.to_thread(
+                handshake, edged.port, "new.example.test", [ACME_TLS_ALPN]
+            )
+            assert alpn == ACME_TLS_ALPN and is_challenge_cert(cert)
+            with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+                await asyncio.to_thread(handshake, edged.port, "new.example.test", ["http/1.1"])
+            assert counters.handshakes["no_cert", "none"] == 1
+            await asyncio.to_thread(daemon.alpn_board.remove, "new.example.test")
             # Removed (the order finished): refused like any other name.
             await asyncio.to_thread(daemon.alpn_board.remove, "one.example.test")
             with pytest.raises(ssl.SSLError, match="no application protocol"):
                 await asyncio.to_thread(handshake, edged.port, "one.example.test", [ACME_TLS_ALPN])
-            counters = daemon.counters
-            assert counters.acme_tls_alpn["answered"] == 1
+            assert counters.acme_tls_alpn["answered"] == 2
             assert counters.acme_tls_alpn["no_challenge"] == 3
             assert counters.acme_tls_alpn["failed"] == 1
             assert sum(n for (result, _), n in counters.handshakes.items() if result == "ok") == 3
             text = render(build_registry(daemon, process=False)).decode()
-            assert 'edged_acme_tls_alpn_handshakes_total{result="answered"} 1.0' in text
+            assert 'edged_acme_tls_alpn_handshakes_total{result="answered"} 2.0' in text
             assert 'edged_acme_tls_alpn_handshakes_total{result="no_challenge"} 3.0' in text
             assert 'edged_acme_tls_alpn_handshakes_total{result="failed"} 1.0' in text
             await asyncio.sleep(0.1)
@@ -450,5 +461,34 @@ async def test_cli_issue_answers_tls_alpn_01_itself(tmp_path: Path) -> None:
         assert (tmp_path / "store" / "live" / "shop.test" / "meta.json").exists()
         with socket.socket() as probe:  # the port is free again
             probe.bind(("127.0.0.1", https))
+    finally:
+        pebble.stop()
+
+
+async def test_failed_order_withdraws_its_challenges(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Pebble validates somewhere nothing listens: the order fails with the CA's reason and
+    the challenge is gone from the board and from the fleet's store."""
+    pebble = start_pebble(tmp_path / "pebble", tls_port=free_port())
+    try:
+        body = acme_table(
+            pebble.directory, pebble.listener_ca, 'max_attempts = 1\nretry_interval = "1h"'
+        )
+        body += '[[site]]\nnames = ["shop.test"]\nbackend = "127.0.0.1:9"\n'
+        async with run_edged(
+            tmp_path, body, store=redis_server.url, edged_extra='store_local = "local"'
+        ) as edged:
+            daemon = edged.daemon
+            deadline = asyncio.get_running_loop().time() + 60
+            while daemon.counters.renewal_attempts["shop.test", "failure"] == 0:
+                assert asyncio.get_running_loop().time() < deadline, "no failed attempt in time"
+                await asyncio.sleep(0.1)
+            error = str(daemon.renewer.states["shop.test"].last_error)
+            assert "Failed to connect to 127.0.0.1" in error and "tls-alpn-01" in error, error
+            assert len(daemon.alpn_board) == 0
+            store = daemon.store
+            assert isinstance(store, RedisStore)
+            assert await asyncio.to_thread(store.get_token, "tls-alpn-01.shop.test") is None
     finally:
         pebble.stop()
