@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from edged.config import Config, parse_config
 from edged.metrics import build_registry, render
+from edged.operations import DaemonOperations
 from edged.preflight import run_preflight
 from edged.store import FileStore
 from edged.store.redis import RedisStore
@@ -492,3 +493,38 @@ async def test_failed_order_withdraws_its_challenges(
             assert await asyncio.to_thread(store.get_token, "tls-alpn-01.shop.test") is None
     finally:
         pebble.stop()
+
+
+async def test_renewals_over_tls_alpn_01_never_disturb_normal_clients(tmp_path: Path) -> None:
+    """Three forced renewals, each with fresh challenges on the name being served (Pebble told
+    not to reuse authorizations), under a stream of normal handshakes: every one of them gets a
+    certificate Pebble issued, none a challenge certificate, none is refused."""
+    https = free_port()
+    pebble = start_pebble(tmp_path / "pebble", tls_port=https, env={"PEBBLE_AUTHZREUSE": "0"})
+    clients = NormalClients(https, "shop.test")
+    try:
+        body = acme_table(pebble.directory, pebble.listener_ca).replace(
+            '["ecdsa-p256", "rsa-2048"]', '["ecdsa-p256"]'
+        )
+        body += '[[site]]\nnames = ["shop.test"]\nbackend = "127.0.0.1:9"\n'
+        async with run_edged(tmp_path, body, port=https) as edged:
+            daemon = edged.daemon
+            deadline = asyncio.get_running_loop().time() + 60
+            while daemon.serving("shop.test") is None:
+                assert asyncio.get_running_loop().time() < deadline, "no certificate in time"
+                await asyncio.sleep(0.05)
+            answered = daemon.counters.acme_tls_alpn["answered"]
+            clients.start()
+            operations = DaemonOperations(daemon)
+            for _ in range(3):
+                result = await operations.renew("shop.test")
+                assert result["state"] == "active", result
+            clients.stop.set()
+            await asyncio.to_thread(clients.join, 10)
+            assert daemon.counters.acme_tls_alpn["answered"] >= answered + 3  # new challenges
+            assert daemon.counters.renewal_attempts["shop.test", "success"] == 4
+    finally:
+        clients.stop.set()
+        pebble.stop()
+    assert clients.wrong == [], clients.wrong
+    assert clients.refused == 0 and clients.served > 0, (clients.refused, clients.served)
