@@ -23,7 +23,7 @@ from edged.names import NameError_, normalize_name
 DEFAULT_CONFIG_PATH = Path("/etc/edged/edged.toml")
 TLS_VERSIONS = ("1.2", "1.3")
 PROXY_PROTOCOLS = ("", "v1", "v2")
-CHALLENGES = ("http-01", "dns-01")
+CHALLENGES = ("http-01", "dns-01", "tls-alpn-01")
 HTTP_MODES = ("redirect", "forward")
 SITE_MODES = ("terminate", "passthrough")
 PP2_CUSTOM_TLV = range(0xE0, 0xF0)  # PP2_TYPE_MIN_CUSTOM..PP2_TYPE_MAX_CUSTOM

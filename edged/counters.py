@@ -106,6 +106,9 @@ class LatencyHistogram:
 
 
 RENEWAL_RESULTS = ("success", "failure")  # the `result` of Counters.renewal_attempts
+# The `result` of Counters.acme_tls_alpn: a TLS-ALPN-01 validation handshake completed with the
+# challenge certificate, refused (no pending challenge for the name), or failed midway.
+TLS_ALPN_RESULTS = ("answered", "no_challenge", "failed")
 
 
 @dataclass
@@ -123,6 +126,7 @@ class Counters:
     acme_requests: LatencyHistogram = field(default_factory=LatencyHistogram)  # seconds
     ticket_key_rotations: int = 0
     worker_restarts: int = 0  # worker processes replaced after dying
+    acme_tls_alpn: Counter[str] = field(default_factory=Counter)  # TLS_ALPN_RESULTS
 
 
 def merge_counters(parts: Iterable[Counters]) -> Counters:
@@ -143,4 +147,5 @@ def merge_counters(parts: Iterable[Counters]) -> Counters:
         total.acme_requests.add(part.acme_requests)
         total.ticket_key_rotations += part.ticket_key_rotations
         total.worker_restarts += part.worker_restarts
+        total.acme_tls_alpn.update(part.acme_tls_alpn)
     return total

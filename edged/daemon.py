@@ -49,6 +49,7 @@ from edged.sources import SiteCerts, load_site_certs
 from edged.store import Store, open_store
 from edged.store.redis import RedisStore
 from edged.tls import ContextCache, SniSelector, build_listening_context, build_origin_context
+from edged.tlsalpn import AlpnChallengeBoard
 from edged.workers import WorkerPool
 from edged.zygote import Zygote
 
@@ -178,10 +179,12 @@ class Daemon:
         self._watching: WatchSet | None = None
         self._watch_stop = asyncio.Event()
         self.board = ChallengeBoard()
+        self.alpn_board = AlpnChallengeBoard()  # TLS-ALPN-01, answered on the https listeners
         self.http01 = Http01App(self.board, self._current_config)
         self.http = HttpListeners(self.http01)
         self.renewer = Renewer(
             board=self.board,
+            alpn_board=self.alpn_board,
             counters=self.counters,
             on_installed=lambda _name: self.reload("store"),
             serving=self.serving,
@@ -325,9 +328,11 @@ class Daemon:
                 settings=proxy_settings(config),
                 counters=self.counters,
                 tg=tg,
+                alpn_board=self.alpn_board,
             )
             self.store = store
             self.board.shared = store if isinstance(store, RedisStore) else None
+            self.alpn_board.shared = self.board.shared
             await self._apply(loaded)
             try:
                 await self._sync_listeners(config)

@@ -33,7 +33,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from edged import __version__
 from edged.config import Address
-from edged.counters import RENEWAL_RESULTS, Counters
+from edged.counters import RENEWAL_RESULTS, TLS_ALPN_RESULTS, Counters
 from edged.errors import EdgedError
 
 log = logging.getLogger("edged.metrics")
@@ -223,6 +223,16 @@ class EdgedCollector(Collector):
             for result in RENEWAL_RESULTS:
                 attempts.add_metric([name, result], c.renewal_attempts[name, result])
         yield attempts
+        alpn = CounterMetricFamily(
+            "edged_acme_tls_alpn_handshakes",
+            "TLS-ALPN-01 validation connections (ALPN exactly acme-tls/1) by result: answered "
+            "with the challenge certificate, no_challenge (refused: no pending challenge for "
+            "the name), failed (the handshake did not complete).",
+            labels=["result"],
+        )
+        for result in TLS_ALPN_RESULTS:
+            alpn.add_metric([result], c.acme_tls_alpn[result])
+        yield alpn
         snap = c.acme_requests.snapshot()
         bounds = [repr(b) for b in snap.bounds] + ["+Inf"]  # "0.005", "1.0" as the client does
         yield HistogramMetricFamily(

@@ -8,13 +8,18 @@ For every ACME-managed site (acme configured, no cert_file) and each of its name
   probe token served on [listen].http comes back through each resolved address with the name
   as Host); wildcards fail (they need dns-01);
 - dns-01: `tsig` (the key file is usable) and `dns-01` (the zone is found and the key may add
-  and delete a TXT record where the challenge goes: DnsUpdater.check_permission).
+  and delete a TXT record where the challenge goes: DnsUpdater.check_permission);
+- tls-alpn-01: `points-here` as for http-01 and `tls-alpn-01` (a probe challenge put on the
+  board comes back through each resolved address: a TLS connection to [listen].https offering
+  only acme-tls/1 gets the probe's challenge certificate); wildcards fail (they need dns-01).
 
 Limitation: when [listen].http cannot be bound (usually because edged runs and holds the port)
 the CLI cannot put a token on the running daemon's board; it then asks for an unknown token
 and passes when the server answers like edged (404 "no such challenge"): that shows edged is
 reachable there, not that it is this host's edged. The daemon itself passes its own `board`
-(its listeners serve it), which gives the full round trip.
+(its listeners serve it), which gives the full round trip. The same holds for tls-alpn-01 and
+[listen].https: with the port busy the CLI checks that a validation for a name without a
+pending challenge gets edged's answer (the no_application_protocol alert).
 
 Results are data (`PreflightResult`) for the CLI, the admin API and the daemon; `line()` is the
 CLI's `name: check: ok|FAIL: message`.
@@ -23,12 +28,14 @@ CLI's `name: check: ok|FAIL: message`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import json
 import os
 import secrets
 import socket
+import ssl
 import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -38,6 +45,7 @@ import dns.exception
 import dns.rdatatype
 import dns.resolver
 import requests
+from cryptography import x509
 
 from edged import __version__
 from edged.config import AcmeSettings, Address, Config, DnsSettings, Site
@@ -46,6 +54,8 @@ from edged.http01 import CHALLENGE_PREFIX, ChallengeBoard, Http01App, HttpListen
 from edged.listen import StartupError
 from edged.renewer import fetch_directory, managed_sites
 from edged.store.base import Store
+from edged.tlsalpn import ACME_TLS_ALPN, ID_PE_ACME_IDENTIFIER, AlpnChallengeBoard
+from edged.tlsalpn import acme_identifier_value as _identifier_value
 
 DEFAULT_TIMEOUT = 5.0
 EDGED_404 = "no such challenge"  # what edged's port 80 answers for an unknown token
@@ -54,7 +64,7 @@ EDGED_404 = "no such challenge"  # what edged's port 80 answers for an unknown t
 @dataclass(frozen=True)
 class PreflightResult:
     name: str  # the DNS name (or the setting/file) checked
-    check: str  # caa | points-here | http-01 | tsig | dns-01 | resolver
+    check: str  # caa | points-here | http-01 | tls-alpn-01 | tsig | dns-01 | resolver
     ok: bool
     message: str
     skipped: bool = False  # ok, but the check could not be made (the message says why)
@@ -89,6 +99,7 @@ async def run_preflight(
     store: Store | None = None,
     ca_domains: Sequence[str] | None = None,
     board: ChallengeBoard | None = None,
+    alpn_board: AlpnChallengeBoard | None = None,
     resolver: dns.resolver.Resolver | None = None,
     query_timeout: float = DEFAULT_TIMEOUT,
 ) -> list[PreflightResult]:
@@ -98,6 +109,7 @@ async def run_preflight(
     `board`: a ChallengeBoard that listeners already running on [listen].http serve (the
     daemon's); without one the HTTP listeners are bound here for the probe, or, when that port
     is busy, only the answer to an unknown token is checked (see the module docstring).
+    `alpn_board`: the same for tls-alpn-01 and the daemon's TLS listeners.
     `resolver`: for CAA and A/AAAA lookups (default: [acme.dns].resolver, else the system's).
     """
     acme = config.acme
@@ -120,6 +132,9 @@ async def run_preflight(
     if acme.challenge == "http-01":
         if resolver is not None:
             results += await _http01_checks(config, names, resolver, board, query_timeout)
+    elif acme.challenge == "tls-alpn-01":
+        if resolver is not None:
+            results += await _tls_alpn_checks(config, names, resolver, alpn_board, query_timeout)
     else:
         results += await asyncio.to_thread(_dns01_checks, acme.dns, names, query_timeout)
     # Settings-wide lines (directory, key file) first, then each name's checks together.
@@ -462,6 +477,166 @@ def _judge(
             "http-01",
             True,
             f"a probe token served on port {port} came back via {shown}{note}",
+        )
+    return [points, check]
+
+
+# --- TLS-ALPN-01 ---------------------------------------------------------------------------
+
+
+def _tls_probe(name: str, address: str, port: int, expected: str | None, timeout: float) -> _Probe:
+    """Blocking: a validation-like connection (SNI `name`, ALPN acme-tls/1 only) to `address`.
+    `expected`: the probe's key authorization (None: only check that edged refuses it)."""
+    where = f"{name} via {address}:{port}"
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the challenge certificate is self-signed by design
+    ctx.set_alpn_protocols([ACME_TLS_ALPN])
+    try:
+        with (
+            socket.create_connection((address, port), timeout=timeout) as raw,
+            ctx.wrap_socket(raw, server_hostname=name) as tls,
+        ):
+            alpn = tls.selected_alpn_protocol()
+            der = tls.getpeercert(binary_form=True) or b""
+    except ssl.SSLError as exc:
+        # OpenSSL's reason for this alert has no name in Python's table: match the text too.
+        refused = "no application protocol" in str(exc).lower().replace("_", " ")
+        if refused and expected is None:
+            return _Probe(True, f"{where}: answered like edged (no pending challenge: refused)")
+        return _Probe(
+            False,
+            f"{where}: the TLS handshake failed ({exc.reason or exc}): another server (or a "
+            "proxy in front of this host) answers there, or not this edged",
+        )
+    except TimeoutError:
+        return _Probe(False, f"{where}: no answer within {timeout:g}s (firewall? wrong address?)")
+    except OSError as exc:
+        hint = (
+            "nothing listens there: check that [listen].https covers this address"
+            if exc.errno == errno.ECONNREFUSED
+            else "check routing and firewalls"
+        )
+        return _Probe(False, f"{where}: cannot connect ({exc.strerror or exc}): {hint}")
+    if expected is None or alpn != ACME_TLS_ALPN:
+        return _Probe(
+            False,
+            f"{where}: a server answered an acme-tls/1 connection with ALPN {alpn!r} instead of "
+            "edged's answer: another server (or a TLS proxy) answers there",
+        )
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        value = cert.extensions.get_extension_for_oid(ID_PE_ACME_IDENTIFIER).value
+        got = value.value if isinstance(value, x509.UnrecognizedExtension) else b""
+    except (ValueError, x509.ExtensionNotFound):
+        got = b""
+    if got != _identifier_value(expected):
+        return _Probe(
+            False,
+            f"{where}: answered with a certificate that is not the probe's challenge "
+            "certificate: another server (or another edged) answers there",
+        )
+    return _Probe(True, f"{where}: answered the probe challenge")
+
+
+async def _tls_alpn_checks(
+    config: Config,
+    names: Sequence[str],
+    resolver: dns.resolver.Resolver,
+    board: AlpnChallengeBoard | None,
+    query_timeout: float,
+) -> list[PreflightResult]:
+    from edged.renewer import serve_tls_alpn  # the renewer imports this module lazily too
+
+    out: list[PreflightResult] = []
+    resolved: dict[str, list[str]] = {}
+    for name in names:
+        if name.startswith("*."):
+            out.append(
+                PreflightResult(
+                    name,
+                    "tls-alpn-01",
+                    False,
+                    'wildcards need dns-01: set acme.challenge = "dns-01" with an [acme.dns] '
+                    "table, or list the names without the wildcard",
+                )
+            )
+            continue
+        addresses, why = await asyncio.to_thread(_resolve_addresses, name, resolver)
+        if why is not None:
+            out.append(PreflightResult(name, "points-here", False, why))
+            continue
+        resolved[name] = addresses
+    if not resolved:
+        return out
+    if not config.listen.https:
+        for name in resolved:
+            out.append(
+                PreflightResult(
+                    name,
+                    "tls-alpn-01",
+                    False,
+                    "listen.https is [] (no TLS listener): TLS-ALPN-01 is answered there, e.g. "
+                    'https = ["0.0.0.0:443"]',
+                )
+            )
+        return out
+    port = config.listen.https[0].port
+    key_authorization = "edged-preflight-" + secrets.token_urlsafe(12)
+    expected: str | None = key_authorization
+    busy = ""
+    async with contextlib.AsyncExitStack() as stack:
+        probe_board = board
+        if probe_board is None:
+            try:
+                probe_board = AlpnChallengeBoard()
+                await stack.enter_async_context(serve_tls_alpn(config, probe_board))
+            except StartupError as exc:
+                probe_board, expected, busy = None, None, str(exc)
+        if probe_board is not None:
+            for name in resolved:  # on this node only: never in the fleet's shared store
+                await asyncio.to_thread(
+                    probe_board.add, name, key_authorization, query_timeout * 4 + 60, share=False
+                )
+                stack.callback(probe_board.remove, name, share=False)
+        for name, addresses in resolved.items():
+            probes = {
+                a: await asyncio.to_thread(_tls_probe, name, a, port, expected, query_timeout)
+                for a in addresses
+            }
+            out += _judge_tls_alpn(name, addresses, probes, port, busy)
+    return out
+
+
+def _judge_tls_alpn(
+    name: str, addresses: list[str], probes: dict[str, _Probe], port: int, busy: str
+) -> list[PreflightResult]:
+    points = _judge(name, addresses, probes, port, busy)[0]  # the same rule as for http-01
+    note = (
+        f"; note: the CA connects to port 443, listen.https uses port {port}: port 443 must be "
+        "forwarded to it"
+        if port != 443
+        else ""
+    )
+    failures = [probes[a].detail for a in addresses if not probes[a].ok]
+    shown = ", ".join(addresses)
+    if failures:
+        check = PreflightResult(name, "tls-alpn-01", False, "; ".join(failures))
+    elif busy:
+        check = PreflightResult(
+            name,
+            "tls-alpn-01",
+            True,
+            f"reached a TLS server on port {port} via {shown} that refuses an unknown validation "
+            f"like edged; the port is busy ({busy}), presumably the running edged, so the "
+            f"challenge round trip itself was not tested{note}",
+        )
+    else:
+        check = PreflightResult(
+            name,
+            "tls-alpn-01",
+            True,
+            f"a probe challenge answered on port {port} came back via {shown}{note}",
         )
     return [points, check]
 

@@ -13,7 +13,14 @@ passthrough site gets the raw bytes relayed to that site's backend, which termin
 anything else is fed to the SSLObject as if it had just arrived. A malformed ClientHello closes
 the connection (counted like the handshake failure it is). The parsed ClientHello also gives
 the client's JA4 fingerprint, computed only when a site sends it (ja4_tlv) or a connection is
-logged.
+logged, and chooses the certificate before the handshake starts (SniSelector.choose: the route
+and, for names with ECDSA and RSA certificates, the key type the client can use).
+
+ACME TLS-ALPN-01: a ClientHello offering exactly `acme-tls/1` is a CA validating a name. When
+the name has a pending challenge (edged.tlsalpn's board, this node's or, in a fleet, another
+node's through the store) the handshake completes with the challenge certificate and the
+connection closes; otherwise the client gets a no_application_protocol alert. Nothing of it
+reaches a backend, and clients offering anything else never see a challenge certificate.
 
 Backpressure: when the backend's send buffer is full edged stops reading from the client, and
 the other way round, so memory per connection stays bounded whatever the peers do.
@@ -46,6 +53,7 @@ from edged.names import covers
 from edged.proxy_header import Endpoints, TlsInfo, build_v1, build_v2
 from edged.sni import Route
 from edged.tls import REFUSED_ATTR, ROUTE_ATTR, SNI_ATTR, SniSelector
+from edged.tlsalpn import AlpnChallengeBoard, is_challenge_alpn
 
 log = logging.getLogger("edged.proxy")
 conn_log = logging.getLogger("edged.conn")  # [edged] connection_log: one line per connection
@@ -70,6 +78,10 @@ _HANDSHAKE_REASONS = {
     "HTTPS_PROXY_REQUEST": "http_on_https",
 }
 
+
+# A fatal no_application_protocol alert (TLS record: alert, 3.3, length 2, fatal, 120): the
+# answer to a TLS-ALPN-01 validation for a name without a pending challenge (RFC 8737 s. 3).
+ALERT_NO_APPLICATION_PROTOCOL = bytes([21, 3, 3, 0, 2, 2, 120])
 
 # Malformed ClientHello -> handshake result label: the labels OpenSSL's own checks would give.
 _HELLO_RESULTS = {
@@ -154,6 +166,7 @@ class Terminator:
     counters: Counters
     tg: asyncio.TaskGroup
     origin_contexts: dict[int, ssl.SSLContext] = field(default_factory=dict)
+    alpn_board: AlpnChallengeBoard | None = None  # pending TLS-ALPN-01 challenges
     active: set[ClientConnection] = field(default_factory=set)
     per_client: Counter[str] = field(default_factory=Counter)  # open connections by client_key
     throttle: _Throttled = field(default_factory=_Throttled)
@@ -206,6 +219,7 @@ class ClientConnection(asyncio.Protocol):
         self._hello_need = 0  # parse again once _hello_buf holds this many bytes
         self._ja4: str | None = None
         self.passthrough = False  # relaying the raw TLS stream (a passthrough site)
+        self.acme_challenge = False  # answering a TLS-ALPN-01 validation (no backend)
         self.closed = False
         self.close_reason = ""  # why the connection ended (connection log); first one wins
         self.client_eof = False
@@ -306,7 +320,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         if self.handshaking and not self.closed:
-            self.term.counters.handshakes["client_closed", "none"] += 1
+            self._count_handshake("client_closed")
             self._reason("handshake_client_closed")
         self._reason("client_closed" if exc is None else "client_error")
         self.closed = True
@@ -346,10 +360,19 @@ class ClientConnection(asyncio.Protocol):
             return
         self.hello = hello
         self._hello_buf = bytearray()
-        route = self.term.selector.index.lookup(hello.server_name) if hello.server_name else None
-        if route is not None and route.site.passthrough:
+        selector = self.term.selector
+        # Without SNI only the default certificate can answer (lookup(None) gives it).
+        route = selector.index.lookup(hello.server_name)
+        if route is not None and route.site.passthrough and hello.server_name:
             self._start_passthrough(route, data)
             return
+        if is_challenge_alpn(hello.alpn):
+            self._tls_alpn_challenge(hello, data)
+            return
+        try:
+            selector.choose(self._sslobj, hello, route)
+        except Exception:  # the sni_callback then chooses (or refuses) as without the pre-read
+            log.exception("choosing the certificate for %r failed", hello.server_name)
         self._incoming.write(data)
         self._handshake()
 
@@ -368,6 +391,65 @@ class ClientConnection(asyncio.Protocol):
         self._pause_reading("connecting")
         self._arm_idle_timer()
         self.term.tg.create_task(self._connect_backend(route.site))
+
+    # --- TLS-ALPN-01 ----------------------------------------------------------------------
+
+    def _tls_alpn_challenge(self, hello: ClientHello, data: bytes) -> None:
+        board = self.term.alpn_board
+        name = (hello.server_name or "").lower().rstrip(".")
+        self.sni = hello.server_name
+        ctx = board.lookup(name) if board is not None and name else None
+        if ctx is not None:
+            self._answer_challenge(ctx, data)
+            return
+        # Another node's challenge (fleet): asked of the store only for configured names, so
+        # a flood of made-up names costs no store lookups.
+        if board is not None and board.shared is not None and self.term.selector.index.get(name):
+            self._pause_reading("tls_alpn_lookup")
+            self.term.tg.create_task(self._shared_challenge(board, name, data))
+            return
+        self._refuse_challenge()
+
+    async def _shared_challenge(self, board: AlpnChallengeBoard, name: str, data: bytes) -> None:
+        """Runs in the daemon's TaskGroup; handles every error itself so the group survives."""
+        try:
+            ctx = await board.lookup_shared(name)
+        except Exception:
+            log.exception("tls-alpn-01 shared lookup failed for %s", name)
+            ctx = None
+        if self.closed:  # the handshake timeout or the client ended it meanwhile
+            return
+        self._resume_reading("tls_alpn_lookup")
+        if ctx is None:
+            self._refuse_challenge()
+        else:
+            self._answer_challenge(ctx, data)
+
+    def _answer_challenge(self, ctx: ssl.SSLContext, data: bytes) -> None:
+        # A fresh SSLObject from the challenge context: not the listening context, whose
+        # sni_callback and session tickets have no business in a validation handshake.
+        self.acme_challenge = True
+        self._sslobj = ctx.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._incoming.write(data)
+        self._handshake()
+
+    def _refuse_challenge(self) -> None:
+        self.term.counters.acme_tls_alpn["no_challenge"] += 1
+        self._reason("tls_alpn_no_challenge")
+        # Debug only: anyone can send such hellos (the metric counts them).
+        log.debug("tls-alpn-01 refused: no pending challenge for this name peer=%s", self.peer)
+        self.handshaking = False
+        self.closed = True
+        if self.transport is not None:
+            self.transport.write(ALERT_NO_APPLICATION_PROTOCOL)
+            self.transport.close()
+        self._finish()
+
+    def _count_handshake(self, result: str, version: str = "none") -> None:
+        if self.acme_challenge:  # validations have their own metric, not the clients' one
+            self.term.counters.acme_tls_alpn["answered" if result == "ok" else "failed"] += 1
+        else:
+            self.term.counters.handshakes[result, version] += 1
 
     def _relay_raw(self, data: bytes) -> None:
         if self.backend is None or not self.backend.connected:
@@ -408,7 +490,11 @@ class ClientConnection(asyncio.Protocol):
         self._flush()
         self.handshaking = False
         version = self._sslobj.version() or "unknown"
-        self.term.counters.handshakes["ok", version] += 1
+        self._count_handshake("ok", version)
+        if self.acme_challenge:
+            log.info("tls-alpn-01 answered peer=%s version=%s", self.peer, version)
+            self.close("tls_alpn_answered")  # validation done: close_notify, nothing else
+            return
         self.route = getattr(self._sslobj, ROUTE_ATTR, None)
         self.sni = getattr(self._sslobj, SNI_ATTR, None)
         if self.route is None:  # cannot happen: the callback refuses without a route
@@ -419,7 +505,7 @@ class ClientConnection(asyncio.Protocol):
         self.term.tg.create_task(self._connect_backend(self.route.site))
 
     def _handshake_failed(self, result: str, exc: Exception | None) -> None:
-        self.term.counters.handshakes[result, "none"] += 1
+        self._count_handshake(result)
         self._reason(f"handshake_{result}")
         if result in ("no_shared_cipher", "internal_error"):
             # The failures that otherwise leave no trace: an RSA-only client and an
@@ -752,7 +838,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self._reason(reason)
         if self.handshaking and not self.closed:
-            self.term.counters.handshakes["aborted", "none"] += 1
+            self._count_handshake("aborted")
             self.handshaking = False
         self.closed = True
         if self.transport is not None:

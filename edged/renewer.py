@@ -10,12 +10,13 @@ old certificate serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
@@ -25,15 +26,20 @@ import requests
 from edged import renewal
 from edged.acme.client import USER_AGENT, AcmeSession
 from edged.acme.issue import Issued, OrderRequest, issue
-from edged.acme.solvers import Dns01Solver, Http01Solver, Solver
+from edged.acme.solvers import Dns01Solver, Http01Solver, Solver, TlsAlpn01Solver
 from edged.certs import CertBundle, parse_bundle
 from edged.config import AcmeSettings, Config, Site
 from edged.counters import Counters
 from edged.errors import AcmeError, EdgedError, StoreError
 from edged.http01 import ChallengeBoard, Http01App, HttpListeners
+from edged.listen import StartupError, bind_tcp
+from edged.proxy import ProxySettings, Terminator
 from edged.renewal import CertStatus, Notice, RenewalPolicy, RenewalState
+from edged.sni import SniIndex
 from edged.store.base import Store
 from edged.store.redis import RedisStore
+from edged.tls import ContextCache, SniSelector, build_listening_context
+from edged.tlsalpn import AlpnChallengeBoard
 
 log = logging.getLogger("edged.renewal")
 
@@ -67,7 +73,14 @@ def managed_sites(config: Config, store: Store | None) -> list[Site]:
     return out
 
 
-def build_solver_factory(settings: AcmeSettings, board: ChallengeBoard) -> Callable[[], Solver]:
+def build_solver_factory(
+    settings: AcmeSettings, board: ChallengeBoard, alpn_board: AlpnChallengeBoard | None = None
+) -> Callable[[], Solver]:
+    if settings.challenge == "tls-alpn-01":
+        if alpn_board is None:
+            raise ValueError("tls-alpn-01 needs the board the TLS listeners answer from")
+        board_ = alpn_board
+        return lambda: TlsAlpn01Solver(board_)
     if settings.challenge == "dns-01":
         from edged.dns import DnsUpdater, load_tsig_key
 
@@ -145,12 +158,14 @@ class Renewer:
         self,
         *,
         board: ChallengeBoard,
+        alpn_board: AlpnChallengeBoard,
         counters: Counters,
         on_installed: Callable[[str], Awaitable[object]],
         serving: Callable[[str], CertBundle | None],
         rng: random.Random | None = None,
     ) -> None:
         self.board = board
+        self.alpn_board = alpn_board
         self.counters = counters
         self.on_installed = on_installed
         self.serving = serving
@@ -409,7 +424,7 @@ class Renewer:
         # `replaces` only where the CA speaks ARI (RFC 9773 section 5); others may reject it.
         replaces = state.replaces if self._renewal_info.get(config.acme.directory) else ""
         try:
-            new_solver = build_solver_factory(config.acme, self.board)
+            new_solver = build_solver_factory(config.acme, self.board, self.alpn_board)
             issued = await asyncio.to_thread(
                 obtain, config.acme, store, site, new_solver, self.counters, replaces
             )
@@ -458,7 +473,9 @@ class Renewer:
         from edged.preflight import run_preflight
 
         try:
-            results = await run_preflight(config, sites=[site], store=store, board=self.board)
+            results = await run_preflight(
+                config, sites=[site], store=store, board=self.board, alpn_board=self.alpn_board
+            )
         except Exception as exc:  # a broken check must not stop issuance
             log.warning("preflight could not run name=%s error=%s", site.name, exc)
             return
@@ -605,22 +622,26 @@ class Renewer:
 async def issue_now(
     config: Config, store: Store, sites: Iterable[Site], counters: Counters | None = None
 ) -> list[tuple[Site, Issued | EdgedError]]:
-    """One-shot issuance (`edged issue`): serve HTTP-01 ourselves when that is the challenge.
+    """One-shot issuance (`edged issue`): serve HTTP-01 (on [listen].http) or TLS-ALPN-01 (on
+    [listen].https, answering nothing but validations) ourselves when that is the challenge.
 
-    StartupError when the HTTP listeners cannot be bound (usually: the daemon runs; then
+    StartupError when the listeners cannot be bound (usually: the daemon runs; then
     `edged renew` is the way)."""
     assert config.acme is not None
     board = ChallengeBoard()
-    listeners: HttpListeners | None = None
-    if config.acme.challenge == "http-01":
-        listeners = HttpListeners(Http01App(board, lambda: config))
-        await listeners.sync(config.listen.http)
-    results: list[tuple[Site, Issued | EdgedError]] = []
-    try:
+    alpn_board = AlpnChallengeBoard()
+    async with contextlib.AsyncExitStack() as stack:
+        if config.acme.challenge == "http-01":
+            listeners = HttpListeners(Http01App(board, lambda: config))
+            stack.push_async_callback(listeners.close)
+            await listeners.sync(config.listen.http)
+        elif config.acme.challenge == "tls-alpn-01":
+            await stack.enter_async_context(serve_tls_alpn(config, alpn_board))
         try:
-            new_solver = build_solver_factory(config.acme, board)
+            new_solver = build_solver_factory(config.acme, board, alpn_board)
         except EdgedError as exc:  # e.g. the TSIG key file is unreadable: every site fails
             return [(site, exc) for site in sites]
+        results: list[tuple[Site, Issued | EdgedError]] = []
         for site in sites:
             try:
                 issued = await asyncio.to_thread(
@@ -630,7 +651,42 @@ async def issue_now(
                 results.append((site, exc))
             else:
                 results.append((site, issued))
-    finally:
-        if listeners is not None:
-            await listeners.close()
-    return results
+        return results
+
+
+@contextlib.asynccontextmanager
+async def serve_tls_alpn(config: Config, board: AlpnChallengeBoard) -> AsyncIterator[None]:
+    """[listen].https bound to a data path with no certificate of its own: it answers the
+    TLS-ALPN-01 validations on `board` and refuses every other handshake (for `edged issue`
+    and preflight while no daemon holds the port). StartupError when a port is busy."""
+    socks: list[socket.socket] = []
+    try:
+        for address in config.listen.https:
+            socks.append(bind_tcp(address))
+    except StartupError:
+        for sock in socks:
+            sock.close()
+        raise
+    async with asyncio.TaskGroup() as tg:
+        selector = SniSelector(SniIndex([]), ContextCache(1, config.tls.min_version), ())
+        term = Terminator(
+            listen_ctx=build_listening_context(config.tls, selector),
+            selector=selector,
+            settings=ProxySettings(handshake_timeout=config.tls.handshake_timeout),
+            counters=Counters(),
+            tg=tg,
+            alpn_board=board,
+        )
+        loop = asyncio.get_running_loop()
+        servers: list[asyncio.AbstractServer] = []
+        try:
+            while socks:
+                servers.append(await loop.create_server(term.protocol, sock=socks[0]))
+                socks.pop(0)
+            yield
+        finally:
+            for sock in socks:  # not handed to a server: ours to close
+                sock.close()
+            for server in servers:
+                server.close()
+            await term.drain(0)

@@ -53,11 +53,6 @@ class Route:
     site: Site
     bundles: tuple[Servable, ...]  # empty: no certificate yet, handshakes are refused
 
-    @property
-    def cert_key(self) -> tuple[str, ...]:
-        """Identity of the certificate set: a changed cert gives a new key (new cached context)."""
-        return tuple(b.fingerprint for b in self.bundles)
-
 
 class SniIndex:
     """Immutable map from server name to Route."""

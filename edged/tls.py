@@ -1,8 +1,17 @@
-"""SSLContexts: the listening context, per-certificate contexts in a bounded LRU, the sni_callback.
+"""SSLContexts: the listening context, per-certificate contexts in a bounded LRU, the choice of
+certificate per connection (from the parsed ClientHello, or in the sni_callback).
 
 Contexts are built lazily from PEM bytes (one costs ~1 ms and ~24 KiB; PEM bytes cost almost
 nothing), so startup with many names stays fast and memory stays bounded. `load_cert_chain` only
 takes paths: the PEM goes through a memfd, never through a file other users could read.
+
+Choosing the certificate: the data path parses the whole ClientHello before the handshake, so
+`SniSelector.choose` sets the connection's context from it (the route of the SNI and, for names
+with an ECDSA and an RSA certificate, the key type the client can use: `pick_bundle`) before
+OpenSSL sees a byte. OpenSSL still calls the listening context's sni_callback during the
+handshake (it is the session context's callback, whichever context the connection has by then;
+measured); the callback sees that the choice was made and leaves it. It chooses itself only
+when the pre-read did not (no route: it refuses with the alert as before).
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import ssl
 from collections import OrderedDict
 from collections.abc import Sequence
 
+from edged.clienthello import ClientHello
 from edged.config import TlsSettings
 from edged.sni import Route, Servable, SniIndex
 
@@ -24,6 +34,7 @@ log = logging.getLogger("edged.tls")
 ROUTE_ATTR = "edged_route"
 SNI_ATTR = "edged_sni"
 REFUSED_ATTR = "edged_refused"
+CHOSEN_ATTR = "edged_chosen"  # set when the context was chosen before the handshake
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 _OPTIONS = ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
@@ -47,6 +58,17 @@ def build_cert_context(
         _load_pem(ctx, bundle.fullchain_pem, bundle.key_pem)
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
+    return ctx
+
+
+def build_challenge_context(cert_pem: bytes, key_pem: bytes, alpn: str) -> ssl.SSLContext:
+    """A context that only completes a validation handshake (TLS-ALPN-01): one certificate,
+    one ALPN protocol, no session tickets. TLS 1.2 is its floor whatever tls.min_version says:
+    the CA's validator decides, and nothing but the certificate is ever sent."""
+    ctx = server_context("1.2")
+    ctx.num_tickets = 0
+    _load_pem(ctx, cert_pem, key_pem)
+    ctx.set_alpn_protocols([alpn])
     return ctx
 
 
@@ -85,16 +107,23 @@ class ContextCache:
     def __len__(self) -> int:
         return len(self._contexts)
 
-    def get(self, route: Route, default_alpn: Sequence[str]) -> ssl.SSLContext:
+    def get(
+        self,
+        route: Route,
+        default_alpn: Sequence[str],
+        bundles: Sequence[Servable] | None = None,
+    ) -> ssl.SSLContext:
+        """The context serving `bundles` (default: all of the route's) with the route's ALPN."""
+        chosen = tuple(route.bundles if bundles is None else bundles)
         alpn = tuple(route.site.alpn if route.site.alpn is not None else default_alpn)
-        key = (route.cert_key, alpn)
+        key = (tuple(b.fingerprint for b in chosen), alpn)
         ctx = self._contexts.get(key)
         if ctx is not None:
             self.hits += 1
             self._contexts.move_to_end(key)
             return ctx
         self.misses += 1
-        ctx = build_cert_context(route.bundles, alpn, self.min_version)
+        ctx = build_cert_context(chosen, alpn, self.min_version)
         self._contexts[key] = ctx
         if len(self._contexts) > self.capacity:
             self._contexts.popitem(last=False)
@@ -119,6 +148,8 @@ class SniSelector:
         """Pick the certificate for `server_name`. Never raises: an exception here would reset
         the connection with no alert and no trace, so every failure becomes an alert."""
         try:
+            if getattr(sslobj, CHOSEN_ATTR, False):
+                return None  # chosen from the ClientHello before the handshake: keep it
             setattr(sslobj, SNI_ATTR, server_name)
             route = self.index.lookup(server_name)
             setattr(sslobj, ROUTE_ATTR, route)
@@ -132,6 +163,81 @@ class SniSelector:
             with contextlib.suppress(Exception):
                 setattr(sslobj, REFUSED_ATTR, "internal_error")
             return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
+
+    def choose(self, sslobj: ssl.SSLObject, hello: ClientHello, route: Route | None) -> bool:
+        """Before the handshake: give `sslobj` the context for `route` (the SNI's, looked up
+        by the caller), with the certificate of the key type `hello` can use. False (nothing
+        set) when there is nothing to serve; the sni_callback then refuses as always."""
+        if route is None or not route.bundles:
+            return False
+        chosen = pick_bundle(route.bundles, hello)
+        sslobj.context = self.cache.get(
+            route, self.default_alpn, (chosen,) if chosen is not None else None
+        )
+        setattr(sslobj, SNI_ATTR, hello.server_name)
+        setattr(sslobj, ROUTE_ATTR, route)
+        setattr(sslobj, CHOSEN_ATTR, True)
+        return True
+
+
+# --- which certificate a client can use ------------------------------------------------------
+
+TLS13 = 0x0304
+# TLS 1.3 binds the curve to the signature scheme; RSA keys sign with RSA-PSS (rsae) only.
+_TLS13_SCHEMES = {
+    "ecdsa-p256": frozenset({0x0403}),
+    "ecdsa-p384": frozenset({0x0503}),
+    "rsa": frozenset({0x0804, 0x0805, 0x0806}),
+}
+# TLS 1.2: any hash with the key's algorithm (SHA-1 and SHA-224 are below OpenSSL's floor).
+_TLS12_SCHEMES = {
+    "ecdsa": frozenset({0x0403, 0x0503, 0x0603}),
+    "rsa": frozenset({0x0401, 0x0501, 0x0601, 0x0804, 0x0805, 0x0806}),
+}
+_CURVE_GROUPS = {"ecdsa-p256": 23, "ecdsa-p384": 24}  # secp256r1, secp384r1
+
+
+def _tls12_suites(auth: str) -> frozenset[int]:
+    """The TLS 1.2 cipher suites edged's contexts enable for an authentication type (ECDHE
+    only: Python sets no DH parameters, so DHE suites cannot be chosen)."""
+    return frozenset(
+        c["id"] & 0xFFFF
+        for c in server_context("1.2").get_ciphers()
+        if c["protocol"] == "TLSv1.2" and c["auth"] == auth and c["kea"] == "kx-ecdhe"
+    )
+
+
+_TLS12_SUITES = {"ecdsa": _tls12_suites("auth-ecdsa"), "rsa": _tls12_suites("auth-rsa")}
+
+
+def client_can_use(key_type: str, hello: ClientHello) -> bool:
+    """Whether the client of `hello` can verify a certificate with a key of `key_type`
+    (ecdsa-p256, ecdsa-p384, rsa-N) in the version edged will negotiate with it. Pure."""
+    algorithm = "rsa" if key_type.startswith("rsa") else "ecdsa"
+    sigalgs = set(hello.signature_algorithms)
+    if TLS13 in hello.supported_versions:
+        schemes = _TLS13_SCHEMES.get(key_type if algorithm == "ecdsa" else "rsa", frozenset())
+        return bool(sigalgs & schemes)
+    if not set(hello.cipher_suites) & _TLS12_SUITES[algorithm]:
+        return False
+    # Without the extension a TLS 1.2 client accepts the suite's algorithm (RFC 5246 7.4.1.4.1).
+    if sigalgs and not sigalgs & _TLS12_SCHEMES[algorithm]:
+        return False
+    group = _CURVE_GROUPS.get(key_type)
+    return group is None or not hello.supported_groups or group in hello.supported_groups
+
+
+def pick_bundle(bundles: Sequence[Servable], hello: ClientHello) -> Servable | None:
+    """The certificate to serve the client of `hello`: the only one, else ECDSA when the
+    client can use it (smaller, faster), else RSA; None when the client seems to accept none
+    of them (then all are offered and OpenSSL decides, as without the pre-read). Pure."""
+    if len(bundles) == 1:
+        return bundles[0]
+    ranked = sorted(bundles, key=lambda b: (b.key_type.startswith("rsa"), b.key_type))
+    for bundle in ranked:
+        if client_can_use(bundle.key_type, hello):
+            return bundle
+    return None
 
 
 def build_origin_context(ca_file: os.PathLike[str] | None) -> ssl.SSLContext:

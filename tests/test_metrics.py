@@ -80,6 +80,8 @@ def filled_source() -> FakeSource:
     c.renewal_attempts[B, "failure"] += 5
     c.ticket_key_rotations = 2
     c.worker_restarts = 1
+    c.acme_tls_alpn["answered"] += 2
+    c.acme_tls_alpn["no_challenge"] += 1
     for seconds in (0.001, 0.005, 0.2, 0.2, 3.0, 45.0):
         c.acme_requests.observe(seconds)
     return FakeSource(
@@ -177,6 +179,9 @@ async def test_scrape_has_exactly_the_live_values() -> None:
             series("edged_renewal_attempts_total", 0, name=A, result="failure"),
             series("edged_renewal_attempts_total", 0, name=B, result="success"),
             series("edged_renewal_attempts_total", 5, name=B, result="failure"),
+            series("edged_acme_tls_alpn_handshakes_total", 2, result="answered"),
+            series("edged_acme_tls_alpn_handshakes_total", 1, result="no_challenge"),
+            series("edged_acme_tls_alpn_handshakes_total", 0, result="failed"),
             series("edged_tls_handshakes_total", 7, result="ok", version="TLSv1.3"),
             series("edged_tls_handshakes_total", 2, result="ok", version="TLSv1.2"),
             series("edged_tls_handshakes_total", 1, result="no_cert", version="TLSv1.3"),

@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
-import pytest
+import contextlib
+import re
+import ssl
+from pathlib import Path
 
-from edged.config import Address, Site
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from edged.certs import CertBundle, parse_bundle
+from edged.clienthello import ClientHello, parse_client_hello
+from edged.config import Address, Site, TlsSettings
 from edged.names import NameError_, covers, normalize_name, store_dirname, wildcard_parent
 from edged.sni import build_index
+from edged.store import FileStore, PemPair, StoredCert
+from edged.tls import (
+    ROUTE_ATTR,
+    ContextCache,
+    SniSelector,
+    build_listening_context,
+    client_can_use,
+    pick_bundle,
+)
+from tests.conftest import peer_cn, run_backend, run_edged, s_client
+from tests.pki import fullchain, make_ca, make_leaf
 
 
 def site(index: int, *names: str) -> Site:
@@ -80,3 +100,206 @@ def test_store_dirname_never_leaves_the_store() -> None:
     for bad in ("../x.com", "A.com", "a.com/..", ".", "..", "x\x00.com"):
         with pytest.raises(NameError_):
             store_dirname(bad)
+
+
+# --- certificate choice from the parsed ClientHello (edged.tls.pick_bundle, choose) ---------
+
+
+def _bundle(key_type: str, name: str = "dual.example.test") -> CertBundle:
+    leaf = make_leaf(_CA, [name], key_type=key_type)
+    return parse_bundle(fullchain(leaf), leaf.key_pem, source=key_type)
+
+
+_CA = make_ca("Choice CA")
+TLS13_ONLY = (0x0304,)
+TLS12_AND_13 = (0x0304, 0x0303)
+ECDHE_ECDSA_GCM, ECDHE_RSA_GCM = 0xC02B, 0xC02F
+ECDSA_P256, ECDSA_P384, RSA_PSS, RSA_PKCS1 = 0x0403, 0x0503, 0x0804, 0x0401
+
+
+def _hello(
+    versions: tuple[int, ...] = (),
+    sigalgs: tuple[int, ...] = (),
+    ciphers: tuple[int, ...] = (0x1301, ECDHE_ECDSA_GCM, ECDHE_RSA_GCM),
+    groups: tuple[int, ...] = (29, 23, 24),
+) -> ClientHello:
+    return ClientHello(
+        legacy_version=0x0303,
+        cipher_suites=ciphers,
+        extensions=(),
+        server_name="dual.example.test",
+        alpn=(),
+        supported_versions=versions,
+        signature_algorithms=sigalgs,
+        supported_groups=groups,
+        ec_point_formats=(0,),
+        size=0,
+    )
+
+
+@pytest.fixture(scope="module")
+def bundles() -> dict[str, CertBundle]:
+    return {kt: _bundle(kt) for kt in ("ecdsa-p256", "ecdsa-p384", "rsa-2048")}
+
+
+@pytest.mark.parametrize(
+    ("hello", "offered", "expected"),
+    [
+        # TLS 1.3: the signature schemes decide (the curve is part of the ECDSA scheme).
+        (_hello(TLS12_AND_13, (ECDSA_P256, RSA_PSS)), ("ecdsa-p256", "rsa-2048"), "ecdsa-p256"),
+        (_hello(TLS13_ONLY, (RSA_PSS,)), ("ecdsa-p256", "rsa-2048"), "rsa-2048"),
+        (_hello(TLS13_ONLY, (ECDSA_P256,)), ("ecdsa-p384", "rsa-2048"), None),
+        (_hello(TLS13_ONLY, (ECDSA_P384, RSA_PSS)), ("ecdsa-p256", "ecdsa-p384"), "ecdsa-p384"),
+        (_hello(TLS13_ONLY, (RSA_PKCS1,)), ("ecdsa-p256", "rsa-2048"), None),  # not in 1.3
+        # TLS 1.2: cipher suites, then signature algorithms, then the curve.
+        (_hello((), (ECDSA_P256, RSA_PKCS1)), ("ecdsa-p256", "rsa-2048"), "ecdsa-p256"),
+        (_hello((), (), (ECDHE_RSA_GCM,)), ("ecdsa-p256", "rsa-2048"), "rsa-2048"),
+        (_hello((), (RSA_PKCS1, RSA_PSS)), ("ecdsa-p256", "rsa-2048"), "rsa-2048"),
+        (_hello((), (ECDSA_P256,), groups=(29, 24)), ("ecdsa-p256", "rsa-2048"), None),
+        (_hello((), (), (ECDHE_ECDSA_GCM,)), ("ecdsa-p256", "rsa-2048"), "ecdsa-p256"),
+        (_hello((), (), (0x009E,)), ("ecdsa-p256", "rsa-2048"), None),  # DHE: not enabled
+        # One certificate: always that one (OpenSSL says no if the client cannot use it).
+        (_hello(TLS13_ONLY, (RSA_PSS,)), ("ecdsa-p256",), "ecdsa-p256"),
+    ],
+)
+def test_pick_bundle(
+    bundles: dict[str, CertBundle],
+    hello: ClientHello,
+    offered: tuple[str, ...],
+    expected: str | None,
+) -> None:
+    chosen = pick_bundle([bundles[kt] for kt in offered], hello)
+    assert (chosen.key_type if chosen else None) == expected
+    if expected is not None and len(offered) > 1:
+        assert client_can_use(expected, hello)
+
+
+def test_choice_before_the_handshake_is_kept_by_the_sni_callback(
+    bundles: dict[str, CertBundle],
+) -> None:
+    """OpenSSL still calls the listening context's sni_callback when the connection's context
+    was set before the handshake (measured); the callback must leave the pre-read's choice."""
+    site = Site(index=0, names=("dual.example.test",), backend=Address("127.0.0.1", 8000))
+    index = build_index([site], {0: (bundles["ecdsa-p256"], bundles["rsa-2048"])})
+    selector = SniSelector(index, ContextCache(10, "1.2"), ("http/1.1",))
+    listen = build_listening_context(TlsSettings(), selector)
+    calls: list[str | None] = []
+
+    def spy(obj: ssl.SSLObject, name: str | None, ctx: ssl.SSLContext) -> int | None:
+        calls.append(name)
+        return selector.callback(obj, name, ctx)
+
+    listen.sni_callback = spy  # type: ignore[assignment]
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.check_hostname = False
+    client_ctx.verify_mode = ssl.CERT_NONE
+    client_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    client_ctx.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")  # an RSA-only client
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="dual.example.test")
+    server = listen.wrap_bio(s_in, s_out, server_side=True)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        client.do_handshake()
+    first = c_out.read()
+    hello = parse_client_hello(first)
+    route = index.lookup(hello.server_name)
+    assert selector.choose(server, hello, route)
+    chosen = server.context
+    # The callback alone would give the context holding both certificates: a different one.
+    assert chosen is selector.cache.get(route, ("http/1.1",), [bundles["rsa-2048"]])  # type: ignore[arg-type]
+    assert chosen is not selector.cache.get(route, ("http/1.1",))  # type: ignore[arg-type]
+    s_in.write(first)
+    for _ in range(10):  # pump both sides until the client is done
+        with contextlib.suppress(ssl.SSLWantReadError):
+            server.do_handshake()
+        c_in.write(s_out.read())
+        try:
+            client.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            s_in.write(c_out.read())
+    assert calls == ["dual.example.test"]  # the callback ran ...
+    assert server.context is chosen  # ... and left the choice alone
+    assert getattr(server, ROUTE_ATTR) is route
+    cert = x509.load_der_x509_certificate(client.getpeercert(binary_form=True) or b"")
+    assert isinstance(cert.public_key(), rsa.RSAPublicKey)
+
+
+def test_choose_leaves_names_without_a_certificate_to_the_callback() -> None:
+    site = Site(index=0, names=("new.example.test",), backend=Address("127.0.0.1", 8000))
+    index = build_index([site], {})
+    selector = SniSelector(index, ContextCache(10, "1.2"), ())
+    listen = build_listening_context(TlsSettings(), selector)
+    server = listen.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True)
+    hello = _hello(TLS13_ONLY, (ECDSA_P256,))
+    assert not selector.choose(server, hello, index.lookup("new.example.test"))
+    assert not selector.choose(server, hello, None)
+    assert server.context is listen and not hasattr(server, ROUTE_ATTR)
+
+
+DUAL_CASES = [
+    # (s_client options, the algorithm of the key the server must use)
+    ((), "ECDSA"),
+    (("-sigalgs", "RSA-PSS+SHA256"), "RSA"),  # the same scheme as rsa_pss_rsae_sha256
+    (("-sigalgs", "rsa_pss_rsae_sha256"), "RSA"),
+    (("-sigalgs", "ECDSA+SHA256"), "ECDSA"),
+    (("-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256"), "RSA"),
+    (("-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"), "ECDSA"),
+    (("-tls1_2", "-sigalgs", "RSA+SHA256"), "RSA"),
+]
+SINGLE_CASES = {
+    "one.example.test": [(), ("-sigalgs", "ECDSA+SHA256"), ("-tls1_2",)],
+    "rsa.example.test": [
+        (),
+        ("-sigalgs", "rsa_pss_rsae_sha256"),
+        ("-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256"),
+        ("-tls1_2", "-sigalgs", "RSA+SHA256"),
+    ],
+}
+
+
+def _key_algorithm(stderr: str) -> str:
+    """ECDSA or RSA, from the signature s_client saw (RSA keys sign with RSA or RSA-PSS)."""
+    match = re.search(r"^(?:Peer )?[Ss]ignature type: (\S+)", stderr, re.M)
+    return match.group(1).split("-")[0] if match else ""
+
+
+async def test_served_key_type_follows_the_client(tmp_path: Path, pki: dict[str, Path]) -> None:
+    ec, rs = (
+        make_leaf(_CA, ["dual.example.test"]),
+        make_leaf(_CA, ["dual.example.test"], key_type="rsa-2048"),
+    )
+    FileStore(tmp_path / "store").save(
+        StoredCert(
+            name="dual.example.test",
+            names=("dual.example.test",),
+            pairs=(
+                PemPair("ecdsa-p256", fullchain(ec), ec.key_pem),
+                PemPair("rsa-2048", fullchain(rs), rs.key_pem),
+            ),
+            source="upload",
+            stored_at=0.0,
+        )
+    )
+    async with run_backend() as backend:
+        body = f'[[site]]\nnames = ["dual.example.test"]\nbackend = "{backend.address}"\n'
+        for stem in ("one", "rsa"):
+            body += (
+                f'[[site]]\nnames = ["{stem}.example.test"]\nbackend = "{backend.address}"\n'
+                f'cert_file = "{pki[stem + "_cert"]}"\nkey_file = "{pki[stem + "_key"]}"\n'
+            )
+        async with run_edged(tmp_path, body) as edged:
+            for options, expected in DUAL_CASES:
+                out = await s_client(edged.port, "dual.example.test", *options)
+                assert out.returncode == 0, (options, out.stderr)
+                assert _key_algorithm(out.stderr) == expected, (options, out.stderr)
+            for name, cases in SINGLE_CASES.items():
+                for options in cases:
+                    out = await s_client(edged.port, name, *options)
+                    assert out.returncode == 0, (name, options, out.stderr)
+                    assert peer_cn(out.stderr) == name
+            failures = {k: n for k, n in edged.daemon.counters.handshakes.items() if k[0] != "ok"}
+            assert failures == {}, failures
+            # Chosen before the handshake: one single-key context per certificate, and never
+            # the context holding both (what the sni_callback alone would have built).
+            assert len(edged.daemon.selector.cache) == 4  # type: ignore[union-attr]

@@ -7,7 +7,7 @@ is called in a finally block, so tokens and TXT records never outlive a failed o
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from acme import challenges, messages
 from josepy import jwk
@@ -16,6 +16,7 @@ from edged.http01 import ChallengeBoard
 
 if TYPE_CHECKING:
     from edged.dns import DnsUpdater
+    from edged.tlsalpn import AlpnChallengeBoard
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,26 @@ class Solver(Protocol):
     def cleanup(self) -> None:
         """Withdraw everything presented (never raises)."""
         ...
+
+
+@challenges.ChallengeResponse.register
+class TLSALPN01Response(challenges.KeyAuthorizationChallengeResponse):
+    """The (empty) answer to a tls-alpn-01 challenge. The acme library dropped its own
+    TLS-ALPN-01 classes; without these the challenge would parse as UnrecognizedChallenge."""
+
+    typ = "tls-alpn-01"
+
+
+@challenges.Challenge.register
+class TLSALPN01(challenges.KeyAuthorizationChallenge):
+    """ACME tls-alpn-01 (RFC 8737); `validation` is the key authorization the challenge
+    certificate's acmeIdentifier extension hashes."""
+
+    response_cls = TLSALPN01Response
+    typ = response_cls.typ
+
+    def validation(self, account_key: jwk.JWK, **kwargs: Any) -> str:
+        return self.key_authorization(account_key)
 
 
 class Http01Solver:
@@ -63,6 +84,32 @@ class Http01Solver:
         for token in self._tokens:
             self.board.remove(token)
         self._tokens.clear()
+
+
+class TlsAlpn01Solver:
+    challenge_type = "tls-alpn-01"
+
+    def __init__(self, board: AlpnChallengeBoard) -> None:
+        self.board = board
+        self._names: list[str] = []
+
+    def present(
+        self, identifier: str, challb: messages.ChallengeBody, key: jwk.JWK
+    ) -> challenges.ChallengeResponse:
+        chall = challb.chall
+        assert isinstance(chall, TLSALPN01)
+        response, validation = chall.response_and_validation(key)
+        self._names.append(identifier)  # first: cleanup removes it also if add fails midway
+        self.board.add(identifier, validation)
+        return response
+
+    def wait_ready(self) -> None:
+        return None
+
+    def cleanup(self) -> None:
+        for name in self._names:
+            self.board.remove(name)
+        self._names.clear()
 
 
 class Dns01Solver:
