@@ -22,7 +22,7 @@ from edged.proxy_header import V2_SIGNATURE
 from edged.sni import Route
 from tests.pebble import Pebble, start_pebble
 from tests.pki import make_ca, make_intermediate, make_leaf, write_pair
-from tests.redis_server import redis_server  # noqa: F401  (a fixture for every test module)
+from tests.redis_server import redis_server, redis_tls_server  # noqa: F401  (fixtures for every test module)
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> Mapping[str, Callable[[], Any]]:
