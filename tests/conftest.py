@@ -38,15 +38,23 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def write_process_config(
-    tmp_path: Path, body: str, *, https: int = 0, http: tuple[int, ...] = ()
+    tmp_path: Path,
+    body: str,
+    *,
+    https: int = 0,
+    http: tuple[int, ...] = (),
+    store: str = "store",
+    edged_extra: str = "",
 ) -> Path:
-    """edged.toml for edged run as a process: store "store", TLS on 127.0.0.1:`https` (a free
-    port by default), HTTP on 127.0.0.1:`http` ports, no metrics or admin; then `body`."""
+    """edged.toml for edged run as a process: `store` (default "store"), TLS on
+    127.0.0.1:`https` (a free port by default), HTTP on 127.0.0.1:`http` ports, no metrics or
+    admin; `edged_extra` adds [edged] keys; then `body`."""
     config = tmp_path / "edged.toml"
     config.write_text(
         textwrap.dedent(f"""
             [edged]
-            store = "store"
+            store = "{store}"
+            {edged_extra}
             [listen]
             https = ["127.0.0.1:{https or free_port()}"]
             http = {json.dumps([f"127.0.0.1:{p}" for p in http])}
