@@ -267,26 +267,35 @@ def test_restore_replaces_only_older_and_never_undoes_delete_or_rollback(
     assert a.local.load("shop.test") == a_copy
     assert a.stale_in_redis().names == ()
     assert a.restore(Stale(("shop.test",))).names == ()
-    assert b.load("shop.test") is None
+    assert a.load("shop.test") is None and b.load("shop.test") is None
     # ...until a newer one is stored.
     v3 = bundle("shop.test", "v3")
     a.save(v3)
     assert b.load("shop.test") == v3
 
 
-def test_account_missing_in_redis_comes_from_the_local_copy(
+def test_read_before_the_resync_uses_the_local_copy(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    """Between a flush and the next resync an order needs the account: loading it puts the
-    local copy back instead of returning None (which would register a new account)."""
+    """Between a flush and the next resync a node reads (a restart, an order needing the
+    account): it gets its local copy, not None (which would serve nothing, order anew or
+    register a new account). Certificates go back with restore() (jittered), the account at
+    once (SET NX)."""
     a, b = store(redis_server, tmp_path, "a"), store(redis_server, tmp_path, "b")
+    cert = bundle("shop.test", "v1")
+    a.save(cert)
     a.save_account(ACME_DIR, {"uri": "https://ca.test/acct/1"}, b"KEY1")
     redis_server.client().flushall()
+    assert b.load("shop.test") is None  # b never had it
+    assert a.load("shop.test") == cert
+    assert not redis_server.client().exists(a.key("cert", "shop.test"))  # reading wrote nothing
     assert a.load_account(ACME_DIR) == ({"uri": "https://ca.test/acct/1"}, b"KEY1")
     assert b.load_account(ACME_DIR) == ({"uri": "https://ca.test/acct/1"}, b"KEY1")
     # A registration that lost the SET NX race leaves the fleet's account in the local copy.
     b.save_account(ACME_DIR, {"uri": "https://ca.test/acct/2"}, b"KEY2")
     assert b.local.load_account(ACME_DIR) == ({"uri": "https://ca.test/acct/1"}, b"KEY1")
+    assert a.restore(a.stale_in_redis()).names == ("shop.test",)
+    assert b.load("shop.test") == cert
 
 
 # --- TLS (rediss://) ------------------------------------------------------------------------------

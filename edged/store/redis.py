@@ -327,10 +327,27 @@ class RedisStore:
         except StoreError:
             return self.local.load(name)
         if raw is None:
-            return None
+            return self._lost_by_redis(name)
         cert = _decode(raw, name, "live")
         self._mirror(cert)
         return cert
+
+    def _lost_by_redis(self, name: str) -> StoredCert | None:
+        """Redis lacks `name`: the local copy when it has one that was not deleted since (Redis
+        lost it: a node restarted after a flush must serve it, not order anew). Not written
+        back here: every node reads at once after a change, restore() writes with jitter."""
+        try:
+            local = self.local.load(name)
+        except StoreError:
+            return None
+        if local is None:
+            return None
+        gone = self._call("load", self.client.get, self.key("gone", name))
+        try:
+            deleted = gone is not None and float(gone) >= local.stored_at
+        except ValueError:
+            deleted = True
+        return None if deleted else local
 
     def load_previous(self, name: str) -> StoredCert | None:
         name = _name(name)
