@@ -250,6 +250,7 @@ def test_restore_replaces_only_older_and_never_undoes_delete_or_rollback(
     raw = redis_server.client()
     raw.set(a.key("cert", "shop.test"), _encode(v1))
     assert b.stale_in_redis().names == ()  # b's copy is no newer than Redis
+    assert a.load("shop.test") == v2  # a read does not replace the newer local copy
     plan = a.stale_in_redis()
     assert plan.reasons == {"shop.test": "older"}
     assert a.restore(plan).names == ("shop.test",)

@@ -46,6 +46,7 @@ from edged.store.files import FileStore, account_dirname
 
 log = logging.getLogger(__name__)
 
+STALE_BATCH = 500  # names per stale_in_redis script call
 X509_V_ERR_HOSTNAME_MISMATCH = 62  # OpenSSL's verify code for a certificate naming other hosts
 
 # KEYS: cert, prev, names, channel, gone; ARGV: value, name
@@ -280,8 +281,12 @@ class RedisStore:
         """What went wrong reaching Redis, naming the URL, and for TLS the file to fix."""
         where = self._where()
         cause: BaseException | None = exc
-        while cause is not None and not isinstance(cause, ssl.SSLError):
+        for _ in range(8):  # the chain is short; bounded in case it loops
+            if cause is None or isinstance(cause, ssl.SSLError):
+                break
             cause = cause.__cause__ or cause.__context__
+        if not isinstance(cause, ssl.SSLError):
+            cause = None
         text = f"{exc} {cause or ''}"
         if isinstance(cause, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in text:
             reason = getattr(cause, "verify_message", "") or "certificate verify failed"
@@ -328,9 +333,7 @@ class RedisStore:
             return self.local.load(name)
         if raw is None:
             return self._lost_by_redis(name)
-        cert = _decode(raw, name, "live")
-        self._mirror(cert)
-        return cert
+        return self._mirror(_decode(raw, name, "live"))
 
     def _lost_by_redis(self, name: str) -> StoredCert | None:
         """Redis lacks `name`: the local copy when it has one that was not deleted since (Redis
@@ -342,7 +345,10 @@ class RedisStore:
             return None
         if local is None:
             return None
-        gone = self._call("load", self.client.get, self.key("gone", name))
+        try:
+            gone = self._call("load", self.client.get, self.key("gone", name))
+        except StoreError:
+            return local  # Redis went away meanwhile: the outage rule, the local copy
         try:
             deleted = gone is not None and float(gone) >= local.stored_at
         except ValueError:
@@ -396,13 +402,19 @@ class RedisStore:
             return self.local.names()
         return sorted(m.decode() for m in members)
 
-    def _mirror(self, cert: StoredCert) -> None:
-        """Keep the local copy equal to Redis (only writes when it differs)."""
+    def _mirror(self, cert: StoredCert) -> StoredCert:
+        """Keep the local copy equal to Redis (only writes when it differs) and return it;
+        unless the local copy is newer: Redis was restored from an old dump, the local copy
+        stays (and serves) until restore() puts it back."""
         try:
-            if self.local.load(cert.name) != cert:
+            local = self.local.load(cert.name)
+            if local is not None and local.stored_at > cert.stored_at:
+                return local
+            if local != cert:
                 self.local.save(cert)
         except StoreError as exc:
             log.warning("local copy not updated name=%s error=%s", cert.name, exc)
+        return cert
 
     # --- state and accounts -------------------------------------------------------------
 
@@ -489,15 +501,18 @@ class RedisStore:
             if cert is not None:
                 local.append(cert)
         reasons: dict[str, str] = {}
-        if local:
-            keys = [self.key("cert", c.name) for c in local]
-            keys += [self.key("gone", c.name) for c in local]
-            args = [repr(c.stored_at) for c in local]
+        # In batches: one script call blocks Redis while it runs.
+        for start in range(0, len(local), STALE_BATCH):
+            batch = local[start : start + STALE_BATCH]
+            keys = [self.key("cert", c.name) for c in batch]
+            keys += [self.key("gone", c.name) for c in batch]
+            args = [repr(c.stored_at) for c in batch]
             found = cast(
-                list[Any], self._call("stale_in_redis", lambda: self._stale(keys=keys, args=args))
+                list[Any],
+                self._call("stale_in_redis", lambda k=keys, a=args: self._stale(keys=k, args=a)),
             )
             for i, why in zip(found[::2], found[1::2], strict=True):
-                reasons[local[int(i) - 1].name] = bytes(why).decode()
+                reasons[batch[int(i) - 1].name] = bytes(why).decode()
         folders = self.local.account_folders()
         missing_accounts: list[str] = []
         if folders:
