@@ -100,7 +100,8 @@ async def restore_local_copies(
         if not stale:
             return
         log.warning(
-            "redis lacks %d certificate(s) and %d account(s) this node holds: restoring",
+            "redis lacks (or holds older) %d certificate(s) and %d account(s) of this node's "
+            "copy: restoring",
             len(stale.names),
             len(stale.accounts),
         )
