@@ -1,6 +1,7 @@
 """kill -9 of the node holding a name's lease in the middle of its order: three edged processes
-share one redis-server and one Pebble; another node finishes the order once the lease expired,
-no second order is placed while the lease lives, and every remaining node serves the result."""
+share one redis-server and one Pebble; the holder keeps its lease past the TTL while alive,
+another node finishes the order once the dead holder's lease expired, no second order is placed
+while the lease lives, and every remaining node serves the result."""
 
 from __future__ import annotations
 
@@ -163,6 +164,13 @@ async def test_kill_9_of_the_lease_holder_mid_order(
             assert owner is not None
             orders = pebble.count(ORDER)
             assert orders == 1
+            # Alive, the holder keeps its lease past the TTL (extended every third of it):
+            # still its own and still one order after 1.5 TTL mid-order.
+            held_until = time.monotonic() + 1.5 * LEASE_TTL
+            while time.monotonic() < held_until:
+                assert raw.get(lease_key) == owner
+                await asyncio.sleep(0.1)
+            assert pebble.count(ORDER) == orders
 
             assert holder.proc is not None
             holder.proc.send_signal(signal.SIGKILL)
