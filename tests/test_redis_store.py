@@ -210,7 +210,9 @@ def test_flushed_redis_gets_local_copies_back_once(
     """After FLUSHALL every node finds the same things missing; the first restore writes them,
     the others write nothing (checked inside Redis), and the account is the fleet's own."""
     a, b = store(redis_server, tmp_path, "a"), store(redis_server, tmp_path, "b")
-    cert = bundle("shop.test", "v1")
+    before, cert = bundle("shop.test", "v0"), bundle("shop.test", "v1")
+    a.save(before)
+    assert b.load("shop.test") == before  # b follows: its copy gets v0, then v1 over it
     a.save(cert)
     a.save_account(ACME_DIR, {"uri": "https://ca.test/acct/1"}, b"KEY1")
     assert b.load("shop.test") == cert and b.load_account(ACME_DIR) is not None  # mirrored
@@ -233,6 +235,7 @@ def test_flushed_redis_gets_local_copies_back_once(
     listener.close()
     fresh = store(redis_server, tmp_path, "fresh")  # a node with an empty local copy
     assert fresh.load("shop.test") == cert
+    assert fresh.load_previous("shop.test") == before  # b's copy had it: rollback works again
     assert fresh.names() == ["shop.test"]
     assert fresh.load_account(ACME_DIR) == ({"uri": "https://ca.test/acct/1"}, b"KEY1")
     assert (fresh.local.root / "accounts" / "ca.test" / "key.pem").stat().st_mode & 0o777 == 0o600

@@ -98,13 +98,18 @@ end
 return out
 """
 )
-# KEYS: cert, prev, names, channel, gone; ARGV: value, name, stored_at. 1 when written.
+# KEYS: cert, prev, names, channel, gone; ARGV: value, name, stored_at, the local previous
+# version ("" = none; it becomes previous when Redis had no version). 1 when written.
 _RESTORE = (
     _NEEDS_RESTORE
     + """
 local current = redis.call('GET', KEYS[1])
 if not needs_restore(current, redis.call('GET', KEYS[5]), tonumber(ARGV[3])) then return 0 end
-if current then redis.call('SET', KEYS[2], current) end
+if current then
+  redis.call('SET', KEYS[2], current)
+elseif ARGV[4] ~= '' and redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('SET', KEYS[2], ARGV[4])
+end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[3], ARGV[2])
 redis.call('PUBLISH', KEYS[4], ARGV[2])
@@ -536,8 +541,13 @@ class RedisStore:
                 continue
             if cert is None:
                 continue
+            try:
+                previous = self.local.load_previous(name)
+            except StoreError:
+                previous = None  # the live version matters; rollback waits for the next one
             keys = [*self._cert_keys(name), self.key("gone", name)]
-            args = [_encode(cert), name, repr(cert.stored_at)]
+            old = _encode(previous) if previous else ""
+            args = [_encode(cert), name, repr(cert.stored_at), old]
             if self._call("restore", lambda k=keys, a=args: self._restore(keys=k, args=a)):
                 names.append(name)
                 log.warning(
