@@ -79,7 +79,9 @@ async def follow_changes(
                     next_resync = loop.time() + resync_every
         except Exception as exc:  # Redis trouble of any kind must never take the daemon down
             failed = True
-            log.warning("redis pub/sub lost error=%s retry_in=%.1fs", exc, delay)
+            log.warning(
+                "redis pub/sub lost error=%s retry_in=%.1fs", store.describe_error(exc), delay
+            )
             await _sleep(stop, delay * rng.uniform(0.5, 1.5))
             delay = min(delay * 2, BACKOFF_CAP)
         finally:

@@ -458,7 +458,7 @@ class RedisStore:
             # Redis lost it (flushed, restarted empty): the fleet's account is still in this
             # node's copy. Put it back rather than let the caller register a new account.
             local = self.local.load_account(directory)
-            if local is None or not self._restore_account(folder, *local):
+            if local is None or not self._set_account_nx(folder, *local):
                 return local
             raw = self._call("load_account", self.client.get, self.key("account", folder))
             if raw is None:
@@ -470,7 +470,7 @@ class RedisStore:
     def save_account(self, directory: str, account: Mapping[str, object], key_pem: bytes) -> None:
         folder = account_dirname(directory)
         # NX: two nodes registering at once keep the first account (one account per fleet).
-        if self._restore_account(folder, account, key_pem):
+        if self._set_account_nx(folder, account, key_pem):
             self.local.save_account(directory, account, key_pem)
             return
         # Another node's registration won: the local copy mirrors the fleet's account.
@@ -478,7 +478,7 @@ class RedisStore:
         if raw is not None:
             self._mirror_account(directory, *_decode_account(raw, folder))
 
-    def _restore_account(self, folder: str, account: Mapping[str, object], key_pem: bytes) -> bool:
+    def _set_account_nx(self, folder: str, account: Mapping[str, object], key_pem: bytes) -> bool:
         """SET NX the account: True when this call wrote it."""
         data = json.dumps({**account, "key_pem": key_pem.decode("ascii")}, sort_keys=True)
         key = self.key("account", folder)
@@ -562,7 +562,7 @@ class RedisStore:
             except StoreError as exc:
                 log.warning("local account unreadable, not restored host=%s error=%s", folder, exc)
                 continue
-            if found is not None and self._restore_account(folder, *found):
+            if found is not None and self._set_account_nx(folder, *found):
                 accounts.append(folder)
                 log.warning("acme account restored to redis from the local copy host=%s", folder)
         return Stale(tuple(names), tuple(accounts), {n: stale.reasons.get(n, "") for n in names})
