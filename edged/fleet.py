@@ -108,7 +108,11 @@ async def restore_local_copies(
             len(stale.accounts),
         )
         await _sleep(stop, rng.uniform(0, spread))
-        if not stop.is_set():
+        if stop.is_set():
+            return
+        # Again after the delay: what a faster node restored meanwhile is not sent at all.
+        stale = await asyncio.to_thread(store.stale_in_redis)
+        if stale:
             await asyncio.to_thread(store.restore, stale)
     except StoreError as exc:
         log.warning("local copies not restored to redis (next resync retries) error=%s", exc)
