@@ -363,3 +363,14 @@ def test_tls_wrong_ca_or_no_client_certificate_is_named(
     with pytest.raises(StoreError) as info:
         no_client_cert.load_previous("shop.test")
     assert where in str(info.value) and "redis_cert_file" in str(info.value)
+
+    # The right CA, but the URL names a host the certificate does not ("localhost" only).
+    by_ip = RedisStore(
+        redis_tls_server.url.replace("localhost", "127.0.0.1"),
+        FileStore(tmp_path / "local-ip"),
+        tls=RedisTls(files.ca, files.client_cert, files.client_key),
+    )
+    with pytest.raises(StoreError) as info:
+        by_ip.load_previous("shop.test")
+    assert f"rediss://127.0.0.1:{redis_tls_server.port}" in str(info.value)
+    assert "does not name 127.0.0.1: use a host name it has in edged.store" in str(info.value)

@@ -47,7 +47,9 @@ from edged.store.files import FileStore, account_dirname
 log = logging.getLogger(__name__)
 
 STALE_BATCH = 500  # names per stale_in_redis script call
-X509_V_ERR_HOSTNAME_MISMATCH = 62  # OpenSSL's verify code for a certificate naming other hosts
+# OpenSSL's verify codes for a certificate naming other hosts (X509_V_ERR_HOSTNAME_MISMATCH,
+# X509_V_ERR_IP_ADDRESS_MISMATCH)
+NAME_MISMATCH_CODES = (62, 64)
 
 # KEYS: cert, prev, names, channel, gone; ARGV: value, name
 _SAVE = """
@@ -295,7 +297,7 @@ class RedisStore:
         text = f"{exc} {cause or ''}"
         if isinstance(cause, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in text:
             reason = getattr(cause, "verify_message", "") or "certificate verify failed"
-            if getattr(cause, "verify_code", 0) == X509_V_ERR_HOSTNAME_MISMATCH:
+            if getattr(cause, "verify_code", 0) in NAME_MISMATCH_CODES:
                 fix = (
                     f"the server's certificate does not name {urlsplit(self.url).hostname}: "
                     "use a host name it has in edged.store"
