@@ -245,7 +245,9 @@ def test_restore_replaces_only_older_and_never_undoes_delete_or_rollback(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
     a, b = store(redis_server, tmp_path, "a"), store(redis_server, tmp_path, "b")
-    v1, v2 = bundle("shop.test", "v1"), bundle("shop.test", "v2")
+    # v1 from a day ago: "older" means older by more than OLDER_MARGIN (clock skew).
+    v1 = replace(bundle("shop.test", "v1"), stored_at=time.time() - 86400)
+    v2 = bundle("shop.test", "v2")
     a.save(v1)
     assert b.load("shop.test") == v1  # b's copy: v1
     a.save(v2)  # a's copy: v2
@@ -276,6 +278,13 @@ def test_restore_replaces_only_older_and_never_undoes_delete_or_rollback(
     v3 = bundle("shop.test", "v3")
     a.save(v3)
     assert b.load("shop.test") == v3
+
+    # Two saves seconds apart on nodes whose clocks disagree by 30 s: the later save, in
+    # Redis, wins although its stored_at is earlier (within OLDER_MARGIN).
+    skewed = replace(bundle("shop.test", "v4"), stored_at=v3.stored_at - 30)
+    b.save(skewed)
+    assert a.stale_in_redis().names == ()
+    assert a.load("shop.test") == skewed == a.local.load("shop.test")
 
 
 def test_read_before_the_resync_uses_the_local_copy(

@@ -71,15 +71,19 @@ if current then redis.call('SET', KEYS[2], current) else redis.call('DEL', KEYS[
 redis.call('PUBLISH', KEYS[3], ARGV[3])
 return 1
 """
+# stored_at comes from the clocks of different nodes: a version counts as older only when it
+# is older by more than this (an old dump is minutes to days behind; two saves seconds apart on
+# nodes whose clocks disagree must not be swapped back).
+OLDER_MARGIN = 60.0  # seconds
 # Whether a local copy stored at `at` should go back into Redis: the key is missing or holds
 # an older version, and the name was not deleted after that copy was stored. stored_at is read
 # with a pattern, not cjson: the value is a few KiB of PEM and this runs for every name.
-_NEEDS_RESTORE = """
+_NEEDS_RESTORE = f"""
 local function needs_restore(current, gone, at)
   if gone and tonumber(gone) and tonumber(gone) >= at then return false end
   if not current then return 'missing' end
   local theirs = tonumber(string.match(current, '"stored_at": ([-0-9.eE+]+)'))
-  if theirs == nil or theirs < at then return 'older' end
+  if theirs == nil or theirs < at - {OLDER_MARGIN!r} then return 'older' end
   return false
 end
 """
@@ -415,7 +419,7 @@ class RedisStore:
         stays (and serves) until restore() puts it back."""
         try:
             local = self.local.load(cert.name)
-            if local is not None and local.stored_at > cert.stored_at:
+            if local is not None and local.stored_at > cert.stored_at + OLDER_MARGIN:
                 return local
             if local != cert:
                 self.local.save(cert)
