@@ -99,6 +99,11 @@ class Node:
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def tail(self) -> str:
+        """The end of its log for a failure message, without the file watcher's lines."""
+        lines = [line for line in self.text().splitlines() if "watchfiles" not in line]
+        return "\n".join(lines[-30:])
+
 
 def node_config(node: Node, pebble: Pebble, redis_url: str) -> Path:
     return write_process_config(
@@ -158,7 +163,7 @@ async def test_kill_9_of_the_lease_holder_mid_order(
             # (the connection held at the gate) and waits for the answer.
             await wait_for(lambda: gate.held >= 1, 30, "the first node's validation request")
             attempting = [n for n in nodes if f"renewal attempt name={NAME}" in n.text()]
-            assert len(attempting) == 1, [n.text()[-2000:] for n in nodes]
+            assert len(attempting) == 1, [n.tail() for n in nodes]
             holder = attempting[0]
             owner = raw.get(lease_key)
             assert owner is not None
@@ -197,8 +202,12 @@ async def test_kill_9_of_the_lease_holder_mid_order(
             # Another node takes over after the TTL and finishes: one more order, one
             # certificate, served by every remaining node.
             await wait_for(lambda: leaf_fingerprint(fleet) is not None, 60, "the certificate")
-            finished = [n for n in rest if f"certificate obtained name={NAME}" in n.text()]
-            assert len(finished) == 1, [n.text()[-2000:] for n in rest]
+
+            def finished() -> list[Node]:  # logged just after the store write
+                return [n for n in rest if f"certificate obtained name={NAME}" in n.text()]
+
+            await wait_for(lambda: finished(), 20, "the success in a node's log")
+            assert len(finished()) == 1, [n.tail() for n in rest]
             expected = leaf_fingerprint(fleet)
             (tmp_path / "root.pem").write_bytes(pebble.root_pem())
             ctx = ssl.create_default_context(cafile=str(tmp_path / "root.pem"))
@@ -222,7 +231,7 @@ async def test_kill_9_of_the_lease_holder_mid_order(
             )
             print(
                 f"lease lived {lived:.1f}s after the kill (ttl {LEASE_TTL:g}s, {samples} "
-                f"samples, 1 order); taken over by node {finished[0].name}"
+                f"samples, 1 order); taken over by node {finished()[0].name}"
             )
         finally:
             for node in nodes:
@@ -236,4 +245,4 @@ async def test_kill_9_of_the_lease_holder_mid_order(
             raw.close()
             fleet.close()
     for node in rest:  # the survivors shut down cleanly
-        assert node.proc is not None and node.proc.returncode == 0, node.text()[-2000:]
+        assert node.proc is not None and node.proc.returncode == 0, node.tail()
