@@ -32,6 +32,7 @@ TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "
 _ALPN_TOKEN = re.compile(r"^[\x21-\x7e]{1,255}$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+LEASE_TTL_MIN, LEASE_TTL_MAX = 3.0, 3600.0  # seconds: edged.lease_ttl
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,14 @@ class EdgedSettings:
     store_local: str = "certs"  # with a redis:// store: the local copy served during outages
     redis_prefix: str = "edged"  # key prefix, so several fleets can share one Redis
     redis_password_file: Path | None = None
+    # rediss:// only: the CA that signs the Redis server's certificate (None = system CAs),
+    # and the client certificate Redis asks for (its default `tls-auth-clients yes`).
+    redis_ca_file: Path | None = None
+    redis_cert_file: Path | None = None
+    redis_key_file: Path | None = None
+    # How long a node's claim on a name's order outlives the node (kill -9, power loss); the
+    # holder extends it every third of this while its order runs.
+    lease_ttl: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -399,6 +408,10 @@ def _parse_edged(r: _Reader, base: Path) -> EdgedSettings:
         store_local=r.get("store_local", str, d.store_local, "a directory") or d.store_local,
         redis_prefix=r.get("redis_prefix", str, d.redis_prefix, "a key prefix"),
         redis_password_file=r.path("redis_password_file", base),
+        redis_ca_file=r.path("redis_ca_file", base),
+        redis_cert_file=r.path("redis_cert_file", base),
+        redis_key_file=r.path("redis_key_file", base),
+        lease_ttl=r.duration("lease_ttl", d.lease_ttl),
     )
     if not 0.0 <= s.connection_log_sample <= 1.0:
         r.problem(
@@ -412,8 +425,28 @@ def _parse_edged(r: _Reader, base: Path) -> EdgedSettings:
         )
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", s.redis_prefix):
         r.problem("redis_prefix", f"{s.redis_prefix!r}: use 1-64 of A-Z a-z 0-9 _ . -")
+    _check_redis_tls(r, s)
+    if not LEASE_TTL_MIN <= s.lease_ttl <= LEASE_TTL_MAX:
+        r.problem(
+            "lease_ttl",
+            f"{s.lease_ttl:g}s is out of range: use {LEASE_TTL_MIN:g}s to {LEASE_TTL_MAX / 60:g}m "
+            "(shorter cannot outlast a slow Redis round trip; longer blocks a name that long "
+            "after its ordering node died)",
+        )
     r.finish()
     return s
+
+
+def _check_redis_tls(r: _Reader, s: EdgedSettings) -> None:
+    tls_keys = ("redis_ca_file", "redis_cert_file", "redis_key_file")
+    if not s.store.startswith("rediss://"):
+        for key in tls_keys:
+            if getattr(s, key) is not None:
+                r.problem(key, f"only applies to a TLS store (rediss://…), not {s.store!r}")
+        return
+    if (s.redis_cert_file is None) != (s.redis_key_file is None):
+        missing = "redis_key_file" if s.redis_key_file is None else "redis_cert_file"
+        r.problem(missing, "set redis_cert_file and redis_key_file together (a client certificate)")
 
 
 def _drain_timeout(r: _Reader, default: float) -> float:
@@ -698,8 +731,10 @@ def parse_config(text: str, source: Path) -> Config:
 def config_files(config: Config) -> list[tuple[str, Path]]:
     """Every file the config refers to, with the key that names it."""
     files: list[tuple[str, Path]] = []
-    if config.edged.redis_password_file is not None:
-        files.append(("edged.redis_password_file", config.edged.redis_password_file))
+    for key in ("redis_password_file", "redis_ca_file", "redis_cert_file", "redis_key_file"):
+        path = getattr(config.edged, key)
+        if path is not None:
+            files.append((f"edged.{key}", path))
     if config.listen.admin_token_file is not None:
         files.append(("listen.admin_token_file", config.listen.admin_token_file))
     for site in config.sites:

@@ -47,8 +47,8 @@ MAX_SLEEP = 60.0  # re-evaluate at least this often (config reloads, expiry logg
 CONCURRENT_ORDERS = 4
 WEBHOOK_ATTEMPTS = 5
 ARI_RETRY = timedelta(hours=1)
-LEASE_TTL = 60.0  # seconds: a node that dies mid-order loses the name after this
 LEASE_RECHECK = timedelta(seconds=5)
+LEASE_EXTENSIONS = 3  # the holder extends its lease this many times per TTL
 
 
 def node_id() -> str:
@@ -354,10 +354,11 @@ class Renewer:
             return
         # A fleet: one node orders a name at a time (a lease in Redis, kept alive while the
         # order runs, released by compare-and-delete); the others adopt its result.
-        lease = await self._take_lease(name, store)
+        ttl = config.edged.lease_ttl
+        lease = await self._take_lease(name, store, ttl)
         if lease is None:
             return
-        keeper = tg.create_task(self._keep_lease(name, store, lease))
+        keeper = tg.create_task(self._keep_lease(name, store, lease, ttl))
         self.lease_holders[name] = lease
         try:
             if await self._adopt_newer_shared(name):
@@ -378,10 +379,12 @@ class Renewer:
         except StoreError:
             return False
 
-    async def _take_lease(self, name: str, store: RedisStore) -> str | None:
+    async def _take_lease(self, name: str, store: RedisStore, ttl: float) -> str | None:
+        """The lease on ordering `name` (edged.lease_ttl: how long it outlives a node that
+        dies mid-order), or None when another node holds it or Redis is down."""
         now = datetime.now(UTC)
         try:
-            lease = await asyncio.to_thread(store.acquire_lease, name, LEASE_TTL, node_id())
+            lease = await asyncio.to_thread(store.acquire_lease, name, ttl, node_id())
             holder = None if lease else await asyncio.to_thread(store.lease_holder, name)
         except StoreError as exc:
             log.warning("renewal waits for Redis name=%s error=%s", name, exc)
@@ -394,11 +397,12 @@ class Renewer:
             self.states[name] = replace(self.states[name], next_try=now + LEASE_RECHECK)
         return lease
 
-    async def _keep_lease(self, name: str, store: RedisStore, lease: str) -> None:
+    async def _keep_lease(self, name: str, store: RedisStore, lease: str, ttl: float) -> None:
         while True:
-            await asyncio.sleep(LEASE_TTL / 3)
+            # Well before expiry: two extensions may fail (a Redis hiccup) before it lapses.
+            await asyncio.sleep(ttl / LEASE_EXTENSIONS)
             try:
-                if not await asyncio.to_thread(store.extend_lease, name, lease, LEASE_TTL):
+                if not await asyncio.to_thread(store.extend_lease, name, lease, ttl):
                     log.error("lease of %s lost while ordering (Redis restarted?)", name)
                     return
             except StoreError as exc:

@@ -22,7 +22,7 @@ from edged.proxy_header import V2_SIGNATURE
 from edged.sni import Route
 from tests.pebble import Pebble, start_pebble
 from tests.pki import make_ca, make_intermediate, make_leaf, write_pair
-from tests.redis_server import redis_server  # noqa: F401  (a fixture for every test module)
+from tests.redis_server import redis_server, redis_tls_server  # noqa: F401  (fixtures for every test module)
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> Mapping[str, Callable[[], Any]]:
@@ -38,15 +38,23 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def write_process_config(
-    tmp_path: Path, body: str, *, https: int = 0, http: tuple[int, ...] = ()
+    tmp_path: Path,
+    body: str,
+    *,
+    https: int = 0,
+    http: tuple[int, ...] = (),
+    store: str = "store",
+    edged_extra: str = "",
 ) -> Path:
-    """edged.toml for edged run as a process: store "store", TLS on 127.0.0.1:`https` (a free
-    port by default), HTTP on 127.0.0.1:`http` ports, no metrics or admin; then `body`."""
+    """edged.toml for edged run as a process: `store` (default "store"), TLS on
+    127.0.0.1:`https` (a free port by default), HTTP on 127.0.0.1:`http` ports, no metrics or
+    admin; `edged_extra` adds [edged] keys; then `body`."""
     config = tmp_path / "edged.toml"
     config.write_text(
         textwrap.dedent(f"""
             [edged]
-            store = "store"
+            store = "{store}"
+            {edged_extra}
             [listen]
             https = ["127.0.0.1:{https or free_port()}"]
             http = {json.dumps([f"127.0.0.1:{p}" for p in http])}

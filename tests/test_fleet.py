@@ -1,22 +1,31 @@
 """Three edge nodes sharing one Redis and one Pebble: one order per name, HTTP-01 answered by a
-node that did not order, every node serving the new certificate within a second, and Redis
-outages that change nothing for serving."""
+node that did not order, every node serving the new certificate within a second, Redis outages
+that change nothing for serving, a Redis restarted empty getting the nodes' copies back, and a
+node on a TLS Redis."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import shutil
 import socket
 import time
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from pathlib import Path
+
+import pytest
 
 from edged.metrics import build_registry, render
 from edged.operations import DaemonOperations
 from edged.renewal import CertStatus
+from edged.store.files import FileStore, account_dirname
+from edged.store.redis import RedisStore, RedisTls
 from tests.conftest import Edged, free_port, run_backend, run_edged
 from tests.pebble import Pebble
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, RedisTlsFiles
 from tests.test_daemon_acme import acme_body, wait_for
+from tests.test_redis_store import bundle
 
 
 def site_only(backend_port: int) -> str:
@@ -156,3 +165,141 @@ async def test_redis_outage_keeps_serving_and_resyncs(
         for node in (a, b, c, restarted):
             s = node.daemon.serving("shop.test")
             assert s is not None and s.fingerprint == served.fingerprint
+
+
+async def test_redis_restarted_empty_gets_certs_and_account_back(
+    pebble: Pebble, redis_server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis restarts without its data: the nodes write their local copies back (one node per
+    name, after a random delay), the account is the fleet's own again (not a new one), and a
+    node started afterwards with an empty local directory serves the certificate from Redis."""
+    caplog.set_level(logging.INFO)
+    async with AsyncExitStack() as stack:
+        backend = await stack.enter_async_context(run_backend())
+        a, b, c = await start_fleet(stack, tmp_path, redis_server, pebble, backend.port)
+        await wait_for(
+            lambda: all(
+                n.daemon.renewer.states["shop.test"].status is CertStatus.ACTIVE
+                and not n.daemon.renewer.lease_holders
+                for n in (b, c)
+            )
+        )
+        await wait_for(
+            lambda: (
+                len(
+                    {getattr(n.daemon.serving("shop.test"), "fingerprint", None) for n in (a, b, c)}
+                )
+                == 1
+            )
+        )
+        served = a.daemon.serving("shop.test")
+        assert served is not None
+        raw = redis_server.client()
+        cert_key = "fleet1:cert:shop.test"
+        account_key = f"fleet1:account:{account_dirname(pebble.directory)}"
+        account = raw.get(account_key)
+        assert account is not None and raw.get(cert_key) is not None
+        raw.close()
+        orders = pebble.count('Added order "')
+
+        redis_server.stop()
+        redis_server.start_again()  # empty: no persistence
+        raw = redis_server.client()
+        assert raw.get(cert_key) is None
+        # Back within the reconnect backoff plus two spreads of up to 5 s each.
+        await wait_for(lambda: raw.get(cert_key) is not None and raw.get(account_key), 40)
+        assert raw.get(account_key) == account  # the fleet's account, not a new registration
+        assert raw.smembers("fleet1:names") == {b"shop.test"}
+
+        def restored() -> list[str]:  # logged just after each write
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if "certificate restored to redis" in r.getMessage()
+            ]
+
+        await wait_for(lambda: restored(), 10)
+        assert len(restored()) == 1, restored()  # one node wrote it; the others found it there
+        raw.close()
+
+        (tmp_path / "d").mkdir()
+        fresh = await stack.enter_async_context(
+            run_edged(
+                tmp_path / "d",
+                site_only(backend.port),
+                http=(free_port(),),
+                store=redis_server.url,
+                edged_extra='store_local = "local"\nredis_prefix = "fleet1"',
+            )
+        )
+        again = fresh.daemon.serving("shop.test")
+        assert again is not None and again.fingerprint == served.fingerprint
+        for node in (a, b, c):
+            s = node.daemon.serving("shop.test")
+            assert s is not None and s.fingerprint == served.fingerprint
+        assert pebble.count('Added order "') == orders  # nothing was ordered again
+
+
+async def test_fleet_over_tls_redis(
+    redis_tls_server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """rediss:// with a client certificate: a node serves what Redis holds and follows its
+    changes over TLS pub/sub; a node with the wrong CA names the URL and the CA file and
+    serves its local copy."""
+    files = redis_tls_server.tls
+    assert files is not None
+    tls_keys = (
+        f'redis_ca_file = "{files.ca}"\nredis_cert_file = "{files.client_cert}"\n'
+        f'redis_key_file = "{files.client_key}"'
+    )
+    shared = RedisStore(
+        redis_tls_server.url,
+        FileStore(tmp_path / "writer"),
+        tls=RedisTls(files.ca, files.client_cert, files.client_key),
+    )
+    first = bundle("shop.test", "v1")
+    shared.save(replace(first, source="upload"))
+    async with AsyncExitStack() as stack:
+        backend = await stack.enter_async_context(run_backend())
+        (tmp_path / "n").mkdir()
+        node = await stack.enter_async_context(
+            run_edged(
+                tmp_path / "n",
+                site_only(backend.port),
+                store=redis_tls_server.url,
+                edged_extra=f'store_local = "local"\n{tls_keys}',
+            )
+        )
+        served = node.daemon.serving("shop.test")
+        assert served is not None and node.daemon.store_available()
+        second = replace(bundle("shop.test", "v2"), source="upload")
+        await asyncio.to_thread(shared.save, second)
+        await wait_for(
+            lambda: (
+                (s := node.daemon.serving("shop.test")) is not None
+                and s.fingerprint != served.fingerprint
+            )
+        )
+
+        other = RedisTlsFiles.create(tmp_path / "other", "Some Other CA")
+        wrong_keys = tls_keys.replace(str(files.ca), str(other.ca))
+        (tmp_path / "w").mkdir()
+        shutil.copytree(tmp_path / "n" / "local", tmp_path / "w" / "local")
+        wrong = await stack.enter_async_context(
+            run_edged(
+                tmp_path / "w",
+                site_only(backend.port),
+                store=redis_tls_server.url,
+                edged_extra=f'store_local = "local"\n{wrong_keys}',
+            )
+        )
+        assert wrong.daemon.serving("shop.test") is not None  # the local copy
+        assert not wrong.daemon.store_available()
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert any(
+            f"rediss://localhost:{redis_tls_server.port}" in m
+            and str(other.ca) in m
+            and "TLS certificate verification failed" in m
+            for m in errors
+        ), errors
+    shared.close()

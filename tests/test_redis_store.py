@@ -1,10 +1,14 @@
 """The Redis store against a real redis-server: bundles, rollback, state, accounts, shared
-HTTP-01 tokens, leases, prefixes, pub/sub, and the local copy when Redis is down."""
+HTTP-01 tokens, leases, prefixes, pub/sub, the local copy when Redis is down, local copies put
+back when Redis lost its data, and TLS (rediss://) with client certificates."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,11 +16,12 @@ import redis
 
 from edged.certs import parse_bundle
 from edged.errors import StoreError
+from edged.fleet import follow_changes
 from edged.store.base import PemPair, StoredCert
 from edged.store.files import FileStore
-from edged.store.redis import RedisStore
+from edged.store.redis import RedisStore, RedisTls, Stale, _encode
 from tests.pki import make_ca, make_leaf
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, RedisTlsFiles
 
 
 def bundle(name: str, cn: str) -> StoredCert:
@@ -30,6 +35,13 @@ def bundle(name: str, cn: str) -> StoredCert:
         stored_at=time.time(),
         extra={"node": "n1"},
     )
+
+
+async def wait_until(predicate: Callable[[], bool], limit: float = 15) -> None:
+    deadline = time.monotonic() + limit
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
 
 
 def store(
@@ -48,8 +60,13 @@ def test_bundle_previous_rollback_and_local_copy(redis_server: RedisServer, tmp_
     assert b.local.load("shop.test") == second
     assert b.load_previous("shop.test") == first
     assert b.names() == ["shop.test"]
-    assert b.rollback("shop.test") == first
-    assert a.load("shop.test") == first
+    rolled = b.rollback("shop.test")
+    # The version before, live again from now on (stored_at: newer than the copies of the
+    # version rolled away from, so restoring local copies never undoes a rollback).
+    assert rolled == replace(first, stored_at=rolled.stored_at)
+    assert rolled.stored_at > second.stored_at
+    assert a.load("shop.test") == rolled
+    assert a.load_previous("shop.test") == second
     pair = first.pairs[0]
     parse_bundle(pair.fullchain, pair.privkey)  # PEM bytes survive the round trip intact
     key_file = b.local.root / "live" / "shop.test" / "privkey.pem"
@@ -180,3 +197,189 @@ def test_lease_under_contention_has_one_holder_at_a_time(
         t.join()
     assert worst == 1
     assert grants > 20
+
+
+# --- Redis comes back without its data: local copies go back -----------------------------------
+
+ACME_DIR = "https://ca.test/dir"
+
+
+def test_flushed_redis_gets_local_copies_back_once(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """After FLUSHALL every node finds the same things missing; the first restore writes them,
+    the others write nothing (checked inside Redis), and the account is the fleet's own."""
+    a, b = store(redis_server, tmp_path, "a"), store(redis_server, tmp_path, "b")
+    before, cert = bundle("shop.test", "v0"), bundle("shop.test", "v1")
+    a.save(before)
+    assert b.load("shop.test") == before  # b follows: its copy gets v0, then v1 over it
+    a.save(cert)
+    a.save_account(ACME_DIR, {"uri": "https://ca.test/acct/1"}, b"KEY1")
+    assert b.load("shop.test") == cert and b.load_account(ACME_DIR) is not None  # mirrored
+    assert not a.stale_in_redis() and not b.stale_in_redis()  # nothing to do: no writes
+    redis_server.client().flushall()
+
+    plan_a, plan_b = a.stale_in_redis(), b.stale_in_redis()
+    assert plan_a.names == plan_b.names == ("shop.test",)
+    assert plan_a.reasons == {"shop.test": "missing"}
+    assert plan_a.accounts == plan_b.accounts == ("ca.test",)
+    listener = redis_server.client().pubsub()
+    listener.subscribe(a.channel)
+    assert listener.get_message(timeout=1) is not None  # subscribe confirmation
+    done_b = b.restore(plan_b)
+    done_a = a.restore(plan_a)  # lost the race: Redis has it again
+    assert done_b.names == ("shop.test",) and done_b.accounts == ("ca.test",)
+    assert not done_a
+    message = listener.get_message(timeout=2)  # the restore told the fleet
+    assert message is not None and message["data"] == b"shop.test"
+    listener.close()
+    fresh = store(redis_server, tmp_path, "fresh")  # a node with an empty local copy
+    assert fresh.load("shop.test") == cert
+    assert fresh.load_previous("shop.test") == before  # b's copy had it: rollback works again
+    assert fresh.names() == ["shop.test"]
+    assert fresh.load_account(ACME_DIR) == ({"uri": "https://ca.test/acct/1"}, b"KEY1")
+    assert (fresh.local.root / "accounts" / "ca.test" / "key.pem").stat().st_mode & 0o777 == 0o600
+
+
+def test_restore_replaces_only_older_and_never_undoes_delete_or_rollback(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    a, b = store(redis_server, tmp_path, "a"), store(redis_server, tmp_path, "b")
+    # v1 from a day ago: "older" means older by more than OLDER_MARGIN (clock skew).
+    v1 = replace(bundle("shop.test", "v1"), stored_at=time.time() - 86400)
+    v2 = bundle("shop.test", "v2")
+    a.save(v1)
+    assert b.load("shop.test") == v1  # b's copy: v1
+    a.save(v2)  # a's copy: v2
+    # Redis restored from an old dump: it holds v1 again.
+    raw = redis_server.client()
+    raw.set(a.key("cert", "shop.test"), _encode(v1))
+    assert b.stale_in_redis().names == ()  # b's copy is no newer than Redis
+    assert a.load("shop.test") == v2  # a read does not replace the newer local copy
+    plan = a.stale_in_redis()
+    assert plan.reasons == {"shop.test": "older"}
+    assert a.restore(plan).names == ("shop.test",)
+    assert b.load("shop.test") == v2 and b.load_previous("shop.test") == v1
+
+    # A rollback makes v1 live "now": a's newer copy of v2 does not undo it.
+    rolled = b.rollback("shop.test")
+    assert a.stale_in_redis().names == ()
+    assert a.restore(Stale(("shop.test",))).names == ()  # even when told to: checked in Redis
+    assert b.load("shop.test") == rolled
+
+    # A deleted certificate stays deleted, although a's copy still has it.
+    a_copy = a.local.load("shop.test")
+    b.delete("shop.test")
+    assert a.local.load("shop.test") == a_copy
+    assert a.stale_in_redis().names == ()
+    assert a.restore(Stale(("shop.test",))).names == ()
+    assert a.load("shop.test") is None and b.load("shop.test") is None
+    # ...until a newer one is stored.
+    v3 = bundle("shop.test", "v3")
+    a.save(v3)
+    assert b.load("shop.test") == v3
+
+    # Two saves seconds apart on nodes whose clocks disagree by 30 s: the later save, in
+    # Redis, wins although its stored_at is earlier (within OLDER_MARGIN).
+    skewed = replace(bundle("shop.test", "v4"), stored_at=v3.stored_at - 30)
+    b.save(skewed)
+    assert a.stale_in_redis().names == ()
+    assert a.load("shop.test") == skewed == a.local.load("shop.test")
+
+
+def test_read_before_the_resync_uses_the_local_copy(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Between a flush and the next resync a node reads (a restart, an order needing the
+    account): it gets its local copy, not None (which would serve nothing, order anew or
+    register a new account). Certificates go back with restore() (jittered), the account at
+    once (SET NX)."""
+    a, b = store(redis_server, tmp_path, "a"), store(redis_server, tmp_path, "b")
+    cert = bundle("shop.test", "v1")
+    a.save(cert)
+    a.save_account(ACME_DIR, {"uri": "https://ca.test/acct/1"}, b"KEY1")
+    redis_server.client().flushall()
+    assert b.load("shop.test") is None  # b never had it
+    assert a.load("shop.test") == cert
+    assert not redis_server.client().exists(a.key("cert", "shop.test"))  # reading wrote nothing
+    assert a.load_account(ACME_DIR) == ({"uri": "https://ca.test/acct/1"}, b"KEY1")
+    assert b.load_account(ACME_DIR) == ({"uri": "https://ca.test/acct/1"}, b"KEY1")
+    # A registration that lost the SET NX race leaves the fleet's account in the local copy.
+    b.save_account(ACME_DIR, {"uri": "https://ca.test/acct/2"}, b"KEY2")
+    assert b.local.load_account(ACME_DIR) == ({"uri": "https://ca.test/acct/1"}, b"KEY1")
+    assert a.restore(a.stale_in_redis()).names == ("shop.test",)
+    assert b.load("shop.test") == cert
+
+
+# --- TLS (rediss://) ------------------------------------------------------------------------------
+
+
+def tls_store(server: RedisServer, tmp_path: Path, tls: RedisTls, node: str = "t") -> RedisStore:
+    return RedisStore(server.url, FileStore(tmp_path / f"local-{node}"), tls=tls)
+
+
+async def test_tls_store_with_client_certificate_and_pubsub(
+    redis_tls_server: RedisServer, tmp_path: Path
+) -> None:
+    files = redis_tls_server.tls
+    assert files is not None and redis_tls_server.url.startswith("rediss://")
+    tls = RedisTls(files.ca, files.client_cert, files.client_key)
+    a, b = (
+        tls_store(redis_tls_server, tmp_path, tls, "a"),
+        tls_store(redis_tls_server, tmp_path, tls, "b"),
+    )
+    cert = bundle("shop.test", "v1")
+    a.save(cert)
+    assert b.load("shop.test") == cert and b.available
+    owner = a.acquire_lease("shop.test", ttl=5, node="a")
+    assert owner is not None and b.lease_holder("shop.test") == owner
+    # The pub/sub follower connects with the same TLS settings (asyncio client).
+    heard: list[str] = []
+    stop = asyncio.Event()
+    follower = asyncio.create_task(
+        follow_changes(b, heard.append, stop, resync_every=60, restore_spread=0)
+    )
+    try:
+        await wait_until(lambda: "resync" in heard)
+        await asyncio.to_thread(a.save, bundle("shop.test", "v2"))
+        await wait_until(lambda: "store" in heard)
+    finally:
+        stop.set()
+        await asyncio.wait_for(follower, 10)
+
+
+def test_tls_wrong_ca_or_no_client_certificate_is_named(
+    redis_tls_server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    files = redis_tls_server.tls
+    assert files is not None
+    other = RedisTlsFiles.create(tmp_path / "other", "Some Other CA")
+    wrong_ca = tls_store(
+        redis_tls_server, tmp_path, RedisTls(other.ca, files.client_cert, files.client_key)
+    )
+    where = f"rediss://localhost:{redis_tls_server.port}"
+    with pytest.raises(StoreError) as info:
+        wrong_ca.save(bundle("shop.test", "v1"))
+    message = str(info.value)
+    assert where in message and str(other.ca) in message, message
+    assert "TLS certificate verification failed" in message and "redis_ca_file" in message
+    assert str(other.ca) in caplog.text  # logged once, naming the file to fix
+    assert not wrong_ca.available
+    # Reads fall back to the local copy, as in any outage.
+    assert wrong_ca.load("shop.test") is None
+
+    no_client_cert = tls_store(redis_tls_server, tmp_path, RedisTls(files.ca), "n")
+    with pytest.raises(StoreError) as info:
+        no_client_cert.load_previous("shop.test")
+    assert where in str(info.value) and "redis_cert_file" in str(info.value)
+
+    # The right CA, but the URL names a host the certificate does not ("localhost" only).
+    by_ip = RedisStore(
+        redis_tls_server.url.replace("localhost", "127.0.0.1"),
+        FileStore(tmp_path / "local-ip"),
+        tls=RedisTls(files.ca, files.client_cert, files.client_key),
+    )
+    with pytest.raises(StoreError) as info:
+        by_ip.load_previous("shop.test")
+    assert f"rediss://127.0.0.1:{redis_tls_server.port}" in str(info.value)
+    assert "does not name 127.0.0.1: use a host name it has in edged.store" in str(info.value)

@@ -20,24 +20,26 @@ def open_store(config: Config, current: Store | None = None) -> Store:
         if isinstance(current, FileStore) and current.root == local:
             return current
         return FileStore(local)
-    from edged.store.redis import RedisStore
+    from edged.store.redis import RedisStore, RedisTls
 
-    if isinstance(current, RedisStore) and (current.url, current.prefix, current.root) == (
-        url,
-        config.edged.redis_prefix,
-        local,
-    ):
+    e = config.edged
+    tls = RedisTls(e.redis_ca_file, e.redis_cert_file, e.redis_key_file)
+    if isinstance(current, RedisStore) and (
+        current.url,
+        current.prefix,
+        current.root,
+        current.tls,
+    ) == (url, e.redis_prefix, local, tls):
         return current
     password = None
-    if config.edged.redis_password_file is not None:
+    if e.redis_password_file is not None:
         try:
-            password = config.edged.redis_password_file.read_text().strip()
+            password = e.redis_password_file.read_text().strip()
         except OSError as exc:
             raise StoreError(
-                f"{config.edged.redis_password_file}: edged.redis_password_file: cannot read: "
-                f"{exc.strerror}"
+                f"{e.redis_password_file}: edged.redis_password_file: cannot read: {exc.strerror}"
             ) from None
-    return RedisStore(url, FileStore(local), prefix=config.edged.redis_prefix, password=password)
+    return RedisStore(url, FileStore(local), prefix=e.redis_prefix, password=password, tls=tls)
 
 
 __all__ = ["FileStore", "PemPair", "Store", "StoredCert", "open_store"]

@@ -216,7 +216,29 @@ class FileStore:
             self._write_file(self._state / f"{dirname}.json", data.encode() + b"\n")
 
     def load_account(self, directory: str) -> tuple[dict[str, object], bytes] | None:
-        folder = self._accounts / account_dirname(directory)
+        return self.load_account_folder(account_dirname(directory))
+
+    def account_folders(self) -> list[str]:
+        """The accounts/<folder> names (one per ACME directory host) that hold an account."""
+        try:
+            entries = list(os.scandir(self._accounts))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StoreError(
+                f"cannot list {self._accounts}: {exc.strerror}; check permissions of the store"
+            ) from exc
+        return sorted(
+            e.name
+            for e in entries
+            if re.fullmatch(r"[a-z0-9._-]+", e.name) and (Path(e.path) / "account.json").exists()
+        )
+
+    def load_account_folder(self, dirname: str) -> tuple[dict[str, object], bytes] | None:
+        """The account in accounts/<dirname> (see account_dirname), or None."""
+        if not re.fullmatch(r"[a-z0-9._-]+", dirname) or dirname in (".", ".."):
+            raise StoreError(f"invalid account folder name {dirname!r}")
+        folder = self._accounts / dirname
         try:
             raw = (folder / "account.json").read_bytes()
             key_pem = (folder / "key.pem").read_bytes()

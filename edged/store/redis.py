@@ -10,11 +10,17 @@ Layout (every key starts with `<prefix>:`)::
     account:<host>     ACME account JSON with its key
     token:<token>      pending HTTP-01 answer (expires by itself)
     lease:<name>       owner token of the node ordering <name> (SET NX PX)
+    gone:<name>        when <name> was deleted (so no node's local copy brings it back)
     changes            pub/sub channel: a name whose certificate changed
+    states             pub/sub channel: a name whose renewal state changed
 
 A bundle is one value, so a reader sees a whole version or the previous one; save() rotates
 live→previous and publishes the change in one Lua script. Every write is mirrored into a local
 FileStore: a node keeps serving from its local copy when Redis is down, also across a restart.
+When Redis comes back without its data (restarted without persistence, flushed, restored from
+an old dump), the local copies go back: stale_in_redis() finds what Redis lacks or holds in an
+older version (by `stored_at`, the time a version became live), restore() writes it with a
+compare-in-Lua so only a node whose copy is still newer writes, and accounts with SET NX.
 Synchronous, like every Store: the daemon calls it from worker threads.
 """
 
@@ -23,7 +29,10 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import ssl
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -37,25 +46,82 @@ from edged.store.files import FileStore, account_dirname
 
 log = logging.getLogger(__name__)
 
-# KEYS: cert, prev, names, channel; ARGV: value, name
+STALE_BATCH = 500  # names per stale_in_redis script call
+# OpenSSL's verify codes for a certificate naming other hosts (X509_V_ERR_HOSTNAME_MISMATCH,
+# X509_V_ERR_IP_ADDRESS_MISMATCH)
+NAME_MISMATCH_CODES = (62, 64)
+
+# KEYS: cert, prev, names, channel, gone; ARGV: value, name
 _SAVE = """
 local current = redis.call('GET', KEYS[1])
 if current then redis.call('SET', KEYS[2], current) end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[3], ARGV[2])
+redis.call('DEL', KEYS[5])
 redis.call('PUBLISH', KEYS[4], ARGV[2])
 return 1
 """
-# KEYS: cert, prev, channel; ARGV: name
+# Swap only if previous is still the version read (else another node changed it meanwhile).
+# KEYS: cert, prev, channel; ARGV: previous as read, the new live value, name
 _ROLLBACK = """
-local previous = redis.call('GET', KEYS[2])
-if not previous then return nil end
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 local current = redis.call('GET', KEYS[1])
-redis.call('SET', KEYS[1], previous)
-if current then redis.call('SET', KEYS[2], current) end
-redis.call('PUBLISH', KEYS[3], ARGV[1])
-return previous
+redis.call('SET', KEYS[1], ARGV[2])
+if current then redis.call('SET', KEYS[2], current) else redis.call('DEL', KEYS[2]) end
+redis.call('PUBLISH', KEYS[3], ARGV[3])
+return 1
 """
+# stored_at comes from the clocks of different nodes: a version counts as older only when it
+# is older by more than this (an old dump is minutes to days behind; two saves seconds apart on
+# nodes whose clocks disagree must not be swapped back).
+OLDER_MARGIN = 60.0  # seconds
+# Whether a local copy stored at `at` should go back into Redis: the key is missing or holds
+# an older version, and the name was not deleted after that copy was stored. stored_at is read
+# with a pattern, not cjson: the value is a few KiB of PEM and this runs for every name.
+_NEEDS_RESTORE = f"""
+local function needs_restore(current, gone, at)
+  if gone and tonumber(gone) and tonumber(gone) >= at then return false end
+  if not current then return 'missing' end
+  local theirs = tonumber(string.match(current, '"stored_at": ([-0-9.eE+]+)'))
+  if theirs == nil or theirs < at - {OLDER_MARGIN!r} then return 'older' end
+  return false
+end
+"""
+# KEYS: cert_1..cert_n, gone_1..gone_n; ARGV: stored_at_1..n. Returns [index, reason, ...]
+# (1-based indexes, reason "missing" or "older").
+_STALE = (
+    _NEEDS_RESTORE
+    + """
+local n, out = #ARGV, {}
+for i = 1, n do
+  local why = needs_restore(redis.call('GET', KEYS[i]), redis.call('GET', KEYS[n + i]),
+                            tonumber(ARGV[i]))
+  if why then
+    out[#out + 1] = i
+    out[#out + 1] = why
+  end
+end
+return out
+"""
+)
+# KEYS: cert, prev, names, channel, gone; ARGV: value, name, stored_at, the local previous
+# version ("" = none; it becomes previous when Redis had no version). 1 when written.
+_RESTORE = (
+    _NEEDS_RESTORE
+    + """
+local current = redis.call('GET', KEYS[1])
+if not needs_restore(current, redis.call('GET', KEYS[5]), tonumber(ARGV[3])) then return 0 end
+if current then
+  redis.call('SET', KEYS[2], current)
+elseif ARGV[4] ~= '' and redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('SET', KEYS[2], ARGV[4])
+end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[2])
+redis.call('PUBLISH', KEYS[4], ARGV[2])
+return 1
+"""
+)
 # Compare-and-act on a lease: only its owner may extend or release it.
 _EXTEND = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -117,6 +183,40 @@ def _decode(raw: bytes, name: str, where: str) -> StoredCert:
         ) from None
 
 
+@dataclass(frozen=True)
+class RedisTls:
+    """TLS settings of a rediss:// store (edged.redis_ca_file, redis_cert_file, redis_key_file)."""
+
+    ca_file: Path | None = None  # None: the system CAs
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class Stale:
+    """What a node's local copy holds that Redis lacks or holds in an older version."""
+
+    names: tuple[str, ...] = ()
+    accounts: tuple[str, ...] = ()  # accounts/<folder> names
+    reasons: dict[str, str] = field(default_factory=dict)  # name → "missing" | "older"
+
+    def __bool__(self) -> bool:
+        return bool(self.names or self.accounts)
+
+
+def _decode_account(raw: bytes, folder: str) -> tuple[dict[str, object], bytes]:
+    try:
+        data = json.loads(raw)
+        key_pem = str(data.pop("key_pem")).encode()
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise StoreError(
+            f"the ACME account of {folder} in Redis is corrupt; delete the key to register anew"
+        ) from None
+    if not isinstance(data, dict):
+        raise StoreError(f"the ACME account of {folder} in Redis is not a JSON object")
+    return data, key_pem
+
+
 class RedisStore:
     """Store protocol on Redis, mirrored into a local FileStore (the outage copy)."""
 
@@ -127,21 +227,34 @@ class RedisStore:
         *,
         prefix: str = "edged",
         password: str | None = None,
+        tls: RedisTls | None = None,
         timeout: float = 2.0,
     ) -> None:
         self.url = url
         self.local = local
         self.prefix = prefix
+        self.tls = tls
+        # Shared with the pub/sub follower's asyncio client (edged.fleet): one place that says
+        # how to reach this Redis.
+        self.connection_kwargs: dict[str, Any] = {"password": password}
+        if tls is not None and url.startswith("rediss://"):
+            self.connection_kwargs.update(
+                ssl_ca_certs=str(tls.ca_file) if tls.ca_file else None,
+                ssl_certfile=str(tls.cert_file) if tls.cert_file else None,
+                ssl_keyfile=str(tls.key_file) if tls.key_file else None,
+            )
         self.client = redis.Redis.from_url(
             url,
-            password=password,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
+            **self.connection_kwargs,
         )
         self._save = self.client.register_script(_SAVE)
         self._rollback = self.client.register_script(_ROLLBACK)
         self._extend = self.client.register_script(_EXTEND)
         self._release = self.client.register_script(_RELEASE)
+        self._stale = self.client.register_script(_STALE)
+        self._restore = self.client.register_script(_RESTORE)
         self.available = True
 
     @property
@@ -163,20 +276,62 @@ class RedisStore:
         try:
             result = fn(*args)
         except redis.RedisError as exc:
+            message = self.describe_error(exc)
             if self.available:
-                log.error("redis unavailable url=%s action=%s error=%s", self._where(), what, exc)
+                log.error("redis unavailable action=%s error=%s", what, message)
             self.available = False
             raise StoreError(
-                f"Redis at {self._where()} is unavailable ({type(exc).__name__}: {exc}); "
-                "serving continues from the local copy, writes wait until it is back"
+                f"{message}; serving continues from the local copy, writes wait until it is back"
             ) from exc
         if not self.available:
             log.info("redis available again url=%s", self._where())
         self.available = True
         return result
 
+    def describe_error(self, exc: BaseException) -> str:
+        """What went wrong reaching Redis, naming the URL, and for TLS the file to fix."""
+        where = self._where()
+        cause: BaseException | None = exc
+        for _ in range(8):  # the chain is short; bounded in case it loops
+            if cause is None or isinstance(cause, ssl.SSLError):
+                break
+            cause = cause.__cause__ or cause.__context__
+        if not isinstance(cause, ssl.SSLError):
+            cause = None
+        text = f"{exc} {cause or ''}"
+        if isinstance(cause, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in text:
+            reason = getattr(cause, "verify_message", "") or "certificate verify failed"
+            if getattr(cause, "verify_code", 0) in NAME_MISMATCH_CODES:
+                fix = (
+                    f"the server's certificate does not name {urlsplit(self.url).hostname}: "
+                    "use a host name it has in edged.store"
+                )
+            elif self.tls is not None and self.tls.ca_file is not None:
+                fix = (
+                    "the server's certificate is not signed by a CA in edged.redis_ca_file "
+                    f"{self.tls.ca_file}: set it to the CA that signed Redis's tls-cert-file"
+                )
+            else:
+                fix = (
+                    "the server's certificate is not trusted by the system CAs: set "
+                    "edged.redis_ca_file to the CA that signed Redis's tls-cert-file"
+                )
+            return f"Redis at {where}: TLS certificate verification failed ({reason}): {fix}"
+        if cause is not None:
+            client = self.tls.cert_file if self.tls else None
+            hint = (
+                f"check edged.redis_cert_file {client} and redis_key_file"
+                if client
+                else "if Redis requires client certificates, set edged.redis_cert_file and "
+                "redis_key_file"
+            )
+            return f"Redis at {where}: TLS handshake failed ({cause}): {hint}"
+        return f"Redis at {where} is unavailable ({type(exc).__name__}: {exc})"
+
     def _where(self) -> str:
         parts = urlsplit(self.url)
+        if parts.scheme == "unix":
+            return f"unix://{parts.path}"
         return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}"  # no password in text
 
     # --- certificates -------------------------------------------------------------------
@@ -188,10 +343,28 @@ class RedisStore:
         except StoreError:
             return self.local.load(name)
         if raw is None:
+            return self._lost_by_redis(name)
+        return self._mirror(_decode(raw, name, "live"))
+
+    def _lost_by_redis(self, name: str) -> StoredCert | None:
+        """Redis lacks `name`: the local copy when it has one that was not deleted since (Redis
+        lost it: a node restarted after a flush must serve it, not order anew). Not written
+        back here: every node reads at once after a change, restore() writes with jitter."""
+        try:
+            local = self.local.load(name)
+        except StoreError:
             return None
-        cert = _decode(raw, name, "live")
-        self._mirror(cert)
-        return cert
+        if local is None:
+            return None
+        try:
+            gone = self._call("load", self.client.get, self.key("gone", name))
+        except StoreError:
+            return local  # Redis went away meanwhile: the outage rule, the local copy
+        try:
+            deleted = gone is not None and float(gone) >= local.stored_at
+        except ValueError:
+            deleted = True
+        return None if deleted else local
 
     def load_previous(self, name: str) -> StoredCert | None:
         name = _name(name)
@@ -200,17 +373,25 @@ class RedisStore:
 
     def save(self, cert: StoredCert) -> None:
         name = _name(cert.name)
-        keys = [self.key("cert", name), self.key("prev", name), self.key("names"), self.channel]
+        keys = [*self._cert_keys(name), self.key("gone", name)]
         self._call("save", lambda: self._save(keys=keys, args=[_encode(cert), name]))
         self.local.save(cert)
 
+    def _cert_keys(self, name: str) -> list[str]:
+        return [self.key("cert", name), self.key("prev", name), self.key("names"), self.channel]
+
     def rollback(self, name: str) -> StoredCert:
         name = _name(name)
-        keys = [self.key("cert", name), self.key("prev", name), self.channel]
-        raw = self._call("rollback", lambda: self._rollback(keys=keys, args=[name]))
+        raw = self._call("rollback", self.client.get, self.key("prev", name))
         if raw is None:
             raise StoreError(f"no previous version of {name!r} in Redis: nothing to roll back to")
-        cert = _decode(cast(bytes, raw), name, "previous")
+        # Live from now on: newer than any node's local copy of the version rolled away from,
+        # so restoring local copies (restore()) never undoes the rollback.
+        cert = replace(_decode(cast(bytes, raw), name, "previous"), stored_at=time.time())
+        keys = [self.key("cert", name), self.key("prev", name), self.channel]
+        args = [raw, _encode(cert), name]
+        if not self._call("rollback", lambda: self._rollback(keys=keys, args=args)):
+            raise StoreError(f"{name!r} changed in Redis during the rollback: try again")
         self.local.save(cert)
         return cert
 
@@ -219,6 +400,8 @@ class RedisStore:
         pipe = self.client.pipeline()
         pipe.delete(self.key("cert", name), self.key("prev", name))
         pipe.srem(self.key("names"), name)
+        # Remembered, so a node that was away does not write its local copy back (restore()).
+        pipe.set(self.key("gone", name), repr(time.time()))
         pipe.publish(self.channel, name)
         self._call("delete", pipe.execute)
         self.local.delete(name)
@@ -230,13 +413,19 @@ class RedisStore:
             return self.local.names()
         return sorted(m.decode() for m in members)
 
-    def _mirror(self, cert: StoredCert) -> None:
-        """Keep the local copy equal to Redis (only writes when it differs)."""
+    def _mirror(self, cert: StoredCert) -> StoredCert:
+        """Keep the local copy equal to Redis (only writes when it differs) and return it;
+        unless the local copy is newer: Redis was restored from an old dump, the local copy
+        stays (and serves) until restore() puts it back."""
         try:
-            if self.local.load(cert.name) != cert:
+            local = self.local.load(cert.name)
+            if local is not None and local.stored_at > cert.stored_at + OLDER_MARGIN:
+                return local
+            if local != cert:
                 self.local.save(cert)
         except StoreError as exc:
             log.warning("local copy not updated name=%s error=%s", cert.name, exc)
+        return cert
 
     # --- state and accounts -------------------------------------------------------------
 
@@ -266,23 +455,123 @@ class RedisStore:
         self._call("save_state", pipe.execute)
 
     def load_account(self, directory: str) -> tuple[dict[str, object], bytes] | None:
-        key = self.key("account", account_dirname(directory))
+        folder = account_dirname(directory)
         try:
-            raw = self._call("load_account", self.client.get, key)
+            raw = self._call("load_account", self.client.get, self.key("account", folder))
         except StoreError:
             return self.local.load_account(directory)
         if raw is None:
-            return None
-        data = json.loads(raw)
-        key_pem = str(data.pop("key_pem")).encode()
-        return data, key_pem
+            # Redis lost it (flushed, restarted empty): the fleet's account is still in this
+            # node's copy. Put it back rather than let the caller register a new account.
+            local = self.local.load_account(directory)
+            if local is None or not self._set_account_nx(folder, *local):
+                return local
+            raw = self._call("load_account", self.client.get, self.key("account", folder))
+            if raw is None:
+                return local
+        account, key_pem = _decode_account(raw, folder)
+        self._mirror_account(directory, account, key_pem)
+        return account, key_pem
 
     def save_account(self, directory: str, account: Mapping[str, object], key_pem: bytes) -> None:
-        key = self.key("account", account_dirname(directory))
-        data = json.dumps({**account, "key_pem": key_pem.decode("ascii")}, sort_keys=True)
+        folder = account_dirname(directory)
         # NX: two nodes registering at once keep the first account (one account per fleet).
-        self._call("save_account", self.client.set, key, data, None, None, True)
-        self.local.save_account(directory, account, key_pem)
+        if self._set_account_nx(folder, account, key_pem):
+            self.local.save_account(directory, account, key_pem)
+            return
+        # Another node's registration won: the local copy mirrors the fleet's account.
+        raw = self._call("load_account", self.client.get, self.key("account", folder))
+        if raw is not None:
+            self._mirror_account(directory, *_decode_account(raw, folder))
+
+    def _set_account_nx(self, folder: str, account: Mapping[str, object], key_pem: bytes) -> bool:
+        """SET NX the account: True when this call wrote it."""
+        data = json.dumps({**account, "key_pem": key_pem.decode("ascii")}, sort_keys=True)
+        key = self.key("account", folder)
+        return bool(self._call("save_account", self.client.set, key, data, None, None, True))
+
+    def _mirror_account(self, directory: str, account: dict[str, object], key_pem: bytes) -> None:
+        try:
+            if self.local.load_account(directory) != (account, key_pem):
+                self.local.save_account(directory, account, key_pem)
+        except StoreError as exc:
+            log.warning("local copy of the account not updated error=%s", exc)
+
+    # --- putting local copies back when Redis lost its data -------------------------------
+
+    def stale_in_redis(self) -> Stale:
+        """Read-only and cheap (one script call for all certificates): what restore() would
+        write. Local copies that cannot be read are skipped (logged)."""
+        local: list[StoredCert] = []
+        for name in self.local.names():
+            try:
+                cert = self.local.load(name)
+            except StoreError as exc:
+                log.warning("local copy unreadable, not restored name=%s error=%s", name, exc)
+                continue
+            if cert is not None:
+                local.append(cert)
+        reasons: dict[str, str] = {}
+        # In batches: one script call blocks Redis while it runs.
+        for start in range(0, len(local), STALE_BATCH):
+            batch = local[start : start + STALE_BATCH]
+            keys = [self.key("cert", c.name) for c in batch]
+            keys += [self.key("gone", c.name) for c in batch]
+            args = [repr(c.stored_at) for c in batch]
+            found = cast(
+                list[Any],
+                self._call("stale_in_redis", lambda k=keys, a=args: self._stale(keys=k, args=a)),
+            )
+            for i, why in zip(found[::2], found[1::2], strict=True):
+                reasons[batch[int(i) - 1].name] = bytes(why).decode()
+        folders = self.local.account_folders()
+        missing_accounts: list[str] = []
+        if folders:
+            pipe = self.client.pipeline()
+            for folder in folders:
+                pipe.exists(self.key("account", folder))
+            exists = self._call("stale_in_redis", pipe.execute)
+            missing_accounts = [f for f, e in zip(folders, exists, strict=True) if not e]
+        return Stale(tuple(reasons), tuple(missing_accounts), reasons)
+
+    def restore(self, stale: Stale) -> Stale:
+        """Write back what `stale` names, each only if Redis still lacks it or holds an older
+        version (checked again inside Redis), and publish each change. Returns what this node
+        wrote; a node that lost the race to another writes nothing."""
+        names: list[str] = []
+        for name in stale.names:
+            try:
+                cert = self.local.load(name)
+            except StoreError as exc:
+                log.warning("local copy unreadable, not restored name=%s error=%s", name, exc)
+                continue
+            if cert is None:
+                continue
+            try:
+                previous = self.local.load_previous(name)
+            except StoreError:
+                previous = None  # the live version matters; rollback waits for the next one
+            keys = [*self._cert_keys(name), self.key("gone", name)]
+            old = _encode(previous) if previous else ""
+            args = [_encode(cert), name, repr(cert.stored_at), old]
+            if self._call("restore", lambda k=keys, a=args: self._restore(keys=k, args=a)):
+                names.append(name)
+                log.warning(
+                    "certificate restored to redis from the local copy name=%s reason=%s",
+                    name,
+                    stale.reasons.get(name, "missing"),
+                )
+        accounts: list[str] = []
+        for folder in stale.accounts:
+            try:
+                found = self.local.load_account_folder(folder)
+            except StoreError as exc:
+                log.warning("local account unreadable, not restored host=%s error=%s", folder, exc)
+                continue
+            if found is not None and self._set_account_nx(folder, *found):
+                accounts.append(folder)
+                log.warning("acme account restored to redis from the local copy host=%s", folder)
+        return Stale(tuple(names), tuple(accounts), {n: stale.reasons.get(n, "") for n in names})
 
     # --- HTTP-01 tokens shared by the fleet ------------------------------------------------
 
