@@ -14,6 +14,7 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -197,10 +198,12 @@ class Config:
         return path if path.is_absolute() else self.source.parent / path
 
     def site_for(self, name: str) -> Site | None:
-        for site in self.sites:
-            if name in site.names:
-                return site
-        return None
+        return self._site_by_name.get(name)
+
+    @cached_property
+    def _site_by_name(self) -> dict[str, Site]:
+        # O(1) lookups: with 100k sites a scan per renewal or status call adds up.
+        return {name: site for site in self.sites for name in site.names}
 
 
 T = TypeVar("T")

@@ -39,6 +39,7 @@ from edged.metrics import (
     build_registry,
     start_metrics_server,
 )
+from edged.names import name_of_store_dir, store_dirname
 from edged.operations import DaemonOperations
 from edged.proxy import ProxySettings, Terminator
 from edged.reload import Snapshot, WatchSet, take_snapshot, watch_changes, watch_set
@@ -87,7 +88,7 @@ def prepare(config: Config, config_path: Path, store: Store | None, now: datetim
     watch = watch_set(config, config_path)
     snapshot = take_snapshot(watch)  # before reading: a change during the read shows as new
     # An expired store certificate is still served when it is all a site has (clients decide).
-    certs = load_site_certs(config, store, now, keep_expired=True)
+    certs = load_site_certs(config, store, now, keep_expired=True, light=True)
     origins: dict[int, ssl.SSLContext] = {}
     problems = list(certs.problems)
     for site in config.sites:
@@ -110,6 +111,30 @@ def _same_source(old: Site, new: Site) -> bool:
     return (old.names, old.cert_file, old.key_file) == (new.names, new.cert_file, new.key_file)
 
 
+def keep_or_replace(
+    site: Site,
+    kept: tuple[CertBundle, ...] | None,
+    new: tuple[CertBundle, ...] | None,
+    expired: bool,
+) -> tuple[CertBundle, ...] | None:
+    """What a site serves after a load found `new` (None: nothing valid) while it served
+    `kept`: the old certificate stays when the new one failed validation or is expired."""
+    if not kept or new == kept:
+        return new
+    if new is None:
+        log.warning("%s: keeping the previous certificate for %s", site.key, site.name)
+        return kept
+    if expired:
+        log.error(
+            "%s: the stored certificate for %s is expired: refused as a replacement, "
+            "keeping the previous certificate",
+            site.key,
+            site.name,
+        )
+        return kept
+    return new
+
+
 def build_serving(
     old_config: Config | None,
     old_bundles: dict[int, tuple[CertBundle, ...]],
@@ -129,21 +154,11 @@ def build_serving(
             old = old_sites.get(site.name)
             if old is None or not _same_source(old, site):
                 continue
-            kept = old_bundles.get(old.index)
-            new = bundles.get(site.index)
-            if not kept or new == kept:
-                continue
-            if new is None:
-                log.warning("%s: keeping the previous certificate for %s", site.key, site.name)
-                bundles[site.index] = kept
-            elif site.index in expired:
-                log.error(
-                    "%s: the stored certificate for %s is expired: refused as a replacement, "
-                    "keeping the previous certificate",
-                    site.key,
-                    site.name,
-                )
-                bundles[site.index] = kept
+            chosen = keep_or_replace(
+                site, old_bundles.get(old.index), bundles.get(site.index), site.index in expired
+            )
+            if chosen is not None:
+                bundles[site.index] = chosen
     return bundles, build_index(config.sites, bundles, config.tls.default_cert)
 
 
@@ -176,6 +191,8 @@ class Daemon:
         self._inherited = InheritedListeners([])
         self._reload = asyncio.Event()
         self._reload_kind = "signal"
+        self._reload_all = False
+        self._reload_names: set[str] = set()
         self._watching: WatchSet | None = None
         self._watch_stop = asyncio.Event()
         self.board = ChallengeBoard()
@@ -186,7 +203,7 @@ class Daemon:
             board=self.board,
             alpn_board=self.alpn_board,
             counters=self.counters,
-            on_installed=lambda _name: self.reload("store"),
+            on_installed=lambda name: self.reload("store", {name}),
             serving=self.serving,
         )
         self._metrics: web.AppRunner | None = None
@@ -279,9 +296,15 @@ class Daemon:
             log.info("%s: stopping (send it again to exit without draining)", name)
             self.request_stop()
 
-    def request_reload(self, kind: str = "signal") -> None:
-        """Ask for a reload; requests that arrive while one runs coalesce into one more."""
+    def request_reload(self, kind: str = "signal", names: Collection[str] | None = None) -> None:
+        """Ask for a reload; requests that arrive while one runs coalesce into one more.
+        `names`: only the store certificates of these names changed (a renewal, an upload, a
+        fleet change): only their sites are read again."""
         self._reload_kind = kind
+        if names is None:
+            self._reload_all = True
+        else:
+            self._reload_names.update(names)
         self._reload.set()
 
     @property
@@ -381,6 +404,7 @@ class Daemon:
                             self.request_reload,
                             self._stop,
                             on_state=self.renewer.note_shared_state,
+                            on_cert=lambda name: self.request_reload("store", {name}),
                         )
                     )
                 try:
@@ -488,20 +512,98 @@ class Daemon:
                 await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
                 if self._reload.is_set() and not self._stop.is_set():
                     self._reload.clear()
-                    await self.reload(self._reload_kind)
+                    names = None if self._reload_all else self._reload_names
+                    self._reload_all, self._reload_names = False, set()
+                    await self.reload(self._reload_kind, names)
                 reload.cancel()
         finally:
             stop.cancel()
 
     # --- reload ---------------------------------------------------------------------------
 
-    async def reload(self, kind: str) -> bool:
+    async def reload(self, kind: str, names: Collection[str] | None = None) -> bool:
         """Validate the new config and certificates off the loop, then swap; on any error keep
-        serving the last good state and say why."""
+        serving the last good state and say why. `names`: only these names' store
+        certificates changed (see request_reload)."""
         async with self._reload_lock:  # the serve loop, the renewal loop and the admin API
             if self._stopping:
                 return False  # never bind listeners again once shutdown closed them
+            if names is not None and self.config is not None:
+                return await self._reload_names_locked(kind, names)
             return await self._reload_locked(kind)
+
+    async def _reload_names_locked(self, kind: str, names: Collection[str]) -> bool:
+        """Read the store certificates of `names` again and swap in those sites alone: one
+        renewal among 100k certificates costs one read, not 100k."""
+        assert self.config is not None and self.selector is not None
+        config = self.config
+        sites = [
+            site
+            for name in sorted(set(names))
+            if (site := config.site_for(name)) is not None and site.name == name
+        ]
+        if not sites:
+            return True
+        try:
+            certs = await asyncio.to_thread(
+                load_site_certs,
+                config,
+                self.store,
+                datetime.now(UTC),
+                keep_expired=True,
+                light=True,
+                sites=sites,
+            )
+        except (EdgedError, OSError) as exc:
+            log.error("reload rejected, keeping the running certificates: %s", exc)
+            self.counters.reloads[kind, "error"] += 1
+            return False
+        self._log_problems(certs.problems)
+        bundles = dict(self.bundles)
+        changes: dict[int, tuple[CertBundle, ...]] = {}
+        for site in sites:
+            chosen = keep_or_replace(
+                site,
+                self.bundles.get(site.index),
+                certs.bundles.get(site.index),
+                site.index in certs.expired,
+            )
+            if chosen:
+                bundles[site.index] = chosen
+            else:
+                bundles.pop(site.index, None)
+            changes[site.index] = chosen or ()
+            if chosen and chosen == certs.bundles.get(site.index) and site.index in certs.expired:
+                log.error("certificate served although expired: %s", certs.expired[site.index])
+        self.selector.index = self.selector.index.updated(
+            (site, changes[site.index]) for site in sites
+        )
+        self.bundles = bundles
+        if self.pool is not None and self.pool.current:
+            self.pool.publish_sites(changes)
+        await asyncio.to_thread(self._refresh_snapshot, [site.name for site in sites])
+        await self.renewer.changed()
+        result = "error" if certs.errors else "ok"
+        self.counters.reloads[kind, result] += 1
+        if result == "ok":
+            self.counters.last_reload_success = time.time()
+        log.info("reloaded (%s): %s", kind, ", ".join(site.name for site in sites))
+        return result == "ok"
+
+    def _refresh_snapshot(self, names: list[str]) -> None:
+        """The snapshot entries of these names' bundles, as a full load would have taken them
+        (so the watcher's catch-up does not see them as changed again). Blocking."""
+        store = self.config.store_path if self.config is not None else None
+        if store is None:
+            return
+        for name in names:
+            path = store.absolute() / "live" / store_dirname(name) / "meta.json"
+            try:
+                st = path.stat()
+            except OSError:
+                self._snapshot.pop(path, None)
+                continue
+            self._snapshot[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
 
     async def _reload_locked(self, kind: str) -> bool:
         systemd.notify("RELOADING=1")
@@ -623,7 +725,26 @@ class Daemon:
 
     def _on_files_changed(self, paths: set[Path]) -> None:
         log.info("changed: %s", ", ".join(sorted(str(p) for p in paths)))
-        self.request_reload("file")
+        names = self._store_names(paths)
+        self.request_reload("store" if names is not None else "file", names)
+
+    def _store_names(self, paths: set[Path]) -> set[str] | None:
+        """The names whose store bundles the changed `paths` belong to; None when anything
+        else changed (the config, a cert file, the store's layout): then reload everything."""
+        store = self.config.store_path if self.config is not None else None
+        if store is None:
+            return None
+        live = store.absolute() / "live"
+        names: set[str] = set()
+        for path in paths:
+            try:
+                parts = path.relative_to(live).parts
+            except ValueError:
+                return None
+            if not parts:
+                return None
+            names.add(name_of_store_dir(parts[0]))
+        return names
 
     def _refresh_watch(self) -> None:
         """After a reload: restart the watcher when the set of files to watch changed."""

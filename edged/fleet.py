@@ -36,14 +36,15 @@ async def follow_changes(
     stop: asyncio.Event,
     on_state: Callable[[str], None] | None = None,
     *,
+    on_cert: Callable[[str], None] | None = None,
     resync_every: float = RESYNC_EVERY,
     restore_spread: float = RESTORE_SPREAD,
     rng: random.Random | None = None,
 ) -> None:
-    """Call on_change("store") for every published certificate change, on_state(name) for a
-    renewal state another node saved, on_change("resync") periodically and after each
-    (re)subscribe, each time after restoring what Redis lost (see the module doc). Returns when
-    `stop` is set; never raises for Redis trouble."""
+    """Call on_cert(name) (without it, on_change("store")) for every published certificate
+    change, on_state(name) for a renewal state another node saved, on_change("resync")
+    periodically and after each (re)subscribe, each time after restoring what Redis lost (see
+    the module doc). Returns when `stop` is set; never raises for Redis trouble."""
     rng = rng or random.Random()
     delay = BACKOFF_FIRST
     failed = False
@@ -71,6 +72,8 @@ async def follow_changes(
                     if message["channel"] == store.state_channel.encode():
                         if on_state is not None:
                             on_state(message["data"].decode())
+                    elif on_cert is not None:
+                        on_cert(message["data"].decode())
                     else:
                         on_change("store")
                 if loop.time() >= next_resync:

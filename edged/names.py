@@ -75,6 +75,11 @@ def wildcard_parent(host: str) -> str | None:
     return "*." + rest
 
 
+def name_of_store_dir(dirname: str) -> str:
+    """The DNS name a store directory holds (the inverse of store_dirname)."""
+    return "*." + dirname[len("_wildcard.") :] if dirname.startswith("_wildcard.") else dirname
+
+
 def store_dirname(name: str) -> str:
     """Directory name for a normalised DNS name: wildcards become `_wildcard.<rest>`.
 

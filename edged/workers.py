@@ -118,6 +118,13 @@ class WorkerPool:
         for handle in self.current.values():
             handle.send(message)
 
+    def publish_sites(self, changes: Mapping[int, Sequence[Servable]]) -> None:
+        """Send the workers the new certificates of these sites (the config is unchanged)."""
+        changed = {i: tuple(ServedCert.of(b) for b in group) for i, group in changes.items()}
+        self._certs.update(changed)
+        for handle in self.current.values():
+            handle.send(("state", None, changed, False))
+
     async def sync_listeners(self, config: Config) -> None:
         """A changed set of https addresses: bind the new ones (StartupError leaves everything
         as it was), then a new generation of workers takes over the new set."""
