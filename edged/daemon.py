@@ -14,8 +14,9 @@ import os
 import signal
 import socket
 import ssl
+import threading
 import time
-from collections.abc import Awaitable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,6 +57,7 @@ from edged.zygote import Zygote
 
 log = logging.getLogger("edged.daemon")
 
+CHALLENGE_SHARE_TIMEOUT = 10.0  # seconds the ACME thread waits for workers to take a challenge
 STATUS_INTERVAL = 10.0  # seconds between checks whether systemd's STATUS= line changed
 
 
@@ -343,6 +345,7 @@ class Daemon:
             self._tg = tg
             if self.zygote is not None:
                 self.pool = WorkerPool(self.zygote, self._inherited, self.counters)
+                self.alpn_board.on_change = self._challenge_forwarder(loop, self.pool)
             cache = ContextCache(config.tls.context_cache_size, config.tls.min_version)
             self.selector = SniSelector(SniIndex([]), cache, config.tls.alpn)
             self.term = Terminator(
@@ -754,6 +757,34 @@ class Daemon:
             self._watch_stop.set()  # the loop starts again with the new set
 
     # --- listeners ------------------------------------------------------------------------
+
+    @staticmethod
+    def _challenge_forwarder(
+        loop: asyncio.AbstractEventLoop, pool: WorkerPool
+    ) -> Callable[[str, str | None, float], None]:
+        """TLS-ALPN-01 challenges are answered by the workers: the board (filled by the ACME
+        solver in a thread) hands each change to them and waits until all have it."""
+
+        def forward(name: str, key_authorization: str | None, ttl: float) -> None:
+            try:
+                on_loop = asyncio.get_running_loop() is loop
+            except RuntimeError:
+                on_loop = False
+            if on_loop:  # cannot wait here: send and go on
+                pool.share_challenge(name, key_authorization, ttl)
+                return
+            done = threading.Event()
+
+            def start() -> None:
+                pool.share_challenge(name, key_authorization, ttl).add_done_callback(
+                    lambda _: done.set()
+                )
+
+            loop.call_soon_threadsafe(start)
+            if not done.wait(CHALLENGE_SHARE_TIMEOUT):
+                log.warning("tls-alpn-01 challenge for %s not confirmed by every worker", name)
+
+        return forward
 
     async def _ticket_rotation_loop(self) -> None:
         """New TLS session ticket keys every `[tls] ticket_key_rotation`: a new listening

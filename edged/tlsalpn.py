@@ -128,6 +128,9 @@ class AlpnChallengeBoard:
         # In a fleet: challenges also go to Redis, so any node answers any node's challenge.
         self.shared: SharedTokens | None = None
         self._built: dict[tuple[str, str], ssl.SSLContext] = {}  # (name, key auth) → context
+        # With worker processes: (name, key authorization or None when removed, ttl) goes to
+        # every worker, which answer the validations on the https listeners.
+        self.on_change: Callable[[str, str | None, float], None] | None = None
         self._inflight = 0  # shared lookups running (on the event loop: no lock needed)
 
     def add(
@@ -139,6 +142,8 @@ class AlpnChallengeBoard:
         context = build_challenge(name, key_authorization, self._wall())
         with self._lock:
             self._pending[name] = PendingAlpn(key_authorization, context, self._clock() + ttl)
+        if self.on_change is not None:
+            self.on_change(name, key_authorization, ttl)
         if share and self.shared is not None:
             self.shared.put_token(SHARED_PREFIX + name, key_authorization, [name], ttl)
 
@@ -146,6 +151,8 @@ class AlpnChallengeBoard:
         name = name.lower()
         with self._lock:
             self._pending.pop(name, None)
+        if self.on_change is not None:
+            self.on_change(name, None, 0.0)
         if share and self.shared is not None:
             try:
                 self.shared.delete_token(SHARED_PREFIX + name)

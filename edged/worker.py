@@ -8,8 +8,9 @@ reports its counters every second. It stops (closes its listeners, drains its co
 
 Messages (edged.ipc):
   main → worker: ("state", config | None, {site index: (ServedCert, ...)}, full)
+                 ("alpn", seq, name, key authorization | None, ttl)   a TLS-ALPN-01 challenge
                  ("stop", abort)
-  worker → main: ("ready", pid), ("counters", Counters, active connections)
+  worker → main: ("ready", pid), ("counters", Counters, active connections), ("ack", seq)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from edged.ipc import IpcError, encode, read_message
 from edged.proxy import Terminator
 from edged.sni import ServedCert, SniIndex, build_index
 from edged.tls import ContextCache, SniSelector, build_origin_context
+from edged.tlsalpn import AlpnChallengeBoard
 
 log = logging.getLogger("edged.worker")
 
@@ -92,6 +94,7 @@ class Worker:
                 settings=proxy_settings(config),
                 counters=self.counters,
                 tg=tg,
+                alpn_board=AlpnChallengeBoard(),
             )
             await self._apply(term, first[1], first[2], full=True)
             servers = [
@@ -99,7 +102,7 @@ class Worker:
             ]
             writer.write(encode(("ready", os.getpid())))
             reports = tg.create_task(self._report_loop(writer, term))
-            reading = tg.create_task(self._read_loop(reader, term))
+            reading = tg.create_task(self._read_loop(reader, writer, term))
             await self._stop.wait()
             for server in servers:
                 server.close()
@@ -120,7 +123,9 @@ class Worker:
             writer.close()
         return 0
 
-    async def _read_loop(self, reader: asyncio.StreamReader, term: Terminator) -> None:
+    async def _read_loop(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, term: Terminator
+    ) -> None:
         while True:
             try:
                 message = await read_message(reader)
@@ -134,6 +139,17 @@ class Worker:
             assert isinstance(message, tuple)
             if message[0] == "state":
                 await self._apply(term, message[1], message[2], full=message[3])
+            elif message[0] == "alpn":  # a TLS-ALPN-01 challenge added or removed
+                _, seq, name, key_authorization, ttl = message
+                board = term.alpn_board
+                if board is not None:
+                    if key_authorization is None:
+                        board.remove(name, share=False)
+                    else:
+                        await asyncio.to_thread(
+                            board.add, name, key_authorization, ttl, share=False
+                        )
+                writer.write(encode(("ack", seq)))
             elif message[0] == "stop":
                 if message[1]:
                     self._abort.set()

@@ -77,6 +77,10 @@ class WorkerPool:
         self._tg: asyncio.TaskGroup | None = None
         self._lock = asyncio.Lock()  # one generation change at a time
         self._stopped = asyncio.Event()
+        # Pending TLS-ALPN-01 challenges (name → key authorization, expiry), for new workers too.
+        self._challenges: dict[str, tuple[str, float]] = {}
+        self._seq = 0
+        self._waiting: dict[int, tuple[set[WorkerHandle], asyncio.Future[None]]] = {}
         self._reports: asyncio.Task[None] | None = None
 
     # --- what the daemon calls --------------------------------------------------------------
@@ -124,6 +128,38 @@ class WorkerPool:
         self._certs.update(changed)
         for handle in self.current.values():
             handle.send(("state", None, changed, False))
+
+    def share_challenge(
+        self, name: str, key_authorization: str | None, ttl: float
+    ) -> asyncio.Future[None]:
+        """Tell every worker about a TLS-ALPN-01 challenge (None: it is over); the future is
+        done when each has it (so the CA, told next, finds it on whichever worker it reaches)."""
+        if key_authorization is None:
+            self._challenges.pop(name, None)
+        else:
+            self._challenges[name] = (key_authorization, time.monotonic() + ttl)
+        self._seq += 1
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        handles = {h for h in self.current.values() if not h.gone.is_set()}
+        for handle in handles:
+            handle.send(("alpn", self._seq, name, key_authorization, ttl))
+        if handles:
+            self._waiting[self._seq] = (handles, done)
+        else:
+            done.set_result(None)
+        return done
+
+    def _acked(self, handle: WorkerHandle, seq: int | None) -> None:
+        """`handle` has challenge `seq` (None: it is gone, so it has none to wait for)."""
+        for key in [seq] if seq is not None else list(self._waiting):
+            entry = self._waiting.get(key)
+            if entry is None:
+                continue
+            entry[0].discard(handle)
+            if not entry[0]:
+                del self._waiting[key]
+                if not entry[1].done():
+                    entry[1].set_result(None)
 
     async def sync_listeners(self, config: Config) -> None:
         """A changed set of https addresses: bind the new ones (StartupError leaves everything
@@ -256,6 +292,10 @@ class WorkerPool:
         self.current[slot] = handle
         self.all.add(handle)
         handle.send(("state", self._config, self._certs, True))
+        now = time.monotonic()
+        for name, (key_authorization, expires) in self._challenges.items():
+            if expires > now:
+                handle.send(("alpn", 0, name, key_authorization, expires - now))
         if self._stopping:  # stop() ran while this one was being connected
             handle.retiring = True
             handle.send(("stop", False))
@@ -276,6 +316,8 @@ class WorkerPool:
                 assert isinstance(message, tuple)
                 if message[0] == "counters":
                     handle.counters, handle.active = message[1], message[2]
+                elif message[0] == "ack":
+                    self._acked(handle, message[1])
                 elif message[0] == "ready":
                     handle.pid = message[1]
                     handle.ready.set()
@@ -287,6 +329,7 @@ class WorkerPool:
                     )
         finally:
             handle.gone.set()
+            self._acked(handle, None)
             handle.writer.close()
             self.retired = merge_counters([self.retired, handle.counters])
             handle.counters = Counters()

@@ -288,8 +288,12 @@ class NormalClients(threading.Thread):
             self.stop.wait(0.01)
 
 
-async def test_edged_process_obtains_certificates_over_tls_alpn_01_only(tmp_path: Path) -> None:
-    """No HTTP listener at all: Pebble validates on edged's TLS port (its tlsPort)."""
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_edged_process_obtains_certificates_over_tls_alpn_01_only(
+    tmp_path: Path, workers: int
+) -> None:
+    """No HTTP listener at all: Pebble validates on edged's TLS port (its tlsPort); with
+    workers, the challenges reach every worker before Pebble is told to validate."""
     https = free_port()
     pebble = start_pebble(tmp_path / "pebble", tls_port=https)
     proc = None
@@ -300,6 +304,7 @@ async def test_edged_process_obtains_certificates_over_tls_alpn_01_only(tmp_path
             acme_table(pebble.directory, pebble.listener_ca)
             + f'[[site]]\nnames = {json.dumps(list(NAMES))}\nbackend = "127.0.0.1:9"\n',
             https=https,
+            edged_extra=f"workers = {workers}",
         )
         log = tmp_path / "edged.log"
         with log.open("wb") as out:
@@ -343,6 +348,8 @@ async def test_edged_process_obtains_certificates_over_tls_alpn_01_only(tmp_path
         assert clients.served > 0
         text = log.read_text()
         assert "certificate obtained name=shop.test" in text
+        if workers > 1:  # the validations reached worker processes, not the main process
+            assert f"worker {workers - 1} (pid" in text, text[-2000:]
         # Pebble validated the names through edged's TLS port (there is no other listener),
         # from each of its validation perspectives.
         validated = pebble.count("set VALID by completed challenge")
