@@ -107,22 +107,22 @@ def cmd_run(config_path: Path, level: str, log_format: str = "text") -> int:
     from edged.logs import setup_logging
 
     setup_logging(level, log_format, sys.stderr)
-    return uvloop.run(Daemon(config_path, _start_zygote(config_path)).run())
+    try:
+        config: Config | None = load_config(config_path)
+    except ConfigError:
+        config = None  # the daemon loads it again and reports every problem
+    zygote = _start_zygote(config) if config is not None else None
+    return uvloop.run(Daemon(config_path, zygote, config).run())
 
 
-def _start_zygote(config_path: Path) -> Zygote | None:
+def _start_zygote(config: Config) -> Zygote | None:
     """With `[edged] workers` other than 1, the zygote that forks the worker processes; it must
-    be forked now, before the event loop and any thread exist. A config that does not load is
-    reported by the daemon as usual (and then there is nothing to fork)."""
+    be forked now, before the event loop and any thread exist."""
     from edged.daemon import worker_count
     from edged.tls import server_context
     from edged.worker import run_worker
     from edged.zygote import start_zygote
 
-    try:
-        config = load_config(config_path)
-    except ConfigError:
-        return None
     if worker_count(config) == 1:
         return None
     return start_zygote(config.tls.min_version, server_context, run_worker)

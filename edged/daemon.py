@@ -58,7 +58,12 @@ from edged.zygote import Zygote
 log = logging.getLogger("edged.daemon")
 
 CHALLENGE_SHARE_TIMEOUT = 10.0  # seconds the ACME thread waits for workers to take a challenge
-STATUS_INTERVAL = 10.0  # seconds between checks whether systemd's STATUS= line changed
+STATUS_INTERVAL = 10.0
+# From this many store-backed sites on, the store is indexed in the background after the
+# listeners are up (a name asked for before its turn is read at once): reading 100k store
+# entries takes from seconds to a minute, depending on the disk and its cache.
+LAZY_MIN = 2000
+FILL_BATCH = 2000  # seconds between checks whether systemd's STATUS= line changed
 
 
 def proxy_settings(config: Config) -> ProxySettings:
@@ -83,14 +88,25 @@ class Loaded:
     origin_contexts: dict[int, ssl.SSLContext]
     watch: WatchSet  # the files this config depends on
     snapshot: Snapshot  # their state as this load saw it
+    pending: frozenset[int] = frozenset()  # store sites left for the background fill
 
 
-def prepare(config: Config, config_path: Path, store: Store | None, now: datetime) -> Loaded:
-    """Blocking: read and validate certificates and origin CAs. Runs in a thread."""
+def store_sites(config: Config) -> list[Site]:
+    """The sites whose certificates come from the store (not files, not passthrough)."""
+    return [s for s in config.sites if s.cert_file is None and not s.passthrough]
+
+
+def prepare(
+    config: Config, config_path: Path, store: Store | None, now: datetime, *, lazy: bool = False
+) -> Loaded:
+    """Blocking: read and validate certificates and origin CAs. Runs in a thread. `lazy`:
+    leave the store's certificates for the background fill (see Daemon._fill)."""
     watch = watch_set(config, config_path)
-    snapshot = take_snapshot(watch)  # before reading: a change during the read shows as new
+    # Before reading: a change during the read shows as new.
+    snapshot = take_snapshot(watch, store=not lazy)
     # An expired store certificate is still served when it is all a site has (clients decide).
-    certs = load_site_certs(config, store, now, keep_expired=True, light=True)
+    sites = [s for s in config.sites if s.cert_file is not None] if lazy else None
+    certs = load_site_certs(config, store, now, keep_expired=True, light=True, sites=sites)
     origins: dict[int, ssl.SSLContext] = {}
     problems = list(certs.problems)
     for site in config.sites:
@@ -106,7 +122,8 @@ def prepare(config: Config, config_path: Path, store: Store | None, now: datetim
                     )
                 )
     certs = SiteCerts(certs.bundles, tuple(problems), certs.expired)
-    return Loaded(config, certs, origins, watch, snapshot)
+    pending = frozenset(s.index for s in store_sites(config)) if lazy else frozenset()
+    return Loaded(config, certs, origins, watch, snapshot, pending)
 
 
 def _same_source(old: Site, new: Site) -> bool:
@@ -143,6 +160,7 @@ def build_serving(
     config: Config,
     new_bundles: dict[int, tuple[CertBundle, ...]],
     expired: Collection[int] = (),
+    pending: Collection[int] = (),
 ) -> tuple[dict[int, tuple[CertBundle, ...]], SniIndex]:
     """The bundles to serve and their index. A site whose new certificate failed validation
     keeps serving its old one (same names, same files). `expired`: sites whose new bundles
@@ -161,7 +179,7 @@ def build_serving(
             )
             if chosen is not None:
                 bundles[site.index] = chosen
-    return bundles, build_index(config.sites, bundles, config.tls.default_cert)
+    return bundles, build_index(config.sites, bundles, config.tls.default_cert, pending)
 
 
 def worker_count(config: Config) -> int:
@@ -170,9 +188,16 @@ def worker_count(config: Config) -> int:
 
 
 class Daemon:
-    def __init__(self, config_path: Path, zygote: Zygote | None = None) -> None:
-        """`zygote`: run the TLS data path in worker processes forked by it (workers > 1)."""
+    def __init__(
+        self, config_path: Path, zygote: Zygote | None = None, config: Config | None = None
+    ) -> None:
+        """`zygote`: run the TLS data path in worker processes forked by it (workers > 1).
+        `config`: already loaded from `config_path` (by the CLI, before forking the zygote)."""
         self.config_path = config_path
+        self._preloaded = config
+        self._filled = asyncio.Event()  # every store certificate has been read once
+        self._snapshot_store = True  # the snapshot covers the store (not during a lazy start)
+        self._loading: dict[int, asyncio.Task[None]] = {}  # site index → its on-demand read
         self.zygote = zygote
         self.pool: WorkerPool | None = None
         self._tg: asyncio.TaskGroup | None = None
@@ -328,14 +353,19 @@ class Daemon:
     async def _run(self, install_signals: bool) -> int:
         loop = asyncio.get_running_loop()
         try:
-            config = await asyncio.to_thread(load_config, self.config_path)
+            if self._preloaded is not None:
+                config = self._preloaded
+            else:
+                config = await asyncio.to_thread(load_config, self.config_path)
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("config: %s", problem)
             return 1
+        self._preloaded = None
+        lazy = len(store_sites(config)) >= LAZY_MIN
         try:
             store = self._open_store(config)
-            loaded = await self._prepare(config, store)
+            loaded = await self._prepare(config, store, lazy=lazy)
         except (EdgedError, OSError) as exc:
             log.error("cannot start: %s", exc)
             return 1
@@ -355,6 +385,7 @@ class Daemon:
                 counters=self.counters,
                 tg=tg,
                 alpn_board=self.alpn_board,
+                load_pending=self.load_now,
             )
             self.store = store
             self.board.shared = store if isinstance(store, RedisStore) else None
@@ -380,7 +411,9 @@ class Daemon:
                 await self._close_services()
                 await self._close_pool(abort=True)
                 return 1
-            await self.renewer.configure(config, store)
+            if not lazy:
+                await self.renewer.configure(config, store)
+                self._filled.set()
             if install_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(sig, self._on_signal, sig.name)
@@ -398,7 +431,9 @@ class Daemon:
                 tg.create_task(self._systemd_loop())
                 tg.create_task(self._watch_loop())
                 rotating = tg.create_task(self._ticket_rotation_loop())
-                renewing = tg.create_task(self.renewer.run(self._stop))
+                if lazy:
+                    tg.create_task(self._fill(config, [s for s in store_sites(config)]))
+                renewing = tg.create_task(self._renew_when_filled())
                 following: asyncio.Task[None] | None = None
                 if isinstance(store, RedisStore):
                     following = tg.create_task(
@@ -535,6 +570,120 @@ class Daemon:
                 return await self._reload_names_locked(kind, names)
             return await self._reload_locked(kind)
 
+    async def _renew_when_filled(self) -> None:
+        """The renewal loop, once every certificate has been read: before that, a site whose
+        certificate is not read yet would look like one without a certificate."""
+        await self._filled.wait()
+        if self.config is not None and not self._stop.is_set():
+            await self.renewer.configure(self.config, self.store)
+        await self.renewer.run(self._stop)
+
+    async def _fill(self, config: Config, sites: list[Site]) -> None:
+        """Read the store's certificates in batches after the listeners are up (see LAZY_MIN),
+        swapping each batch in as it is ready. Stops when a full reload took over."""
+        started = time.monotonic()
+        watch = self._loaded_watch
+        try:
+            # Before reading, as a full load does: a change during the fill shows as new.
+            snapshot = await asyncio.to_thread(take_snapshot, watch) if watch else None
+            for start in range(0, len(sites), FILL_BATCH):
+                batch = [s for s in sites[start : start + FILL_BATCH] if self._pending(s)]
+                if self.config is not config or self._stop.is_set():
+                    return
+                if not batch:
+                    continue
+                certs = await asyncio.to_thread(
+                    load_site_certs,
+                    config,
+                    self.store,
+                    datetime.now(UTC),
+                    keep_expired=True,
+                    light=True,
+                    sites=batch,
+                )
+                async with self._reload_lock:
+                    if self.config is not config:
+                        return
+                    self._log_problems(certs.problems)
+                    self._apply_sites(batch, certs)
+            if snapshot is not None and self.config is config:
+                self._snapshot.update(snapshot)
+                self._snapshot_store = True
+            log.info("store indexed: %d sites in %.1fs", len(sites), time.monotonic() - started)
+        finally:
+            self._filled.set()
+
+    def _pending_indices(self) -> set[int]:
+        if self.config is None or self.selector is None:
+            return set()
+        return {s.index for s in self.config.sites if self._pending(s)}
+
+    async def _load_index(self, index: int) -> None:
+        config = self.config
+        if config is not None and 0 <= index < len(config.sites):
+            site = config.sites[index]
+            if site.index == index:
+                await self.load_now(site)
+
+    def _pending(self, site: Site) -> bool:
+        route = self.selector.index.get(site.names[0]) if self.selector is not None else None
+        return route is not None and route.pending
+
+    async def load_now(self, site: Site) -> None:
+        """Read one pending site's certificate now (a client asked for it before the
+        background fill got there); concurrent asks for the same site share one read."""
+        task = self._loading.get(site.index)
+        if task is None:
+            assert self._tg is not None
+            task = self._tg.create_task(self._load_one(site))
+            self._loading[site.index] = task
+            task.add_done_callback(lambda _: self._loading.pop(site.index, None))
+        await asyncio.shield(task)
+
+    async def _load_one(self, site: Site) -> None:
+        config = self.config
+        if config is None or not self._pending(site):
+            return
+        certs = await asyncio.to_thread(
+            load_site_certs,
+            config,
+            self.store,
+            datetime.now(UTC),
+            keep_expired=True,
+            light=True,
+            sites=[site],
+        )
+        if self.config is config and self._pending(site):
+            self._log_problems(certs.problems)
+            self._apply_sites([site], certs)
+
+    def _apply_sites(self, sites: list[Site], certs: SiteCerts) -> None:
+        """Swap in the certificates just read for `sites` (same config): their routes in a
+        copy of the index, and to the workers only what changed."""
+        assert self.selector is not None
+        bundles = dict(self.bundles)
+        changes: dict[int, tuple[CertBundle, ...]] = {}
+        for site in sites:
+            chosen = keep_or_replace(
+                site,
+                self.bundles.get(site.index),
+                certs.bundles.get(site.index),
+                site.index in certs.expired,
+            )
+            if chosen:
+                bundles[site.index] = chosen
+            else:
+                bundles.pop(site.index, None)
+            changes[site.index] = chosen or ()
+            if chosen and chosen == certs.bundles.get(site.index) and site.index in certs.expired:
+                log.error("certificate served although expired: %s", certs.expired[site.index])
+        self.selector.index = self.selector.index.updated(
+            (site, changes[site.index]) for site in sites
+        )
+        self.bundles = bundles
+        if self.pool is not None and self.pool.current:
+            self.pool.publish_sites(changes)
+
     async def _reload_names_locked(self, kind: str, names: Collection[str]) -> bool:
         """Read the store certificates of `names` again and swap in those sites alone: one
         renewal among 100k certificates costs one read, not 100k."""
@@ -562,28 +711,7 @@ class Daemon:
             self.counters.reloads[kind, "error"] += 1
             return False
         self._log_problems(certs.problems)
-        bundles = dict(self.bundles)
-        changes: dict[int, tuple[CertBundle, ...]] = {}
-        for site in sites:
-            chosen = keep_or_replace(
-                site,
-                self.bundles.get(site.index),
-                certs.bundles.get(site.index),
-                site.index in certs.expired,
-            )
-            if chosen:
-                bundles[site.index] = chosen
-            else:
-                bundles.pop(site.index, None)
-            changes[site.index] = chosen or ()
-            if chosen and chosen == certs.bundles.get(site.index) and site.index in certs.expired:
-                log.error("certificate served although expired: %s", certs.expired[site.index])
-        self.selector.index = self.selector.index.updated(
-            (site, changes[site.index]) for site in sites
-        )
-        self.bundles = bundles
-        if self.pool is not None and self.pool.current:
-            self.pool.publish_sites(changes)
+        self._apply_sites(sites, certs)
         await asyncio.to_thread(self._refresh_snapshot, [site.name for site in sites])
         await self.renewer.changed()
         result = "error" if certs.errors else "ok"
@@ -666,6 +794,7 @@ class Daemon:
             config,
             loaded.certs.bundles,
             loaded.certs.expired.keys(),
+            loaded.pending,
         )
         old_floor = self.config.tls.min_version if self.config is not None else None
         new_floor = old_floor is not None and config.tls.min_version != old_floor
@@ -684,6 +813,7 @@ class Daemon:
         self.config = config
         self._loaded_watch = loaded.watch
         self._snapshot = loaded.snapshot
+        self._snapshot_store = not loaded.pending
         if self.pool is not None and self.pool.current:
             await self.pool.publish(config, bundles)
             if new_floor:  # the version floor lives in the listening context the workers share
@@ -721,7 +851,9 @@ class Daemon:
         await asyncio.sleep(0.2)  # let the watcher start first, so nothing falls in between
         if self._watch_stop.is_set() or self._watching is None:
             return
-        now = await asyncio.to_thread(take_snapshot, self._watching)
+        # A store indexed in the background (lazy start) was read after the watcher started:
+        # compare the files only, or the whole store would look changed.
+        now = await asyncio.to_thread(take_snapshot, self._watching, store=self._snapshot_store)
         if now != self._snapshot:
             log.info("files changed while not watched: reloading")
             self.request_reload("file")
@@ -813,7 +945,10 @@ class Daemon:
         if self.pool is not None:
             assert self._tg is not None
             if not self.pool.current:
-                await self.pool.start(self._tg, config, worker_count(config), self.bundles)
+                self.pool.load_site = self._load_index
+                await self.pool.start(
+                    self._tg, config, worker_count(config), self.bundles, self._pending_indices()
+                )
             else:
                 if worker_count(config) != self.pool.count:
                     log.warning("edged.workers changed: takes effect at the next restart")
@@ -860,8 +995,10 @@ class Daemon:
 
     # --- helpers --------------------------------------------------------------------------
 
-    async def _prepare(self, config: Config, store: Store | None) -> Loaded:
-        return await asyncio.to_thread(prepare, config, self.config_path, store, datetime.now(UTC))
+    async def _prepare(self, config: Config, store: Store | None, *, lazy: bool = False) -> Loaded:
+        return await asyncio.to_thread(
+            prepare, config, self.config_path, store, datetime.now(UTC), lazy=lazy
+        )
 
     def _open_store(self, config: Config) -> Store:
         return open_store(config, self.store)

@@ -36,6 +36,7 @@ import socket
 import ssl
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -167,6 +168,8 @@ class Terminator:
     tg: asyncio.TaskGroup
     origin_contexts: dict[int, ssl.SSLContext] = field(default_factory=dict)
     alpn_board: AlpnChallengeBoard | None = None  # pending TLS-ALPN-01 challenges
+    # Reads a pending route's certificate (see Route.pending) and swaps it into the index.
+    load_pending: Callable[[Site], Awaitable[None]] | None = None
     active: set[ClientConnection] = field(default_factory=set)
     per_client: Counter[str] = field(default_factory=Counter)  # open connections by client_key
     throttle: _Throttled = field(default_factory=_Throttled)
@@ -369,12 +372,32 @@ class ClientConnection(asyncio.Protocol):
         if is_challenge_alpn(hello.alpn):
             self._tls_alpn_challenge(hello, data)
             return
+        if route is not None and route.pending and self.term.load_pending is not None:
+            # A large store is still being indexed: read this site's certificate now (off
+            # the loop), then go on with the handshake.
+            self._pause_reading("loading_cert")
+            self.term.tg.create_task(self._load_then_terminate(route, hello, data))
+            return
+        self._terminate(route, hello, data)
+
+    def _terminate(self, route: Route | None, hello: ClientHello, data: bytes) -> None:
         try:
-            selector.choose(self._sslobj, hello, route)
+            self.term.selector.choose(self._sslobj, hello, route)
         except Exception:  # the sni_callback then chooses (or refuses) as without the pre-read
             log.exception("choosing the certificate for %r failed", hello.server_name)
         self._incoming.write(data)
         self._handshake()
+
+    async def _load_then_terminate(self, route: Route, hello: ClientHello, data: bytes) -> None:
+        assert self.term.load_pending is not None
+        try:
+            await self.term.load_pending(route.site)
+        except Exception:  # the handshake then finds no certificate and is refused, counted
+            log.exception("loading the certificate of %s failed", route.site.name)
+        if self.closed:
+            return
+        self._resume_reading("loading_cert")
+        self._terminate(self.term.selector.index.lookup(hello.server_name), hello, data)
 
     def _hello_failed(self, exc: ClientHelloError) -> None:
         self._reason(f"clienthello_{exc.reason}")

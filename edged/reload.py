@@ -74,11 +74,12 @@ def _is_dir(path: Path) -> bool:
 Snapshot = dict[Path, tuple[int, int, int]]
 
 
-def take_snapshot(watch: WatchSet) -> Snapshot:
+def take_snapshot(watch: WatchSet, *, store: bool = True) -> Snapshot:
     """(inode, size, mtime) of every watched file and of each stored bundle's meta.json: the
-    state a load saw, to find changes made while no watcher was running."""
+    state a load saw, to find changes made while no watcher was running. `store=False`: the
+    files only (a store indexed in the background is read after the watcher started)."""
     paths = set(watch.files)
-    for tree in watch.trees:
+    for tree in watch.trees if store else ():
         # No live/ yet, or unreadable: the watcher and the load report it.
         with contextlib.suppress(OSError):
             paths.update(d / "meta.json" for d in (tree / "live").iterdir())

@@ -7,7 +7,7 @@ wildcard, then the default (`[tls].default_cert`), else None (refuse the handsha
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -52,6 +52,9 @@ class Route:
     name: str  # the configured name that matched (exact or wildcard): a bounded label
     site: Site
     bundles: tuple[Servable, ...]  # empty: no certificate yet, handshakes are refused
+    # Not read from the store yet (a large store is indexed in the background after start):
+    # the data path loads it before the handshake.
+    pending: bool = False
 
 
 class SniIndex:
@@ -109,11 +112,15 @@ def _is_label(text: str) -> bool:
 
 
 def build_index(
-    sites: Iterable[Site], bundles: Mapping[int, Sequence[Servable]], default_name: str = ""
+    sites: Iterable[Site],
+    bundles: Mapping[int, Sequence[Servable]],
+    default_name: str = "",
+    pending: Collection[int] = (),
 ) -> SniIndex:
-    """One route per configured name; `bundles` maps site index to its valid certificates."""
+    """One route per configured name; `bundles` maps site index to its valid certificates,
+    `pending` holds the site indices whose certificates are not read yet."""
     routes = [
-        Route(name, site, tuple(bundles.get(site.index, ())))
+        Route(name, site, tuple(bundles.get(site.index, ())), site.index in pending)
         for site in sites
         for name in site.names
     ]

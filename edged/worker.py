@@ -7,10 +7,11 @@ reports its counters every second. It stops (closes its listeners, drains its co
 "stop" or when the main process goes away; signals are the main process's to act on.
 
 Messages (edged.ipc):
-  main → worker: ("state", config | None, {site index: (ServedCert, ...)}, full)
+  main → worker: ("state", config | None, {site index: (ServedCert, ...)}, full, pending)
                  ("alpn", seq, name, key authorization | None, ttl)   a TLS-ALPN-01 challenge
                  ("stop", abort)
-  worker → main: ("ready", pid), ("counters", Counters, active connections), ("ack", seq)
+  worker → main: ("ready", pid), ("counters", Counters, active connections), ("ack", seq),
+                 ("load", site index)   a client asked for a site that is still pending
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import signal
 import socket
 import ssl
 
-from edged.config import Address, Config
+from edged.config import Address, Config, Site
 from edged.counters import Counters
 from edged.daemon import proxy_settings
 from edged.ipc import IpcError, encode, read_message
@@ -34,6 +35,7 @@ from edged.tlsalpn import AlpnChallengeBoard
 
 log = logging.getLogger("edged.worker")
 
+LOAD_TIMEOUT = 5.0  # seconds a handshake waits for a certificate not read yet
 REPORT_INTERVAL = 1.0  # seconds between counter reports (what /metrics lags by at most)
 
 
@@ -69,6 +71,7 @@ class Worker:
         self.certs: dict[int, tuple[ServedCert, ...]] = {}
         self._stop = asyncio.Event()
         self._abort = asyncio.Event()
+        self._loads: dict[int, asyncio.Event] = {}  # site index → its certificate arrived
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -95,8 +98,9 @@ class Worker:
                 counters=self.counters,
                 tg=tg,
                 alpn_board=AlpnChallengeBoard(),
+                load_pending=lambda site: self._request_load(writer, site),
             )
-            await self._apply(term, first[1], first[2], full=True)
+            await self._apply(term, first[1], first[2], full=True, pending=first[4])
             servers = [
                 await loop.create_server(term.protocol, sock=sock) for _, sock in self.sockets
             ]
@@ -138,7 +142,7 @@ class Worker:
                 return
             assert isinstance(message, tuple)
             if message[0] == "state":
-                await self._apply(term, message[1], message[2], full=message[3])
+                await self._apply(term, message[1], message[2], full=message[3], pending=message[4])
             elif message[0] == "alpn":  # a TLS-ALPN-01 challenge added or removed
                 _, seq, name, key_authorization, ttl = message
                 board = term.alpn_board
@@ -162,10 +166,15 @@ class Worker:
         certs: dict[int, tuple[ServedCert, ...]],
         *,
         full: bool,
+        pending: frozenset[int],
     ) -> None:
         """Swap in what the main process sent: a new config (with every site's certificates)
         or only the certificates that changed."""
         selector = term.selector
+        for i in certs if not full else list(self._loads):
+            event = self._loads.pop(i, None)
+            if event is not None:
+                event.set()
         if config is None:
             assert self.config is not None
             self.certs.update(certs)
@@ -176,7 +185,7 @@ class Worker:
         old = self.config
         self.certs = dict(certs) if full else {**self.certs, **certs}
         index = await asyncio.to_thread(
-            build_index, config.sites, self.certs, config.tls.default_cert
+            build_index, config.sites, self.certs, config.tls.default_cert, pending
         )
         origins = await asyncio.to_thread(_origin_contexts, config)
         if old is not None and old.tls != config.tls:
@@ -186,6 +195,17 @@ class Worker:
         term.settings = proxy_settings(config)
         term.origin_contexts = origins
         self.config = config
+
+    async def _request_load(self, writer: asyncio.StreamWriter, site: Site) -> None:
+        """A client asked for a site whose certificate the main process has not read yet:
+        ask for it and wait (bounded) until it arrives."""
+        event = self._loads.get(site.index)
+        if event is None:
+            event = self._loads[site.index] = asyncio.Event()
+            writer.write(encode(("load", site.index)))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LOAD_TIMEOUT):
+                await event.wait()
 
     async def _report_loop(self, writer: asyncio.StreamWriter, term: Terminator) -> None:
         while True:

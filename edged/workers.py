@@ -19,7 +19,7 @@ import logging
 import pickle
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from edged.config import Address, Config
@@ -81,6 +81,9 @@ class WorkerPool:
         self._challenges: dict[str, tuple[str, float]] = {}
         self._seq = 0
         self._waiting: dict[int, tuple[set[WorkerHandle], asyncio.Future[None]]] = {}
+        self._pending: set[int] = set()  # sites whose certificates are not read yet
+        # Reads a pending site now (the daemon's load_now), for a worker that needs it.
+        self.load_site: Callable[[int], Awaitable[None]] | None = None
         self._reports: asyncio.Task[None] | None = None
 
     # --- what the daemon calls --------------------------------------------------------------
@@ -94,6 +97,7 @@ class WorkerPool:
         config: Config,
         count: int,
         bundles: Mapping[int, Sequence[Servable]],
+        pending: Collection[int] = (),
     ) -> None:
         """Bind, fork `count` workers and wait until each serves (StartupError if binding
         fails; a worker that does not come up is logged and retried like a dead one)."""
@@ -101,6 +105,7 @@ class WorkerPool:
         self.count = count
         self._config = config
         self._certs = _served(bundles)
+        self._pending = set(pending)
         self._bind(config.listen.https)
         self._reports = tg.create_task(self._zygote_reports())
         await self._spawn_generation()
@@ -111,14 +116,15 @@ class WorkerPool:
         certs = _served(bundles)
         if config != self._config:
             self._config, self._certs = config, certs
-            message: tuple[object, ...] = ("state", config, certs, True)
+            self._pending.clear()  # a full load reads every certificate
+            message: tuple[object, ...] = ("state", config, certs, True, frozenset())
         else:
             changed = {i: c for i, c in certs.items() if self._certs.get(i) != c}
             changed.update({i: () for i in self._certs if i not in certs})
             if not changed:
                 return
             self._certs = certs
-            message = ("state", None, changed, False)
+            message = ("state", None, changed, False, frozenset())
         for handle in self.current.values():
             handle.send(message)
 
@@ -126,8 +132,9 @@ class WorkerPool:
         """Send the workers the new certificates of these sites (the config is unchanged)."""
         changed = {i: tuple(ServedCert.of(b) for b in group) for i, group in changes.items()}
         self._certs.update(changed)
+        self._pending.difference_update(changed)
         for handle in self.current.values():
-            handle.send(("state", None, changed, False))
+            handle.send(("state", None, changed, False, frozenset()))
 
     def share_challenge(
         self, name: str, key_authorization: str | None, ttl: float
@@ -148,6 +155,11 @@ class WorkerPool:
         else:
             done.set_result(None)
         return done
+
+    async def _serve_load(self, handle: WorkerHandle, index: int) -> None:
+        if index in self._pending and self.load_site is not None:
+            await self.load_site(index)  # sends it to every worker when it was pending
+        handle.send(("state", None, {index: self._certs.get(index, ())}, False, frozenset()))
 
     def _acked(self, handle: WorkerHandle, seq: int | None) -> None:
         """`handle` has challenge `seq` (None: it is gone, so it has none to wait for)."""
@@ -291,7 +303,7 @@ class WorkerPool:
         handle = WorkerHandle(slot, self._generation, writer, reader)
         self.current[slot] = handle
         self.all.add(handle)
-        handle.send(("state", self._config, self._certs, True))
+        handle.send(("state", self._config, self._certs, True, frozenset(self._pending)))
         now = time.monotonic()
         for name, (key_authorization, expires) in self._challenges.items():
             if expires > now:
@@ -316,6 +328,9 @@ class WorkerPool:
                 assert isinstance(message, tuple)
                 if message[0] == "counters":
                     handle.counters, handle.active = message[1], message[2]
+                elif message[0] == "load":  # a client asked for a site not read yet
+                    assert self._tg is not None
+                    self._tg.create_task(self._serve_load(handle, message[1]))
                 elif message[0] == "ack":
                     self._acked(handle, message[1])
                 elif message[0] == "ready":
