@@ -134,16 +134,8 @@ def parse_bundle(
         key_type = _key_type(key.public_key(), key_source, "the private key")
         _check_chain(certs, key, source)
         leaf = certs[0]
-        bundle = CertBundle(
-            names=_dns_names(leaf, 1, source),
-            key_type=key_type,
-            not_before=leaf.not_valid_before_utc,
-            not_after=leaf.not_valid_after_utc,
-            fingerprint=_fingerprint(leaf),
-            self_issued=leaf.subject == leaf.issuer,
-            fullchain_pem=b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs),
-            key_pem=_pkcs8(key, key_source),
-        )
+        fullchain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+        bundle = _bundle(leaf, key_type, fullchain, _pkcs8(key, key_source), source)
         # Parsed already: keep them (cached_property reads the instance dict first).
         bundle.__dict__.update(leaf=leaf, chain=tuple(certs[1:]))
         return bundle
@@ -177,16 +169,22 @@ def stored_bundle(fullchain: bytes, key_pem: bytes, key_type: str, *, source: st
                 f"stored as {key_type} but the certificate has a {found} key: store it again",
                 source,
             )
-        return CertBundle(
-            names=_dns_names(leaf, 1, source),
-            key_type=key_type,
-            not_before=leaf.not_valid_before_utc,
-            not_after=leaf.not_valid_after_utc,
-            fingerprint=_fingerprint(leaf),
-            self_issued=leaf.subject == leaf.issuer,
-            fullchain_pem=fullchain,
-            key_pem=key_pem,
-        )
+        return _bundle(leaf, key_type, fullchain, key_pem, source)
+
+
+def _bundle(
+    leaf: x509.Certificate, key_type: str, fullchain: bytes, key_pem: bytes, source: str
+) -> CertBundle:
+    return CertBundle(
+        names=_dns_names(leaf, 1, source),
+        key_type=key_type,
+        not_before=leaf.not_valid_before_utc,
+        not_after=leaf.not_valid_after_utc,
+        fingerprint=_fingerprint(leaf),
+        self_issued=leaf.subject == leaf.issuer,
+        fullchain_pem=fullchain,
+        key_pem=key_pem,
+    )
 
 
 def check_bundle(

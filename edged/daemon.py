@@ -592,15 +592,7 @@ class Daemon:
                     return
                 if not batch:
                     continue
-                certs = await asyncio.to_thread(
-                    load_site_certs,
-                    config,
-                    self.store,
-                    datetime.now(UTC),
-                    keep_expired=True,
-                    light=True,
-                    sites=batch,
-                )
+                certs = await self._read_sites(config, batch)
                 async with self._reload_lock:
                     if self.config is not config:
                         return
@@ -644,18 +636,22 @@ class Daemon:
         config = self.config
         if config is None or not self._pending(site):
             return
-        certs = await asyncio.to_thread(
+        certs = await self._read_sites(config, [site])
+        if self.config is config and self._pending(site):
+            self._log_problems(certs.problems)
+            self._apply_sites([site], certs)
+
+    async def _read_sites(self, config: Config, sites: list[Site]) -> SiteCerts:
+        """Read and check these sites' certificates (off the loop), as a full load would."""
+        return await asyncio.to_thread(
             load_site_certs,
             config,
             self.store,
             datetime.now(UTC),
             keep_expired=True,
             light=True,
-            sites=[site],
+            sites=sites,
         )
-        if self.config is config and self._pending(site):
-            self._log_problems(certs.problems)
-            self._apply_sites([site], certs)
 
     def _apply_sites(self, sites: list[Site], certs: SiteCerts) -> None:
         """Swap in the certificates just read for `sites` (same config): their routes in a
@@ -697,15 +693,7 @@ class Daemon:
         if not sites:
             return True
         try:
-            certs = await asyncio.to_thread(
-                load_site_certs,
-                config,
-                self.store,
-                datetime.now(UTC),
-                keep_expired=True,
-                light=True,
-                sites=sites,
-            )
+            certs = await self._read_sites(config, sites)
         except (EdgedError, OSError) as exc:
             log.error("reload rejected, keeping the running certificates: %s", exc)
             self.counters.reloads[kind, "error"] += 1

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import ssl
@@ -24,7 +25,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from edged.daemon import LAZY_MIN
+from edged.store.base import PemPair
 from tests.conftest import free_port, run_backend
+from tests.many_certs import many_sites_config, write_many
 from tests.pki import Issued, make_ca, make_leaf, write_pair
 
 NAME = "w.example.test"
@@ -324,3 +328,32 @@ def process_gone(pid: int) -> bool:
         return stat.read_text().split(") ", 1)[1].startswith("Z")  # a zombie has exited
     except FileNotFoundError:
         return True
+
+
+async def test_large_store_indexed_in_background_serves_every_name_on_every_worker(
+    tmp_path: Path,
+) -> None:
+    """From LAZY_MIN store sites on, workers come up before the store is read: a name asked
+    for first is fetched at once (from whichever worker the client lands on), the rest fills
+    in behind."""
+    ca = make_ca("Workers CA")
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
+    leaf = make_leaf(ca, ["*.lazy.test"], cn="lazy-wildcard")
+    names = [f"n{i}.lazy.test" for i in range(LAZY_MIN + 500)]
+    await asyncio.to_thread(
+        write_many, tmp_path / "store", names, [PemPair("ecdsa-p256", leaf.cert_pem, leaf.key_pem)]
+    )
+    async with (
+        run_backend() as backend,
+        run_workers(tmp_path, many_sites_config(names, backend.address)) as e,
+    ):
+        ctx = client_context(tmp_path / "ca.pem")
+        rng = random.Random(5)
+        for name in rng.sample(names, 20):  # at once: most are still pending
+            cn, _, _ = await asyncio.to_thread(fetch, e.port, ctx, name)
+            assert cn == "lazy-wildcard"
+        await wait_for(
+            lambda: e.metric('edged_tls_handshakes_total{result="ok",version="TLSv1.3"}') == 20,
+            "the 20 handshakes counted",
+        )
+        assert e.metric('edged_tls_handshakes_total{result="no_cert",version="none"}') == 0
