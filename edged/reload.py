@@ -34,6 +34,9 @@ class WatchSet:
     dirs: frozenset[Path]
     files: frozenset[Path]
     trees: frozenset[Path]  # directories where any change matters (the store)
+    # What is watched of the store, not recursively: the store and its live/ (when it exists).
+    # The store's writers touch live/<name> after writing it (edged.store.files._announce).
+    store_dirs: frozenset[Path] = frozenset()
 
     def relevant(self, path: Path) -> bool:
         if path in self.files:
@@ -57,10 +60,13 @@ def watch_set(config: Config, config_path: Path) -> WatchSet:
     store = config.store_path
     if store is not None:
         trees.add(store.absolute())
+    trees = {t for t in trees if _is_dir(t)}
+    store_dirs = trees | {t / "live" for t in trees if _is_dir(t / "live")}
     return WatchSet(
         frozenset(d for d in dirs if _is_dir(d)),
         frozenset(files),
-        frozenset(t for t in trees if _is_dir(t)),
+        frozenset(trees),
+        frozenset(store_dirs),
     )
 
 
@@ -97,9 +103,10 @@ async def watch_changes(
     watch: WatchSet, stop: asyncio.Event, on_change: Callable[[set[Path]], None]
 ) -> None:
     """Call `on_change` with each debounced batch of relevant changed paths until `stop`."""
-    # Non-recursive on plain directories (a config dir may hold much else); the store is a tree.
-    flat = sorted(d for d in watch.dirs if d not in watch.trees)
-    groups = [(flat, False), (sorted(watch.trees), True)]
+    # Nothing recursive: a config dir may hold much else, and the store may hold 100k
+    # directories (see WatchSet.store_dirs).
+    flat = sorted((watch.dirs - watch.trees) | watch.store_dirs)
+    groups = [(flat, False)]
 
     async def pump(roots: list[Path], recursive: bool) -> None:
         changes_iter = awatch(

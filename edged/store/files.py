@@ -127,6 +127,7 @@ class FileStore:
             if current is not None:
                 self._write_bundle(directory / PREVIOUS, current)
             self._write_bundle(directory, cert)
+            _announce(directory)
 
     def rollback(self, name: str) -> StoredCert:
         name, dirname = _checked(name)
@@ -148,6 +149,7 @@ class FileStore:
             self._write_bundle(directory, target)
             if current is not None:
                 self._write_bundle(directory / PREVIOUS, current)
+            _announce(directory)
         return target
 
     def delete(self, name: str) -> None:
@@ -374,6 +376,16 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def _announce(directory: Path) -> None:
+    """Touch a bundle's directory once its files are written: a running daemon watches live/
+    itself, not the 100k directories below it (a recursive inotify watch of a large store takes
+    seconds to set up and a watch per directory), and sees this as a change of that entry."""
+    try:
+        os.utime(directory)
+    except OSError as exc:  # the write itself succeeded; a daemon then reloads on SIGHUP
+        log.warning("cannot touch %s: %s", directory, exc)
 
 
 def _fsync_dir(directory: Path) -> None:
