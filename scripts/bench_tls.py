@@ -61,6 +61,7 @@ SMALL = b"0123456789" * 10  # the keep-alive requests' body: 100 bytes
 MIB = 1 << 20
 STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+AFTER_START = 20  # handshakes for random names right after the first one, at startup
 
 
 def log(msg: str) -> None:
@@ -685,6 +686,10 @@ def row_startup(count: int) -> str:
     return f"startup with {count:,} certs, s (lower is better)"
 
 
+def row_after_start(count: int) -> str:
+    return f"then the slowest of {AFTER_START} handshakes, {count:,} certs, s (lower is better)"
+
+
 def row_startup_rss(count: int) -> str:
     return f"RSS after startup with {count:,} certs, MiB (lower is better)"
 
@@ -769,15 +774,21 @@ def startup_session(
         )
         return
     try:
+        # The first handshake may come before the terminator has finished starting: 20 more, for
+        # random names, one after the other, show whether it keeps answering.
+        ok, worst = 0, 0.0
+        for name in random.sample(many.names, AFTER_START):
+            began = time.monotonic()
+            ok += handshake_once(got.port, name, pki.ca_file, timeout=30)
+            worst = max(worst, time.monotonic() - began)
         time.sleep(1)
         rss = got.proc.rss_kib() / 1024
-        ok = handshake_once(got.port, random.choice(many.names), pki.ca_file)
         procs = len(got.proc.pids())
-        note = f"probe {probe}; second random name {'ok' if ok else 'FAILED'}; {procs} process(es)"
+        note = f"probe {probe}; {procs} process(es)"
         res.add(row_startup(many.count), kind, Sample(got.ready_after, note=note))
-        res.add(
-            row_startup_rss(many.count), kind, Sample(rss, note="1 s after the first handshake")
-        )
+        note = f"{ok} of {AFTER_START} handshakes ok"
+        res.add(row_after_start(many.count), kind, Sample(worst, note=note))
+        res.add(row_startup_rss(many.count), kind, Sample(rss, note="after those handshakes"))
     finally:
         got.proc.stop()
 
@@ -1012,7 +1023,7 @@ def main() -> int:
     ]
     if "startup" in args.metrics:
         for c in args.cert_counts:
-            rows += [row_startup(c), row_startup_rss(c)]
+            rows += [row_startup(c), row_after_start(c), row_startup_rss(c)]
     table, detail = report(res, kinds, rows, args), details(res, kinds, rows)
     env["load average at end"] = f"{os.getloadavg()[0]:.2f}"
     env["total time"] = f"{time.monotonic() - started:.0f} s"
