@@ -10,9 +10,9 @@ of the terminator, not wall-clock throughput (which the load generator's core al
 
 Metrics (`--metrics`): handshake (full TLS 1.3 handshakes, ECDSA P-256 and RSA-2048, by parallel
 `openssl s_time -new`, whose per-connection marks prove that none resumed), requests (keep-alive
-HTTP/1.1 requests for a 100-byte body, wrk), bulk (1 MiB responses, wrk), idle (RSS per idle
+HTTP/1.1 requests for a 100-byte body, wrk), bulk (1 MiB responses, wrk), idle (memory per idle
 established TLS connection), startup (time from exec to the first handshake for a random name, and
-RSS, with 1k/10k/100k certificates). Each run restarts every terminator; runs are interleaved
+memory, with 1k/10k/100k certificates). Each run restarts every terminator; runs are interleaved
 across terminators so the machine's noise spreads over all of them; medians are reported.
 
 Run: scripts/bench tls [--quick] [--runs N] [--duration S] [--terminators a,b] [--metrics a,b]
@@ -653,7 +653,7 @@ def idle_rss(running: Running, count: int, ca: Path) -> Sample:
     if opened < count:
         raise RuntimeError(f"{running.kind}: only {opened} of {count} idle connections stayed open")
     per = (held[0] - base) / count
-    return Sample(per, note=f"RSS {base / 1024:.1f} -> {held[0] / 1024:.1f} MiB with {count} open")
+    return Sample(per, note=f"PSS {base / 1024:.1f} -> {held[0] / 1024:.1f} MiB with {count} open")
 
 
 # --- the benchmark ------------------------------------------------------------------------------
@@ -679,7 +679,7 @@ ROW_HS = {
 }
 ROW_REQ = "keep-alive HTTP/1.1 requests / CPU-s (100 B body)"
 ROW_BULK = "1 MiB responses: MiB / CPU-s"
-ROW_IDLE = "RSS per idle TLS connection, KiB (lower is better)"
+ROW_IDLE = "memory (PSS) per idle TLS connection, KiB (lower is better)"
 
 
 def row_startup(count: int) -> str:
@@ -691,7 +691,7 @@ def row_after_start(count: int) -> str:
 
 
 def row_startup_rss(count: int) -> str:
-    return f"RSS after startup with {count:,} certs, MiB (lower is better)"
+    return f"memory (PSS) after startup with {count:,} certs, MiB (lower is better)"
 
 
 def throughput_session(
