@@ -803,10 +803,10 @@ def median(samples: list[Sample]) -> float:
 def fmt(value: float, row: str) -> str:
     if value == float("inf"):
         return "timeout"
-    if "s (lower" in row:
-        return f"{value:,.2f}"
     if "KiB" in row or "ms (lower" in row or "MiB, " in row or "MiB (lower" in row:
         return f"{value:,.1f}"
+    if "s (lower" in row:
+        return f"{value:,.2f}"
     return f"{value:,.0f}"
 
 
