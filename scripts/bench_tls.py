@@ -990,6 +990,8 @@ def main() -> int:
     except (ValueError, PermissionError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     os.sched_setaffinity(0, {LOAD_CPU})
+    # SIGTERM (timeout, a CI limit) unwinds like Ctrl-C, so every `finally` stops what it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     env = environment()
     started = time.monotonic()
     workdir = args.workdir
