@@ -54,6 +54,8 @@ from cryptography.x509.oid import NameOID  # noqa: E402
 
 PEERS = ("haproxy", "nginx", "hitch", "python-plain")
 TERMINATORS = (*PEERS, "edged", "edged-w2")
+PYTHON_TERMINATORS = ("python-plain", "edged", "edged-w2")
+PY_SPY = Path(sys.executable).parent / "py-spy"
 METRICS = ("handshake", "requests", "bulk", "idle", "startup")
 TERM_CPU, LOAD_CPU = 0, 1
 NAME = "bench.test"
@@ -545,14 +547,34 @@ class Sample:
     note: str = ""
 
 
-def measured(running: Running, load: Callable[[], tuple[float, str]]) -> Sample:
-    """Run `load` (returns units done and a note); units per terminator CPU-second."""
+def measured(
+    running: Running, load: Callable[[], tuple[float, str]], profile: Path | None = None
+) -> Sample:
+    """Run `load` (returns units done and a note); units per terminator CPU-second. With
+    `profile`, py-spy samples the (Python) terminator meanwhile into that file."""
+    spy = None
+    if profile is not None:
+        spy = subprocess.Popen(
+            [*("taskset", "-c", str(LOAD_CPU), str(PY_SPY), "record", "--native"),
+             *("-r", "100", "-f", "raw", "-o", str(profile)),
+             *("--pid", str(running.proc.popen.pid))],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
     before, t0 = running.proc.cpu(), time.monotonic()
-    units, note = load()
+    try:
+        units, note = load()
+    finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            with _quiet():
+                spy.wait(30)
     after, t1 = running.proc.cpu(), time.monotonic()
     cpu = cpu_seconds(before, after)
     if not running.proc.alive():
         raise RuntimeError(f"{running.kind} died under load:\n{running.proc.log_tail()}")
+    if spy is not None:
+        note += f"; profiled (py-spy attached: slower), {profile}"
     return Sample(units / cpu if cpu else 0.0, units / (t1 - t0), cpu / (t1 - t0), note)
 
 
@@ -717,7 +739,8 @@ def throughput_session(
         try:
             for m in rows:
                 try:
-                    res.add(row_of(m, key_type), kind, measure(m, running, args, pki.ca_file))
+                    sample = measure(m, key_type, running, args, pki.ca_file)
+                    res.add(row_of(m, key_type), kind, sample)
                 except (RuntimeError, subprocess.TimeoutExpired) as exc:
                     res.fail(row_of(m, key_type), kind, str(exc))
         finally:
@@ -730,21 +753,30 @@ def row_of(metric: str, key_type: str) -> str:
     return {"idle": ROW_IDLE, "requests": ROW_REQ, "bulk": ROW_BULK}[metric]
 
 
-def measure(metric: str, running: Running, args: argparse.Namespace, ca: Path) -> Sample:
+def measure(
+    metric: str, key_type: str, running: Running, args: argparse.Namespace, ca: Path
+) -> Sample:
     port = running.port
+    profile = None
+    if args.py_spy and running.kind in PYTHON_TERMINATORS and metric != "idle":
+        args.py_spy.mkdir(parents=True, exist_ok=True)
+        tag = metric + ("-" + key_type if metric == "handshake" else "")
+        profile = args.py_spy / f"{running.kind}-{tag}-{time.strftime('%H%M%S')}.txt"
     if metric == "idle":
         return idle_rss(running, args.idle_conns, ca)
     if metric == "handshake":
         s_time(port, 2, 1)  # warm-up
-        sample = measured(running, lambda: s_time(port, args.hs_clients, args.duration))
+        sample = measured(running, lambda: s_time(port, args.hs_clients, args.duration), profile)
         if " 0 resumed" not in sample.note:
             raise RuntimeError(f"sessions were resumed: {sample.note}")
         return sample
     if metric == "requests":
         wrk(port, "/small", args.req_conns, 1)  # warm-up
-        return measured(running, lambda: wrk(port, "/small", args.req_conns, args.duration))
+        return measured(
+            running, lambda: wrk(port, "/small", args.req_conns, args.duration), profile
+        )
     # bulk: one MiB body per request
-    return measured(running, lambda: wrk(port, "/1m", args.bulk_conns, args.duration))
+    return measured(running, lambda: wrk(port, "/1m", args.bulk_conns, args.duration), profile)
 
 
 def startup_session(
@@ -942,6 +974,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/edged-bench-tls"))
     p.add_argument("--markdown", type=Path, help="also write the tables as markdown here")
     p.add_argument("--json", type=Path, help="also write every sample as JSON here")
+    p.add_argument(
+        "--py-spy",
+        type=Path,
+        metavar="DIR",
+        help="profile the Python terminators during each load interval (py-spy record --native, "
+        "raw collapsed stacks) into DIR; py-spy runs on the load core and pauses the terminator "
+        "100 times a second, so profiled runs are a little slower",
+    )
     args = p.parse_args()
     quick = args.quick
     args.runs = args.runs or (1 if quick else 3)
@@ -960,6 +1000,8 @@ def parse_args() -> argparse.Namespace:
     for m in args.metrics:
         if m not in METRICS:
             p.error(f"unknown metric {m!r}: use {', '.join(METRICS)}")
+    if args.py_spy and not PY_SPY.exists():
+        p.error(f"--py-spy: no {PY_SPY}: pip install py-spy into this venv")
     return args
 
 
