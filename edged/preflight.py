@@ -349,13 +349,11 @@ async def _probe(
     )
 
 
-async def _http01_checks(
-    config: Config,
-    names: Sequence[str],
-    resolver: dns.resolver.Resolver,
-    board: ChallengeBoard | None,
-    query_timeout: float,
-) -> list[PreflightResult]:
+async def _resolve_for_probe(
+    names: Sequence[str], resolver: dns.resolver.Resolver, check: str
+) -> tuple[list[PreflightResult], dict[str, list[str]]]:
+    """The addresses of each name a probe can check, and a result for each it cannot: a
+    wildcard (`check` cannot validate one) or a name that does not resolve here."""
     out: list[PreflightResult] = []
     resolved: dict[str, list[str]] = {}
     for name in names:
@@ -363,7 +361,7 @@ async def _http01_checks(
             out.append(
                 PreflightResult(
                     name,
-                    "http-01",
+                    check,
                     False,
                     'wildcards need dns-01: set acme.challenge = "dns-01" with an [acme.dns] '
                     "table, or list the names without the wildcard",
@@ -375,6 +373,17 @@ async def _http01_checks(
             out.append(PreflightResult(name, "points-here", False, why))
             continue
         resolved[name] = addresses
+    return out, resolved
+
+
+async def _http01_checks(
+    config: Config,
+    names: Sequence[str],
+    resolver: dns.resolver.Resolver,
+    board: ChallengeBoard | None,
+    query_timeout: float,
+) -> list[PreflightResult]:
+    out, resolved = await _resolve_for_probe(names, resolver, "http-01")
     if not resolved:
         return out
     listen: list[Address] = list(config.listen.http)
@@ -548,25 +557,7 @@ async def _tls_alpn_checks(
 ) -> list[PreflightResult]:
     from edged.renewer import serve_tls_alpn  # the renewer imports this module lazily too
 
-    out: list[PreflightResult] = []
-    resolved: dict[str, list[str]] = {}
-    for name in names:
-        if name.startswith("*."):
-            out.append(
-                PreflightResult(
-                    name,
-                    "tls-alpn-01",
-                    False,
-                    'wildcards need dns-01: set acme.challenge = "dns-01" with an [acme.dns] '
-                    "table, or list the names without the wildcard",
-                )
-            )
-            continue
-        addresses, why = await asyncio.to_thread(_resolve_addresses, name, resolver)
-        if why is not None:
-            out.append(PreflightResult(name, "points-here", False, why))
-            continue
-        resolved[name] = addresses
+    out, resolved = await _resolve_for_probe(names, resolver, "tls-alpn-01")
     if not resolved:
         return out
     if not config.listen.https:

@@ -158,14 +158,21 @@ def site(backend: str, cert: Path, key: Path, name: str = NAME) -> str:
     )
 
 
+def first_cert(tmp_path: Path, stem: str) -> tuple[Issued, Path, Path]:
+    """A CA (its certificate in tmp_path/ca.pem, what clients trust) and a "v1" certificate
+    for NAME written as `stem`.crt/.key."""
+    ca = make_ca("Workers CA")
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
+    cert, key = issue(ca, tmp_path, stem, "v1")
+    return ca, cert, key
+
+
 def issue(ca: Issued, tmp_path: Path, stem: str, cn: str, name: str = NAME) -> tuple[Path, Path]:
     return write_pair(tmp_path, stem, make_leaf(ca, [name], cn=cn))
 
 
 async def test_workers_serve_and_metrics_sum_over_them(tmp_path: Path) -> None:
-    ca = make_ca("Workers CA")
-    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
-    cert, key = issue(ca, tmp_path, "v1", "v1")
+    _, cert, key = first_cert(tmp_path, "v1")
     async with (
         run_backend() as backend,
         run_workers(tmp_path, site(backend.address, cert, key)) as e,
@@ -191,9 +198,7 @@ async def test_workers_serve_and_metrics_sum_over_them(tmp_path: Path) -> None:
 
 
 async def test_cert_and_config_changes_reach_every_worker(tmp_path: Path) -> None:
-    ca = make_ca("Workers CA")
-    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
-    cert, key = issue(ca, tmp_path, "live", "v1")
+    ca, cert, key = first_cert(tmp_path, "live")
     async with (
         run_backend() as backend,
         run_workers(tmp_path, site(backend.address, cert, key)) as e,
@@ -226,9 +231,7 @@ async def test_cert_and_config_changes_reach_every_worker(tmp_path: Path) -> Non
 
 
 async def test_killed_worker_is_replaced(tmp_path: Path) -> None:
-    ca = make_ca("Workers CA")
-    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
-    cert, key = issue(ca, tmp_path, "v1", "v1")
+    _, cert, key = first_cert(tmp_path, "v1")
     async with (
         run_backend() as backend,
         run_workers(tmp_path, site(backend.address, cert, key)) as e,
@@ -252,9 +255,7 @@ async def test_killed_worker_is_replaced(tmp_path: Path) -> None:
 
 
 async def test_tickets_resume_across_workers_and_rotation(tmp_path: Path) -> None:
-    ca = make_ca("Workers CA")
-    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
-    cert, key = issue(ca, tmp_path, "v1", "v1")
+    _, cert, key = first_cert(tmp_path, "v1")
     async with run_backend() as backend:
         sites = site(backend.address, cert, key)
         async with run_workers(tmp_path, sites) as e:
@@ -306,9 +307,7 @@ async def test_tickets_resume_across_workers_and_rotation(tmp_path: Path) -> Non
 
 
 async def test_sigterm_stops_every_worker(tmp_path: Path) -> None:
-    ca = make_ca("Workers CA")
-    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
-    cert, key = issue(ca, tmp_path, "v1", "v1")
+    _, cert, key = first_cert(tmp_path, "v1")
     async with (
         run_backend() as backend,
         run_workers(tmp_path, site(backend.address, cert, key)) as e,
