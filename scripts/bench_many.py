@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""edged with many store certificates: time to the first handshake, time until the whole store
+is read (background indexing), RSS then, cold-name vs warm handshake latency, and how long a
+certificate replaced in the store takes to be served (one among N).
+
+A script, not a test: loopback only, bounded in time. Every site gets its own store entry; the
+certificate is one wildcard reused under every name (the store entries are what costs; the
+distinct-certificate startup figures come from `scripts/bench tls --metrics startup`). A name
+is "cold" for the data path (its site read and its routes used for the first time) but shares
+its SSLContext with the others; a context of its own adds ~1.2 ms (see BENCHMARKS.md).
+
+Run: scripts/bench many [--sites 100000] [--swaps 10] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from edged.store.base import PemPair, StoredCert
+from edged.store.files import FileStore
+from tests.conftest import free_port
+from tests.many_certs import many_sites_config, write_many
+from tests.pki import make_ca, make_leaf
+
+EDGED = str(Path(sys.executable).with_name("edged"))
+DOMAIN = "many.bench.test"
+
+
+def handshake(port: int, name: str) -> tuple[float, bytes]:
+    """(milliseconds, the served certificate in DER) for one full handshake."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    start = time.perf_counter()
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname=name) as tls,
+    ):
+        cert = tls.getpeercert(binary_form=True) or b""
+    return (time.perf_counter() - start) * 1000, cert
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sites", type=int, default=100_000)
+    p.add_argument("--swaps", type=int, default=10)
+    p.add_argument("--samples", type=int, default=200, help="handshakes per latency figure")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/edged-bench-many"))
+    args = p.parse_args()
+
+    work = args.workdir
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    ca = make_ca("bench many CA")
+    leaf = make_leaf(ca, [f"*.{DOMAIN}"], cn="v0")
+    names = [f"n{i}.{DOMAIN}" for i in range(args.sites)]
+    t = time.perf_counter()
+    write_many(work / "store", names, [PemPair("ecdsa-p256", leaf.cert_pem, leaf.key_pem)])
+    print(f"store with {args.sites} entries written in {time.perf_counter() - t:.1f} s")
+    port = free_port()
+    (work / "edged.toml").write_text(
+        f'[edged]\nstore = "store"\n[listen]\nhttps = ["127.0.0.1:{port}"]\nhttp = []\n'
+        f'metrics = ""\nadmin = ""\n' + many_sites_config(names, "127.0.0.1:9")
+    )
+
+    rng = random.Random(7)
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [EDGED, "run", "--config", str(work / "edged.toml")],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    indexed = threading.Event()
+
+    def read_log() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "store indexed" in line:
+                indexed.set()
+
+    threading.Thread(target=read_log, daemon=True).start()
+    try:
+        first = rng.choice(names)
+        while True:
+            try:
+                handshake(port, first)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() - start > 300:
+                    print("edged did not start")
+                    return 1
+                time.sleep(0.02)
+        first_s = time.monotonic() - start
+        first_rss = rss_mib(proc.pid)
+        indexed.wait(600)
+        indexed_s = time.monotonic() - start
+        cold = [handshake(port, rng.choice(names))[0] for _ in range(args.samples)]
+        warm = [handshake(port, first)[0] for _ in range(args.samples)]
+        full_rss = rss_mib(proc.pid)
+        store = FileStore(work / "store")
+        swaps = []
+        for k in range(1, args.swaps + 1):
+            name = rng.choice(names)
+            new = make_leaf(ca, [f"*.{DOMAIN}"], cn=f"v{k}")
+            _, before = handshake(port, name)
+            t0 = time.perf_counter()
+            pair = PemPair("ecdsa-p256", new.cert_pem, new.key_pem)
+            store.save(StoredCert(name, (name,), (pair,), "upload", time.time()))
+            while handshake(port, name)[1] == before:
+                if time.perf_counter() - t0 > 30:
+                    print(f"swap of {name} not served within 30 s")
+                    return 1
+            swaps.append((time.perf_counter() - t0) * 1000)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    print(f"sites: {args.sites}")
+    print(f"first handshake after exec: {first_s:.2f} s (RSS {first_rss:.0f} MiB)")
+    print(f"whole store read after: {indexed_s:.1f} s (RSS then {full_rss:.0f} MiB)")
+    print(
+        f"handshake median: cold name {statistics.median(cold):.2f} ms, "
+        f"warm {statistics.median(warm):.2f} ms ({args.samples} each)"
+    )
+    print(
+        f"replaced certificate served after: median {statistics.median(swaps):.0f} ms, "
+        f"max {max(swaps):.0f} ms ({len(swaps)} swaps)"
+    )
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
