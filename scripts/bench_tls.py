@@ -9,11 +9,14 @@ the terminator, read before and after each load interval, so the figures are wor
 of the terminator, not wall-clock throughput (which the load generator's core also limits).
 
 Metrics (`--metrics`): handshake (full TLS 1.3 handshakes, ECDSA P-256 and RSA-2048, by parallel
-`openssl s_time -new`, whose per-connection marks prove that none resumed), requests (keep-alive
-HTTP/1.1 requests for a 100-byte body, wrk), bulk (1 MiB responses, wrk), idle (memory per idle
-established TLS connection), startup (time from exec to the first handshake for a random name, and
-memory, with 1k/10k/100k certificates). Each run restarts every terminator; runs are interleaved
-across terminators so the machine's noise spreads over all of them; medians are reported.
+`openssl s_time -new`, whose per-connection marks prove that none resumed), resumed (TLS 1.3
+resumptions with a ticket, `openssl s_time -reuse -www /small`: each connection resumes and
+fetches the 100-byte body, which is how a ticket arrives; the marks prove they resumed),
+requests (keep-alive HTTP/1.1 requests for a 100-byte body, wrk), bulk (1 MiB responses, wrk),
+idle (memory per idle established TLS connection), startup (time from exec to the first
+handshake for a random name, and memory, with 1k/10k/100k certificates). Each run restarts every
+terminator; runs are interleaved across terminators so the machine's noise spreads over all of
+them; medians are reported.
 
 Run: scripts/bench tls [--quick] [--runs N] [--duration S] [--terminators a,b] [--metrics a,b]
      [--cert-counts 1000,10000,100000] [--markdown PATH] [--json PATH]
@@ -56,7 +59,7 @@ PEERS = ("haproxy", "nginx", "hitch", "python-plain")
 TERMINATORS = (*PEERS, "edged", "edged-w2")
 PYTHON_TERMINATORS = ("python-plain", "edged", "edged-w2")
 PY_SPY = Path(sys.executable).parent / "py-spy"
-METRICS = ("handshake", "requests", "bulk", "idle", "startup")
+METRICS = ("handshake", "resumed", "requests", "bulk", "idle", "startup")
 TERM_CPU, LOAD_CPU = 0, 1
 NAME = "bench.test"
 SMALL = b"0123456789" * 10  # the keep-alive requests' body: 100 bytes
@@ -578,13 +581,15 @@ def measured(
     return Sample(units / cpu if cpu else 0.0, units / (t1 - t0), cpu / (t1 - t0), note)
 
 
-def s_time(port: int, clients: int, seconds: int) -> tuple[float, str]:
+def s_time(port: int, clients: int, seconds: int, *, reuse: bool = False) -> tuple[float, str]:
     """`clients` parallel `openssl s_time -new -tls1_3`; handshakes done, and the proof that none
-    resumed: s_time prints one mark per connection, 'r' for a resumed session."""
+    resumed: s_time prints one mark per connection, 'r' for a resumed session. `reuse`: resumed
+    handshakes instead (`-reuse`, with a request so that each connection receives its ticket)."""
+    mode = ("-reuse", "-www", "/small") if reuse else ("-new",)
     procs = [
         subprocess.Popen(
             [
-                *("taskset", "-c", str(LOAD_CPU), "openssl", "s_time", "-new", "-tls1_3"),
+                *("taskset", "-c", str(LOAD_CPU), "openssl", "s_time", *mode, "-tls1_3"),
                 *("-connect", f"127.0.0.1:{port}", "-time", str(seconds)),
             ],
             stdout=subprocess.PIPE,
@@ -700,6 +705,7 @@ ROW_HS = {
     "rsa-2048": "full TLS 1.3 handshakes / CPU-s, RSA-2048",
 }
 ROW_REQ = "keep-alive HTTP/1.1 requests / CPU-s (100 B body)"
+ROW_RESUMED = "resumed TLS 1.3 handshakes (+1 small request each) / CPU-s, ECDSA P-256"
 ROW_BULK = "1 MiB responses: MiB / CPU-s"
 ROW_IDLE = "memory (PSS) per idle TLS connection, KiB (lower is better)"
 
@@ -724,7 +730,7 @@ def throughput_session(
     for key_type in ("ecdsa-p256", "rsa-2048"):
         rows = []
         if key_type == "ecdsa-p256":
-            rows = [m for m in ("idle", "handshake", "requests", "bulk") if m in wanted]
+            rows = [m for m in ("idle", "handshake", "resumed", "requests", "bulk") if m in wanted]
         elif "handshake" in wanted:
             rows = ["handshake"]
         if not rows:
@@ -750,7 +756,7 @@ def throughput_session(
 def row_of(metric: str, key_type: str) -> str:
     if metric == "handshake":
         return ROW_HS[key_type]
-    return {"idle": ROW_IDLE, "requests": ROW_REQ, "bulk": ROW_BULK}[metric]
+    return {"idle": ROW_IDLE, "requests": ROW_REQ, "bulk": ROW_BULK, "resumed": ROW_RESUMED}[metric]
 
 
 def measure(
@@ -769,6 +775,16 @@ def measure(
         sample = measured(running, lambda: s_time(port, args.hs_clients, args.duration), profile)
         if " 0 resumed" not in sample.note:
             raise RuntimeError(f"sessions were resumed: {sample.note}")
+        return sample
+    if metric == "resumed":
+        s_time(port, 2, 1, reuse=True)  # warm-up
+        sample = measured(
+            running, lambda: s_time(port, args.hs_clients, args.duration, reuse=True), profile
+        )
+        m = re.search(r"(\d+) handshakes, (\d+) new, (\d+) resumed", sample.note)
+        # Each s_time process makes one full handshake first (its marks start after it).
+        if m is None or int(m.group(3)) < int(m.group(1)) - args.hs_clients:
+            raise RuntimeError(f"sessions were not resumed: {sample.note}")
         return sample
     if metric == "requests":
         wrk(port, "/small", args.req_conns, 1)  # warm-up
@@ -1064,7 +1080,12 @@ def main() -> int:
         rows += [ROW_HS["ecdsa-p256"], ROW_HS["rsa-2048"]]
     rows += [
         r
-        for m, r in (("requests", ROW_REQ), ("bulk", ROW_BULK), ("idle", ROW_IDLE))
+        for m, r in (
+            ("resumed", ROW_RESUMED),
+            ("requests", ROW_REQ),
+            ("bulk", ROW_BULK),
+            ("idle", ROW_IDLE),
+        )
         if m in args.metrics
     ]
     if "startup" in args.metrics:
