@@ -605,8 +605,11 @@ def s_time(port: int, clients: int, seconds: int, *, reuse: bool = False) -> tup
         if p.returncode != 0 or m is None:
             raise RuntimeError(f"openssl s_time failed (exit {p.returncode}):\n{out[-800:]}")
         total += int(m.group(1))
+        # -new prints "Collecting connection statistics for N seconds", -reuse "starting".
         marks_at = re.search(
-            r"^Collecting connection statistics for \d+ seconds\n(.*?)\n\n", out, re.M | re.S
+            r"^(?:Collecting connection statistics for \d+ seconds|starting)\n(.*?)\n\n",
+            out,
+            re.M | re.S,
         )
         marks = marks_at.group(1) if marks_at else ""
         if len(marks) != int(m.group(1)):
