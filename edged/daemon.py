@@ -432,7 +432,7 @@ class Daemon:
                 tg.create_task(self._watch_loop())
                 rotating = tg.create_task(self._ticket_rotation_loop())
                 if lazy:
-                    tg.create_task(self._fill(config, [s for s in store_sites(config)]))
+                    tg.create_task(self._fill(config, store_sites(config)))
                 renewing = tg.create_task(self._renew_when_filled())
                 following: asyncio.Task[None] | None = None
                 if isinstance(store, RedisStore):

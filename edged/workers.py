@@ -114,7 +114,9 @@ class WorkerPool:
         """Send the workers what changed: the whole state after a config change, else only the
         sites whose certificates changed (nothing at all when nothing did)."""
         certs = _served(bundles)
-        if config != self._config:
+        # After a config change, and after a full load that ended a background indexing (the
+        # workers' routes of sites without a certificate are still marked pending): all of it.
+        if config != self._config or self._pending:
             self._config, self._certs = config, certs
             self._pending.clear()  # a full load reads every certificate
             message: tuple[object, ...] = ("state", config, certs, True, frozenset())
