@@ -110,7 +110,8 @@ class Worker:
             await self._stop.wait()
             for server in servers:
                 server.close()
-            reading.cancel()
+            # Reading goes on while draining: a second signal to the main process arrives
+            # here as ("stop", True) and aborts what is left.
             assert self.config is not None
             grace = 0.0 if self._abort.is_set() else self.config.edged.drain_timeout
             drain = asyncio.ensure_future(term.drain(grace))
@@ -121,6 +122,7 @@ class Worker:
                 drain.cancel()
                 await term.drain(0)
             reports.cancel()
+            reading.cancel()
             with contextlib.suppress(ConnectionError, OSError):
                 writer.write(encode(("counters", self.counters, 0)))
                 await writer.drain()

@@ -79,7 +79,7 @@ async def wait_for(predicate: Callable[[], object], what: str, limit: float = 15
 
 @contextlib.asynccontextmanager
 async def run_workers(
-    tmp_path: Path, sites: str, workers: int = 2, tls_extra: str = ""
+    tmp_path: Path, sites: str, workers: int = 2, tls_extra: str = "", drain: float = 2
 ) -> AsyncIterator[Running]:
     port, admin, metrics = free_port(), free_port(), free_port()
     config = tmp_path / "edged.toml"
@@ -88,7 +88,7 @@ async def run_workers(
 [edged]
 store = "store"
 workers = {workers}
-drain_timeout = 2
+drain_timeout = {drain}
 [listen]
 https = ["127.0.0.1:{port}"]
 http = []
@@ -304,6 +304,30 @@ async def test_tickets_resume_across_workers_and_rotation(tmp_path: Path) -> Non
             assert now.isdisjoint(first), (first, now)
             _, reused, _ = await asyncio.to_thread(fetch, e.port, ctx, NAME, session)
             assert not reused  # new keys: the old ticket no longer decrypts
+
+
+async def test_second_sigterm_aborts_the_workers_drain(tmp_path: Path) -> None:
+    """SIGTERM: the workers drain (up to drain_timeout, 60 s here, while a client keeps its
+    connection open); a second SIGTERM makes them abort it and the whole service exits."""
+    _, cert, key = first_cert(tmp_path, "v1")
+    async with (
+        run_backend() as backend,
+        run_workers(tmp_path, site(backend.address, cert, key), drain=60) as e,
+    ):
+        ctx = client_context(tmp_path / "ca.pem")
+        raw = await asyncio.to_thread(socket.create_connection, ("127.0.0.1", e.port), 10)
+        held = await asyncio.to_thread(ctx.wrap_socket, raw, server_hostname=NAME)
+        try:
+            await wait_for(lambda: e.metric("edged_connections_active") == 1, "held connection")
+            e.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(1.5)
+            assert e.proc.returncode is None  # draining: the held connection may finish
+            started = time.monotonic()
+            e.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(e.proc.wait(), 15) == 0
+            assert time.monotonic() - started < 10  # not the 60 s drain
+        finally:
+            held.close()
 
 
 async def test_sigterm_stops_every_worker(tmp_path: Path) -> None:
