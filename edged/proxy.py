@@ -53,7 +53,7 @@ from edged.ja4 import ja4
 from edged.names import covers
 from edged.proxy_header import Endpoints, TlsInfo, build_v1, build_v2
 from edged.sni import Route
-from edged.tls import REFUSED_ATTR, ROUTE_ATTR, SNI_ATTR, SniSelector
+from edged.tls import REFUSED_ATTR, ROUTE_ATTR, SNI_ATTR, SniSelector, UnservableCert
 from edged.tlsalpn import AlpnChallengeBoard, is_challenge_alpn
 
 log = logging.getLogger("edged.proxy")
@@ -383,6 +383,8 @@ class ClientConnection(asyncio.Protocol):
     def _terminate(self, route: Route | None, hello: ClientHello, data: bytes) -> None:
         try:
             self.term.selector.choose(self._sslobj, hello, route)
+        except UnservableCert:
+            pass  # reported once by the cache; the sni_callback refuses it (internal_error)
         except Exception:  # the sni_callback then chooses (or refuses) as without the pre-read
             log.exception("choosing the certificate for %r failed", hello.server_name)
         self._incoming.write(data)

@@ -89,6 +89,10 @@ def build_listening_context(tls: TlsSettings, sni: SniSelector) -> ssl.SSLContex
     return ctx
 
 
+class UnservableCert(Exception):
+    """OpenSSL would not load a certificate and key (the message says which site and why)."""
+
+
 class ContextCache:
     """LRU of SSLContexts keyed by certificate identity and ALPN list.
 
@@ -103,6 +107,9 @@ class ContextCache:
         self._contexts = OrderedDict()
         self.hits = 0
         self.misses = 0
+        # Certificates OpenSSL refused to load (e.g. a key that does not match, in a store
+        # entry loaded light): refused at once afterwards, reported once.
+        self._failed: OrderedDict[tuple[tuple[str, ...], tuple[str, ...]], str] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._contexts)
@@ -122,8 +129,23 @@ class ContextCache:
             self.hits += 1
             self._contexts.move_to_end(key)
             return ctx
+        failed = self._failed.get(key)
+        if failed is not None:
+            raise UnservableCert(failed)
         self.misses += 1
-        ctx = build_cert_context(chosen, alpn, self.min_version)
+        try:
+            ctx = build_cert_context(chosen, alpn, self.min_version)
+        except (ssl.SSLError, OSError) as exc:
+            message = (
+                f"{route.site.key} ({route.site.name}): the certificate cannot be served: "
+                f"OpenSSL refused it ({exc}); handshakes for its names are refused: replace it "
+                "(edged upload, or a new order: edged renew)"
+            )
+            log.error("%s", message)
+            self._failed[key] = message
+            if len(self._failed) > self.capacity:
+                self._failed.popitem(last=False)
+            raise UnservableCert(message) from None
         self._contexts[key] = ctx
         if len(self._contexts) > self.capacity:
             self._contexts.popitem(last=False)
@@ -158,8 +180,9 @@ class SniSelector:
                 return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
             sslobj.context = self.cache.get(route, self.default_alpn)
             return None
-        except Exception:
-            log.exception("sni_callback failed for server name %r", server_name)
+        except Exception as exc:
+            if not isinstance(exc, UnservableCert):  # that one was reported when it was found
+                log.exception("sni_callback failed for server name %r", server_name)
             with contextlib.suppress(Exception):
                 setattr(sslobj, REFUSED_ATTR, "internal_error")
             return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR

@@ -14,6 +14,8 @@ import random
 import time
 from pathlib import Path
 
+import pytest
+
 from edged.store.base import PemPair, StoredCert
 from edged.store.files import FileStore
 from tests.conftest import peer_cn, run_backend, run_edged, s_client
@@ -74,3 +76,37 @@ async def test_100k_names_index_and_one_swap(tmp_path: Path) -> None:
             # The other sites still serve the first certificate.
             other = site_names((target + 1) % SITES)[0]
             assert peer_cn((await s_client(e.port, other)).stderr) == "wildcard-v1"
+
+
+async def test_store_entry_openssl_refuses_is_reported_once_and_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Store entries are loaded light (the key is not parsed at load): one whose key does not
+    match its certificate is found when its context is built, reported once naming the site,
+    and its handshakes are refused; the other sites are unaffected."""
+    ca = make_ca("Light CA")
+    good, other = make_leaf(ca, ["good.light.test"]), make_leaf(ca, ["bad.light.test"])
+    stranger = make_leaf(ca, ["bad.light.test"])
+    store = FileStore(tmp_path / "store")
+    for leaf, key in ((good, good.key_pem), (other, stranger.key_pem)):
+        name = leaf.cert.subject.rfc4514_string().removeprefix("CN=")
+        pair = PemPair("ecdsa-p256", leaf.cert_pem, key)
+        await asyncio.to_thread(
+            store.save, StoredCert(name, (name,), (pair,), "upload", time.time())
+        )
+    async with run_backend() as backend:
+        sites = "".join(
+            f'[[site]]\nnames = ["{n}"]\nbackend = "{backend.address}"\n'
+            for n in ("good.light.test", "bad.light.test")
+        )
+        async with run_edged(tmp_path, sites) as e:
+            for _ in range(3):
+                refused = await s_client(e.port, "bad.light.test")
+                assert "internal error" in refused.stderr, refused.stderr
+            served = await s_client(e.port, "good.light.test")
+            assert peer_cn(served.stderr) == "good.light.test", served.stderr
+            assert e.daemon.counters.handshakes["internal_error", "none"] == 3
+    reports = [r for r in caplog.records if "cannot be served" in r.getMessage()]
+    assert len(reports) == 1, [r.getMessage() for r in reports]
+    assert "bad.light.test" in reports[0].getMessage()
+    assert "Traceback" not in caplog.text
