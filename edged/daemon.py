@@ -195,6 +195,7 @@ class Daemon:
         `config`: already loaded from `config_path` (by the CLI, before forking the zygote)."""
         self.config_path = config_path
         self._preloaded = config
+        self._exit_code = 0
         self._filled = asyncio.Event()  # every store certificate has been read once
         self._snapshot_store = True  # the snapshot covers the store (not during a lazy start)
         self._loading: dict[int, asyncio.Task[None]] = {}  # site index → its on-demand read
@@ -375,6 +376,7 @@ class Daemon:
             self._tg = tg
             if self.zygote is not None:
                 self.pool = WorkerPool(self.zygote, self._inherited, self.counters)
+                self.pool.on_lost = self._workers_lost
                 self.alpn_board.on_change = self._challenge_forwarder(loop, self.pool)
             cache = ContextCache(config.tls.context_cache_size, config.tls.min_version)
             self.selector = SniSelector(SniIndex([]), cache, config.tls.alpn)
@@ -459,7 +461,14 @@ class Daemon:
                     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                         loop.remove_signal_handler(sig)
         log.info("edged stopped")
-        return 0
+        return self._exit_code
+
+    def _workers_lost(self, why: str) -> None:
+        """Without the zygote no worker can be replaced: stop (draining) and exit 1, so the
+        service manager (Restart=on-failure) starts edged afresh."""
+        log.error("%s: stopping with exit status 1 so that edged is restarted", why)
+        self._exit_code = 1
+        self.request_stop()
 
     async def _shut_down(self, renewing: asyncio.Task[None]) -> None:
         """Stop accepting, then let open connections finish for up to drain_timeout; a second

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from edged.config import Address, Config
 from edged.counters import Counters, merge_counters
 from edged.ipc import IpcError, encode, read_message
-from edged.listen import InheritedListeners, bind_tcp
+from edged.listen import InheritedListeners, StartupError, bind_tcp
 from edged.sni import Servable, ServedCert
 from edged.zygote import Zygote
 
@@ -84,6 +84,9 @@ class WorkerPool:
         self._pending: set[int] = set()  # sites whose certificates are not read yet
         # Reads a pending site now (the daemon's load_now), for a worker that needs it.
         self.load_site: Callable[[int], Awaitable[None]] | None = None
+        # Called once when the zygote is gone: no worker can be replaced or rotated any more.
+        self.on_lost: Callable[[str], None] | None = None
+        self._lost = False
         self._reports: asyncio.Task[None] | None = None
 
     # --- what the daemon calls --------------------------------------------------------------
@@ -191,7 +194,11 @@ class WorkerPool:
             if self._stopping:
                 return
             if min_version is not None:
-                self.zygote.send(("context", min_version))
+                try:
+                    self.zygote.send(("context", min_version))
+                except OSError as exc:
+                    self._lose(f"cannot reach the zygote ({exc})")
+                    return
             old = list(self.current.values())
             await self._spawn_generation()
             for handle in old:
@@ -268,7 +275,17 @@ class WorkerPool:
             raise
         layout = [(address, len(socks)) for address, socks in fresh.items()]
         fds = [sock.fileno() for socks in fresh.values() for sock in socks]
-        self.zygote.send(("listeners", layout), fds)
+        try:
+            self.zygote.send(("listeners", layout), fds)
+        except OSError as exc:
+            for address, socks in fresh.items():
+                if address not in self._listeners:
+                    for sock in socks:
+                        sock.close()
+            self._lose(f"cannot reach the zygote ({exc})")
+            raise StartupError(
+                f"cannot hand the listeners to the worker processes: {exc}"
+            ) from None
         for address, socks in self._listeners.items():
             if address not in fresh:
                 for sock in socks:
@@ -278,7 +295,8 @@ class WorkerPool:
 
     async def _spawn_generation(self) -> None:
         self._generation += 1
-        handles = [await self._spawn(slot) for slot in range(self.count)]
+        spawned = [await self._spawn(slot) for slot in range(self.count)]
+        handles = [h for h in spawned if h is not None]
         await asyncio.wait(
             [asyncio.ensure_future(_first(h.ready, h.gone)) for h in handles],
             timeout=READY_TIMEOUT,
@@ -292,11 +310,15 @@ class WorkerPool:
                     READY_TIMEOUT,
                 )
 
-    async def _spawn(self, slot: int) -> WorkerHandle:
+    async def _spawn(self, slot: int) -> WorkerHandle | None:
         assert self._tg is not None and self._config is not None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.zygote.send(("spawn", slot, self._generation), [theirs.fileno()])
+        except OSError as exc:
+            ours.close()
+            self._lose(f"cannot reach the zygote ({exc})")
+            return None
         finally:
             theirs.close()
         ours.setblocking(False)
@@ -384,13 +406,20 @@ class WorkerPool:
             except OSError:
                 data = b""
             if not data:
-                if not self._stopping:
-                    log.error("the zygote exited: dead workers cannot be replaced")
+                self._lose("the zygote process exited")
                 return
             report = pickle.loads(data)
             if report[0] == "exited":
                 level = logging.INFO if self._stopping else logging.WARNING
                 log.log(level, "worker process %d: %s", report[1], report[2])
+
+    def _lose(self, why: str) -> None:
+        if self._lost or self._stopping:
+            return
+        self._lost = True
+        log.error("%s: worker processes can no longer be replaced or rotated", why)
+        if self.on_lost is not None:
+            self.on_lost(why)
 
 
 async def _first(*events: asyncio.Event) -> None:

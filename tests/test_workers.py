@@ -380,3 +380,23 @@ async def test_large_store_indexed_in_background_serves_every_name_on_every_work
             "the 20 handshakes counted",
         )
         assert e.metric('edged_tls_handshakes_total{result="no_cert",version="none"}') == 0
+
+
+async def test_lost_zygote_stops_edged_with_status_1(tmp_path: Path) -> None:
+    """Without the zygote no worker could ever be replaced: edged drains and exits 1, so the
+    service manager (Restart=on-failure) starts it afresh."""
+    _, cert, key = first_cert(tmp_path, "v1")
+    async with (
+        run_backend() as backend,
+        run_workers(tmp_path, site(backend.address, cert, key)) as e,
+    ):
+        # The main process's only child is the zygote (the workers are the zygote's children).
+        children = Path(f"/proc/{e.proc.pid}/task/{e.proc.pid}/children")
+        zygote = [int(p) for p in (await asyncio.to_thread(children.read_text)).split()]
+        assert len(zygote) == 1, zygote
+        workers = {int(str(w["pid"])) for w in await asyncio.to_thread(e.workers)}
+        assert zygote[0] not in workers
+        os.kill(zygote[0], signal.SIGKILL)
+        assert await asyncio.wait_for(e.proc.wait(), 20) == 1
+        for pid in workers:
+            assert await asyncio.to_thread(process_gone, pid), pid
