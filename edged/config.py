@@ -102,6 +102,9 @@ class TlsSettings:
     # New TLS session ticket keys this often (seconds; 0 = never): tickets issued before stop
     # resuming, so a stolen ticket key cannot decrypt sessions older than this.
     ticket_key_rotation: float = 86400.0
+    # Read the ClientHello before the handshake (passthrough, JA4, TLS-ALPN-01, certificate
+    # choice, background indexing need it); false saves its CPU where none of those is used.
+    preread: bool = True
 
 
 @dataclass(frozen=True)
@@ -490,6 +493,7 @@ def _parse_tls(r: _Reader) -> TlsSettings:
         require_chain=r.get("require_chain", bool, d.require_chain, "true or false"),
         context_cache_size=r.integer("context_cache_size", d.context_cache_size, 1),
         ticket_key_rotation=r.duration("ticket_key_rotation", d.ticket_key_rotation, zero=True),
+        preread=r.get("preread", bool, d.preread, "true or false"),
     )
     r.finish()
     return s
@@ -723,6 +727,21 @@ def parse_config(text: str, source: Path) -> Config:
                     )
                 )
             tls = TlsSettings(**{**tls.__dict__, "default_cert": default})
+    if not tls.preread:
+        needs = [
+            *(f"{s.key} (mode = passthrough)" for s in sites if s.passthrough),
+            *(f"{s.key} (ja4_tlv)" for s in sites if s.ja4_tlv),
+            *(["acme.challenge = tls-alpn-01"] if acme and acme.challenge == "tls-alpn-01" else []),
+        ]
+        if needs:
+            problems.append(
+                Problem(
+                    src,
+                    "tls.preread",
+                    f"false, but {', '.join(needs[:3])} need the ClientHello read before the "
+                    "handshake: remove preread = false or those settings",
+                )
+            )
     if not listen.https:
         problems.append(
             Problem(src, "listen.https", "needs at least one address, e.g. 0.0.0.0:443")

@@ -76,6 +76,7 @@ def proxy_settings(config: Config) -> ProxySettings:
         connection_log_sample=(
             config.edged.connection_log_sample if config.edged.connection_log else 0.0
         ),
+        preread=config.tls.preread,
     )
 
 
@@ -363,7 +364,8 @@ class Daemon:
                 log.error("config: %s", problem)
             return 1
         self._preloaded = None
-        lazy = len(store_sites(config)) >= LAZY_MIN
+        # Background indexing reads a pending name before its handshake: needs the pre-read.
+        lazy = config.tls.preread and len(store_sites(config)) >= LAZY_MIN
         try:
             store = self._open_store(config)
             loaded = await self._prepare(config, store, lazy=lazy)

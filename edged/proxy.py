@@ -136,6 +136,7 @@ class ProxySettings:
     max_connections: int = 10000
     max_connections_per_ip: int = 1000  # open connections per client_key(); 0 = no limit
     connection_log_sample: float = 0.0  # fraction of closed connections logged; 0 = off
+    preread: bool = True  # [tls] preread: parse the ClientHello before the handshake
 
 
 class _Throttled:
@@ -218,6 +219,7 @@ class ClientConnection(asyncio.Protocol):
         self.sni: str | None = None
         self.handshaking = True
         self.hello: ClientHello | None = None  # set once the whole ClientHello has arrived
+        self._prereading = term.settings.preread  # until the ClientHello is parsed
         self._hello_buf = bytearray()  # the bytes before that
         self._hello_need = 0  # parse again once _hello_buf holds this many bytes
         self._ja4: str | None = None
@@ -303,7 +305,7 @@ class ClientConnection(asyncio.Protocol):
         if self.passthrough:
             self._relay_raw(data)
             return
-        if self.hello is None:
+        if self._prereading:
             self._preread(data)
             return
         self._incoming.write(data)
@@ -362,6 +364,7 @@ class ClientConnection(asyncio.Protocol):
             self._hello_failed(exc)
             return
         self.hello = hello
+        self._prereading = False
         self._hello_buf = bytearray()
         selector = self.term.selector
         # Without SNI only the default certificate can answer (lookup(None) gives it).

@@ -56,8 +56,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 
 PEERS = ("haproxy", "nginx", "hitch", "python-plain")
-TERMINATORS = (*PEERS, "edged", "edged-w2")
-PYTHON_TERMINATORS = ("python-plain", "edged", "edged-w2")
+# edged-w2: `workers = 2`; edged-nopeek: `[tls] preread = false` (no ClientHello pre-read: the
+# same-run A/B for what the pre-read costs).
+TERMINATORS = (*PEERS, "edged", "edged-w2", "edged-nopeek")
+PYTHON_TERMINATORS = ("python-plain", "edged", "edged-w2", "edged-nopeek")
 PY_SPY = Path(sys.executable).parent / "py-spy"
 METRICS = ("handshake", "resumed", "requests", "bulk", "idle", "startup")
 TERM_CPU, LOAD_CPU = 0, 1
@@ -457,8 +459,9 @@ log-level = 1
             str(certs.cert),
             str(certs.key),
         ], {}
-    if kind in ("edged", "edged-w2"):
+    if kind in ("edged", "edged-w2", "edged-nopeek"):
         workers = 2 if kind == "edged-w2" else 1
+        preread = "false" if kind == "edged-nopeek" else "true"
         if many:
             store, tls, sites = certs.directory / "store", "", (certs.directory / "sites.toml")
             sites_text = sites.read_text()
@@ -472,7 +475,7 @@ log-level = 1
             f'[edged]\nstore = "{store}"\nworkers = {workers}\ndrain_timeout = 1\n'
             f"max_connections = 9000\nidle_timeout = 900\n"
             f'[listen]\nhttps = ["127.0.0.1:{port}"]\nhttp = []\nmetrics = ""\nadmin = ""\n'
-            f'[tls]\nalpn = ["http/1.1"]\n{tls}' + sites_text
+            f'[tls]\nalpn = ["http/1.1"]\npreread = {preread}\n{tls}' + sites_text
         )
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         # The `edged` console script, run from this checkout (PYTHONPATH) by this interpreter.

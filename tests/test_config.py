@@ -240,3 +240,19 @@ def test_workers_and_ticket_key_rotation() -> None:
         parse_config(MINIMAL + '[tls]\nticket_key_rotation = "daily"\n', SRC)
     assert "tls.ticket_key_rotation: must be a duration like '15m'" in str(info.value)
     assert "or 0 (off)" in str(info.value)
+
+
+def test_preread_off_refused_where_the_clienthello_is_needed() -> None:
+    config = parse_config(MINIMAL + "[tls]\npreread = false\n", SRC)
+    assert config.tls.preread is False
+    text = (
+        "[tls]\npreread = false\n"
+        + MINIMAL
+        + '[[site]]\nnames = ["pass.example.com"]\nbackend = "127.0.0.1:9443"\n'
+        + 'mode = "passthrough"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, SRC)
+    message = str(info.value)
+    assert "tls.preread: false, but site[1] (mode = passthrough) need" in message
+    assert "remove preread = false" in message
