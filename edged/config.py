@@ -201,6 +201,12 @@ class Config:
         path = Path(self.edged.store)
         return path if path.is_absolute() else self.source.parent / path
 
+    def site_at(self, index: int) -> Site | None:
+        """The site with this `index` (its position in `sites`: a valid config has no gaps)."""
+        if 0 <= index < len(self.sites) and self.sites[index].index == index:
+            return self.sites[index]
+        return None
+
     def site_for(self, name: str) -> Site | None:
         return self._site_by_name.get(name)
 

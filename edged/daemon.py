@@ -92,6 +92,26 @@ class Loaded:
     pending: frozenset[int] = frozenset()  # store sites left for the background fill
 
 
+def load_origin_contexts(config: Config) -> tuple[dict[int, ssl.SSLContext], list[Problem]]:
+    """The origin_tls client contexts by site index, and a Problem for each CA file that does
+    not load (that site then goes without). Blocking (reads the CA files)."""
+    origins: dict[int, ssl.SSLContext] = {}
+    problems: list[Problem] = []
+    for site in config.sites:
+        if site.origin_tls:
+            try:
+                origins[site.index] = build_origin_context(site.origin_ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                problems.append(
+                    Problem(
+                        str(site.origin_ca_file),
+                        f"{site.key}.origin_ca_file",
+                        f"cannot load CA certificates: {exc}",
+                    )
+                )
+    return origins, problems
+
+
 def store_sites(config: Config) -> list[Site]:
     """The sites whose certificates come from the store (not files, not passthrough)."""
     return [s for s in config.sites if s.cert_file is None and not s.passthrough]
@@ -108,21 +128,8 @@ def prepare(
     # An expired store certificate is still served when it is all a site has (clients decide).
     sites = [s for s in config.sites if s.cert_file is not None] if lazy else None
     certs = load_site_certs(config, store, now, keep_expired=True, light=True, sites=sites)
-    origins: dict[int, ssl.SSLContext] = {}
-    problems = list(certs.problems)
-    for site in config.sites:
-        if site.origin_tls:
-            try:
-                origins[site.index] = build_origin_context(site.origin_ca_file)
-            except (OSError, ssl.SSLError) as exc:
-                problems.append(
-                    Problem(
-                        str(site.origin_ca_file),
-                        f"{site.key}.origin_ca_file",
-                        f"cannot load CA certificates: {exc}",
-                    )
-                )
-    certs = SiteCerts(certs.bundles, tuple(problems), certs.expired)
+    origins, origin_problems = load_origin_contexts(config)
+    certs = SiteCerts(certs.bundles, (*certs.problems, *origin_problems), certs.expired)
     pending = frozenset(s.index for s in store_sites(config)) if lazy else frozenset()
     return Loaded(config, certs, origins, watch, snapshot, pending)
 
@@ -622,11 +629,9 @@ class Daemon:
         return {s.index for s in self.config.sites if self._pending(s)}
 
     async def _load_index(self, index: int) -> None:
-        config = self.config
-        if config is not None and 0 <= index < len(config.sites):
-            site = config.sites[index]
-            if site.index == index:
-                await self.load_now(site)
+        site = self.config.site_at(index) if self.config is not None else None
+        if site is not None:
+            await self.load_now(site)
 
     def _pending(self, site: Site) -> bool:
         route = self.selector.index.get(site.names[0]) if self.selector is not None else None

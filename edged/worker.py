@@ -26,11 +26,11 @@ import ssl
 
 from edged.config import Address, Config, Site
 from edged.counters import Counters
-from edged.daemon import proxy_settings
+from edged.daemon import load_origin_contexts, proxy_settings
 from edged.ipc import IpcError, encode, read_message
 from edged.proxy import Terminator
 from edged.sni import ServedCert, SniIndex, build_index
-from edged.tls import ContextCache, SniSelector, build_origin_context
+from edged.tls import ContextCache, SniSelector
 from edged.tlsalpn import AlpnChallengeBoard
 
 log = logging.getLogger("edged.worker")
@@ -180,8 +180,12 @@ class Worker:
         if config is None:
             assert self.config is not None
             self.certs.update(certs)
-            by_index = {site.index: site for site in self.config.sites}
-            changes = [(by_index[i], bundles) for i, bundles in certs.items() if i in by_index]
+            current = self.config  # an O(1) lookup per change: no dict of 100k sites per delta
+            changes = [
+                (site, bundles)
+                for i, bundles in certs.items()
+                if (site := current.site_at(i)) is not None
+            ]
             selector.index = selector.index.updated(changes)
             return
         old = self.config
@@ -189,7 +193,8 @@ class Worker:
         index = await asyncio.to_thread(
             build_index, config.sites, self.certs, config.tls.default_cert, pending
         )
-        origins = await asyncio.to_thread(_origin_contexts, config)
+        # The main process reported CA files that do not load; here they only go without.
+        origins, _ = await asyncio.to_thread(load_origin_contexts, config)
         if old is not None and old.tls != config.tls:
             selector.cache = ContextCache(config.tls.context_cache_size, config.tls.min_version)
             selector.default_alpn = tuple(config.tls.alpn)
@@ -218,16 +223,3 @@ class Worker:
             except (ConnectionError, OSError):
                 self._stop.set()
                 return
-
-
-def _origin_contexts(config: Config) -> dict[int, ssl.SSLContext]:
-    """The origin_tls client contexts (the main process validated the CA files; a file that
-    fails here now is reported and the site goes without re-encryption context)."""
-    found: dict[int, ssl.SSLContext] = {}
-    for site in config.sites:
-        if site.origin_tls:
-            try:
-                found[site.index] = build_origin_context(site.origin_ca_file)
-            except (OSError, ssl.SSLError) as exc:
-                log.error("%s.origin_ca_file: cannot load CA certificates: %s", site.key, exc)
-    return found

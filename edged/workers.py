@@ -31,6 +31,7 @@ from edged.zygote import Zygote
 
 log = logging.getLogger("edged.workers")
 
+ZYGOTE_EXIT_WAIT = 5.0  # seconds to wait for the zygote to exit at shutdown
 READY_TIMEOUT = 30.0  # seconds a new worker has to start serving
 RESTART_BACKOFF = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)  # for a slot whose workers keep dying
 STABLE_AFTER = 30.0  # a worker that lived this long resets its slot's back-off
@@ -135,7 +136,7 @@ class WorkerPool:
 
     def publish_sites(self, changes: Mapping[int, Sequence[Servable]]) -> None:
         """Send the workers the new certificates of these sites (the config is unchanged)."""
-        changed = {i: tuple(ServedCert.of(b) for b in group) for i, group in changes.items()}
+        changed = _served(changes)
         self._certs.update(changed)
         self._pending.difference_update(changed)
         for handle in self.current.values():
@@ -228,6 +229,15 @@ class WorkerPool:
                 sock.close()
         self._listeners.clear()
         self.zygote.close()
+        # It exits as soon as it reads the closed channel: reap it without blocking the event
+        # loop (a waitpid in a thread could outlive the loop); after a while init may reap it.
+        for _ in range(int(ZYGOTE_EXIT_WAIT / 0.02)):
+            if self.zygote.reaped():
+                return
+            await asyncio.sleep(0.02)
+        log.warning(
+            "the zygote (pid %d) did not exit within %ss", self.zygote.pid, ZYGOTE_EXIT_WAIT
+        )
 
     def counters(self) -> Counters:
         """The sum over every worker, living and exited (so totals never go down)."""

@@ -59,10 +59,17 @@ class Zygote:
             self.sock.send(data)
 
     def close(self) -> None:
-        """Closing the channel makes the zygote exit (its workers are stopped separately)."""
+        """Closing the channel makes the zygote exit (its workers are stopped separately);
+        reap it with `reaped`."""
         self.sock.close()
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(self.pid, 0)
+
+    def reaped(self) -> bool:
+        """Whether the zygote has exited (and is reaped now). Never blocks."""
+        try:
+            pid, _ = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return True  # reaped already
+        return pid != 0
 
 
 def start_zygote(min_version: str, make_context: ContextFactory, worker_main: WorkerMain) -> Zygote:
