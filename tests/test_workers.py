@@ -24,10 +24,11 @@ import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edged.daemon import LAZY_MIN
 from edged.store.base import PemPair
-from tests.conftest import free_port, run_backend
+from tests.conftest import Backend, free_port, run_backend
 from tests.many_certs import many_sites_config, write_many
 from tests.pki import Issued, make_ca, make_leaf, write_pair
 
@@ -158,13 +159,21 @@ def site(backend: str, cert: Path, key: Path, name: str = NAME) -> str:
     )
 
 
-def first_cert(tmp_path: Path, stem: str) -> tuple[Issued, Path, Path]:
-    """A CA (its certificate in tmp_path/ca.pem, what clients trust) and a "v1" certificate
-    for NAME written as `stem`.crt/.key."""
+@contextlib.asynccontextmanager
+async def one_site(
+    tmp_path: Path, stem: str = "v1", **options: Any
+) -> AsyncIterator[tuple[Running, Issued, Path, Path, Backend]]:
+    """edged with workers (`options` for run_workers) serving NAME with a "v1" certificate
+    written as `stem`.crt/.key, its CA in tmp_path/ca.pem (what clients trust): (edged, the
+    CA, the cert and key files, the backend)."""
     ca = make_ca("Workers CA")
     (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
     cert, key = issue(ca, tmp_path, stem, "v1")
-    return ca, cert, key
+    async with (
+        run_backend() as backend,
+        run_workers(tmp_path, site(backend.address, cert, key), **options) as e,
+    ):
+        yield e, ca, cert, key, backend
 
 
 def issue(ca: Issued, tmp_path: Path, stem: str, cn: str, name: str = NAME) -> tuple[Path, Path]:
@@ -172,11 +181,7 @@ def issue(ca: Issued, tmp_path: Path, stem: str, cn: str, name: str = NAME) -> t
 
 
 async def test_workers_serve_and_metrics_sum_over_them(tmp_path: Path) -> None:
-    _, cert, key = first_cert(tmp_path, "v1")
-    async with (
-        run_backend() as backend,
-        run_workers(tmp_path, site(backend.address, cert, key)) as e,
-    ):
+    async with one_site(tmp_path) as (e, *_):
         ctx = client_context(tmp_path / "ca.pem")
         for _ in range(40):
             cn, _, _ = await asyncio.to_thread(fetch, e.port, ctx)
@@ -198,11 +203,7 @@ async def test_workers_serve_and_metrics_sum_over_them(tmp_path: Path) -> None:
 
 
 async def test_cert_and_config_changes_reach_every_worker(tmp_path: Path) -> None:
-    ca, cert, key = first_cert(tmp_path, "live")
-    async with (
-        run_backend() as backend,
-        run_workers(tmp_path, site(backend.address, cert, key)) as e,
-    ):
+    async with one_site(tmp_path, "live") as (e, ca, cert, key, backend):
         ctx = client_context(tmp_path / "ca.pem")
         # A renewed certificate (files replaced): the main process reloads and sends it on.
         new_cert, new_key = issue(ca, tmp_path, "next", "v2")
@@ -231,11 +232,7 @@ async def test_cert_and_config_changes_reach_every_worker(tmp_path: Path) -> Non
 
 
 async def test_killed_worker_is_replaced(tmp_path: Path) -> None:
-    _, cert, key = first_cert(tmp_path, "v1")
-    async with (
-        run_backend() as backend,
-        run_workers(tmp_path, site(backend.address, cert, key)) as e,
-    ):
+    async with one_site(tmp_path) as (e, *_):
         ctx = client_context(tmp_path / "ca.pem")
         before = await asyncio.to_thread(e.workers)
         victim = int(str(before[0]["pid"]))
@@ -255,65 +252,56 @@ async def test_killed_worker_is_replaced(tmp_path: Path) -> None:
 
 
 async def test_tickets_resume_across_workers_and_rotation(tmp_path: Path) -> None:
-    _, cert, key = first_cert(tmp_path, "v1")
-    async with run_backend() as backend:
-        sites = site(backend.address, cert, key)
-        async with run_workers(tmp_path, sites) as e:
-            ctx = client_context(tmp_path / "ca.pem")
-            _, reused, session = await asyncio.to_thread(fetch, e.port, ctx)
-            assert not reused and session is not None
-            # 20 resumptions from new source ports: with two workers, all landing on the one
-            # that issued the ticket has probability 2**-20; every one must resume.
-            results = [
-                (await asyncio.to_thread(fetch, e.port, ctx, NAME, session))[1] for _ in range(20)
-            ]
-            assert all(results), results
+    async with one_site(tmp_path) as (e, *_):
+        ctx = client_context(tmp_path / "ca.pem")
+        _, reused, session = await asyncio.to_thread(fetch, e.port, ctx)
+        assert not reused and session is not None
+        # 20 resumptions from new source ports: with two workers, all landing on the one
+        # that issued the ticket has probability 2**-20; every one must resume.
+        results = [
+            (await asyncio.to_thread(fetch, e.port, ctx, NAME, session))[1] for _ in range(20)
+        ]
+        assert all(results), results
 
     # Rotation: a short interval, handshakes running throughout.
-    async with run_backend() as backend:
-        sites = site(backend.address, cert, key)
-        async with run_workers(tmp_path, sites, tls_extra='ticket_key_rotation = "2s"') as e:
-            ctx = client_context(tmp_path / "ca.pem")
-            _, _, session = await asyncio.to_thread(fetch, e.port, ctx)
-            first = {int(str(w["pid"])) for w in await asyncio.to_thread(e.workers)}
-            stop = threading.Event()
-            failures: list[str] = []
-            done = [0]
+    async with one_site(tmp_path, tls_extra='ticket_key_rotation = "2s"') as (e, *_):
+        ctx = client_context(tmp_path / "ca.pem")
+        _, _, session = await asyncio.to_thread(fetch, e.port, ctx)
+        first = {int(str(w["pid"])) for w in await asyncio.to_thread(e.workers)}
+        stop = threading.Event()
+        failures: list[str] = []
+        done = [0]
 
-            def load() -> None:
-                while not stop.is_set():
-                    try:
-                        fetch(e.port, ctx)
-                        done[0] += 1
-                    except (OSError, AssertionError) as exc:
-                        failures.append(repr(exc))
+        def load() -> None:
+            while not stop.is_set():
+                try:
+                    fetch(e.port, ctx)
+                    done[0] += 1
+                except (OSError, AssertionError) as exc:
+                    failures.append(repr(exc))
 
-            thread = threading.Thread(target=load)
-            thread.start()
-            try:
-                await wait_for(
-                    lambda: e.metric("edged_tls_ticket_key_rotations_total") >= 2,
-                    "two rotations",
-                )
-            finally:
-                stop.set()
-                await asyncio.to_thread(thread.join, 15)
-            assert failures == [], failures[:5]
-            assert done[0] > 10
-            now = {int(str(w["pid"])) for w in await asyncio.to_thread(e.workers)}
-            assert now.isdisjoint(first), (first, now)
-            _, reused, _ = await asyncio.to_thread(fetch, e.port, ctx, NAME, session)
-            assert not reused  # new keys: the old ticket no longer decrypts
+        thread = threading.Thread(target=load)
+        thread.start()
+        try:
+            await wait_for(
+                lambda: e.metric("edged_tls_ticket_key_rotations_total") >= 2,
+                "two rotations",
+            )
+        finally:
+            stop.set()
+            await asyncio.to_thread(thread.join, 15)
+        assert failures == [], failures[:5]
+        assert done[0] > 10
+        now = {int(str(w["pid"])) for w in await asyncio.to_thread(e.workers)}
+        assert now.isdisjoint(first), (first, now)
+        _, reused, _ = await asyncio.to_thread(fetch, e.port, ctx, NAME, session)
+        assert not reused  # new keys: the old ticket no longer decrypts
 
 
 async def test_second_sigterm_aborts_the_workers_drain(tmp_path: Path) -> None:
     """SIGTERM: the workers drain (up to drain_timeout, 60 s here, while a client keeps its
     connection open); a second SIGTERM makes them abort it and the whole service exits."""
-    _, cert, key = first_cert(tmp_path, "v1")
-    async with (
-        run_backend() as backend,
-        run_workers(tmp_path, site(backend.address, cert, key), drain=60) as e,
-    ):
+    async with one_site(tmp_path, drain=60) as (e, *_):
         ctx = client_context(tmp_path / "ca.pem")
         raw = await asyncio.to_thread(socket.create_connection, ("127.0.0.1", e.port), 10)
         held = await asyncio.to_thread(ctx.wrap_socket, raw, server_hostname=NAME)
@@ -331,11 +319,7 @@ async def test_second_sigterm_aborts_the_workers_drain(tmp_path: Path) -> None:
 
 
 async def test_sigterm_stops_every_worker(tmp_path: Path) -> None:
-    _, cert, key = first_cert(tmp_path, "v1")
-    async with (
-        run_backend() as backend,
-        run_workers(tmp_path, site(backend.address, cert, key)) as e,
-    ):
+    async with one_site(tmp_path) as (e, *_):
         pids = [int(str(w["pid"])) for w in await asyncio.to_thread(e.workers)]
         e.proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(e.proc.wait(), 20) == 0
@@ -385,11 +369,7 @@ async def test_large_store_indexed_in_background_serves_every_name_on_every_work
 async def test_lost_zygote_stops_edged_with_status_1(tmp_path: Path) -> None:
     """Without the zygote no worker could ever be replaced: edged drains and exits 1, so the
     service manager (Restart=on-failure) starts it afresh."""
-    _, cert, key = first_cert(tmp_path, "v1")
-    async with (
-        run_backend() as backend,
-        run_workers(tmp_path, site(backend.address, cert, key)) as e,
-    ):
+    async with one_site(tmp_path) as (e, *_):
         # The main process's only child is the zygote (the workers are the zygote's children).
         children = Path(f"/proc/{e.proc.pid}/task/{e.proc.pid}/children")
         zygote = [int(p) for p in (await asyncio.to_thread(children.read_text)).split()]
