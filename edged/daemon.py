@@ -43,7 +43,14 @@ from edged.metrics import (
 from edged.names import name_of_store_dir, store_dirname
 from edged.operations import DaemonOperations
 from edged.proxy import ProxySettings, Terminator
-from edged.reload import Snapshot, WatchSet, take_snapshot, watch_changes, watch_set
+from edged.reload import (
+    Snapshot,
+    WatchSet,
+    snapshot_entry,
+    take_snapshot,
+    watch_changes,
+    watch_set,
+)
 from edged.renewal import CertStatus
 from edged.renewer import Renewer
 from edged.sni import SniIndex, build_index
@@ -733,12 +740,11 @@ class Daemon:
             return
         for name in names:
             path = store.absolute() / "live" / store_dirname(name) / "meta.json"
-            try:
-                st = path.stat()
-            except OSError:
+            entry = snapshot_entry(path)
+            if entry is None:
                 self._snapshot.pop(path, None)
-                continue
-            self._snapshot[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+            else:
+                self._snapshot[path] = entry
 
     async def _reload_locked(self, kind: str) -> bool:
         systemd.notify("RELOADING=1")

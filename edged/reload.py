@@ -91,12 +91,19 @@ def take_snapshot(watch: WatchSet, *, store: bool = True) -> Snapshot:
             paths.update(d / "meta.json" for d in (tree / "live").iterdir())
     snap: Snapshot = {}
     for path in paths:
-        try:
-            st = path.stat()
-        except OSError:
-            continue
-        snap[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        entry = snapshot_entry(path)
+        if entry is not None:
+            snap[path] = entry
     return snap
+
+
+def snapshot_entry(path: Path) -> tuple[int, int, int] | None:
+    """A file's (inode, size, mtime) as a Snapshot holds it; None when it cannot be read."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 async def watch_changes(
