@@ -110,6 +110,24 @@ async def test_one_order_shared_tokens_and_propagation(
         assert pebble.count('Added order "') == 4
 
 
+async def settled(a: Edged, b: Edged, c: Edged) -> None:
+    """The fleet's order is over (states saved, lease released on the nodes that did not
+    order) and every node serves the same certificate."""
+    await wait_for(
+        lambda: all(
+            n.daemon.renewer.states["shop.test"].status is CertStatus.ACTIVE
+            and not n.daemon.renewer.lease_holders
+            for n in (b, c)
+        )
+    )
+    await wait_for(
+        lambda: (
+            len({getattr(n.daemon.serving("shop.test"), "fingerprint", None) for n in (a, b, c)})
+            == 1
+        )
+    )
+
+
 async def test_redis_outage_keeps_serving_and_resyncs(
     pebble: Pebble, redis_server: RedisServer, tmp_path: Path
 ) -> None:
@@ -117,21 +135,7 @@ async def test_redis_outage_keeps_serving_and_resyncs(
         backend = await stack.enter_async_context(run_backend())
         a, b, c = await start_fleet(stack, tmp_path, redis_server, pebble, backend.port)
         # Settled: the order is over (states saved, lease released) and every node serves it.
-        await wait_for(
-            lambda: all(
-                n.daemon.renewer.states["shop.test"].status is CertStatus.ACTIVE
-                and not n.daemon.renewer.lease_holders
-                for n in (b, c)
-            )
-        )
-        await wait_for(
-            lambda: (
-                len(
-                    {getattr(n.daemon.serving("shop.test"), "fingerprint", None) for n in (a, b, c)}
-                )
-                == 1
-            )
-        )
+        await settled(a, b, c)
         served = b.daemon.serving("shop.test")
         assert served is not None
         redis_server.stop()
@@ -177,21 +181,7 @@ async def test_redis_restarted_empty_gets_certs_and_account_back(
     async with AsyncExitStack() as stack:
         backend = await stack.enter_async_context(run_backend())
         a, b, c = await start_fleet(stack, tmp_path, redis_server, pebble, backend.port)
-        await wait_for(
-            lambda: all(
-                n.daemon.renewer.states["shop.test"].status is CertStatus.ACTIVE
-                and not n.daemon.renewer.lease_holders
-                for n in (b, c)
-            )
-        )
-        await wait_for(
-            lambda: (
-                len(
-                    {getattr(n.daemon.serving("shop.test"), "fingerprint", None) for n in (a, b, c)}
-                )
-                == 1
-            )
-        )
+        await settled(a, b, c)
         served = a.daemon.serving("shop.test")
         assert served is not None
         raw = redis_server.client()
