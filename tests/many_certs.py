@@ -17,6 +17,7 @@ from pathlib import Path
 from edged.names import store_dirname
 from edged.store.base import PemPair, StoredCert
 from edged.store.files import META, FileStore
+from tests.pki import Issued, fullchain, make_leaf
 
 
 def write_many(
@@ -39,6 +40,18 @@ def write_many(
         meta["name"] = name
         meta["names"] = [name]
         (directory / META).write_bytes(json.dumps(meta).encode())
+
+
+def store_dual(store_dir: Path, issuer: Issued, name: str) -> None:
+    """An ECDSA P-256 and an RSA-2048 certificate for `name`, issued by `issuer`, stored as one
+    entry (a dual certificate, as ACME with both key types leaves it)."""
+    ec = make_leaf(issuer, [name])
+    rsa = make_leaf(issuer, [name], key_type="rsa-2048")
+    pairs = (
+        PemPair("ecdsa-p256", fullchain(ec), ec.key_pem),
+        PemPair("rsa-2048", fullchain(rsa), rsa.key_pem),
+    )
+    FileStore(store_dir).save(StoredCert(name, (name,), pairs, "upload", 0.0))
 
 
 def many_sites_config(names: Sequence[str], backend: str) -> str:

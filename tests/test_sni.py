@@ -16,7 +16,6 @@ from edged.clienthello import ClientHello, parse_client_hello
 from edged.config import Address, Site, TlsSettings
 from edged.names import NameError_, covers, normalize_name, store_dirname, wildcard_parent
 from edged.sni import build_index
-from edged.store import FileStore, PemPair, StoredCert
 from edged.tls import (
     ROUTE_ATTR,
     ContextCache,
@@ -26,6 +25,7 @@ from edged.tls import (
     pick_bundle,
 )
 from tests.conftest import peer_cn, run_backend, run_edged, s_client
+from tests.many_certs import store_dual
 from tests.pki import fullchain, make_ca, make_leaf
 
 
@@ -270,22 +270,7 @@ async def test_served_key_type_follows_the_client(
 ) -> None:
     """With the pre-read edged picks the certificate from the parsed ClientHello; with
     `[tls] preread = false` the sni_callback serves both and OpenSSL picks: same result."""
-    ec, rs = (
-        make_leaf(_CA, ["dual.example.test"]),
-        make_leaf(_CA, ["dual.example.test"], key_type="rsa-2048"),
-    )
-    FileStore(tmp_path / "store").save(
-        StoredCert(
-            name="dual.example.test",
-            names=("dual.example.test",),
-            pairs=(
-                PemPair("ecdsa-p256", fullchain(ec), ec.key_pem),
-                PemPair("rsa-2048", fullchain(rs), rs.key_pem),
-            ),
-            source="upload",
-            stored_at=0.0,
-        )
-    )
+    store_dual(tmp_path / "store", _CA, "dual.example.test")
     async with run_backend() as backend:
         body = f"[tls]\npreread = {str(preread).lower()}\n"
         body += f'[[site]]\nnames = ["dual.example.test"]\nbackend = "{backend.address}"\n'

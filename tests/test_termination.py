@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from edged.store import FileStore, PemPair, StoredCert
 from tests.conftest import curl, free_port, peer_cn, run_backend, run_cmd, run_edged, s_client
-from tests.pki import fullchain, make_ca, make_leaf, write_pair
+from tests.many_certs import store_dual
+from tests.pki import make_ca, make_leaf, write_pair
 
 
 def origin_server_context(tmp_path: Path) -> ssl.SSLContext:
@@ -256,21 +256,7 @@ async def test_ipv6_listener(tmp_path: Path, pki: dict[str, Path]) -> None:
 async def test_store_cert_ecdsa_and_rsa_served_by_key_type(
     tmp_path: Path, pki: dict[str, Path]
 ) -> None:
-    ca = make_ca("Dual CA")
-    ec = make_leaf(ca, ["dual.example.test"], key_type="ecdsa-p256")
-    rsa = make_leaf(ca, ["dual.example.test"], key_type="rsa-2048")
-    FileStore(tmp_path / "store").save(
-        StoredCert(
-            name="dual.example.test",
-            names=("dual.example.test",),
-            pairs=(
-                PemPair("ecdsa-p256", fullchain(ec), ec.key_pem),
-                PemPair("rsa-2048", fullchain(rsa), rsa.key_pem),
-            ),
-            source="upload",
-            stored_at=0.0,
-        )
-    )
+    store_dual(tmp_path / "store", make_ca("Dual CA"), "dual.example.test")
     async with run_backend() as backend:
         body = f'[[site]]\nnames = ["dual.example.test"]\nbackend = "{backend.address}"\n'
         async with run_edged(tmp_path, body) as edged:
