@@ -28,6 +28,10 @@ PROXY_PROTOCOLS = ("", "v1", "v2")
 CHALLENGES = ("http-01", "dns-01", "tls-alpn-01")
 HTTP_MODES = ("redirect", "forward")
 SITE_MODES = ("terminate", "passthrough")
+# When a terminated connection opens its backend connection: at the client's first bytes of
+# application data (HTTP and every client-speaks-first protocol), or right after the handshake
+# (protocols where the server speaks first).
+BACKEND_CONNECT = ("first_data", "handshake")
 PP2_CUSTOM_TLV = range(0xE0, 0xF0)  # PP2_TYPE_MIN_CUSTOM..PP2_TYPE_MAX_CUSTOM
 ACME_KEY_TYPES = ("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096")
 TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1")
@@ -159,6 +163,7 @@ class Site:
     # backend, which terminates (edged only reads the ClientHello to route by SNI).
     mode: str = "terminate"
     ja4_tlv: int = 0  # PROXY v2 TLV type carrying the client's JA4 fingerprint; 0 = off
+    backend_connect: str = "first_data"  # one of BACKEND_CONNECT
 
     @property
     def passthrough(self) -> bool:
@@ -634,6 +639,7 @@ def _parse_site(r: _Reader, index: int, base: Path) -> Site | None:
         http=r.choice("http", HTTP_MODES, "redirect"),
         mode=r.choice("mode", SITE_MODES, "terminate"),
         ja4_tlv=r.integer("ja4_tlv", 0, 0),
+        backend_connect=r.choice("backend_connect", BACKEND_CONNECT, "first_data"),
     )
     if site.origin_tls and site.backend.is_unix and not site.origin_server_name:
         r.problem("origin_server_name", "origin_tls to a unix socket needs origin_server_name")
@@ -664,6 +670,12 @@ def _check_passthrough(r: _Reader, site: Site) -> None:
         r.problem("alpn", f"{why}: the backend negotiates ALPN; remove alpn")
     if site.http == "forward":
         r.problem("http", f"{why}: its backend speaks TLS, not plain HTTP; use 'redirect'")
+    if site.backend_connect != "first_data":
+        r.problem(
+            "backend_connect",
+            f"{why}: its backend connection opens once the ClientHello is read; remove "
+            "backend_connect",
+        )
 
 
 def parse_config(text: str, source: Path) -> Config:

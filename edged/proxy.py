@@ -167,6 +167,7 @@ class Terminator:
     settings: ProxySettings
     counters: Counters
     tg: asyncio.TaskGroup
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     origin_contexts: dict[int, ssl.SSLContext] = field(default_factory=dict)
     alpn_board: AlpnChallengeBoard | None = None  # pending TLS-ALPN-01 challenges
     # Reads a pending route's certificate (see Route.pending) and swaps it into the index.
@@ -212,7 +213,7 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, term: Terminator) -> None:
         self.term = term
-        self.loop = asyncio.get_running_loop()
+        self.loop = term.loop
         self.transport: asyncio.Transport | None = None
         self.backend: BackendConnection | None = None
         self.route: Route | None = None
@@ -241,6 +242,7 @@ class ClientConnection(asyncio.Protocol):
         # The client sent data the backend has not answered yet (an idle timeout then is the
         # backend's fault: counted as a backend error).
         self._backend_owes = False
+        self._early = b""  # the client's first plaintext, while its backend connects
         self._paused_for: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._incoming = ssl.MemoryBIO()
@@ -283,9 +285,7 @@ class ClientConnection(asyncio.Protocol):
             term.per_client[key] += 1
             self.client_key = key
         term.active.add(self)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # No TCP_NODELAY here: uvloop (and asyncio) set it on every TCP transport.
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self._timer = self.loop.call_later(term.settings.handshake_timeout, self._on_timer)
 
@@ -416,9 +416,8 @@ class ClientConnection(asyncio.Protocol):
         self.sni = self.hello.server_name if self.hello is not None else None
         self.term.counters.handshakes["passthrough", "none"] += 1
         self._hello_buf = bytearray(data)  # relayed once the backend is connected
-        self._pause_reading("connecting")
         self._arm_idle_timer()
-        self.term.tg.create_task(self._connect_backend(route.site))
+        self._start_backend(route.site)
 
     # --- TLS-ALPN-01 ----------------------------------------------------------------------
 
@@ -528,9 +527,14 @@ class ClientConnection(asyncio.Protocol):
         if self.route is None:  # cannot happen: the callback refuses without a route
             self.abort("no_route")
             return
-        self._pause_reading("connecting")
         self._arm_idle_timer()
-        self.term.tg.create_task(self._connect_backend(self.route.site))
+        if self.route.site.backend_connect == "handshake":
+            self._start_backend(self.route.site)
+        else:
+            # The backend connection opens with the client's first bytes, mostly sent with its
+            # Finished (read now): a client that completes the handshake and leaves (a probe, a
+            # scanner, a handshake flood) costs the backend nothing.
+            self._relay_to_backend()
 
     def _handshake_failed(self, result: str, exc: Exception | None) -> None:
         self._count_handshake(result)
@@ -558,8 +562,10 @@ class ClientConnection(asyncio.Protocol):
     # --- relay ----------------------------------------------------------------------------
 
     def _relay_to_backend(self) -> None:
-        """Decrypt what the client sent and pass it on (once the backend is connected)."""
-        if self.backend is None or not self.backend.connected:
+        """Decrypt what the client sent and pass it on (once the backend is connected; the
+        first bytes start connecting it)."""
+        backend = self.backend
+        if backend is not None and not backend.connected:
             return  # stays in the BIO; read after connecting
         if self.passthrough:
             held, self._hello_buf = self._hello_buf, bytearray()
@@ -595,7 +601,11 @@ class ClientConnection(asyncio.Protocol):
             self.bytes_in += len(data)
             self.term.counters.bytes_in += len(data)
             self._backend_owes = True
-            self.backend.write(data)
+            if backend is not None:
+                backend.write(data)
+            elif self.route is not None:
+                self._early = data  # written first once connected
+                self._start_backend(self.route.site)
         if eof:
             self._on_client_eof()
 
@@ -626,7 +636,10 @@ class ClientConnection(asyncio.Protocol):
 
     def _forward_client_eof(self) -> None:
         """Pass the client's EOF on as a FIN (once connected; backend_ready calls it again)."""
-        if self.backend is not None and self.backend.connected:
+        if self.backend is None:
+            self.close("client_closed")  # it sent nothing: no backend connection to end
+            return
+        if self.backend.connected:
             if not self.backend.can_write_eof():
                 # TLS to the origin cannot half-close: the client is done, so is the exchange.
                 self.close()
@@ -693,6 +706,9 @@ class ClientConnection(asyncio.Protocol):
 
     def backend_ready(self, backend: BackendConnection) -> None:
         self.backend = backend
+        if self._early:
+            backend.write(self._early)
+            self._early = b""
         self._resume_reading("connecting")
         self._relay_to_backend()
         if self.client_eof:  # the client finished while we were connecting
@@ -700,10 +716,14 @@ class ClientConnection(asyncio.Protocol):
 
     # --- backend connection ---------------------------------------------------------------
 
-    async def _connect_backend(self, site: Site) -> None:
-        """Runs in the daemon's TaskGroup; handles every error itself so the group survives."""
+    def _start_backend(self, site: Site) -> None:
         backend = BackendConnection(self)
         self.backend = backend
+        self._pause_reading("connecting")
+        self.term.tg.create_task(self._connect_backend(site, backend))
+
+    async def _connect_backend(self, site: Site, backend: BackendConnection) -> None:
+        """Runs in the daemon's TaskGroup; handles every error itself so the group survives."""
         origin: tuple[ssl.SSLContext, str] | None = None
         if site.origin_tls:
             # Taken now: a reload during the connect may renumber the sites.
@@ -963,9 +983,6 @@ class BackendConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     def data_received(self, data: bytes) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 import subprocess
 import textwrap
 import time
@@ -36,25 +35,11 @@ import dns.rdatatype
 import pytest
 
 from edged.config import Address, DnsSettings
+from tests.ports import free_port
 
 NAMED = shutil.which("named") or "/usr/sbin/named"
 TSIG_KEYGEN = shutil.which("tsig-keygen") or "/usr/sbin/tsig-keygen"
 START_TIMEOUT = 15.0
-
-
-def free_udp_tcp_port(host: str = "127.0.0.1") -> int:
-    """A port that is free for both TCP and UDP on `host` right now."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((host, 0))
-            port = int(tcp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((host, port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no port free for both TCP and UDP on 127.0.0.1")
 
 
 @dataclass
@@ -199,7 +184,7 @@ def start_bind(
         (d / f"{zone}.zone").write_text(zone_file(zone, extra))
     last_log = ""
     for _attempt in range(3):
-        port = free_udp_tcp_port()
+        port = free_port()
         conf = d / "named.conf"
         conf.write_text(named_conf(d, port, zones, key_name, recursion, read_only))
         log_path = d / "named.log"

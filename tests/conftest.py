@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import re
-import socket
 import ssl
 import textwrap
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -22,19 +21,13 @@ from edged.proxy_header import V2_SIGNATURE
 from edged.sni import Route
 from tests.pebble import Pebble, start_pebble
 from tests.pki import make_ca, make_intermediate, make_leaf, write_pair
+from tests.ports import free_port
 from tests.redis_server import redis_server, redis_tls_server  # noqa: F401  (fixtures for every test module)
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> Mapping[str, Callable[[], Any]]:
     # edged runs on uvloop in production: test on it too.
     return {"uvloop": uvloop.new_event_loop}
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def write_process_config(

@@ -12,8 +12,9 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from tests.pebble import Pebble, free_port
+from tests.pebble import Pebble
 from tests.pki import make_ca, make_leaf
+from tests.ports import free_port
 
 
 @web.middleware

@@ -12,7 +12,6 @@ import contextlib
 import ipaddress
 import json
 import os
-import socket
 import ssl
 import subprocess
 import sys
@@ -28,11 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-
-def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+from tests.ports import free_port
 
 
 @dataclass
@@ -167,7 +162,7 @@ def start_pebble(
     log = (workdir / "pebble.log").open("ab")
     try:
         if dns_server is None:
-            dns_port = free_port(kind=socket.SOCK_DGRAM)
+            dns_port = free_port()
             dns_server = f"127.0.0.1:{dns_port}"
             pebble.dns_port = dns_port
             pebble.procs.append(

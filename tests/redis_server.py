@@ -17,8 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.pebble import free_port
 from tests.pki import Issued, make_ca, make_leaf, new_key, write_pair
+from tests.ports import free_port
 
 
 @dataclass(frozen=True)

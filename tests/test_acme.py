@@ -139,7 +139,7 @@ async def test_invalid_challenge_gives_problem_detail(pebble: Pebble, tmp_path: 
 
 
 async def test_ca_unreachable(tmp_path: Path) -> None:
-    from tests.pebble import free_port
+    from tests.ports import free_port
 
     session = AcmeSession(
         AcmeSettings(directory=f"https://127.0.0.1:{free_port()}/dir"), FileStore(tmp_path)
@@ -174,7 +174,7 @@ async def test_untrusted_ca_certificate(pebble: Pebble, tmp_path: Path) -> None:
 
 
 async def test_http01_host_check_and_unknown_token(tmp_path: Path) -> None:
-    from tests.pebble import free_port
+    from tests.ports import free_port
 
     board = ChallengeBoard()
     board.add("tok_1", "tok_1.thumb", ["a.test"])
@@ -207,7 +207,7 @@ async def test_http01_host_check_and_unknown_token(tmp_path: Path) -> None:
 
 async def test_http01_forward_to_backend(tmp_path: Path) -> None:
     """Sites with http = "forward" get plain HTTP proxied; the challenge path still wins."""
-    from tests.pebble import free_port
+    from tests.ports import free_port
 
     seen: list[str] = []
 

@@ -256,3 +256,12 @@ def test_preread_off_refused_where_the_clienthello_is_needed() -> None:
     message = str(info.value)
     assert "tls.preread: false, but site[1] (mode = passthrough) need" in message
     assert "remove preread = false" in message
+
+
+def test_backend_connect() -> None:
+    assert parse_config(MINIMAL, SRC).sites[0].backend_connect == "first_data"
+    text = MINIMAL + 'backend_connect = "handshake"\n'
+    assert parse_config(text, SRC).sites[0].backend_connect == "handshake"
+    assert problems(MINIMAL + 'backend_connect = "eager"\n') == [
+        f"{SRC}: site[0].backend_connect: 'eager' is not one of 'first_data', 'handshake'"
+    ]

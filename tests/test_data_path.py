@@ -75,9 +75,12 @@ async def test_backend_half_close_client_can_still_send(
         writer.write_eof()  # backend is done sending, still listening
         conn.data += await reader.read()
 
+    # The backend speaks first: its connection must open at the handshake, not at the
+    # client's first bytes.
+    first = 'backend_connect = "handshake"'
     async with (
         run_backend(handler) as backend,
-        run_edged(tmp_path, site(pki, backend.address)) as edged,
+        run_edged(tmp_path, site(pki, backend.address, first)) as edged,
     ):
         client = await asyncio.to_thread(TlsClient, edged.port, pki["ca"])
         data, clean = await asyncio.to_thread(client.read)
@@ -90,6 +93,98 @@ async def test_backend_half_close_client_can_still_send(
             await asyncio.sleep(0.02)
         client.close()
         assert backend.conns[0].data == b"late data"
+
+
+async def test_backend_connection_opens_at_the_first_request_bytes(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    """Clients that complete the handshake and leave (probes, scanners, handshake floods) cost
+    the backend no connection; the first bytes of a request open it, and they reach it first
+    (after the PROXY header)."""
+    async with (
+        run_backend() as backend,
+        run_edged(tmp_path, site(pki, backend.address, 'proxy_protocol = "v1"')) as edged,
+    ):
+        for closing in ("close_notify", "fin"):
+            client = await asyncio.to_thread(TlsClient, edged.port, pki["ca"])
+            if closing == "close_notify":
+                await asyncio.to_thread(client.close_write)  # close_notify, then FIN
+            client.close()
+        # A client that stays, sending nothing: still no backend connection.
+        idle = await asyncio.to_thread(TlsClient, edged.port, pki["ca"])
+        closed = edged.daemon.counters.connections_closed
+
+        def gone() -> int:  # a close with the tickets unread is a reset: client_error
+            return closed["client_closed"] + closed["client_error"]
+
+        for _ in range(100):
+            if gone() == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert gone() == 2
+        assert closed["client_closed"] >= 1  # the close_notify one
+        assert edged.daemon.counters.handshakes["ok", "TLSv1.3"] == 3
+        assert backend.conns == []
+        await asyncio.to_thread(idle.send, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = await asyncio.to_thread(idle.read_until, b"backend=b1")
+        idle.close()
+        assert b"backend=b1" in data
+        assert len(backend.conns) == 1
+        raw = bytes(backend.conns[0].raw)
+        assert raw.startswith(b"PROXY TCP4 127.0.0.1 127.0.0.1 "), raw
+        assert raw.split(b"\r\n", 1)[1] == b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", raw
+
+
+async def test_nagle_is_off_on_both_sides(tmp_path: Path, pki: dict[str, Path]) -> None:
+    """Small TLS records and request heads go out at once (edged relies on uvloop for it)."""
+    async with (
+        run_backend() as backend,
+        run_edged(tmp_path, site(pki, backend.address)) as edged,
+    ):
+        client = await asyncio.to_thread(TlsClient, edged.port, pki["ca"])
+        await asyncio.to_thread(client.send, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b"backend=b1" in await asyncio.to_thread(client.read_until, b"backend=b1")
+        (conn,) = edged.daemon.term.active
+        assert conn.transport is not None and conn.backend is not None
+        assert conn.backend.transport is not None
+        for transport in (conn.transport, conn.backend.transport):
+            sock = transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        client.close()
+
+
+async def test_server_first_backend_waits_for_the_client_by_default(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    async def greeter(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: BackendConn
+    ) -> None:
+        writer.write(b"220 hello\r\n")
+        conn.data += await reader.read(100)
+        writer.close()
+
+    async with run_backend(greeter) as backend:
+        for mode, greeted_before_sending in (("first_data", False), ("handshake", True)):
+            body = site(pki, backend.address, f'backend_connect = "{mode}"')
+            async with run_edged(tmp_path, body) as edged:
+                client = await asyncio.to_thread(TlsClient, edged.port, pki["ca"])
+                client.sock.settimeout(0.5)
+                try:
+                    early = await asyncio.to_thread(client.read_until, b"\r\n")
+                except TimeoutError:
+                    early = b""
+                assert (early == b"220 hello\r\n") is greeted_before_sending, (mode, early)
+                client.sock.settimeout(10)
+                await asyncio.to_thread(client.send, b"EHLO x\r\n")
+                if not greeted_before_sending:
+                    late = await asyncio.to_thread(client.read_until, b"\r\n")
+                    assert late == b"220 hello\r\n"
+                for _ in range(100):
+                    if backend.conns[-1].data:
+                        break
+                    await asyncio.sleep(0.02)
+                client.close()
+                assert backend.conns[-1].data == b"EHLO x\r\n"
 
 
 async def test_backpressure_slow_client_bounded_memory(

@@ -356,6 +356,7 @@ mode = "passthrough"
     assert "site[0].origin_tls" in problems("origin_tls = true\n")
     assert "site[0].alpn" in problems('alpn = ["h2"]\n')
     assert "site[0].http" in problems('http = "forward"\n')
+    assert "site[0].backend_connect" in problems('backend_connect = "handshake"\n')
     with pytest.raises(ConfigError, match="'sideways' is not one of"):
         parse_config(base.replace('"passthrough"', '"sideways"'), tmp_path / "edged.toml")
     assert "set proxy_protocol = 'v2'" in problems("ja4_tlv = 0xE4\n")

@@ -146,9 +146,10 @@ async def test_shared_board_always_answers_the_current_challenge(
 
 
 def handshake(
-    port: int, sni: str, alpn: list[str] | None, rsa_only: bool = False
+    port: int, sni: str, alpn: list[str] | None, rsa_only: bool = False, request: bool = False
 ) -> tuple[str | None, x509.Certificate]:
-    """A TLS handshake offering `alpn`: (selected protocol, the server's certificate)."""
+    """A TLS handshake offering `alpn`: (selected protocol, the server's certificate). With
+    `request`, a normal client then sends a request (which opens the backend connection)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -163,7 +164,14 @@ def handshake(
     ):
         der = tls.getpeercert(binary_form=True)
         assert der is not None
-        return tls.selected_alpn_protocol(), x509.load_der_x509_certificate(der)
+        selected = tls.selected_alpn_protocol()
+        if request and selected != ACME_TLS_ALPN:
+            tls.sendall(f"GET / HTTP/1.1\r\nHost: {sni}\r\n\r\n".encode())
+            answer = b""
+            while b"backend=" not in answer and (chunk := tls.recv(4096)):
+                answer += chunk
+            assert b"backend=" in answer, answer
+        return selected, x509.load_der_x509_certificate(der)
 
 
 def is_challenge_cert(cert: x509.Certificate) -> bool:
@@ -203,7 +211,7 @@ async def test_preread_answers_validations_and_leaves_other_clients_alone(
             # acme-tls/1 among others, get the site's certificate and the backend.
             for offer in (["h2", "http/1.1"], None, [ACME_TLS_ALPN, "http/1.1"]):
                 alpn, cert = await asyncio.to_thread(
-                    handshake, edged.port, "one.example.test", offer
+                    handshake, edged.port, "one.example.test", offer, request=True
                 )
                 assert not is_challenge_cert(cert), offer
                 assert cert.subject.rfc4514_string().endswith("one.example.test"), offer
