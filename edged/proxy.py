@@ -574,9 +574,11 @@ class ClientConnection(asyncio.Protocol):
             return
         chunks = []
         eof = False
-        while True:
+        incoming, sslobj = self._incoming, self._sslobj
+        # Reading with nothing new in the BIO only raises SSLWantReadError (costly): skip it.
+        while incoming.pending or sslobj.pending():
             try:
-                chunk = self._sslobj.read(READ_CHUNK)
+                chunk = sslobj.read(READ_CHUNK)
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
@@ -792,9 +794,16 @@ class ClientConnection(asyncio.Protocol):
     # --- timers and closing ---------------------------------------------------------------
 
     def _arm_idle_timer(self) -> None:
+        """The handshake is over: from now on the timer enforces idle_timeout. The handshake
+        timer keeps running when it fires before the idle deadline (it then reschedules
+        itself for the rest), which saves replacing it on every connection."""
+        idle_timeout = self.term.settings.idle_timeout
+        deadline = self.started + self.term.settings.handshake_timeout
+        if self._timer is not None and time.monotonic() + idle_timeout >= deadline:
+            return
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = self.loop.call_later(self.term.settings.idle_timeout, self._on_timer)
+        self._timer = self.loop.call_later(idle_timeout, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -817,6 +826,8 @@ class ClientConnection(asyncio.Protocol):
         self.close("idle_timeout")
 
     def _flush(self) -> None:
+        if not self._outgoing.pending:
+            return
         data = self._outgoing.read()
         # Nothing can follow our FIN (e.g. an alert OpenSSL emits after close_notify).
         transport = self.transport
