@@ -19,8 +19,8 @@ one character and back (`s.encode("latin-1")` gives the exact bytes).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 from edged.errors import EdgedError
 
@@ -70,8 +70,7 @@ class NeedMore(Exception):  # a signal, not an error
         self.need = need
 
 
-@dataclass(frozen=True, slots=True)
-class ClientHello:
+class ClientHello(NamedTuple):  # immutable; a tuple is the cheapest to build per connection
     legacy_version: int
     cipher_suites: tuple[int, ...]
     extensions: tuple[int, ...]  # extension type ids, in the order sent (GREASE included)
@@ -87,16 +86,7 @@ class ClientHello:
 MAX_RECORDS = 64  # a real client needs one or two; each re-parse walks them all
 _HOST_NAME_BYTES = bytes(range(0x21, 0x7F))  # printable ASCII without space
 _EXT_HEADER = struct.Struct("!HH")
-_PARSED = frozenset(
-    {
-        EXT_SERVER_NAME,
-        EXT_ALPN,
-        EXT_SUPPORTED_VERSIONS,
-        EXT_SIGNATURE_ALGORITHMS,
-        EXT_SUPPORTED_GROUPS,
-        EXT_EC_POINT_FORMATS,
-    }
-)
+_U16 = [struct.Struct(f"!{n}H") for n in range(0, 256)]  # common list sizes, compiled once
 
 
 def _message(data: bytes) -> tuple[bytes, int]:
@@ -168,7 +158,10 @@ def _check_header(msg_type: int, length: int) -> None:
 
 
 def _u16_list(body: bytes, start: int, end: int) -> tuple[int, ...]:
-    return struct.unpack_from(f"!{(end - start) // 2}H", body, start)
+    n = (end - start) // 2
+    if n < 256:
+        return _U16[n].unpack_from(body, start)
+    return struct.unpack_from(f"!{n}H", body, start)
 
 
 def parse_client_hello(data: bytes) -> ClientHello:
@@ -202,7 +195,7 @@ def _parse_body(msg: bytes, used: int) -> ClientHello:
         raise ClientHelloError(bad, f"compression methods length {n}")
 
     types: list[int] = []
-    spans: dict[int, tuple[int, int]] = {}  # the extensions parsed below: body start, end
+    starts: dict[int, int] = {}  # extension type -> where its body starts
     if pos < end:  # extensions are optional (before TLS 1.3)
         if pos + 2 > end:
             raise ClientHelloError(bad, "truncated extensions length")
@@ -211,33 +204,34 @@ def _parse_body(msg: bytes, used: int) -> ClientHello:
         if pos + n != end:
             raise ClientHelloError(bad, "extensions do not fill the message")
         append = types.append
-        while pos < end:
-            if pos + 4 > end:
-                raise ClientHelloError(bad, "truncated extension header")
-            kind, n = _EXT_HEADER.unpack_from(msg, pos)
-            start = pos + 4
-            pos = start + n
-            if pos > end:
-                raise ClientHelloError(bad, f"extension {kind:#06x} overruns the message")
-            append(kind)
-            if kind in _PARSED:
-                spans[kind] = (start, pos)
-        if len(set(types)) != len(types):
+        header = _EXT_HEADER.unpack_from
+        try:  # the hot loop: no bound checks inside (reading past the message raises)
+            while pos < end:
+                kind, n = header(msg, pos)
+                append(kind)
+                pos += 4
+                starts[kind] = pos
+                pos += n
+        except struct.error:
+            raise ClientHelloError(bad, "truncated extension header") from None
+        if pos > end:  # only the last one can overrun: the loop stops there
+            raise ClientHelloError(bad, f"extension {types[-1]:#06x} overruns the message")
+        if len(starts) != len(types):
             dup = next(k for k in types if types.count(k) > 1)
             raise ClientHelloError(ClientHelloReason.DUPLICATE_EXTENSION, f"{dup:#06x}")
     server_name: str | None = None
     alpn: tuple[str, ...] = ()
     formats: tuple[int, ...] = ()
-    if (span := spans.get(EXT_SERVER_NAME)) is not None:
-        server_name = _server_name(msg, *span)
-    if (span := spans.get(EXT_ALPN)) is not None:
-        alpn = _alpn(msg, *span)
-    if (span := spans.get(EXT_EC_POINT_FORMATS)) is not None:
-        start, stop = span
+    get = starts.get
+    if (start := get(EXT_SERVER_NAME)) is not None:
+        server_name = _server_name(msg, start, _body_end(msg, start))
+    if (start := get(EXT_ALPN)) is not None:
+        alpn = _alpn(msg, start, _body_end(msg, start))
+    if (start := get(EXT_EC_POINT_FORMATS)) is not None:
+        stop = _body_end(msg, start)
         if stop - start < 2 or msg[start] != stop - start - 1:
             raise ClientHelloError(ClientHelloReason.BAD_EXTENSION, "ec_point_formats")
         formats = tuple(msg[start + 1 : stop])
-    get = spans.get
     versions = _list(msg, get(EXT_SUPPORTED_VERSIONS), 1, EXT_SUPPORTED_VERSIONS)
     sigalgs = _list(msg, get(EXT_SIGNATURE_ALGORITHMS), 2, EXT_SIGNATURE_ALGORITHMS)
     groups = _list(msg, get(EXT_SUPPORTED_GROUPS), 2, EXT_SUPPORTED_GROUPS)
@@ -255,11 +249,17 @@ def _parse_body(msg: bytes, used: int) -> ClientHello:
     )
 
 
-def _list(msg: bytes, span: tuple[int, int] | None, prefix: int, kind: int) -> tuple[int, ...]:
-    """A list of uint16 behind a `prefix`-byte length that must fill the extension."""
-    if span is None:
+def _body_end(msg: bytes, start: int) -> int:
+    """Where the extension whose body starts at `start` ends (its length precedes it)."""
+    return start + ((msg[start - 2] << 8) | msg[start - 1])
+
+
+def _list(msg: bytes, start: int | None, prefix: int, kind: int) -> tuple[int, ...]:
+    """A list of uint16 behind a `prefix`-byte length that must fill the extension whose body
+    starts at `start`."""
+    if start is None:
         return ()
-    start, end = span
+    end = _body_end(msg, start)
     if end - start < prefix:
         raise ClientHelloError(ClientHelloReason.BAD_EXTENSION, f"{kind:#06x}: empty")
     n = msg[start] if prefix == 1 else (msg[start] << 8) | msg[start + 1]

@@ -319,7 +319,7 @@ def test_hello_split_across_records(captured: dict[str, bytes]) -> None:
 
 
 def _fields(hello: ClientHello) -> dict[str, object]:
-    return {name: getattr(hello, name) for name in ClientHello.__slots__}
+    return {name: getattr(hello, name) for name in ClientHello._fields}
 
 
 def test_hello_delivered_byte_by_byte_over_tcp() -> None:
