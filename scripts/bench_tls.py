@@ -473,7 +473,7 @@ log-level = 1
             )
         (d / "edged.toml").write_text(
             f'[edged]\nstore = "{store}"\nworkers = {workers}\ndrain_timeout = 1\n'
-            f"max_connections = 9000\nidle_timeout = 900\n"
+            f"max_connections = 9000\nmax_connections_per_ip = 0\nidle_timeout = 900\n"
             f'[listen]\nhttps = ["127.0.0.1:{port}"]\nhttp = []\nmetrics = ""\nadmin = ""\n'
             f'[tls]\nalpn = ["http/1.1"]\npreread = {preread}\n{tls}' + sites_text
         )
