@@ -288,6 +288,26 @@ async def test_idle_timeout_closes(tmp_path: Path, pki: dict[str, Path]) -> None
         assert 0.3 < time.monotonic() - start < 5
 
 
+async def test_idle_timeout_enforced_by_the_handshake_timer(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    """The handshake timer carries on as the idle timer when the idle deadline is later than
+    it: it fires at handshake_timeout, sees the handshake done and the client silent for
+    less than idle_timeout, and reschedules itself for the rest."""
+    async with run_backend() as backend:
+        body = site(pki, backend.address) + "[tls]\nhandshake_timeout = 0.5\n"
+        async with run_edged(tmp_path, body, edged_extra="idle_timeout = 1.5") as edged:
+            start = time.monotonic()
+            client = await asyncio.to_thread(TlsClient, edged.port, pki["ca"])
+            data, clean = await asyncio.to_thread(client.read)  # sends nothing, waits
+            elapsed = time.monotonic() - start
+            client.close()
+            assert data == b"" and clean
+            assert 1.3 < elapsed < 4, elapsed  # idle_timeout, not the handshake's 0.5 s
+            assert edged.daemon.counters.connections_closed["idle_timeout"] == 1
+            assert edged.daemon.counters.handshakes["ok", "TLSv1.3"] == 1
+
+
 async def test_max_connections(tmp_path: Path, pki: dict[str, Path]) -> None:
     async with (
         run_backend() as backend,
