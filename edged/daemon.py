@@ -361,12 +361,25 @@ class Daemon:
         # Socket activation: listening sockets passed by systemd (edged.socket), used for the
         # [listen] addresses they are bound to.
         self._inherited = InheritedListeners(systemd.listen_fds())
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if install_signals else ()
+        # At once, before anything else: a SIGTERM or SIGHUP while edged is still starting
+        # (systemd stopping or reloading it, a large store still being read) would otherwise
+        # kill it with the default action and leave its workers behind. A stop asked for now
+        # takes effect when startup is done; a reload request is served after it.
+        for sig in signals:
+            if sig == signal.SIGHUP:
+                loop.add_signal_handler(sig, self.request_reload)
+            else:
+                loop.add_signal_handler(sig, self._on_signal, sig.name)
         try:
-            return await self._run(install_signals)
+            return await self._run()
         finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
             self._inherited.close()
 
-    async def _run(self, install_signals: bool) -> int:
+    async def _run(self) -> int:
         loop = asyncio.get_running_loop()
         try:
             if self._preloaded is not None:
@@ -432,10 +445,6 @@ class Daemon:
             if not lazy:
                 await self.renewer.configure(config, store)
                 self._filled.set()
-            if install_signals:
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.add_signal_handler(sig, self._on_signal, sig.name)
-                loop.add_signal_handler(signal.SIGHUP, self.request_reload)
             try:
                 log.info(
                     "edged ready: %d sites, %d names, listening on %s",
@@ -473,9 +482,6 @@ class Daemon:
                 await self._shut_down(renewing)
             finally:
                 self._exited.set()
-                if install_signals:
-                    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                        loop.remove_signal_handler(sig)
         log.info("edged stopped")
         return self._exit_code
 

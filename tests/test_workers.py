@@ -329,6 +329,64 @@ async def test_sigterm_stops_every_worker(tmp_path: Path) -> None:
             assert s.connect_ex(("127.0.0.1", e.port)) != 0
 
 
+def catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process `pid` has a handler installed for `sig` (SigCgt in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+async def test_sigterm_while_starting_is_caught(tmp_path: Path) -> None:
+    """A SIGTERM while edged is still starting (here: reading a large store before it
+    listens, as with `preread = false`) is caught, not fatal: edged finishes starting, stops,
+    exits 0 and leaves no worker behind."""
+    ca = make_ca("Slow start CA")
+    leaf = make_leaf(ca, ["*.slow.test"], cn="slow")
+    names = [f"n{i}.slow.test" for i in range(LAZY_MIN + 2000)]
+    await asyncio.to_thread(
+        write_many, tmp_path / "store", names, [PemPair("ecdsa-p256", leaf.cert_pem, leaf.key_pem)]
+    )
+    port = free_port()
+    config = tmp_path / "edged.toml"
+    config.write_text(
+        f'[edged]\nstore = "store"\nworkers = 2\ndrain_timeout = 2\n'
+        f'[listen]\nhttps = ["127.0.0.1:{port}"]\nhttp = []\nmetrics = ""\nadmin = ""\n'
+        f"[tls]\npreread = false\n" + many_sites_config(names, "127.0.0.1:9")
+    )
+    log = tmp_path / "edged.log"
+    with log.open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).with_name("edged")), "run", "--config", str(config),
+            stderr=err,
+        )  # fmt: skip
+    try:
+        await wait_for(lambda: catches(proc.pid, signal.SIGTERM), "a SIGTERM handler", 60)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 60) == 0, log.read_text()[-2000:]
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = log.read_text()
+    stopping, ready = text.find("SIGTERM: stopping"), text.find("edged ready")
+    assert 0 <= stopping < ready, text[-2000:]  # caught while still starting
+    assert "edged stopped" in text
+    leftovers = [
+        pid
+        for pid in os.listdir("/proc")
+        if pid.isdigit() and not process_gone(int(pid)) and str(config) in _cmdline(pid)
+    ]
+    assert leftovers == []
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 def process_gone(pid: int) -> bool:
     stat = Path(f"/proc/{pid}/stat")
     try:
