@@ -32,7 +32,7 @@ from edged.counters import Counters, merge_counters
 from edged.errors import ConfigError, EdgedError, Problem
 from edged.fleet import follow_changes
 from edged.http01 import ChallengeBoard, Http01App, HttpListeners
-from edged.listen import InheritedListeners, StartupError
+from edged.listen import LISTEN_BACKLOG, InheritedListeners, StartupError
 from edged.metrics import (
     CertMetric,
     MetricsServerError,
@@ -984,7 +984,9 @@ class Daemon:
         pending = dict(new)
         try:
             for address, sock in new.items():
-                self._servers[address] = await loop.create_server(self.term.protocol, sock=sock)
+                self._servers[address] = await loop.create_server(
+                    self.term.protocol, sock=sock, backlog=LISTEN_BACKLOG
+                )
                 del pending[address]
         finally:
             for sock in pending.values():  # not handed to a server: ours to close

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from edged.config import Address, Config, Site
 from edged.errors import EdgedError
-from edged.listen import StartupError, bind_tcp
+from edged.listen import LISTEN_BACKLOG, StartupError, bind_tcp
 from edged.names import NameError_, covers, normalize_name
 
 log = logging.getLogger(__name__)
@@ -300,7 +300,7 @@ class HttpListeners:
                 sock.close()
             raise
         for address, sock in new.items():
-            site = web.SockSite(self.runner, sock)
+            site = web.SockSite(self.runner, sock, backlog=LISTEN_BACKLOG)
             await site.start()
             self._sites[address] = site
         for address in list(self._sites):

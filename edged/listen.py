@@ -14,6 +14,9 @@ from edged.systemd import Inherited
 
 log = logging.getLogger("edged.listen")
 
+# The accept queue: a burst of new connections beyond it loses SYNs, and each lost SYN costs
+# its client a 1 s retransmission. asyncio/uvloop's create_server(sock=...) listens again with
+# its own default (100) unless given this (capped by net.core.somaxconn).
 LISTEN_BACKLOG = 4096
 
 

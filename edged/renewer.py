@@ -32,7 +32,7 @@ from edged.config import AcmeSettings, Config, Site
 from edged.counters import Counters
 from edged.errors import AcmeError, EdgedError, StoreError
 from edged.http01 import ChallengeBoard, Http01App, HttpListeners
-from edged.listen import StartupError, bind_tcp
+from edged.listen import LISTEN_BACKLOG, StartupError, bind_tcp
 from edged.proxy import ProxySettings, Terminator
 from edged.renewal import CertStatus, Notice, RenewalPolicy, RenewalState
 from edged.sni import SniIndex
@@ -685,7 +685,9 @@ async def serve_tls_alpn(config: Config, board: AlpnChallengeBoard) -> AsyncIter
         servers: list[asyncio.AbstractServer] = []
         try:
             while socks:
-                servers.append(await loop.create_server(term.protocol, sock=socks[0]))
+                servers.append(
+                    await loop.create_server(term.protocol, sock=socks[0], backlog=LISTEN_BACKLOG)
+                )
                 socks.pop(0)
             yield
         finally:

@@ -28,6 +28,7 @@ from edged.config import Address, Config, Site
 from edged.counters import Counters
 from edged.daemon import load_origin_contexts, proxy_settings
 from edged.ipc import IpcError, encode, read_message
+from edged.listen import LISTEN_BACKLOG
 from edged.proxy import Terminator
 from edged.sni import ServedCert, SniIndex, build_index
 from edged.tls import ContextCache, SniSelector
@@ -102,7 +103,8 @@ class Worker:
             )
             await self._apply(term, first[1], first[2], full=True, pending=first[4])
             servers = [
-                await loop.create_server(term.protocol, sock=sock) for _, sock in self.sockets
+                await loop.create_server(term.protocol, sock=sock, backlog=LISTEN_BACKLOG)
+                for _, sock in self.sockets
             ]
             writer.write(encode(("ready", os.getpid())))
             reports = tg.create_task(self._report_loop(writer, term))

@@ -268,3 +268,10 @@ def pebble(tmp_path: Path) -> Iterator[Pebble]:
         yield p
     finally:
         p.stop()
+
+
+async def listen_backlogs(port: int) -> list[int]:
+    """The accept-queue size of each socket listening on `port` (`ss`: Send-Q of LISTEN)."""
+    out = await run_cmd("ss", "-ltnH", f"sport = :{port}")
+    assert out.returncode == 0, out.stderr
+    return [int(line.split()[2]) for line in out.stdout.splitlines() if line.strip()]

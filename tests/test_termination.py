@@ -9,7 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import curl, free_port, peer_cn, run_backend, run_cmd, run_edged, s_client
+from edged.listen import LISTEN_BACKLOG
+from tests.conftest import (
+    curl,
+    free_port,
+    listen_backlogs,
+    peer_cn,
+    run_backend,
+    run_cmd,
+    run_edged,
+    s_client,
+)
 from tests.many_certs import store_dual
 from tests.pki import make_ca, make_leaf, write_pair
 
@@ -232,6 +242,21 @@ async def test_handshake_timeout_and_garbage(tmp_path: Path, pki: dict[str, Path
             writer.close()
             assert edged.daemon.counters.handshakes["protocol_error", "none"] == 1
             assert not edged.daemon.term.active  # type: ignore[union-attr]
+
+
+async def test_listeners_keep_their_large_accept_queue(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    """asyncio/uvloop's create_server(sock=...) listens again with a backlog of 100 unless told
+    otherwise: a burst of new connections beyond it loses SYNs (1 s retransmissions)."""
+    somaxconn = await asyncio.to_thread(Path("/proc/sys/net/core/somaxconn").read_text)
+    expected = min(LISTEN_BACKLOG, int(somaxconn))
+    http = free_port()
+    async with run_backend() as backend:
+        body = site(["one.example.test"], backend.address, pki, "one")
+        async with run_edged(tmp_path, body, http=(http,)) as edged:
+            assert await listen_backlogs(edged.port) == [expected]
+            assert await listen_backlogs(http) == [expected]
 
 
 async def test_ipv6_listener(tmp_path: Path, pki: dict[str, Path]) -> None:
