@@ -303,7 +303,7 @@ async def test_idle_timeout_enforced_by_the_handshake_timer(
             elapsed = time.monotonic() - start
             client.close()
             assert data == b"" and clean
-            assert 1.3 < elapsed < 4, elapsed  # idle_timeout, not the handshake's 0.5 s
+            assert 1.3 < elapsed < 8, elapsed  # idle_timeout, not the handshake's 0.5 s
             assert edged.daemon.counters.connections_closed["idle_timeout"] == 1
             assert edged.daemon.counters.handshakes["ok", "TLSv1.3"] == 1
 
