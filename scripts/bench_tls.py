@@ -329,6 +329,18 @@ def free_port() -> int:
 # --- the backend --------------------------------------------------------------------------------
 
 
+def _nginx_main(d: Path) -> str:
+    """The main context every nginx here runs with (the backend and the stream terminator):
+    foreground, one worker, its pid and error log in `d`."""
+    return f"""
+daemon off;
+worker_processes 1;
+worker_rlimit_nofile 20000;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 19000; }}"""
+
+
 def start_backend(workdir: Path, port: int) -> Proc:
     """nginx http on core 1: /small (100 bytes) and /1m (1 MiB file), keep-alive without limit."""
     d = workdir / "backend"
@@ -336,13 +348,7 @@ def start_backend(workdir: Path, port: int) -> Proc:
     (d / "www" / "small").write_bytes(SMALL)
     (d / "www" / "1m").write_bytes(os.urandom(MIB))
     conf = d / "nginx.conf"
-    conf.write_text(f"""
-daemon off;
-worker_processes 1;
-worker_rlimit_nofile 20000;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 19000; }}
+    conf.write_text(f"""{_nginx_main(d)}
 http {{
     access_log off;
     client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;
@@ -412,13 +418,7 @@ backend be
         else:
             cert_lines = f"ssl_certificate {certs.cert}; ssl_certificate_key {certs.key};"
         (d / "nginx.conf").write_text(f"""
-load_module {STREAM_MODULE};
-daemon off;
-worker_processes 1;
-worker_rlimit_nofile 20000;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 19000; }}
+load_module {STREAM_MODULE};{_nginx_main(d)}
 stream {{
     server {{
         listen 127.0.0.1:{port} ssl backlog=4096;
