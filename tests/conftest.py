@@ -17,6 +17,7 @@ import pytest
 import uvloop
 
 from edged.daemon import Daemon
+from edged.listen import LISTEN_BACKLOG
 from edged.proxy_header import V2_SIGNATURE
 from edged.sni import Route
 from tests.pebble import Pebble, start_pebble
@@ -275,3 +276,9 @@ async def listen_backlogs(port: int) -> list[int]:
     out = await run_cmd("ss", "-ltnH", f"sport = :{port}")
     assert out.returncode == 0, out.stderr
     return [int(line.split()[2]) for line in out.stdout.splitlines() if line.strip()]
+
+
+async def edged_backlog() -> int:
+    """The accept queue edged's listeners should have: LISTEN_BACKLOG, capped by the kernel."""
+    somaxconn = await asyncio.to_thread(Path("/proc/sys/net/core/somaxconn").read_text)
+    return min(LISTEN_BACKLOG, int(somaxconn))

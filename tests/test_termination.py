@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from edged.listen import LISTEN_BACKLOG
 from tests.conftest import (
     curl,
+    edged_backlog,
     free_port,
     listen_backlogs,
     peer_cn,
@@ -249,8 +249,7 @@ async def test_listeners_keep_their_large_accept_queue(
 ) -> None:
     """asyncio/uvloop's create_server(sock=...) listens again with a backlog of 100 unless told
     otherwise: a burst of new connections beyond it loses SYNs (1 s retransmissions)."""
-    somaxconn = await asyncio.to_thread(Path("/proc/sys/net/core/somaxconn").read_text)
-    expected = min(LISTEN_BACKLOG, int(somaxconn))
+    expected = await edged_backlog()
     http = free_port()
     async with run_backend() as backend:
         body = site(["one.example.test"], backend.address, pki, "one")

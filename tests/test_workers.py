@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from edged.daemon import LAZY_MIN
-from edged.listen import LISTEN_BACKLOG
 from edged.store.base import PemPair
-from tests.conftest import Backend, free_port, listen_backlogs, run_backend
+from tests.conftest import Backend, edged_backlog, free_port, listen_backlogs, run_backend
 from tests.many_certs import many_sites_config, write_many
 from tests.pki import Issued, make_ca, make_leaf, write_pair
 
@@ -202,8 +201,7 @@ async def test_workers_serve_and_metrics_sum_over_them(tmp_path: Path) -> None:
         assert e.proc.pid not in pids and len(pids) == 2
         assert e.metric("edged_connections_total") == 40
         # Each worker's SO_REUSEPORT socket keeps the large accept queue.
-        somaxconn = await asyncio.to_thread(Path("/proc/sys/net/core/somaxconn").read_text)
-        expected = min(LISTEN_BACKLOG, int(somaxconn))
+        expected = await edged_backlog()
         assert await listen_backlogs(e.port) == [expected, expected]
 
 
