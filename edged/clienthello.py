@@ -7,6 +7,13 @@ holds the whole message, raises `NeedMore` while it does not yet, and `ClientHel
 a stable `reason` code) for anything malformed. It never raises anything else, never loops
 longer than the input and never reads past `MAX_CLIENT_HELLO` bytes of handshake message.
 
+The data path calls it in two steps: `peek_client_hello(data)` checks the framing (record and
+message lengths, extension lengths, duplicate extensions) and reads what routing needs, the
+server name and the ALPN ids; `complete(peeked)` reads and checks the cipher, version,
+signature and group lists, which only a choice between key types and JA4 need. For one name
+with one certificate (the common case) the handshake then costs half the parsing, and a
+malformed list is OpenSSL's to refuse (it does, with decode_error).
+
 The server name is kept only when it is a plausible host name: 1 to 255 printable ASCII
 characters (no NUL, no space, no bytes >= 0x80). Anything else is a `bad_server_name` error:
 the connection would be refused anyway (OpenSSL rejects NUL and over-long names; Python's
@@ -164,16 +171,32 @@ def _u16_list(body: bytes, start: int, end: int) -> tuple[int, ...]:
     return struct.unpack_from(f"!{n}H", body, start)
 
 
+class PeekedHello(NamedTuple):
+    """What routing a connection needs from its ClientHello: the server name and ALPN ids
+    (parsed and checked), the message framing checked (lengths, duplicate extensions). The
+    other lists stay unread until `complete()` is asked for them (a certificate choice between
+    key types, JA4): one name with one certificate, the common case, never needs them."""
+
+    server_name: str | None  # the host_name entry of server_name, as sent (not lowercased)
+    alpn: tuple[str, ...]  # latin-1 decoded protocol ids
+    size: int  # bytes of `data` the ClientHello occupied, record headers included
+    msg: bytes  # the handshake message body (after its 4-byte header)
+    suites: int  # where the cipher suites list starts in `msg` (after its length)
+    first_extension: int  # where the first extension header is in `msg` (len(msg): none)
+    starts: dict[int, int]  # extension type -> where its body starts in `msg`
+
+
 def parse_client_hello(data: bytes) -> ClientHello:
     """The ClientHello at the start of `data`; NeedMore or ClientHelloError (see module doc)."""
+    return complete(peek_client_hello(data))
+
+
+def peek_client_hello(data: bytes) -> PeekedHello:
+    """The routing part of the ClientHello at the start of `data`; NeedMore or
+    ClientHelloError as parse_client_hello, except for the lists `complete()` reads."""
     msg, used = _message(data)
-    return _parse_body(msg, used)
-
-
-def _parse_body(msg: bytes, used: int) -> ClientHello:
     bad = ClientHelloReason.BAD_LENGTH
     end = len(msg)
-    legacy_version = (msg[0] << 8) | msg[1]
     pos = 34  # version + random
     sid_len = msg[pos]
     if sid_len > 32:
@@ -183,9 +206,9 @@ def _parse_body(msg: bytes, used: int) -> ClientHello:
         raise ClientHelloError(bad, "no cipher suites")
     n = (msg[pos] << 8) | msg[pos + 1]
     pos += 2
+    suites = pos
     if n == 0 or n % 2 or pos + n > end:
         raise ClientHelloError(bad, f"cipher suites length {n}")
-    ciphers = _u16_list(msg, pos, pos + n)
     pos += n
     if pos >= end:
         raise ClientHelloError(bad, "no compression methods")
@@ -194,8 +217,8 @@ def _parse_body(msg: bytes, used: int) -> ClientHello:
     if n == 0 or pos > end:
         raise ClientHelloError(bad, f"compression methods length {n}")
 
-    types: list[int] = []
     starts: dict[int, int] = {}  # extension type -> where its body starts
+    first = end
     if pos < end:  # extensions are optional (before TLS 1.3)
         if pos + 2 > end:
             raise ClientHelloError(bad, "truncated extensions length")
@@ -203,30 +226,55 @@ def _parse_body(msg: bytes, used: int) -> ClientHello:
         pos += 2
         if pos + n != end:
             raise ClientHelloError(bad, "extensions do not fill the message")
-        append = types.append
+        first = pos
         header = _EXT_HEADER.unpack_from
+        count = 0
+        kind = 0
         try:  # the hot loop: no bound checks inside (reading past the message raises)
             while pos < end:
                 kind, n = header(msg, pos)
-                append(kind)
                 pos += 4
                 starts[kind] = pos
                 pos += n
+                count += 1
         except struct.error:
             raise ClientHelloError(bad, "truncated extension header") from None
         if pos > end:  # only the last one can overrun: the loop stops there
-            raise ClientHelloError(bad, f"extension {types[-1]:#06x} overruns the message")
-        if len(starts) != len(types):
+            raise ClientHelloError(bad, f"extension {kind:#06x} overruns the message")
+        if len(starts) != count:
+            types = _extension_types(msg, first)
             dup = next(k for k in types if types.count(k) > 1)
             raise ClientHelloError(ClientHelloReason.DUPLICATE_EXTENSION, f"{dup:#06x}")
     server_name: str | None = None
     alpn: tuple[str, ...] = ()
+    if (start := starts.get(EXT_SERVER_NAME)) is not None:
+        server_name = _server_name(msg, start, _body_end(msg, start))
+    if (start := starts.get(EXT_ALPN)) is not None:
+        alpn = _alpn(msg, start, _body_end(msg, start))
+    return PeekedHello(server_name, alpn, used, msg, suites, first, starts)
+
+
+def _extension_types(msg: bytes, pos: int) -> list[int]:
+    """The extension types in the order sent from `pos` on (GREASE and duplicates included),
+    in a message whose extension framing peek_client_hello checked."""
+    end = len(msg)
+    types: list[int] = []
+    header = _EXT_HEADER.unpack_from
+    while pos < end:
+        kind, n = header(msg, pos)
+        types.append(kind)
+        pos += 4 + n
+    return types
+
+
+def complete(peeked: PeekedHello) -> ClientHello:
+    """The whole ClientHello of a peeked one: the remaining lists read and checked (the
+    ClientHelloError of a malformed one, as parse_client_hello)."""
+    msg, starts = peeked.msg, peeked.starts
+    n = (msg[peeked.suites - 2] << 8) | msg[peeked.suites - 1]
+    ciphers = _u16_list(msg, peeked.suites, peeked.suites + n)
     formats: tuple[int, ...] = ()
     get = starts.get
-    if (start := get(EXT_SERVER_NAME)) is not None:
-        server_name = _server_name(msg, start, _body_end(msg, start))
-    if (start := get(EXT_ALPN)) is not None:
-        alpn = _alpn(msg, start, _body_end(msg, start))
     if (start := get(EXT_EC_POINT_FORMATS)) is not None:
         stop = _body_end(msg, start)
         if stop - start < 2 or msg[start] != stop - start - 1:
@@ -236,16 +284,16 @@ def _parse_body(msg: bytes, used: int) -> ClientHello:
     sigalgs = _list(msg, get(EXT_SIGNATURE_ALGORITHMS), 2, EXT_SIGNATURE_ALGORITHMS)
     groups = _list(msg, get(EXT_SUPPORTED_GROUPS), 2, EXT_SUPPORTED_GROUPS)
     return ClientHello(
-        legacy_version=legacy_version,
+        legacy_version=(msg[0] << 8) | msg[1],
         cipher_suites=ciphers,
-        extensions=tuple(types),
-        server_name=server_name,
-        alpn=alpn,
+        extensions=tuple(_extension_types(msg, peeked.first_extension)),
+        server_name=peeked.server_name,
+        alpn=peeked.alpn,
         supported_versions=versions,
         signature_algorithms=sigalgs,
         supported_groups=groups,
         ec_point_formats=formats,
-        size=used,
+        size=peeked.size,
     )
 
 

@@ -11,10 +11,11 @@ The first bytes a client sends are held back until they make a whole ClientHello
 (edged.clienthello; within the handshake timeout and a size cap). Its SNI decides: a name of a
 passthrough site gets the raw bytes relayed to that site's backend, which terminates TLS itself;
 anything else is fed to the SSLObject as if it had just arrived. A malformed ClientHello closes
-the connection (counted like the handshake failure it is). The parsed ClientHello also gives
-the client's JA4 fingerprint, computed only when a site sends it (ja4_tlv) or a connection is
-logged, and chooses the certificate before the handshake starts (SniSelector.choose: the route
-and, for names with ECDSA and RSA certificates, the key type the client can use).
+the connection (counted like the handshake failure it is). The ClientHello is read in two steps
+(peek, then complete only when needed: edged.clienthello). It also gives the client's JA4
+fingerprint, computed only when a site sends it (ja4_tlv) or a connection is logged, and
+chooses the certificate before the handshake starts (SniSelector.choose: the route and, for
+names with ECDSA and RSA certificates, the key type the client can use).
 
 ACME TLS-ALPN-01: a ClientHello offering exactly `acme-tls/1` is a CA validating a name. When
 the name has a pending challenge (edged.tlsalpn's board, this node's or, in a fleet, another
@@ -41,11 +42,12 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from edged.clienthello import (
-    ClientHello,
     ClientHelloError,
     ClientHelloReason,
     NeedMore,
-    parse_client_hello,
+    PeekedHello,
+    complete,
+    peek_client_hello,
 )
 from edged.config import Site
 from edged.counters import Counters
@@ -219,7 +221,7 @@ class ClientConnection(asyncio.Protocol):
         self.route: Route | None = None
         self.sni: str | None = None
         self.handshaking = True
-        self.hello: ClientHello | None = None  # set once the whole ClientHello has arrived
+        self.hello: PeekedHello | None = None  # set once the whole ClientHello has arrived
         self._prereading = term.settings.preread  # until the ClientHello is parsed
         self._hello_buf = bytearray()  # the bytes before that
         self._hello_need = 0  # parse again once _hello_buf holds this many bytes
@@ -352,7 +354,7 @@ class ClientConnection(asyncio.Protocol):
                 return  # parsing now would only say NeedMore again
             data = bytes(buf)
         try:
-            hello = parse_client_hello(data)
+            hello = peek_client_hello(data)
         except NeedMore as more:
             if not buf:
                 buf += data
@@ -370,6 +372,11 @@ class ClientConnection(asyncio.Protocol):
         # Without SNI only the default certificate can answer (lookup(None) gives it).
         route = selector.index.lookup(hello.server_name)
         if route is not None and route.site.passthrough and hello.server_name:
+            try:  # the backend terminates this TLS: it gets only a well-formed hello
+                complete(hello)
+            except ClientHelloError as exc:
+                self._hello_failed(exc)
+                return
             self._start_passthrough(route, data)
             return
         if is_challenge_alpn(hello.alpn):
@@ -383,9 +390,12 @@ class ClientConnection(asyncio.Protocol):
             return
         self._terminate(route, hello, data)
 
-    def _terminate(self, route: Route | None, hello: ClientHello, data: bytes) -> None:
+    def _terminate(self, route: Route | None, hello: PeekedHello, data: bytes) -> None:
         try:
             self.term.selector.choose(self._sslobj, hello, route)
+        except ClientHelloError as exc:  # a list needed to choose between key types
+            self._hello_failed(exc)
+            return
         except UnservableCert:
             pass  # reported once by the cache; the sni_callback refuses it (internal_error)
         except Exception:  # the sni_callback then chooses (or refuses) as without the pre-read
@@ -393,7 +403,7 @@ class ClientConnection(asyncio.Protocol):
         self._incoming.write(data)
         self._handshake()
 
-    async def _load_then_terminate(self, route: Route, hello: ClientHello, data: bytes) -> None:
+    async def _load_then_terminate(self, route: Route, hello: PeekedHello, data: bytes) -> None:
         assert self.term.load_pending is not None
         try:
             await self.term.load_pending(route.site)
@@ -421,7 +431,7 @@ class ClientConnection(asyncio.Protocol):
 
     # --- TLS-ALPN-01 ----------------------------------------------------------------------
 
-    def _tls_alpn_challenge(self, hello: ClientHello, data: bytes) -> None:
+    def _tls_alpn_challenge(self, hello: PeekedHello, data: bytes) -> None:
         board = self.term.alpn_board
         name = (hello.server_name or "").lower().rstrip(".")
         self.sni = hello.server_name
@@ -493,7 +503,10 @@ class ClientConnection(asyncio.Protocol):
         if self._ja4 is None:
             if self.hello is None:
                 return ""
-            self._ja4 = ja4(self.hello)
+            try:
+                self._ja4 = ja4(complete(self.hello))
+            except ClientHelloError:  # a malformed list: OpenSSL refused this handshake too
+                self._ja4 = ""
         return self._ja4
 
     # --- handshake ------------------------------------------------------------------------

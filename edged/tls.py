@@ -23,7 +23,7 @@ import ssl
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from edged.clienthello import ClientHello
+from edged.clienthello import ClientHello, PeekedHello, complete
 from edged.config import TlsSettings
 from edged.sni import Route, Servable, SniIndex
 
@@ -187,16 +187,26 @@ class SniSelector:
                 setattr(sslobj, REFUSED_ATTR, "internal_error")
             return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
 
-    def choose(self, sslobj: ssl.SSLObject, hello: ClientHello, route: Route | None) -> bool:
+    def choose(
+        self, sslobj: ssl.SSLObject, hello: PeekedHello | ClientHello, route: Route | None
+    ) -> bool:
         """Before the handshake: give `sslobj` the context for `route` (the SNI's, looked up
         by the caller), with the certificate of the key type `hello` can use. False (nothing
-        set) when there is nothing to serve; the sni_callback then refuses as always."""
+        set) when there is nothing to serve; the sni_callback then refuses as always. Raises
+        ClientHelloError when a name with several certificates needs the hello's lists and
+        one of them is malformed."""
         if route is None or not route.bundles:
             return False
-        chosen = pick_bundle(route.bundles, hello)
-        sslobj.context = self.cache.get(
-            route, self.default_alpn, (chosen,) if chosen is not None else None
-        )
+        bundles = route.bundles
+        if len(bundles) == 1:  # the common case: no lists to read
+            ctx = self.cache.get(route, self.default_alpn)
+        else:
+            full = hello if isinstance(hello, ClientHello) else complete(hello)
+            chosen = pick_bundle(bundles, full)
+            ctx = self.cache.get(
+                route, self.default_alpn, (chosen,) if chosen is not None else None
+            )
+        sslobj.context = ctx
         setattr(sslobj, SNI_ATTR, hello.server_name)
         setattr(sslobj, ROUTE_ATTR, route)
         setattr(sslobj, CHOSEN_ATTR, True)

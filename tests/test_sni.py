@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import ssl
@@ -12,7 +13,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from edged.certs import CertBundle, parse_bundle
-from edged.clienthello import ClientHello, parse_client_hello
+from edged.clienthello import (
+    ClientHello,
+    ClientHelloError,
+    ClientHelloReason,
+    complete,
+    parse_client_hello,
+    peek_client_hello,
+)
 from edged.config import Address, Site, TlsSettings
 from edged.names import NameError_, covers, normalize_name, store_dirname, wildcard_parent
 from edged.sni import build_index
@@ -295,3 +303,65 @@ async def test_served_key_type_follows_the_client(
             # the context holding both (what the sni_callback alone builds, without pre-read).
             expected_contexts = 4 if preread else 3
             assert len(edged.daemon.selector.cache) == expected_contexts  # type: ignore[union-attr]
+
+
+def _hello_with_bad_sigalgs(name: str) -> bytes:
+    """A real ClientHello (one record) for `name` whose signature_algorithms list length is
+    one byte short of its extension: malformed for edged's parser and for OpenSSL alike."""
+    ctx = ssl.create_default_context()
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname=name)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    data = bytearray(out.read())
+    at = 9 + peek_client_hello(bytes(data)).starts[0x0D]  # record + handshake headers
+    inner = int.from_bytes(data[at : at + 2], "big")
+    data[at : at + 2] = (inner - 1).to_bytes(2, "big")
+    return bytes(data)
+
+
+async def _send_and_read(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        answer = b""
+        with contextlib.suppress(ConnectionError):
+            async with asyncio.timeout(10):
+                while chunk := await reader.read(65536):
+                    answer += chunk
+        return answer
+    finally:
+        writer.close()
+
+
+async def test_malformed_lists_are_refused_by_whoever_reads_them(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    """The pre-read reads a hello's cipher, version, signature and group lists only to choose
+    between key types. A name with one certificate leaves them to OpenSSL, which refuses a
+    malformed one with a decode_error alert; a name with two refuses it before the handshake."""
+    single = _hello_with_bad_sigalgs("one.example.test")
+    peeked = peek_client_hello(single)
+    assert peeked.server_name == "one.example.test"
+    with pytest.raises(ClientHelloError) as err:
+        complete(peeked)
+    assert err.value.reason == ClientHelloReason.BAD_EXTENSION
+    store_dual(tmp_path / "store", _CA, "dual.example.test")
+    async with run_backend() as backend:
+        body = f'[[site]]\nnames = ["dual.example.test"]\nbackend = "{backend.address}"\n'
+        body += (
+            f'[[site]]\nnames = ["one.example.test"]\nbackend = "{backend.address}"\n'
+            f'cert_file = "{pki["one_cert"]}"\nkey_file = "{pki["one_key"]}"\n'
+        )
+        async with run_edged(tmp_path, body) as edged:
+            counters = edged.daemon.counters
+            answer = await _send_and_read(edged.port, single)
+            assert answer[:1] == b"\x15" and answer[-2:] == b"\x02\x32", answer  # decode_error
+            answer = await _send_and_read(edged.port, _hello_with_bad_sigalgs("dual.example.test"))
+            assert answer == b""  # refused before OpenSSL saw a byte
+            assert counters.handshakes == {("protocol_error", "none"): 2}
+            assert counters.connections_closed == {"handshake_failed": 2}
+            assert len(edged.daemon.selector.cache) == 1  # type: ignore[union-attr]
+            # And well-formed hellos still get their key type on both names.
+            for name in ("dual.example.test", "one.example.test"):
+                out = await s_client(edged.port, name)
+                assert out.returncode == 0 and _key_algorithm(out.stderr) == "ECDSA", out.stderr
