@@ -36,7 +36,6 @@ import random
 import socket
 import ssl
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import cast
@@ -109,10 +108,17 @@ CLOSE_REASONS = (
 
 def close_category(reason: str) -> str:
     if reason.startswith(("handshake_", "clienthello_")):
-        return "handshake_failed"
-    if reason.startswith("backend_"):
-        return "backend_error"
-    return reason if reason in CLOSE_REASONS else "other"
+        category = "handshake_failed"
+    elif reason.startswith("backend_"):
+        category = "backend_error"
+    else:
+        category = reason if reason in CLOSE_REASONS else "other"
+    _CATEGORIES[reason] = category
+    return category
+
+
+# close_category's answers: reasons are edged's own words (a bounded set), asked once per close.
+_CATEGORIES: dict[str, str] = {}
 
 
 def client_key(host: str) -> str:
@@ -175,9 +181,10 @@ class Terminator:
     # Reads a pending route's certificate (see Route.pending) and swaps it into the index.
     load_pending: Callable[[Site], Awaitable[None]] | None = None
     active: set[ClientConnection] = field(default_factory=set)
-    per_client: Counter[str] = field(default_factory=Counter)  # open connections by client_key
+    per_client: dict[str, int] = field(default_factory=dict)  # open connections by client_key
     throttle: _Throttled = field(default_factory=_Throttled)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
+    _draining: bool = False  # drain() waits for _idle (set only then: one call less per close)
 
     def protocol(self) -> ClientConnection:
         return ClientConnection(self)
@@ -191,13 +198,14 @@ class Terminator:
                 self.per_client[key] = left
             else:
                 del self.per_client[key]
-        if not self.active:
+        if not self.active and self._draining:
             self._idle.set()
 
     async def drain(self, grace: float) -> int:
         """Wait up to `grace` seconds for open connections to finish, abort the rest, and
         return how many had to be aborted."""
         if self.active:
+            self._draining = True
             self._idle.clear()
             try:
                 async with asyncio.timeout(grace):
@@ -274,7 +282,8 @@ class ClientConnection(asyncio.Protocol):
         key = client_key(self.peer[0]) if self.peer is not None else None
         if key is not None:
             limit = settings.max_connections_per_ip
-            if limit and term.per_client[key] >= limit:
+            count = term.per_client.get(key, 0)
+            if limit and count >= limit:
                 self._refuse(
                     "max_connections_per_ip",
                     "refusing connection from %s: max_connections_per_ip=%d reached (raise "
@@ -284,7 +293,7 @@ class ClientConnection(asyncio.Protocol):
                     limit,
                 )
                 return
-            term.per_client[key] += 1
+            term.per_client[key] = count + 1
             self.client_key = key
         term.active.add(self)
         # No TCP_NODELAY here: uvloop (and asyncio) set it on every TCP transport.
@@ -930,7 +939,9 @@ class ClientConnection(asyncio.Protocol):
             self._timer = None
         if self in self.term.active:
             self.term._removed(self)
-            self.term.counters.connections_closed[close_category(self.close_reason)] += 1
+            reason = self.close_reason
+            category = _CATEGORIES.get(reason) or close_category(reason)
+            self.term.counters.connections_closed[category] += 1
             sample = self.term.settings.connection_log_sample
             if sample > 0 and random.random() < sample:
                 self._log_connection()
