@@ -14,9 +14,12 @@ resumptions with a ticket, `openssl s_time -reuse -www /small`: each connection 
 fetches the 100-byte body, which is how a ticket arrives; the marks prove they resumed),
 requests (keep-alive HTTP/1.1 requests for a 100-byte body, wrk), bulk (1 MiB responses, wrk),
 idle (memory per idle established TLS connection), startup (time from exec to the first
-handshake for a random name, and memory, with 1k/10k/100k certificates). Each run restarts every
-terminator; runs are interleaved across terminators so the machine's noise spreads over all of
-them; medians are reported.
+handshake for a random name, and memory, with 1k/10k/100k certificates). Each measurement starts
+its terminator afresh. Within a run every terminator is measured on one metric before the next
+metric starts (their samples are a minute or two apart, not a whole run: this machine's load
+drifts over minutes), and each run starts with a different terminator. Medians are reported, and
+edged's ratio to each peer twice: the ratio of the medians, and the median of the per-run ratios
+with their range (each ratio from two samples of the same run).
 
 Run: scripts/bench tls [--quick] [--runs N] [--duration S] [--terminators a,b] [--metrics a,b]
      [--cert-counts 1000,10000,100000] [--markdown PATH] [--json PATH]
@@ -551,6 +554,7 @@ class Sample:
     wall: float = 0.0  # the same per wall-clock second
     cpu_use: float = 0.0  # terminator CPU-seconds per wall second
     note: str = ""
+    run: int = 0  # which run measured it (pairs samples for the per-run ratios)
 
 
 def measured(
@@ -728,35 +732,45 @@ def row_startup_rss(count: int) -> str:
     return f"memory (PSS) after startup with {count:,} certs, MiB (lower is better)"
 
 
+def throughput_units(metrics: list[str]) -> list[tuple[str, str]]:
+    """The (metric, key type) pairs to measure, in order: every metric with the ECDSA
+    certificate, full handshakes with the RSA one too."""
+    units = []
+    for metric in ("idle", "handshake", "resumed", "requests", "bulk"):
+        if metric in metrics:
+            units.append((metric, "ecdsa-p256"))
+            if metric == "handshake":
+                units.append((metric, "rsa-2048"))
+    return units
+
+
 def throughput_session(
-    kind: str, args: argparse.Namespace, pki: Pki, workdir: Path, backend: int, res: Results
+    kind: str,
+    unit: tuple[str, str],
+    run: int,
+    args: argparse.Namespace,
+    pki: Pki,
+    workdir: Path,
+    backend: int,
+    res: Results,
 ) -> None:
-    """One run for one terminator: ECDSA cert (idle, handshakes, requests, bulk), then RSA."""
-    wanted = set(args.metrics)
-    for key_type in ("ecdsa-p256", "rsa-2048"):
-        rows = []
-        if key_type == "ecdsa-p256":
-            rows = [m for m in ("idle", "handshake", "resumed", "requests", "bulk") if m in wanted]
-        elif "handshake" in wanted:
-            rows = ["handshake"]
-        if not rows:
-            continue
-        try:
-            running = start_terminator(kind, workdir, backend, pki.single[key_type], pki.ca_file)
-        except RuntimeError as exc:
-            for m in rows:
-                res.fail(row_of(m, key_type), kind, str(exc))
-            continue
-        assert isinstance(running, Running)
-        try:
-            for m in rows:
-                try:
-                    sample = measure(m, key_type, running, args, pki.ca_file)
-                    res.add(row_of(m, key_type), kind, sample)
-                except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                    res.fail(row_of(m, key_type), kind, str(exc))
-        finally:
-            running.proc.stop()
+    """One measurement: start `kind` with the unit's certificate, measure, stop it."""
+    metric, key_type = unit
+    row = row_of(metric, key_type)
+    try:
+        running = start_terminator(kind, workdir, backend, pki.single[key_type], pki.ca_file)
+    except RuntimeError as exc:
+        res.fail(row, kind, str(exc))
+        return
+    assert isinstance(running, Running)
+    try:
+        sample = measure(metric, key_type, running, args, pki.ca_file)
+        sample.run = run
+        res.add(row, kind, sample)
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        res.fail(row, kind, str(exc))
+    finally:
+        running.proc.stop()
 
 
 def row_of(metric: str, key_type: str) -> str:
@@ -894,6 +908,32 @@ def report(res: Results, kinds: list[str], rows: list[str], args: argparse.Names
                     cells.append("")
                 else:
                     cells.append(f"{e / v:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired(res: Results, kinds: list[str], rows: list[str]) -> str:
+    """edged ÷ each peer run by run (two samples of the same run, taken minutes apart at most):
+    the median of those ratios and their range. Less moved by the machine's load drifting
+    between runs than the ratio of the medians."""
+    peers = [k for k in kinds if k in PEERS]
+    if "edged" not in kinds or not peers:
+        return ""
+    head = ["metric", *(f"edged ÷ {p}, per run" for p in peers)]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * len(peers) + "|"]
+    for row in rows:
+        if "certs" in row:  # startup rows: one run each, nothing to pair
+            continue
+        cells = [row]
+        edged = {s.run: s.value for s in res.samples.get((row, "edged"), [])}
+        for p in peers:
+            peer = {s.run: s.value for s in res.samples.get((row, p), [])}
+            ratios = sorted(edged[r] / peer[r] for r in edged if peer.get(r))
+            if ratios:
+                mid = statistics.median(ratios)
+                cells.append(f"{mid:.2f} ({ratios[0]:.2f} to {ratios[-1]:.2f}, n={len(ratios)})")
+            else:
+                cells.append("")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -1070,8 +1110,11 @@ def main() -> int:
         if set(args.metrics) - {"startup"}:
             for run in range(1, args.runs + 1):
                 log(f"run {run}/{args.runs}")
-                for kind in kinds:
-                    throughput_session(kind, args, pki, workdir, backend_port, res)
+                first = (run - 1) % len(kinds)
+                order = kinds[first:] + kinds[:first]
+                for unit in throughput_units(args.metrics):
+                    for kind in order:
+                        throughput_session(kind, unit, run, args, pki, workdir, backend_port, res)
         if "startup" in args.metrics:
             for count in args.cert_counts:
                 many = make_many(pki, workdir, count, backend_port)
@@ -1098,6 +1141,7 @@ def main() -> int:
         for c in args.cert_counts:
             rows += [row_startup(c), row_after_start(c), row_startup_rss(c)]
     table, detail = report(res, kinds, rows, args), details(res, kinds, rows)
+    pairs = paired(res, kinds, rows)
     env["load average at end"] = f"{os.getloadavg()[0]:.2f}"
     env["total time"] = f"{time.monotonic() - started:.0f} s"
     settings = (
@@ -1107,7 +1151,9 @@ def main() -> int:
         f"startup: timeout {args.startup_timeout:.0f} s, {args.startup_runs} run(s)"
     )
     text = "\n".join(
-        [table, "", "Every run:", "", detail, "", f"Settings: {settings}", ""]
+        [table, ""]
+        + (["Per run (the ratio of two samples of the same run):", "", pairs, ""] if pairs else [])
+        + ["Every run:", "", detail, "", f"Settings: {settings}", ""]
         + [f"- {k}: {v}" for k, v in env.items()]
     )
     print(text)
