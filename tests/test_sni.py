@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import re
 import ssl
@@ -35,6 +34,7 @@ from edged.tls import (
 from tests.conftest import peer_cn, run_backend, run_edged, s_client
 from tests.many_certs import store_dual
 from tests.pki import fullchain, make_ca, make_leaf
+from tests.test_tls_hostile import real_hello, send_and_wait_close
 
 
 def site(index: int, *names: str) -> Site:
@@ -308,29 +308,11 @@ async def test_served_key_type_follows_the_client(
 def _hello_with_bad_sigalgs(name: str) -> bytes:
     """A real ClientHello (one record) for `name` whose signature_algorithms list length is
     one byte short of its extension: malformed for edged's parser and for OpenSSL alike."""
-    ctx = ssl.create_default_context()
-    obj = ctx.wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname=name)
-    with contextlib.suppress(ssl.SSLWantReadError):
-        obj.do_handshake()
-    data = bytearray(out.read())
+    data = bytearray(real_hello(name))
     at = 9 + peek_client_hello(bytes(data)).starts[0x0D]  # record + handshake headers
     inner = int.from_bytes(data[at : at + 2], "big")
     data[at : at + 2] = (inner - 1).to_bytes(2, "big")
     return bytes(data)
-
-
-async def _send_and_read(port: int, data: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        answer = b""
-        with contextlib.suppress(ConnectionError):
-            async with asyncio.timeout(10):
-                while chunk := await reader.read(65536):
-                    answer += chunk
-        return answer
-    finally:
-        writer.close()
 
 
 async def test_malformed_lists_are_refused_by_whoever_reads_them(
@@ -354,9 +336,11 @@ async def test_malformed_lists_are_refused_by_whoever_reads_them(
         )
         async with run_edged(tmp_path, body) as edged:
             counters = edged.daemon.counters
-            answer = await _send_and_read(edged.port, single)
+            answer = await send_and_wait_close(edged.port, single)
             assert answer[:1] == b"\x15" and answer[-2:] == b"\x02\x32", answer  # decode_error
-            answer = await _send_and_read(edged.port, _hello_with_bad_sigalgs("dual.example.test"))
+            answer = await send_and_wait_close(
+                edged.port, _hello_with_bad_sigalgs("dual.example.test")
+            )
             assert answer == b""  # refused before OpenSSL saw a byte
             assert counters.handshakes == {("protocol_error", "none"): 2}
             assert counters.connections_closed == {"handshake_failed": 2}
