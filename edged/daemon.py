@@ -202,6 +202,10 @@ def worker_count(config: Config) -> int:
     return config.edged.workers or os.cpu_count() or 1
 
 
+# Which kind a coalesced reload is reported as: the operator's request over edged's own.
+_RELOAD_RANK = {"signal": 2, "file": 1, "store": 0}
+
+
 class Daemon:
     def __init__(
         self, config_path: Path, zygote: Zygote | None = None, config: Config | None = None
@@ -342,8 +346,13 @@ class Daemon:
     def request_reload(self, kind: str = "signal", names: Collection[str] | None = None) -> None:
         """Ask for a reload; requests that arrive while one runs coalesce into one more.
         `names`: only the store certificates of these names changed (a renewal, an upload, a
-        fleet change): only their sites are read again."""
-        self._reload_kind = kind
+        fleet change): only their sites are read again. Requests that coalesce are one reload,
+        logged and counted under the operator's kind when one of them was theirs: a SIGHUP that
+        meets a file change is reported as the SIGHUP, not as the change."""
+        if not self._reload.is_set() or _RELOAD_RANK.get(kind, 0) >= _RELOAD_RANK.get(
+            self._reload_kind, 0
+        ):
+            self._reload_kind = kind
         if names is None:
             self._reload_all = True
         else:

@@ -184,6 +184,29 @@ async def test_sighup_burst_coalesces_and_serving_goes_on(tmp_path: Path) -> Non
             assert 1 <= reloads <= 2  # 100 requests, one or two reloads
 
 
+async def test_a_sighup_meeting_a_file_change_is_reported_as_the_sighup(tmp_path: Path) -> None:
+    """Requests that coalesce are one reload; it counts under the operator's kind (a file
+    change or a store change found while a SIGHUP waits does not relabel it), and a SIGHUP
+    relabels a waiting file change."""
+    c0, k0 = pair(tmp_path, "a", "kinds")
+    async with run_backend() as backend:
+        body = cert_site(backend.address, c0, k0)
+        async with run_edged(tmp_path, body) as edged:
+            daemon = edged.daemon
+            await asyncio.sleep(0.5)  # the start-up catch-up has run
+            for first, second in (("signal", "file"), ("file", "signal"), ("signal", "store")):
+                before = dict(daemon.counters.reloads)
+                daemon.request_reload(first)  # no await between: the two coalesce
+                daemon.request_reload(second, {"r.example.test"} if second == "store" else None)
+                for _ in range(100):
+                    await asyncio.sleep(0.02)
+                    if daemon.counters.reloads != before:
+                        break
+                await asyncio.sleep(0.2)
+                new = {k: n - before.get(k, 0) for k, n in daemon.counters.reloads.items()}
+                assert {k: n for k, n in new.items() if n} == {("signal", "ok"): 1}, (first, new)
+
+
 async def test_removing_a_listener_closes_only_that_one(tmp_path: Path) -> None:
     c0, k0 = pair(tmp_path, "a", "listeners")
     extra = free_port()
