@@ -32,7 +32,7 @@ from edged.counters import Counters, merge_counters
 from edged.errors import ConfigError, EdgedError, Problem
 from edged.fleet import follow_changes
 from edged.http01 import ChallengeBoard, Http01App, HttpListeners
-from edged.listen import LISTEN_BACKLOG, InheritedListeners, StartupError
+from edged.listen import InheritedListeners, StartupError
 from edged.metrics import (
     CertMetric,
     MetricsServerError,
@@ -979,7 +979,6 @@ class Daemon:
                     log.warning("edged.workers changed: takes effect at the next restart")
                 await self.pool.sync_listeners(config)
             return
-        loop = asyncio.get_running_loop()
         wanted = list(config.listen.https)
         new: dict[Address, socket.socket] = {}
         try:
@@ -993,9 +992,7 @@ class Daemon:
         pending = dict(new)
         try:
             for address, sock in new.items():
-                self._servers[address] = await loop.create_server(
-                    self.term.protocol, sock=sock, backlog=LISTEN_BACKLOG
-                )
+                self._servers[address] = await self.term.serve(sock)
                 del pending[address]
         finally:
             for sock in pending.values():  # not handed to a server: ours to close

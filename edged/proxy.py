@@ -51,6 +51,7 @@ from edged.clienthello import (
 from edged.config import Site
 from edged.counters import Counters
 from edged.ja4 import ja4
+from edged.listen import LISTEN_BACKLOG
 from edged.names import covers
 from edged.proxy_header import Endpoints, TlsInfo, build_v1, build_v2
 from edged.sni import Route
@@ -188,6 +189,11 @@ class Terminator:
 
     def protocol(self) -> ClientConnection:
         return ClientConnection(self)
+
+    async def serve(self, sock: socket.socket) -> asyncio.AbstractServer:
+        """Accept TLS connections on the listening `sock`. create_server would listen() again
+        with its own backlog (100); edged's is LISTEN_BACKLOG."""
+        return await self.loop.create_server(self.protocol, sock=sock, backlog=LISTEN_BACKLOG)
 
     def _removed(self, conn: ClientConnection) -> None:
         self.active.discard(conn)

@@ -32,7 +32,7 @@ from edged.config import AcmeSettings, Config, Site
 from edged.counters import Counters
 from edged.errors import AcmeError, EdgedError, StoreError
 from edged.http01 import ChallengeBoard, Http01App, HttpListeners
-from edged.listen import LISTEN_BACKLOG, StartupError, bind_tcp
+from edged.listen import StartupError, bind_tcp
 from edged.proxy import ProxySettings, Terminator
 from edged.renewal import CertStatus, Notice, RenewalPolicy, RenewalState
 from edged.sni import SniIndex
@@ -681,13 +681,10 @@ async def serve_tls_alpn(config: Config, board: AlpnChallengeBoard) -> AsyncIter
             tg=tg,
             alpn_board=board,
         )
-        loop = asyncio.get_running_loop()
         servers: list[asyncio.AbstractServer] = []
         try:
             while socks:
-                servers.append(
-                    await loop.create_server(term.protocol, sock=socks[0], backlog=LISTEN_BACKLOG)
-                )
+                servers.append(await term.serve(socks[0]))
                 socks.pop(0)
             yield
         finally:

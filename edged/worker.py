@@ -28,7 +28,6 @@ from edged.config import Address, Config, Site
 from edged.counters import Counters
 from edged.daemon import load_origin_contexts, proxy_settings
 from edged.ipc import IpcError, encode, read_message
-from edged.listen import LISTEN_BACKLOG
 from edged.proxy import Terminator
 from edged.sni import ServedCert, SniIndex, build_index
 from edged.tls import ContextCache, SniSelector
@@ -75,7 +74,6 @@ class Worker:
         self._loads: dict[int, asyncio.Event] = {}  # site index → its certificate arrived
 
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
         reader, writer = await asyncio.open_unix_connection(sock=self.chan)
         first = await read_message(reader)
         if not (isinstance(first, tuple) and first[0] == "state" and first[1] is not None):
@@ -102,10 +100,7 @@ class Worker:
                 load_pending=lambda site: self._request_load(writer, site),
             )
             await self._apply(term, first[1], first[2], full=True, pending=first[4])
-            servers = [
-                await loop.create_server(term.protocol, sock=sock, backlog=LISTEN_BACKLOG)
-                for _, sock in self.sockets
-            ]
+            servers = [await term.serve(sock) for _, sock in self.sockets]
             writer.write(encode(("ready", os.getpid())))
             reports = tg.create_task(self._report_loop(writer, term))
             reading = tg.create_task(self._read_loop(reader, writer, term))
