@@ -187,9 +187,7 @@ class SniSelector:
                 setattr(sslobj, REFUSED_ATTR, "internal_error")
             return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
 
-    def choose(
-        self, sslobj: ssl.SSLObject, hello: PeekedHello | ClientHello, route: Route | None
-    ) -> bool:
+    def choose(self, sslobj: ssl.SSLObject, hello: PeekedHello, route: Route | None) -> bool:
         """Before the handshake: give `sslobj` the context for `route` (the SNI's, looked up
         by the caller), with the certificate of the key type `hello` can use. False (nothing
         set) when there is nothing to serve; the sni_callback then refuses as always. Raises
@@ -201,8 +199,7 @@ class SniSelector:
         if len(bundles) == 1:  # the common case: no lists to read
             ctx = self.cache.get(route, self.default_alpn)
         else:
-            full = hello if isinstance(hello, ClientHello) else complete(hello)
-            chosen = pick_bundle(bundles, full)
+            chosen = pick_bundle(bundles, complete(hello))
             ctx = self.cache.get(
                 route, self.default_alpn, (chosen,) if chosen is not None else None
             )

@@ -17,7 +17,6 @@ from edged.clienthello import (
     ClientHelloError,
     ClientHelloReason,
     complete,
-    parse_client_hello,
     peek_client_hello,
 )
 from edged.config import Address, Site, TlsSettings
@@ -209,7 +208,7 @@ def test_choice_before_the_handshake_is_kept_by_the_sni_callback(
     with contextlib.suppress(ssl.SSLWantReadError):
         client.do_handshake()
     first = c_out.read()
-    hello = parse_client_hello(first)
+    hello = peek_client_hello(first)
     route = index.lookup(hello.server_name)
     assert selector.choose(server, hello, route)
     chosen = server.context
@@ -239,7 +238,7 @@ def test_choose_leaves_names_without_a_certificate_to_the_callback() -> None:
     selector = SniSelector(index, ContextCache(10, "1.2"), ())
     listen = build_listening_context(TlsSettings(), selector)
     server = listen.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True)
-    hello = _hello(TLS13_ONLY, (ECDSA_P256,))
+    hello = peek_client_hello(real_hello("new.example.test"))
     assert not selector.choose(server, hello, index.lookup("new.example.test"))
     assert not selector.choose(server, hello, None)
     assert server.context is listen and not hasattr(server, ROUTE_ATTR)
