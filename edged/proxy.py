@@ -227,6 +227,45 @@ class Terminator:
 class ClientConnection(asyncio.Protocol):
     """One client connection: TLS handshake, then relay to the site's backend."""
 
+    # Slots: a connection has more attributes than CPython's shared-key instance dicts hold
+    # (30), so each would carry its own ~1.5 KiB dict; slots are smaller and faster to read.
+    __slots__ = (
+        "_backend_owes",
+        "_early",
+        "_fin_sent",
+        "_hello_buf",
+        "_hello_need",
+        "_incoming",
+        "_ja4",
+        "_lost",
+        "_notify_sent",
+        "_outgoing",
+        "_paused_for",
+        "_prereading",
+        "_sslobj",
+        "_timer",
+        "acme_challenge",
+        "backend",
+        "backend_eof",
+        "bytes_in",
+        "bytes_out",
+        "client_eof",
+        "client_key",
+        "close_reason",
+        "closed",
+        "handshaking",
+        "hello",
+        "last_activity",
+        "loop",
+        "passthrough",
+        "peer",
+        "route",
+        "sni",
+        "started",
+        "term",
+        "transport",
+    )
+
     def __init__(self, term: Terminator) -> None:
         self.term = term
         self.loop = term.loop
@@ -992,6 +1031,8 @@ class ClientConnection(asyncio.Protocol):
 
 class BackendConnection(asyncio.Protocol):
     """The plaintext (or re-encrypted) side towards the site's backend."""
+
+    __slots__ = ("_eof_sent", "client", "closed", "connected", "transport")
 
     def __init__(self, client: ClientConnection) -> None:
         self.client = client
