@@ -19,7 +19,9 @@ its terminator afresh. Within a run every terminator is measured on one metric b
 metric starts (their samples are a minute or two apart, not a whole run: this machine's load
 drifts over minutes), and each run starts with a different terminator. Medians are reported, and
 edged's ratio to each peer twice: the ratio of the medians, and the median of the per-run ratios
-with their range (each ratio from two samples of the same run).
+with their range (each ratio from two samples of the same run). With `edged-w2` (and `nginx-w2`,
+nginx's reference for it) among the terminators, a third table gives two worker processes ÷
+one, run by run.
 
 Run: scripts/bench tls [--quick] [--runs N] [--duration S] [--terminators a,b] [--metrics a,b]
      [--cert-counts 1000,10000,100000] [--markdown PATH] [--json PATH]
@@ -60,8 +62,12 @@ from cryptography.x509.oid import NameOID  # noqa: E402
 
 PEERS = ("haproxy", "nginx", "hitch", "python-plain")
 # edged-w2: `workers = 2`; edged-nopeek: `[tls] preread = false` (no ClientHello pre-read: the
-# same-run A/B for what the pre-read costs).
-TERMINATORS = (*PEERS, "edged", "edged-w2", "edged-nopeek")
+# same-run A/B for what the pre-read costs). nginx-w2: two worker processes with a listening
+# socket each (`reuseport`, as edged's workers): what two processes sharing the one pinned core
+# cost a C terminator, the reference for edged-w2 ÷ edged.
+TERMINATORS = (*PEERS, "nginx-w2", "edged", "edged-w2", "edged-nopeek")
+# A second process per terminator and the one-process kind it is compared with.
+SCALED = {"edged-w2": "edged", "nginx-w2": "nginx"}
 PYTHON_TERMINATORS = ("python-plain", "edged", "edged-w2", "edged-nopeek")
 PY_SPY = Path(sys.executable).parent / "py-spy"
 METRICS = ("handshake", "resumed", "requests", "bulk", "idle", "startup")
@@ -412,7 +418,7 @@ backend be
     server s1 127.0.0.1:{backend}
 """)
         return ["haproxy", "-db", "-f", str(d / "haproxy.cfg")], {}
-    if kind == "nginx":
+    if kind in ("nginx", "nginx-w2"):
         if many:
             # nginx (stream, 1.22) picks among many certificates only through a variable in the
             # path: the file is read and parsed at every handshake, nothing at startup.
@@ -420,11 +426,15 @@ backend be
             cert_lines = f"ssl_certificate {pem}; ssl_certificate_key {pem};"
         else:
             cert_lines = f"ssl_certificate {certs.cert}; ssl_certificate_key {certs.key};"
+        main, listen = _nginx_main(d), "ssl backlog=4096"
+        if kind == "nginx-w2":
+            main = main.replace("worker_processes 1;", "worker_processes 2;")
+            listen += " reuseport"
         (d / "nginx.conf").write_text(f"""
-load_module {STREAM_MODULE};{_nginx_main(d)}
+load_module {STREAM_MODULE};{main}
 stream {{
     server {{
-        listen 127.0.0.1:{port} ssl backlog=4096;
+        listen 127.0.0.1:{port} {listen};
         ssl_protocols TLSv1.2 TLSv1.3;
         {cert_lines}
         proxy_pass 127.0.0.1:{backend};
@@ -938,6 +948,32 @@ def paired(res: Results, kinds: list[str], rows: list[str]) -> str:
     return "\n".join(lines)
 
 
+def scaling(res: Results, kinds: list[str], rows: list[str]) -> str:
+    """Two worker processes ÷ one, run by run, for each terminator measured both ways (edged
+    and, as the reference, nginx): the median of the per-run ratios and their range."""
+    pairs = [(two, one) for two, one in SCALED.items() if two in kinds and one in kinds]
+    if not pairs:
+        return ""
+    head = ["metric", *(f"{two} ÷ {one}, per run" for two, one in pairs)]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * len(pairs) + "|"]
+    for row in rows:
+        if "certs" in row:
+            continue
+        cells = [row]
+        for two, one in pairs:
+            base = {s.run: s.value for s in res.samples.get((row, one), [])}
+            ratios = sorted(
+                s.value / base[s.run] for s in res.samples.get((row, two), []) if base.get(s.run)
+            )
+            if ratios:
+                mid = statistics.median(ratios)
+                cells.append(f"{mid:.2f} ({ratios[0]:.2f} to {ratios[-1]:.2f}, n={len(ratios)})")
+            else:
+                cells.append("")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def details(res: Results, kinds: list[str], rows: list[str]) -> str:
     lines = [
         "| metric | terminator | runs | per wall-s (median) | terminator CPU use | last run |",
@@ -1071,7 +1107,7 @@ def check_tools(kinds: list[str]) -> None:
     need = {"taskset", "openssl", "wrk", "nginx"}
     need |= {k for k in kinds if k in ("haproxy", "hitch")}
     missing = [t for t in sorted(need) if shutil.which(t) is None]
-    if "nginx" in kinds and not Path(STREAM_MODULE).exists():
+    if {"nginx", "nginx-w2"} & set(kinds) and not Path(STREAM_MODULE).exists():
         missing.append("libnginx-mod-stream")
     if missing:
         raise SystemExit(
@@ -1142,6 +1178,7 @@ def main() -> int:
             rows += [row_startup(c), row_after_start(c), row_startup_rss(c)]
     table, detail = report(res, kinds, rows, args), details(res, kinds, rows)
     pairs = paired(res, kinds, rows)
+    scaled = scaling(res, kinds, rows)
     env["load average at end"] = f"{os.getloadavg()[0]:.2f}"
     env["total time"] = f"{time.monotonic() - started:.0f} s"
     settings = (
@@ -1153,6 +1190,7 @@ def main() -> int:
     text = "\n".join(
         [table, ""]
         + (["Per run (the ratio of two samples of the same run):", "", pairs, ""] if pairs else [])
+        + (["Two worker processes ÷ one, per run:", "", scaled, ""] if scaled else [])
         + ["Every run:", "", detail, "", f"Settings: {settings}", ""]
         + [f"- {k}: {v}" for k, v in env.items()]
     )
