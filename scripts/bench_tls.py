@@ -922,48 +922,22 @@ def report(res: Results, kinds: list[str], rows: list[str], args: argparse.Names
     return "\n".join(lines)
 
 
-def paired(res: Results, kinds: list[str], rows: list[str]) -> str:
-    """edged ÷ each peer run by run (two samples of the same run, taken minutes apart at most):
-    the median of those ratios and their range. Less moved by the machine's load drifting
-    between runs than the ratio of the medians."""
-    peers = [k for k in kinds if k in PEERS]
-    if "edged" not in kinds or not peers:
+def per_run_ratios(res: Results, rows: list[str], pairs: list[tuple[str, str]]) -> str:
+    """For each (a, b) of `pairs`, a ÷ b run by run (two samples of the same run, a minute or
+    two apart): the median of those ratios, their range and count. Less moved by the machine's
+    load drifting between runs than the ratio of the medians."""
+    if not pairs:
         return ""
-    head = ["metric", *(f"edged ÷ {p}, per run" for p in peers)]
-    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * len(peers) + "|"]
+    head = ["metric", *(f"{a} ÷ {b}, per run" for a, b in pairs)]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * len(pairs) + "|"]
     for row in rows:
         if "certs" in row:  # startup rows: one run each, nothing to pair
             continue
         cells = [row]
-        edged = {s.run: s.value for s in res.samples.get((row, "edged"), [])}
-        for p in peers:
-            peer = {s.run: s.value for s in res.samples.get((row, p), [])}
-            ratios = sorted(edged[r] / peer[r] for r in edged if peer.get(r))
-            if ratios:
-                mid = statistics.median(ratios)
-                cells.append(f"{mid:.2f} ({ratios[0]:.2f} to {ratios[-1]:.2f}, n={len(ratios)})")
-            else:
-                cells.append("")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def scaling(res: Results, kinds: list[str], rows: list[str]) -> str:
-    """Two worker processes ÷ one, run by run, for each terminator measured both ways (edged
-    and, as the reference, nginx): the median of the per-run ratios and their range."""
-    pairs = [(two, one) for two, one in SCALED.items() if two in kinds and one in kinds]
-    if not pairs:
-        return ""
-    head = ["metric", *(f"{two} ÷ {one}, per run" for two, one in pairs)]
-    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * len(pairs) + "|"]
-    for row in rows:
-        if "certs" in row:
-            continue
-        cells = [row]
-        for two, one in pairs:
-            base = {s.run: s.value for s in res.samples.get((row, one), [])}
+        for a, b in pairs:
+            base = {s.run: s.value for s in res.samples.get((row, b), [])}
             ratios = sorted(
-                s.value / base[s.run] for s in res.samples.get((row, two), []) if base.get(s.run)
+                s.value / base[s.run] for s in res.samples.get((row, a), []) if base.get(s.run)
             )
             if ratios:
                 mid = statistics.median(ratios)
@@ -972,6 +946,20 @@ def scaling(res: Results, kinds: list[str], rows: list[str]) -> str:
                 cells.append("")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def paired(res: Results, kinds: list[str], rows: list[str]) -> str:
+    """edged ÷ each peer, run by run."""
+    if "edged" not in kinds:
+        return ""
+    return per_run_ratios(res, rows, [("edged", p) for p in kinds if p in PEERS])
+
+
+def scaling(res: Results, kinds: list[str], rows: list[str]) -> str:
+    """Two worker processes ÷ one, run by run, for each terminator measured both ways (edged
+    and, as the reference, nginx)."""
+    pairs = [(two, one) for two, one in SCALED.items() if two in kinds and one in kinds]
+    return per_run_ratios(res, rows, pairs)
 
 
 def details(res: Results, kinds: list[str], rows: list[str]) -> str:
