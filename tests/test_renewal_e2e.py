@@ -16,7 +16,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from edged.sources import load_site_certs
 from edged.store.base import PemPair, StoredCert
 from edged.store.files import FileStore
 from tests.conftest import free_port, peer_cn, run_backend, run_cmd, run_edged, s_client
-from tests.pebble import Pebble, start_pebble
+from tests.pebble import Pebble
 from tests.pki import Issued, fullchain, make_ca, make_intermediate, make_leaf
 from tests.test_daemon_acme import write_config
 
@@ -39,15 +38,6 @@ NAME = "shop.test"
 NAMES = [NAME, "www.shop.test"]
 EDGED = str(Path(sys.executable).with_name("edged"))
 ORDER = "POST /order-plz"  # one line in Pebble's log per new order
-
-
-@pytest.fixture
-def pebble(tmp_path: Path) -> Iterator[Pebble]:
-    p = start_pebble(tmp_path / "pebble")
-    try:
-        yield p
-    finally:
-        p.stop()
 
 
 def acme_table(directory: str, ca_bundle: Path, extra: str = "") -> str:

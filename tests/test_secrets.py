@@ -26,7 +26,7 @@ from edged.config import AcmeSettings
 from edged.errors import CertError, StoreError
 from edged.store import FileStore, PemPair, StoredCert
 from tests.conftest import free_port, run_backend, run_cmd, run_edged
-from tests.pebble import Pebble, start_pebble
+from tests.pebble import Pebble
 from tests.pki import (
     Issued,
     encrypted_key_pem,
@@ -127,15 +127,6 @@ def test_store_modes_whatever_the_umask(
         check_modes(store.root)
         store.delete(UPLOAD)
         check_modes(store.root)
-
-
-@pytest.fixture
-def pebble(tmp_path: Path) -> Iterator[Pebble]:
-    p = start_pebble(tmp_path / "pebble")
-    try:
-        yield p
-    finally:
-        p.stop()
 
 
 async def test_acme_account_key_0600_and_never_logged(
