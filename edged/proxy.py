@@ -30,6 +30,7 @@ the other way round, so memory per connection stays bounded whatever the peers d
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import random
@@ -107,19 +108,14 @@ CLOSE_REASONS = (
 )  # fmt: skip
 
 
+# Cached: asked once per close, and reasons are edged's own words (a bounded set).
+@functools.cache
 def close_category(reason: str) -> str:
     if reason.startswith(("handshake_", "clienthello_")):
-        category = "handshake_failed"
-    elif reason.startswith("backend_"):
-        category = "backend_error"
-    else:
-        category = reason if reason in CLOSE_REASONS else "other"
-    _CATEGORIES[reason] = category
-    return category
-
-
-# close_category's answers: reasons are edged's own words (a bounded set), asked once per close.
-_CATEGORIES: dict[str, str] = {}
+        return "handshake_failed"
+    if reason.startswith("backend_"):
+        return "backend_error"
+    return reason if reason in CLOSE_REASONS else "other"
 
 
 def client_key(host: str) -> str:
@@ -984,9 +980,7 @@ class ClientConnection(asyncio.Protocol):
             self._timer = None
         if self in self.term.active:
             self.term._removed(self)
-            reason = self.close_reason
-            category = _CATEGORIES.get(reason) or close_category(reason)
-            self.term.counters.connections_closed[category] += 1
+            self.term.counters.connections_closed[close_category(self.close_reason)] += 1
             sample = self.term.settings.connection_log_sample
             if sample > 0 and random.random() < sample:
                 self._log_connection()
