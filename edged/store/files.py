@@ -171,16 +171,8 @@ class FileStore:
             log.warning("certificate %s deleted, but cannot remove %s: %s", name, grave, exc)
 
     def names(self) -> list[str]:
-        try:
-            entries = list(os.scandir(self._live))
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise StoreError(
-                f"cannot list {self._live}: {exc.strerror}; check permissions of the store"
-            ) from exc
         found = []
-        for entry in entries:
+        for entry in _entries(self._live):
             name = _name_of_entry(entry)
             if name is not None:
                 found.append(name)
@@ -222,17 +214,9 @@ class FileStore:
 
     def account_folders(self) -> list[str]:
         """The accounts/<folder> names (one per ACME directory host) that hold an account."""
-        try:
-            entries = list(os.scandir(self._accounts))
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise StoreError(
-                f"cannot list {self._accounts}: {exc.strerror}; check permissions of the store"
-            ) from exc
         return sorted(
             e.name
-            for e in entries
+            for e in _entries(self._accounts)
             if re.fullmatch(r"[a-z0-9._-]+", e.name) and (Path(e.path) / "account.json").exists()
         )
 
@@ -386,6 +370,18 @@ def _announce(directory: Path) -> None:
         os.utime(directory)
     except OSError as exc:  # the write itself succeeded; a daemon then reloads on SIGHUP
         log.warning("cannot touch %s: %s", directory, exc)
+
+
+def _entries(directory: Path) -> list[os.DirEntry[str]]:
+    """The entries of a store folder; none when it does not exist (yet)."""
+    try:
+        return list(os.scandir(directory))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise StoreError(
+            f"cannot list {directory}: {exc.strerror}; check permissions of the store"
+        ) from exc
 
 
 def _fsync_dir(directory: Path) -> None:
