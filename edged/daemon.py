@@ -59,18 +59,18 @@ from edged.store import Store, open_store
 from edged.store.redis import RedisStore
 from edged.tls import ContextCache, SniSelector, build_listening_context, build_origin_context
 from edged.tlsalpn import AlpnChallengeBoard
-from edged.workers import WorkerPool
+from edged.workers import KILL_WAIT, WorkerPool
 from edged.zygote import Zygote
 
 log = logging.getLogger("edged.daemon")
 
 CHALLENGE_SHARE_TIMEOUT = 10.0  # seconds the ACME thread waits for workers to take a challenge
-STATUS_INTERVAL = 10.0
+STATUS_INTERVAL = 10.0  # seconds between checks whether systemd's STATUS= line changed
 # From this many store-backed sites on, the store is indexed in the background after the
 # listeners are up (a name asked for before its turn is read at once): reading 100k store
 # entries takes from seconds to a minute, depending on the disk and its cache.
 LAZY_MIN = 2000
-FILL_BATCH = 2000  # seconds between checks whether systemd's STATUS= line changed
+FILL_BATCH = 2000  # store sites read (and sent to the workers) per background batch
 
 
 def proxy_settings(config: Config) -> ProxySettings:
@@ -515,28 +515,32 @@ class Daemon:
         self._send_status()
         log.info(
             "stopping: draining %d connections (up to %ss)",
-            len(self.term.active),
+            self.connections_active(),
             self._drain(),
         )
         drain = asyncio.ensure_future(self.term.drain(self._drain()))
-        if await self._unless_aborted(drain):
+        finished = await self._unless_aborted(drain)
+        if finished:
             aborted = drain.result()
             if aborted:
                 log.warning("drain timeout: aborted %d connections", aborted)
             if self.pool is not None:  # the workers drain on their own, with the same timeout
-                await self._unless_aborted(self.pool.wait_stopped())
-        else:
+                finished = await self._unless_aborted(self.pool.wait_stopped(self._drain()))
+        if not finished:
             renewing.cancel()  # an ACME order in progress resumes at the next start
             aborted = await self.term.drain(0)
             log.warning("second signal: aborted %d connections", aborted)
         await self._close_pool(abort=True)
 
     async def _close_pool(self, *, abort: bool) -> None:
-        """Stop the workers (abort: without draining), wait for them, close the zygote."""
+        """Stop the workers (abort: without draining), wait for them (SIGKILL the ones that
+        hang), close the zygote."""
         if self.pool is None:
             return
         await self.pool.stop(abort=abort)
-        await self.pool.wait_stopped()
+        if not await self.pool.wait_stopped(KILL_WAIT if abort else None):
+            await self.pool.kill_all()
+            await self.pool.wait_stopped(KILL_WAIT)
         await self.pool.close()
 
     async def _unless_aborted(self, aw: Awaitable[Any]) -> bool:

@@ -90,7 +90,7 @@ async def follow_changes(
         finally:
             # Bounded: closing must not hang a shutdown when Redis is gone mid-close.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(pubsub.aclose(), 2)  # type: ignore[no-untyped-call]
+                await asyncio.wait_for(pubsub.aclose(), 2)  # type: ignore[no-untyped-call,unused-ignore]
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.aclose(), 2)
 

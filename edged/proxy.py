@@ -203,9 +203,9 @@ class Terminator:
         if not self.active and self._draining:
             self._idle.set()
 
-    async def drain(self, grace: float) -> int:
-        """Wait up to `grace` seconds for open connections to finish, abort the rest, and
-        return how many had to be aborted."""
+    async def drain(self, grace: float | None) -> int:
+        """Wait up to `grace` seconds (None: no limit) for open connections to finish, abort
+        the rest, and return how many had to be aborted."""
         if self.active:
             self._draining = True
             self._idle.clear()

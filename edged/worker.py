@@ -4,12 +4,14 @@ Forked by the zygote (edged.zygote). It gets everything it serves from the main 
 its channel — the config and the certificates, already read and validated there, as PEM bytes —
 so a certificate change costs a worker one dictionary update, not a re-read of the store. It
 reports its counters every second. It stops (closes its listeners, drains its connections) on
-"stop" or when the main process goes away; signals are the main process's to act on.
+"stop" or when the main process goes away; signals are the main process's to act on. A worker
+retired by a rotation drains without a deadline (its connections end on their own, an idle one
+after idle_timeout); a later "stop" with a grace period (shutdown) shortens that.
 
 Messages (edged.ipc):
   main → worker: ("state", config | None, {site index: (ServedCert, ...)}, full, pending)
                  ("alpn", seq, name, key authorization | None, ttl)   a TLS-ALPN-01 challenge
-                 ("stop", abort)
+                 ("stop", grace)   seconds left to the open connections (None: no limit)
   worker → main: ("ready", pid), ("counters", Counters, active connections), ("ack", seq),
                  ("load", site index)   a client asked for a site that is still pending
 """
@@ -23,6 +25,8 @@ import os
 import signal
 import socket
 import ssl
+import time
+from collections.abc import Iterable
 
 from edged.config import Address, Config, Site
 from edged.counters import Counters
@@ -70,7 +74,8 @@ class Worker:
         self.config: Config | None = None
         self.certs: dict[int, tuple[ServedCert, ...]] = {}
         self._stop = asyncio.Event()
-        self._abort = asyncio.Event()
+        self._deadline: float | None = None  # monotonic; None: drain until the last one ends
+        self._regrace = asyncio.Event()  # a later "stop" brought the deadline forward
         self._loads: dict[int, asyncio.Event] = {}  # site index → its certificate arrived
 
     async def run(self) -> int:
@@ -106,18 +111,8 @@ class Worker:
             reading = tg.create_task(self._read_loop(reader, writer, term))
             await self._stop.wait()
             for server in servers:
-                server.close()
-            # Reading goes on while draining: a second signal to the main process arrives
-            # here as ("stop", True) and aborts what is left.
-            assert self.config is not None
-            grace = 0.0 if self._abort.is_set() else self.config.edged.drain_timeout
-            drain = asyncio.ensure_future(term.drain(grace))
-            abort = asyncio.ensure_future(self._abort.wait())
-            await asyncio.wait({drain, abort}, return_when=asyncio.FIRST_COMPLETED)
-            abort.cancel()
-            if not drain.done():
-                drain.cancel()
-                await term.drain(0)
+                server.close()  # uvloop closes the listening fd itself (it detaches `sock`)
+            await self._drain(term)
             reports.cancel()
             reading.cancel()
             with contextlib.suppress(ConnectionError, OSError):
@@ -125,6 +120,30 @@ class Worker:
                 await writer.drain()
             writer.close()
         return 0
+
+    async def _drain(self, term: Terminator) -> None:
+        """Let the open connections finish until the deadline (none: until the last one ends);
+        reading goes on meanwhile, so a shutdown's or second signal's "stop" shortens it."""
+        while True:
+            grace = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+            drain = asyncio.ensure_future(term.drain(grace))
+            regrace = asyncio.ensure_future(self._regrace.wait())
+            await asyncio.wait({drain, regrace}, return_when=asyncio.FIRST_COMPLETED)
+            regrace.cancel()
+            if drain.done():
+                drain.result()
+                return
+            drain.cancel()
+            await asyncio.wait({drain})
+            self._regrace.clear()
+
+    def _stop_within(self, grace: float | None) -> None:
+        if grace is not None:
+            deadline = time.monotonic() + grace
+            if self._deadline is None or deadline < self._deadline:
+                self._deadline = deadline
+                self._regrace.set()
+        self._stop.set()
 
     async def _read_loop(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, term: Terminator
@@ -137,7 +156,7 @@ class Worker:
                 message = None
             if message is None:  # the main process is gone: finish what is open, then exit
                 log.warning("worker %d: main process gone; draining and exiting", self.slot)
-                self._stop.set()
+                self._stop_within(self.config.edged.drain_timeout if self.config else 0.0)
                 return
             assert isinstance(message, tuple)
             if message[0] == "state":
@@ -154,9 +173,7 @@ class Worker:
                         )
                 writer.write(encode(("ack", seq)))
             elif message[0] == "stop":
-                if message[1]:
-                    self._abort.set()
-                self._stop.set()
+                self._stop_within(message[1])
 
     async def _apply(
         self,
@@ -167,13 +184,9 @@ class Worker:
         full: bool,
         pending: frozenset[int],
     ) -> None:
-        """Swap in what the main process sent: a new config (with every site's certificates)
-        or only the certificates that changed."""
+        """Swap in what the main process sent: the certificates that changed (`full`: all of
+        them), with the new config when it changed."""
         selector = term.selector
-        for i in certs if not full else list(self._loads):
-            event = self._loads.pop(i, None)
-            if event is not None:
-                event.set()
         if config is None:
             assert self.config is not None
             self.certs.update(certs)
@@ -184,9 +197,12 @@ class Worker:
                 if (site := current.site_at(i)) is not None
             ]
             selector.index = selector.index.updated(changes)
+            self._loaded(certs)
             return
         old = self.config
         self.certs = dict(certs) if full else {**self.certs, **certs}
+        for i in [i for i in self.certs if i >= len(config.sites)]:  # sites removed at the end
+            del self.certs[i]
         index = await asyncio.to_thread(
             build_index, config.sites, self.certs, config.tls.default_cert, pending
         )
@@ -199,6 +215,15 @@ class Worker:
         term.settings = proxy_settings(config)
         term.origin_contexts = origins
         self.config = config
+        self._loaded([i for i in self._loads if i not in pending])
+
+    def _loaded(self, indices: Iterable[int]) -> None:
+        """Wake the handshakes waiting for these sites: call once their index is installed
+        (woken earlier, a handshake would find the site still pending)."""
+        for i in list(indices):
+            event = self._loads.pop(i, None)
+            if event is not None:
+                event.set()
 
     async def _request_load(self, writer: asyncio.StreamWriter, site: Site) -> None:
         """A client asked for a site whose certificate the main process has not read yet:
@@ -218,5 +243,5 @@ class Worker:
                 writer.write(encode(("counters", self.counters, len(term.active))))
                 await writer.drain()
             except (ConnectionError, OSError):
-                self._stop.set()
+                self._stop_within(self.config.edged.drain_timeout if self.config else 0.0)
                 return

@@ -4,11 +4,13 @@ The main process keeps everything but the TLS data path: config, store, ACME, re
 admin API, /metrics and port 80. It binds the https listeners — one SO_REUSEPORT socket per
 worker slot, so the kernel spreads connections evenly and a replaced worker takes over its
 slot's queue — hands them to the zygote, which forks the workers, and sends each worker the
-config and certificates it serves (a change sends only what changed).
+config and certificates it serves (a change sends only what changed, encoded once for all).
 
-A worker that dies is replaced (after a back-off when it keeps dying). Ticket key rotation
-starts a new generation of workers from a new listening context, then lets the old generation
-drain: no connection is dropped.
+A worker that dies, or does not start serving within READY_TIMEOUT, or stops reporting for
+ALIVE_TIMEOUT, is killed and replaced (after a back-off when its slot keeps failing). A newer
+worker that is serving retires the older one of its slot: ticket key rotation starts a new
+generation from a new listening context, and each old worker drains — without a deadline, so
+no connection is dropped — only once its successor serves.
 """
 
 from __future__ import annotations
@@ -33,30 +35,38 @@ log = logging.getLogger("edged.workers")
 
 ZYGOTE_EXIT_WAIT = 5.0  # seconds to wait for the zygote to exit at shutdown
 READY_TIMEOUT = 30.0  # seconds a new worker has to start serving
+ALIVE_TIMEOUT = 30.0  # a serving worker reports every second: silent this long, it is wedged
+KILL_WAIT = 10.0  # seconds for a stopped (aborted) or killed worker to be gone
 RESTART_BACKOFF = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)  # for a slot whose workers keep dying
 STABLE_AFTER = 30.0  # a worker that lived this long resets its slot's back-off
+LARGE_DELTA = 5000  # sites: a change this large is encoded in a thread (~10 ms per 1,000)
+
+Encoded = asyncio.Future[bytes | None]  # a message encoded once for every worker it goes to
 
 
 @dataclass(eq=False)  # identity: handles live in sets
 class WorkerHandle:
+    id: int  # spawn order: a higher id is the newer worker of its slot
     slot: int
     generation: int
     writer: asyncio.StreamWriter
     reader: asyncio.StreamReader
     started: float = field(default_factory=time.monotonic)
+    heard: float = field(default_factory=time.monotonic)  # its last message
     pid: int = 0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     gone: asyncio.Event = field(default_factory=asyncio.Event)
     counters: Counters = field(default_factory=Counters)
     active: int = 0
-    retiring: bool = False  # replaced (rotation) or stopping: its exit is expected
+    retiring: bool = False  # replaced or stopping: its exit is expected
+    killed: bool = False
+    # Messages in order; each worker's are written by its own task, so one that stops reading
+    # holds up nobody else (and is killed once ALIVE_TIMEOUT shows it wedged).
+    outbox: asyncio.Queue[Encoded] = field(default_factory=asyncio.Queue)
 
-    def send(self, message: object) -> None:
+    def send(self, message: Encoded) -> None:
         if not self.gone.is_set():
-            try:
-                self.writer.write(encode(message))
-            except (ConnectionError, OSError):
-                self.gone.set()
+            self.outbox.put_nowait(message)
 
 
 class WorkerPool:
@@ -65,15 +75,18 @@ class WorkerPool:
         self.inherited = inherited
         self.own_counters = counters  # the main process's: worker restarts are counted there
         self.count = 0
-        self.current: dict[int, WorkerHandle] = {}  # slot → the worker serving it
+        self.current: dict[int, WorkerHandle] = {}  # slot → its newest worker
         self.all: set[WorkerHandle] = set()  # including retiring ones still draining
         self.retired = Counters()  # the last counters of workers that have exited
         self._generation = 0
+        self._ids = 0
         self._failures: dict[int, int] = {}  # slot → consecutive early deaths
         self._listeners: dict[Address, list[socket.socket]] = {}
         self._config: Config | None = None
         self._certs: dict[int, tuple[ServedCert, ...]] = {}
-        self._pids: dict[int, WorkerHandle] = {}
+        self._full: Encoded | None = None  # the whole state, encoded (for new workers)
+        self._by_id: dict[int, WorkerHandle] = {}  # spawned, its pid not known yet
+        self._by_pid: dict[int, WorkerHandle] = {}
         self._stopping = False
         self._tg: asyncio.TaskGroup | None = None
         self._lock = asyncio.Lock()  # one generation change at a time
@@ -104,43 +117,38 @@ class WorkerPool:
         pending: Collection[int] = (),
     ) -> None:
         """Bind, fork `count` workers and wait until each serves (StartupError if binding
-        fails; a worker that does not come up is logged and retried like a dead one)."""
+        fails; a worker that does not come up is killed and retried like a dead one)."""
         self._tg = tg
         self.count = count
         self._config = config
         self._certs = _served(bundles)
         self._pending = set(pending)
-        self._bind(config.listen.https)
         self._reports = tg.create_task(self._zygote_reports())
+        await self._bind(config.listen.https)
         await self._spawn_generation()
 
     async def publish(self, config: Config, bundles: Mapping[int, Sequence[Servable]]) -> None:
-        """Send the workers what changed: the whole state after a config change, else only the
-        sites whose certificates changed (nothing at all when nothing did)."""
+        """Send the workers what changed: the certificates of the sites that changed, with the
+        config when it changed (nothing at all when nothing did)."""
         certs = _served(bundles)
-        # After a config change, and after a full load that ended a background indexing (the
-        # workers' routes of sites without a certificate are still marked pending): all of it.
+        changed = {i: c for i, c in certs.items() if self._certs.get(i) != c}
+        changed.update({i: () for i in self._certs if i not in certs})
+        # After a full load that ended a background indexing, the workers' routes of sites
+        # without a certificate are still marked pending: the config goes too (none pending).
         if config != self._config or self._pending:
             self._config, self._certs = config, certs
             self._pending.clear()  # a full load reads every certificate
-            message: tuple[object, ...] = ("state", config, certs, True, frozenset())
-        else:
-            changed = {i: c for i, c in certs.items() if self._certs.get(i) != c}
-            changed.update({i: () for i in self._certs if i not in certs})
-            if not changed:
-                return
+            self._broadcast(("state", config, changed, False, frozenset()))
+        elif changed:
             self._certs = certs
-            message = ("state", None, changed, False, frozenset())
-        for handle in self.current.values():
-            handle.send(message)
+            self._broadcast(("state", None, changed, False, frozenset()))
 
     def publish_sites(self, changes: Mapping[int, Sequence[Servable]]) -> None:
         """Send the workers the new certificates of these sites (the config is unchanged)."""
         changed = _served(changes)
         self._certs.update(changed)
         self._pending.difference_update(changed)
-        for handle in self.current.values():
-            handle.send(("state", None, changed, False, frozenset()))
+        self._broadcast(("state", None, changed, False, frozenset()))
 
     def share_challenge(
         self, name: str, key_authorization: str | None, ttl: float
@@ -153,31 +161,15 @@ class WorkerPool:
             self._challenges[name] = (key_authorization, time.monotonic() + ttl)
         self._seq += 1
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        handles = {h for h in self.current.values() if not h.gone.is_set()}
+        handles = set(self._serving())
+        message = _now(("alpn", self._seq, name, key_authorization, ttl))
         for handle in handles:
-            handle.send(("alpn", self._seq, name, key_authorization, ttl))
+            handle.send(message)
         if handles:
             self._waiting[self._seq] = (handles, done)
         else:
             done.set_result(None)
         return done
-
-    async def _serve_load(self, handle: WorkerHandle, index: int) -> None:
-        if index in self._pending and self.load_site is not None:
-            await self.load_site(index)  # sends it to every worker when it was pending
-        handle.send(("state", None, {index: self._certs.get(index, ())}, False, frozenset()))
-
-    def _acked(self, handle: WorkerHandle, seq: int | None) -> None:
-        """`handle` has challenge `seq` (None: it is gone, so it has none to wait for)."""
-        for key in [seq] if seq is not None else list(self._waiting):
-            entry = self._waiting.get(key)
-            if entry is None:
-                continue
-            entry[0].discard(handle)
-            if not entry[0]:
-                del self._waiting[key]
-                if not entry[1].done():
-                    entry[1].set_result(None)
 
     async def sync_listeners(self, config: Config) -> None:
         """A changed set of https addresses: bind the new ones (StartupError leaves everything
@@ -185,49 +177,59 @@ class WorkerPool:
         wanted = tuple(config.listen.https)
         if set(wanted) == set(self._listeners):
             return
-        self._bind(wanted)
+        await self._bind(wanted)
         await self.rotate(min_version=None)
 
     async def rotate(self, min_version: str | None) -> None:
         """New workers for every slot (with a new listening context, hence new ticket keys,
-        when `min_version` is given), then the old ones drain and exit."""
+        when `min_version` is given); each old one drains and exits once its successor
+        serves (until then it serves on, and a successor that fails is retried)."""
         async with self._lock:
-            if self._stopping:
+            if self._stopping or self._lost:
                 return
             if min_version is not None:
                 try:
-                    self.zygote.send(("context", min_version))
+                    await self.zygote.send(("context", min_version))
                 except OSError as exc:
                     self._lose(f"cannot reach the zygote ({exc})")
                     return
-            old = list(self.current.values())
             await self._spawn_generation()
-            for handle in old:
-                handle.retiring = True
-                handle.send(("stop", False))
 
     async def stop(self, *, abort: bool) -> None:
-        """Ask every worker to stop accepting and drain (or abort at once)."""
+        """Stop accepting (the ports refuse new connections from now on) and let every worker
+        drain for up to drain_timeout (abort: none at all)."""
+        first = not self._stopping
         self._stopping = True
         self._stopped.set()
+        grace = 0.0 if abort or self._config is None else self._config.edged.drain_timeout
+        message = _now(("stop", grace))
         for handle in list(self.all):
             handle.retiring = True
-            handle.send(("stop", abort))
+            handle.send(message)
+        if first:
+            await self._release_listeners()
 
-    async def wait_stopped(self) -> None:
-        while self.all:
-            await asyncio.wait([asyncio.ensure_future(h.gone.wait()) for h in self.all])
-            self.all = {h for h in self.all if not h.gone.is_set()}
+    async def wait_stopped(self, limit: float | None = None) -> bool:
+        """Wait until every worker has exited (True), or `limit` seconds (False)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limit):
+                while self.all:
+                    await _first(*(h.gone for h in self.all))
+                    self.all = {h for h in self.all if not h.gone.is_set()}
+                return True
+        return False
+
+    async def kill_all(self) -> None:
+        """SIGKILL every worker still there (a shutdown's last resort)."""
+        for handle in list(self.all):
+            await self._kill(handle, "still running after the shutdown")
 
     async def close(self) -> None:
         if self._reports is not None:
             self._reports.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reports
-        for socks in self._listeners.values():
-            for sock in socks:
-                sock.close()
-        self._listeners.clear()
+        self._close_listeners()
         self.zygote.close()
         # It exits as soon as it reads the closed channel: reap it without blocking the event
         # loop (a waitpid in a thread could outlive the loop); after a while init may reap it.
@@ -258,12 +260,32 @@ class WorkerPool:
                 "handshakes_ok": sum(n for (r, _), n in h.counters.handshakes.items() if r == "ok"),
                 "uptime_seconds": round(time.monotonic() - h.started, 1),
             }
-            for h in sorted(self.all, key=lambda h: (h.slot, h.generation))
+            for h in sorted(self.all, key=lambda h: (h.slot, h.id))
         ]
 
     # --- inside -------------------------------------------------------------------------------
 
-    def _bind(self, addresses: Sequence[Address]) -> None:
+    def _serving(self) -> list[WorkerHandle]:
+        """The workers that serve new connections or will: every change goes to them (an old
+        worker whose successor is not up yet still serves)."""
+        return [h for h in self.all if not h.retiring and not h.gone.is_set()]
+
+    def _broadcast(self, message: tuple[object, ...]) -> None:
+        """Encode a state `message` once (with a config or many sites: in a thread) and queue
+        it for every serving worker, in call order. It invalidates the cached full state."""
+        self._full = None
+        _, config, certs, _, _ = message
+        assert isinstance(certs, dict)
+        large = config is not None or len(certs) > LARGE_DELTA
+        encoded = self._encode(message) if large else _now(message)
+        for handle in self._serving():
+            handle.send(encoded)
+
+    def _encode(self, message: tuple[object, ...]) -> Encoded:
+        assert self._tg is not None
+        return self._tg.create_task(_encoded(message))
+
+    async def _bind(self, addresses: Sequence[Address]) -> None:
         fresh: dict[Address, list[socket.socket]] = {}
         try:
             for address in addresses:
@@ -278,20 +300,14 @@ class WorkerPool:
                     for _ in range(self.count):
                         fresh[address].append(bind_tcp(address, reuseport=True))
         except BaseException:
-            for address, socks in fresh.items():
-                if address not in self._listeners:
-                    for sock in socks:
-                        sock.close()
+            self._close_new(fresh)
             raise
         layout = [(address, len(socks)) for address, socks in fresh.items()]
         fds = [sock.fileno() for socks in fresh.values() for sock in socks]
         try:
-            self.zygote.send(("listeners", layout), fds)
+            await self.zygote.send_listeners(layout, fds)
         except OSError as exc:
-            for address, socks in fresh.items():
-                if address not in self._listeners:
-                    for sock in socks:
-                        sock.close()
+            self._close_new(fresh)
             self._lose(f"cannot reach the zygote ({exc})")
             raise StartupError(
                 f"cannot hand the listeners to the worker processes: {exc}"
@@ -303,28 +319,42 @@ class WorkerPool:
                 log.info("stopped listening on %s", address)
         self._listeners = fresh
 
+    def _close_new(self, fresh: Mapping[Address, list[socket.socket]]) -> None:
+        for address, socks in fresh.items():
+            if address not in self._listeners:
+                for sock in socks:
+                    sock.close()
+
+    async def _release_listeners(self) -> None:
+        """Close the main process's and the zygote's copies of the listening sockets: once
+        the workers close theirs, the kernel refuses new connections instead of queueing them
+        for nobody."""
+        self._close_listeners()
+        with contextlib.suppress(OSError):  # the zygote is gone: its copies went with it
+            await self.zygote.send_listeners([], [])
+
+    def _close_listeners(self) -> None:
+        for socks in self._listeners.values():
+            for sock in socks:
+                sock.close()
+        self._listeners.clear()
+
     async def _spawn_generation(self) -> None:
         self._generation += 1
         spawned = [await self._spawn(slot) for slot in range(self.count)]
         handles = [h for h in spawned if h is not None]
-        await asyncio.wait(
-            [asyncio.ensure_future(_first(h.ready, h.gone)) for h in handles],
-            timeout=READY_TIMEOUT,
-        )
-        for handle in handles:
-            if not handle.ready.is_set():
-                log.error(
-                    "worker %d (pid %s) did not start serving within %ss",
-                    handle.slot,
-                    handle.pid or "?",
-                    READY_TIMEOUT,
-                )
+        # Each one serves or is gone by READY_TIMEOUT (_converse kills it then).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(READY_TIMEOUT + KILL_WAIT):
+                for handle in handles:
+                    await _first(handle.ready, handle.gone)
 
     async def _spawn(self, slot: int) -> WorkerHandle | None:
         assert self._tg is not None and self._config is not None
+        self._ids += 1
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.zygote.send(("spawn", slot, self._generation), [theirs.fileno()])
+            await self.zygote.send(("spawn", slot, self._generation, self._ids), [theirs.fileno()])
         except OSError as exc:
             ours.close()
             self._lose(f"cannot reach the zygote ({exc})")
@@ -334,49 +364,52 @@ class WorkerPool:
         ours.setblocking(False)
         # No line limit: a full state for 100k certificates is one large message.
         reader, writer = await asyncio.open_unix_connection(sock=ours, limit=2**31 - 1)
-        handle = WorkerHandle(slot, self._generation, writer, reader)
+        handle = WorkerHandle(self._ids, slot, self._generation, writer, reader)
+        self._by_id[handle.id] = handle
         self.current[slot] = handle
         self.all.add(handle)
-        handle.send(("state", self._config, self._certs, True, frozenset(self._pending)))
+        if self._full is None:  # encoded once for a whole generation
+            state = ("state", self._config, dict(self._certs), True, frozenset(self._pending))
+            self._full = self._encode(state)
+        handle.send(self._full)
         now = time.monotonic()
         for name, (key_authorization, expires) in self._challenges.items():
             if expires > now:
-                handle.send(("alpn", 0, name, key_authorization, expires - now))
+                handle.send(_now(("alpn", 0, name, key_authorization, expires - now)))
         if self._stopping:  # stop() ran while this one was being connected
             handle.retiring = True
-            handle.send(("stop", False))
+            handle.send(_now(("stop", 0.0)))
         self._tg.create_task(self._converse(handle))
         return handle
 
     async def _converse(self, handle: WorkerHandle) -> None:
-        """Read one worker's reports until it is gone."""
+        """Write one worker's messages and read its reports until it is gone; kill it when it
+        does not start serving in time or stops reporting."""
+        assert self._tg is not None
+        writing = self._tg.create_task(self._write(handle))
+        reading: asyncio.Task[object | None] | None = None
         try:
             while True:
+                if reading is None:  # one read at a time, never cancelled halfway
+                    reading = asyncio.ensure_future(read_message(handle.reader))
+                done, _ = await asyncio.wait({reading}, timeout=self._patience(handle))
+                if not done:
+                    await self._unresponsive(handle)
+                    continue
                 try:
-                    message = await read_message(handle.reader)
+                    message = reading.result()
                 except IpcError as exc:
                     log.error("worker %d: %s", handle.slot, exc)
                     message = None
+                reading = None
                 if message is None:
                     break
-                assert isinstance(message, tuple)
-                if message[0] == "counters":
-                    handle.counters, handle.active = message[1], message[2]
-                elif message[0] == "load":  # a client asked for a site not read yet
-                    assert self._tg is not None
-                    self._tg.create_task(self._serve_load(handle, message[1]))
-                elif message[0] == "ack":
-                    self._acked(handle, message[1])
-                elif message[0] == "ready":
-                    handle.pid = message[1]
-                    handle.ready.set()
-                    log.info(
-                        "worker %d (pid %d, generation %d) serving",
-                        handle.slot,
-                        handle.pid,
-                        handle.generation,
-                    )
+                handle.heard = time.monotonic()
+                self._received(handle, message)
         finally:
+            if reading is not None:
+                reading.cancel()
+            writing.cancel()
             handle.gone.set()
             self._acked(handle, None)
             handle.writer.close()
@@ -384,7 +417,101 @@ class WorkerPool:
             handle.counters = Counters()
             handle.active = 0
             self.all.discard(handle)
+            self._by_id.pop(handle.id, None)
         await self._after_exit(handle)
+
+    def _patience(self, handle: WorkerHandle) -> float:
+        """Seconds until `handle` has been silent too long."""
+        if handle.killed:
+            return KILL_WAIT
+        if handle.ready.is_set():
+            return max(0.0, handle.heard + ALIVE_TIMEOUT - time.monotonic())
+        return max(0.0, handle.started + READY_TIMEOUT - time.monotonic())
+
+    async def _unresponsive(self, handle: WorkerHandle) -> None:
+        if handle.killed:  # killed, and its channel still open: give up on it
+            log.error("worker %d (pid %s) did not exit when killed", handle.slot, handle.pid)
+            handle.writer.close()
+            return
+        if handle.ready.is_set():
+            why = f"sent nothing for {ALIVE_TIMEOUT:.0f}s"
+        else:
+            why = f"did not start serving within {READY_TIMEOUT:.0f}s"
+        await self._kill(handle, why)
+
+    async def _kill(self, handle: WorkerHandle, why: str) -> None:
+        if handle.killed or handle.gone.is_set():
+            return
+        handle.killed = True
+        log.error("worker %d (pid %s) %s: killing it", handle.slot, handle.pid or "?", why)
+        if not handle.pid:  # not forked as far as we know: closing its channel ends it
+            handle.writer.close()
+            return
+        try:
+            await self.zygote.send(("kill", handle.pid))
+        except OSError as exc:
+            self._lose(f"cannot reach the zygote ({exc})")
+            handle.writer.close()
+
+    def _received(self, handle: WorkerHandle, message: object) -> None:
+        assert isinstance(message, tuple)
+        if message[0] == "counters":
+            handle.counters, handle.active = message[1], message[2]
+        elif message[0] == "load":  # a client asked for a site not read yet
+            assert self._tg is not None
+            self._tg.create_task(self._serve_load(handle, message[1]))
+        elif message[0] == "ack":
+            self._acked(handle, message[1])
+        elif message[0] == "ready":
+            handle.pid = message[1]
+            handle.ready.set()
+            log.info(
+                "worker %d (pid %d, generation %d) serving",
+                handle.slot,
+                handle.pid,
+                handle.generation,
+            )
+            self._retire_older(handle)
+
+    def _retire_older(self, newer: WorkerHandle) -> None:
+        """`newer` serves: the older workers of its slot stop accepting and drain, without a
+        deadline (a shutdown sets one)."""
+        stop = _now(("stop", None))
+        for handle in self.all:
+            if handle.slot == newer.slot and handle.id < newer.id and not handle.retiring:
+                handle.retiring = True
+                handle.send(stop)
+                self._acked(handle, None)  # nothing new reaches it: no challenge to wait for
+
+    async def _write(self, handle: WorkerHandle) -> None:
+        while True:
+            message = await asyncio.shield(await handle.outbox.get())
+            if message is None:  # could not be encoded (logged): the worker goes without it
+                continue
+            if handle.writer.is_closing():
+                return
+            try:
+                handle.writer.write(message)
+                await handle.writer.drain()
+            except (ConnectionError, OSError):
+                return  # it is gone: _converse reads the end of its channel
+
+    async def _serve_load(self, handle: WorkerHandle, index: int) -> None:
+        if index in self._pending and self.load_site is not None:
+            await self.load_site(index)  # sends it to every worker when it was pending
+        handle.send(_now(("state", None, {index: self._certs.get(index, ())}, False, frozenset())))
+
+    def _acked(self, handle: WorkerHandle, seq: int | None) -> None:
+        """`handle` has challenge `seq` (None: it is gone, so it has none to wait for)."""
+        for key in [seq] if seq is not None else list(self._waiting):
+            entry = self._waiting.get(key)
+            if entry is None:
+                continue
+            entry[0].discard(handle)
+            if not entry[0]:
+                del self._waiting[key]
+                if not entry[1].done():
+                    entry[1].set_result(None)
 
     async def _after_exit(self, handle: WorkerHandle) -> None:
         if handle.retiring or self._stopping or self.current.get(handle.slot) is not handle:
@@ -393,7 +520,6 @@ class WorkerPool:
         failures = 0 if lived > STABLE_AFTER else self._failures.get(handle.slot, 0)
         delay = RESTART_BACKOFF[min(failures, len(RESTART_BACKOFF) - 1)]
         self._failures[handle.slot] = failures + 1
-        self.own_counters.worker_restarts += 1
         log.error(
             "worker %d (pid %s) exited unexpectedly after %.1fs; starting a new one%s",
             handle.slot,
@@ -404,11 +530,13 @@ class WorkerPool:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopped.wait(), delay)
         async with self._lock:
-            if not self._stopping and self.current.get(handle.slot) is handle:
+            if not self._stopping and not self._lost and self.current.get(handle.slot) is handle:
+                self.own_counters.worker_restarts += 1
                 await self._spawn(handle.slot)
 
     async def _zygote_reports(self) -> None:
-        """Exit statuses, for the log (a worker's channel closing is what counts)."""
+        """Which pid a worker got, spawns that failed and exit statuses (for the log: a
+        worker's channel closing is what counts)."""
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -419,8 +547,17 @@ class WorkerPool:
                 self._lose("the zygote process exited")
                 return
             report = pickle.loads(data)
-            if report[0] == "exited":
-                level = logging.INFO if self._stopping else logging.WARNING
+            if report[0] == "spawned":
+                handle = self._by_id.pop(report[1], None)
+                if handle is not None and not handle.gone.is_set():
+                    handle.pid = report[2]
+                    self._by_pid[handle.pid] = handle
+            elif report[0] == "spawn_failed":
+                log.error("cannot start a worker process: %s", report[2])
+            elif report[0] == "exited":
+                gone = self._by_pid.pop(report[1], None)
+                expected = self._stopping or (gone is not None and gone.retiring)
+                level = logging.INFO if expected else logging.WARNING
                 log.log(level, "worker process %d: %s", report[1], report[2])
 
     def _lose(self, why: str) -> None:
@@ -439,6 +576,23 @@ async def _first(*events: asyncio.Event) -> None:
     finally:
         for w in waits:
             w.cancel()
+
+
+def _now(message: tuple[object, ...]) -> Encoded:
+    """A small message, encoded at once."""
+    done: Encoded = asyncio.get_running_loop().create_future()
+    done.set_result(encode(message))
+    return done
+
+
+async def _encoded(message: tuple[object, ...]) -> bytes | None:
+    """A large message (a config, a whole state), encoded in a thread; None if it cannot be
+    (larger than edged's IPC allows), which is logged."""
+    try:
+        return await asyncio.to_thread(encode, message)
+    except IpcError as exc:
+        log.error("cannot send the workers a %s: %s", message[0], exc)
+        return None
 
 
 def _served(bundles: Mapping[int, Sequence[Servable]]) -> dict[int, tuple[ServedCert, ...]]:

@@ -12,14 +12,18 @@ worker resumes on any other. Rotating the ticket keys = a new context + a new ge
 workers (the main process then retires the old one).
 
 Commands (main → zygote, one SOCK_SEQPACKET message each, fds attached with SCM_RIGHTS):
-  ("listeners", [(address, n_sockets), ...])  + the sockets, in that order
+  ("fds",)                                    + up to FDS_PER_MESSAGE sockets for "listeners"
+  ("listeners", [(address, n_sockets), ...])  the sockets sent before it, in that order
   ("context", min_version)                    a new listening context (new ticket keys)
-  ("spawn", slot, generation)                 + the worker's end of its channel
-Reports (zygote → main): ("spawned", slot, generation, pid), ("exited", pid, status_text).
+  ("spawn", slot, generation, spawn_id)       + the worker's end of its channel
+  ("kill", pid)                               SIGKILL a worker (only a child not reaped yet)
+Reports (zygote → main): ("spawned", spawn_id, pid), ("spawn_failed", spawn_id, why),
+  ("exited", pid, status_text).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -28,14 +32,16 @@ import select
 import signal
 import socket
 import ssl
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from edged.config import Address
 
 log = logging.getLogger("edged.zygote")
 
-MAX_FDS = 1024  # per command: the listeners of one config (addresses x workers)
+# Linux accepts at most 253 descriptors in one SCM_RIGHTS message (SCM_MAX_FD): the listeners
+# of a config (addresses x workers) can be many more, so they go in several messages.
+FDS_PER_MESSAGE = 250
 _BUFSIZE = 1 << 16
 
 # What a forked worker runs: (slot, generation, sockets, listening context, channel) → exit code.
@@ -49,14 +55,32 @@ class Zygote:
     """The main process's handle on the zygote."""
 
     pid: int
-    sock: socket.socket  # SOCK_SEQPACKET: one command or report per message
+    sock: socket.socket  # SOCK_SEQPACKET, non-blocking: one command or report per message
+    # One sender at a time: a listeners command is several messages that must not interleave.
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    def send(self, command: tuple[object, ...], fds: list[int] | None = None) -> None:
+    async def send(self, command: tuple[object, ...], fds: Sequence[int] = ()) -> None:
+        """Send one command (OSError: the zygote is gone)."""
+        async with self._lock:
+            await self._send(command, fds)
+
+    async def send_listeners(self, layout: list[tuple[Address, int]], fds: Sequence[int]) -> None:
+        async with self._lock:
+            for start in range(0, len(fds), FDS_PER_MESSAGE):
+                await self._send(("fds",), fds[start : start + FDS_PER_MESSAGE])
+            await self._send(("listeners", layout), ())
+
+    async def _send(self, command: tuple[object, ...], fds: Sequence[int]) -> None:
         data = pickle.dumps(command)
-        if fds:
-            socket.send_fds(self.sock, [data], fds)
-        else:
-            self.sock.send(data)
+        while True:
+            try:
+                if fds:
+                    socket.send_fds(self.sock, [data], list(fds))
+                else:
+                    self.sock.send(data)
+                return
+            except BlockingIOError:  # the zygote is busy forking: wait, never block the loop
+                await _writable(self.sock)
 
     def close(self) -> None:
         """Closing the channel makes the zygote exit (its workers are stopped separately);
@@ -103,6 +127,7 @@ class _Loop:
         self.make_context = make_context
         self.worker_main = worker_main
         self.listeners: list[tuple[Address, list[socket.socket]]] = []
+        self.incoming: list[int] = []  # listener fds of a "listeners" command still to come
         self.children: set[int] = set()
 
     def run(self) -> int:
@@ -129,19 +154,30 @@ class _Loop:
 
     def _command(self) -> bool:
         try:
-            data, fds, _, _ = socket.recv_fds(self.chan, _BUFSIZE, MAX_FDS)
+            data, fds, _, _ = socket.recv_fds(self.chan, _BUFSIZE, FDS_PER_MESSAGE)
         except ConnectionError:
             data, fds = b"", []
         if not data:
             return False  # the main process is gone
         command = pickle.loads(data)
         kind = command[0]
-        if kind == "listeners":
-            self._set_listeners(command[1], fds)
+        if kind == "fds":
+            self.incoming.extend(fds)
+        elif kind == "listeners":
+            self._set_listeners(command[1], self.incoming)
+            self.incoming = []
         elif kind == "context":
-            self.ctx = self.make_context(command[1])
+            try:
+                self.ctx = self.make_context(command[1])
+            except Exception:  # ssl.SSLError, MemoryError: the old keys are still good
+                log.exception("zygote: cannot make a new listening context; keeping the old one")
         elif kind == "spawn":
-            self._spawn(command[1], command[2], fds[0])
+            self._spawn(command[1], command[2], command[3], fds[0])
+        elif kind == "kill":
+            # Only a child not reaped yet: its pid cannot have been reused by another process.
+            if command[1] in self.children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(command[1], signal.SIGKILL)
         else:
             log.error("zygote: unknown command %r", kind)
             for fd in fds:
@@ -149,6 +185,11 @@ class _Loop:
         return True
 
     def _set_listeners(self, layout: list[tuple[Address, int]], fds: list[int]) -> None:
+        if sum(count for _, count in layout) != len(fds):
+            log.error("zygote: %d listener sockets for a layout of %r; ignored", len(fds), layout)
+            for fd in fds:
+                os.close(fd)
+            return
         for _, socks in self.listeners:
             for sock in socks:
                 sock.close()
@@ -157,8 +198,13 @@ class _Loop:
         for address, count in layout:
             self.listeners.append((address, [socket.socket(fileno=next(it)) for _ in range(count)]))
 
-    def _spawn(self, slot: int, generation: int, chan_fd: int) -> None:
-        pid = os.fork()
+    def _spawn(self, slot: int, generation: int, spawn_id: int, chan_fd: int) -> None:
+        try:
+            pid = os.fork()
+        except OSError as exc:  # EAGAIN, ENOMEM: the main process retries after a back-off
+            os.close(chan_fd)  # the worker's channel closes: to the main process, a dead worker
+            self._report(("spawn_failed", spawn_id, str(exc)))
+            return
         if pid == 0:  # the worker
             code = 1
             try:
@@ -181,7 +227,7 @@ class _Loop:
                 os._exit(code)
         os.close(chan_fd)
         self.children.add(pid)
-        self._report(("spawned", slot, generation, pid))
+        self._report(("spawned", spawn_id, pid))
 
     def _reap(self) -> None:
         while self.children:
@@ -198,6 +244,21 @@ class _Loop:
     def _report(self, report: tuple[object, ...]) -> None:
         with contextlib.suppress(OSError):  # the main process is gone: nobody to tell
             self.chan.send(pickle.dumps(report))
+
+
+async def _writable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def writable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(sock, writable)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(sock)
 
 
 def _status_text(status: int) -> str:

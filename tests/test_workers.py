@@ -28,6 +28,7 @@ from typing import Any
 
 from edged.daemon import LAZY_MIN
 from edged.store.base import PemPair
+from edged.workers import READY_TIMEOUT
 from tests.conftest import Backend, edged_backlog, free_port, listen_backlogs, run_backend
 from tests.many_certs import many_sites_config, write_many
 from tests.pki import Issued, make_ca, make_leaf, write_pair
@@ -80,9 +81,15 @@ async def wait_for(predicate: Callable[[], object], what: str, limit: float = 15
 
 @contextlib.asynccontextmanager
 async def run_workers(
-    tmp_path: Path, sites: str, workers: int = 2, tls_extra: str = "", drain: float = 2
+    tmp_path: Path,
+    sites: str,
+    workers: int = 2,
+    tls_extra: str = "",
+    drain: float = 2,
+    https: list[str] | None = None,
 ) -> AsyncIterator[Running]:
     port, admin, metrics = free_port(), free_port(), free_port()
+    listen = json.dumps(https if https is not None else [f"127.0.0.1:{port}"])
     config = tmp_path / "edged.toml"
     config.write_text(
         f"""
@@ -91,7 +98,7 @@ store = "store"
 workers = {workers}
 drain_timeout = {drain}
 [listen]
-https = ["127.0.0.1:{port}"]
+https = {listen}
 http = []
 metrics = "127.0.0.1:{metrics}"
 admin = "127.0.0.1:{admin}"
@@ -122,25 +129,36 @@ def client_context(ca: Path) -> ssl.SSLContext:
 
 
 def fetch(
-    port: int, ctx: ssl.SSLContext, name: str = NAME, session: ssl.SSLSession | None = None
+    port: int,
+    ctx: ssl.SSLContext,
+    name: str = NAME,
+    session: ssl.SSLSession | None = None,
+    host: str = "127.0.0.1",
 ) -> tuple[str, bool, ssl.SSLSession | None]:
     """One request through edged: (certificate CN, session reused?, the session to reuse)."""
     with (
-        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        socket.create_connection((host, port), timeout=10) as raw,
         ctx.wrap_socket(raw, server_hostname=name, session=session) as tls,
     ):
-        tls.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
-        body = b""
-        while b"\r\n\r\n" not in body or len(body) < _expected(body):
-            chunk = tls.recv(65536)
-            if not chunk:
-                break
-            body += chunk
+        body = request(tls, name, close=True)
         assert body.startswith(b"HTTP/1.1 200"), body[:100]
         cert = tls.getpeercert()
         assert cert is not None
         cn = next(v for rdn in cert["subject"] for k, v in rdn if k == "commonName")
         return str(cn), tls.session_reused, tls.session
+
+
+def request(tls: ssl.SSLSocket, name: str = NAME, *, close: bool = False) -> bytes:
+    """One HTTP/1.1 request on an open connection: the whole response."""
+    connection = "Connection: close\r\n" if close else ""
+    tls.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\n{connection}\r\n".encode())
+    body = b""
+    while b"\r\n\r\n" not in body or len(body) < _expected(body):
+        chunk = tls.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return body
 
 
 def _expected(response: bytes) -> int:
@@ -441,3 +459,125 @@ async def test_lost_zygote_stops_edged_with_status_1(tmp_path: Path) -> None:
         assert await asyncio.wait_for(e.proc.wait(), 20) == 1
         for pid in workers:
             assert await asyncio.to_thread(process_gone, pid), pid
+
+
+async def held_connection(port: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
+    """A TLS connection with one request answered, left open."""
+    raw = await asyncio.to_thread(socket.create_connection, ("127.0.0.1", port), 10)
+    held = await asyncio.to_thread(ctx.wrap_socket, raw, server_hostname=NAME)
+    assert (await asyncio.to_thread(request, held)).startswith(b"HTTP/1.1 200")
+    return held
+
+
+def refused(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+async def test_sigterm_refuses_new_connections_while_the_workers_drain(tmp_path: Path) -> None:
+    """While the workers drain, the port refuses new connections at once (neither the main
+    process nor the zygote keeps a copy of a listening socket), instead of queueing them for
+    nobody until drain_timeout; the open connection is still served."""
+    async with one_site(tmp_path, drain=60) as (e, *_):
+        held = await held_connection(e.port, client_context(tmp_path / "ca.pem"))
+        try:
+            await wait_for(lambda: e.metric("edged_connections_active") == 1, "held connection")
+            e.proc.send_signal(signal.SIGTERM)
+            await wait_for(lambda: refused(e.port), "the port to refuse connections", 10)
+            assert e.proc.returncode is None  # still draining
+            assert (await asyncio.to_thread(request, held)).startswith(b"HTTP/1.1 200")
+        finally:
+            held.close()
+        assert await asyncio.wait_for(e.proc.wait(), 15) == 0
+
+
+async def test_rotation_keeps_long_lived_connections(tmp_path: Path) -> None:
+    """Ticket key rotation retires the old workers without a deadline: a connection open
+    across rotations, for longer than drain_timeout, keeps working; its worker exits once it
+    is closed."""
+    async with one_site(tmp_path, drain=1, tls_extra='ticket_key_rotation = "2s"') as (e, *_):
+        held = await held_connection(e.port, client_context(tmp_path / "ca.pem"))
+        try:
+            await wait_for(
+                lambda: e.metric("edged_tls_ticket_key_rotations_total") >= 2, "two rotations"
+            )
+            holding = [w for w in await asyncio.to_thread(e.workers) if w["connections_active"]]
+            assert len(holding) == 1 and holding[0]["retiring"], holding
+            assert (await asyncio.to_thread(request, held)).startswith(b"HTTP/1.1 200")
+        finally:
+            held.close()
+        pid = holding[0]["pid"]
+        await wait_for(
+            lambda: all(w["pid"] != pid for w in e.workers()), "the retired worker to exit"
+        )
+
+
+async def test_unready_generation_keeps_old_workers_and_wedged_worker_is_replaced(
+    tmp_path: Path,
+) -> None:
+    """A rotation whose new workers cannot start (the zygote is frozen here) leaves the old
+    generation serving: an old worker retires only once its successor serves. A worker that
+    stops reporting (frozen) is killed after ALIVE_TIMEOUT; a new one that does not serve
+    within READY_TIMEOUT is given up and started again."""
+    async with one_site(tmp_path, tls_extra='min_version = "1.2"') as (e, *_):
+        children = Path(f"/proc/{e.proc.pid}/task/{e.proc.pid}/children")
+        zygote = int((await asyncio.to_thread(children.read_text)).split()[0])
+        before = {w["slot"]: int(str(w["pid"])) for w in await asyncio.to_thread(e.workers)}
+        wedged = before[1]
+        os.kill(wedged, signal.SIGSTOP)
+        os.kill(zygote, signal.SIGSTOP)
+        started = time.monotonic()
+        try:
+            # A new version floor: the listening context changes, so the workers rotate.
+            text = e.config.read_text().replace('min_version = "1.2"', 'min_version = "1.3"')
+            e.config.write_text(text)
+            e.proc.send_signal(signal.SIGHUP)
+            await wait_for(lambda: len(e.workers()) == 4, "the new generation spawned")
+            await asyncio.sleep(max(0.0, READY_TIMEOUT + 2 - (time.monotonic() - started)))
+            # Past READY_TIMEOUT: the new ones are given up, the old slot-0 worker still serves.
+            old = {int(str(w["pid"])): w for w in await asyncio.to_thread(e.workers)}
+            assert old[before[0]]["ready"] and not old[before[0]]["retiring"], old
+        finally:
+            os.kill(zygote, signal.SIGCONT)
+
+        def settled() -> bool:
+            serving = {int(str(w["pid"])) for w in e.workers() if not w["retiring"]}
+            return len(serving) == 2 and serving.isdisjoint(before.values())
+
+        await wait_for(settled, "two new workers in place of the old ones", 30)
+        await wait_for(lambda: process_gone(wedged), "the wedged worker killed")
+        await wait_for(lambda: process_gone(before[0]), "the old worker retired")
+        assert e.metric("edged_worker_restarts_total") >= 1
+        ctx = client_context(tmp_path / "ca.pem")
+        for _ in range(10):
+            cn, _, _ = await asyncio.to_thread(fetch, e.port, ctx)
+            assert cn == "v1"
+
+
+async def test_more_listeners_than_one_fd_message_carries(tmp_path: Path) -> None:
+    """130 addresses x 2 workers = 260 listening sockets, more than one SCM_RIGHTS message
+    carries (253): they reach the zygote in several messages, at startup and when a reload
+    adds addresses."""
+    ca = make_ca("Workers CA")
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
+    cert, key = issue(ca, tmp_path, "v1", "v1")
+    port = free_port()
+    addresses = [f"127.0.0.{i}:{port}" for i in range(2, 132)]
+    async with (
+        run_backend() as backend,
+        run_workers(tmp_path, site(backend.address, cert, key), https=addresses) as e,
+    ):
+        ctx = client_context(tmp_path / "ca.pem")
+        for host in ("127.0.0.2", "127.0.0.131"):
+            cn, _, _ = await asyncio.to_thread(fetch, port, ctx, NAME, None, host)
+            assert cn == "v1"
+        more = addresses + [f"127.0.0.{i}:{port}" for i in range(132, 142)]
+        e.config.write_text(e.config.read_text().replace(json.dumps(addresses), json.dumps(more)))
+        e.proc.send_signal(signal.SIGHUP)
+
+        def served() -> bool:
+            return fetch(port, ctx, NAME, None, "127.0.0.141")[0] == "v1"
+
+        await wait_for(served, "the added address served", 30)
+        assert e.proc.returncode is None
