@@ -233,6 +233,7 @@ class Daemon:
         self._servers: dict[Address, asyncio.AbstractServer] = {}
         self._stop = asyncio.Event()
         self._abort = asyncio.Event()  # a second SIGTERM/SIGINT: stop draining, exit now
+        self._renewing: asyncio.Task[None] | None = None  # the renewal loop, once running
         self._exited = asyncio.Event()  # drained: the systemd loop ends
         self._last_status = ""
         self._inherited = InheritedListeners([])
@@ -330,9 +331,12 @@ class Daemon:
         self._stop.set()
 
     def request_abort(self) -> None:
-        """Stop at once: abort open connections instead of draining them."""
+        """Stop at once: abort open connections instead of draining them, and cancel an ACME
+        order in progress (it resumes at the next start)."""
         self._stop.set()
         self._abort.set()
+        if self._renewing is not None:
+            self._renewing.cancel()
 
     def _on_signal(self, name: str) -> None:
         if self._stop.is_set():
@@ -469,7 +473,7 @@ class Daemon:
                 rotating = tg.create_task(self._ticket_rotation_loop())
                 if lazy:
                     tg.create_task(self._fill(config, store_sites(config)))
-                renewing = tg.create_task(self._renew_when_filled())
+                self._renewing = tg.create_task(self._renew_when_filled())
                 following: asyncio.Task[None] | None = None
                 if isinstance(store, RedisStore):
                     following = tg.create_task(
@@ -488,7 +492,7 @@ class Daemon:
                 if following is not None:
                     following.cancel()
                 rotating.cancel()
-                await self._shut_down(renewing)
+                await self._shut_down()
             finally:
                 self._exited.set()
         log.info("edged stopped")
@@ -501,7 +505,7 @@ class Daemon:
         self._exit_code = 1
         self.request_stop()
 
-    async def _shut_down(self, renewing: asyncio.Task[None]) -> None:
+    async def _shut_down(self) -> None:
         """Stop accepting, then let open connections finish for up to drain_timeout; a second
         signal (request_abort) cuts every wait short and aborts what is left."""
         assert self.term is not None
@@ -527,7 +531,6 @@ class Daemon:
             if self.pool is not None:  # the workers drain on their own, with the same timeout
                 finished = await self._unless_aborted(self.pool.wait_stopped(self._drain()))
         if not finished:
-            renewing.cancel()  # an ACME order in progress resumes at the next start
             aborted = await self.term.drain(0)
             log.warning("second signal: aborted %d connections", aborted)
         await self._close_pool(abort=True)

@@ -15,10 +15,12 @@ import json
 import logging
 import random
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import aiohttp
 import requests
@@ -73,8 +75,24 @@ def managed_sites(config: Config, store: Store | None) -> list[Site]:
     return out
 
 
+T = TypeVar("T")
+
+
+async def _cancellable(cancel: threading.Event, func: Callable[..., T], *args: object) -> T:
+    """`func(*args)` in a thread; when the caller is cancelled, `cancel` is set so that the
+    thread gives up at its next wait instead of holding the process's exit."""
+    try:
+        return await asyncio.to_thread(func, *args)
+    except asyncio.CancelledError:
+        cancel.set()
+        raise
+
+
 def build_solver_factory(
-    settings: AcmeSettings, board: ChallengeBoard, alpn_board: AlpnChallengeBoard | None = None
+    settings: AcmeSettings,
+    board: ChallengeBoard,
+    alpn_board: AlpnChallengeBoard | None = None,
+    cancel: threading.Event | None = None,
 ) -> Callable[[], Solver]:
     if settings.challenge == "tls-alpn-01":
         if alpn_board is None:
@@ -87,7 +105,7 @@ def build_solver_factory(
         dns_settings = settings.dns
         assert dns_settings is not None  # the config parser requires [acme.dns] for dns-01
         key = load_tsig_key(dns_settings)
-        return lambda: Dns01Solver(DnsUpdater(dns_settings, key))
+        return lambda: Dns01Solver(DnsUpdater(dns_settings, key), cancel)
     return lambda: Http01Solver(board)
 
 
@@ -98,10 +116,12 @@ def obtain(
     new_solver: Callable[[], Solver],
     counters: Counters | None = None,
     replaces: str = "",
+    cancel: threading.Event | None = None,
 ) -> Issued:
-    """Blocking: order a certificate for `site`, store it atomically. AcmeError on failure."""
+    """Blocking: order a certificate for `site`, store it atomically. AcmeError on failure.
+    `cancel` set: give up at the next wait (the caller was cancelled; edged is stopping)."""
     observe = counters.acme_requests.observe if counters is not None else None
-    session = AcmeSession(settings, store, observe=observe)
+    session = AcmeSession(settings, store, observe=observe, cancel=cancel)
     request = OrderRequest(
         name=site.name,
         names=site.names,
@@ -427,10 +447,21 @@ class Renewer:
             await self._preflight(config, site, store)
         # `replaces` only where the CA speaks ARI (RFC 9773 section 5); others may reject it.
         replaces = state.replaces if self._renewal_info.get(config.acme.directory) else ""
+        # Cancelled (a second SIGTERM), the order's thread must not keep the process alive
+        # until the CA is done: it gives up at its next wait.
+        cancel = threading.Event()
         try:
-            new_solver = build_solver_factory(config.acme, self.board, self.alpn_board)
-            issued = await asyncio.to_thread(
-                obtain, config.acme, store, site, new_solver, self.counters, replaces
+            new_solver = build_solver_factory(config.acme, self.board, self.alpn_board, cancel)
+            issued = await _cancellable(
+                cancel,
+                obtain,
+                config.acme,
+                store,
+                site,
+                new_solver,
+                self.counters,
+                replaces,
+                cancel,
             )
             pair = issued.cert.pairs[0]
             bundle = parse_bundle(pair.fullchain, pair.privkey, source=name)

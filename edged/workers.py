@@ -38,7 +38,7 @@ READY_TIMEOUT = 30.0  # seconds a new worker has to start serving
 ALIVE_TIMEOUT = 30.0  # a serving worker reports every second: silent this long, it is wedged
 KILL_WAIT = 10.0  # seconds for a stopped (aborted) or killed worker to be gone
 RESTART_BACKOFF = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)  # for a slot whose workers keep dying
-STABLE_AFTER = 30.0  # a worker that lived this long resets its slot's back-off
+STABLE_AFTER = 30.0  # a worker that served this long resets its slot's back-off
 LARGE_DELTA = 5000  # sites: a change this large is encoded in a thread (~10 ms per 1,000)
 
 Encoded = asyncio.Future[bytes | None]  # a message encoded once for every worker it goes to
@@ -53,6 +53,7 @@ class WorkerHandle:
     reader: asyncio.StreamReader
     started: float = field(default_factory=time.monotonic)
     heard: float = field(default_factory=time.monotonic)  # its last message
+    ready_at: float | None = None
     pid: int = 0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     gone: asyncio.Event = field(default_factory=asyncio.Event)
@@ -86,6 +87,7 @@ class WorkerPool:
         self._certs: dict[int, tuple[ServedCert, ...]] = {}
         self._full: Encoded | None = None  # the whole state, encoded (for new workers)
         self._by_id: dict[int, WorkerHandle] = {}  # spawned, its pid not known yet
+        self._early: dict[int, int] = {}  # spawn id → pid reported before its handle existed
         self._by_pid: dict[int, WorkerHandle] = {}
         self._stopping = False
         self._tg: asyncio.TaskGroup | None = None
@@ -330,8 +332,10 @@ class WorkerPool:
         the workers close theirs, the kernel refuses new connections instead of queueing them
         for nobody."""
         self._close_listeners()
-        with contextlib.suppress(OSError):  # the zygote is gone: its copies went with it
-            await self.zygote.send_listeners([], [])
+        # Gone, its copies went with it; stuck, it must not hold up the shutdown.
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(KILL_WAIT):
+                await self.zygote.send_listeners([], [])
 
     def _close_listeners(self) -> None:
         for socks in self._listeners.values():
@@ -340,9 +344,15 @@ class WorkerPool:
         self._listeners.clear()
 
     async def _spawn_generation(self) -> None:
+        assert self._tg is not None
         self._generation += 1
-        spawned = [await self._spawn(slot) for slot in range(self.count)]
-        handles = [h for h in spawned if h is not None]
+        handles = []
+        for slot in range(self.count):
+            handle = await self._spawn(slot)
+            if handle is not None:
+                handles.append(handle)
+            elif not self._lost:  # no socketpair (EMFILE): try again, the old one serves on
+                self._tg.create_task(self._replace(slot, self.current.get(slot)))
         # Each one serves or is gone by READY_TIMEOUT (_converse kills it then).
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(READY_TIMEOUT + KILL_WAIT):
@@ -352,7 +362,11 @@ class WorkerPool:
     async def _spawn(self, slot: int) -> WorkerHandle | None:
         assert self._tg is not None and self._config is not None
         self._ids += 1
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:
+            log.error("cannot start worker %d: %s", slot, exc)
+            return None
         try:
             await self.zygote.send(("spawn", slot, self._generation, self._ids), [theirs.fileno()])
         except OSError as exc:
@@ -365,7 +379,12 @@ class WorkerPool:
         # No line limit: a full state for 100k certificates is one large message.
         reader, writer = await asyncio.open_unix_connection(sock=ours, limit=2**31 - 1)
         handle = WorkerHandle(self._ids, slot, self._generation, writer, reader)
-        self._by_id[handle.id] = handle
+        handle.pid = self._early.pop(handle.id, 0)
+        self._early = {i: pid for i, pid in self._early.items() if i > handle.id}
+        if handle.pid:
+            self._by_pid[handle.pid] = handle
+        else:
+            self._by_id[handle.id] = handle
         self.current[slot] = handle
         self.all.add(handle)
         if self._full is None:  # encoded once for a whole generation
@@ -463,7 +482,10 @@ class WorkerPool:
         elif message[0] == "ack":
             self._acked(handle, message[1])
         elif message[0] == "ready":
+            if handle.killed:  # written just before the kill landed: it is going
+                return
             handle.pid = message[1]
+            handle.ready_at = time.monotonic()
             handle.ready.set()
             log.info(
                 "worker %d (pid %d, generation %d) serving",
@@ -516,23 +538,35 @@ class WorkerPool:
     async def _after_exit(self, handle: WorkerHandle) -> None:
         if handle.retiring or self._stopping or self.current.get(handle.slot) is not handle:
             return
-        lived = time.monotonic() - handle.started
-        failures = 0 if lived > STABLE_AFTER else self._failures.get(handle.slot, 0)
-        delay = RESTART_BACKOFF[min(failures, len(RESTART_BACKOFF) - 1)]
-        self._failures[handle.slot] = failures + 1
+        # Served a while before it died (or went silent): not a crash loop, no back-off.
+        if handle.ready_at is not None and handle.heard - handle.ready_at > STABLE_AFTER:
+            self._failures[handle.slot] = 0
         log.error(
-            "worker %d (pid %s) exited unexpectedly after %.1fs; starting a new one%s",
+            "worker %d (pid %s) exited unexpectedly after %.1fs; replacing it",
             handle.slot,
             handle.pid or "?",
-            lived,
-            f" in {delay:.0f}s" if delay else "",
+            time.monotonic() - handle.started,
         )
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopped.wait(), delay)
-        async with self._lock:
-            if not self._stopping and not self._lost and self.current.get(handle.slot) is handle:
+        await self._replace(handle.slot, handle)
+
+    async def _replace(self, slot: int, previous: WorkerHandle | None) -> None:
+        """Start a new worker for `slot` unless a newer one than `previous` is there (or
+        edged stops), after the slot's back-off: 0 s the first time, then 1, 2, 5, 10, 30 s
+        while its workers keep failing."""
+        while True:
+            failures = self._failures.get(slot, 0)
+            delay = RESTART_BACKOFF[min(failures, len(RESTART_BACKOFF) - 1)]
+            self._failures[slot] = failures + 1
+            if delay:
+                log.warning("starting a new worker %d in %.0fs", slot, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), delay)
+            async with self._lock:
+                if self._stopping or self._lost or self.current.get(slot) is not previous:
+                    return
                 self.own_counters.worker_restarts += 1
-                await self._spawn(handle.slot)
+                if await self._spawn(slot) is not None:
+                    return
 
     async def _zygote_reports(self) -> None:
         """Which pid a worker got, spawns that failed and exit statuses (for the log: a
@@ -549,7 +583,9 @@ class WorkerPool:
             report = pickle.loads(data)
             if report[0] == "spawned":
                 handle = self._by_id.pop(report[1], None)
-                if handle is not None and not handle.gone.is_set():
+                if handle is None:  # before _spawn had made its handle
+                    self._early[report[1]] = report[2]
+                elif not handle.gone.is_set():
                     handle.pid = report[2]
                     self._by_pid[handle.pid] = handle
             elif report[0] == "spawn_failed":
@@ -587,11 +623,12 @@ def _now(message: tuple[object, ...]) -> Encoded:
 
 async def _encoded(message: tuple[object, ...]) -> bytes | None:
     """A large message (a config, a whole state), encoded in a thread; None if it cannot be
-    (larger than edged's IPC allows), which is logged."""
+    (larger than edged's IPC allows, out of memory), which is logged. Never raises: it runs
+    in the daemon's task group."""
     try:
         return await asyncio.to_thread(encode, message)
-    except IpcError as exc:
-        log.error("cannot send the workers a %s: %s", message[0], exc)
+    except Exception as exc:
+        log.error("cannot send the workers a %s: %r", message[0], exc)
         return None
 
 

@@ -4,6 +4,7 @@ of an order, and an expired certificate that stays served when there is no repla
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -520,3 +521,52 @@ def test_loader_keeps_expired_only_when_nothing_else(tmp_path: Path) -> None:
     mixed = load_site_certs(config, store, now, keep_expired=True)
     assert [b.key_type for b in mixed.bundles[0]] == ["rsa-2048"] and mixed.expired == {}
     assert any(p.source.endswith(":ecdsa-p256") and "expired" in p.message for p in mixed.errors)
+
+
+async def test_second_sigterm_cancels_an_order_in_progress(pebble: Pebble, tmp_path: Path) -> None:
+    """SIGTERM lets an ACME order in progress go on; a second SIGTERM cancels it and edged
+    exits at once, even with no connection left to abort (the order resumes at the next
+    start). Pebble's HTTP-01 validation hangs here on a server that never answers."""
+    validating = asyncio.Event()
+    held: list[asyncio.StreamWriter] = []
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        validating.set()
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # never answers; returns when Pebble gives up
+        writer.close()
+
+    server = await asyncio.start_server(hang, "127.0.0.1", pebble.http_port)
+    config = write_config(
+        tmp_path,
+        pebble,
+        free_port(),  # edged's port 80 elsewhere: Pebble reaches `hang` instead
+        https=free_port(),
+        body=acme_table(pebble.directory, pebble.listener_ca, "preflight = false\n")
+        + site_table("127.0.0.1:9"),
+    )
+    log = tmp_path / "edged.log"
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            EDGED, "run", "--config", str(config), stdout=out, stderr=out
+        )
+    try:
+        await asyncio.wait_for(validating.wait(), 30)
+        proc.send_signal(signal.SIGTERM)
+        with pytest.raises(TimeoutError):  # the order may still finish: edged waits for it
+            await asyncio.wait_for(asyncio.shield(proc.wait()), 1.5)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0, log.read_text()[-2000:]
+        assert time.monotonic() - started < 5, log.read_text()[-2000:]
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        server.close()
+        for writer in held:
+            writer.close()
+        await server.wait_closed()
+        await asyncio.sleep(0.1)  # the handlers see their connections closed and end
+    assert "SIGTERM again: aborting open connections" in log.read_text()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -178,8 +179,10 @@ class AcmeSession:
         observe: Callable[[float], None] | None = None,
         poll: Poll = Poll(),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        cancel: threading.Event | None = None,
     ) -> None:
         self.settings = settings
+        self.cancel = cancel if cancel is not None else threading.Event()
         self.store = store
         self.poll_pace = poll
         self.clock = clock
@@ -352,7 +355,8 @@ class AcmeSession:
                     f"{what}: still not done after {self.poll_pace.timeout:.0f} s; the CA may "
                     "be overloaded, edged retries later",
                 )
-            time.sleep(wait)
+            if self.cancel.wait(wait):
+                raise AcmeError(name, f"{what}: given up, edged is stopping")
             delay = min(delay * self.poll_pace.factor, self.poll_pace.cap)
 
 

@@ -7,11 +7,13 @@ is called in a finally block, so tokens and TXT records never outlive a failed o
 from __future__ import annotations
 
 import logging
+import threading
 from typing import TYPE_CHECKING, Any, Protocol
 
 from acme import challenges, messages
 from josepy import jwk
 
+from edged.errors import AcmeError
 from edged.http01 import ChallengeBoard
 
 if TYPE_CHECKING:
@@ -115,8 +117,9 @@ class TlsAlpn01Solver:
 class Dns01Solver:
     challenge_type = "dns-01"
 
-    def __init__(self, updater: DnsUpdater) -> None:
+    def __init__(self, updater: DnsUpdater, cancel: threading.Event | None = None) -> None:
         self.updater = updater
+        self.cancel = cancel if cancel is not None else threading.Event()
         self._records: list[tuple[str, str]] = []
 
     def present(
@@ -135,7 +138,11 @@ class Dns01Solver:
         for fqdn, value in self._records:
             by_name.setdefault(fqdn, []).append(value)
         for fqdn, values in by_name.items():
-            self.updater.wait_propagated(fqdn, values)
+            self.updater.wait_propagated(fqdn, values, sleep=self._sleep)
+
+    def _sleep(self, seconds: float) -> None:
+        if self.cancel.wait(seconds):
+            raise AcmeError("dns-01", "stopped waiting for the TXT records: edged is stopping")
 
     def cleanup(self) -> None:
         for fqdn, value in self._records:
