@@ -222,3 +222,43 @@ def test_run_rejects_unknown_log_format() -> None:
     with pytest.raises(SystemExit) as exc, contextlib.redirect_stderr(io.StringIO()):
         _parser().parse_args(["run", "--log-format", "xml"])
     assert exc.value.code == 2
+
+
+async def test_log_written_into_the_watched_directory_does_not_feed_itself(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    """stderr into a file beside the config (a directory edged watches): each line is a file
+    change there, and watchfiles' own INFO line about it was one more change, forever. Its
+    logger is quiet now; edged logs the changes it acts on."""
+    port = free_port()
+    async with run_backend() as backend:
+        config = tmp_path / "edged.toml"
+        config.write_text(
+            f'[edged]\nstore = "store"\n[listen]\nhttps = ["127.0.0.1:{port}"]\nhttp = []\n'
+            f'metrics = ""\nadmin = ""\n' + site(pki, backend.address)
+        )
+        log = tmp_path / "edged.log"
+        with log.open("wb") as err:
+            proc = await asyncio.create_subprocess_exec(
+                str(Path(sys.executable).with_name("edged")), "run", "--config", str(config),
+                stderr=err,
+            )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 20
+            while b"edged ready" not in log.read_bytes():
+                assert time.monotonic() < deadline, log.read_text()
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)  # the watcher is up: a reload's log line starts it off
+            proc.send_signal(signal.SIGHUP)
+            while b"reloaded" not in log.read_bytes():
+                assert time.monotonic() < deadline, log.read_text()
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)
+            settled = len(log.read_bytes())
+            await asyncio.sleep(2.0)
+            text = log.read_text()
+            assert len(text) == settled, text[-2000:]  # nothing more was written
+            assert "change detected" not in text
+        finally:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 20)
