@@ -31,6 +31,7 @@ from edged.config import Address, Config, Site, load_config
 from edged.counters import Counters, merge_counters
 from edged.errors import ConfigError, EdgedError, Problem
 from edged.fleet import follow_changes
+from edged.heap import release_free_memory
 from edged.http01 import ChallengeBoard, Http01App, HttpListeners
 from edged.listen import InheritedListeners, StartupError
 from edged.metrics import (
@@ -59,7 +60,7 @@ from edged.store import Store, open_store
 from edged.store.redis import RedisStore
 from edged.tls import ContextCache, SniSelector, build_listening_context, build_origin_context
 from edged.tlsalpn import AlpnChallengeBoard
-from edged.workers import KILL_WAIT, WorkerPool
+from edged.workers import KILL_WAIT, WorkerPool, served_certs
 from edged.zygote import Zygote
 
 log = logging.getLogger("edged.daemon")
@@ -649,6 +650,7 @@ class Daemon:
                 self._snapshot.update(snapshot)
                 self._snapshot_store = True
             log.info("store indexed: %d sites in %.1fs", len(sites), time.monotonic() - started)
+            await asyncio.to_thread(release_free_memory)
         finally:
             self._filled.set()
 
@@ -780,6 +782,7 @@ class Daemon:
         finally:
             systemd.notify("READY=1")
             self._send_status()
+            await asyncio.to_thread(release_free_memory)  # one of the two states is garbage now
 
     async def _reload_once(self, kind: str) -> bool:
         try:
@@ -828,6 +831,8 @@ class Daemon:
             loaded.certs.expired.keys(),
             loaded.pending,
         )
+        publishing = self.pool is not None and self.pool.current
+        served = await asyncio.to_thread(served_certs, bundles) if publishing else {}
         old_floor = self.config.tls.min_version if self.config is not None else None
         new_floor = old_floor is not None and config.tls.min_version != old_floor
         if self.config is not None and config.tls != self.config.tls:
@@ -846,8 +851,8 @@ class Daemon:
         self._loaded_watch = loaded.watch
         self._snapshot = loaded.snapshot
         self._snapshot_store = not loaded.pending
-        if self.pool is not None and self.pool.current:
-            await self.pool.publish(config, bundles)
+        if self.pool is not None and publishing:
+            self.pool.publish(config, served)  # at once: no other change may come between
             if new_floor:  # the version floor lives in the listening context the workers share
                 await self.pool.rotate(config.tls.min_version)
         await self.renewer.changed()

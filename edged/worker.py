@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from edged.config import Address, Config, Site
 from edged.counters import Counters
 from edged.daemon import load_origin_contexts, proxy_settings
+from edged.heap import release_free_memory
 from edged.ipc import IpcError, encode, read_message
 from edged.proxy import Terminator
 from edged.sni import ServedCert, SniIndex, build_index
@@ -216,6 +217,7 @@ class Worker:
         term.origin_contexts = origins
         self.config = config
         self._loaded([i for i in self._loads if i not in pending])
+        await asyncio.to_thread(release_free_memory)  # the previous index is garbage now
 
     def _loaded(self, indices: Iterable[int]) -> None:
         """Wake the handshakes waiting for these sites: call once their index is installed

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from edged.config import Address, Config
 from edged.counters import Counters, merge_counters
+from edged.heap import release_free_memory
 from edged.ipc import IpcError, encode, read_message
 from edged.listen import InheritedListeners, StartupError, bind_tcp
 from edged.sni import Servable, ServedCert
@@ -85,7 +86,9 @@ class WorkerPool:
         self._listeners: dict[Address, list[socket.socket]] = {}
         self._config: Config | None = None
         self._certs: dict[int, tuple[ServedCert, ...]] = {}
-        self._full: Encoded | None = None  # the whole state, encoded (for new workers)
+        # The whole state, encoded once for the workers of one generation (then dropped: at
+        # 100k certificates it is ~200 MB).
+        self._full: Encoded | None = None
         self._by_id: dict[int, WorkerHandle] = {}  # spawned, its pid not known yet
         self._early: dict[int, int] = {}  # spawn id → pid reported before its handle existed
         self._by_pid: dict[int, WorkerHandle] = {}
@@ -123,16 +126,15 @@ class WorkerPool:
         self._tg = tg
         self.count = count
         self._config = config
-        self._certs = _served(bundles)
+        self._certs = served_certs(bundles)
         self._pending = set(pending)
         self._reports = tg.create_task(self._zygote_reports())
         await self._bind(config.listen.https)
         await self._spawn_generation()
 
-    async def publish(self, config: Config, bundles: Mapping[int, Sequence[Servable]]) -> None:
+    def publish(self, config: Config, certs: dict[int, tuple[ServedCert, ...]]) -> None:
         """Send the workers what changed: the certificates of the sites that changed, with the
         config when it changed (nothing at all when nothing did)."""
-        certs = _served(bundles)
         changed = {i: c for i, c in certs.items() if self._certs.get(i) != c}
         changed.update({i: () for i in self._certs if i not in certs})
         # After a full load that ended a background indexing, the workers' routes of sites
@@ -147,7 +149,7 @@ class WorkerPool:
 
     def publish_sites(self, changes: Mapping[int, Sequence[Servable]]) -> None:
         """Send the workers the new certificates of these sites (the config is unchanged)."""
-        changed = _served(changes)
+        changed = served_certs(changes)
         self._certs.update(changed)
         self._pending.difference_update(changed)
         self._broadcast(("state", None, changed, False, frozenset()))
@@ -353,11 +355,13 @@ class WorkerPool:
                 handles.append(handle)
             elif not self._lost:  # no socketpair (EMFILE): try again, the old one serves on
                 self._tg.create_task(self._replace(slot, self.current.get(slot)))
+        self._full = None
         # Each one serves or is gone by READY_TIMEOUT (_converse kills it then).
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(READY_TIMEOUT + KILL_WAIT):
                 for handle in handles:
                     await _first(handle.ready, handle.gone)
+        await asyncio.to_thread(release_free_memory)  # the full state, sent, is garbage now
 
     async def _spawn(self, slot: int) -> WorkerHandle | None:
         assert self._tg is not None and self._config is not None
@@ -488,10 +492,11 @@ class WorkerPool:
             handle.ready_at = time.monotonic()
             handle.ready.set()
             log.info(
-                "worker %d (pid %d, generation %d) serving",
+                "worker %d (pid %d, generation %d) serving after %.1fs",
                 handle.slot,
                 handle.pid,
                 handle.generation,
+                handle.ready_at - handle.started,
             )
             self._retire_older(handle)
 
@@ -565,7 +570,9 @@ class WorkerPool:
                 if self._stopping or self._lost or self.current.get(slot) is not previous:
                     return
                 self.own_counters.worker_restarts += 1
-                if await self._spawn(slot) is not None:
+                spawned = await self._spawn(slot)
+                self._full = None
+                if spawned is not None:
                     return
 
     async def _zygote_reports(self) -> None:
@@ -632,5 +639,8 @@ async def _encoded(message: tuple[object, ...]) -> bytes | None:
         return None
 
 
-def _served(bundles: Mapping[int, Sequence[Servable]]) -> dict[int, tuple[ServedCert, ...]]:
+def served_certs(
+    bundles: Mapping[int, Sequence[Servable]],
+) -> dict[int, tuple[ServedCert, ...]]:
+    """What the workers get of each site's certificates (~1 s for 100k sites: in a thread)."""
     return {i: tuple(ServedCert.of(b) for b in group) for i, group in bundles.items()}
