@@ -231,6 +231,12 @@ class Daemon:
         self.bundles: dict[int, tuple[CertBundle, ...]] = {}
         self._loaded_watch: WatchSet | None = None
         self._snapshot: Snapshot = {}
+        # The config file's (inode, size, mtime) before the load now serving read it (None:
+        # not known), and the files the watcher reported since the last reload began (None:
+        # something else changed too): a reload they ask for that would read what is already
+        # loaded is skipped (an edit followed by a SIGHUP is one reload, not two).
+        self._config_seen: tuple[int, int, int] | None = None
+        self._changed: set[Path] | None = set()
         self._servers: dict[Address, asyncio.AbstractServer] = {}
         self._stop = asyncio.Event()
         self._abort = asyncio.Event()  # a second SIGTERM/SIGINT: stop draining, exit now
@@ -395,10 +401,12 @@ class Daemon:
 
     async def _run(self) -> int:
         loop = asyncio.get_running_loop()
+        seen = None
         try:
             if self._preloaded is not None:
                 config = self._preloaded
             else:
+                seen = await asyncio.to_thread(snapshot_entry, self.config_path)
                 config = await asyncio.to_thread(load_config, self.config_path)
         except ConfigError as exc:
             for problem in exc.problems:
@@ -436,6 +444,7 @@ class Daemon:
             self.board.shared = store if isinstance(store, RedisStore) else None
             self.alpn_board.shared = self.board.shared
             await self._apply(loaded)
+            self._config_seen = seen
             try:
                 await self._sync_listeners(config)
                 await self.http.sync(config.listen.http, self._inherited.bind)
@@ -600,7 +609,16 @@ class Daemon:
                     self._reload.clear()
                     names = None if self._reload_all else self._reload_names
                     self._reload_all, self._reload_names = False, set()
-                    await self.reload(self._reload_kind, names)
+                    changed, self._changed = self._changed, set()
+                    if (
+                        self._reload_kind == "file"
+                        and names is None
+                        and changed
+                        and await asyncio.to_thread(self._loaded_already, changed)
+                    ):
+                        log.info("the changed files are as the last reload read them")
+                    else:
+                        await self.reload(self._reload_kind, names)
                 reload.cancel()
         finally:
             stop.cancel()
@@ -786,6 +804,7 @@ class Daemon:
 
     async def _reload_once(self, kind: str) -> bool:
         try:
+            seen = await asyncio.to_thread(snapshot_entry, self.config_path)
             config = await asyncio.to_thread(load_config, self.config_path)
         except ConfigError as exc:
             for problem in exc.problems:
@@ -809,6 +828,7 @@ class Daemon:
                 log.warning("listen.%s changed: takes effect at the next restart", key)
         self.store = store
         await self._apply(loaded)
+        self._config_seen = seen
         await self.renewer.configure(config, store)
         self._refresh_watch()
         result = "error" if loaded.certs.errors else "ok"
@@ -893,12 +913,25 @@ class Daemon:
         now = await asyncio.to_thread(take_snapshot, self._watching, store=self._snapshot_store)
         if now != self._snapshot:
             log.info("files changed while not watched: reloading")
+            self._changed = None  # not only what the watcher reports: never skipped
             self.request_reload("file")
 
     def _on_files_changed(self, paths: set[Path]) -> None:
         log.info("changed: %s", ", ".join(sorted(str(p) for p in paths)))
         names = self._store_names(paths)
+        if names is None and self._changed is not None:
+            self._changed |= paths
         self.request_reload("store" if names is not None else "file", names)
+
+    def _loaded_already(self, paths: set[Path]) -> bool:
+        """Blocking (stat): whether each of `paths` is as the serving load read it."""
+        config_paths = {self.config_path.absolute(), Path(os.path.realpath(self.config_path))}
+        for path in paths:
+            now = snapshot_entry(path)
+            seen = self._config_seen if path in config_paths else self._snapshot.get(path)
+            if now is None or now != seen:
+                return False
+        return True
 
     def _store_names(self, paths: set[Path]) -> set[str] | None:
         """The names whose store bundles the changed `paths` belong to; None when anything

@@ -7,6 +7,7 @@ import contextlib
 import json
 import re
 import ssl
+import sys
 import textwrap
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -116,6 +117,15 @@ class Backend:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+
+async def spawn_edged(config: Path, log: Path) -> asyncio.subprocess.Process:
+    """`edged run --config CONFIG` as a real process, its stderr written to `log`."""
+    with log.open("wb") as err:
+        return await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).with_name("edged")), "run", "--config", str(config),
+            stderr=err,
+        )  # fmt: skip
 
 
 @contextlib.asynccontextmanager

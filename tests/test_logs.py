@@ -20,7 +20,7 @@ import pytest
 from edged.config import parse_config
 from edged.errors import ConfigError
 from edged.logs import JsonFormatter, TextFormatter, setup_logging
-from tests.conftest import free_port, run_backend, run_edged
+from tests.conftest import free_port, run_backend, run_edged, spawn_edged
 from tests.test_systemd import (
     NAME,
     Edged,
@@ -238,11 +238,7 @@ async def test_log_written_into_the_watched_directory_does_not_feed_itself(
             f'metrics = ""\nadmin = ""\n' + site(pki, backend.address)
         )
         log = tmp_path / "edged.log"
-        with log.open("wb") as err:
-            proc = await asyncio.create_subprocess_exec(
-                str(Path(sys.executable).with_name("edged")), "run", "--config", str(config),
-                stderr=err,
-            )  # fmt: skip
+        proc = await spawn_edged(config, log)
         try:
             deadline = time.monotonic() + 20
             while b"edged ready" not in log.read_bytes():

@@ -29,7 +29,14 @@ from typing import Any
 from edged.daemon import LAZY_MIN
 from edged.store.base import PemPair
 from edged.workers import READY_TIMEOUT
-from tests.conftest import Backend, edged_backlog, free_port, listen_backlogs, run_backend
+from tests.conftest import (
+    Backend,
+    edged_backlog,
+    free_port,
+    listen_backlogs,
+    run_backend,
+    spawn_edged,
+)
 from tests.many_certs import many_sites_config, write_many
 from tests.pki import Issued, make_ca, make_leaf, write_pair
 
@@ -376,11 +383,7 @@ async def test_sigterm_while_starting_is_caught(tmp_path: Path) -> None:
         f"[tls]\npreread = false\n" + many_sites_config(names, "127.0.0.1:9")
     )
     log = tmp_path / "edged.log"
-    with log.open("wb") as err:
-        proc = await asyncio.create_subprocess_exec(
-            str(Path(sys.executable).with_name("edged")), "run", "--config", str(config),
-            stderr=err,
-        )  # fmt: skip
+    proc = await spawn_edged(config, log)
     try:
         await wait_for(lambda: catches(proc.pid, signal.SIGTERM), "a SIGTERM handler", 60)
         proc.send_signal(signal.SIGTERM)
