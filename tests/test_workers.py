@@ -584,3 +584,31 @@ async def test_more_listeners_than_one_fd_message_carries(tmp_path: Path) -> Non
 
         await wait_for(served, "the added address served", 30)
         assert e.proc.returncode is None
+
+
+async def test_a_slot_whose_workers_keep_dying_backs_off(tmp_path: Path) -> None:
+    """Replacements for a slot whose workers die young start after 0, 1, 2 s (then 5, 10,
+    30); each is counted in edged_worker_restarts_total and the other slot serves meanwhile."""
+    async with one_site(tmp_path) as (e, *_):
+        ctx = client_context(tmp_path / "ca.pem")
+        gaps = []
+        for _ in range(3):
+            workers = await asyncio.to_thread(e.workers)
+            victim = next(int(str(w["pid"])) for w in workers if w["slot"] == 0 and w["ready"])
+            os.kill(victim, signal.SIGKILL)
+            started = time.monotonic()
+
+            def replaced(victim: int = victim) -> bool:
+                return any(
+                    w["slot"] == 0 and w["ready"] and int(str(w["pid"])) not in (0, victim)
+                    for w in e.workers()
+                )
+
+            await wait_for(replaced, "slot 0 served again")
+            gaps.append(time.monotonic() - started)
+        assert gaps[1] >= 1.0 and gaps[2] >= 2.0, gaps
+        assert gaps[0] < gaps[2] - 1.0, gaps
+        assert e.metric("edged_worker_restarts_total") == 3
+        for _ in range(10):
+            cn, _, _ = await asyncio.to_thread(fetch, e.port, ctx)
+            assert cn == "v1"
