@@ -22,6 +22,7 @@ Routes:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import hmac
@@ -277,7 +278,11 @@ async def _get_status(request: web.Request) -> web.Response:
 
 
 async def _get_certs(request: web.Request) -> web.Response:
-    return _reply({"certs": _ops(request).certs()})
+    # One summary per site, each reading its certificate's issuer, then the JSON: seconds for
+    # 100k sites, in a thread so the event loop (port 80's challenges, /metrics) goes on.
+    ops = _ops(request)
+    body = await asyncio.to_thread(lambda: _dumps({"certs": ops.certs()}))
+    return web.Response(text=body, content_type="application/json")
 
 
 async def _get_cert(request: web.Request) -> web.Response:
