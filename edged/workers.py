@@ -366,13 +366,14 @@ class WorkerPool:
     async def _spawn(self, slot: int) -> WorkerHandle | None:
         assert self._tg is not None and self._config is not None
         self._ids += 1
+        spawn_id, generation = self._ids, self._generation  # another spawn may run meanwhile
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         except OSError as exc:
             log.error("cannot start worker %d: %s", slot, exc)
             return None
         try:
-            await self.zygote.send(("spawn", slot, self._generation, self._ids), [theirs.fileno()])
+            await self.zygote.send(("spawn", slot, generation, spawn_id), [theirs.fileno()])
         except OSError as exc:
             ours.close()
             self._lose(f"cannot reach the zygote ({exc})")
@@ -382,9 +383,8 @@ class WorkerPool:
         ours.setblocking(False)
         # No line limit: a full state for 100k certificates is one large message.
         reader, writer = await asyncio.open_unix_connection(sock=ours, limit=2**31 - 1)
-        handle = WorkerHandle(self._ids, slot, self._generation, writer, reader)
+        handle = WorkerHandle(spawn_id, slot, generation, writer, reader)
         handle.pid = self._early.pop(handle.id, 0)
-        self._early = {i: pid for i, pid in self._early.items() if i > handle.id}
         if handle.pid:
             self._by_pid[handle.pid] = handle
         else:
