@@ -8,6 +8,7 @@ then checks that every file the config names exists and is readable.
 from __future__ import annotations
 
 import functools
+import hashlib
 import ipaddress
 import math
 import os
@@ -819,6 +820,12 @@ def check_files(config: Config) -> list[Problem]:
 
 def load_config(path: Path) -> Config:
     """Read and parse the config file and check that the files it names exist."""
+    return load_config_digest(path)[0]
+
+
+def load_config_digest(path: Path) -> tuple[Config, bytes]:
+    """load_config, and the SHA-256 of the text it parsed (to tell later whether the file
+    still holds what is loaded)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -831,4 +838,4 @@ def load_config(path: Path) -> Config:
     problems = check_files(config)
     if problems:
         raise ConfigError(problems)
-    return config
+    return config, hashlib.sha256(text.encode()).digest()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -27,7 +28,7 @@ from aiohttp import web
 from edged import systemd
 from edged.admin import AdminStartupError, start_admin_server
 from edged.certs import CertBundle
-from edged.config import Address, Config, Site, load_config
+from edged.config import Address, Config, Site, load_config_digest
 from edged.counters import Counters, merge_counters
 from edged.errors import ConfigError, EdgedError, Problem
 from edged.fleet import follow_changes
@@ -231,11 +232,11 @@ class Daemon:
         self.bundles: dict[int, tuple[CertBundle, ...]] = {}
         self._loaded_watch: WatchSet | None = None
         self._snapshot: Snapshot = {}
-        # The config file's (inode, size, mtime) before the load now serving read it (None:
-        # not known), and the files the watcher reported since the last reload began (None:
-        # something else changed too): a reload they ask for that would read what is already
-        # loaded is skipped (an edit followed by a SIGHUP is one reload, not two).
-        self._config_seen: tuple[int, int, int] | None = None
+        # The SHA-256 of the config text now serving (None: not known), and the files the
+        # watcher reported since the last reload began (None: something else asked too): a
+        # report of the config file alone that still holds that text is not reloaded again
+        # (an edit followed by a SIGHUP is one reload, not two).
+        self._config_digest: bytes | None = None
         self._changed: set[Path] | None = set()
         self._servers: dict[Address, asyncio.AbstractServer] = {}
         self._stop = asyncio.Event()
@@ -368,6 +369,8 @@ class Daemon:
             self._reload_all = True
         else:
             self._reload_names.update(names)
+        if kind != "file":  # merged with this, a file report can no longer be skipped
+            self._changed = None
         self._reload.set()
 
     @property
@@ -401,13 +404,12 @@ class Daemon:
 
     async def _run(self) -> int:
         loop = asyncio.get_running_loop()
-        seen = None
+        digest = None
         try:
             if self._preloaded is not None:
                 config = self._preloaded
             else:
-                seen = await asyncio.to_thread(snapshot_entry, self.config_path)
-                config = await asyncio.to_thread(load_config, self.config_path)
+                config, digest = await asyncio.to_thread(load_config_digest, self.config_path)
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("config: %s", problem)
@@ -444,7 +446,7 @@ class Daemon:
             self.board.shared = store if isinstance(store, RedisStore) else None
             self.alpn_board.shared = self.board.shared
             await self._apply(loaded)
-            self._config_seen = seen
+            self._config_digest = digest
             try:
                 await self._sync_listeners(config)
                 await self.http.sync(config.listen.http, self._inherited.bind)
@@ -804,8 +806,7 @@ class Daemon:
 
     async def _reload_once(self, kind: str) -> bool:
         try:
-            seen = await asyncio.to_thread(snapshot_entry, self.config_path)
-            config = await asyncio.to_thread(load_config, self.config_path)
+            config, digest = await asyncio.to_thread(load_config_digest, self.config_path)
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload rejected, keeping the running config: %s", problem)
@@ -828,7 +829,7 @@ class Daemon:
                 log.warning("listen.%s changed: takes effect at the next restart", key)
         self.store = store
         await self._apply(loaded)
-        self._config_seen = seen
+        self._config_digest = digest
         await self.renewer.configure(config, store)
         self._refresh_watch()
         result = "error" if loaded.certs.errors else "ok"
@@ -924,14 +925,17 @@ class Daemon:
         self.request_reload("store" if names is not None else "file", names)
 
     def _loaded_already(self, paths: set[Path]) -> bool:
-        """Blocking (stat): whether each of `paths` is as the serving load read it."""
+        """Blocking (reads the config): whether `paths` is the config file alone and it holds
+        the text now serving. By content, not by stat: two writes within one timestamp tick
+        can leave the same size and mtime."""
         config_paths = {self.config_path.absolute(), Path(os.path.realpath(self.config_path))}
-        for path in paths:
-            now = snapshot_entry(path)
-            seen = self._config_seen if path in config_paths else self._snapshot.get(path)
-            if now is None or now != seen:
-                return False
-        return True
+        if self._config_digest is None or not paths <= config_paths:
+            return False
+        try:
+            text = self.config_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return False
+        return hashlib.sha256(text.encode()).digest() == self._config_digest
 
     def _store_names(self, paths: set[Path]) -> set[str] | None:
         """The names whose store bundles the changed `paths` belong to; None when anything

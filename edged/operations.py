@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -24,13 +25,25 @@ from edged.certs import CertBundle, check_bundle, parse_bundle
 from edged.config import Config, Site
 from edged.errors import AcmeError, StoreError
 from edged.names import NameError_, normalize_name
-from edged.renewal import CertStatus
+from edged.renewal import CertStatus, RenewalState, fallback_active
 from edged.store.base import PemPair, StoredCert
 
 if TYPE_CHECKING:
     from edged.daemon import Daemon
 
 WAIT_LIMIT = 90.0  # the CLI waits up to 120 s; answer before it gives up
+
+
+@dataclass(frozen=True)
+class _View:
+    """What a certificate summary reads, taken at one moment on the event loop: a listing
+    built from it in a thread cannot pair a site with another's certificate when a reload
+    renumbers the sites meanwhile."""
+
+    config: Config
+    bundles: Mapping[int, tuple[CertBundle, ...]]  # replaced, never changed, by the daemon
+    states: Mapping[str, RenewalState]
+    leases: Mapping[str, str]
 
 
 class DaemonOperations:
@@ -55,13 +68,19 @@ class DaemonOperations:
             raise AdminError("unknown_name", f"{name} is not a name of any [[site]]", 404)
         return site
 
-    def status(self) -> dict[str, object]:
+    def _view(self) -> _View:
+        renewer = self.daemon.renewer
         config = self._config()
+        return _View(config, self.daemon.bundles, dict(renewer.states), dict(renewer.lease_holders))
+
+    def status(self) -> dict[str, object]:
+        view = self._view()
+        config = view.config
         # Only the states: a summary reads each certificate's issuer, seconds for 100k sites
         # on the event loop, and monitoring polls this.
         counts: dict[str, int] = {}
         for site in config.sites:
-            state = self._state(site)
+            state = _state(site, view)
             counts[state] = counts.get(state, 0) + 1
         handshakes = self.daemon.total_counters().handshakes
         return {
@@ -79,13 +98,17 @@ class DaemonOperations:
             "workers": self.daemon.pool.describe() if self.daemon.pool is not None else [],
         }
 
-    def certs(self) -> list[dict[str, object]]:
-        return [self._summary(site) for site in self._config().sites]
+    async def certs(self) -> list[dict[str, object]]:
+        # One summary per site, each reading its certificate's issuer: seconds for 100k
+        # sites, in a thread so the event loop (port 80's challenges, /metrics) goes on.
+        view = self._view()
+        return await asyncio.to_thread(lambda: [_summary(site, view) for site in view.config.sites])
 
     def cert(self, name: str) -> dict[str, object]:
         site = self._site(name)
-        summary = self._summary(site)
-        served = self.daemon.bundles.get(site.index, ())
+        view = self._view()
+        summary = _summary(site, view)
+        served = view.bundles.get(site.index, ())
         summary["certificates"] = [
             {
                 "key_type": b.key_type,
@@ -107,41 +130,6 @@ class DaemonOperations:
             summary["issued_by"] = state.issued_by
             summary["error"] = state.last_error
         return summary
-
-    def _summary(self, site: Site) -> dict[str, object]:
-        served: tuple[CertBundle, ...] = self.daemon.bundles.get(site.index, ())
-        state = self.daemon.renewer.states.get(site.name)
-        first = served[0] if served else None
-        if site.cert_file is not None:
-            source = "files"
-        elif state is not None:
-            source = "acme"
-        elif first is not None:
-            source = "upload"
-        else:
-            source = "none"
-        return {
-            "name": site.name,
-            "names": list(site.names),
-            "state": self._state(site),
-            "source": source,
-            "not_after": first.not_after if first else None,
-            "key_types": [b.key_type for b in served],
-            "issuer": first.issuer if first else "",
-            "attempts": state.attempts if state else 0,
-            "next_try": state.next_try if state else None,
-            "last_error": _error_line(state.last_error) if state and state.last_error else None,
-            "issued_by": state.issued_by if state else "",
-            "lease": self.daemon.renewer.lease_holders.get(site.name, ""),
-        }
-
-    def _state(self, site: Site) -> str:
-        state = self.daemon.renewer.states.get(site.name)
-        if state is not None:
-            if self.daemon.renewer.fallback_active(site.name):
-                return "fallback"
-            return state.status.value
-        return "active" if self.daemon.bundles.get(site.index) else "missing"
 
     # --- actions --------------------------------------------------------------------------
 
@@ -316,3 +304,42 @@ def _error_line(error: dict[str, object]) -> str:
     if "detail" in error:
         return f"{error.get('type', '')}: {error['detail']}".strip(": ")
     return str(error.get("message", error))
+
+
+def _summary(site: Site, view: _View) -> dict[str, object]:
+    served = view.bundles.get(site.index, ())
+    state = view.states.get(site.name)
+    first = served[0] if served else None
+    if site.cert_file is not None:
+        source = "files"
+    elif state is not None:
+        source = "acme"
+    elif first is not None:
+        source = "upload"
+    else:
+        source = "none"
+    return {
+        "name": site.name,
+        "names": list(site.names),
+        "state": _state(site, view),
+        "source": source,
+        "not_after": first.not_after if first else None,
+        "key_types": [b.key_type for b in served],
+        "issuer": first.issuer if first else "",
+        "attempts": state.attempts if state else 0,
+        "next_try": state.next_try if state else None,
+        "last_error": _error_line(state.last_error) if state and state.last_error else None,
+        "issued_by": state.issued_by if state else "",
+        "lease": view.leases.get(site.name, ""),
+    }
+
+
+def _state(site: Site, view: _View) -> str:
+    served = view.bundles.get(site.index)
+    state = view.states.get(site.name)
+    if state is not None:
+        not_after = served[0].not_after if served else None
+        if fallback_active(state, not_after, datetime.now(UTC)):
+            return "fallback"
+        return state.status.value
+    return "active" if served else "missing"

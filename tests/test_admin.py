@@ -117,7 +117,7 @@ class FakeOperations:
             "connections_active": 7,
         }
 
-    def certs(self) -> list[dict[str, object]]:
+    async def certs(self) -> list[dict[str, object]]:
         return list(self.certs_by_name.values())
 
     def cert(self, name: str) -> dict[str, object]:

@@ -292,3 +292,25 @@ async def test_an_edit_followed_by_a_sighup_is_one_reload(tmp_path: Path) -> Non
                 if ("file", "ok") in new():
                     break
             assert new() == {("signal", "ok"): 1, ("file", "ok"): 1}
+
+
+async def test_a_skipped_file_report_never_drops_a_store_change_merged_with_it(
+    tmp_path: Path,
+) -> None:
+    """A store change (a fleet node's message, a write under live/) waiting when the watcher
+    reports a config file that is as already loaded: the two coalesce into one full reload,
+    which must run (skipping it would lose the store change)."""
+    c0, k0 = pair(tmp_path, "a", "merged")
+    async with run_backend() as backend:
+        body = cert_site(backend.address, c0, k0)
+        async with run_edged(tmp_path, body) as edged:
+            daemon = edged.daemon
+            await asyncio.sleep(0.5)  # the start-up catch-up has run
+            before = sum(daemon.counters.reloads.values())
+            daemon.request_reload("store", {"r.example.test"})  # no await: the two coalesce
+            daemon._on_files_changed({edged.config_path.absolute()})  # as the watcher reports
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if sum(daemon.counters.reloads.values()) > before:
+                    break
+            assert sum(daemon.counters.reloads.values()) == before + 1
