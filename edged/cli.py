@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 invalid input or check failed, 2 usage, 3 daemon unreachable
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from edged import __version__
 from edged.certs import chain_problem, check_bundle, describe_chain, parse_bundle
-from edged.config import DEFAULT_CONFIG_PATH, Config, Site, load_config
+from edged.config import DEFAULT_CONFIG_PATH, Config, Site, load_config, load_config_digest
 from edged.errors import CertError, CertReason, ConfigError, StoreError
 from edged.names import NameError_, covers, normalize_name
 from edged.sources import load_site_certs, read_pem, validate_stored
@@ -107,12 +108,12 @@ def cmd_run(config_path: Path, level: str, log_format: str = "text") -> int:
     from edged.logs import setup_logging
 
     setup_logging(level, log_format, sys.stderr)
-    try:
-        config: Config | None = load_config(config_path)
-    except ConfigError:
-        config = None  # the daemon loads it again and reports every problem
+    config: Config | None = None
+    digest: bytes | None = None
+    with contextlib.suppress(ConfigError):  # the daemon loads it again and reports each problem
+        config, digest = load_config_digest(config_path)
     zygote = _start_zygote(config) if config is not None else None
-    return uvloop.run(Daemon(config_path, zygote, config).run())
+    return uvloop.run(Daemon(config_path, zygote, config, digest).run())
 
 
 def _start_zygote(config: Config) -> Zygote | None:

@@ -210,12 +210,18 @@ _RELOAD_RANK = {"signal": 2, "file": 1, "store": 0}
 
 class Daemon:
     def __init__(
-        self, config_path: Path, zygote: Zygote | None = None, config: Config | None = None
+        self,
+        config_path: Path,
+        zygote: Zygote | None = None,
+        config: Config | None = None,
+        config_digest: bytes | None = None,
     ) -> None:
         """`zygote`: run the TLS data path in worker processes forked by it (workers > 1).
-        `config`: already loaded from `config_path` (by the CLI, before forking the zygote)."""
+        `config`: already loaded from `config_path` (by the CLI, before forking the zygote),
+        from a text whose SHA-256 is `config_digest`."""
         self.config_path = config_path
         self._preloaded = config
+        self._preloaded_digest = config_digest
         self._exit_code = 0
         self._filled = asyncio.Event()  # every store certificate has been read once
         self._snapshot_store = True  # the snapshot covers the store (not during a lazy start)
@@ -407,7 +413,7 @@ class Daemon:
         digest = None
         try:
             if self._preloaded is not None:
-                config = self._preloaded
+                config, digest = self._preloaded, self._preloaded_digest
             else:
                 config, digest = await asyncio.to_thread(load_config_digest, self.config_path)
         except ConfigError as exc:
@@ -912,7 +918,8 @@ class Daemon:
         # A store indexed in the background (lazy start) was read after the watcher started:
         # compare the files only, or the whole store would look changed.
         now = await asyncio.to_thread(take_snapshot, self._watching, store=self._snapshot_store)
-        if now != self._snapshot:
+        # The config is read before the snapshot is taken: an edit in between shows in its text.
+        if now != self._snapshot or await asyncio.to_thread(self._config_differs):
             log.info("files changed while not watched: reloading")
             self._changed = None  # not only what the watcher reports: never skipped
             self.request_reload("file")
@@ -924,6 +931,19 @@ class Daemon:
             self._changed |= paths
         self.request_reload("store" if names is not None else "file", names)
 
+    def _config_differs(self) -> bool:
+        """Blocking: whether the config file no longer holds the text now serving."""
+        if self._config_digest is None:
+            return False  # not known: the stat snapshot is all there is
+        return self._config_text_digest() != self._config_digest
+
+    def _config_text_digest(self) -> bytes | None:
+        try:
+            text = self.config_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
+        return hashlib.sha256(text.encode()).digest()
+
     def _loaded_already(self, paths: set[Path]) -> bool:
         """Blocking (reads the config): whether `paths` is the config file alone and it holds
         the text now serving. By content, not by stat: two writes within one timestamp tick
@@ -931,11 +951,7 @@ class Daemon:
         config_paths = {self.config_path.absolute(), Path(os.path.realpath(self.config_path))}
         if self._config_digest is None or not paths <= config_paths:
             return False
-        try:
-            text = self.config_path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            return False
-        return hashlib.sha256(text.encode()).digest() == self._config_digest
+        return self._config_text_digest() == self._config_digest
 
     def _store_names(self, paths: set[Path]) -> set[str] | None:
         """The names whose store bundles the changed `paths` belong to; None when anything

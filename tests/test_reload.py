@@ -9,6 +9,8 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from edged.config import load_config_digest
+from edged.daemon import Daemon
 from edged.store import FileStore, PemPair, StoredCert
 from tests.conftest import Edged, free_port, peer_cn, run_backend, run_cmd, run_edged, s_client
 from tests.pki import encrypted_key_pem, fullchain, make_ca, make_leaf, write_pair
@@ -314,3 +316,36 @@ async def test_a_skipped_file_report_never_drops_a_store_change_merged_with_it(
                 if sum(daemon.counters.reloads.values()) > before:
                     break
             assert sum(daemon.counters.reloads.values()) == before + 1
+
+
+async def test_an_edit_between_reading_the_config_and_the_snapshot_is_caught(
+    tmp_path: Path,
+) -> None:
+    """The config is read (by the CLI, before the daemon starts) before the load takes its
+    stat snapshot, so an edit in between looks loaded by its stat; its text shows it, and the
+    catch-up after the watcher starts reloads. Made deterministic here: the daemon is handed
+    the config as read (the old text and its digest) while the file already holds the edit."""
+    c0, k0 = pair(tmp_path, "a", "first")
+    c1, k1 = write_pair(tmp_path, "b", make_leaf(make_ca("Reload CA"), ["s.example.test"]), [])
+    async with run_backend() as backend:
+        path = tmp_path / "edged.toml"
+        head = (
+            f'[edged]\nstore = "store"\n[listen]\nhttps = ["127.0.0.1:{free_port()}"]\n'
+            'http = []\nmetrics = ""\nadmin = ""\n'
+        )
+        path.write_text(head + cert_site(backend.address, c0, k0))
+        config, digest = load_config_digest(path)
+        second = cert_site(backend.address, c1, k1).replace("r.example.test", "s.example.test")
+        path.write_text(head + cert_site(backend.address, c0, k0) + second)
+        daemon = Daemon(path, None, config, digest)
+        task = asyncio.create_task(daemon.run(install_signals=False))
+        try:
+            await asyncio.wait_for(daemon.ready.wait(), 10)
+            for _ in range(100):
+                if daemon.index.lookup("s.example.test") is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert daemon.index.lookup("s.example.test") is not None
+        finally:
+            daemon.request_stop()
+            assert await asyncio.wait_for(task, 10) == 0
