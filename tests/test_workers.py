@@ -28,7 +28,7 @@ from typing import Any
 
 from edged.daemon import LAZY_MIN
 from edged.store.base import PemPair
-from edged.workers import READY_TIMEOUT
+from edged.workers import KILL_WAIT, READY_TIMEOUT
 from tests.conftest import (
     Backend,
     edged_backlog,
@@ -613,3 +613,19 @@ async def test_a_slot_whose_workers_keep_dying_backs_off(tmp_path: Path) -> None
         for _ in range(10):
             cn, _, _ = await asyncio.to_thread(fetch, e.port, ctx)
             assert cn == "v1"
+
+
+async def test_a_worker_that_hangs_at_shutdown_is_killed(tmp_path: Path) -> None:
+    """A worker that does not exit when told to abort (frozen here) is SIGKILLed KILL_WAIT
+    after the abort, and edged exits 0 instead of hanging until systemd's stop timeout."""
+    async with one_site(tmp_path) as (e, *_):
+        workers = await asyncio.to_thread(e.workers)
+        frozen = int(str(workers[0]["pid"]))
+        os.kill(frozen, signal.SIGSTOP)
+        e.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        e.proc.send_signal(signal.SIGTERM)  # abort: a drain would wait for the frozen one
+        assert await asyncio.wait_for(e.proc.wait(), KILL_WAIT + 15) == 0
+        assert KILL_WAIT - 1 < time.monotonic() - started < KILL_WAIT + 10
+        assert await asyncio.to_thread(process_gone, frozen)
