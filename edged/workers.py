@@ -6,8 +6,9 @@ worker slot, so the kernel spreads connections evenly and a replaced worker take
 slot's queue — hands them to the zygote, which forks the workers, and sends each worker the
 config and certificates it serves (a change sends only what changed, encoded once for all).
 
-A worker that dies, or does not start serving within READY_TIMEOUT, or stops reporting for
-ALIVE_TIMEOUT, is killed and replaced (after a back-off when its slot keeps failing). A newer
+A worker that dies is replaced; one that does not start serving within READY_TIMEOUT, or stops
+reporting for ALIVE_TIMEOUT, is killed and replaced (after a back-off when its slot keeps
+failing). A newer
 worker that is serving retires the older one of its slot: ticket key rotation starts a new
 generation from a new listening context, and each old worker drains — without a deadline, so
 no connection is dropped — only once its successor serves.
