@@ -838,4 +838,17 @@ def load_config_digest(path: Path) -> tuple[Config, bytes]:
     problems = check_files(config)
     if problems:
         raise ConfigError(problems)
-    return config, hashlib.sha256(text.encode()).digest()
+    return config, _digest(text)
+
+
+def config_digest(path: Path) -> bytes | None:
+    """The SHA-256 of the config file's text as load_config_digest computes it (None: it
+    cannot be read)."""
+    try:
+        return _digest(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode()).digest()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import math
 import os
@@ -28,7 +27,7 @@ from aiohttp import web
 from edged import systemd
 from edged.admin import AdminStartupError, start_admin_server
 from edged.certs import CertBundle
-from edged.config import Address, Config, Site, load_config_digest
+from edged.config import Address, Config, Site, config_digest, load_config_digest
 from edged.counters import Counters, merge_counters
 from edged.errors import ConfigError, EdgedError, Problem
 from edged.fleet import follow_changes
@@ -935,14 +934,7 @@ class Daemon:
         """Blocking: whether the config file no longer holds the text now serving."""
         if self._config_digest is None:
             return False  # not known: the stat snapshot is all there is
-        return self._config_text_digest() != self._config_digest
-
-    def _config_text_digest(self) -> bytes | None:
-        try:
-            text = self.config_path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            return None
-        return hashlib.sha256(text.encode()).digest()
+        return config_digest(self.config_path) != self._config_digest
 
     def _loaded_already(self, paths: set[Path]) -> bool:
         """Blocking (reads the config): whether `paths` is the config file alone and it holds
@@ -951,7 +943,7 @@ class Daemon:
         config_paths = {self.config_path.absolute(), Path(os.path.realpath(self.config_path))}
         if self._config_digest is None or not paths <= config_paths:
             return False
-        return self._config_text_digest() == self._config_digest
+        return config_digest(self.config_path) == self._config_digest
 
     def _store_names(self, paths: set[Path]) -> set[str] | None:
         """The names whose store bundles the changed `paths` belong to; None when anything
