@@ -44,6 +44,7 @@ class _View:
     bundles: Mapping[int, tuple[CertBundle, ...]]  # replaced, never changed, by the daemon
     states: Mapping[str, RenewalState]
     leases: Mapping[str, str]
+    now: datetime
 
 
 class DaemonOperations:
@@ -71,7 +72,13 @@ class DaemonOperations:
     def _view(self) -> _View:
         renewer = self.daemon.renewer
         config = self._config()
-        return _View(config, self.daemon.bundles, dict(renewer.states), dict(renewer.lease_holders))
+        return _View(
+            config,
+            self.daemon.bundles,
+            dict(renewer.states),
+            dict(renewer.lease_holders),
+            datetime.now(UTC),
+        )
 
     def status(self) -> dict[str, object]:
         view = self._view()
@@ -339,7 +346,7 @@ def _state(site: Site, view: _View) -> str:
     state = view.states.get(site.name)
     if state is not None:
         not_after = served[0].not_after if served else None
-        if fallback_active(state, not_after, datetime.now(UTC)):
+        if fallback_active(state, not_after, view.now):
             return "fallback"
         return state.status.value
     return "active" if served else "missing"
