@@ -146,6 +146,10 @@ class Worker:
                 self._regrace.set()
         self._stop.set()
 
+    def _stop_orphaned(self) -> None:
+        """The main process is gone: drain as a shutdown would (nobody can say more)."""
+        self._stop_within(self.config.edged.drain_timeout if self.config else 0.0)
+
     async def _read_loop(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, term: Terminator
     ) -> None:
@@ -157,7 +161,7 @@ class Worker:
                 message = None
             if message is None:  # the main process is gone: finish what is open, then exit
                 log.warning("worker %d: main process gone; draining and exiting", self.slot)
-                self._stop_within(self.config.edged.drain_timeout if self.config else 0.0)
+                self._stop_orphaned()
                 return
             assert isinstance(message, tuple)
             if message[0] == "state":
@@ -245,5 +249,5 @@ class Worker:
                 writer.write(encode(("counters", self.counters, len(term.active))))
                 await writer.drain()
             except (ConnectionError, OSError):
-                self._stop_within(self.config.edged.drain_timeout if self.config else 0.0)
+                self._stop_orphaned()
                 return
