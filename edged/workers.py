@@ -91,7 +91,6 @@ class WorkerPool:
         # 100k certificates it is ~200 MB).
         self._full: Encoded | None = None
         self._by_id: dict[int, WorkerHandle] = {}  # spawned, its pid not known yet
-        self._early: dict[int, int] = {}  # spawn id → pid reported before its handle existed
         self._by_pid: dict[int, WorkerHandle] = {}
         self._stopping = False
         self._tg: asyncio.TaskGroup | None = None
@@ -374,22 +373,20 @@ class WorkerPool:
             log.error("cannot start worker %d: %s", slot, exc)
             return None
         try:
-            await self.zygote.send(("spawn", slot, generation, spawn_id), [theirs.fileno()])
-        except OSError as exc:
-            ours.close()
-            self._lose(f"cannot reach the zygote ({exc})")
-            return None
+            ours.setblocking(False)
+            # No line limit: a full state for 100k certificates is one large message.
+            reader, writer = await asyncio.open_unix_connection(sock=ours, limit=2**31 - 1)
+            handle = WorkerHandle(spawn_id, slot, generation, writer, reader)
+            self._by_id[spawn_id] = handle  # before the command: its "spawned" report finds it
+            try:
+                await self.zygote.send(("spawn", slot, generation, spawn_id), [theirs.fileno()])
+            except OSError as exc:
+                del self._by_id[spawn_id]
+                writer.close()
+                self._lose(f"cannot reach the zygote ({exc})")
+                return None
         finally:
             theirs.close()
-        ours.setblocking(False)
-        # No line limit: a full state for 100k certificates is one large message.
-        reader, writer = await asyncio.open_unix_connection(sock=ours, limit=2**31 - 1)
-        handle = WorkerHandle(spawn_id, slot, generation, writer, reader)
-        handle.pid = self._early.pop(handle.id, 0)
-        if handle.pid:
-            self._by_pid[handle.pid] = handle
-        else:
-            self._by_id[handle.id] = handle
         self.current[slot] = handle
         self.all.add(handle)
         if self._full is None:  # encoded once for a whole generation
@@ -591,9 +588,7 @@ class WorkerPool:
             report = pickle.loads(data)
             if report[0] == "spawned":
                 handle = self._by_id.pop(report[1], None)
-                if handle is None:  # before _spawn had made its handle
-                    self._early[report[1]] = report[2]
-                elif not handle.gone.is_set():
+                if handle is not None and not handle.gone.is_set():
                     handle.pid = report[2]
                     self._by_pid[handle.pid] = handle
             elif report[0] == "spawn_failed":
