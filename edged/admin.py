@@ -97,7 +97,8 @@ class Operations(Protocol):
     Raise AdminError for a refused request (a CertError raised by `upload` is answered as
     422 invalid_cert too). Shapes the CLI reads (missing keys are shown as "-"):
 
-    status():  {"node": str, "version": str, "uptime_seconds": float, "listeners": [str],
+    status():  {"node": str, "version": str, "uptime_seconds": float, "allocator": str,
+                "listeners": [str],
                 "certs": {state: count}, "connections_active": int, ...}
     certs():   [summary, ...]; a summary is {"name": str, "names": [str], "state": str
                 ("active" | "processing" | "failed" | "fallback" | "missing"), "source": str

@@ -9,16 +9,18 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edged import __version__
+from edged import __version__, heap
 from edged.certs import chain_problem, check_bundle, describe_chain, parse_bundle
 from edged.config import DEFAULT_CONFIG_PATH, Config, Site, load_config, load_config_digest
 from edged.errors import CertError, CertReason, ConfigError, StoreError
+from edged.heap import AllocatorError
 from edged.names import NameError_, covers, normalize_name
 from edged.sources import load_site_certs, read_pem, validate_stored
 from edged.store.files import FileStore
@@ -112,8 +114,24 @@ def cmd_run(config_path: Path, level: str, log_format: str = "text") -> int:
     digest: bytes | None = None
     with contextlib.suppress(ConfigError):  # the daemon loads it again and reports each problem
         config, digest = load_config_digest(config_path)
+    try:
+        _choose_allocator(config)
+    except AllocatorError as exc:
+        logging.getLogger("edged").error("%s", exc)
+        return EXIT_INVALID
     zygote = _start_zygote(config) if config is not None else None
     return uvloop.run(Daemon(config_path, zygote, config, digest).run())
+
+
+def _choose_allocator(config: Config | None) -> None:
+    """Re-execute under jemalloc when the config asks for it (edged.heap); returns only when
+    this process keeps the allocator it has. First thing: no thread, socket or child yet."""
+    wanted = config.edged.allocator if config is not None else "auto"
+    decision = heap.plan(wanted, heap.running_allocator(), heap.find_jemalloc(), os.environ)
+    if decision.env is not None:
+        heap.reexec(decision.env)
+    heap.restore_environment()
+    logging.getLogger("edged").info("%s", decision.note)
 
 
 def _start_zygote(config: Config) -> Zygote | None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from edged.errors import ConfigError, Problem
+from edged.heap import ALLOCATORS
 from edged.names import NameError_, normalize_name
 
 DEFAULT_CONFIG_PATH = Path("/etc/edged/edged.toml")
@@ -66,6 +67,7 @@ class Address:
 class EdgedSettings:
     store: str = "certs"
     workers: int = 1
+    allocator: str = "auto"  # one of heap.ALLOCATORS; takes effect at start
     max_connections: int = 10000
     max_connections_per_ip: int = 1000  # per client address (IPv6: per /64); 0 = no limit
     idle_timeout: float = 300.0
@@ -416,6 +418,7 @@ def _parse_edged(r: _Reader, base: Path) -> EdgedSettings:
     s = EdgedSettings(
         store=r.get("store", str, d.store, "a directory or redis:// URL") or d.store,
         workers=r.integer("workers", d.workers, 0),
+        allocator=r.choice("allocator", ALLOCATORS, d.allocator),
         max_connections=r.integer("max_connections", d.max_connections, 1),
         max_connections_per_ip=r.integer("max_connections_per_ip", d.max_connections_per_ip, 0),
         idle_timeout=r.positive("idle_timeout", d.idle_timeout),

@@ -832,6 +832,8 @@ class Daemon:
                 self.config.listen, key
             ):
                 log.warning("listen.%s changed: takes effect at the next restart", key)
+        if self.config is not None and config.edged.allocator != self.config.edged.allocator:
+            log.warning("edged.allocator changed: takes effect at the next restart")
         self.store = store
         await self._apply(loaded)
         self._config_digest = digest

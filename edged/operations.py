@@ -24,6 +24,7 @@ from edged.admin import AdminError
 from edged.certs import CertBundle, check_bundle, parse_bundle
 from edged.config import Config, Site
 from edged.errors import AcmeError, StoreError
+from edged.heap import current_allocator
 from edged.names import NameError_, normalize_name
 from edged.renewal import CertStatus, RenewalState, fallback_active
 from edged.store.base import PemPair, StoredCert
@@ -94,6 +95,7 @@ class DaemonOperations:
             "node": socket.gethostname(),
             "version": __version__,
             "uptime_seconds": round(time.time() - self.daemon.started, 1),
+            "allocator": current_allocator(),
             "listeners": [f"https {a}" for a in self.daemon.listening()]
             + [f"http {a}" for a in self.daemon.http.addresses()],
             "sites": len(config.sites),

@@ -38,6 +38,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_tls as bt
 
+from edged.heap import REEXEC_MARK, find_jemalloc
+
 EVENTS_WANTED = ("Ir", "I1mr", "D1mr", "D1mw", "ILmr", "DLmr", "DLmw")
 
 
@@ -169,6 +171,12 @@ def measure(
             ll = last_level(args)
             if ll is not None:
                 tool.append(f"--LL={ll[0]},{ll[1]},{ll[2]}")
+        env = extra.get("env")
+        lib = find_jemalloc()
+        if env is not None and lib is not None and kind != "edged-sysmalloc":
+            # edged would re-execute itself under jemalloc (edged.heap), out of valgrind's
+            # sight (--trace-children=no): start it preloaded, as the re-exec would.
+            extra = {**extra, "env": {**env, "LD_PRELOAD": lib, REEXEC_MARK: ""}}
         return [*tool, f"--callgrind-out-file={d}/callgrind.out.%p", *argv], extra
 
     bt.terminator_argv = under_valgrind

@@ -62,13 +62,14 @@ from cryptography.x509.oid import NameOID  # noqa: E402
 
 PEERS = ("haproxy", "nginx", "hitch", "python-plain")
 # edged-w2: `workers = 2`; edged-nopeek: `[tls] preread = false` (no ClientHello pre-read: the
-# same-run A/B for what the pre-read costs). nginx-w2: two worker processes with a listening
-# socket each (`reuseport`, as edged's workers): what two processes sharing the one pinned core
-# cost a C terminator, the reference for edged-w2 ÷ edged.
-TERMINATORS = (*PEERS, "nginx-w2", "edged", "edged-w2", "edged-nopeek")
+# same-run A/B for what the pre-read costs); edged-sysmalloc: `allocator = "system"` (the C
+# library's malloc instead of jemalloc: the A/B for edged.heap's choice). nginx-w2: two worker
+# processes with a listening socket each (`reuseport`, as edged's workers): what two processes
+# sharing the one pinned core cost a C terminator, the reference for edged-w2 ÷ edged.
+TERMINATORS = (*PEERS, "nginx-w2", "edged", "edged-w2", "edged-nopeek", "edged-sysmalloc")
 # A second process per terminator and the one-process kind it is compared with.
 SCALED = {"edged-w2": "edged", "nginx-w2": "nginx"}
-PYTHON_TERMINATORS = ("python-plain", "edged", "edged-w2", "edged-nopeek")
+PYTHON_TERMINATORS = ("python-plain", "edged", "edged-w2", "edged-nopeek", "edged-sysmalloc")
 PY_SPY = Path(sys.executable).parent / "py-spy"
 METRICS = ("handshake", "resumed", "requests", "bulk", "idle", "startup")
 TERM_CPU, LOAD_CPU = 0, 1
@@ -472,8 +473,9 @@ log-level = 1
             str(certs.cert),
             str(certs.key),
         ], {}
-    if kind in ("edged", "edged-w2", "edged-nopeek"):
+    if kind in ("edged", "edged-w2", "edged-nopeek", "edged-sysmalloc"):
         workers = 2 if kind == "edged-w2" else 1
+        allocator = "system" if kind == "edged-sysmalloc" else "auto"
         preread = "false" if kind == "edged-nopeek" else "true"
         if many:
             store, tls, sites = certs.directory / "store", "", (certs.directory / "sites.toml")
@@ -486,6 +488,7 @@ log-level = 1
             )
         (d / "edged.toml").write_text(
             f'[edged]\nstore = "{store}"\nworkers = {workers}\ndrain_timeout = 1\n'
+            f'allocator = "{allocator}"\n'
             f"max_connections = 9000\nmax_connections_per_ip = 0\nidle_timeout = 900\n"
             f'[listen]\nhttps = ["127.0.0.1:{port}"]\nhttp = []\nmetrics = ""\nadmin = ""\n'
             f'[tls]\nalpn = ["http/1.1"]\npreread = {preread}\n{tls}' + sites_text

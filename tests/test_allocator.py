@@ -1,0 +1,214 @@
+"""[edged] allocator: `edged run` re-executes itself under jemalloc (same pid, arguments and
+sockets), workers inherit it, children get the environment edged was started with; "system"
+keeps the C library's malloc; "jemalloc" without the library is a clear error. And
+release_free_memory gives jemalloc's freed pages back too."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from edged.heap import (
+    REEXEC_MARK,
+    AllocatorError,
+    find_jemalloc,
+    plan,
+    restore_environment,
+    running_allocator,
+)
+from tests.conftest import free_port, run_backend, spawn_edged
+from tests.test_heap import SCRIPT as RELEASE_SCRIPT
+from tests.test_workers import client_context, fetch, site
+
+LIB = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+
+
+# --- the decision (pure) ----------------------------------------------------------------------
+
+
+def test_plan_reexecutes_with_jemalloc_preloaded() -> None:
+    decision = plan("auto", "system", LIB, {"PATH": "/usr/bin"})
+    assert decision.env is not None
+    assert decision.env["LD_PRELOAD"] == LIB
+    assert decision.env[REEXEC_MARK] == ""  # nothing to restore for children
+    assert decision.env["PATH"] == "/usr/bin"
+
+
+def test_plan_keeps_an_operators_preload_after_jemalloc() -> None:
+    decision = plan("jemalloc", "system", LIB, {"LD_PRELOAD": "/opt/x.so"})
+    assert decision.env is not None
+    assert decision.env["LD_PRELOAD"] == f"{LIB}:/opt/x.so"
+    assert decision.env[REEXEC_MARK] == "/opt/x.so"
+
+
+def test_plan_goes_on_when_jemalloc_runs_or_system_is_asked_for() -> None:
+    assert plan("auto", "jemalloc", LIB, {}).env is None
+    assert plan("jemalloc", "jemalloc", LIB, {}).env is None
+    decision = plan("system", "system", LIB, {})
+    assert decision.env is None
+    assert "C library" in decision.note
+
+
+def test_plan_without_the_library() -> None:
+    decision = plan("auto", "system", None, {})
+    assert decision.env is None
+    assert "install libjemalloc2" in decision.note
+    with pytest.raises(AllocatorError, match="apt-get install libjemalloc2"):
+        plan("jemalloc", "system", None, {})
+
+
+def test_plan_never_loops_when_preloading_failed() -> None:
+    """The re-executed process still runs the C library's malloc (the loader refused the
+    library): no second exec; an error only when jemalloc was required."""
+    env = {REEXEC_MARK: "", "LD_PRELOAD": LIB}
+    decision = plan("auto", "system", LIB, env)
+    assert decision.env is None
+    assert "failed" in decision.note
+    with pytest.raises(AllocatorError, match="could not be preloaded"):
+        plan("jemalloc", "system", LIB, env)
+
+
+def test_restore_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LD_PRELOAD", f"{LIB}:/opt/x.so")
+    monkeypatch.setenv(REEXEC_MARK, "/opt/x.so")
+    restore_environment()
+    assert os.environ["LD_PRELOAD"] == "/opt/x.so"
+    assert REEXEC_MARK not in os.environ
+    monkeypatch.setenv("LD_PRELOAD", LIB)
+    monkeypatch.setenv(REEXEC_MARK, "")
+    restore_environment()
+    assert "LD_PRELOAD" not in os.environ
+
+
+def test_running_allocator_reads_the_maps() -> None:
+    assert running_allocator(f"7f0-7f1 r-xp 0 08:01 12 {LIB}\n") == "jemalloc"
+    assert running_allocator("7f0-7f1 r-xp 0 08:01 12 /usr/lib/libc.so.6\n") == "system"
+    assert running_allocator() == "system"  # pytest itself runs on glibc's malloc
+
+
+# --- the real process -------------------------------------------------------------------------
+
+
+def maps_of(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+async def start(
+    tmp_path: Path, pki: dict[str, Path], backend: str, edged_extra: str
+) -> tuple[asyncio.subprocess.Process, int, int, Path]:
+    port, admin = free_port(), free_port()
+    config = tmp_path / "edged.toml"
+    config.write_text(
+        f'[edged]\nstore = "store"\n{edged_extra}\n'
+        f'[listen]\nhttps = ["127.0.0.1:{port}"]\nhttp = []\nmetrics = ""\n'
+        f'admin = "127.0.0.1:{admin}"\n[tls]\nalpn = ["http/1.1"]\n'
+        + site(backend, pki["one_cert"], pki["one_key"], "one.example.test")
+    )
+    log = tmp_path / "edged.log"
+    proc = await spawn_edged(config, log)
+    deadline = time.monotonic() + 30
+    while b"edged ready" not in log.read_bytes():
+        assert proc.returncode is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        await asyncio.sleep(0.1)
+    return proc, port, admin, log
+
+
+def status(admin: int) -> dict[str, object]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/status", timeout=5) as resp:
+        data = json.loads(resp.read())
+    assert isinstance(data, dict)
+    return data
+
+
+async def stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.terminate()
+    await asyncio.wait_for(proc.wait(), 20)
+
+
+@pytest.mark.skipif(find_jemalloc() is None, reason="libjemalloc2 is installed by scripts/install")
+async def test_edged_runs_on_jemalloc_and_so_do_its_workers(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    async with run_backend() as backend:
+        proc, port, admin, log = await start(tmp_path, pki, backend.address, "workers = 2")
+        try:
+            # The same process (pid) after the exec, now with libjemalloc mapped.
+            assert "/libjemalloc.so" in maps_of(proc.pid)
+            assert status(admin)["allocator"] == "jemalloc"
+            assert "memory allocator: jemalloc" in log.read_text()
+            deadline = time.monotonic() + 30
+            while True:
+                workers = status(admin)["workers"]
+                assert isinstance(workers, list)
+                if len(workers) == 2 and all(w["ready"] for w in workers):
+                    break
+                assert time.monotonic() < deadline, workers
+                await asyncio.sleep(0.1)
+            for worker in workers:
+                assert "/libjemalloc.so" in maps_of(int(worker["pid"]))
+            ctx = client_context(pki["ca"])
+            for _ in range(4):  # served (fetch checks the certificate and the response)
+                await asyncio.to_thread(fetch, port, ctx, "one.example.test")
+            # The exec's environment carried the preload; what edged started with had none,
+            # and that is what a hook or other child would get.
+            assert environ_of(proc.pid)["LD_PRELOAD"].endswith("libjemalloc.so.2")
+            assert "LD_PRELOAD" not in os.environ
+        finally:
+            await stop(proc)
+        assert proc.returncode == 0, log.read_text()[-2000:]
+
+
+async def test_allocator_system_keeps_the_c_librarys_malloc(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    async with run_backend() as backend:
+        proc, _, admin, log = await start(tmp_path, pki, backend.address, 'allocator = "system"')
+        try:
+            assert "/libjemalloc.so" not in maps_of(proc.pid)
+            assert status(admin)["allocator"] == "system"
+            assert "memory allocator: the C library's malloc" in log.read_text()
+        finally:
+            await stop(proc)
+
+
+def test_bad_allocator_value_is_a_config_error(tmp_path: Path) -> None:
+    from edged.config import load_config
+    from edged.errors import ConfigError
+
+    config = tmp_path / "edged.toml"
+    config.write_text('[edged]\nallocator = "tcmalloc"\n')
+    with pytest.raises(ConfigError, match="allocator"):
+        load_config(config)
+
+
+@pytest.mark.skipif(find_jemalloc() is None, reason="libjemalloc2 is installed by scripts/install")
+def test_release_free_memory_under_jemalloc() -> None:
+    lib = find_jemalloc()
+    assert lib is not None
+    out = subprocess.run(
+        [sys.executable, "-c", RELEASE_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**os.environ, "LD_PRELOAD": lib},
+    )
+    before, after, _ = (int(v) for v in out.stdout.split())
+    print(f"jemalloc: RSS after freeing {before} MiB; after release_free_memory {after} MiB")
+    assert before > 300  # jemalloc too kept what was freed (its decay had not run yet)
+    assert after < before / 3
