@@ -6,9 +6,9 @@ object over 512 bytes (PEM files, records) in the same heap. With glibc's malloc
 wander through the heap between handshakes, and a full handshake's working set spills out of
 this core's 1 MiB level-2 cache (BENCHMARKS.md); jemalloc's size classes reuse the same few
 lines. Measured per ECDSA handshake: -1.4 % instructions, -16 % level-1 data misses, -4 to
--12 % modelled level-2 misses; full ECDSA handshakes per CPU-second +6 % (three same-run A/Bs:
-1.08, 1.00, 1.06), RSA +2 %; memory per idle connection and with 100k certificates unchanged
-(BENCHMARKS.md, "jemalloc"). A malloc
+-12 % modelled level-2 misses; full ECDSA handshakes per CPU-second +1 to +8 % (four same-run
+A/Bs: 1.08, 1.00, 1.06, 1.01), RSA +2 %; memory per idle connection and with 100k certificates
+unchanged (BENCHMARKS.md, "jemalloc"). A malloc
 cannot be swapped in a running process, so `edged run` re-executes itself once, first thing,
 with LD_PRELOAD naming the library (same pid, same arguments and inherited sockets), and
 children it later starts get the environment it was started with.
