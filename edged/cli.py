@@ -129,7 +129,19 @@ def _choose_allocator(config: Config | None) -> None:
     wanted = config.edged.allocator if config is not None else "auto"
     decision = heap.plan(wanted, heap.running_allocator(), heap.find_jemalloc(), os.environ)
     if decision.env is not None:
-        heap.reexec(decision.env)
+        failed = heap.reexec(decision.env)
+        if wanted == "jemalloc":
+            raise AllocatorError(
+                f'[edged] allocator = "jemalloc": re-executing {sys.executable} with it '
+                f'preloaded failed: {failed}; set allocator = "system"'
+            )
+        logging.getLogger("edged").warning(
+            "memory allocator: the C library's malloc (re-executing %s with jemalloc "
+            "preloaded failed: %s)",
+            sys.executable,
+            failed,
+        )
+        return
     heap.restore_environment()
     logging.getLogger("edged").info("%s", decision.note)
 

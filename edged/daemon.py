@@ -834,6 +834,9 @@ class Daemon:
                 log.warning("listen.%s changed: takes effect at the next restart", key)
         if self.config is not None and config.edged.allocator != self.config.edged.allocator:
             log.warning("edged.allocator changed: takes effect at the next restart")
+        running = self.pool.count if self.pool is not None else 1
+        if self.config is not None and worker_count(config) != running:
+            log.warning("edged.workers changed: takes effect at the next restart")
         self.store = store
         await self._apply(loaded)
         self._config_digest = digest
@@ -1034,8 +1037,6 @@ class Daemon:
                     self._tg, config, worker_count(config), self.bundles, self._pending_indices()
                 )
             else:
-                if worker_count(config) != self.pool.count:
-                    log.warning("edged.workers changed: takes effect at the next restart")
                 await self.pool.sync_listeners(config)
             return
         wanted = list(config.listen.https)

@@ -113,11 +113,16 @@ def plan(wanted: str, running: str, library: str | None, environ: Mapping[str, s
     return Plan(env, f"memory allocator: jemalloc ({library})")
 
 
-def reexec(env: dict[str, str]) -> None:
-    """Replace this process by itself (same interpreter, flags and arguments) under `env`."""
+def reexec(env: dict[str, str]) -> OSError:
+    """Replace this process by itself (same interpreter, flags and arguments) under `env`;
+    returns only when the exec failed (the caller goes on with the allocator it has)."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError as exc:  # no usable sys.executable (an embedded interpreter)
+        return exc
+    raise AssertionError("unreachable: execve returned")  # pragma: no cover
 
 
 def restore_environment() -> None:

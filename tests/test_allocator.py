@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from edged.config import Config
 from edged.heap import (
     REEXEC_MARK,
     AllocatorError,
@@ -192,7 +193,7 @@ def test_bad_allocator_value_is_a_config_error(tmp_path: Path) -> None:
 
     config = tmp_path / "edged.toml"
     config.write_text('[edged]\nallocator = "tcmalloc"\n')
-    with pytest.raises(ConfigError, match="allocator"):
+    with pytest.raises(ConfigError, match=r"edged\.allocator: 'tcmalloc' is not one of"):
         load_config(config)
 
 
@@ -212,3 +213,29 @@ def test_release_free_memory_under_jemalloc() -> None:
     print(f"jemalloc: RSS after freeing {before} MiB; after release_free_memory {after} MiB")
     assert before > 300  # jemalloc too kept what was freed (its decay had not run yet)
     assert after < before / 3
+
+
+@pytest.mark.skipif(find_jemalloc() is None, reason="libjemalloc2 is installed by scripts/install")
+def test_a_failed_exec_goes_on_with_the_c_library_malloc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An interpreter edged cannot execute again (sys.executable unusable): "auto" goes on
+    with the malloc it has and says why; "jemalloc" is a startup error."""
+    from edged.cli import _choose_allocator
+    from edged.config import load_config
+
+    def config(allocator: str) -> Config:
+        path = tmp_path / f"{allocator}.toml"
+        path.write_text(
+            f'[edged]\nallocator = "{allocator}"\n[[site]]\nnames = ["a.example.test"]\n'
+            'backend = "127.0.0.1:9"\n'
+        )
+        return load_config(path)
+
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python3")
+    caplog.set_level("INFO", logger="edged")
+    _choose_allocator(config("auto"))
+    assert "re-executing /nonexistent/python3 with jemalloc preloaded failed" in caplog.text
+    assert REEXEC_MARK not in os.environ
+    with pytest.raises(AllocatorError, match="re-executing /nonexistent/python3"):
+        _choose_allocator(config("jemalloc"))

@@ -9,6 +9,8 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from edged.config import load_config_digest
 from edged.daemon import Daemon
 from edged.store import FileStore, PemPair, StoredCert
@@ -349,3 +351,26 @@ async def test_an_edit_between_reading_the_config_and_the_snapshot_is_caught(
         finally:
             daemon.request_stop()
             assert await asyncio.wait_for(task, 10) == 0
+
+
+async def test_settings_that_need_a_restart_are_logged_at_reload(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """edged.allocator (the process's malloc), edged.workers and listen.metrics cannot change
+    in a running process: a reload applies the rest and says which ones wait for a restart."""
+    c0, k0 = pair(tmp_path, "a", "restart")
+    async with run_backend() as backend:
+        body = cert_site(backend.address, c0, k0)
+        async with run_edged(tmp_path, body, edged_extra='allocator = "auto"') as edged:
+            text = edged.config_path.read_text()
+            edged.config_path.write_text(
+                text.replace('allocator = "auto"', 'allocator = "system"\nworkers = 2').replace(
+                    'metrics = ""', f'metrics = "127.0.0.1:{free_port()}"'
+                )
+            )
+            caplog.set_level("WARNING", logger="edged.daemon")
+            assert await edged.daemon.reload("signal")
+            assert "edged.allocator changed: takes effect at the next restart" in caplog.text
+            assert "edged.workers changed: takes effect at the next restart" in caplog.text
+            assert "listen.metrics changed: takes effect at the next restart" in caplog.text
+            assert await served_cn(edged, "r.example.test") == "restart"
