@@ -524,3 +524,36 @@ def test_process_killed_at_every_step(
             break
     assert seen == set(range(len(outcomes)))
     assert step > 10
+
+
+@pytest.mark.parametrize("slow", [False, True], ids=["page-cache", "thread-pool"])
+def test_preread_reads_every_entry_in_either_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slow: bool
+) -> None:
+    """sources._preread reads a large store in this thread while entries come from the page
+    cache, and hands the rest to a thread pool once a chunk waits for the disk (a cold cache;
+    forced here with a negative threshold). Either way every site gets its entry, its error or
+    None."""
+    from edged import sources
+    from edged.config import Address, Site
+    from edged.names import store_dirname
+
+    monkeypatch.setattr(sources, "PREREAD_WAIT", -1.0 if slow else 1.0)
+    store = FileStore(tmp_path / "store")
+    names = [f"p{i}.example.test" for i in range(sources.PREREAD_CHUNK * 2 + 7)]
+    for name in names[:-2]:
+        store.save(
+            StoredCert(
+                name, (name,), (PemPair("ecdsa-p256", b"C" + name.encode(), b"K"),), "upload", 0.0
+            )
+        )
+    broken = store.root / "live" / store_dirname(names[-3]) / "meta.json"
+    broken.write_text("{not json")
+    sites = [Site(i, (name,), Address("127.0.0.1", 9)) for i, name in enumerate(names)]
+    found = sources._preread(store, sites)
+    assert list(found) == names
+    for name in names[:-3]:
+        entry = found[name]
+        assert isinstance(entry, StoredCert) and entry.pairs[0].fullchain == b"C" + name.encode()
+    assert isinstance(found[names[-3]], StoreError)
+    assert found[names[-2]] is None and found[names[-1]] is None
