@@ -110,6 +110,9 @@ def cmd_run(config_path: Path, level: str, log_format: str = "text") -> int:
     from edged.logs import setup_logging
 
     setup_logging(level, log_format, sys.stderr)
+    early = heap.plan_start(heap.running_allocator(), heap.find_jemalloc(), os.environ)
+    if early is not None:
+        heap.reexec(early)  # returns only if it failed: _choose_allocator tries and says why
     config: Config | None = None
     digest: bytes | None = None
     with contextlib.suppress(ConfigError):  # the daemon loads it again and reports each problem
@@ -124,26 +127,29 @@ def cmd_run(config_path: Path, level: str, log_format: str = "text") -> int:
 
 
 def _choose_allocator(config: Config | None) -> None:
-    """Re-execute under jemalloc when the config asks for it (edged.heap); returns only when
-    this process keeps the allocator it has. First thing: no thread, socket or child yet."""
+    """Make the allocator the config asks for the one that runs (edged.heap), re-executing
+    when it is not; returns when this process keeps the one it has. Before any thread,
+    socket or child exists."""
     wanted = config.edged.allocator if config is not None else "auto"
-    decision = heap.plan(wanted, heap.running_allocator(), heap.find_jemalloc(), os.environ)
+    running = heap.running_allocator()
+    decision = heap.plan(wanted, running, heap.find_jemalloc(), os.environ)
     if decision.env is not None:
         failed = heap.reexec(decision.env)
-        if wanted == "jemalloc":
+        if running == "system" and wanted == "jemalloc":
             raise AllocatorError(
                 f'[edged] allocator = "jemalloc": re-executing {sys.executable} with it '
                 f'preloaded failed: {failed}; set allocator = "system"'
             )
         logging.getLogger("edged").warning(
-            "memory allocator: the C library's malloc (re-executing %s with jemalloc "
-            "preloaded failed: %s)",
+            "memory allocator: %s (re-executing %s %s failed: %s)",
+            "jemalloc" if running == "jemalloc" else "the C library's malloc",
             sys.executable,
+            "without jemalloc" if running == "jemalloc" else "with jemalloc preloaded",
             failed,
         )
-        return
+    else:
+        logging.getLogger("edged").info("%s", decision.note)
     heap.restore_environment()
-    logging.getLogger("edged").info("%s", decision.note)
 
 
 def _start_zygote(config: Config) -> Zygote | None:

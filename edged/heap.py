@@ -8,9 +8,10 @@ this core's 1 MiB level-2 cache (BENCHMARKS.md); jemalloc's size classes reuse t
 lines. Measured per ECDSA handshake: -1.4 % instructions, -16 % level-1 data misses, -4 to
 -12 % modelled level-2 misses; full ECDSA handshakes per CPU-second +1 to +8 % (four same-run
 A/Bs: 1.08, 1.00, 1.06, 1.01), RSA +2 %; memory per idle connection and with 100k certificates
-unchanged (BENCHMARKS.md, "jemalloc"). A malloc
-cannot be swapped in a running process, so `edged run` re-executes itself once, first thing,
-with LD_PRELOAD naming the library (same pid, same arguments and inherited sockets), and
+unchanged (BENCHMARKS.md, "jemalloc"). A malloc cannot be swapped in a running process, so
+`edged run` re-executes itself once, first thing, with LD_PRELOAD naming the library (same
+pid, same arguments and inherited sockets; before reading the config, so a large one is not
+parsed twice: a config that says "system" costs a second exec, which drops it again), and
 children it later starts get the environment it was started with.
 
 **Giving pages back.** CPython keeps bytes objects in malloc's heap, and glibc keeps memory
@@ -35,6 +36,9 @@ JEMALLOC_SONAME = "libjemalloc.so.2"
 # Set in the re-executed process's environment: the LD_PRELOAD it was started with ("" for
 # none), so that one is restored for its children, and no second exec is tried.
 REEXEC_MARK = "EDGED_ALLOCATOR_REEXEC"
+# Set when the config said "system" after the start had preloaded jemalloc: the exec that
+# drops it must not preload it again.
+SYSTEM_MARK = "EDGED_ALLOCATOR_SYSTEM"
 
 
 class AllocatorError(Exception):
@@ -79,11 +83,35 @@ class Plan:
     note: str  # for the log: what runs, or why not what was asked for
 
 
+def plan_start(
+    running: str, library: str | None, environ: Mapping[str, str]
+) -> dict[str, str] | None:
+    """Pure: before the config is read (100k sites take ~1.4 s to parse, not to be done
+    twice), the environment to re-execute with so that jemalloc runs — the default — or None.
+    plan() then checks the config's choice."""
+    if running == "jemalloc" or library is None:
+        return None
+    if REEXEC_MARK in environ or SYSTEM_MARK in environ:
+        return None
+    return _preloading(library, environ)
+
+
 def plan(wanted: str, running: str, library: str | None, environ: Mapping[str, str]) -> Plan:
     """Pure: decide from the config's `allocator`, the allocator in use, the library found
     (None: not installed) and the environment. AllocatorError when "jemalloc" is required
     and cannot be had."""
     if running == "jemalloc":
+        if wanted == "system" and REEXEC_MARK in environ:  # edged preloaded it: drop it
+            env = {k: v for k, v in environ.items() if k != REEXEC_MARK}
+            previous = environ[REEXEC_MARK]
+            if previous:
+                env["LD_PRELOAD"] = previous
+            else:
+                env.pop("LD_PRELOAD", None)
+            env[SYSTEM_MARK] = "1"
+            return Plan(env, "memory allocator: the C library's malloc ([edged] allocator)")
+        if wanted == "system":
+            return Plan(None, "memory allocator: jemalloc (preloaded by the environment)")
         return Plan(None, "memory allocator: jemalloc")
     if wanted == "system":
         return Plan(None, "memory allocator: the C library's malloc ([edged] allocator)")
@@ -106,11 +134,15 @@ def plan(wanted: str, running: str, library: str | None, environ: Mapping[str, s
             "memory allocator: the C library's malloc (install libjemalloc2 for faster "
             "handshakes, see [edged] allocator)",
         )
-    env = dict(environ)
+    return Plan(_preloading(library, environ), f"memory allocator: jemalloc ({library})")
+
+
+def _preloading(library: str, environ: Mapping[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in environ.items() if k != SYSTEM_MARK}
     previous = env.get("LD_PRELOAD", "")
     env[REEXEC_MARK] = previous
     env["LD_PRELOAD"] = f"{library}:{previous}" if previous else library
-    return Plan(env, f"memory allocator: jemalloc ({library})")
+    return env
 
 
 def reexec(env: dict[str, str]) -> OSError:
@@ -127,6 +159,7 @@ def reexec(env: dict[str, str]) -> OSError:
 
 def restore_environment() -> None:
     """In the re-executed process: give children the environment edged was started with."""
+    os.environ.pop(SYSTEM_MARK, None)
     previous = os.environ.pop(REEXEC_MARK, None)
     if previous is None:
         return

@@ -19,9 +19,11 @@ import pytest
 from edged.config import Config
 from edged.heap import (
     REEXEC_MARK,
+    SYSTEM_MARK,
     AllocatorError,
     find_jemalloc,
     plan,
+    plan_start,
     restore_environment,
     running_allocator,
 )
@@ -50,10 +52,33 @@ def test_plan_keeps_an_operators_preload_after_jemalloc() -> None:
     assert decision.env[REEXEC_MARK] == "/opt/x.so"
 
 
+def test_plan_start_preloads_before_the_config_is_read() -> None:
+    """The default (jemalloc) is had with one exec before the config is parsed; never twice,
+    never when the config's "system" already dropped it, never without the library."""
+    env = plan_start("system", LIB, {"PATH": "/usr/bin"})
+    assert env is not None and env["LD_PRELOAD"] == LIB and env[REEXEC_MARK] == ""
+    assert plan_start("jemalloc", LIB, {}) is None
+    assert plan_start("system", None, {}) is None
+    assert plan_start("system", LIB, {REEXEC_MARK: ""}) is None
+    assert plan_start("system", LIB, {SYSTEM_MARK: "1"}) is None
+
+
+def test_plan_drops_a_preload_edged_added_when_the_config_says_system() -> None:
+    environ = {"LD_PRELOAD": f"{LIB}:/opt/x.so", REEXEC_MARK: "/opt/x.so", "PATH": "/usr/bin"}
+    decision = plan("system", "jemalloc", LIB, environ)
+    assert decision.env == {"LD_PRELOAD": "/opt/x.so", SYSTEM_MARK: "1", "PATH": "/usr/bin"}
+    decision = plan("system", "jemalloc", LIB, {"LD_PRELOAD": LIB, REEXEC_MARK: ""})
+    assert decision.env == {SYSTEM_MARK: "1"}
+    # The operator's own LD_PRELOAD is theirs: edged says what runs and goes on.
+    decision = plan("system", "jemalloc", LIB, {"LD_PRELOAD": LIB})
+    assert decision.env is None
+    assert "preloaded by the environment" in decision.note
+
+
 def test_plan_goes_on_when_jemalloc_runs_or_system_is_asked_for() -> None:
-    assert plan("auto", "jemalloc", LIB, {}).env is None
-    assert plan("jemalloc", "jemalloc", LIB, {}).env is None
-    decision = plan("system", "system", LIB, {})
+    assert plan("auto", "jemalloc", LIB, {REEXEC_MARK: ""}).env is None
+    assert plan("jemalloc", "jemalloc", LIB, {REEXEC_MARK: ""}).env is None
+    decision = plan("system", "system", LIB, {SYSTEM_MARK: "1"})
     assert decision.env is None
     assert "C library" in decision.note
 
@@ -80,7 +105,9 @@ def test_plan_never_loops_when_preloading_failed() -> None:
 def test_restore_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LD_PRELOAD", f"{LIB}:/opt/x.so")
     monkeypatch.setenv(REEXEC_MARK, "/opt/x.so")
+    monkeypatch.setenv(SYSTEM_MARK, "1")
     restore_environment()
+    assert SYSTEM_MARK not in os.environ
     assert os.environ["LD_PRELOAD"] == "/opt/x.so"
     assert REEXEC_MARK not in os.environ
     monkeypatch.setenv("LD_PRELOAD", LIB)
@@ -180,7 +207,9 @@ async def test_allocator_system_keeps_the_c_librarys_malloc(
     async with run_backend() as backend:
         proc, _, admin, log = await start(tmp_path, pki, backend.address, 'allocator = "system"')
         try:
+            # Preloaded before the config was read, dropped again by a second exec.
             assert "/libjemalloc.so" not in maps_of(proc.pid)
+            assert "LD_PRELOAD" not in environ_of(proc.pid)
             assert status(admin)["allocator"] == "system"
             assert "memory allocator: the C library's malloc" in log.read_text()
         finally:
