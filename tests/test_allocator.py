@@ -6,12 +6,15 @@ release_free_memory gives jemalloc's freed pages back too."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -134,86 +137,87 @@ def environ_of(pid: int) -> dict[str, str]:
     return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
 
 
-async def start(
-    tmp_path: Path, pki: dict[str, Path], backend: str, edged_extra: str
-) -> tuple[asyncio.subprocess.Process, int, int, Path]:
+@dataclass
+class Running:
+    proc: asyncio.subprocess.Process
+    port: int
+    admin: int
+    log: Path
+
+    def status(self) -> dict[str, object]:
+        url = f"http://127.0.0.1:{self.admin}/status"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            data = json.loads(resp.read())
+        assert isinstance(data, dict)
+        return data
+
+
+@contextlib.asynccontextmanager
+async def running(tmp_path: Path, pki: dict[str, Path], edged_extra: str) -> AsyncIterator[Running]:
+    """`edged run` serving one.example.test, with `edged_extra` in [edged]; stopped (exit 0
+    checked) at the end."""
     port, admin = free_port(), free_port()
-    config = tmp_path / "edged.toml"
-    config.write_text(
-        f'[edged]\nstore = "store"\n{edged_extra}\n'
-        f'[listen]\nhttps = ["127.0.0.1:{port}"]\nhttp = []\nmetrics = ""\n'
-        f'admin = "127.0.0.1:{admin}"\n[tls]\nalpn = ["http/1.1"]\n'
-        + site(backend, pki["one_cert"], pki["one_key"], "one.example.test")
-    )
-    log = tmp_path / "edged.log"
-    proc = await spawn_edged(config, log)
-    deadline = time.monotonic() + 30
-    while b"edged ready" not in log.read_bytes():
-        assert proc.returncode is None, log.read_text()
-        assert time.monotonic() < deadline, log.read_text()
-        await asyncio.sleep(0.1)
-    return proc, port, admin, log
-
-
-def status(admin: int) -> dict[str, object]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/status", timeout=5) as resp:
-        data = json.loads(resp.read())
-    assert isinstance(data, dict)
-    return data
-
-
-async def stop(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.terminate()
-    await asyncio.wait_for(proc.wait(), 20)
+    async with run_backend() as backend:
+        config = tmp_path / "edged.toml"
+        config.write_text(
+            f'[edged]\nstore = "store"\n{edged_extra}\n'
+            f'[listen]\nhttps = ["127.0.0.1:{port}"]\nhttp = []\nmetrics = ""\n'
+            f'admin = "127.0.0.1:{admin}"\n[tls]\nalpn = ["http/1.1"]\n'
+            + site(backend.address, pki["one_cert"], pki["one_key"], "one.example.test")
+        )
+        log = tmp_path / "edged.log"
+        proc = await spawn_edged(config, log)
+        try:
+            deadline = time.monotonic() + 30
+            while b"edged ready" not in log.read_bytes():
+                assert proc.returncode is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                await asyncio.sleep(0.1)
+            yield Running(proc, port, admin, log)
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+            await asyncio.wait_for(proc.wait(), 20)
+        assert proc.returncode == 0, log.read_text()[-2000:]
 
 
 @pytest.mark.skipif(find_jemalloc() is None, reason="libjemalloc2 is installed by scripts/install")
 async def test_edged_runs_on_jemalloc_and_so_do_its_workers(
     tmp_path: Path, pki: dict[str, Path]
 ) -> None:
-    async with run_backend() as backend:
-        proc, port, admin, log = await start(tmp_path, pki, backend.address, "workers = 2")
-        try:
-            # The same process (pid) after the exec, now with libjemalloc mapped.
-            assert "/libjemalloc.so" in maps_of(proc.pid)
-            assert status(admin)["allocator"] == "jemalloc"
-            assert "memory allocator: jemalloc" in log.read_text()
-            deadline = time.monotonic() + 30
-            while True:
-                workers = status(admin)["workers"]
-                assert isinstance(workers, list)
-                if len(workers) == 2 and all(w["ready"] for w in workers):
-                    break
-                assert time.monotonic() < deadline, workers
-                await asyncio.sleep(0.1)
-            for worker in workers:
-                assert "/libjemalloc.so" in maps_of(int(worker["pid"]))
-            ctx = client_context(pki["ca"])
-            for _ in range(4):  # served (fetch checks the certificate and the response)
-                await asyncio.to_thread(fetch, port, ctx, "one.example.test")
-            # The exec's environment carried the preload; what edged started with had none,
-            # and that is what a hook or other child would get.
-            assert environ_of(proc.pid)["LD_PRELOAD"].endswith("libjemalloc.so.2")
-            assert "LD_PRELOAD" not in os.environ
-        finally:
-            await stop(proc)
-        assert proc.returncode == 0, log.read_text()[-2000:]
+    async with running(tmp_path, pki, "workers = 2") as edged:
+        # The same process (pid) after the exec, now with libjemalloc mapped; the exec's
+        # environment carried the preload.
+        assert "/libjemalloc.so" in maps_of(edged.proc.pid)
+        assert environ_of(edged.proc.pid)["LD_PRELOAD"].endswith("libjemalloc.so.2")
+        assert edged.status()["allocator"] == "jemalloc"
+        assert "memory allocator: jemalloc" in edged.log.read_text()
+        deadline = time.monotonic() + 30
+        while True:
+            workers = edged.status()["workers"]
+            assert isinstance(workers, list)
+            if len(workers) == 2 and all(w["ready"] for w in workers):
+                break
+            assert time.monotonic() < deadline, workers
+            await asyncio.sleep(0.1)
+        for worker in workers:  # forked: the same allocator
+            assert "/libjemalloc.so" in maps_of(int(worker["pid"]))
+        ctx = client_context(pki["ca"])
+        for _ in range(4):  # served (fetch checks the certificate and the response)
+            await asyncio.to_thread(fetch, edged.port, ctx, "one.example.test")
 
 
 async def test_allocator_system_keeps_the_c_librarys_malloc(
     tmp_path: Path, pki: dict[str, Path]
 ) -> None:
-    async with run_backend() as backend:
-        proc, _, admin, log = await start(tmp_path, pki, backend.address, 'allocator = "system"')
-        try:
-            # Preloaded before the config was read, dropped again by a second exec.
-            assert "/libjemalloc.so" not in maps_of(proc.pid)
-            assert "LD_PRELOAD" not in environ_of(proc.pid)
-            assert status(admin)["allocator"] == "system"
-            assert "memory allocator: the C library's malloc" in log.read_text()
-        finally:
-            await stop(proc)
+    async with running(tmp_path, pki, 'allocator = "system"') as edged:
+        # Preloaded before the config was read, dropped again by a second exec.
+        assert "/libjemalloc.so" not in maps_of(edged.proc.pid)
+        assert "LD_PRELOAD" not in environ_of(edged.proc.pid)
+        assert edged.status()["allocator"] == "system"
+        assert "memory allocator: the C library's malloc" in edged.log.read_text()
+        ctx = client_context(pki["ca"])
+        await asyncio.to_thread(fetch, edged.port, ctx, "one.example.test")
 
 
 def test_bad_allocator_value_is_a_config_error(tmp_path: Path) -> None:
