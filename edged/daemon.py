@@ -16,7 +16,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -126,16 +126,27 @@ def store_sites(config: Config) -> list[Site]:
 
 
 def prepare(
-    config: Config, config_path: Path, store: Store | None, now: datetime, *, lazy: bool = False
+    config: Config,
+    config_path: Path,
+    store: Store | None,
+    now: datetime,
+    *,
+    lazy: bool = False,
+    serving: Mapping[int, tuple[CertBundle, ...]] | None = None,
 ) -> Loaded:
     """Blocking: read and validate certificates and origin CAs. Runs in a thread. `lazy`:
-    leave the store's certificates for the background fill (see Daemon._fill)."""
+    leave the store's certificates for the background fill (see Daemon._fill). `serving`:
+    the bundles served now (a dict the daemon replaces, never changes): a stored pair with
+    the same bytes is not parsed again (sources.validate_stored)."""
     watch = watch_set(config, config_path)
     # Before reading: a change during the read shows as new.
     snapshot = take_snapshot(watch, store=not lazy)
     # An expired store certificate is still served when it is all a site has (clients decide).
     sites = [s for s in config.sites if s.cert_file is not None] if lazy else None
-    certs = load_site_certs(config, store, now, keep_expired=True, light=True, sites=sites)
+    known = {b.fullchain_pem: b for group in (serving or {}).values() for b in group}
+    certs = load_site_certs(
+        config, store, now, keep_expired=True, light=True, sites=sites, known=known
+    )
     origins, origin_problems = load_origin_contexts(config)
     certs = SiteCerts(certs.bundles, (*certs.problems, *origin_problems), certs.expired)
     pending = frozenset(s.index for s in store_sites(config)) if lazy else frozenset()
@@ -1081,7 +1092,13 @@ class Daemon:
 
     async def _prepare(self, config: Config, store: Store | None, *, lazy: bool = False) -> Loaded:
         return await asyncio.to_thread(
-            prepare, config, self.config_path, store, datetime.now(UTC), lazy=lazy
+            prepare,
+            config,
+            self.config_path,
+            store,
+            datetime.now(UTC),
+            lazy=lazy,
+            serving=self.bundles,
         )
 
     def _open_store(self, config: Config) -> Store:

@@ -374,3 +374,74 @@ async def test_settings_that_need_a_restart_are_logged_at_reload(
             assert "edged.workers changed: takes effect at the next restart" in caplog.text
             assert "listen.metrics changed: takes effect at the next restart" in caplog.text
             assert await served_cn(edged, "r.example.test") == "restart"
+
+
+async def test_a_full_reload_reuses_what_it_serves_for_unchanged_store_entries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full reload reads every store entry again, but a pair whose bytes are those of a
+    bundle being served is not parsed again: the same bundle is served on. It is still
+    checked (an expired one is reported as on the first load), and a changed entry is parsed
+    and served."""
+    from edged import sources
+
+    ca = make_ca("Reuse CA")
+    store = FileStore(tmp_path / "store")
+    store.save(stored("r.example.test", "same", ca))
+    store.save(stored("s.example.test", "old", ca))
+    async with run_backend() as backend:
+        body = "".join(
+            f'[[site]]\nnames = ["{n}"]\nbackend = "{backend.address}"\n'
+            for n in ("r.example.test", "s.example.test")
+        )
+        async with run_edged(tmp_path, body) as edged:
+            daemon = edged.daemon
+            r, s = (daemon.bundles[i][0] for i in (0, 1))
+            parsed: list[bytes] = []
+            real = sources.stored_bundle
+
+            def counting(fullchain: bytes, *args: object, **kwargs: object) -> object:
+                parsed.append(fullchain)
+                return real(fullchain, *args, **kwargs)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(sources, "stored_bundle", counting)
+            store.save(stored("s.example.test", "new", ca))
+            assert await daemon.reload("signal")
+            assert daemon.bundles[0][0] is r  # unchanged: not parsed, the same bundle
+            assert daemon.bundles[1][0] is not s
+            assert parsed == [daemon.bundles[1][0].fullchain_pem]
+            assert await served_cn(edged, "r.example.test") == "same"
+            assert await served_cn(edged, "s.example.test") == "new"
+
+
+def test_reused_bundles_are_still_checked() -> None:
+    """validate_stored with `known`: the served bundle for the same bytes is taken as is, and
+    checked like a new one (expired at `now`: refused); other key bytes: parsed."""
+    from edged import sources
+    from edged.config import Address, Site
+
+    ca = make_ca("Checked CA")
+    cert = stored("c.example.test", "checked", ca)
+    site = Site(0, ("c.example.test",), Address("127.0.0.1", 9))
+    now = datetime.now(UTC)
+    fresh, problems = sources.validate_stored(cert, site, now, False, "store", light=True)
+    assert fresh and not problems
+    known = {fresh[0].fullchain_pem: fresh[0]}
+    again, problems = sources.validate_stored(
+        cert, site, now, False, "store", light=True, known=known
+    )
+    assert again[0] is fresh[0] and not problems
+    later = fresh[0].not_after + timedelta(days=1)
+    expired, problems = sources.validate_stored(
+        cert, site, later, False, "store", light=True, known=known
+    )
+    assert not expired and any("expired" in p.message for p in problems)
+    other = StoredCert(
+        cert.name,
+        cert.names,
+        (PemPair("ecdsa-p256", cert.pairs[0].fullchain, b"another key"),),
+        cert.source,
+        cert.stored_at,
+    )
+    parsed, _ = sources.validate_stored(other, site, now, False, "store", light=True, known=known)
+    assert parsed and parsed[0] is not fresh[0] and parsed[0].key_pem == b"another key"
