@@ -21,6 +21,8 @@ import pytest
 
 from edged.config import Config
 from edged.heap import (
+    CONF_MARK,
+    JEMALLOC_CONF,
     REEXEC_MARK,
     SYSTEM_MARK,
     AllocatorError,
@@ -46,6 +48,15 @@ def test_plan_reexecutes_with_jemalloc_preloaded() -> None:
     assert decision.env["LD_PRELOAD"] == LIB
     assert decision.env[REEXEC_MARK] == ""  # nothing to restore for children
     assert decision.env["PATH"] == "/usr/bin"
+    # jemalloc's own options: freed pages back within ~1 s (RSS follows what is in use).
+    assert decision.env["MALLOC_CONF"] == JEMALLOC_CONF == "dirty_decay_ms:1000"
+    assert decision.env[CONF_MARK] == "1"
+
+
+def test_plan_keeps_an_operators_malloc_conf() -> None:
+    decision = plan("auto", "system", LIB, {"MALLOC_CONF": "narenas:2"})
+    assert decision.env is not None
+    assert decision.env["MALLOC_CONF"] == "narenas:2" and CONF_MARK not in decision.env
 
 
 def test_plan_keeps_an_operators_preload_after_jemalloc() -> None:
@@ -70,7 +81,8 @@ def test_plan_drops_a_preload_edged_added_when_the_config_says_system() -> None:
     environ = {"LD_PRELOAD": f"{LIB}:/opt/x.so", REEXEC_MARK: "/opt/x.so", "PATH": "/usr/bin"}
     decision = plan("system", "jemalloc", LIB, environ)
     assert decision.env == {"LD_PRELOAD": "/opt/x.so", SYSTEM_MARK: "1", "PATH": "/usr/bin"}
-    decision = plan("system", "jemalloc", LIB, {"LD_PRELOAD": LIB, REEXEC_MARK: ""})
+    environ = {"LD_PRELOAD": LIB, REEXEC_MARK: "", "MALLOC_CONF": JEMALLOC_CONF, CONF_MARK: "1"}
+    decision = plan("system", "jemalloc", LIB, environ)
     assert decision.env == {SYSTEM_MARK: "1"}
     # The operator's own LD_PRELOAD is theirs: edged says what runs and goes on.
     decision = plan("system", "jemalloc", LIB, {"LD_PRELOAD": LIB})
@@ -109,8 +121,11 @@ def test_restore_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LD_PRELOAD", f"{LIB}:/opt/x.so")
     monkeypatch.setenv(REEXEC_MARK, "/opt/x.so")
     monkeypatch.setenv(SYSTEM_MARK, "1")
+    monkeypatch.setenv("MALLOC_CONF", JEMALLOC_CONF)
+    monkeypatch.setenv(CONF_MARK, "1")
     restore_environment()
     assert SYSTEM_MARK not in os.environ
+    assert "MALLOC_CONF" not in os.environ and CONF_MARK not in os.environ
     assert os.environ["LD_PRELOAD"] == "/opt/x.so"
     assert REEXEC_MARK not in os.environ
     monkeypatch.setenv("LD_PRELOAD", LIB)
