@@ -110,7 +110,7 @@ def cmd_run(config_path: Path, level: str, log_format: str = "text") -> int:
     from edged.logs import setup_logging
 
     setup_logging(level, log_format, sys.stderr)
-    early = heap.plan_start(heap.running_allocator(), heap.find_jemalloc(), os.environ)
+    early = heap.plan_start(heap.current_allocator(), heap.find_jemalloc(), os.environ)
     if early is not None:
         heap.reexec(early)  # returns only if it failed: _choose_allocator tries and says why
     config: Config | None = None
@@ -131,7 +131,7 @@ def _choose_allocator(config: Config | None) -> None:
     when it is not; returns when this process keeps the one it has. Before any thread,
     socket or child exists."""
     wanted = config.edged.allocator if config is not None else "auto"
-    running = heap.running_allocator()
+    running = heap.current_allocator()
     decision = heap.plan(wanted, running, heap.find_jemalloc(), os.environ)
     if decision.env is not None:
         failed = heap.reexec(decision.env)

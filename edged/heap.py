@@ -110,15 +110,7 @@ def plan(wanted: str, running: str, library: str | None, environ: Mapping[str, s
     and cannot be had."""
     if running == "jemalloc":
         if wanted == "system" and REEXEC_MARK in environ:  # edged preloaded it: drop it
-            env = {k: v for k, v in environ.items() if k not in (REEXEC_MARK, CONF_MARK)}
-            if CONF_MARK in environ:
-                env.pop("MALLOC_CONF", None)
-            previous = environ[REEXEC_MARK]
-            if previous:
-                env["LD_PRELOAD"] = previous
-            else:
-                env.pop("LD_PRELOAD", None)
-            env[SYSTEM_MARK] = "1"
+            env = {**original_environment(environ), SYSTEM_MARK: "1"}
             return Plan(env, "memory allocator: the C library's malloc ([edged] allocator)")
         if wanted == "system":
             return Plan(None, "memory allocator: jemalloc (preloaded by the environment)")
@@ -147,6 +139,21 @@ def plan(wanted: str, running: str, library: str | None, environ: Mapping[str, s
     return Plan(_preloading(library, environ), f"memory allocator: jemalloc ({library})")
 
 
+def original_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """Pure: `environ` without what _preloading added (the inverse of it): the environment
+    edged was started with."""
+    env = {k: v for k, v in environ.items() if k not in (REEXEC_MARK, CONF_MARK, SYSTEM_MARK)}
+    if CONF_MARK in environ:
+        env.pop("MALLOC_CONF", None)
+    if REEXEC_MARK in environ:
+        previous = environ[REEXEC_MARK]
+        if previous:
+            env["LD_PRELOAD"] = previous
+        else:
+            env.pop("LD_PRELOAD", None)
+    return env
+
+
 def _preloading(library: str, environ: Mapping[str, str]) -> dict[str, str]:
     env = {k: v for k, v in environ.items() if k != SYSTEM_MARK}
     previous = env.get("LD_PRELOAD", "")
@@ -172,16 +179,10 @@ def reexec(env: dict[str, str]) -> OSError:
 
 def restore_environment() -> None:
     """In the re-executed process: give children the environment edged was started with."""
-    os.environ.pop(SYSTEM_MARK, None)
-    if os.environ.pop(CONF_MARK, None) is not None:
-        os.environ.pop("MALLOC_CONF", None)
-    previous = os.environ.pop(REEXEC_MARK, None)
-    if previous is None:
-        return
-    if previous:
-        os.environ["LD_PRELOAD"] = previous
-    else:
-        os.environ.pop("LD_PRELOAD", None)
+    original = original_environment(os.environ)
+    for key in [k for k in os.environ if k not in original]:
+        del os.environ[key]
+    os.environ.update(original)
 
 
 def _release() -> Callable[[], object] | None:
