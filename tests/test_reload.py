@@ -272,7 +272,7 @@ async def test_rollback_command_restores_previous_and_daemon_serves_it(tmp_path:
 async def test_an_edit_followed_by_a_sighup_is_one_reload(tmp_path: Path) -> None:
     """The usual "edit the config, then systemctl reload": the watcher's report of the edit
     comes while or after the SIGHUP's reload runs, and a second reload would read the same
-    files again (25 s of work with 100k store certificates): it is skipped. A real change
+    files again (~10 s of work with 100k store certificates): it is skipped. A real change
     after that still reloads."""
     c0, k0 = pair(tmp_path, "a", "once")
     async with run_backend() as backend:
