@@ -110,9 +110,6 @@ def cmd_run(config_path: Path, level: str, log_format: str = "text") -> int:
     from edged.logs import setup_logging
 
     setup_logging(level, log_format, sys.stderr)
-    early = heap.plan_start(heap.current_allocator(), heap.find_jemalloc(), os.environ)
-    if early is not None:
-        heap.reexec(early)  # returns only if it failed: _choose_allocator tries and says why
     config: Config | None = None
     digest: bytes | None = None
     with contextlib.suppress(ConfigError):  # the daemon loads it again and reports each problem

@@ -67,7 +67,7 @@ class Address:
 class EdgedSettings:
     store: str = "certs"
     workers: int = 1
-    allocator: str = "auto"  # one of heap.ALLOCATORS; takes effect at start
+    allocator: str = "system"  # one of heap.ALLOCATORS; takes effect at start
     max_connections: int = 10000
     max_connections_per_ip: int = 1000  # per client address (IPv6: per /64); 0 = no limit
     idle_timeout: float = 300.0

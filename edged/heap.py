@@ -1,18 +1,14 @@
 """The C heap: which malloc edged runs on, and giving freed pages back to the kernel.
 
-**jemalloc** (`[edged] allocator`, default "auto": jemalloc when libjemalloc2 is installed).
-OpenSSL allocates and frees a few hundred blocks per handshake, and CPython keeps every bytes
-object over 512 bytes (PEM files, records) in the same heap. With glibc's malloc those blocks
-wander through the heap between handshakes, and a full handshake's working set spills out of
-this core's 1 MiB level-2 cache (BENCHMARKS.md); jemalloc's size classes reuse the same few
-lines. Measured per ECDSA handshake: -1.4 % instructions, -16 % level-1 data misses, -4 to
--12 % modelled level-2 misses; full ECDSA handshakes per CPU-second +1 to +8 % (four same-run
-A/Bs: 1.08, 1.00, 1.06, 1.01), RSA +2 %; memory per idle connection and with 100k certificates
-unchanged (BENCHMARKS.md, "jemalloc"). A malloc cannot be swapped in a running process, so
-`edged run` re-executes itself once, first thing, with LD_PRELOAD naming the library (same
-pid, same arguments and inherited sockets; before reading the config, so a large one is not
-parsed twice: a config that says "system" costs a second exec, which drops it again), and
-children it later starts get the environment it was started with.
+**jemalloc** (`[edged] allocator`: "system" by default, "auto" or "jemalloc" to use it).
+OpenSSL allocates and frees a few hundred blocks per handshake; with jemalloc they reuse the
+same few cache lines: per ECDSA handshake -1.4 % instructions, -16 % level-1 data misses. But
+with its own 10 s page decay freed pages stay in RSS (tests/test_tls_hostile.py's slowloris
+bound fails), and with immediate purging (JEMALLOC_CONF) full ECDSA handshakes per CPU-second
+measured 0.92-0.93 of glibc's malloc (BENCHMARKS.md, "jemalloc"): hence not the default. A
+malloc cannot be swapped in a running process, so `edged run` re-executes itself once, after
+reading the config, with LD_PRELOAD naming the library (same pid, same arguments and
+inherited sockets), and children it later starts get the environment it was started with.
 
 **Giving pages back.** CPython keeps bytes objects in malloc's heap, and glibc keeps memory
 freed there in the process: after a reload of a 100k-certificate store the previous state,
@@ -91,19 +87,6 @@ class Plan:
 
     env: dict[str, str] | None  # re-execute with this environment; None: go on as we are
     note: str  # for the log: what runs, or why not what was asked for
-
-
-def plan_start(
-    running: str, library: str | None, environ: Mapping[str, str]
-) -> dict[str, str] | None:
-    """Pure: before the config is read (100k sites take ~1.4 s to parse, not to be done
-    twice), the environment to re-execute with so that jemalloc runs — the default — or None.
-    plan() then checks the config's choice."""
-    if running == "jemalloc" or library is None:
-        return None
-    if REEXEC_MARK in environ or SYSTEM_MARK in environ:
-        return None
-    return _preloading(library, environ)
 
 
 def plan(wanted: str, running: str, library: str | None, environ: Mapping[str, str]) -> Plan:

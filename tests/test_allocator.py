@@ -28,7 +28,6 @@ from edged.heap import (
     AllocatorError,
     find_jemalloc,
     plan,
-    plan_start,
     restore_environment,
     running_allocator,
 )
@@ -64,17 +63,6 @@ def test_plan_keeps_an_operators_preload_after_jemalloc() -> None:
     assert decision.env is not None
     assert decision.env["LD_PRELOAD"] == f"{LIB}:/opt/x.so"
     assert decision.env[REEXEC_MARK] == "/opt/x.so"
-
-
-def test_plan_start_preloads_before_the_config_is_read() -> None:
-    """The default (jemalloc) is had with one exec before the config is parsed; never twice,
-    never when the config's "system" already dropped it, never without the library."""
-    env = plan_start("system", LIB, {"PATH": "/usr/bin"})
-    assert env is not None and env["LD_PRELOAD"] == LIB and env[REEXEC_MARK] == ""
-    assert plan_start("jemalloc", LIB, {}) is None
-    assert plan_start("system", None, {}) is None
-    assert plan_start("system", LIB, {REEXEC_MARK: ""}) is None
-    assert plan_start("system", LIB, {SYSTEM_MARK: "1"}) is None
 
 
 def test_plan_drops_a_preload_edged_added_when_the_config_says_system() -> None:
@@ -200,7 +188,7 @@ async def running(tmp_path: Path, pki: dict[str, Path], edged_extra: str) -> Asy
 async def test_edged_runs_on_jemalloc_and_so_do_its_workers(
     tmp_path: Path, pki: dict[str, Path]
 ) -> None:
-    async with running(tmp_path, pki, "workers = 2") as edged:
+    async with running(tmp_path, pki, 'workers = 2\nallocator = "auto"') as edged:
         # The same process (pid) after the exec, now with libjemalloc mapped; the exec's
         # environment carried the preload.
         assert "/libjemalloc.so" in maps_of(edged.proc.pid)
@@ -226,7 +214,6 @@ async def test_allocator_system_keeps_the_c_librarys_malloc(
     tmp_path: Path, pki: dict[str, Path]
 ) -> None:
     async with running(tmp_path, pki, 'allocator = "system"') as edged:
-        # Preloaded before the config was read, dropped again by a second exec.
         assert "/libjemalloc.so" not in maps_of(edged.proc.pid)
         assert "LD_PRELOAD" not in environ_of(edged.proc.pid)
         assert edged.status()["allocator"] == "system"
