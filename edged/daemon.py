@@ -16,7 +16,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,14 +41,17 @@ from edged.metrics import (
     build_registry,
     start_metrics_server,
 )
-from edged.names import name_of_store_dir, store_dirname
+from edged.names import name_of_store_dir
 from edged.operations import DaemonOperations
 from edged.proxy import ProxySettings, Terminator
 from edged.reload import (
     Snapshot,
+    Stamp,
     WatchSet,
+    meta_paths,
     snapshot_entry,
     take_snapshot,
+    unchanged_entries,
     watch_changes,
     watch_set,
 )
@@ -125,6 +128,16 @@ def store_sites(config: Config) -> list[Site]:
     return [s for s in config.sites if s.cert_file is None and not s.passthrough]
 
 
+@dataclass(frozen=True)
+class Serving:
+    """What the daemon serves now, for a full load to reuse (see prepare)."""
+
+    config: Config
+    bundles: Mapping[int, tuple[CertBundle, ...]]  # a dict the daemon replaces, never changes
+    snapshot: Snapshot  # a copy: the stamps of the store entries these bundles were read from
+    unclean: Collection[str]  # store names not served as last read (see unclean_names)
+
+
 def prepare(
     config: Config,
     config_path: Path,
@@ -132,25 +145,74 @@ def prepare(
     now: datetime,
     *,
     lazy: bool = False,
-    serving: Mapping[int, tuple[CertBundle, ...]] | None = None,
+    serving: Serving | None = None,
 ) -> Loaded:
     """Blocking: read and validate certificates and origin CAs. Runs in a thread. `lazy`:
     leave the store's certificates for the background fill (see Daemon._fill). `serving`:
-    the bundles served now (a dict the daemon replaces, never changes): a stored pair with
-    the same bytes is not parsed again (sources.validate_stored)."""
+    what is served now. A store entry unchanged since its served bundles were read from it
+    (same meta.json stamp, read without a problem) is not read again, only checked again
+    (sources.recheck_served): a full reload of 100k unchanged entries read them all (~4 s,
+    and their PEM held twice meanwhile). A changed entry whose pair has the bytes of a served
+    one is not parsed again (sources.validate_stored)."""
     watch = watch_set(config, config_path)
     # Before reading: a change during the read shows as new.
     snapshot = take_snapshot(watch, store=not lazy)
     # An expired store certificate is still served when it is all a site has (clients decide).
     sites = [s for s in config.sites if s.cert_file is not None] if lazy else None
-    known = {b.fullchain_pem: b for group in (serving or {}).values() for b in group}
+    known: dict[bytes, CertBundle] = {}
+    unchanged: dict[str, tuple[CertBundle, ...]] = {}
+    if serving is not None:
+        known = {b.fullchain_pem: b for group in serving.bundles.values() for b in group}
+        if not lazy and config.store_path is not None:
+            unchanged = _unchanged_served(serving, config.store_path, snapshot)
     certs = load_site_certs(
-        config, store, now, keep_expired=True, light=True, sites=sites, known=known
+        config,
+        store,
+        now,
+        keep_expired=True,
+        light=True,
+        sites=sites,
+        known=known,
+        unchanged=unchanged,
     )
     origins, origin_problems = load_origin_contexts(config)
     certs = SiteCerts(certs.bundles, (*certs.problems, *origin_problems), certs.expired)
     pending = frozenset(s.index for s in store_sites(config)) if lazy else frozenset()
     return Loaded(config, certs, origins, watch, snapshot, pending)
+
+
+def _unchanged_served(
+    serving: Serving, store_root: Path, snapshot: Snapshot
+) -> dict[str, tuple[CertBundle, ...]]:
+    """Store name → the bundles served from its entry, for the entries unchanged since."""
+    served = {
+        site.name: bundles
+        for site in store_sites(serving.config)
+        if (bundles := serving.bundles.get(site.index)) and site.name not in serving.unclean
+    }
+    same = unchanged_entries(serving.snapshot, snapshot, store_root, served)
+    return {name: served[name] for name in same}
+
+
+def unclean_names(
+    sites: Iterable[Site], certs: SiteCerts, bundles: Mapping[int, tuple[CertBundle, ...]]
+) -> set[str]:
+    """The store names among `sites` whose served bundles are not simply what their entry
+    held when read: a problem was found (a refused pair, an expired certificate), or an older
+    certificate is kept. Their entries are read again at a full load, so that it reports what
+    it finds, as every full load did."""
+    faulty = {p.key for p in certs.problems}
+    return {
+        site.name
+        for site in sites
+        if site.cert_file is None
+        and not site.passthrough
+        and (
+            site.key in faulty
+            or site.index in certs.expired
+            or bundles.get(site.index) != certs.bundles.get(site.index)
+        )
+    }
 
 
 def _same_source(old: Site, new: Site) -> bool:
@@ -248,6 +310,9 @@ class Daemon:
         self.bundles: dict[int, tuple[CertBundle, ...]] = {}
         self._loaded_watch: WatchSet | None = None
         self._snapshot: Snapshot = {}
+        # Store names whose served certificates are not what their entry held when last read
+        # (see unclean_names): a full load reads these again even when unchanged.
+        self._unclean: set[str] = set()
         # The SHA-256 of the config text now serving (None: not known), and the files the
         # watcher reported since the last reload began (None: something else asked too): a
         # report of the config file alone that still holds that text is not reloaded again
@@ -760,6 +825,8 @@ class Daemon:
             (site, changes[site.index]) for site in sites
         )
         self.bundles = bundles
+        self._unclean.difference_update(site.name for site in sites)
+        self._unclean.update(unclean_names(sites, certs, bundles))
         if self.pool is not None and self.pool.current:
             self.pool.publish_sites(changes)
 
@@ -776,6 +843,9 @@ class Daemon:
         if not sites:
             return True
         try:
+            # Before reading, as a full load does: the stamps may be older than what is read
+            # (then the next full load reads it again), never newer.
+            stamps = await asyncio.to_thread(self._entry_stamps, [site.name for site in sites])
             certs = await self._read_sites(config, sites)
         except (EdgedError, OSError) as exc:
             log.error("reload rejected, keeping the running certificates: %s", exc)
@@ -783,7 +853,11 @@ class Daemon:
             return False
         self._log_problems(certs.problems)
         self._apply_sites(sites, certs)
-        await asyncio.to_thread(self._refresh_snapshot, [site.name for site in sites])
+        for path, stamp in stamps.items():
+            if stamp is None:
+                self._snapshot.pop(path, None)
+            else:
+                self._snapshot[path] = stamp
         await self.renewer.changed()
         result = "error" if certs.errors else "ok"
         self.counters.reloads[kind, result] += 1
@@ -792,19 +866,13 @@ class Daemon:
         log.info("reloaded (%s): %s", kind, ", ".join(site.name for site in sites))
         return result == "ok"
 
-    def _refresh_snapshot(self, names: list[str]) -> None:
-        """The snapshot entries of these names' bundles, as a full load would have taken them
-        (so the watcher's catch-up does not see them as changed again). Blocking."""
+    def _entry_stamps(self, names: list[str]) -> dict[str, Stamp | None]:
+        """The snapshot entries of these names' bundles, as a full load takes them (so the
+        watcher's catch-up does not see them as changed again). Blocking."""
         store = self.config.store_path if self.config is not None else None
         if store is None:
-            return
-        for name in names:
-            path = store.absolute() / "live" / store_dirname(name) / "meta.json"
-            entry = snapshot_entry(path)
-            if entry is None:
-                self._snapshot.pop(path, None)
-            else:
-                self._snapshot[path] = entry
+            return {}
+        return {path: snapshot_entry(path) for path in meta_paths(store, names).values()}
 
     async def _reload_locked(self, kind: str) -> bool:
         systemd.notify("RELOADING=1")
@@ -821,8 +889,11 @@ class Daemon:
             await asyncio.to_thread(release_free_memory)  # one of the two states is garbage now
 
     async def _reload_once(self, kind: str) -> bool:
+        parsed = None
+        if self.config is not None and self._config_digest is not None:
+            parsed = (self.config, self._config_digest)
         try:
-            config, digest = await asyncio.to_thread(load_config_digest, self.config_path)
+            config, digest = await asyncio.to_thread(load_config_digest, self.config_path, parsed)
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload rejected, keeping the running config: %s", problem)
@@ -873,6 +944,7 @@ class Daemon:
             loaded.certs.expired.keys(),
             loaded.pending,
         )
+        unclean = await asyncio.to_thread(unclean_names, config.sites, loaded.certs, bundles)
         publishing = self.pool is not None and self.pool.current
         served = await asyncio.to_thread(served_certs, bundles) if publishing else {}
         old_floor = self.config.tls.min_version if self.config is not None else None
@@ -893,6 +965,7 @@ class Daemon:
         self._loaded_watch = loaded.watch
         self._snapshot = loaded.snapshot
         self._snapshot_store = not loaded.pending
+        self._unclean = unclean
         if self.pool is not None and publishing:
             self.pool.publish(config, served)  # at once: no other change may come between
             if new_floor:  # the version floor lives in the listening context the workers share
@@ -1091,6 +1164,12 @@ class Daemon:
     # --- helpers --------------------------------------------------------------------------
 
     async def _prepare(self, config: Config, store: Store | None, *, lazy: bool = False) -> Loaded:
+        serving = None
+        if self.config is not None:
+            # Copies: the loop goes on changing its own while the load runs in a thread.
+            serving = Serving(
+                self.config, self.bundles, dict(self._snapshot), frozenset(self._unclean)
+            )
         return await asyncio.to_thread(
             prepare,
             config,
@@ -1098,7 +1177,7 @@ class Daemon:
             store,
             datetime.now(UTC),
             lazy=lazy,
-            serving=self.bundles,
+            serving=serving,
         )
 
     def _open_store(self, config: Config) -> Store:

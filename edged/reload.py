@@ -14,13 +14,14 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from watchfiles import awatch
 
 from edged.config import Config, config_files
+from edged.names import store_dirname
 
 log = logging.getLogger("edged.reload")
 
@@ -77,18 +78,20 @@ def _is_dir(path: Path) -> bool:
         return False
 
 
-Snapshot = dict[Path, tuple[int, int, int]]
+Stamp = tuple[int, int, int, int]  # inode, size, mtime, ctime (ns)
+Snapshot = dict[str, Stamp]  # absolute path → stamp (str keys: 100k Paths cost ~30 MiB)
 
 
 def take_snapshot(watch: WatchSet, *, store: bool = True) -> Snapshot:
-    """(inode, size, mtime) of every watched file and of each stored bundle's meta.json: the
-    state a load saw, to find changes made while no watcher was running. `store=False`: the
-    files only (a store indexed in the background is read after the watcher started)."""
-    paths = set(watch.files)
+    """The stamp of every watched file and of each stored bundle's meta.json: the state a load
+    saw, to find changes made while no watcher was running and the store entries a full load
+    need not read again. `store=False`: the files only (a store indexed in the background is
+    read after the watcher started)."""
+    paths = {str(path) for path in watch.files}
     for tree in watch.trees if store else ():
         # No live/ yet, or unreadable: the watcher and the load report it.
-        with contextlib.suppress(OSError):
-            paths.update(d / "meta.json" for d in (tree / "live").iterdir())
+        with contextlib.suppress(OSError), os.scandir(tree / "live") as entries:
+            paths.update(entry.path + "/meta.json" for entry in entries)
     snap: Snapshot = {}
     for path in paths:
         entry = snapshot_entry(path)
@@ -97,13 +100,32 @@ def take_snapshot(watch: WatchSet, *, store: bool = True) -> Snapshot:
     return snap
 
 
-def snapshot_entry(path: Path) -> tuple[int, int, int] | None:
-    """A file's (inode, size, mtime) as a Snapshot holds it; None when it cannot be read."""
+def snapshot_entry(path: str) -> Stamp | None:
+    """A file's stamp as a Snapshot holds it; None when it cannot be read. The ctime changes
+    with any write, even one that puts the size and mtime back."""
     try:
-        st = path.stat()
+        st = os.stat(path)
     except OSError:
         return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def meta_paths(store_root: Path, names: Iterable[str]) -> dict[str, str]:
+    """Store name → the path of its entry's meta.json, as a Snapshot names it."""
+    live = f"{store_root.absolute()}/live/"
+    return {name: f"{live}{store_dirname(name)}/meta.json" for name in names}
+
+
+def unchanged_entries(
+    before: Snapshot, after: Snapshot, store_root: Path, names: Iterable[str]
+) -> list[str]:
+    """The store names whose entry is in both snapshots with the same stamp: unchanged, for
+    the store writes an entry's meta.json last and by rename (a new inode)."""
+    return [
+        name
+        for name, path in meta_paths(store_root, names).items()
+        if (stamp := before.get(path)) is not None and after.get(path) == stamp
+    ]
 
 
 async def watch_changes(

@@ -138,8 +138,7 @@ def validate_stored(
     checks below run on it as on a new one (a full reload of 100k unchanged entries parsed
     every leaf again: 3.3 s).
     """
-    bundles: list[CertBundle] = []
-    expired: list[tuple[str, CertBundle]] = []
+    parsed: list[tuple[str, CertBundle]] = []
     problems: list[Problem] = []
     for pair in stored.pairs:
         source = f"{label}:{pair.key_type}"
@@ -153,6 +152,38 @@ def validate_stored(
         except CertError as exc:
             problems.append(Problem(source, site.key, exc.message))
             continue
+        parsed.append((source, bundle))
+    return _checked(parsed, site, now, require_chain, keep_expired, problems)
+
+
+def recheck_served(
+    bundles: Sequence[CertBundle],
+    site: Site,
+    now: datetime,
+    require_chain: bool,
+    label: str,
+    *,
+    keep_expired: bool = False,
+) -> tuple[tuple[CertBundle, ...], list[Problem]]:
+    """validate_stored for a store entry known unchanged since `bundles` were made from it,
+    all of its pairs (see edged.reload.unchanged_store_names): the same checks, no read."""
+    parsed = [(f"{label}:{b.key_type}", b) for b in bundles]
+    return _checked(parsed, site, now, require_chain, keep_expired, [])
+
+
+def _checked(
+    parsed: Sequence[tuple[str, CertBundle]],
+    site: Site,
+    now: datetime,
+    require_chain: bool,
+    keep_expired: bool,
+    problems: list[Problem],
+) -> tuple[tuple[CertBundle, ...], list[Problem]]:
+    """The bundles of one store entry that pass the checks (dates, names, chain); see
+    validate_stored for `keep_expired`. Adds to `problems`."""
+    bundles: list[CertBundle] = []
+    expired: list[tuple[str, CertBundle]] = []
+    for source, bundle in parsed:
         errors = check_bundle(bundle, now=now, names=site.names, require_chain=require_chain)
         if errors and keep_expired and all(e.reason is CertReason.EXPIRED for e in errors):
             expired.append((source, bundle))
@@ -220,19 +251,29 @@ def load_site_certs(
     light: bool = False,
     sites: Sequence[Site] | None = None,
     known: Mapping[bytes, CertBundle] | None = None,
+    unchanged: Mapping[str, tuple[CertBundle, ...]] | None = None,
 ) -> SiteCerts:
     """Load every site's certificates; never raises for bad input, reports it instead.
 
     `keep_expired` (the daemon): a site whose store certificates are all expired, and have no
     other fault, is served with them and listed in SiteCerts.expired (see the module doc).
     `light`, `known`: see validate_stored. `sites`: only these (a store change for a few
-    names)."""
+    names). `unchanged`: store name → the bundles served from its entry, which has not
+    changed since they were made from it: checked again, not read (see recheck_served)."""
+    unchanged = unchanged or {}
     require_chain = config.tls.require_chain
     bundles: dict[int, tuple[CertBundle, ...]] = {}
     problems: list[Problem] = []
     expired: dict[int, Problem] = {}
     chosen = config.sites if sites is None else sites
-    preread = _preread(store, [s for s in chosen if s.cert_file is None and not s.passthrough])
+    preread = _preread(
+        store,
+        [
+            s
+            for s in chosen
+            if s.cert_file is None and not s.passthrough and s.name not in unchanged
+        ],
+    )
     for site in chosen:
         if site.passthrough:
             continue  # its backend terminates TLS and holds the certificate
@@ -251,7 +292,17 @@ def load_site_certs(
                 problems.append(Problem(source, f"{site.key}.{key}", exc.message))
             continue
         found: tuple[CertBundle, ...] = ()
-        if store is not None:
+        served = unchanged.get(site.name)
+        if store is not None and served is not None:
+            found, store_problems = recheck_served(
+                served,
+                site,
+                now,
+                require_chain,
+                f"store:{site.name}",
+                keep_expired=keep_expired,
+            )
+        elif store is not None:
             found, store_problems = load_stored_bundles(
                 site,
                 store,

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """edged with many store certificates: time to the first handshake, time until the whole store
 is read (background indexing), RSS then, cold-name vs warm handshake latency, and how long a
-certificate replaced in the store takes to be served (one among N).
+certificate replaced in the store takes to be served (one among N), and what a full reload
+(SIGHUP: the config and every store entry checked again) takes in time and memory.
 
 A script, not a test: loopback only, bounded in time. Every site gets its own store entry; the
 certificate is one wildcard reused under every name (the store entries are what costs; the
@@ -9,14 +10,16 @@ distinct-certificate startup figures come from `scripts/bench tls --metrics star
 is "cold" for the data path (its site read and its routes used for the first time) but shares
 its SSLContext with the others; a context of its own adds ~1.2 ms (see BENCHMARKS.md).
 
-Run: scripts/bench many [--sites 100000] [--swaps 10] [--workdir DIR]
+Run: scripts/bench many [--sites 100000] [--swaps 10] [--reloads 3] [--workers 1] [--workdir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
+import signal
 import socket
 import ssl
 import statistics
@@ -52,11 +55,17 @@ def handshake(port: int, name: str) -> tuple[float, bytes]:
     return (time.perf_counter() - start) * 1000, cert
 
 
-def rss_mib(pid: int) -> float:
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """A /proc/<pid>/status memory field in MiB (VmHWM: the peak since the last reset)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def reset_peak(pid: int) -> None:
+    """Start VmHWM again from the current RSS (proc(5): clear_refs, 5)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def main() -> int:
@@ -64,6 +73,8 @@ def main() -> int:
     p.add_argument("--sites", type=int, default=100_000)
     p.add_argument("--swaps", type=int, default=10)
     p.add_argument("--samples", type=int, default=200, help="handshakes per latency figure")
+    p.add_argument("--reloads", type=int, default=3, help="full reloads (SIGHUP) timed")
+    p.add_argument("--workers", type=int, default=1, help="[edged] workers")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/edged-bench-many"))
     args = p.parse_args()
 
@@ -78,7 +89,8 @@ def main() -> int:
     print(f"store with {args.sites} entries written in {time.perf_counter() - t:.1f} s")
     port = free_port()
     (work / "edged.toml").write_text(
-        f'[edged]\nstore = "store"\n[listen]\nhttps = ["127.0.0.1:{port}"]\nhttp = []\n'
+        f'[edged]\nstore = "store"\nworkers = {args.workers}\n'
+        f'[listen]\nhttps = ["127.0.0.1:{port}"]\nhttp = []\n'
         f'metrics = ""\nadmin = ""\n' + many_sites_config(names, "127.0.0.1:9")
     )
 
@@ -90,12 +102,15 @@ def main() -> int:
         text=True,
     )
     indexed = threading.Event()
+    reloaded = threading.Event()
 
     def read_log() -> None:
         assert proc.stderr is not None
         for line in proc.stderr:
             if "store indexed" in line:
                 indexed.set()
+            elif "reloaded (signal)" in line:
+                reloaded.set()
 
     threading.Thread(target=read_log, daemon=True).start()
     try:
@@ -130,6 +145,17 @@ def main() -> int:
                     print(f"swap of {name} not served within 30 s")
                     return 1
             swaps.append((time.perf_counter() - t0) * 1000)
+        reloads = []  # (seconds, peak RSS MiB, RSS after MiB)
+        for _ in range(args.reloads):
+            reloaded.clear()
+            reset_peak(proc.pid)
+            t0 = time.perf_counter()
+            os.kill(proc.pid, signal.SIGHUP)
+            if not reloaded.wait(300):
+                print("full reload did not finish within 300 s")
+                return 1
+            seconds = time.perf_counter() - t0
+            reloads.append((seconds, rss_mib(proc.pid, "VmHWM"), rss_mib(proc.pid)))
     finally:
         proc.terminate()
         proc.wait(30)
@@ -144,6 +170,11 @@ def main() -> int:
         f"replaced certificate served after: median {statistics.median(swaps):.0f} ms, "
         f"max {max(swaps):.0f} ms ({len(swaps)} swaps)"
     )
+    for k, (seconds, peak, after) in enumerate(reloads, 1):
+        print(
+            f"full reload {k}: {seconds:.1f} s, main process RSS peak {peak:.0f} MiB, "
+            f"after {after:.0f} MiB"
+        )
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

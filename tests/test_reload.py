@@ -445,3 +445,176 @@ def test_reused_bundles_are_still_checked() -> None:
     )
     parsed, _ = sources.validate_stored(other, site, now, False, "store", light=True, known=known)
     assert parsed and parsed[0] is not fresh[0] and parsed[0].key_pem == b"another key"
+
+
+def stored_leaf(name: str, cn: str, ca: object, **leaf: object) -> StoredCert:
+    """A store entry for `name` holding a leaf made with `leaf` (names, dates)."""
+    made = make_leaf(ca, leaf.pop("names", [name]), cn=cn, **leaf)  # type: ignore[arg-type]
+    pair = PemPair("ecdsa-p256", fullchain(made), made.key_pem)
+    return StoredCert(name, (name,), (pair,), "upload", 0.0)
+
+
+def count_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names FileStore.load reads from now on."""
+    reads: list[str] = []
+    real = FileStore.load
+
+    def load(self: FileStore, name: str) -> StoredCert | None:
+        reads.append(name)
+        return real(self, name)
+
+    monkeypatch.setattr(FileStore, "load", load)
+    return reads
+
+
+def sites_body(backend: str, *names: str) -> str:
+    return "".join(f'[[site]]\nnames = ["{n}"]\nbackend = "{backend}"\n' for n in names)
+
+
+async def test_a_full_reload_reads_only_the_store_entries_that_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full reload does not read a store entry unchanged since its served certificate was
+    read from it (same meta.json stamp): it checks that certificate again. Entries that
+    changed are read, and so is every entry whose last read found a problem (a certificate
+    for other names, one expired), so each full reload reports those as before."""
+    ca = make_ca("Stamp CA")
+    store = FileStore(tmp_path / "store")
+    past = datetime.now(UTC) - timedelta(days=1)
+    store.save(stored_leaf("r.example.test", "same", ca))
+    store.save(stored_leaf("s.example.test", "old", ca))
+    store.save(stored_leaf("t.example.test", "other", ca, names=["x.example.test"]))
+    store.save(
+        stored_leaf(
+            "u.example.test", "expired", ca, not_before=past - timedelta(days=30), not_after=past
+        )
+    )
+    async with run_backend() as backend:
+        body = sites_body(backend.address, *(f"{n}.example.test" for n in "rstu"))
+        async with run_edged(tmp_path, body, edged_extra="watch = false") as edged:
+            daemon = edged.daemon
+            served_r = daemon.bundles[0][0]
+            reads = count_reads(monkeypatch)
+            store.save(stored_leaf("s.example.test", "new", ca))
+            caplog.set_level("WARNING")
+            assert not await daemon.reload("signal")  # t's problem makes it an "error" reload
+            # (u's twice: the expired-certificate error reads its renewal state too)
+            assert set(reads) == {"s.example.test", "t.example.test", "u.example.test"}
+            assert daemon.bundles[0][0] is served_r
+            assert "store:t.example.test" in caplog.text
+            assert await served_cn(edged, "r.example.test") == "same"
+            assert await served_cn(edged, "s.example.test") == "new"
+            assert await served_cn(edged, "u.example.test") == "expired"  # all it has
+
+            reads.clear()
+            caplog.clear()
+            assert not await daemon.reload("signal")
+            assert set(reads) == {"t.example.test", "u.example.test"}
+            assert "store:t.example.test" in caplog.text  # reported again, every full reload
+            assert "served although expired" in caplog.text
+
+            # The entry of r rewritten in place with its size and mtime put back: the ctime
+            # tells.
+            meta = tmp_path / "store/live/r.example.test/meta.json"
+            before = meta.stat()
+            meta.write_bytes(meta.read_bytes())
+            os.utime(meta, ns=(before.st_atime_ns, before.st_mtime_ns))
+            reads.clear()
+            await daemon.reload("signal")
+            assert "r.example.test" in reads
+
+
+async def test_a_store_write_during_a_names_reload_is_read_at_the_next_full_reload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload of a few names (a renewal, an upload) stamps the entries before reading them:
+    a write that lands after the read leaves the stamp older than the entry, so the next full
+    reload reads it. Stamped after the read, the full reload would take the entry as served
+    and go on serving what the first read got."""
+    ca = make_ca("Stamp CA")
+    store = FileStore(tmp_path / "store")
+    store.save(stored_leaf("s.example.test", "v1", ca))
+    async with run_backend() as backend:
+        body = sites_body(backend.address, "s.example.test")
+        async with run_edged(tmp_path, body, edged_extra="watch = false") as edged:
+            daemon = edged.daemon
+            real = daemon._read_sites
+
+            async def read_then_write(*args: object) -> object:
+                got = await real(*args)  # type: ignore[arg-type]
+                store.save(stored_leaf("s.example.test", "v3", ca))
+                return got
+
+            store.save(stored_leaf("s.example.test", "v2", ca))
+            monkeypatch.setattr(daemon, "_read_sites", read_then_write)
+            assert await daemon.reload("store", {"s.example.test"})
+            monkeypatch.undo()
+            assert await served_cn(edged, "s.example.test") == "v2"
+            assert await daemon.reload("signal")
+            assert await served_cn(edged, "s.example.test") == "v3"
+
+
+async def test_an_unchanged_config_is_not_parsed_again_but_its_files_are_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload with the config file holding the text already loaded (a SIGHUP to pick up
+    certificates) reuses the parsed config; the files it names are still checked, and a
+    changed text is parsed."""
+    from edged import config as config_module
+
+    c0, k0 = pair(tmp_path, "a", "parsed")
+    parses: list[Path] = []
+    real = config_module.parse_config
+
+    def counting(text: str, source: Path) -> object:
+        parses.append(source)
+        return real(text, source)
+
+    async with run_backend() as backend:
+        body = cert_site(backend.address, c0, k0)
+        async with run_edged(tmp_path, body, edged_extra="watch = false") as edged:
+            daemon = edged.daemon
+            monkeypatch.setattr(config_module, "parse_config", counting)
+            first = daemon.config
+            assert await daemon.reload("signal")
+            assert parses == [] and daemon.config is not first and daemon.config == first
+            moved = k0.with_suffix(".moved")
+            k0.rename(moved)
+            assert not await daemon.reload("signal")  # the key file is gone: refused
+            assert daemon.counters.reloads["signal", "error"] == 1
+            moved.rename(k0)
+            edged.config_path.write_text(edged.config_path.read_text() + "\n# edited\n")
+            assert await daemon.reload("signal")
+            assert parses == [edged.config_path.absolute()]
+            assert await served_cn(edged, "r.example.test") == "parsed"
+
+
+async def test_after_a_background_fill_a_full_reload_reads_nothing_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large store is read in the background after start (daemon.LAZY_MIN); the stamps the
+    fill took before reading cover the store once it is done, so the next full reload reads
+    only what changed since."""
+    from edged import daemon as daemon_module
+
+    monkeypatch.setattr(daemon_module, "LAZY_MIN", 2)
+    monkeypatch.setattr(daemon_module, "FILL_BATCH", 1)
+    ca = make_ca("Stamp CA")
+    store = FileStore(tmp_path / "store")
+    names = [f"{n}.example.test" for n in "abc"]
+    for name in names:
+        store.save(stored_leaf(name, "filled", ca))
+    async with (
+        run_backend() as backend,
+        run_edged(
+            tmp_path, sites_body(backend.address, *names), edged_extra="watch = false"
+        ) as edged,
+    ):
+        daemon = edged.daemon
+        await asyncio.wait_for(daemon._filled.wait(), 10)
+        reads = count_reads(monkeypatch)
+        store.save(stored_leaf("b.example.test", "changed", ca))
+        assert await daemon.reload("signal")
+        assert reads == ["b.example.test"]
+        assert await served_cn(edged, "a.example.test") == "filled"
+        assert await served_cn(edged, "b.example.test") == "changed"
