@@ -33,7 +33,7 @@ import os
 import socket
 import stat
 from collections.abc import Awaitable, Callable
-from dataclasses import is_dataclass
+from dataclasses import fields, is_dataclass
 from datetime import date, datetime
 from enum import Enum
 from pathlib import Path
@@ -141,7 +141,8 @@ def _json_default(value: object) -> object:
     if isinstance(value, set | frozenset):
         return sorted(value, key=str)
     if is_dataclass(value) and not isinstance(value, type):
-        return {k: v for k, v in vars(value).items() if not k.startswith("_")}
+        # Fields, not vars(): slotted dataclasses have no __dict__.
+        return {f.name: getattr(value, f.name) for f in fields(value) if not f.name.startswith("_")}
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 

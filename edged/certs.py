@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
+from edged.chains import split_fullchain
 from edged.errors import CertError, CertReason
 from edged.names import NameError_, covers, normalize_name
 
@@ -60,12 +61,18 @@ class CertBundle:
     not_after: datetime
     fingerprint: str
     self_issued: bool
-    fullchain_pem: bytes
+    leaf_pem: bytes  # the fullchain split (edged.chains): leaf_pem + chain_pem is all of it
+    chain_pem: bytes  # the intermediates, one object shared by the bundles of the same chain
     key_pem: bytes = field(repr=False)
+
+    @property
+    def fullchain_pem(self) -> bytes:
+        """The certificate chain as served (a new bytes object each time)."""
+        return self.leaf_pem + self.chain_pem
 
     @cached_property
     def leaf(self) -> x509.Certificate:
-        return x509.load_pem_x509_certificate(self.fullchain_pem)
+        return x509.load_pem_x509_certificate(self.leaf_pem)
 
     @cached_property
     def chain(self) -> tuple[x509.Certificate, ...]:
@@ -86,7 +93,7 @@ class CertBundle:
     @property
     def has_chain(self) -> bool:
         """Intermediates follow the leaf (counted without parsing them)."""
-        return self.fullchain_pem.count(b"-----BEGIN CERTIFICATE-----") > 1
+        return b"-----BEGIN CERTIFICATE-----" in self.chain_pem
 
 
 @dataclass(frozen=True)
@@ -175,6 +182,7 @@ def stored_bundle(fullchain: bytes, key_pem: bytes, key_type: str, *, source: st
 def _bundle(
     leaf: x509.Certificate, key_type: str, fullchain: bytes, key_pem: bytes, source: str
 ) -> CertBundle:
+    leaf_pem, chain_pem = split_fullchain(fullchain)
     return CertBundle(
         names=_dns_names(leaf, 1, source),
         key_type=key_type,
@@ -182,7 +190,8 @@ def _bundle(
         not_after=leaf.not_valid_after_utc,
         fingerprint=_fingerprint(leaf),
         self_issued=leaf.subject == leaf.issuer,
-        fullchain_pem=fullchain,
+        leaf_pem=leaf_pem,
+        chain_pem=chain_pem,
         key_pem=key_pem,
     )
 

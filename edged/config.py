@@ -148,7 +148,7 @@ class AcmeSettings:
     preflight: bool = True  # CAA / points-here / challenge self-check before a name's first order
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: one per site, 100k in each process
 class Site:
     """One `[[site]]`: its names, where its plaintext goes, where its certificate comes from."""
 

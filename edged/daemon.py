@@ -162,7 +162,7 @@ def prepare(
     known: dict[bytes, CertBundle] = {}
     unchanged: dict[str, tuple[CertBundle, ...]] = {}
     if serving is not None:
-        known = {b.fullchain_pem: b for group in serving.bundles.values() for b in group}
+        known = {b.leaf_pem: b for group in serving.bundles.values() for b in group}
         if not lazy and config.store_path is not None:
             unchanged = _unchanged_served(serving, config.store_path, snapshot)
     certs = load_site_certs(

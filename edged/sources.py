@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from edged.certs import CertBundle, _span, _when, check_bundle, parse_bundle, stored_bundle
+from edged.chains import split_fullchain
 from edged.config import Config, Site
 from edged.errors import CertError, CertReason, Problem, StoreError
 from edged.renewal import RenewalState, StateError
@@ -133,7 +134,7 @@ def validate_stored(
     are returned instead (without a problem: the caller reports them as served while expired).
     `light` (the daemon): trust what the store validated when writing, re-read only the leaf
     (see edged.certs.stored_bundle); `edged check` and uploads validate everything. With
-    `light`, `known` (the bundles being served, by their fullchain bytes) spares parsing a
+    `light`, `known` (the bundles being served, by their leaf's PEM) spares parsing a
     pair again: stored_bundle's result depends on the bytes and the key type alone, and the
     checks below run on it as on a new one (a full reload of 100k unchanged entries parsed
     every leaf again: 3.3 s).
@@ -201,8 +202,16 @@ def _checked(
 
 def _served(known: Mapping[bytes, CertBundle] | None, pair: PemPair) -> CertBundle | None:
     """The bundle in `known` made from exactly this pair, if any."""
-    found = known.get(pair.fullchain) if known else None
-    if found is not None and found.key_type == pair.key_type and found.key_pem == pair.privkey:
+    if not known:
+        return None
+    leaf, chain = split_fullchain(pair.fullchain)
+    found = known.get(leaf)
+    if (
+        found is not None
+        and found.chain_pem == chain
+        and found.key_type == pair.key_type
+        and found.key_pem == pair.privkey
+    ):
         return found
     return None
 

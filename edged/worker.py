@@ -44,6 +44,15 @@ LOAD_TIMEOUT = 5.0  # seconds a handshake waits for a certificate not read yet
 REPORT_INTERVAL = 1.0  # seconds between counter reports (what /metrics lags by at most)
 
 
+def shared_certs(
+    certs: dict[int, tuple[ServedCert, ...]],
+) -> dict[int, tuple[ServedCert, ...]]:
+    """`certs` holding this process's one copy of each chain: the certificates of one message
+    share theirs already (pickle writes a shared object once), those of separate messages
+    (renewals over weeks) would each hold their own."""
+    return {i: tuple(cert.shared() for cert in group) for i, group in certs.items()}
+
+
 def run_worker(
     slot: int,
     generation: int,
@@ -194,6 +203,7 @@ class Worker:
         selector = term.selector
         if config is None:
             assert self.config is not None
+            certs = shared_certs(certs)  # a few (a renewal) or a batch of the background fill
             self.certs.update(certs)
             current = self.config  # an O(1) lookup per change: no dict of 100k sites per delta
             changes = [
@@ -205,6 +215,7 @@ class Worker:
             self._loaded(certs)
             return
         old = self.config
+        certs = await asyncio.to_thread(shared_certs, certs)
         self.certs = dict(certs) if full else {**self.certs, **certs}
         for i in [i for i in self.certs if i >= len(config.sites)]:  # sites removed at the end
             del self.certs[i]

@@ -35,7 +35,7 @@ from edged.store.base import PemPair, StoredCert
 from edged.store.files import FileStore
 from tests.conftest import free_port
 from tests.many_certs import many_sites_config, write_many
-from tests.pki import make_ca, make_leaf
+from tests.pki import fullchain, make_ca, make_intermediate, make_leaf
 
 EDGED = str(Path(sys.executable).with_name("edged"))
 DOMAIN = "many.bench.test"
@@ -63,6 +63,22 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float:
     return 0.0
 
 
+def processes(pid: int) -> list[int]:
+    """`pid` and its descendants (with workers: the zygote and the workers)."""
+    found = [pid]
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        found += processes(int(child))
+    return found
+
+
+def pss_mib(pid: int) -> float:
+    """Proportional set size: pages shared with other processes count in part."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def reset_peak(pid: int) -> None:
     """Start VmHWM again from the current RSS (proc(5): clear_refs, 5)."""
     Path(f"/proc/{pid}/clear_refs").write_text("5")
@@ -82,10 +98,13 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     ca = make_ca("bench many CA")
-    leaf = make_leaf(ca, [f"*.{DOMAIN}"], cn="v0")
+    # One intermediate, as a public CA's chains have: the fullchain is leaf + intermediate.
+    inter = make_intermediate(ca, "bench many intermediate")
+    leaf = make_leaf(inter, [f"*.{DOMAIN}"], cn="v0")
     names = [f"n{i}.{DOMAIN}" for i in range(args.sites)]
     t = time.perf_counter()
-    write_many(work / "store", names, [PemPair("ecdsa-p256", leaf.cert_pem, leaf.key_pem)])
+    chain = fullchain(leaf, inter)
+    write_many(work / "store", names, [PemPair("ecdsa-p256", chain, leaf.key_pem)])
     print(f"store with {args.sites} entries written in {time.perf_counter() - t:.1f} s")
     port = free_port()
     (work / "edged.toml").write_text(
@@ -131,14 +150,15 @@ def main() -> int:
         cold = [handshake(port, rng.choice(names))[0] for _ in range(args.samples)]
         warm = [handshake(port, first)[0] for _ in range(args.samples)]
         full_rss = rss_mib(proc.pid)
+        tree = [(pid, rss_mib(pid), pss_mib(pid)) for pid in processes(proc.pid)]
         store = FileStore(work / "store")
         swaps = []
         for k in range(1, args.swaps + 1):
             name = rng.choice(names)
-            new = make_leaf(ca, [f"*.{DOMAIN}"], cn=f"v{k}")
+            new = make_leaf(inter, [f"*.{DOMAIN}"], cn=f"v{k}")
             _, before = handshake(port, name)
             t0 = time.perf_counter()
-            pair = PemPair("ecdsa-p256", new.cert_pem, new.key_pem)
+            pair = PemPair("ecdsa-p256", fullchain(new, inter), new.key_pem)
             store.save(StoredCert(name, (name,), (pair,), "upload", time.time()))
             while handshake(port, name)[1] == before:
                 if time.perf_counter() - t0 > 30:
@@ -162,6 +182,10 @@ def main() -> int:
     print(f"sites: {args.sites}")
     print(f"first handshake after exec: {first_s:.2f} s (RSS {first_rss:.0f} MiB)")
     print(f"whole store read after: {indexed_s:.1f} s (RSS then {full_rss:.0f} MiB)")
+    print(
+        "processes after indexing (RSS / PSS MiB): "
+        + ", ".join(f"{pid} {rss:.0f} / {pss:.0f}" for pid, rss, pss in tree)
+    )
     print(
         f"handshake median: cold name {statistics.median(cold):.2f} ms, "
         f"warm {statistics.median(warm):.2f} ms ({args.samples} each)"
