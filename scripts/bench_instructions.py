@@ -173,9 +173,10 @@ def measure(
                 tool.append(f"--LL={ll[0]},{ll[1]},{ll[2]}")
         env = extra.get("env")
         lib = find_jemalloc()
-        if env is not None and lib is not None and kind != "edged-sysmalloc":
-            # edged would re-execute itself under jemalloc (edged.heap), out of valgrind's
-            # sight (--trace-children=no): start it preloaded, as the re-exec would.
+        if env is not None and lib is not None and kind == "edged-jemalloc":
+            # With allocator = "auto" edged would re-execute itself under jemalloc
+            # (edged.heap), out of valgrind's sight (--trace-children=no): start it
+            # preloaded, as the re-exec would.
             extra = {**extra, "env": {**env, "LD_PRELOAD": lib, REEXEC_MARK: ""}}
         return [*tool, f"--callgrind-out-file={d}/callgrind.out.%p", *argv], extra
 

@@ -62,14 +62,15 @@ from cryptography.x509.oid import NameOID  # noqa: E402
 
 PEERS = ("haproxy", "nginx", "hitch", "python-plain")
 # edged-w2: `workers = 2`; edged-nopeek: `[tls] preread = false` (no ClientHello pre-read: the
-# same-run A/B for what the pre-read costs); edged-sysmalloc: `allocator = "system"` (the C
-# library's malloc instead of jemalloc: the A/B for edged.heap's choice). nginx-w2: two worker
+# same-run A/B for what the pre-read costs); edged-jemalloc: `allocator = "auto"` (jemalloc
+# instead of the C library's malloc: the A/B for the opt-in, edged.heap). Every other edged
+# kind runs with the defaults otherwise (the C library's malloc). nginx-w2: two worker
 # processes with a listening socket each (`reuseport`, as edged's workers): what two processes
 # sharing the one pinned core cost a C terminator, the reference for edged-w2 ÷ edged.
-TERMINATORS = (*PEERS, "nginx-w2", "edged", "edged-w2", "edged-nopeek", "edged-sysmalloc")
+TERMINATORS = (*PEERS, "nginx-w2", "edged", "edged-w2", "edged-nopeek", "edged-jemalloc")
 # A second process per terminator and the one-process kind it is compared with.
 SCALED = {"edged-w2": "edged", "nginx-w2": "nginx"}
-PYTHON_TERMINATORS = ("python-plain", "edged", "edged-w2", "edged-nopeek", "edged-sysmalloc")
+PYTHON_TERMINATORS = ("python-plain", "edged", "edged-w2", "edged-nopeek", "edged-jemalloc")
 PY_SPY = Path(sys.executable).parent / "py-spy"
 METRICS = ("handshake", "resumed", "requests", "bulk", "idle", "startup")
 TERM_CPU, LOAD_CPU = 0, 1
@@ -473,9 +474,9 @@ log-level = 1
             str(certs.cert),
             str(certs.key),
         ], {}
-    if kind in ("edged", "edged-w2", "edged-nopeek", "edged-sysmalloc"):
+    if kind in ("edged", "edged-w2", "edged-nopeek", "edged-jemalloc"):
         workers = 2 if kind == "edged-w2" else 1
-        allocator = "system" if kind == "edged-sysmalloc" else "auto"
+        allocator = "auto" if kind == "edged-jemalloc" else "system"
         preread = "false" if kind == "edged-nopeek" else "true"
         if many:
             store, tls, sites = certs.directory / "store", "", (certs.directory / "sites.toml")
