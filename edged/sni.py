@@ -37,7 +37,9 @@ class Servable(Protocol):
     def key_pem(self) -> bytes: ...
 
 
-@dataclass(frozen=True, slots=True)  # slots: 100k of them held per process, ~280 B each less
+# Slots: 100k of them per process, and a pickled instance (they go to the workers) would
+# otherwise get a dict of its own, ~90 B (3.11 keeps values inline until then).
+@dataclass(frozen=True, slots=True)
 class ServedCert:
     """A certificate as worker processes get it: PEM bytes and identity, no parsed objects
     (those cannot be pickled, and the main process has validated the bundle already). The
@@ -68,7 +70,7 @@ class ServedCert:
         return ServedCert(self.fingerprint, self.key_type, self.leaf_pem, chain, self.key_pem)
 
 
-@dataclass(frozen=True, slots=True)  # slots: one per name, 100k in each process
+@dataclass(frozen=True, slots=True)  # slots: one per name, 100k per process, ~40 B each less
 class Route:
     """What one configured name resolves to: its site (backend) and its certificates."""
 
