@@ -716,8 +716,10 @@ class Daemon:
             if self._stopping:
                 return False  # never bind listeners again once shutdown closed them
             if names is not None and self.config is not None:
-                return await self._reload_names_locked(kind, names)
-            return await self._reload_locked(kind)
+                with self.counters.names_reload_seconds.timed():
+                    return await self._reload_names_locked(kind, names)
+            with self.counters.full_reload_seconds.timed():
+                return await self._reload_locked(kind)
 
     async def _renew_when_filled(self) -> None:
         """The renewal loop, once every certificate has been read: before that, a site whose

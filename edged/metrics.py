@@ -256,6 +256,22 @@ class EdgedCollector(Collector):
             "Unix time of the last successful (re)load of the configuration; 0 before the first.",
             value=c.last_reload_success,
         )
+        durations = HistogramMetricFamily(
+            "edged_reload_duration_seconds",
+            "Seconds a reload took, accepted or rejected, by scope: full (the config and every "
+            "site's certificates) or names (the store certificates of a few names).",
+            labels=["scope"],
+        )
+        for scope, histogram in (
+            ("full", c.full_reload_seconds),
+            ("names", c.names_reload_seconds),
+        ):
+            snap = histogram.snapshot()
+            bounds = [repr(b) for b in snap.bounds] + ["+Inf"]
+            durations.add_metric(
+                [scope], list(zip(bounds, snap.cumulative, strict=True)), sum_value=snap.sum
+            )
+        yield durations
 
 
 def build_registry(source: MetricsSource, *, process: bool = True) -> CollectorRegistry:

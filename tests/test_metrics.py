@@ -23,7 +23,13 @@ from prometheus_client.samples import Sample
 
 from edged import __version__
 from edged.config import Address
-from edged.counters import ACME_REQUEST_BUCKETS, Counters, LatencyHistogram, merge_counters
+from edged.counters import (
+    ACME_REQUEST_BUCKETS,
+    RELOAD_BUCKETS,
+    Counters,
+    LatencyHistogram,
+    merge_counters,
+)
 from edged.metrics import (
     CertMetric,
     MetricsServerError,
@@ -84,6 +90,9 @@ def filled_source() -> FakeSource:
     c.acme_tls_alpn["no_challenge"] += 1
     for seconds in (0.001, 0.005, 0.2, 0.2, 3.0, 45.0):
         c.acme_requests.observe(seconds)
+    c.full_reload_seconds.observe(1.5)
+    c.names_reload_seconds.observe(0.02)
+    c.names_reload_seconds.observe(0.03)
     return FakeSource(
         counters=c,
         active=5,
@@ -204,8 +213,15 @@ async def test_scrape_has_exactly_the_live_values() -> None:
         ]
     )  # fmt: skip
     histogram = {k: v for k, v in got.items() if k[0].startswith("edged_acme_request_seconds")}
-    assert {k: v for k, v in got.items() if k not in histogram} == expected
+    reloads = {k: v for k, v in got.items() if k[0].startswith("edged_reload_duration_seconds")}
+    assert {k: v for k, v in got.items() if k not in histogram and k not in reloads} == expected
     assert len(histogram) == len(ACME_REQUEST_BUCKETS) + 1 + 2  # buckets, +Inf, _count, _sum
+    assert len(reloads) == 2 * (len(RELOAD_BUCKETS) + 1 + 2)  # scope full and names
+    assert reloads[key("edged_reload_duration_seconds_count", scope="full")] == 1
+    assert reloads[key("edged_reload_duration_seconds_sum", scope="full")] == 1.5
+    assert reloads[key("edged_reload_duration_seconds_count", scope="names")] == 2
+    assert reloads[key("edged_reload_duration_seconds_bucket", scope="names", le="0.05")] == 2
+    assert reloads[key("edged_reload_duration_seconds_bucket", scope="names", le="0.01")] == 0
     # The process collector is there too.
     assert "process_resident_memory_bytes " in text
     # Every family has a meaningful HELP.

@@ -522,6 +522,9 @@ async def test_a_full_reload_reads_only_the_store_entries_that_changed(
             reads.clear()
             await daemon.reload("signal")
             assert "r.example.test" in reads
+            # Each reload is timed, accepted or not (edged_reload_duration_seconds).
+            assert daemon.counters.full_reload_seconds.snapshot().count == 3
+            assert daemon.counters.names_reload_seconds.snapshot().count == 0
 
 
 async def test_a_store_write_during_a_names_reload_is_read_at_the_next_full_reload(
@@ -550,6 +553,7 @@ async def test_a_store_write_during_a_names_reload_is_read_at_the_next_full_relo
             assert await daemon.reload("store", {"s.example.test"})
             monkeypatch.undo()
             assert await served_cn(edged, "s.example.test") == "v2"
+            assert daemon.counters.names_reload_seconds.snapshot().count == 1
             assert await daemon.reload("signal")
             assert await served_cn(edged, "s.example.test") == "v3"
 
