@@ -747,10 +747,17 @@ class Daemon:
                 async with self._reload_lock:
                     if self.config is not config:
                         return
+                    # A handshake's load or a names reload may have read some meanwhile, and
+                    # maybe a newer version: what they applied stays, with their stamps.
+                    batch = [s for s in batch if self._pending(s)]
+                    certs = certs.only(batch)
                     self._log_problems(certs.problems)
                     self._apply_sites(batch, certs)
-            if snapshot is not None and self.config is config:
-                self._snapshot.update(snapshot)
+                    if snapshot is not None and config.store_path is not None:
+                        # The stamps of what this batch applied alone (taken before its read).
+                        paths = meta_paths(config.store_path, [s.name for s in batch]).values()
+                        self._snapshot.update((p, snapshot[p]) for p in paths if p in snapshot)
+            if self.config is config:
                 self._snapshot_store = True
             log.info("store indexed: %d sites in %.1fs", len(sites), time.monotonic() - started)
             await asyncio.to_thread(release_free_memory)
@@ -786,10 +793,12 @@ class Daemon:
         config = self.config
         if config is None or not self._pending(site):
             return
+        stamps = await asyncio.to_thread(self._entry_stamps, [site.name])  # before the read
         certs = await self._read_sites(config, [site])
         if self.config is config and self._pending(site):
             self._log_problems(certs.problems)
             self._apply_sites([site], certs)
+            self._record_stamps(stamps)
 
     async def _read_sites(self, config: Config, sites: list[Site]) -> SiteCerts:
         """Read and check these sites' certificates (off the loop), as a full load would."""
@@ -855,11 +864,7 @@ class Daemon:
             return False
         self._log_problems(certs.problems)
         self._apply_sites(sites, certs)
-        for path, stamp in stamps.items():
-            if stamp is None:
-                self._snapshot.pop(path, None)
-            else:
-                self._snapshot[path] = stamp
+        self._record_stamps(stamps)
         await self.renewer.changed()
         result = "error" if certs.errors else "ok"
         self.counters.reloads[kind, result] += 1
@@ -867,6 +872,13 @@ class Daemon:
             self.counters.last_reload_success = time.time()
         log.info("reloaded (%s): %s", kind, ", ".join(site.name for site in sites))
         return result == "ok"
+
+    def _record_stamps(self, stamps: Mapping[str, Stamp | None]) -> None:
+        for path, stamp in stamps.items():
+            if stamp is None:
+                self._snapshot.pop(path, None)
+            else:
+                self._snapshot[path] = stamp
 
     def _entry_stamps(self, names: list[str]) -> dict[str, Stamp | None]:
         """The snapshot entries of these names' bundles, as a full load takes them (so the

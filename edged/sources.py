@@ -43,6 +43,16 @@ class SiteCerts:
     def errors(self) -> list[Problem]:
         return [p for p in self.problems if not p.warning]
 
+    def only(self, sites: Sequence[Site]) -> SiteCerts:
+        """What was found for these sites alone."""
+        indices = {site.index for site in sites}
+        keys = {site.key for site in sites}
+        return SiteCerts(
+            {i: b for i, b in self.bundles.items() if i in indices},
+            tuple(p for p in self.problems if p.key.split(".", 1)[0] in keys),
+            {i: p for i, p in self.expired.items() if i in indices},
+        )
+
 
 def read_pem(path: Path) -> bytes:
     """Read a PEM file; CertError (not OSError) so callers report it like any bad cert."""
@@ -167,7 +177,7 @@ def recheck_served(
     keep_expired: bool = False,
 ) -> tuple[tuple[CertBundle, ...], list[Problem]]:
     """validate_stored for a store entry known unchanged since `bundles` were made from it,
-    all of its pairs (see edged.reload.unchanged_store_names): the same checks, no read."""
+    all of its pairs (see edged.reload.unchanged_entries): the same checks, no read."""
     parsed = [(f"{label}:{b.key_type}", b) for b in bundles]
     return _checked(parsed, site, now, require_chain, keep_expired, [])
 
@@ -301,27 +311,28 @@ def load_site_certs(
                 problems.append(Problem(source, f"{site.key}.{key}", exc.message))
             continue
         found: tuple[CertBundle, ...] = ()
-        served = unchanged.get(site.name)
-        if store is not None and served is not None:
-            found, store_problems = recheck_served(
-                served,
-                site,
-                now,
-                require_chain,
-                f"store:{site.name}",
-                keep_expired=keep_expired,
-            )
-        elif store is not None:
-            found, store_problems = load_stored_bundles(
-                site,
-                store,
-                now,
-                require_chain,
-                keep_expired=keep_expired,
-                light=light,
-                preread=preread,
-                known=known,
-            )
+        if store is not None:
+            served = unchanged.get(site.name)
+            if served is not None:
+                found, store_problems = recheck_served(
+                    served,
+                    site,
+                    now,
+                    require_chain,
+                    f"store:{site.name}",
+                    keep_expired=keep_expired,
+                )
+            else:
+                found, store_problems = load_stored_bundles(
+                    site,
+                    store,
+                    now,
+                    require_chain,
+                    keep_expired=keep_expired,
+                    light=light,
+                    preread=preread,
+                    known=known,
+                )
             problems.extend(store_problems)
             if found and all(b.not_after < now for b in found):
                 expired[site.index] = expired_problem(

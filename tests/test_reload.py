@@ -426,7 +426,7 @@ def test_reused_bundles_are_still_checked() -> None:
     now = datetime.now(UTC)
     fresh, problems = sources.validate_stored(cert, site, now, False, "store", light=True)
     assert fresh and not problems
-    known = {fresh[0].fullchain_pem: fresh[0]}
+    known = {fresh[0].leaf_pem: fresh[0]}
     again, problems = sources.validate_stored(
         cert, site, now, False, "store", light=True, known=known
     )
@@ -622,3 +622,147 @@ async def test_after_a_background_fill_a_full_reload_reads_nothing_unchanged(
         assert reads == ["b.example.test"]
         assert await served_cn(edged, "a.example.test") == "filled"
         assert await served_cn(edged, "b.example.test") == "changed"
+
+
+@pytest.mark.parametrize("change", ["none", "names", "require_chain", "expired"])
+def test_an_unchanged_entry_is_judged_as_a_read_one_would_be(tmp_path: Path, change: str) -> None:
+    """What a full load finds for a store entry it does not read again (its served bundles,
+    checked again) is exactly what reading it would find: the same bundles, the same problems,
+    the same expired-but-served report, for a config that changed in the meantime (names,
+    require_chain) and for a certificate that expired since."""
+    from edged import sources
+    from edged.config import parse_config
+
+    ca = make_ca("Judged CA")
+    store = FileStore(tmp_path / "store")
+    store.save(stored_leaf("r.example.test", "judged", ca))
+
+    def config(names: str, require_chain: bool) -> object:
+        text = (
+            f'[edged]\nstore = "store"\n[tls]\nrequire_chain = {str(require_chain).lower()}\n'
+            f'[[site]]\nnames = [{names}]\nbackend = "127.0.0.1:9"\n'
+        )
+        return parse_config(text, tmp_path / "edged.toml")
+
+    now = datetime.now(UTC)
+    first = sources.load_site_certs(
+        config('"r.example.test"', False),  # type: ignore[arg-type]
+        store, now, keep_expired=True, light=True,
+    )  # fmt: skip
+    served = first.bundles[0]
+    assert served and not first.problems
+    later, new_config = now, config('"r.example.test"', False)
+    if change == "names":
+        new_config = config('"r.example.test", "x.example.test"', False)
+    elif change == "require_chain":
+        new_config = config('"r.example.test"', True)
+    elif change == "expired":
+        later = served[0].not_after + timedelta(days=1)
+
+    def load(unchanged: dict[str, tuple[object, ...]]) -> tuple[object, ...]:
+        got = sources.load_site_certs(
+            new_config,  # type: ignore[arg-type]
+            store, later, keep_expired=True, light=True,
+            known={b.leaf_pem: b for b in served},
+            unchanged=unchanged,  # type: ignore[arg-type]
+        )  # fmt: skip
+        problems = [(p.source, p.key, p.message, p.warning) for p in got.problems]
+        expired = {i: str(p) for i, p in got.expired.items()}
+        return got.bundles, problems, expired
+
+    read = load({})
+    reused = load({"r.example.test": served})
+    assert reused == read
+    if change != "none":
+        assert read[1] or read[2]  # the scenario does find something to report
+
+
+async def test_the_background_fill_never_puts_back_an_older_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store change read by a names reload while the background fill was reading the same
+    entry: the fill does not apply its older read over it (nor its stamp), so a full reload
+    after that serves the newest and does not take the older one as unchanged."""
+    from edged import daemon as daemon_module
+
+    monkeypatch.setattr(daemon_module, "LAZY_MIN", 2)
+    ca = make_ca("Fill CA")
+    store = FileStore(tmp_path / "store")
+    names = ["a.example.test", "b.example.test"]
+    for name in names:
+        store.save(stored_leaf(name, "A", ca))
+    async with (
+        run_backend() as backend,
+        run_edged(
+            tmp_path, sites_body(backend.address, *names), edged_extra="watch = false"
+        ) as edged,
+    ):
+        daemon = edged.daemon
+        real = daemon._read_sites
+        nested = False
+
+        async def read_then_renew(config: object, sites: list[object]) -> object:
+            nonlocal nested
+            got = await real(config, sites)  # type: ignore[arg-type]
+            if len(sites) > 1 and not nested:  # the fill's batch, read with A
+                nested = True
+                store.save(stored_leaf("a.example.test", "B", ca))
+                assert await daemon.reload("store", {"a.example.test"})  # reads B
+            return got
+
+        monkeypatch.setattr(daemon, "_read_sites", read_then_renew)
+        await asyncio.wait_for(daemon._filled.wait(), 10)
+        assert nested
+        assert await served_cn(edged, "a.example.test") == "B"
+        assert await daemon.reload("signal")
+        assert await served_cn(edged, "a.example.test") == "B"
+        assert await served_cn(edged, "b.example.test") == "A"
+
+
+async def test_a_site_read_on_demand_keeps_the_stamp_of_its_own_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A site read on a handshake's demand before the background fill took its stamps, and
+    changed in between: the fill (which skips it) does not give it the newer stamp, so the
+    next full reload reads it again instead of taking what is served as unchanged."""
+    import threading
+
+    from edged import daemon as daemon_module
+
+    monkeypatch.setattr(daemon_module, "LAZY_MIN", 2)
+    real_snapshot = daemon_module.take_snapshot
+    entered, release = threading.Event(), threading.Event()
+
+    def gated(watch: object, *, store: bool = True) -> object:
+        if store and not release.is_set():  # the fill's snapshot (the lazy load's has no store)
+            entered.set()
+            release.wait(10)
+        return real_snapshot(watch, store=store)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(daemon_module, "take_snapshot", gated)
+    ca = make_ca("Demand CA")
+    store = FileStore(tmp_path / "store")
+    names = ["a.example.test", "b.example.test"]
+    for name in names:
+        store.save(stored_leaf(name, "A", ca))
+    loop = asyncio.get_running_loop()
+    async with (
+        run_backend() as backend,
+        run_edged(
+            tmp_path, sites_body(backend.address, *names), edged_extra="watch = false"
+        ) as edged,
+    ):
+        daemon = edged.daemon
+        try:
+            assert await loop.run_in_executor(None, entered.wait, 10)
+            assert daemon.config is not None
+            site = daemon.config.sites[0]
+            await daemon.load_now(site)  # as a handshake for a.example.test would
+            assert await served_cn(edged, "a.example.test") == "A"
+            store.save(stored_leaf("a.example.test", "B", ca))
+        finally:
+            release.set()
+        await asyncio.wait_for(daemon._filled.wait(), 10)
+        assert await served_cn(edged, "a.example.test") == "A"  # no watcher: not seen yet
+        assert await daemon.reload("signal")
+        assert await served_cn(edged, "a.example.test") == "B"
