@@ -522,9 +522,13 @@ async def test_a_full_reload_reads_only_the_store_entries_that_changed(
             reads.clear()
             await daemon.reload("signal")
             assert "r.example.test" in reads
-            # Each reload is timed, accepted or not (edged_reload_duration_seconds).
+            # Each reload is timed, accepted or not (edged_reload_duration_seconds); a store
+            # change for a name no site has is no reload (neither counted nor timed).
+            assert await daemon.reload("store", {"nobody.example.test"})
             assert daemon.counters.full_reload_seconds.snapshot().count == 3
             assert daemon.counters.names_reload_seconds.snapshot().count == 0
+            assert await daemon.reload("store", {"s.example.test"})
+            assert daemon.counters.names_reload_seconds.snapshot().count == 1
 
 
 async def test_a_store_write_during_a_names_reload_is_read_at_the_next_full_reload(
