@@ -467,6 +467,21 @@ def count_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return reads
 
 
+def lazy_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, names: list[str], cn: str
+) -> tuple[object, FileStore]:
+    """A store holding `names` (CN `cn`), past the background-fill threshold (lowered to 2):
+    the daemon starts serving before reading it."""
+    from edged import daemon as daemon_module
+
+    monkeypatch.setattr(daemon_module, "LAZY_MIN", 2)
+    ca = make_ca("Lazy CA")
+    store = FileStore(tmp_path / "store")
+    for name in names:
+        store.save(stored_leaf(name, cn, ca))
+    return ca, store
+
+
 def sites_body(backend: str, *names: str) -> str:
     return "".join(f'[[site]]\nnames = ["{n}"]\nbackend = "{backend}"\n' for n in names)
 
@@ -605,13 +620,9 @@ async def test_after_a_background_fill_a_full_reload_reads_nothing_unchanged(
     only what changed since."""
     from edged import daemon as daemon_module
 
-    monkeypatch.setattr(daemon_module, "LAZY_MIN", 2)
     monkeypatch.setattr(daemon_module, "FILL_BATCH", 1)
-    ca = make_ca("Stamp CA")
-    store = FileStore(tmp_path / "store")
     names = [f"{n}.example.test" for n in "abc"]
-    for name in names:
-        store.save(stored_leaf(name, "filled", ca))
+    ca, store = lazy_store(tmp_path, monkeypatch, names, "filled")
     async with (
         run_backend() as backend,
         run_edged(
@@ -687,14 +698,8 @@ async def test_the_background_fill_never_puts_back_an_older_read(
     """A store change read by a names reload while the background fill was reading the same
     entry: the fill does not apply its older read over it (nor its stamp), so a full reload
     after that serves the newest and does not take the older one as unchanged."""
-    from edged import daemon as daemon_module
-
-    monkeypatch.setattr(daemon_module, "LAZY_MIN", 2)
-    ca = make_ca("Fill CA")
-    store = FileStore(tmp_path / "store")
     names = ["a.example.test", "b.example.test"]
-    for name in names:
-        store.save(stored_leaf(name, "A", ca))
+    ca, store = lazy_store(tmp_path, monkeypatch, names, "A")
     async with (
         run_backend() as backend,
         run_edged(
@@ -733,7 +738,6 @@ async def test_a_site_read_on_demand_keeps_the_stamp_of_its_own_read(
 
     from edged import daemon as daemon_module
 
-    monkeypatch.setattr(daemon_module, "LAZY_MIN", 2)
     real_snapshot = daemon_module.take_snapshot
     entered, release = threading.Event(), threading.Event()
 
@@ -744,11 +748,8 @@ async def test_a_site_read_on_demand_keeps_the_stamp_of_its_own_read(
         return real_snapshot(watch, store=store)  # type: ignore[arg-type]
 
     monkeypatch.setattr(daemon_module, "take_snapshot", gated)
-    ca = make_ca("Demand CA")
-    store = FileStore(tmp_path / "store")
     names = ["a.example.test", "b.example.test"]
-    for name in names:
-        store.save(stored_leaf(name, "A", ca))
+    ca, store = lazy_store(tmp_path, monkeypatch, names, "A")
     loop = asyncio.get_running_loop()
     async with (
         run_backend() as backend,
