@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import sys
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -390,10 +392,7 @@ async def test_a_full_reload_reuses_what_it_serves_for_unchanged_store_entries(
     store.save(stored("r.example.test", "same", ca))
     store.save(stored("s.example.test", "old", ca))
     async with run_backend() as backend:
-        body = "".join(
-            f'[[site]]\nnames = ["{n}"]\nbackend = "{backend.address}"\n'
-            for n in ("r.example.test", "s.example.test")
-        )
+        body = sites_body(backend.address, "r.example.test", "s.example.test")
         async with run_edged(tmp_path, body) as edged:
             daemon = edged.daemon
             r, s = (daemon.bundles[i][0] for i in (0, 1))
@@ -486,6 +485,19 @@ def sites_body(backend: str, *names: str) -> str:
     return "".join(f'[[site]]\nnames = ["{n}"]\nbackend = "{backend}"\n' for n in names)
 
 
+@contextlib.asynccontextmanager
+async def unwatched_sites(tmp_path: Path, *names: str) -> AsyncIterator[Edged]:
+    """edged serving one store site per name (CN as stored) to a backend, with the watcher
+    off: only the reloads a test asks for happen."""
+    async with (
+        run_backend() as backend,
+        run_edged(
+            tmp_path, sites_body(backend.address, *names), edged_extra="watch = false"
+        ) as edged,
+    ):
+        yield edged
+
+
 async def test_a_full_reload_reads_only_the_store_entries_that_changed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -504,46 +516,44 @@ async def test_a_full_reload_reads_only_the_store_entries_that_changed(
             "u.example.test", "expired", ca, not_before=past - timedelta(days=30), not_after=past
         )
     )
-    async with run_backend() as backend:
-        body = sites_body(backend.address, *(f"{n}.example.test" for n in "rstu"))
-        async with run_edged(tmp_path, body, edged_extra="watch = false") as edged:
-            daemon = edged.daemon
-            served_r = daemon.bundles[0][0]
-            reads = count_reads(monkeypatch)
-            store.save(stored_leaf("s.example.test", "new", ca))
-            caplog.set_level("WARNING")
-            assert not await daemon.reload("signal")  # t's problem makes it an "error" reload
-            # (u's twice: the expired-certificate error reads its renewal state too)
-            assert set(reads) == {"s.example.test", "t.example.test", "u.example.test"}
-            assert daemon.bundles[0][0] is served_r
-            assert "store:t.example.test" in caplog.text
-            assert await served_cn(edged, "r.example.test") == "same"
-            assert await served_cn(edged, "s.example.test") == "new"
-            assert await served_cn(edged, "u.example.test") == "expired"  # all it has
+    async with unwatched_sites(tmp_path, *(f"{n}.example.test" for n in "rstu")) as edged:
+        daemon = edged.daemon
+        served_r = daemon.bundles[0][0]
+        reads = count_reads(monkeypatch)
+        store.save(stored_leaf("s.example.test", "new", ca))
+        caplog.set_level("WARNING")
+        assert not await daemon.reload("signal")  # t's problem makes it an "error" reload
+        # (u's twice: the expired-certificate error reads its renewal state too)
+        assert set(reads) == {"s.example.test", "t.example.test", "u.example.test"}
+        assert daemon.bundles[0][0] is served_r
+        assert "store:t.example.test" in caplog.text
+        assert await served_cn(edged, "r.example.test") == "same"
+        assert await served_cn(edged, "s.example.test") == "new"
+        assert await served_cn(edged, "u.example.test") == "expired"  # all it has
 
-            reads.clear()
-            caplog.clear()
-            assert not await daemon.reload("signal")
-            assert set(reads) == {"t.example.test", "u.example.test"}
-            assert "store:t.example.test" in caplog.text  # reported again, every full reload
-            assert "served although expired" in caplog.text
+        reads.clear()
+        caplog.clear()
+        assert not await daemon.reload("signal")
+        assert set(reads) == {"t.example.test", "u.example.test"}
+        assert "store:t.example.test" in caplog.text  # reported again, every full reload
+        assert "served although expired" in caplog.text
 
-            # The entry of r rewritten in place with its size and mtime put back: the ctime
-            # tells.
-            meta = tmp_path / "store/live/r.example.test/meta.json"
-            before = meta.stat()
-            meta.write_bytes(meta.read_bytes())
-            os.utime(meta, ns=(before.st_atime_ns, before.st_mtime_ns))
-            reads.clear()
-            await daemon.reload("signal")
-            assert "r.example.test" in reads
-            # Each reload is timed, accepted or not (edged_reload_duration_seconds); a store
-            # change for a name no site has is no reload (neither counted nor timed).
-            assert await daemon.reload("store", {"nobody.example.test"})
-            assert daemon.counters.full_reload_seconds.snapshot().count == 3
-            assert daemon.counters.names_reload_seconds.snapshot().count == 0
-            assert await daemon.reload("store", {"s.example.test"})
-            assert daemon.counters.names_reload_seconds.snapshot().count == 1
+        # The entry of r rewritten in place with its size and mtime put back: the ctime
+        # tells.
+        meta = tmp_path / "store/live/r.example.test/meta.json"
+        before = meta.stat()
+        meta.write_bytes(meta.read_bytes())
+        os.utime(meta, ns=(before.st_atime_ns, before.st_mtime_ns))
+        reads.clear()
+        await daemon.reload("signal")
+        assert "r.example.test" in reads
+        # Each reload is timed, accepted or not (edged_reload_duration_seconds); a store
+        # change for a name no site has is no reload (neither counted nor timed).
+        assert await daemon.reload("store", {"nobody.example.test"})
+        assert daemon.counters.full_reload_seconds.snapshot().count == 3
+        assert daemon.counters.names_reload_seconds.snapshot().count == 0
+        assert await daemon.reload("store", {"s.example.test"})
+        assert daemon.counters.names_reload_seconds.snapshot().count == 1
 
 
 async def test_a_store_write_during_a_names_reload_is_read_at_the_next_full_reload(
@@ -556,25 +566,23 @@ async def test_a_store_write_during_a_names_reload_is_read_at_the_next_full_relo
     ca = make_ca("Stamp CA")
     store = FileStore(tmp_path / "store")
     store.save(stored_leaf("s.example.test", "v1", ca))
-    async with run_backend() as backend:
-        body = sites_body(backend.address, "s.example.test")
-        async with run_edged(tmp_path, body, edged_extra="watch = false") as edged:
-            daemon = edged.daemon
-            real = daemon._read_sites
+    async with unwatched_sites(tmp_path, "s.example.test") as edged:
+        daemon = edged.daemon
+        real = daemon._read_sites
 
-            async def read_then_write(*args: object) -> object:
-                got = await real(*args)  # type: ignore[arg-type]
-                store.save(stored_leaf("s.example.test", "v3", ca))
-                return got
+        async def read_then_write(*args: object) -> object:
+            got = await real(*args)  # type: ignore[arg-type]
+            store.save(stored_leaf("s.example.test", "v3", ca))
+            return got
 
-            store.save(stored_leaf("s.example.test", "v2", ca))
-            monkeypatch.setattr(daemon, "_read_sites", read_then_write)
-            assert await daemon.reload("store", {"s.example.test"})
-            monkeypatch.undo()
-            assert await served_cn(edged, "s.example.test") == "v2"
-            assert daemon.counters.names_reload_seconds.snapshot().count == 1
-            assert await daemon.reload("signal")
-            assert await served_cn(edged, "s.example.test") == "v3"
+        store.save(stored_leaf("s.example.test", "v2", ca))
+        monkeypatch.setattr(daemon, "_read_sites", read_then_write)
+        assert await daemon.reload("store", {"s.example.test"})
+        monkeypatch.undo()
+        assert await served_cn(edged, "s.example.test") == "v2"
+        assert daemon.counters.names_reload_seconds.snapshot().count == 1
+        assert await daemon.reload("signal")
+        assert await served_cn(edged, "s.example.test") == "v3"
 
 
 async def test_an_unchanged_config_is_not_parsed_again_but_its_files_are_checked(
@@ -623,12 +631,7 @@ async def test_after_a_background_fill_a_full_reload_reads_nothing_unchanged(
     monkeypatch.setattr(daemon_module, "FILL_BATCH", 1)
     names = [f"{n}.example.test" for n in "abc"]
     ca, store = lazy_store(tmp_path, monkeypatch, names, "filled")
-    async with (
-        run_backend() as backend,
-        run_edged(
-            tmp_path, sites_body(backend.address, *names), edged_extra="watch = false"
-        ) as edged,
-    ):
+    async with unwatched_sites(tmp_path, *names) as edged:
         daemon = edged.daemon
         await asyncio.wait_for(daemon._filled.wait(), 10)
         reads = count_reads(monkeypatch)
@@ -700,12 +703,7 @@ async def test_the_background_fill_never_puts_back_an_older_read(
     after that serves the newest and does not take the older one as unchanged."""
     names = ["a.example.test", "b.example.test"]
     ca, store = lazy_store(tmp_path, monkeypatch, names, "A")
-    async with (
-        run_backend() as backend,
-        run_edged(
-            tmp_path, sites_body(backend.address, *names), edged_extra="watch = false"
-        ) as edged,
-    ):
+    async with unwatched_sites(tmp_path, *names) as edged:
         daemon = edged.daemon
         real = daemon._read_sites
         nested = False
@@ -751,12 +749,7 @@ async def test_a_site_read_on_demand_keeps_the_stamp_of_its_own_read(
     names = ["a.example.test", "b.example.test"]
     ca, store = lazy_store(tmp_path, monkeypatch, names, "A")
     loop = asyncio.get_running_loop()
-    async with (
-        run_backend() as backend,
-        run_edged(
-            tmp_path, sites_body(backend.address, *names), edged_extra="watch = false"
-        ) as edged,
-    ):
+    async with unwatched_sites(tmp_path, *names) as edged:
         daemon = edged.daemon
         try:
             assert await loop.run_in_executor(None, entered.wait, 10)
