@@ -176,6 +176,11 @@ class Site:
         return self.mode == "passthrough"
 
     @property
+    def stored(self) -> bool:
+        """Its certificates come from the store: no cert_file, and edged terminates its TLS."""
+        return self.cert_file is None and not self.passthrough
+
+    @property
     def name(self) -> str:
         """The site's first name: its certificate's directory in the store."""
         return self.names[0]

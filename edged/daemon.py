@@ -125,7 +125,7 @@ def load_origin_contexts(config: Config) -> tuple[dict[int, ssl.SSLContext], lis
 
 def store_sites(config: Config) -> list[Site]:
     """The sites whose certificates come from the store (not files, not passthrough)."""
-    return [s for s in config.sites if s.cert_file is None and not s.passthrough]
+    return [s for s in config.sites if s.stored]
 
 
 @dataclass(frozen=True)
@@ -205,8 +205,7 @@ def unclean_names(
     return {
         site.name
         for site in sites
-        if site.cert_file is None
-        and not site.passthrough
+        if site.stored
         and (
             site.key in faulty
             or site.index in certs.expired

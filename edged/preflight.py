@@ -89,7 +89,7 @@ def preflight_sites(config: Config, store: Store | None = None) -> list[Site]:
         return []
     if store is not None:
         return managed_sites(config, store)
-    return [site for site in config.sites if site.cert_file is None and not site.passthrough]
+    return [site for site in config.sites if site.stored]
 
 
 async def run_preflight(

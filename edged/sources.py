@@ -285,14 +285,7 @@ def load_site_certs(
     problems: list[Problem] = []
     expired: dict[int, Problem] = {}
     chosen = config.sites if sites is None else sites
-    preread = _preread(
-        store,
-        [
-            s
-            for s in chosen
-            if s.cert_file is None and not s.passthrough and s.name not in unchanged
-        ],
-    )
+    preread = _preread(store, [s for s in chosen if s.stored and s.name not in unchanged])
     for site in chosen:
         if site.passthrough:
             continue  # its backend terminates TLS and holds the certificate
