@@ -1018,9 +1018,15 @@ class Daemon:
             return
         # A store indexed in the background (lazy start) was read after the watcher started:
         # compare the files only, or the whole store would look changed.
-        now = await asyncio.to_thread(take_snapshot, self._watching, store=self._snapshot_store)
+        watching, with_store = self._watching, self._snapshot_store
+        now = await asyncio.to_thread(take_snapshot, watching, store=with_store)
+        before = self._snapshot
+        if not with_store:
+            # The files only, as `now`: entries read on demand meanwhile have their stamps too.
+            files = {str(path) for path in watching.files}
+            before = {path: stamp for path, stamp in before.items() if path in files}
         # The config is read before the snapshot is taken: an edit in between shows in its text.
-        if now != self._snapshot or await asyncio.to_thread(self._config_differs):
+        if now != before or await asyncio.to_thread(self._config_differs):
             log.info("files changed while not watched: reloading")
             self._changed = None  # not only what the watcher reports: never skipped
             self.request_reload("file")

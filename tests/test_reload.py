@@ -764,3 +764,42 @@ async def test_a_site_read_on_demand_keeps_the_stamp_of_its_own_read(
         assert await served_cn(edged, "a.example.test") == "A"  # no watcher: not seen yet
         assert await daemon.reload("signal")
         assert await served_cn(edged, "a.example.test") == "B"
+
+
+async def test_a_site_read_on_demand_during_a_lazy_start_is_no_file_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a large store is still indexed, the watcher's catch-up compares the watched
+    files only; the stamp a handshake's on-demand read records for its store entry is not a
+    file that changed while unwatched, and must not set off a full reload."""
+    import threading
+
+    from edged import daemon as daemon_module
+
+    real_snapshot = daemon_module.take_snapshot
+    release = threading.Event()
+
+    def gated(watch: object, *, store: bool = True) -> object:
+        if store:  # the background fill's: held, so the sites stay pending meanwhile
+            release.wait(10)
+        return real_snapshot(watch, store=store)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(daemon_module, "take_snapshot", gated)
+    names = ["a.example.test", "b.example.test"]
+    lazy_store(tmp_path, monkeypatch, names, "A")
+    async with (
+        run_backend() as backend,
+        run_edged(tmp_path, sites_body(backend.address, *names)) as edged,
+    ):
+        daemon = edged.daemon
+        try:
+            assert daemon.config is not None
+            await daemon.load_now(daemon.config.sites[0])  # as a handshake would
+            assert await served_cn(edged, "a.example.test") == "A"
+            await daemon._catch_up()  # as when the watcher (re)starts
+            await asyncio.sleep(0.5)
+        finally:
+            release.set()
+        await asyncio.wait_for(daemon._filled.wait(), 10)
+        assert not [kind for kind, _ in daemon.counters.reloads if kind == "file"]
+        assert not daemon._reload.is_set()
