@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -109,6 +110,9 @@ def cmd_run(config_path: Path, level: str, log_format: str = "text") -> int:
     from edged.daemon import Daemon
     from edged.logs import setup_logging
 
+    # Until the daemon is ready it builds what lives as long as it does (the config, the
+    # certificates): no collector pass over that, it is frozen then (edged.heap).
+    gc.disable()
     setup_logging(level, log_format, sys.stderr)
     config: Config | None = None
     digest: bytes | None = None

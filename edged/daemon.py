@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -31,7 +32,7 @@ from edged.config import Address, Config, Site, config_digest, load_config_diges
 from edged.counters import Counters, merge_counters
 from edged.errors import ConfigError, EdgedError, Problem
 from edged.fleet import follow_changes
-from edged.heap import release_free_memory
+from edged.heap import freeze_long_lived, release_free_memory
 from edged.http01 import ChallengeBoard, Http01App, HttpListeners
 from edged.listen import InheritedListeners, StartupError
 from edged.metrics import (
@@ -527,6 +528,7 @@ class Daemon:
             self.alpn_board.shared = self.board.shared
             await self._apply(loaded)
             self._config_digest = digest
+            freeze_long_lived()  # before the listeners: its one pass holds up no handshake
             try:
                 await self._sync_listeners(config)
                 await self.http.sync(config.listen.http, self._inherited.bind)
@@ -751,6 +753,7 @@ class Daemon:
                     certs = certs.only(batch)
                     self._log_problems(certs.problems)
                     self._apply_sites(batch, certs)
+                    freeze_long_lived()  # a pass over this batch, not over the whole state
                     if snapshot is not None and config.store_path is not None:
                         # The stamps of what this batch applied alone (taken before its read).
                         paths = meta_paths(config.store_path, [s.name for s in batch]).values()
@@ -889,6 +892,9 @@ class Daemon:
 
     async def _reload_locked(self, kind: str) -> bool:
         systemd.notify("RELOADING=1")
+        # The new state is built in a thread while the loop serves: no collector pass over it
+        # (or the old one) meanwhile, one before it is frozen.
+        gc.disable()
         try:
             return await self._reload_once(kind)
         except (EdgedError, OSError) as exc:
@@ -899,6 +905,7 @@ class Daemon:
         finally:
             systemd.notify("READY=1")
             self._send_status()
+            freeze_long_lived()  # and the collector runs again
             await asyncio.to_thread(release_free_memory)  # one of the two states is garbage now
 
     async def _reload_once(self, kind: str) -> bool:

@@ -384,6 +384,10 @@ class ClientConnection(asyncio.Protocol):
         self._finish()
         if self.backend is not None:
             self.backend.close(graceful=exc is None)
+            # Nothing reads it from now on (a late backend callback finds the connection
+            # closed): without the cycle (backend.client) reference counting frees both, so
+            # neither waits for, nor is hidden by a gc.freeze from, the cyclic GC.
+            self.backend = None
 
     def pause_writing(self) -> None:
         if self.backend is not None:

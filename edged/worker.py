@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from edged.config import Address, Config, Site
 from edged.counters import Counters
 from edged.daemon import load_origin_contexts, proxy_settings
-from edged.heap import release_free_memory
+from edged.heap import freeze_long_lived, release_free_memory
 from edged.ipc import IpcError, encode, read_message
 from edged.proxy import Terminator
 from edged.sni import ServedCert, SniIndex, build_index
@@ -213,6 +213,7 @@ class Worker:
             ]
             selector.index = selector.index.updated(changes)
             self._loaded(certs)
+            freeze_long_lived()
             return
         old = self.config
         certs = await asyncio.to_thread(shared_certs, certs)
@@ -232,6 +233,7 @@ class Worker:
         term.origin_contexts = origins
         self.config = config
         self._loaded([i for i in self._loads if i not in pending])
+        freeze_long_lived()
         await asyncio.to_thread(release_free_memory)  # the previous index is garbage now
 
     def _loaded(self, indices: Iterable[int]) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import pickle
@@ -103,6 +104,10 @@ def start_zygote(min_version: str, make_context: ContextFactory, worker_main: Wo
     if pid == 0:  # the zygote
         code = 1
         try:
+            # What it inherited stays untouched by its collector (and its workers'): their
+            # passes would copy every page holding an object header (copy-on-write).
+            gc.freeze()
+            gc.enable()
             ours.close()
             code = _Loop(theirs, make_context(min_version), make_context, worker_main).run()
         except BaseException:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import re
 import ssl
@@ -292,3 +293,12 @@ async def edged_backlog() -> int:
     """The accept queue edged's listeners should have: LISTEN_BACKLOG, capped by the kernel."""
     somaxconn = await asyncio.to_thread(Path("/proc/sys/net/core/somaxconn").read_text)
     return min(LISTEN_BACKLOG, int(somaxconn))
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze_gc() -> Iterator[None]:
+    """edged, started in this process, freezes what is alive once a state is installed
+    (edged.heap.freeze_long_lived): the test's own objects too, whose cycles would then never
+    be collected. Each test ends with everything back in the collector's reach."""
+    yield
+    gc.unfreeze()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import os
 import signal
 import socket
 import ssl
+import struct
 import sys
 import textwrap
 import time
@@ -14,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from edged.proxy import WRITE_HIGH_WATER
+from edged.proxy import WRITE_HIGH_WATER, BackendConnection, ClientConnection
 from tests.conftest import BackendConn, free_port, run_backend, run_edged
 from tests.tls_client import MemoryTlsClient
 
@@ -397,3 +400,78 @@ async def test_sigterm_drains_open_connections_and_notifies_systemd(
         log = (await proc.stderr.read()).decode()
         assert "draining 1 connections" in log
         assert "edged stopped" in log
+
+
+async def test_connections_are_freed_without_the_cyclic_gc(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    """edged freezes what is alive once a state is installed (edged.heap.freeze_long_lived):
+    a connection open then must not need the cyclic GC once it ends, or it would never be
+    freed. With the collector off, every way a connection ends leaves none behind."""
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: BackendConn
+    ) -> None:
+        first = await reader.read(100)
+        writer.write(b"answer:" + first)
+        await writer.drain()
+        if first.startswith(b"reset"):  # RST after the answer (SO_LINGER 0)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        elif first.startswith(b"wait"):
+            await reader.read()  # until the client's EOF (the client closes first)
+
+    dead = f"127.0.0.1:{free_port()}"
+    refused = f"""
+[[site]]
+names = ["two.example.test"]
+backend = "{dead}"
+cert_file = "{pki["two_cert"]}"
+key_file = "{pki["two_key"]}"
+"""
+    async with (
+        run_backend(handler) as backend,
+        run_edged(tmp_path, site(pki, backend.address) + refused) as edged,
+    ):
+        gc.collect()
+        gc.disable()
+        try:
+
+            def exchanges() -> None:
+                for request in (b"done", b"wait", b"reset"):
+                    client = TlsClient(edged.port, pki["ca"])
+                    client.send(request)
+                    with contextlib.suppress(ConnectionError):
+                        client.read_until(b"answer:" + request[:1])
+                    if request == b"wait":
+                        client.close_write()
+                        with contextlib.suppress(ConnectionError):
+                            client.read()
+                    client.close()
+                TlsClient(edged.port, pki["ca"]).close()  # the handshake only
+                client = TlsClient(edged.port, pki["ca"], sni="two.example.test")
+                client.send(b"to a backend that refuses")
+                with contextlib.suppress(ConnectionError):
+                    client.read()
+                client.close()
+                with socket.create_connection(("127.0.0.1", edged.port)) as raw:
+                    raw.sendall(b"GET / HTTP/1.0\r\n\r\n")  # plain HTTP: no handshake
+                    raw.recv(100)
+
+            await asyncio.to_thread(exchanges)
+            closed = edged.daemon.counters.connections_closed
+            for _ in range(200):
+                if sum(closed.values()) == 6 and len(backend.conns) == 3:
+                    break
+                await asyncio.sleep(0.02)
+            assert sum(closed.values()) == 6, dict(closed)
+            await asyncio.sleep(0.2)  # the backend side's own connection_lost
+            left = [
+                type(o).__name__
+                for o in gc.get_objects()
+                if isinstance(o, ClientConnection | BackendConnection)
+            ]
+            assert left == []
+        finally:
+            gc.enable()

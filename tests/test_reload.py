@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import socket
 import sys
@@ -640,6 +641,56 @@ async def test_after_a_background_fill_a_full_reload_reads_nothing_unchanged(
         assert reads == ["b.example.test"]
         assert await served_cn(edged, "a.example.test") == "filled"
         assert await served_cn(edged, "b.example.test") == "changed"
+
+
+async def test_installed_states_are_frozen_and_none_is_stranded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state installed at start, by each batch of the background fill and by each full
+    reload is frozen out of the cyclic GC's passes (edged.heap.freeze_long_lived), and what a
+    reload replaces is freed by reference counting: once unfrozen, a full collection finds
+    none of edged's state among the garbage (a frozen cycle would never have been freed)."""
+    from edged import daemon as daemon_module
+    from edged.certs import CertBundle
+    from edged.config import Config, Site
+    from edged.sni import Route, ServedCert, SniIndex
+
+    monkeypatch.setattr(daemon_module, "FILL_BATCH", 1)
+    names = [f"{n}.example.test" for n in "abc"]
+    ca, store = lazy_store(tmp_path, monkeypatch, names, "first")
+
+    def unfrozen(daemon: Daemon) -> list[object]:
+        assert daemon.config is not None and daemon.selector is not None
+        routes = [daemon.selector.index.lookup(n) for n in names]
+        seen = {id(o) for o in gc.get_objects()}  # the permanent generation is not listed
+        return [o for o in (daemon.config, *daemon.config.sites, *routes) if id(o) in seen]
+
+    gc.disable()  # as `edged run` starts (edged.cli): the daemon turns it on once frozen
+    try:
+        async with unwatched_sites(tmp_path, *names) as edged:
+            assert gc.isenabled()
+            daemon = edged.daemon
+            await asyncio.wait_for(daemon._filled.wait(), 10)
+            assert unfrozen(daemon) == []
+            store.save(stored_leaf("b.example.test", "second", ca))
+            assert await daemon.reload("store", {"b.example.test"})
+            edged.config_path.write_text(edged.config_path.read_text() + "# edited\n")
+            assert await daemon.reload("signal")  # parsed again: a new Config, new Sites
+            assert gc.isenabled()  # off during the reload only
+            assert await served_cn(edged, "b.example.test") == "second"
+            assert unfrozen(daemon) == []
+            gc.unfreeze()
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            try:
+                gc.collect()
+                state = (CertBundle, Config, Site, Route, ServedCert, SniIndex)
+                stranded = [type(o).__name__ for o in gc.garbage if isinstance(o, state)]
+            finally:
+                gc.set_debug(0)
+                gc.garbage.clear()
+            assert stranded == []
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("change", ["none", "names", "require_chain", "expired"])
