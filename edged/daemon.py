@@ -903,9 +903,9 @@ class Daemon:
             self.counters.reloads[kind, "error"] += 1
             return False
         finally:
+            freeze_long_lived()  # first: the collector must run again whatever follows
             systemd.notify("READY=1")
             self._send_status()
-            freeze_long_lived()  # and the collector runs again
             await asyncio.to_thread(release_free_memory)  # one of the two states is garbage now
 
     async def _reload_once(self, kind: str) -> bool:

@@ -18,8 +18,8 @@ between them; under jemalloc, purging every arena does the same.
 
 **Keeping the long-lived state out of the cyclic GC.** With 100k certificates the state
 (sites, bundles, routes) is ~1.5 million objects that the garbage collector's full passes
-traverse every time: 60-190 ms each with the event loop stopped, a dozen while a large store
-is indexed and two per full reload (BENCHMARKS.md). None of it is ever cyclic garbage: a
+traverse every time: 40-255 ms each with the event loop stopped, a dozen while a large store
+was indexed and two to four per full reload (BENCHMARKS.md). None of it is ever cyclic garbage: a
 replaced state is freed by reference counting. So once a state is installed, what is alive is
 frozen (gc.freeze), and later passes traverse only what was made since.
 """

@@ -42,6 +42,9 @@ log = logging.getLogger("edged.worker")
 
 LOAD_TIMEOUT = 5.0  # seconds a handshake waits for a certificate not read yet
 REPORT_INTERVAL = 1.0  # seconds between counter reports (what /metrics lags by at most)
+# Certificate changes from this many sites on are frozen once applied (edged.heap): a batch of
+# the background read is; a renewal's few objects are not worth the collection that precedes.
+FREEZE_MIN = 256
 
 
 def shared_certs(
@@ -213,7 +216,8 @@ class Worker:
             ]
             selector.index = selector.index.updated(changes)
             self._loaded(certs)
-            freeze_long_lived()
+            if len(certs) >= FREEZE_MIN:  # a batch of the background read
+                freeze_long_lived()
             return
         old = self.config
         certs = await asyncio.to_thread(shared_certs, certs)

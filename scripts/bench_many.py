@@ -10,7 +10,12 @@ distinct-certificate startup figures come from `scripts/bench tls --metrics star
 is "cold" for the data path (its site read and its routes used for the first time) but shares
 its SSLContext with the others; a context of its own adds ~1.2 ms (see BENCHMARKS.md).
 
-Run: scripts/bench many [--sites 100000] [--swaps 10] [--reloads 3] [--workers 1] [--workdir DIR]
+With --gc, each edged process logs the garbage collector's passes (a `gc.callbacks` probe put
+on its path as sitecustomize; thread CPU time, so waits for the interpreter's lock do not
+count), and the passes are summed up per phase: start, background read, swaps, each reload.
+
+Run: scripts/bench many [--sites 100000] [--swaps 10] [--reloads 3] [--workers 1] [--gc]
+                        [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -39,6 +44,23 @@ from tests.pki import fullchain, make_ca, make_intermediate, make_leaf
 
 EDGED = str(Path(sys.executable).with_name("edged"))
 DOMAIN = "many.bench.test"
+# --gc: put on edged's path as sitecustomize.py; one line per pass of the oldest generation or
+# of any generation taking 1 ms or more: wall time, pid, generation, thread CPU ms.
+GC_PROBE = """
+import gc, os, time
+_log = os.environ.get("EDGED_BENCH_GC_LOG")
+if _log:
+    _started = [0.0]
+    def _probe(phase, info):
+        if phase == "start":
+            _started[0] = time.thread_time()
+            return
+        ms = (time.thread_time() - _started[0]) * 1000
+        if ms >= 1 or info["generation"] == 2:
+            with open(_log, "a") as f:
+                f.write(f"{time.time():.6f} {os.getpid()} {info['generation']} {ms:.2f}\\n")
+    gc.callbacks.append(_probe)
+"""
 
 
 def handshake(port: int, name: str) -> tuple[float, bytes]:
@@ -84,6 +106,34 @@ def reset_peak(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
+def gc_report(log: Path, main_pid: int, phases: list[tuple[str, float, float]]) -> list[str]:
+    """Per phase and process kind (main, others): the passes of the oldest generation and the
+    longest pass of any generation, from the probe's log."""
+    passes = []
+    if log.exists():
+        for line in log.read_text().splitlines():
+            when, pid, generation, ms = line.split()
+            passes.append((float(when), int(pid), int(generation), float(ms)))
+    lines = []
+    for name, begin, end in phases:
+        cells = []
+        for who in ("main", "others"):
+            inside = [
+                p for p in passes if begin <= p[0] <= end and (p[1] == main_pid) == (who == "main")
+            ]
+            if not inside and who == "others":
+                continue
+            full = [p[3] for p in inside if p[2] == 2]
+            longest = max((p[3] for p in inside), default=0.0)
+            cells.append(
+                f"{who}: {len(full)} full passes"
+                + (f" ({min(full):.0f}-{max(full):.0f} ms)" if full else "")
+                + f", longest pass {longest:.0f} ms"
+            )
+        lines.append(f"collector {name}: " + "; ".join(cells))
+    return lines
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sites", type=int, default=100_000)
@@ -91,6 +141,7 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=200, help="handshakes per latency figure")
     p.add_argument("--reloads", type=int, default=3, help="full reloads (SIGHUP) timed")
     p.add_argument("--workers", type=int, default=1, help="[edged] workers")
+    p.add_argument("--gc", action="store_true", help="log and sum up the collector's passes")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/edged-bench-many"))
     args = p.parse_args()
 
@@ -113,12 +164,24 @@ def main() -> int:
         f'metrics = ""\nadmin = ""\n' + many_sites_config(names, "127.0.0.1:9")
     )
 
+    env = dict(os.environ)
+    gc_log = work / "gc.log"
+    if args.gc:
+        (work / "gcprobe").mkdir()
+        (work / "gcprobe" / "sitecustomize.py").write_text(GC_PROBE)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(work / "gcprobe"), env.get("PYTHONPATH", "")) if p
+        )
+        env["EDGED_BENCH_GC_LOG"] = str(gc_log)
+    phases: list[tuple[str, float, float]] = []  # (name, wall time begin, end)
     rng = random.Random(7)
     start = time.monotonic()
+    started_wall = time.time()
     proc = subprocess.Popen(
         [EDGED, "run", "--config", str(work / "edged.toml")],
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
     indexed = threading.Event()
     reloaded = threading.Event()
@@ -144,15 +207,18 @@ def main() -> int:
                     return 1
                 time.sleep(0.02)
         first_s = time.monotonic() - start
+        phases.append(("start (exec to the first handshake)", started_wall, time.time()))
         first_rss = rss_mib(proc.pid)
         indexed.wait(600)
         indexed_s = time.monotonic() - start
+        phases.append(("background read", phases[-1][2], time.time()))
         cold = [handshake(port, rng.choice(names))[0] for _ in range(args.samples)]
         warm = [handshake(port, first)[0] for _ in range(args.samples)]
         full_rss = rss_mib(proc.pid)
         tree = [(pid, rss_mib(pid), pss_mib(pid)) for pid in processes(proc.pid)]
         store = FileStore(work / "store")
         swaps = []
+        swaps_wall = time.time()
         for k in range(1, args.swaps + 1):
             name = rng.choice(names)
             new = make_leaf(inter, [f"*.{DOMAIN}"], cn=f"v{k}")
@@ -165,16 +231,20 @@ def main() -> int:
                     print(f"swap of {name} not served within 30 s")
                     return 1
             swaps.append((time.perf_counter() - t0) * 1000)
+        phases.append(("swaps", swaps_wall, time.time()))
         reloads = []  # (seconds, peak RSS MiB, RSS after MiB)
-        for _ in range(args.reloads):
+        for k in range(1, args.reloads + 1):
             reloaded.clear()
             reset_peak(proc.pid)
+            reload_wall = time.time()
             t0 = time.perf_counter()
             os.kill(proc.pid, signal.SIGHUP)
             if not reloaded.wait(300):
                 print("full reload did not finish within 300 s")
                 return 1
             seconds = time.perf_counter() - t0
+            time.sleep(0.2)  # the reload's last pass follows its log line
+            phases.append((f"full reload {k}", reload_wall, time.time()))
             reloads.append((seconds, rss_mib(proc.pid, "VmHWM"), rss_mib(proc.pid)))
     finally:
         proc.terminate()
@@ -199,6 +269,8 @@ def main() -> int:
             f"full reload {k}: {seconds:.1f} s, main process RSS peak {peak:.0f} MiB, "
             f"after {after:.0f} MiB"
         )
+    if args.gc:
+        print("\n".join(gc_report(gc_log, proc.pid, phases)))
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -24,13 +24,14 @@ from tests.tls_client import MemoryTlsClient
 NAME = "one.example.test"
 
 
-def site(pki: dict[str, Path], backend: str, extra: str = "") -> str:
+def site(pki: dict[str, Path], backend: str, extra: str = "", stem: str = "one") -> str:
+    """A site for `stem`.example.test (NAME by default) with the pki's certificate of it."""
     return f"""
 [[site]]
-names = ["{NAME}"]
+names = ["{stem}.example.test"]
 backend = "{backend}"
-cert_file = "{pki["one_cert"]}"
-key_file = "{pki["one_key"]}"
+cert_file = "{pki[stem + "_cert"]}"
+key_file = "{pki[stem + "_key"]}"
 {extra}
 """
 
@@ -422,14 +423,7 @@ async def test_connections_are_freed_without_the_cyclic_gc(
         elif first.startswith(b"wait"):
             await reader.read()  # until the client's EOF (the client closes first)
 
-    dead = f"127.0.0.1:{free_port()}"
-    refused = f"""
-[[site]]
-names = ["two.example.test"]
-backend = "{dead}"
-cert_file = "{pki["two_cert"]}"
-key_file = "{pki["two_key"]}"
-"""
+    refused = site(pki, f"127.0.0.1:{free_port()}", stem="two")
     async with (
         run_backend(handler) as backend,
         run_edged(tmp_path, site(pki, backend.address) + refused) as edged,
