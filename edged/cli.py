@@ -163,7 +163,8 @@ def _start_zygote(config: Config) -> Zygote | None:
 
     if worker_count(config) == 1:
         return None
-    return start_zygote(config.tls.min_version, server_context, run_worker)
+    # The workers take their first config from the zygote's memory (edged.ipc.FORKED_CONFIG).
+    return start_zygote(config.tls.min_version, server_context, run_worker, config)
 
 
 def _load_config_or_report(config_path: Path) -> Config | None:

@@ -486,6 +486,7 @@ class Daemon:
     async def _run(self) -> int:
         loop = asyncio.get_running_loop()
         digest = None
+        forked = self._preloaded  # what the zygote was forked with (edged.cli)
         try:
             if self._preloaded is not None:
                 config, digest = self._preloaded, self._preloaded_digest
@@ -509,7 +510,7 @@ class Daemon:
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             if self.zygote is not None:
-                self.pool = WorkerPool(self.zygote, self._inherited, self.counters)
+                self.pool = WorkerPool(self.zygote, self._inherited, self.counters, forked)
                 self.pool.on_lost = self._workers_lost
                 self.alpn_board.on_change = self._challenge_forwarder(loop, self.pool)
             cache = ContextCache(config.tls.context_cache_size, config.tls.min_version)

@@ -12,6 +12,9 @@ import pickle
 import struct
 
 _HEADER = struct.Struct("!I")
+# In a worker's first state, in place of the config: the one the zygote was forked with, which
+# the worker holds already (its pages shared with the zygote) and need not unpickle again.
+FORKED_CONFIG = "forked-config"
 MAX_MESSAGE = 1 << 30  # a full state with 100k certificates is ~200 MB; anything larger is a bug
 
 

@@ -10,6 +10,8 @@ after idle_timeout); a later "stop" with a grace period (shutdown) shortens that
 
 Messages (edged.ipc):
   main → worker: ("state", config | None, {site index: (ServedCert, ...)}, full, pending)
+                 (a new worker's first: FORKED_CONFIG for the config, while the one the zygote
+                 was forked with is current: the worker has it in memory already)
                  ("alpn", seq, name, key authorization | None, ttl)   a TLS-ALPN-01 challenge
                  ("stop", grace)   seconds left to the open connections (None: no limit)
   worker → main: ("ready", pid), ("counters", Counters, active connections), ("ack", seq),
@@ -32,7 +34,7 @@ from edged.config import Address, Config, Site
 from edged.counters import Counters
 from edged.daemon import load_origin_contexts, proxy_settings
 from edged.heap import freeze_long_lived, release_free_memory
-from edged.ipc import IpcError, encode, read_message
+from edged.ipc import FORKED_CONFIG, IpcError, encode, read_message
 from edged.proxy import Terminator
 from edged.sni import ServedCert, SniIndex, build_index
 from edged.tls import ContextCache, SniSelector
@@ -43,7 +45,7 @@ log = logging.getLogger("edged.worker")
 LOAD_TIMEOUT = 5.0  # seconds a handshake waits for a certificate not read yet
 REPORT_INTERVAL = 1.0  # seconds between counter reports (what /metrics lags by at most)
 # Certificate changes from this many sites on are frozen once applied (edged.heap): a batch of
-# the background read is; a renewal's few objects are not worth the collection that precedes.
+# the background read is; a renewal's few objects are not worth the collection a freeze does.
 FREEZE_MIN = 256
 
 
@@ -62,11 +64,14 @@ def run_worker(
     sockets: list[tuple[Address, socket.socket]],
     listen_ctx: ssl.SSLContext,
     chan: socket.socket,
+    forked: object = None,
 ) -> int:
-    """The worker's main (in the forked child)."""
+    """The worker's main (in the forked child). `forked`: the config the zygote was forked
+    with (the main process sends FORKED_CONFIG in its place while it is current)."""
     import uvloop
 
-    return uvloop.run(Worker(slot, generation, sockets, listen_ctx, chan).run())
+    config = forked if isinstance(forked, Config) else None
+    return uvloop.run(Worker(slot, generation, sockets, listen_ctx, chan, config).run())
 
 
 class Worker:
@@ -77,6 +82,7 @@ class Worker:
         sockets: list[tuple[Address, socket.socket]],
         listen_ctx: ssl.SSLContext,
         chan: socket.socket,
+        forked: Config | None = None,
     ) -> None:
         self.slot = slot
         self.generation = generation
@@ -85,6 +91,7 @@ class Worker:
         self.chan = chan
         self.counters = Counters()
         self.config: Config | None = None
+        self.forked = forked
         self.certs: dict[int, tuple[ServedCert, ...]] = {}
         self._stop = asyncio.Event()
         self._deadline: float | None = None  # monotonic; None: drain until the last one ends
@@ -97,7 +104,14 @@ class Worker:
         if not (isinstance(first, tuple) and first[0] == "state" and first[1] is not None):
             log.error("worker %d: no state from the main process; exiting", self.slot)
             return 1
-        config: Config = first[1]
+        config = first[1]
+        if config == FORKED_CONFIG:
+            config = self.forked
+            if config is None:
+                log.error("worker %d: no config from the zygote; exiting", self.slot)
+                return 1
+        self.forked = None  # self.config from here on: gone at the first config change
+        assert isinstance(config, Config)
         # The main process decides: it gets the signals (systemd and a terminal send them to
         # every process of the service at once) and tells each worker in order. A worker that
         # acted on its own SIGTERM first would look like a crash and be replaced.
@@ -117,7 +131,7 @@ class Worker:
                 alpn_board=AlpnChallengeBoard(),
                 load_pending=lambda site: self._request_load(writer, site),
             )
-            await self._apply(term, first[1], first[2], full=True, pending=first[4])
+            await self._apply(term, config, first[2], full=True, pending=first[4])
             servers = [await term.serve(sock) for _, sock in self.sockets]
             writer.write(encode(("ready", os.getpid())))
             reports = tg.create_task(self._report_loop(writer, term))

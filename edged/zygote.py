@@ -45,9 +45,10 @@ log = logging.getLogger("edged.zygote")
 FDS_PER_MESSAGE = 250
 _BUFSIZE = 1 << 16
 
-# What a forked worker runs: (slot, generation, sockets, listening context, channel) → exit code.
+# What a forked worker runs: (slot, generation, sockets, listening context, channel, what the
+# zygote was started with for the workers) → exit code.
 Listeners = list[tuple[Address, socket.socket]]
-WorkerMain = Callable[[int, int, Listeners, ssl.SSLContext, socket.socket], int]
+WorkerMain = Callable[[int, int, Listeners, ssl.SSLContext, socket.socket, object], int]
 ContextFactory = Callable[[str], ssl.SSLContext]
 
 
@@ -97,8 +98,14 @@ class Zygote:
         return pid != 0
 
 
-def start_zygote(min_version: str, make_context: ContextFactory, worker_main: WorkerMain) -> Zygote:
-    """Fork the zygote. Call before any thread or event loop exists in this process."""
+def start_zygote(
+    min_version: str,
+    make_context: ContextFactory,
+    worker_main: WorkerMain,
+    for_workers: object = None,
+) -> Zygote:
+    """Fork the zygote. Call before any thread or event loop exists in this process.
+    `for_workers` reaches each worker_main as it is in this process's memory now."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:  # the zygote
@@ -109,7 +116,8 @@ def start_zygote(min_version: str, make_context: ContextFactory, worker_main: Wo
             gc.freeze()
             gc.enable()
             ours.close()
-            code = _Loop(theirs, make_context(min_version), make_context, worker_main).run()
+            ctx = make_context(min_version)
+            code = _Loop(theirs, ctx, make_context, worker_main, for_workers).run()
         except BaseException:
             log.exception("zygote failed")
         finally:
@@ -126,6 +134,7 @@ class _Loop:
         ctx: ssl.SSLContext,
         make_context: ContextFactory,
         worker_main: WorkerMain,
+        for_workers: object = None,
     ) -> None:
         self.chan = chan
         self.ctx = ctx
@@ -134,6 +143,7 @@ class _Loop:
         self.listeners: list[tuple[Address, list[socket.socket]]] = []
         self.incoming: list[int] = []  # listener fds of a "listeners" command still to come
         self.children: set[int] = set()
+        self.for_workers = for_workers
 
     def run(self) -> int:
         # The main process decides when to stop: the zygote leaves terminal signals to it
@@ -224,7 +234,7 @@ class _Loop:
                         if sock is not keep:
                             sock.close()
                 chan = socket.socket(fileno=chan_fd)
-                code = self.worker_main(slot, generation, mine, self.ctx, chan)
+                code = self.worker_main(slot, generation, mine, self.ctx, chan, self.for_workers)
             except BaseException:
                 log.exception("worker %d failed", slot)
             finally:

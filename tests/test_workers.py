@@ -279,6 +279,43 @@ async def test_killed_worker_is_replaced(tmp_path: Path) -> None:
         assert e.proc.returncode is None
 
 
+async def test_a_replacement_worker_gets_the_config_changed_since_the_fork(
+    tmp_path: Path,
+) -> None:
+    """New workers take the config from the zygote's memory while it is the one served
+    (edged.ipc.FORKED_CONFIG: test_killed_worker_is_replaced serves that way); after a change
+    the zygote's copy is stale, and a replacement must get the new one: it serves a site added
+    by the change."""
+    async with one_site(tmp_path) as (e, ca, _, _, backend):
+        ctx = client_context(tmp_path / "ca.pem")
+        other = "x.example.test"
+        o_cert, o_key = issue(ca, tmp_path, "other", "other", name=other)
+        with e.config.open("a") as f:
+            f.write(site(backend.address, o_cert, o_key, name=other))
+        e.proc.send_signal(signal.SIGHUP)
+
+        def all_other() -> bool:
+            try:
+                return all(fetch(e.port, ctx, name=other)[0] == "other" for _ in range(20))
+            except ssl.SSLError:
+                return False
+
+        await wait_for(all_other, "every worker to serve the new site")
+        for victim in [int(str(w["pid"])) for w in await asyncio.to_thread(e.workers)]:
+            os.kill(victim, signal.SIGKILL)
+
+            def replaced(victim: int = victim) -> bool:
+                pids = {int(str(w["pid"])) for w in e.workers() if w["ready"]}
+                return len(pids) == 2 and victim not in pids
+
+            await wait_for(replaced, "a new worker in place of the killed one")
+        assert e.metric("edged_worker_restarts_total") == 2
+        assert await asyncio.to_thread(all_other)  # only replacements serve now
+        for _ in range(10):
+            cn, _, _ = await asyncio.to_thread(fetch, e.port, ctx)
+            assert cn == "v1"
+
+
 async def test_tickets_resume_across_workers_and_rotation(tmp_path: Path) -> None:
     async with one_site(tmp_path) as (e, *_):
         ctx = client_context(tmp_path / "ca.pem")
