@@ -205,6 +205,27 @@ def issue(ca: Issued, tmp_path: Path, stem: str, cn: str, name: str = NAME) -> t
     return write_pair(tmp_path, stem, make_leaf(ca, [name], cn=cn))
 
 
+async def add_site(
+    e: Running, ca: Issued, tmp_path: Path, backend: Backend, ctx: ssl.SSLContext
+) -> Callable[[], bool]:
+    """Add a site for x.example.test (CN "other") to the config, reload it by SIGHUP and wait
+    until every worker serves it; returns the check that they all do."""
+    other = "x.example.test"
+    o_cert, o_key = issue(ca, tmp_path, "other", "other", name=other)
+    with e.config.open("a") as f:
+        f.write(site(backend.address, o_cert, o_key, name=other))
+    e.proc.send_signal(signal.SIGHUP)
+
+    def all_other() -> bool:
+        try:
+            return all(fetch(e.port, ctx, name=other)[0] == "other" for _ in range(20))
+        except ssl.SSLError:
+            return False
+
+    await wait_for(all_other, "every worker to serve the new site")
+    return all_other
+
+
 async def test_workers_serve_and_metrics_sum_over_them(tmp_path: Path) -> None:
     async with one_site(tmp_path) as (e, *_):
         ctx = client_context(tmp_path / "ca.pem")
@@ -242,20 +263,7 @@ async def test_cert_and_config_changes_reach_every_worker(tmp_path: Path) -> Non
             return all(fetch(e.port, ctx)[0] == "v2" for _ in range(20))
 
         await wait_for(all_new, "every worker to serve v2")
-        # A config change (a new site) by SIGHUP.
-        other = "x.example.test"
-        o_cert, o_key = issue(ca, tmp_path, "other", "other", name=other)
-        with e.config.open("a") as f:
-            f.write(site(backend.address, o_cert, o_key, name=other))
-        e.proc.send_signal(signal.SIGHUP)
-
-        def all_other() -> bool:
-            try:
-                return all(fetch(e.port, ctx, name=other)[0] == "other" for _ in range(20))
-            except ssl.SSLError:
-                return False
-
-        await wait_for(all_other, "every worker to serve the new site")
+        await add_site(e, ca, tmp_path, backend, ctx)  # a config change by SIGHUP
         assert await asyncio.to_thread(all_new)
 
 
@@ -288,19 +296,7 @@ async def test_a_replacement_worker_gets_the_config_changed_since_the_fork(
     by the change."""
     async with one_site(tmp_path) as (e, ca, _, _, backend):
         ctx = client_context(tmp_path / "ca.pem")
-        other = "x.example.test"
-        o_cert, o_key = issue(ca, tmp_path, "other", "other", name=other)
-        with e.config.open("a") as f:
-            f.write(site(backend.address, o_cert, o_key, name=other))
-        e.proc.send_signal(signal.SIGHUP)
-
-        def all_other() -> bool:
-            try:
-                return all(fetch(e.port, ctx, name=other)[0] == "other" for _ in range(20))
-            except ssl.SSLError:
-                return False
-
-        await wait_for(all_other, "every worker to serve the new site")
+        all_other = await add_site(e, ca, tmp_path, backend, ctx)
         for victim in [int(str(w["pid"])) for w in await asyncio.to_thread(e.workers)]:
             os.kill(victim, signal.SIGKILL)
 
