@@ -152,9 +152,10 @@ class WorkerPool:
         changed.update({i: () for i in self._certs if i not in certs})
         # After a full load that ended a background indexing, the workers' routes of sites
         # without a certificate are still marked pending: the config goes too (none pending).
-        if config != self._config or self._pending:
-            if config != self._config:
-                self._forked = None
+        new_config = config != self._config  # ~20 ms at 100k sites: asked once
+        if new_config:
+            self._forked = None
+        if new_config or self._pending:
             self._config, self._certs = config, certs
             self._pending.clear()  # a full load reads every certificate
             self._broadcast(("state", config, changed, False, frozenset()))
