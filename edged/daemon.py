@@ -1144,6 +1144,7 @@ class Daemon:
             assert self._tg is not None
             if not self.pool.current:
                 self.pool.load_site = self._load_index
+                self.pool.shared_challenge = self.alpn_board.shared_key_authorization
                 await self.pool.start(
                     self._tg, config, worker_count(config), self.bundles, self._pending_indices()
                 )

@@ -495,7 +495,7 @@ class ClientConnection(asyncio.Protocol):
             return
         # Another node's challenge (fleet): asked of the store only for configured names, so
         # a flood of made-up names costs no store lookups.
-        if board is not None and board.shared is not None and self.term.selector.index.get(name):
+        if board is not None and board.fleet and self.term.selector.index.get(name):
             self._pause_reading("tls_alpn_lookup")
             self.term.tg.create_task(self._shared_challenge(board, name, data))
             return

@@ -21,7 +21,7 @@ import secrets
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -127,6 +127,9 @@ class AlpnChallengeBoard:
         self._wall = wall or _utcnow
         # In a fleet: challenges also go to Redis, so any node answers any node's challenge.
         self.shared: SharedTokens | None = None
+        # In a worker process, which has no store connection: asks the main process for the
+        # key authorization another node put in the shared store for a name (None: none).
+        self.ask: Callable[[str], Awaitable[str | None]] | None = None
         self._built: dict[tuple[str, str], ssl.SSLContext] = {}  # (name, key auth) → context
         # With worker processes: (name, key authorization or None when removed, ttl) goes to
         # every worker, which answer the validations on the https listeners.
@@ -169,33 +172,52 @@ class AlpnChallengeBoard:
                 entry = None
         return entry.context if entry is not None else None
 
+    @property
+    def fleet(self) -> bool:
+        """Other nodes' challenges can be looked up (`lookup_shared`)."""
+        return self.shared is not None or self.ask is not None
+
+    async def shared_key_authorization(self, name: str) -> str | None:
+        """The key authorization another node put in the shared store for `name` (lower case,
+        no trailing dot); None when there is none or no shared store. Raises EdgedError when
+        the store cannot be read."""
+        shared = self.shared
+        if shared is None:
+            return None
+        found = await asyncio.to_thread(shared.get_token, SHARED_PREFIX + name)
+        if found is None or name not in found[1]:
+            return None
+        return found[0]
+
     async def lookup_shared(self, server_name: str) -> ssl.SSLContext | None:
-        """Another node's pending challenge for `server_name`, from the shared store. Call it
-        only for configured names.
+        """Another node's pending challenge for `server_name`, from the shared store (in a
+        worker, through the main process). Call it only for configured names.
 
         Every call asks the store: a name gets a new challenge (new key authorization) for
         each order, e.g. one per key type seconds apart, so a cached answer, or a cached
         absence, could be stale just when the CA connects. The certificate is built once per
         key authorization, and at most MAX_SHARED_LOOKUPS lookups run at once (a flood of
         acme-tls/1 hellos is refused rather than queued on the store)."""
-        shared = self.shared
-        if shared is None or self._inflight >= MAX_SHARED_LOOKUPS:
+        if not self.fleet or self._inflight >= MAX_SHARED_LOOKUPS:
             return None
         name = server_name.lower().rstrip(".")
+        ask = self.ask if self.ask is not None else self.shared_key_authorization
         self._inflight += 1
         try:
-            found = await asyncio.to_thread(shared.get_token, SHARED_PREFIX + name)
+            key_authorization = await ask(name)
         except EdgedError as exc:
             log.warning("shared tls-alpn-01 lookup failed name=%s error=%s", name, exc)
             return None
         finally:
             self._inflight -= 1
-        if found is None or name not in found[1]:
+        if key_authorization is None:
             return None
-        key = (name, found[0])
+        key = (name, key_authorization)
         context = self._built.get(key)
         if context is None:
-            context = await asyncio.to_thread(build_challenge, name, found[0], self._wall())
+            context = await asyncio.to_thread(
+                build_challenge, name, key_authorization, self._wall()
+            )
             if len(self._built) >= _BUILT_LIMIT:
                 self._built.clear()  # entries exist only for real challenges: rarely reached
             self._built[key] = context

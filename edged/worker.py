@@ -13,9 +13,12 @@ Messages (edged.ipc):
                  (a new worker's first: FORKED_CONFIG for the config, while the one the zygote
                  was forked with is current: the worker has it in memory already)
                  ("alpn", seq, name, key authorization | None, ttl)   a TLS-ALPN-01 challenge
+                 ("alpn_answer", seq, key authorization | None)   the shared store's, asked for
                  ("stop", grace)   seconds left to the open connections (None: no limit)
   worker → main: ("ready", pid), ("counters", Counters, active connections), ("ack", seq),
                  ("load", site index)   a client asked for a site that is still pending
+                 ("alpn_ask", seq, name)   a CA asked for a name this node has no challenge
+                 for: another fleet node's? (only with a redis:// store)
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ from edged.tlsalpn import AlpnChallengeBoard
 log = logging.getLogger("edged.worker")
 
 LOAD_TIMEOUT = 5.0  # seconds a handshake waits for a certificate not read yet
+# Seconds a validation handshake waits for the main process's answer from the shared store
+# (a Redis read; the CA's validation allows ~10 s).
+ASK_TIMEOUT = 5.0
 REPORT_INTERVAL = 1.0  # seconds between counter reports (what /metrics lags by at most)
 # Certificate changes from this many sites on are frozen once applied (edged.heap): a batch of
 # the background read is; a renewal's few objects are not worth the collection a freeze does.
@@ -97,6 +103,8 @@ class Worker:
         self._deadline: float | None = None  # monotonic; None: drain until the last one ends
         self._regrace = asyncio.Event()  # a later "stop" brought the deadline forward
         self._loads: dict[int, asyncio.Event] = {}  # site index → its certificate arrived
+        self._asks: dict[int, asyncio.Future[str | None]] = {}  # "alpn_ask" seq → its answer
+        self._ask_seq = 0
 
     async def run(self) -> int:
         reader, writer = await asyncio.open_unix_connection(sock=self.chan)
@@ -131,6 +139,8 @@ class Worker:
                 alpn_board=AlpnChallengeBoard(),
                 load_pending=lambda site: self._request_load(writer, site),
             )
+            assert term.alpn_board is not None
+            term.alpn_board.ask = lambda name: self._ask_shared(writer, name)
             await self._apply(term, config, first[2], full=True, pending=first[4])
             servers = [await term.serve(sock) for _, sock in self.sockets]
             writer.write(encode(("ready", os.getpid())))
@@ -203,6 +213,10 @@ class Worker:
                             board.add, name, key_authorization, ttl, share=False
                         )
                 writer.write(encode(("ack", seq)))
+            elif message[0] == "alpn_answer":
+                future = self._asks.pop(message[1], None)
+                if future is not None and not future.done():
+                    future.set_result(message[2])
             elif message[0] == "stop":
                 self._stop_within(message[1])
 
@@ -272,6 +286,31 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(LOAD_TIMEOUT):
                 await event.wait()
+
+    async def _ask_shared(self, writer: asyncio.StreamWriter, name: str) -> str | None:
+        """The key authorization another fleet node put in the shared store for `name`,
+        asked of the main process (None: none, no shared store, or no answer in time)."""
+        if self.config is None or self.config.redis_url is None:
+            return None  # no fleet: nobody else orders this node's names
+        self._ask_seq += 1
+        seq = self._ask_seq
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._asks[seq] = future
+        try:
+            writer.write(encode(("alpn_ask", seq, name)))
+            async with asyncio.timeout(ASK_TIMEOUT):
+                return await future
+        except TimeoutError:
+            log.warning(
+                "worker %d: no answer from the main process for the tls-alpn-01 challenge of "
+                "%s within %.0fs; the validation is refused",
+                self.slot,
+                name,
+                ASK_TIMEOUT,
+            )
+            return None
+        finally:
+            self._asks.pop(seq, None)
 
     async def _report_loop(self, writer: asyncio.StreamWriter, term: Terminator) -> None:
         while True:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from edged.config import Address, Config
 from edged.counters import Counters, merge_counters
+from edged.errors import EdgedError
 from edged.heap import release_free_memory
 from edged.ipc import FORKED_CONFIG, IpcError, encode, read_message
 from edged.listen import InheritedListeners, StartupError, bind_tcp
@@ -114,6 +115,9 @@ class WorkerPool:
         self._pending: set[int] = set()  # sites whose certificates are not read yet
         # Reads a pending site now (the daemon's load_now), for a worker that needs it.
         self.load_site: Callable[[int], Awaitable[None]] | None = None
+        # The key authorization another fleet node put in the shared store for a name (the
+        # daemon's TLS-ALPN-01 board), for a worker a CA reached: workers have no store.
+        self.shared_challenge: Callable[[str], Awaitable[str | None]] | None = None
         # Called once when the zygote is gone: no worker can be replaced or rotated any more.
         self.on_lost: Callable[[str], None] | None = None
         self._lost = False
@@ -500,6 +504,9 @@ class WorkerPool:
             self._tg.create_task(self._serve_load(handle, message[1]))
         elif message[0] == "ack":
             self._acked(handle, message[1])
+        elif message[0] == "alpn_ask":  # a CA asked a worker for a name this node did not order
+            assert self._tg is not None
+            self._tg.create_task(self._serve_challenge(handle, message[1], message[2]))
         elif message[0] == "ready":
             if handle.killed:  # written just before the kill landed: it is going
                 return
@@ -542,6 +549,20 @@ class WorkerPool:
         if index in self._pending and self.load_site is not None:
             await self.load_site(index)  # sends it to every worker when it was pending
         handle.send(_now(("state", None, {index: self._certs.get(index, ())}, False, frozenset())))
+
+    async def _serve_challenge(self, handle: WorkerHandle, seq: int, name: str) -> None:
+        """Answer a worker's ("alpn_ask", seq, name) with the shared store's key authorization
+        for `name` (None: none, or the store could not be read, which is logged). Never
+        raises: it runs in the daemon's task group."""
+        found = None
+        if self.shared_challenge is not None:
+            try:
+                found = await self.shared_challenge(name)
+            except EdgedError as exc:
+                log.warning("shared tls-alpn-01 lookup failed name=%s error=%s", name, exc)
+            except Exception:
+                log.exception("shared tls-alpn-01 lookup failed name=%s", name)
+        handle.send(_now(("alpn_answer", seq, found)))
 
     def _acked(self, handle: WorkerHandle, seq: int | None) -> None:
         """`handle` has challenge `seq` (None: it is gone, so it has none to wait for)."""

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from edged.config import Config, parse_config
+from edged.errors import EdgedError
 from edged.metrics import build_registry, render
 from edged.operations import DaemonOperations
 from edged.preflight import run_preflight
@@ -140,6 +141,24 @@ async def test_shared_board_always_answers_the_current_challenge(
     await asyncio.to_thread(ordering.remove, "shop.test")
     assert await answering.lookup_shared("shop.test") is None  # withdrawn: refused at once
     assert await answering.lookup_shared("www.shop.test") is None
+
+    # A worker process's board has no store: it asks the main process, which answers with
+    # its own board's shared_key_authorization; an ask that fails refuses the validation.
+    worker = AlpnChallengeBoard()
+    assert not worker.fleet and await worker.lookup_shared("shop.test") is None
+    worker.ask = answering.shared_key_authorization
+    assert worker.fleet
+    assert await worker.lookup_shared("shop.test") is None
+    await asyncio.to_thread(ordering.add, "shop.test", KEY_AUTH)
+    ctx = await worker.lookup_shared("shop.test")
+    expected = b"\x04\x20" + hashlib.sha256(KEY_AUTH.encode()).digest()
+    assert await asyncio.to_thread(_served_digest, ctx) == expected
+
+    async def unreachable(name: str) -> str | None:
+        raise EdgedError(f"redis unreachable looking up {name}")
+
+    worker.ask = unreachable
+    assert await worker.lookup_shared("shop.test") is None
 
 
 # --- the data path -------------------------------------------------------------------------
@@ -412,6 +431,71 @@ async def test_fleet_node_answers_the_challenge_another_node_ordered(
             assert len(b.daemon.alpn_board) == 0
     finally:
         pebble.stop()
+
+
+async def test_fleet_node_with_workers_answers_the_challenge_another_node_ordered(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """As above, but node a serves TLS from two worker processes, which have no store
+    connection: a worker the CA reaches asks the main process, which reads Redis."""
+    tls_port = free_port()
+    pebble = start_pebble(tmp_path / "pebble", tls_port=tls_port)
+    proc = None
+    log = tmp_path / "a.log"
+    try:
+        async with AsyncExitStack() as stack:
+            backend = await stack.enter_async_context(run_backend())
+            site = f'[[site]]\nnames = ["shop.test"]\nbackend = "{backend.address}"\n'
+            extra = 'store_local = "local"\nredis_prefix = "alpnw"'
+            (tmp_path / "a").mkdir()
+            config = write_process_config(
+                tmp_path / "a",
+                site,
+                https=tls_port,
+                store=redis_server.url,
+                edged_extra=extra + "\nworkers = 2",
+            )
+            with log.open("wb") as out:
+                proc = await asyncio.create_subprocess_exec(
+                    EDGED,
+                    "run",
+                    "--config",
+                    str(config),
+                    stdout=out,
+                    stderr=out,
+                    cwd=tmp_path / "a",
+                )
+            while log.read_text().count("serving after") < 2:  # both workers serve
+                assert proc.returncode is None, log.read_text()
+                await asyncio.sleep(0.05)
+            (tmp_path / "b").mkdir()
+            b = await stack.enter_async_context(
+                run_edged(
+                    tmp_path / "b",
+                    acme_table(pebble.directory, pebble.listener_ca) + site,
+                    store=redis_server.url,
+                    edged_extra=extra,
+                )
+            )
+            deadline = asyncio.get_running_loop().time() + 60
+            while b.daemon.counters.renewal_attempts["shop.test", "success"] < 1:
+                assert asyncio.get_running_loop().time() < deadline, log.read_text()[-3000:]
+                assert b.daemon.counters.renewal_attempts["shop.test", "failure"] == 0, (
+                    log.read_text()[-3000:]
+                )
+                await asyncio.sleep(0.1)
+            assert b.daemon.counters.acme_tls_alpn["answered"] == 0  # b's port is not Pebble's
+            text = log.read_text()
+            # Only workers listen on a's TLS port: they answered each validation.
+            validated = pebble.count("set VALID by completed challenge")
+            assert validated >= 1
+            assert text.count("tls-alpn-01 answered") >= validated, text[-3000:]
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.wait(), 15)
+        pebble.stop()
+    assert proc is not None and proc.returncode == 0
 
 
 # --- preflight -----------------------------------------------------------------------------
