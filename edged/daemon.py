@@ -323,6 +323,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._abort = asyncio.Event()  # a second SIGTERM/SIGINT: stop draining, exit now
         self._renewing: asyncio.Task[None] | None = None  # the renewal loop, once running
+        self._following: asyncio.Task[None] | None = None  # a Redis store's changes, followed
         self._exited = asyncio.Event()  # drained: the systemd loop ends
         self._last_status = ""
         self._inherited = InheritedListeners([])
@@ -524,9 +525,7 @@ class Daemon:
                 alpn_board=self.alpn_board,
                 load_pending=self.load_now,
             )
-            self.store = store
-            self.board.shared = store if isinstance(store, RedisStore) else None
-            self.alpn_board.shared = self.board.shared
+            self._use_store(store, follow=False)  # followed once the listeners are up
             await self._apply(loaded)
             self._config_digest = digest
             freeze_long_lived()  # before the listeners: its one pass holds up no handshake
@@ -569,29 +568,50 @@ class Daemon:
                 if lazy:
                     tg.create_task(self._fill(config, store_sites(config)))
                 self._renewing = tg.create_task(self._renew_when_filled())
-                following: asyncio.Task[None] | None = None
-                if isinstance(store, RedisStore):
-                    following = tg.create_task(
-                        follow_changes(
-                            store,
-                            self.request_reload,
-                            self._stop,
-                            on_state=self.renewer.note_shared_state,
-                            on_cert=lambda name: self.request_reload("store", {name}),
-                        )
-                    )
+                self._follow(store)
                 try:
                     await self._serve()
                 finally:
                     self._watch_stop.set()
-                if following is not None:
-                    following.cancel()
+                if self._following is not None:
+                    self._following.cancel()
                 rotating.cancel()
                 await self._shut_down()
             finally:
                 self._exited.set()
         log.info("edged stopped")
         return self._exit_code
+
+    def _use_store(self, store: Store, *, follow: bool = True) -> None:
+        """Serve from `store` (at start, or a reload that names another one): the challenge
+        boards share through it when it is Redis (else through nothing), and a Redis store's
+        changes are followed, by a new follower when the store is another one."""
+        if store is self.store:
+            return
+        self.store = store
+        shared = store if isinstance(store, RedisStore) else None
+        self.board.shared = shared
+        self.alpn_board.shared = shared
+        if self._following is not None:
+            self._following.cancel()
+            self._following = None
+        if follow:
+            self._follow(store)
+
+    def _follow(self, store: Store) -> None:
+        """Follow a Redis store's published changes (another node's certificates and renewal
+        states, resyncs) until stopped or replaced."""
+        if not isinstance(store, RedisStore) or self._tg is None:
+            return
+        self._following = self._tg.create_task(
+            follow_changes(
+                store,
+                self.request_reload,
+                self._stop,
+                on_state=self.renewer.note_shared_state,
+                on_cert=lambda name: self.request_reload("store", {name}),
+            )
+        )
 
     def _workers_lost(self, why: str) -> None:
         """Without the zygote no worker can be replaced: stop (draining) and exit 1, so the
@@ -940,7 +960,7 @@ class Daemon:
         running = self.pool.count if self.pool is not None else 1
         if self.config is not None and worker_count(config) != running:
             log.warning("edged.workers changed: takes effect at the next restart")
-        self.store = store
+        self._use_store(store)
         await self._apply(loaded)
         self._config_digest = digest
         await self.renewer.configure(config, store)

@@ -293,3 +293,36 @@ async def test_fleet_over_tls_redis(
             for m in errors
         ), errors
     shared.close()
+
+
+async def test_a_reload_into_and_out_of_a_fleet_switches_every_role_of_the_store(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A reload that changes edged.store from a directory to Redis (and back) switches all
+    that the store does: other nodes' certificates arrive as they are published, challenges
+    are shared through Redis; back on a directory, nothing is shared or followed."""
+    async with AsyncExitStack() as stack:
+        backend = await stack.enter_async_context(run_backend())
+        a = await stack.enter_async_context(run_edged(tmp_path, site_only(backend.port)))
+        assert a.daemon.board.shared is None and a.daemon.alpn_board.shared is None
+        text = a.config_path.read_text()
+        fleet = f'store = "{redis_server.url}"\nstore_local = "local"\nredis_prefix = "moved"'
+        assert 'store = "store"' in text
+        a.config_path.write_text(text.replace('store = "store"', fleet))
+        assert await a.daemon.reload("signal")
+        store = a.daemon.store
+        assert isinstance(store, RedisStore)
+        assert a.daemon.board.shared is store and a.daemon.alpn_board.shared is store
+        assert a.daemon.serving("shop.test") is None
+        other = RedisStore(redis_server.url, FileStore(tmp_path / "other"), prefix="moved")
+        await asyncio.to_thread(other.save, bundle("shop.test", "published"))
+        await wait_for(lambda: a.daemon.serving("shop.test") is not None)  # followed
+        following = a.daemon._following
+        assert following is not None and not following.done()
+
+        a.config_path.write_text(text)
+        assert await a.daemon.reload("signal")
+        assert not isinstance(a.daemon.store, RedisStore)
+        assert a.daemon.board.shared is None and a.daemon.alpn_board.shared is None
+        await wait_for(following.done)
+        assert a.daemon._following is None
