@@ -783,6 +783,11 @@ class Daemon:
                 self._snapshot_store = True
             log.info("store indexed: %d sites in %.1fs", len(sites), time.monotonic() - started)
             await asyncio.to_thread(release_free_memory)
+        except Exception:  # runs in the daemon's task group: an error here must not end it
+            log.exception(
+                "reading the store in the background failed; the sites not read yet are read "
+                "when a client asks for one, and all at the next reload"
+            )
         finally:
             self._filled.set()
 
@@ -815,8 +820,12 @@ class Daemon:
         config = self.config
         if config is None or not self._pending(site):
             return
-        stamps = await asyncio.to_thread(self._entry_stamps, [site.name])  # before the read
-        certs = await self._read_sites(config, [site])
+        try:
+            stamps = await asyncio.to_thread(self._entry_stamps, [site.name])  # before the read
+            certs = await self._read_sites(config, [site])
+        except Exception:  # a task of the daemon's group: the handshake waiting is refused
+            log.exception("reading the certificate of site %s failed", site.name)
+            return
         if self.config is config and self._pending(site):
             self._log_problems(certs.problems)
             self._apply_sites([site], certs)
@@ -921,6 +930,10 @@ class Daemon:
         except (EdgedError, OSError) as exc:
             # Whatever went wrong, the running state stays: a reload never takes edged down.
             log.error("reload rejected, keeping the running config: %s", exc)
+            self.counters.reloads[kind, "error"] += 1
+            return False
+        except Exception:  # a bug, or input nothing above foresaw: still not worth an outage
+            log.exception("reload failed unexpectedly, keeping the running config")
             self.counters.reloads[kind, "error"] += 1
             return False
         finally:

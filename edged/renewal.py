@@ -217,7 +217,7 @@ def parse_renewal_info(
 def _json_object(body: bytes) -> Mapping[str, object]:
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError includes UnicodeDecodeError
         raise AriError(f"renewal info is not JSON ({exc})") from None
     if not isinstance(data, dict):
         raise AriError(f"renewal info must be a JSON object, got {_kind(data)}")

@@ -326,3 +326,36 @@ async def test_a_reload_into_and_out_of_a_fleet_switches_every_role_of_the_store
         assert a.daemon.board.shared is None and a.daemon.alpn_board.shared is None
         await wait_for(following.done)
         assert a.daemon._following is None
+
+
+async def test_a_corrupt_certificate_in_redis_keeps_the_node_serving(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A value no edged writes (arrays nested deeper than json decodes) published for a name,
+    one without a certificate yet and one served: the node logs it and keeps serving what it
+    served (its local copy); a full reload and a restart do too."""
+    body = site_only(9) + '[[site]]\nnames = ["new.test"]\nbackend = "127.0.0.1:9"\n'
+    extra = 'store_local = "local"\nredis_prefix = "corrupt"'
+    other = RedisStore(redis_server.url, FileStore(tmp_path / "other"), prefix="corrupt")
+    await asyncio.to_thread(other.save, bundle("shop.test", "good"))
+    raw = other.client
+    async with run_edged(tmp_path, body, store=redis_server.url, edged_extra=extra) as a:
+        served = a.daemon.serving("shop.test")
+        assert served is not None
+        for name in ("new.test", "shop.test"):
+            # Any reload that reads it: the message's, or the follower's first resync.
+            reloads = sum(dict(a.daemon.counters.reloads).values())
+            await asyncio.to_thread(raw.set, f"corrupt:cert:{name}", b"[" * 100_000)
+            await asyncio.to_thread(raw.publish, other.channel, name)
+            await wait_for(lambda r=reloads: sum(dict(a.daemon.counters.reloads).values()) > r)
+            assert not a.task.done()
+        assert a.daemon.serving("shop.test") == served  # the same, from the local copy
+        assert a.daemon.serving("new.test") is None
+        await a.daemon.reload("signal")  # False: it reports the corrupt entry of new.test
+        assert a.daemon.serving("shop.test") == served
+        assert not a.task.done()
+    # A restart reads the same values: it starts, serving the local copy.
+    async with run_edged(tmp_path, body, store=redis_server.url, edged_extra=extra) as a:
+        assert not a.task.done()
+        found = a.daemon.serving("shop.test")
+        assert found is not None and found.fingerprint == served.fingerprint

@@ -383,3 +383,33 @@ def test_tls_wrong_ca_or_no_client_certificate_is_named(
         by_ip.load_previous("shop.test")
     assert f"rediss://127.0.0.1:{redis_tls_server.port}" in str(info.value)
     assert "does not name 127.0.0.1: use a host name it has in edged.store" in str(info.value)
+
+
+def test_corrupt_values_are_store_errors_that_name_the_key(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Whatever a key holds (garbage, the wrong JSON, arrays nested deeper than json can
+    decode: RecursionError), reading it raises a StoreError naming it, never anything else; a
+    corrupt certificate is read from the node's local copy when it has one."""
+    s = store(redis_server, tmp_path, "a", prefix="corrupt")
+    raw = redis.Redis.from_url(redis_server.url)
+    saved = bundle("shop.test", "cn")
+    s.save(saved)
+    bare = store(redis_server, tmp_path, "bare", prefix="corrupt")
+    s.save_account("https://ca.test/dir", {"uri": "acct"}, b"KEY")
+    account_key = next(k for k in raw.keys("corrupt:account:*"))
+    for value in (b"[" * 100_000, b"not json", b"[1, 2]", b'{"name": 1}'):
+        raw.set("corrupt:cert:shop.test", value)
+        raw.set("corrupt:state:shop.test", value)
+        raw.set(account_key, value)
+        raw.set("corrupt:token:tok_1", value)
+        assert s.load("shop.test") == saved  # the last good version: this node's copy
+        with pytest.raises(StoreError, match=r"'shop\.test' in Redis"):
+            bare.load("shop.test")  # a node without one
+        if not value.startswith(b"{"):  # an object is a state (its fields are checked later)
+            with pytest.raises(StoreError, match=r"renewal state of 'shop\.test'"):
+                s.load_state("shop.test")
+        with pytest.raises(StoreError, match="ACME account"):
+            s.load_account("https://ca.test/dir")
+        with pytest.raises(StoreError, match="challenge token 'tok_1'"):
+            s.get_token("tok_1")

@@ -176,7 +176,9 @@ def _decode(raw: bytes, name: str, where: str) -> StoredCert:
             stored_at=data["stored_at"],
             extra={str(k): str(v) for k, v in data.get("extra", {}).items()},
         )
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    # RecursionError: json raises it for deeply nested arrays (a value no writer of edged's
+    # makes, but a corrupt one must not take a node down).
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise StoreError(
             f"certificate {name!r} in Redis ({where}) is corrupt ({type(exc).__name__}); "
             "re-issue or re-upload it"
@@ -208,7 +210,7 @@ def _decode_account(raw: bytes, folder: str) -> tuple[dict[str, object], bytes]:
     try:
         data = json.loads(raw)
         key_pem = str(data.pop("key_pem")).encode()
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise StoreError(
             f"the ACME account of {folder} in Redis is corrupt; delete the key to register anew"
         ) from None
@@ -344,7 +346,17 @@ class RedisStore:
             return self.local.load(name)
         if raw is None:
             return self._lost_by_redis(name)
-        return self._mirror(_decode(raw, name, "live"))
+        try:
+            cert = _decode(raw, name, "live")
+        except StoreError as exc:
+            # The last good version is this node's copy: served until a writer replaces the
+            # value (a renewal or an upload), and said at every read meanwhile.
+            local = self.local.load(name)
+            if local is None:
+                raise
+            log.error("%s; serving this node's local copy meanwhile", exc)
+            return local
+        return self._mirror(cert)
 
     def _lost_by_redis(self, name: str) -> StoredCert | None:
         """Redis lacks `name`: the local copy when it has one that was not deleted since (Redis
@@ -439,7 +451,7 @@ class RedisStore:
             return None
         try:
             state = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             state = None
         if not isinstance(state, dict):
             raise StoreError(f"renewal state of {name!r} in Redis is corrupt; delete it")
@@ -585,8 +597,13 @@ class RedisStore:
         raw = self._call("get_token", self.client.get, self.key("token", token))
         if raw is None:
             return None
-        data = json.loads(raw)
-        return str(data["key_authorization"]), [str(n) for n in data["names"]]
+        try:
+            data = json.loads(raw)
+            return str(data["key_authorization"]), [str(n) for n in data["names"]]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            # Refused like an absent one (the CA's validation fails and the order is retried):
+            # the writer's next put_token replaces it.
+            raise StoreError(f"challenge token {token!r} in Redis is corrupt") from None
 
     def delete_token(self, token: str) -> None:
         self._call("delete_token", self.client.delete, self.key("token", token))
