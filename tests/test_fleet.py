@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import redis
 
 from edged.metrics import build_registry, render
 from edged.operations import DaemonOperations
@@ -359,3 +360,31 @@ async def test_a_corrupt_certificate_in_redis_keeps_the_node_serving(
         assert not a.task.done()
         found = a.daemon.serving("shop.test")
         assert found is not None and found.fingerprint == served.fingerprint
+
+
+async def test_a_rotated_redis_password_reaches_the_store_at_the_reload(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Redis's password is rotated (old connections stay authenticated, new ones need the new
+    one) and the password file rewritten: the reload the file change brings makes the node's
+    next connections use the new password."""
+    admin = redis_server.client()
+    admin.config_set("requirepass", "old-secret")
+    admin = redis.Redis.from_url(redis_server.url, password="old-secret", socket_timeout=2)
+    secret = tmp_path / "redis.pass"
+    secret.write_text("old-secret\n")
+    extra = f'store_local = "local"\nredis_prefix = "rotate"\nredis_password_file = "{secret}"'
+    async with run_edged(tmp_path, site_only(9), store=redis_server.url, edged_extra=extra) as a:
+        store = a.daemon.store
+        assert isinstance(store, RedisStore)
+        assert await asyncio.to_thread(store.names) == []
+        admin.config_set("requirepass", "new-secret")
+        secret.write_text("new-secret\n")
+        assert await a.daemon.reload("signal")
+        admin = redis.Redis.from_url(redis_server.url, password="new-secret", socket_timeout=2)
+        admin.client_kill_filter(_type="normal", skipme=True)  # every connection made anew
+        store = a.daemon.store
+        assert isinstance(store, RedisStore)
+        assert store.available
+        assert await asyncio.to_thread(store.names) == []  # connects with the new password
+        assert store.available

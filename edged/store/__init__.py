@@ -24,13 +24,6 @@ def open_store(config: Config, current: Store | None = None) -> Store:
 
     e = config.edged
     tls = RedisTls(e.redis_ca_file, e.redis_cert_file, e.redis_key_file)
-    if isinstance(current, RedisStore) and (
-        current.url,
-        current.prefix,
-        current.root,
-        current.tls,
-    ) == (url, e.redis_prefix, local, tls):
-        return current
     password = None
     if e.redis_password_file is not None:
         try:
@@ -39,7 +32,19 @@ def open_store(config: Config, current: Store | None = None) -> Store:
             raise StoreError(
                 f"{e.redis_password_file}: edged.redis_password_file: cannot read: {exc.strerror}"
             ) from None
-    return RedisStore(url, FileStore(local), prefix=e.redis_prefix, password=password, tls=tls)
+    # The password too: a rotated one (the file is watched) must reach the next connection.
+    if isinstance(current, RedisStore) and (
+        current.url,
+        current.prefix,
+        current.root,
+        current.tls,
+        current.connection_kwargs.get("password"),
+    ) == (url, e.redis_prefix, local, tls, password):
+        return current
+    try:
+        return RedisStore(url, FileStore(local), prefix=e.redis_prefix, password=password, tls=tls)
+    except (ValueError, TypeError) as exc:  # redis-py's own checks of the URL and options
+        raise StoreError(f"edged.store: not a usable Redis URL: {exc}") from None
 
 
 __all__ = ["FileStore", "PemPair", "Store", "StoredCert", "open_store"]
