@@ -17,7 +17,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
@@ -35,6 +35,7 @@ from edged.counters import Counters
 from edged.errors import AcmeError, EdgedError, StoreError
 from edged.http01 import ChallengeBoard, Http01App, HttpListeners
 from edged.listen import StartupError, bind_tcp
+from edged.names import covers
 from edged.proxy import ProxySettings, Terminator
 from edged.renewal import CertStatus, Notice, RenewalPolicy, RenewalState
 from edged.sni import SniIndex
@@ -107,6 +108,11 @@ def build_solver_factory(
         key = load_tsig_key(dns_settings)
         return lambda: Dns01Solver(DnsUpdater(dns_settings, key), cancel)
     return lambda: Http01Solver(board)
+
+
+def covers_all(bundle: CertBundle, names: Sequence[str]) -> bool:
+    """`bundle` covers each of the site's `names` (normalised, as configured)."""
+    return all(any(covers(pattern, name) for pattern in bundle.names) for name in names)
 
 
 def obtain(
@@ -257,7 +263,10 @@ class Renewer:
             if state.in_flight:
                 continue
             bundle = self.serving(name)
-            if bundle is None:
+            site = self._sites.get(name)
+            if bundle is None or (site is not None and not covers_all(bundle, site.names)):
+                # Names added to the site: the one served covers only some (sources.py's
+                # partly_covers), so one for them all is due now, as if there were none.
                 self.states[name] = renewal.observe_no_cert(state, now)
             else:
                 self.states[name] = renewal.observe_cert(state, bundle, policy, now, self.rng)

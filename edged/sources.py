@@ -73,8 +73,11 @@ def read_pem(path: Path) -> bytes:
         ) from None
 
 
-def load_file_bundle(site: Site, now: datetime, require_chain: bool) -> CertBundle:
-    """Parse and validate a site's cert_file/key_file; raises the first CertError."""
+def load_file_bundle(
+    site: Site, now: datetime, require_chain: bool
+) -> tuple[CertBundle, list[CertError]]:
+    """Parse and validate a site's cert_file/key_file: the bundle and the names it does not
+    cover (see partly_covers); raises the first other CertError."""
     assert site.cert_file is not None and site.key_file is not None
     cert_pem = read_pem(site.cert_file)
     key_pem = cert_pem if site.key_file == site.cert_file else read_pem(site.key_file)
@@ -82,9 +85,27 @@ def load_file_bundle(site: Site, now: datetime, require_chain: bool) -> CertBund
         cert_pem, key_pem, source=str(site.cert_file), key_source=str(site.key_file)
     )
     problems = check_bundle(bundle, now=now, names=site.names, require_chain=require_chain)
-    if problems:
+    if problems and not partly_covers(problems, site):
         raise problems[0]
-    return bundle
+    return bundle, problems
+
+
+def partly_covers(errors: Sequence[CertError], site: Site) -> bool:
+    """The only problems of a certificate are names of the site it does not cover, and it
+    covers at least one: names were added to the site (its certificate is ordered or uploaded
+    after the config). It serves the names it covers meanwhile, rather than the whole site
+    going dark; the new names get it too (and their clients' name check fails) until then."""
+    return all(e.reason is CertReason.NAME_NOT_COVERED for e in errors) and len(errors) < len(
+        set(site.names)
+    )
+
+
+def _uncovered(source: str, site: Site, errors: Sequence[CertError]) -> list[Problem]:
+    """The warnings for a certificate served although it does not cover all the names."""
+    return [
+        Problem(source, site.key, f"{e.message} (served for the names it covers meanwhile)", True)
+        for e in errors
+    ]
 
 
 def load_stored_bundles(
@@ -199,7 +220,9 @@ def _checked(
         if errors and keep_expired and all(e.reason is CertReason.EXPIRED for e in errors):
             expired.append((source, bundle))
             continue
-        if errors:
+        if errors and partly_covers(errors, site):
+            problems.extend(_uncovered(source, site, errors))
+        elif errors:
             problems.extend(Problem(source, site.key, e.message) for e in errors)
             continue
         bundles.append(bundle)
@@ -291,7 +314,9 @@ def load_site_certs(
             continue  # its backend terminates TLS and holds the certificate
         if site.cert_file is not None:
             try:
-                bundles[site.index] = (load_file_bundle(site, now, require_chain),)
+                bundle, uncovered = load_file_bundle(site, now, require_chain)
+                bundles[site.index] = (bundle,)
+                problems.extend(_uncovered(str(site.cert_file), site, uncovered))
             except CertError as exc:
                 source = exc.source or str(site.cert_file)
                 # Name the setting of the file at fault (the key's own problems come with the

@@ -92,6 +92,42 @@ async def test_restart_reuses_stored_cert(pebble: Pebble, tmp_path: Path) -> Non
             assert edged.daemon.counters.renewal_attempts["shop.test", "success"] == 0
 
 
+async def test_a_name_added_to_a_site_keeps_the_others_served_and_is_ordered_at_once(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    """Adding a name to a site whose certificate does not cover it: the certificate keeps
+    serving the names it covers (the whole site went dark before), one for all the names is
+    ordered at once and replaces it; a restart in between serves it too."""
+    async with run_backend() as backend:
+        body = acme_body(pebble, backend.port, names='"shop.test"')
+        both = body.replace('names = ["shop.test"]', 'names = ["shop.test", "www.shop.test"]')
+        assert both != body
+        async with run_edged(tmp_path, body, http=(pebble.http_port,)) as edged:
+            await wait_for(lambda: edged.daemon.serving("shop.test") is not None)
+            first = edged.daemon.serving("shop.test")
+            assert first is not None and first.names == ("shop.test",)
+        # Restarted with the name added, and no [acme] (nothing can order): served.
+        without_acme = both[both.index("[[site]]") :]
+        async with run_edged(tmp_path, without_acme) as edged:
+            served = edged.daemon.serving("shop.test")
+            assert served is not None and served.fingerprint == first.fingerprint
+        async with run_edged(tmp_path, body, http=(pebble.http_port,)) as edged:
+            text = edged.config_path.read_text()
+            added = text.replace('names = ["shop.test"]', 'names = ["shop.test", "www.shop.test"]')
+            assert added != text
+            edged.config_path.write_text(added)
+            await edged.daemon.reload("signal")
+            served = edged.daemon.serving("shop.test")
+            assert served is not None and served.fingerprint == first.fingerprint
+            await wait_for(
+                lambda: "www.shop.test" in getattr(edged.daemon.serving("shop.test"), "names", ()),
+                limit=30,
+            )
+            assert edged.daemon.counters.renewal_attempts["shop.test", "success"] == 1
+            state = edged.daemon.renewer.states["shop.test"]
+            assert state.status is CertStatus.ACTIVE
+
+
 async def test_failures_retry_then_failed_webhook_then_force(
     pebble: Pebble, tmp_path: Path
 ) -> None:
