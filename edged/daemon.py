@@ -530,8 +530,7 @@ class Daemon:
             self._config_digest = digest
             freeze_long_lived()  # before the listeners: its one pass holds up no handshake
             try:
-                await self._sync_listeners(config)
-                await self.http.sync(config.listen.http, self._inherited.bind)
+                await self._sync_all_listeners(config)
                 self._inherited.close_unused()
                 if config.listen.metrics is not None:
                     self._metrics = await start_metrics_server(
@@ -957,8 +956,7 @@ class Daemon:
         loaded = await self._prepare(config, store)
         self._log_problems(loaded.certs.problems)
         try:
-            await self._sync_listeners(config)
-            await self.http.sync(config.listen.http, self._inherited.bind)
+            await self._sync_all_listeners(config)
         except StartupError as exc:
             log.error("reload rejected, keeping the running config: %s", exc)
             self.counters.reloads[kind, "error"] += 1
@@ -1169,6 +1167,28 @@ class Daemon:
                     self.term.listen_ctx = build_listening_context(config.tls, self.selector)
                 self.counters.ticket_key_rotations += 1
                 log.info("TLS session ticket keys rotated")
+
+    async def _sync_all_listeners(self, config: Config) -> None:
+        """The https and http listeners as `config` says, all or nothing: the new http
+        addresses are bound first, so that when an https one cannot be, no listener changed
+        (StartupError), and the http ones cannot fail after the https ones moved."""
+        running = set(self.http.addresses())
+        bound: dict[Address, socket.socket] = {}
+        try:
+            for address in config.listen.http:
+                if address not in running and address not in bound:
+                    bound[address] = self._inherited.bind(address)
+            await self._sync_listeners(config)
+        except BaseException:
+            for sock in bound.values():
+                sock.close()
+            raise
+
+        def prebound(address: Address) -> socket.socket:
+            sock = bound.pop(address, None)
+            return sock if sock is not None else self._inherited.bind(address)
+
+        await self.http.sync(config.listen.http, prebound)
 
     async def _sync_listeners(self, config: Config) -> None:
         """Bind new addresses first (all or nothing), then close the ones no longer wanted."""

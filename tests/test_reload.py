@@ -240,6 +240,37 @@ async def test_removing_a_listener_closes_only_that_one(tmp_path: Path) -> None:
             held.close()
 
 
+@pytest.mark.parametrize("busy_kind", ["http", "https"])
+async def test_a_reload_whose_listener_cannot_be_bound_moves_no_listener(
+    tmp_path: Path, busy_kind: str
+) -> None:
+    """https moves A -> B and http gets a new port in the same edit; one of the new ports is
+    taken: the reload is rejected and every listener stays as it was (before, a taken http
+    port left the https listener moved to B and A closed)."""
+    c0, k0 = pair(tmp_path, "a", "listeners")
+    moved, http_port = free_port(), free_port()
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", http_port if busy_kind == "http" else moved))
+        blocker.listen()
+        async with (
+            run_backend() as backend,
+            run_edged(tmp_path, cert_site(backend.address, c0, k0)) as edged,
+        ):
+            text = edged.config_path.read_text()
+            edited = text.replace(
+                f'https = ["127.0.0.1:{edged.port}"]', f'https = ["127.0.0.1:{moved}"]'
+            ).replace("http = []", f'http = ["127.0.0.1:{http_port}"]')
+            assert edited.count(str(moved)) == 1 and edited.count(str(http_port)) == 1
+            edged.config_path.write_text(edited)
+            assert not await edged.daemon.reload("signal")
+            assert await served_cn(edged, "r.example.test") == "listeners"  # still on A
+            assert [a.port for a in edged.daemon.listening()] == [edged.port]
+            assert edged.daemon.http.addresses() == []
+            free = moved if busy_kind == "http" else http_port
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", free), timeout=2).close()
+
+
 def stored(name: str, cn: str, ca: object) -> StoredCert:
     leaf = make_leaf(ca, [name], cn=cn)  # type: ignore[arg-type]
     return StoredCert(
