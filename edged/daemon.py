@@ -946,7 +946,14 @@ class Daemon:
         if self.config is not None and self._config_digest is not None:
             parsed = (self.config, self._config_digest)
         try:
-            config, digest = await asyncio.to_thread(load_config_digest, self.config_path, parsed)
+            if kind == "resync" and parsed is not None:
+                # The fleet's store changed, not the config: an edit staged in the file waits
+                # for SIGHUP (edged.watch = false) or for the watcher's own reload.
+                config, digest = parsed
+            else:
+                config, digest = await asyncio.to_thread(
+                    load_config_digest, self.config_path, parsed
+                )
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("reload rejected, keeping the running config: %s", problem)

@@ -388,3 +388,20 @@ async def test_a_rotated_redis_password_reaches_the_store_at_the_reload(
         assert store.available
         assert await asyncio.to_thread(store.names) == []  # connects with the new password
         assert store.available
+
+
+async def test_a_resync_does_not_apply_a_config_edit_staged_for_sighup(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """With edged.watch = false an edit waits for SIGHUP: the fleet's resyncs (every 60 s,
+    after each reconnect) read the store again, not the config file."""
+    extra = 'store_local = "local"\nredis_prefix = "staged"\nwatch = false'
+    async with run_edged(tmp_path, site_only(9), store=redis_server.url, edged_extra=extra) as a:
+        text = a.config_path.read_text()
+        a.config_path.write_text(
+            text + '\n[[site]]\nnames = ["staged.test"]\nbackend = "127.0.0.1:9"\n'
+        )
+        assert await a.daemon.reload("resync")
+        assert a.daemon.config is not None and a.daemon.config.site_for("staged.test") is None
+        assert await a.daemon.reload("signal")
+        assert a.daemon.config.site_for("staged.test") is not None
