@@ -323,6 +323,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._abort = asyncio.Event()  # a second SIGTERM/SIGINT: stop draining, exit now
         self._renewing: asyncio.Task[None] | None = None  # the renewal loop, once running
+        self._rotation_changed = asyncio.Event()  # a reload changed tls.ticket_key_rotation
         self._following: asyncio.Task[None] | None = None  # a Redis store's changes, followed
         self._exited = asyncio.Event()  # drained: the systemd loop ends
         self._last_status = ""
@@ -1020,6 +1021,10 @@ class Daemon:
         self.term.settings = proxy_settings(config)
         self.term.origin_contexts = loaded.origin_contexts
         self.bundles = bundles
+        if self.config is not None and (
+            config.tls.ticket_key_rotation != self.config.tls.ticket_key_rotation
+        ):
+            self._rotation_changed.set()
         self.config = config
         self._loaded_watch = loaded.watch
         self._snapshot = loaded.snapshot
@@ -1157,13 +1162,19 @@ class Daemon:
     async def _ticket_rotation_loop(self) -> None:
         """New TLS session ticket keys every `[tls] ticket_key_rotation`: a new listening
         context (with workers: a new generation of workers forked from it)."""
+        last = time.monotonic()  # the keys in use were made at start
         while True:
             assert self.config is not None
             interval = self.config.tls.ticket_key_rotation
-            if interval <= 0:
-                await asyncio.sleep(3600)  # a reload may turn it on
+            # Woken by a reload that changes the interval: it applies from the last rotation
+            # at once (24h -> 1h after 5 h rotates now; 0 stops; 0 -> on starts counting).
+            self._rotation_changed.clear()
+            if interval <= 0 or time.monotonic() < last + interval:
+                wait = None if interval <= 0 else last + interval - time.monotonic()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._rotation_changed.wait()
                 continue
-            await asyncio.sleep(interval)
             async with self._reload_lock:
                 if self._stopping:
                     return
@@ -1173,6 +1184,7 @@ class Daemon:
                 elif self.term is not None and self.selector is not None:
                     self.term.listen_ctx = build_listening_context(config.tls, self.selector)
                 self.counters.ticket_key_rotations += 1
+                last = time.monotonic()
                 log.info("TLS session ticket keys rotated")
 
     async def _sync_all_listeners(self, config: Config) -> None:

@@ -271,6 +271,28 @@ async def test_a_reload_whose_listener_cannot_be_bound_moves_no_listener(
                 socket.create_connection(("127.0.0.1", free), timeout=2).close()
 
 
+async def test_a_changed_ticket_key_rotation_applies_at_the_reload(tmp_path: Path) -> None:
+    """The interval is taken at each reload, counted from the last rotation: from daily to
+    one second rotates within about a second (before: only after the day), and 0 stops."""
+    c0, k0 = pair(tmp_path, "a", "rotation")
+    body = '[tls]\nticket_key_rotation = "24h"\n' + cert_site("127.0.0.1:9", c0, k0)
+    async with run_edged(tmp_path, body) as edged:
+        text = edged.config_path.read_text()
+        counters = edged.daemon.counters
+        edged.config_path.write_text(text.replace('"24h"', '"1s"'))
+        assert await edged.daemon.reload("signal")
+        for _ in range(100):
+            if counters.ticket_key_rotations >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert counters.ticket_key_rotations >= 2
+        edged.config_path.write_text(text.replace('"24h"', "0"))
+        assert await edged.daemon.reload("signal")
+        stopped = counters.ticket_key_rotations
+        await asyncio.sleep(1.5)
+        assert counters.ticket_key_rotations == stopped
+
+
 def stored(name: str, cn: str, ca: object) -> StoredCert:
     leaf = make_leaf(ca, [name], cn=cn)  # type: ignore[arg-type]
     return StoredCert(
