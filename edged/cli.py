@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 from edged import __version__, heap
 from edged.certs import chain_problem, check_bundle, describe_chain, parse_bundle
-from edged.config import DEFAULT_CONFIG_PATH, Config, Site, load_config, load_config_digest
+from edged.config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    Site,
+    load_admin_settings,
+    load_config,
+    load_config_digest,
+)
 from edged.errors import CertError, CertReason, ConfigError, StoreError
 from edged.heap import AllocatorError
 from edged.names import NameError_, covers, normalize_name
@@ -455,12 +462,14 @@ def _admin_client(config_path: Path) -> AdminClient | int:
     from edged.admin_client import AdminClient
 
     try:
-        config = load_config(config_path)
+        # Only listen.admin and its token: the daemon keeps serving through a config it
+        # rejected or a key being replaced, and these commands must reach it then.
+        listen = load_admin_settings(config_path)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_INVALID
-    if config.listen.admin is None:
+    if listen.admin is None:
         print(
             f"edged: {config_path}: listen.admin is '' (the admin API is off): set it, e.g. "
             'admin = "unix:/run/edged/admin.sock", and restart edged',
@@ -468,7 +477,7 @@ def _admin_client(config_path: Path) -> AdminClient | int:
         )
         return EXIT_UNREACHABLE
     token = None
-    token_file = config.listen.admin_token_file
+    token_file = listen.admin_token_file
     if token_file is not None:
         from edged.admin import AdminStartupError, read_token_file
 
@@ -477,7 +486,7 @@ def _admin_client(config_path: Path) -> AdminClient | int:
         except AdminStartupError as exc:
             print(f"edged: {exc}", file=sys.stderr)
             return EXIT_INVALID
-    return AdminClient(config.listen.admin, token=token)
+    return AdminClient(listen.admin, token=token)
 
 
 def cmd_admin(args: argparse.Namespace) -> int:

@@ -43,7 +43,7 @@ from edged.admin_client import AdminClient, AdminRequestError, AdminUnreachable
 from edged.certs import check_bundle, parse_bundle
 from edged.config import Address
 from edged.errors import CertError, CertReason
-from tests.conftest import free_port
+from tests.conftest import free_port, run_cmd, run_edged
 from tests.pki import Issued, fullchain, make_ca, make_intermediate, make_leaf
 
 EDGED = str(Path(sys.executable).with_name("edged"))
@@ -703,6 +703,46 @@ def test_cli_unreachable_exits_3(sockdir: Path) -> None:
     assert out.returncode == 3 and "listen.admin is '' (the admin API is off)" in out.stderr
     out = edged("status", "--config", str(sockdir / "missing.toml"))
     assert out.returncode == 1 and "no such file" in out.stderr
+
+
+async def test_cli_reaches_the_daemon_through_a_config_it_cannot_load(
+    sockdir: Path, certs: dict[str, tuple[bytes, bytes]]
+) -> None:
+    """A real daemon keeps serving while its key file is being replaced and the config has a
+    typo it rejected: `edged status` and `edged reload` read only listen.admin (and its token)
+    and still reach it; the daemon answers the reload itself. They used to load the whole
+    config and exit 1 without asking the daemon."""
+    cert_file, key_file = sockdir / "a.crt", sockdir / "a.key"
+    cert_file.write_bytes(certs["good"][0])
+    key_file.write_bytes(certs["good"][1])
+    token_file = sockdir / "token"
+    token_file.write_text("s3cret-token\n")
+    token_file.chmod(0o600)
+    site = (
+        f'[[site]]\nnames = ["a.test"]\nbackend = "127.0.0.1:9"\n'
+        f'cert_file = "{cert_file}"\nkey_file = "{key_file}"\n'
+    )
+    async with run_edged(sockdir, site, admin=f"unix:{sockdir}/admin.sock") as e:
+        config = str(e.config_path)
+        text = e.config_path.read_text().replace("[listen]", '[listen]\nadmin_token_file = "token"')
+        e.config_path.write_text(text)
+        key_file.rename(sockdir / "a.key.old")  # mid-rotation
+        e.config_path.write_text(text + '[tls]\nmin_versoin = "1.3"\n')  # a typo
+        out = await run_cmd(EDGED, "status", "--config", config)
+        assert out.returncode == 0, out.stderr
+        assert "a.test" in out.stdout
+        out = await run_cmd(EDGED, "reload", "--config", config)
+        assert out.returncode == 1 and out.stderr.startswith("edged: reload_failed: "), out
+        # What the commands do need is still checked, with the fix named.
+        e.config_path.write_text(text.replace(f"unix:{sockdir}/admin.sock", "10.1.1.1:9465"))
+        out = await run_cmd(EDGED, "status", "--config", config)
+        assert out.returncode == 1 and "listen.admin: 10.1.1.1:9465 is not loopback" in out.stderr
+        e.config_path.write_text(text.replace(f'"unix:{sockdir}/admin.sock"', "7"))
+        out = await run_cmd(EDGED, "status", "--config", config)
+        assert out.returncode == 1 and "listen.admin: must be an address" in out.stderr, out
+        e.config_path.write_text("[listen\n")
+        out = await run_cmd(EDGED, "status", "--config", config)
+        assert out.returncode == 1 and "not valid TOML" in out.stderr, out
 
 
 def test_admin_error_from_cert_error() -> None:
