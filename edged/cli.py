@@ -16,6 +16,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from edged import __version__, heap
 from edged.certs import chain_problem, check_bundle, describe_chain, parse_bundle
@@ -188,12 +189,15 @@ def cmd_check(config_path: Path, *, preflight: bool = False) -> int:
     config = _load_config_or_report(config_path)
     if config is None:
         return EXIT_INVALID
+    local = config.local_store_path  # with Redis, the copy this node serves from
+    if config.redis_url is not None:
+        print(_redis_note(config_path, config.redis_url, local))
     store = None
-    if config.store_path is not None and config.store_path.is_dir():
+    if local.is_dir():
         try:
-            store = FileStore(config.store_path)
+            store = FileStore(local)
         except StoreError as exc:
-            print(f"{config.store_path}: edged.store: {exc}")
+            print(f"{local}: edged.store: {exc}")
             return EXIT_INVALID
     certs = load_site_certs(config, store, datetime.now(UTC))
     for problem in certs.problems:
@@ -205,6 +209,21 @@ def cmd_check(config_path: Path, *, preflight: bool = False) -> int:
     if preflight:
         failed = _preflight(config_path, config, store) or failed
     return EXIT_INVALID if failed else EXIT_OK
+
+
+def _redis_note(config_path: Path, url: str, local: Path) -> str:
+    """Says what `check` read for a Redis store: the node's local copy, not Redis (which may
+    hold newer certificates: this node copies them when it runs)."""
+    parts = urlsplit(url)
+    where = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}"  # no password
+    if parts.scheme == "unix":
+        where = f"unix://{parts.path}"
+    copy = "" if local.is_dir() else " (it does not exist: no certificate copied yet)"
+    return (
+        f"{config_path}: edged.store: note: a Redis store ({where}): the certificates checked "
+        f"are this node's local copy in {local}{copy} (edged.store_local); Redis itself was "
+        "not read"
+    )
 
 
 def _preflight(config_path: Path, config: Config, store: FileStore | None) -> bool:

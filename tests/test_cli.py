@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from edged.certs import parse_bundle
+from edged.store import FileStore, PemPair, StoredCert
 from tests.pki import encrypted_key_pem, fullchain, make_ca, make_intermediate, make_leaf
 
 EDGED = str(Path(sys.executable).with_name("edged"))
@@ -99,6 +102,36 @@ def test_check_ok_with_only_warnings(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout
     assert "warning: no certificate yet for a.test" in out.stdout
     assert out.stdout.splitlines()[-1].endswith(": ok: 1 sites, 0 valid certificates")
+
+
+def test_check_with_a_redis_store_checks_the_local_copy_and_says_so(tmp_path: Path) -> None:
+    """With a Redis store, `check` reads the node's local copy (edged.store_local) and says
+    that Redis itself was not read. It used to read nothing: every site had "no certificate
+    yet" and the check passed over a bad certificate."""
+    files = cert_files()
+    copy = FileStore(tmp_path / "copy")
+    for stem in ("good", "expired"):
+        name, cert, key, _ = files[stem]
+        bundle = parse_bundle(cert, key)
+        pair = PemPair(bundle.key_type, cert, key)
+        copy.save(StoredCert(name, bundle.names, (pair,), "upload", time.time()))
+    config = tmp_path / "edged.toml"
+    config.write_text(
+        '[edged]\nstore = "redis://:pw@127.0.0.1:1/0"\nstore_local = "copy"\n'
+        '[[site]]\nnames = ["good.test"]\nbackend = "127.0.0.1:9"\n'
+        '[[site]]\nnames = ["expired.test"]\nbackend = "127.0.0.1:9"\n'
+    )
+    out = edged("check", "--config", str(config))
+    assert out.returncode == 1, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == (
+        f"{config}: edged.store: note: a Redis store (redis://127.0.0.1:1): the certificates "
+        f"checked are this node's local copy in {tmp_path}/copy (edged.store_local); Redis "
+        "itself was not read"
+    )
+    assert any("expired.test" in ln and "expired" in ln for ln in lines[1:-1]), lines
+    assert "no certificate yet" not in out.stdout and "pw" not in out.stdout
+    assert lines[-1] == f"{config}: FAILED: 2 sites, 1 valid certificates"
 
 
 def test_cert_inspect(tmp_path: Path) -> None:
