@@ -355,8 +355,13 @@ def cmd_rollback(config_path: Path, raw_name: str) -> int:
     return EXIT_OK
 
 
-def cmd_inspect(path: Path, key_path: Path | None, names: list[str]) -> int:
+def cmd_inspect(path: Path, key_path: Path | None, raw_names: list[str]) -> int:
     now = datetime.now(UTC)
+    try:  # the way sites name them: IDNA, lower case, no trailing dot
+        names = [normalize_name(raw) for raw in raw_names]
+    except NameError_ as exc:
+        print(f"--name: {exc}")
+        return EXIT_INVALID
     try:
         cert_pem = read_pem(path)
         summaries = describe_chain(cert_pem)
@@ -390,8 +395,11 @@ def cmd_inspect(path: Path, key_path: Path | None, names: list[str]) -> int:
         elif now < leaf.not_before:
             problems.append(f"not valid before {leaf.not_before:%Y-%m-%d %H:%M:%S} UTC")
         for name in names:
-            if not any(covers(n, name.lower().rstrip(".")) for n in leaf.names):
+            if not any(covers(n, name) for n in leaf.names):
                 problems.append(f"{name!r} is not covered by {', '.join(leaf.names) or 'no name'}")
+        key_problem = _leaf_key_problem(leaf.key_type)
+        if key_problem is not None:
+            problems.append(key_problem)
         print("key:         not checked (pass --key KEY to check that it matches)")
     else:
         try:
@@ -412,6 +420,18 @@ def cmd_inspect(path: Path, key_path: Path | None, names: list[str]) -> int:
     if not problems:
         print(f"{path}: ok")
     return EXIT_INVALID if problems else EXIT_OK
+
+
+def _leaf_key_problem(key_type: str) -> str | None:
+    """The problem with the leaf's key as describe_chain described it (CertSummary.key_type:
+    a supported type, or "<type> (unsupported: <why>)", or "unreadable (<why>)"); None if
+    it is supported. With --key, parse_bundle refuses such a key itself."""
+    described, unsupported, why = key_type.partition(" (unsupported: ")
+    if unsupported:
+        return why.removesuffix(")").replace("the key", f"the leaf's key ({described})", 1)
+    if key_type.startswith("unreadable ("):
+        return f"the leaf's key is {key_type}: reissue the certificate"
+    return None
 
 
 # --- admin API commands: status, renew, upload, revoke, reload ----------------------------------

@@ -8,6 +8,8 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from edged.certs import parse_bundle
 from edged.store import FileStore, PemPair, StoredCert
 from tests.pki import encrypted_key_pem, fullchain, make_ca, make_intermediate, make_leaf
@@ -163,6 +165,40 @@ def test_cert_inspect(tmp_path: Path) -> None:
     (tmp_path / "empty.crt").write_bytes(b"")
     out = edged("cert", "inspect", str(tmp_path / "empty.crt"))
     assert out.returncode == 1 and "empty" in out.stdout
+
+
+@pytest.mark.parametrize("key_type", ["ecdsa-p521", "rsa-1024", "ed25519"])
+def test_cert_inspect_counts_an_unsupported_key_with_or_without_key(
+    tmp_path: Path, key_type: str
+) -> None:
+    """An unsupported leaf key is a problem (exit 1) whether or not --key is given; without
+    --key it used to be shown as unsupported but reported ok."""
+    inter = make_intermediate(make_ca(), "Test Intermediate")
+    leaf = make_leaf(inter, ["odd.test"], key_type=key_type)
+    (tmp_path / "odd.crt").write_bytes(fullchain(leaf, inter))
+    (tmp_path / "odd.key").write_bytes(leaf.key_pem)
+    for extra in ([], ["--key", str(tmp_path / "odd.key")]):
+        out = edged("cert", "inspect", str(tmp_path / "odd.crt"), *extra)
+        assert out.returncode == 1, (extra, out.stdout)
+        problems = [ln for ln in out.stdout.splitlines() if ": problem: " in ln]
+        assert len(problems) == 1, (extra, out.stdout)
+        assert "supported types are" in problems[0] or "minimum is 2048 bits" in problems[0]
+        assert not out.stdout.endswith(": ok\n")
+
+
+def test_cert_inspect_normalises_names_like_the_rest_of_edged(tmp_path: Path) -> None:
+    """--name is IDNA-normalised (bücher.test is xn--bcher-kva.test), with or without --key;
+    an impossible name is refused naming it."""
+    inter = make_intermediate(make_ca(), "Test Intermediate")
+    leaf = make_leaf(inter, ["xn--bcher-kva.test"])
+    (tmp_path / "idn.crt").write_bytes(fullchain(leaf, inter))
+    (tmp_path / "idn.key").write_bytes(leaf.key_pem)
+    for extra in ([], ["--key", str(tmp_path / "idn.key")]):
+        out = edged("cert", "inspect", str(tmp_path / "idn.crt"), "--name", "Bücher.test.", *extra)
+        assert out.returncode == 0, (extra, out.stdout)
+        assert out.stdout.endswith("idn.crt: ok\n")
+        out = edged("cert", "inspect", str(tmp_path / "idn.crt"), "--name", "bad..test", *extra)
+        assert out.returncode == 1 and out.stdout.startswith("--name: 'bad..test': label ''")
 
 
 def test_usage_errors_exit_2() -> None:
