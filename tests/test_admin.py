@@ -396,6 +396,58 @@ def test_bad_uploads_are_refused_with_the_cert_reason(
         assert ops.calls == []
 
 
+def test_browser_requests_are_refused_before_the_api(
+    sockdir: Path, certs: dict[str, tuple[bytes, bytes]]
+) -> None:
+    """Loopback TCP without a token is allowed (warned), so what a browser on the host can
+    send must not get through: a body not declared as JSON (a cross-origin page can POST
+    text/plain without a preflight) is 415, a Host that is not this machine (DNS rebinding)
+    421, an Origin (any web page) 403; none reaches an operation. The CLI's requests pass
+    (over TCP, IPv6 and the unix socket: test_every_route_*, test_cli_*)."""
+    address = Address("127.0.0.1", free_port())
+    revoke = json.dumps({"reason": "keyCompromise", "replace": False}).encode()
+    with serve(address) as ops:
+        client = AdminClient(address)
+        for content_type in ("text/plain", "application/x-www-form-urlencoded",
+                             "multipart/form-data; boundary=x"):  # fmt: skip
+            status, _, body = call(client, "POST", "/certs/a.test/revoke", revoke,
+                                   {"Content-Type": content_type})  # fmt: skip
+            assert (status, body["error"]) == (415, "unsupported_media_type"), body
+            assert "'Content-Type: application/json'" in body["message"]
+        upload = json.dumps({"cert": certs["good"][0].decode(), "key": ""}).encode()
+        status, _, body = call(client, "PUT", "/certs/a.test", upload,
+                               {"Content-Type": "text/plain"})  # fmt: skip
+        assert status == 415
+        for host in ("evil.example:" + str(address.port), "evil.example", "127.0.0.1.nip.io",
+                     "10.0.0.1:80", "[fe80::1]:80", "localhost:x"):  # fmt: skip
+            status, _, body = call(client, "POST", "/reload", None, {"Host": host})
+            assert (status, body["error"]) == (421, "bad_host"), (host, body)
+            assert "localhost or a loopback address" in body["message"]
+        status, _, body = call(client, "POST", "/reload", None, {"Origin": "https://a.example"})
+        assert (status, body["error"]) == (403, "cross_origin")
+        assert ops.calls == []
+        for host in (f"localhost:{address.port}", "127.0.0.1", "LOCALHOST", "[::1]:9465"):
+            assert call(client, "GET", "/status", None, {"Host": host})[0] == 200, host
+        # A body-less POST and a JSON one still work (what the CLI sends).
+        assert client.reload()["ok"] is True
+        assert client.revoke("a.test", "keyCompromise", replace=False)["replaced"] is False
+        assert [c[0] for c in ops.calls] == ["reload", "revoke"]
+
+
+def test_a_huge_number_is_not_called_bad_utf8(sockdir: Path) -> None:
+    """Python's int() refuses more than 4300 digits with a ValueError: that body is valid
+    UTF-8 and valid JSON, and the message says what is wrong with it."""
+    with serve(unix(sockdir)) as ops:
+        client = AdminClient(unix(sockdir))
+        raw = b'{"cert": ' + b"1" * 5000 + b', "key": "k"}'
+        status, _, body = call(client, "PUT", "/certs/a.test", raw)
+        assert (status, body["error"]) == (400, "bad_request")
+        assert "a number with thousands of digits" in body["message"], body
+        status, _, body = call(client, "PUT", "/certs/a.test", b'{"cert": "\xff"}')
+        assert "not UTF-8" in body["message"], body
+        assert ops.calls == []
+
+
 def test_oversized_body_is_413(sockdir: Path) -> None:
     with serve(unix(sockdir)):
         client = AdminClient(unix(sockdir))
@@ -408,6 +460,7 @@ def test_oversized_body_is_413(sockdir: Path) -> None:
         conn.sock.connect(unix(sockdir).path)
         try:
             conn.request("PUT", "/certs/a.test", body=iter([big[:1000], big[1000:]]),
+                         headers={"Content-Type": "application/json"},
                          encode_chunked=True)  # fmt: skip
             response = conn.getresponse()
             assert response.status == 413
