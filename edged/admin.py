@@ -1,9 +1,11 @@
 """The local admin API: JSON over a unix socket (mode 0600) or a loopback TCP port.
 
 The daemon implements `Operations`; this module owns HTTP: routing, name validation, body
-limits, the bearer token and the error format. Every error is `{"error": code, "message": text}`
-(plus `"reason"` for a rejected certificate) with a 4xx/5xx status; an unexpected exception is
-logged and answered with a generic 500, so neither tracebacks nor uploaded PEM reach a client.
+limits, the bearer token, refusing browsers (a body must be declared JSON, the Host must be
+this machine, no Origin: CSRF and DNS rebinding against a loopback port) and the error
+format. Every error is `{"error": code, "message": text}` (plus `"reason"` for a rejected
+certificate) with a 4xx/5xx status; an unexpected exception is logged and answered with a
+generic 500, so neither tracebacks nor uploaded PEM reach a client.
 
 Routes:
     GET    /status                  Operations.status()
@@ -182,6 +184,59 @@ def _from_http(exc: web.HTTPException, request: web.Request) -> web.Response:
     return _error(AdminError(code, message, exc.status), headers)
 
 
+def host_is_local(header: str) -> bool:
+    """Whether a Host header names this machine: `localhost` or a loopback IP, with or
+    without a port. Pure. A browser page whose name was rebound to 127.0.0.1 sends its own
+    name, so this refuses it (DNS rebinding)."""
+    host = header.strip().lower()
+    if host.startswith("["):  # [v6]:port
+        name, bracket, rest = host[1:].partition("]")
+        if not bracket or (rest and not (rest[:1] == ":" and rest[1:].isdigit())):
+            return False
+    else:
+        name, colon, port = host.partition(":")
+        if colon and not port.isdigit():
+            return False
+    if name in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _refusal(request: web.Request) -> AdminError | None:
+    """Why a request must not reach the API whatever its token: it comes from a browser page
+    (another site's page may send requests to loopback: CSRF, DNS rebinding), or its body is
+    not declared as JSON (a cross-origin page can send text/plain without a preflight)."""
+    host = request.headers.get("Host")
+    if host is not None and not host_is_local(host):
+        return AdminError(
+            "bad_host",
+            f"Host {host[:100]!r} is not this machine: the admin API answers only requests "
+            "for localhost or a loopback address (e.g. Host: 127.0.0.1:9465) or over its "
+            "unix socket",
+            421,
+        )
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        return AdminError(
+            "cross_origin",
+            f"requests from web pages (Origin {origin[:100]!r}) are refused: use the edged "
+            "CLI or an HTTP client that sends no Origin header",
+            403,
+        )
+    has_body = request.method in ("POST", "PUT", "DELETE") and request.body_exists
+    if has_body and request.content_type != "application/json":
+        return AdminError(
+            "unsupported_media_type",
+            f"the body is {request.content_type}: send it as JSON with "
+            "'Content-Type: application/json'",
+            415,
+        )
+    return None
+
+
 def _middleware(token: str | None) -> Callable[..., Awaitable[web.StreamResponse]]:
     expected = token.encode() if token else None
 
@@ -189,6 +244,12 @@ def _middleware(token: str | None) -> Callable[..., Awaitable[web.StreamResponse
     async def middleware(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
+        refused = _refusal(request)
+        if refused is not None:
+            log.warning(
+                "admin: %s %s: refused: %s", request.method, request.raw_path, refused.message
+            )
+            return _error(refused)
         if expected is not None:
             header = request.headers.get("Authorization", "")
             scheme, _, credentials = header.strip().partition(" ")
@@ -249,15 +310,25 @@ async def _body(request: web.Request, *, required: bool) -> dict[str, Any]:
         if required:
             raise AdminError("bad_request", "this request needs a JSON object body", 400)
         return {}
+    encoding = json.detect_encoding(raw)  # as json.loads(bytes) does: UTF-8, -16 or -32
     try:
-        value = json.loads(raw)
+        text = raw.decode(encoding)
+    except UnicodeDecodeError:
+        raise AdminError(
+            "bad_request", f"the body is not valid JSON (not {encoding.upper()} text: send UTF-8)"
+        ) from None
+    try:
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
         # The position, never the text: the body may be a private key.
         raise AdminError(
             "bad_request", f"the body is not valid JSON (line {exc.lineno} column {exc.colno})"
         ) from None
-    except ValueError:  # not UTF-8
-        raise AdminError("bad_request", "the body is not valid JSON (not UTF-8)") from None
+    except ValueError:  # only int() refuses valid JSON: past sys.get_int_max_str_digits()
+        raise AdminError(
+            "bad_request",
+            "the body has a number with thousands of digits: no field of this API takes one",
+        ) from None
     except RecursionError:  # arrays/objects nested thousands deep: no real request does that
         raise AdminError("bad_request", "the body is nested too deeply to be a request") from None
     if not isinstance(value, dict):

@@ -16,10 +16,18 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from edged import __version__, heap
 from edged.certs import chain_problem, check_bundle, describe_chain, parse_bundle
-from edged.config import DEFAULT_CONFIG_PATH, Config, Site, load_config, load_config_digest
+from edged.config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    Site,
+    load_admin_settings,
+    load_config,
+    load_config_digest,
+)
 from edged.errors import CertError, CertReason, ConfigError, StoreError
 from edged.heap import AllocatorError
 from edged.names import NameError_, covers, normalize_name
@@ -181,12 +189,15 @@ def cmd_check(config_path: Path, *, preflight: bool = False) -> int:
     config = _load_config_or_report(config_path)
     if config is None:
         return EXIT_INVALID
+    local = config.local_store_path  # with Redis, the copy this node serves from
+    if config.redis_url is not None:
+        print(_redis_note(config_path, config.redis_url, local))
     store = None
-    if config.store_path is not None and config.store_path.is_dir():
+    if local.is_dir():
         try:
-            store = FileStore(config.store_path)
+            store = FileStore(local)
         except StoreError as exc:
-            print(f"{config.store_path}: edged.store: {exc}")
+            print(f"{local}: edged.store: {exc}")
             return EXIT_INVALID
     certs = load_site_certs(config, store, datetime.now(UTC))
     for problem in certs.problems:
@@ -198,6 +209,21 @@ def cmd_check(config_path: Path, *, preflight: bool = False) -> int:
     if preflight:
         failed = _preflight(config_path, config, store) or failed
     return EXIT_INVALID if failed else EXIT_OK
+
+
+def _redis_note(config_path: Path, url: str, local: Path) -> str:
+    """Says what `check` read for a Redis store: the node's local copy, not Redis (which may
+    hold newer certificates: this node copies them when it runs)."""
+    parts = urlsplit(url)
+    where = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}"  # no password
+    if parts.scheme == "unix":
+        where = f"unix://{parts.path}"
+    copy = "" if local.is_dir() else " (it does not exist: no certificate copied yet)"
+    return (
+        f"{config_path}: edged.store: note: a Redis store ({where}): the certificates checked "
+        f"are this node's local copy in {local}{copy} (edged.store_local); Redis itself was "
+        "not read"
+    )
 
 
 def _preflight(config_path: Path, config: Config, store: FileStore | None) -> bool:
@@ -329,8 +355,13 @@ def cmd_rollback(config_path: Path, raw_name: str) -> int:
     return EXIT_OK
 
 
-def cmd_inspect(path: Path, key_path: Path | None, names: list[str]) -> int:
+def cmd_inspect(path: Path, key_path: Path | None, raw_names: list[str]) -> int:
     now = datetime.now(UTC)
+    try:  # the way sites name them: IDNA, lower case, no trailing dot
+        names = [normalize_name(raw) for raw in raw_names]
+    except NameError_ as exc:
+        print(f"--name: {exc}")
+        return EXIT_INVALID
     try:
         cert_pem = read_pem(path)
         summaries = describe_chain(cert_pem)
@@ -364,8 +395,11 @@ def cmd_inspect(path: Path, key_path: Path | None, names: list[str]) -> int:
         elif now < leaf.not_before:
             problems.append(f"not valid before {leaf.not_before:%Y-%m-%d %H:%M:%S} UTC")
         for name in names:
-            if not any(covers(n, name.lower().rstrip(".")) for n in leaf.names):
+            if not any(covers(n, name) for n in leaf.names):
                 problems.append(f"{name!r} is not covered by {', '.join(leaf.names) or 'no name'}")
+        key_problem = _leaf_key_problem(leaf.key_type)
+        if key_problem is not None:
+            problems.append(key_problem)
         print("key:         not checked (pass --key KEY to check that it matches)")
     else:
         try:
@@ -386,6 +420,18 @@ def cmd_inspect(path: Path, key_path: Path | None, names: list[str]) -> int:
     if not problems:
         print(f"{path}: ok")
     return EXIT_INVALID if problems else EXIT_OK
+
+
+def _leaf_key_problem(key_type: str) -> str | None:
+    """The problem with the leaf's key as describe_chain described it (CertSummary.key_type:
+    a supported type, or "<type> (unsupported: <why>)", or "unreadable (<why>)"); None if
+    it is supported. With --key, parse_bundle refuses such a key itself."""
+    described, unsupported, why = key_type.partition(" (unsupported: ")
+    if unsupported:
+        return why.removesuffix(")").replace("the key", f"the leaf's key ({described})", 1)
+    if key_type.startswith("unreadable ("):
+        return f"the leaf's key is {key_type}: reissue the certificate"
+    return None
 
 
 # --- admin API commands: status, renew, upload, revoke, reload ----------------------------------
@@ -455,12 +501,14 @@ def _admin_client(config_path: Path) -> AdminClient | int:
     from edged.admin_client import AdminClient
 
     try:
-        config = load_config(config_path)
+        # Only listen.admin and its token: the daemon keeps serving through a config it
+        # rejected or a key being replaced, and these commands must reach it then.
+        listen = load_admin_settings(config_path)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_INVALID
-    if config.listen.admin is None:
+    if listen.admin is None:
         print(
             f"edged: {config_path}: listen.admin is '' (the admin API is off): set it, e.g. "
             'admin = "unix:/run/edged/admin.sock", and restart edged',
@@ -468,7 +516,7 @@ def _admin_client(config_path: Path) -> AdminClient | int:
         )
         return EXIT_UNREACHABLE
     token = None
-    token_file = config.listen.admin_token_file
+    token_file = listen.admin_token_file
     if token_file is not None:
         from edged.admin import AdminStartupError, read_token_file
 
@@ -477,7 +525,7 @@ def _admin_client(config_path: Path) -> AdminClient | int:
         except AdminStartupError as exc:
             print(f"edged: {exc}", file=sys.stderr)
             return EXIT_INVALID
-    return AdminClient(config.listen.admin, token=token)
+    return AdminClient(listen.admin, token=token)
 
 
 def cmd_admin(args: argparse.Namespace) -> int:

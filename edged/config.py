@@ -872,3 +872,36 @@ def config_digest(path: Path) -> bytes | None:
 
 def _digest(text: str) -> bytes:
     return hashlib.sha256(text.encode()).digest()
+
+
+def load_admin_settings(path: Path) -> ListenSettings:
+    """Only what reaching the running daemon's admin API takes: listen.admin and
+    listen.admin_token_file (the rest of the ListenSettings are defaults). The rest of the file
+    is not validated and the files it names are not checked: the daemon keeps serving through
+    a config it rejected or a certificate being replaced, and `edged status`/`edged reload`
+    must still reach it then. ConfigError when the file or those two keys are unusable."""
+    src = str(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            [Problem(src, "", "no such file: pass --config PATH or create it")]
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([Problem(src, "", f"cannot read: {exc}")]) from None
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ConfigError(
+            [Problem(src, "", f"not valid TOML ({why}): fix it to find listen.admin")]
+        ) from None
+    problems: list[Problem] = []
+    listen = _Reader(
+        _Reader(data, "", src, problems).table("listen") or {}, "listen", src, problems
+    )
+    admin = _optional_address(listen, "admin", ListenSettings().admin)
+    token_file = listen.path("admin_token_file", path.absolute().parent)
+    if admin and not admin.is_unix and not ipaddress.ip_address(admin.host).is_loopback:
+        listen.problem("admin", f"{admin} is not loopback: use unix:/path or 127.0.0.1:PORT")
+    if problems:
+        raise ConfigError(problems)
+    return ListenSettings(admin=admin, admin_token_file=token_file)

@@ -17,9 +17,11 @@ when the pre-read did not (no route: it refuses with the alert as before).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import ssl
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -89,8 +91,13 @@ def build_listening_context(tls: TlsSettings, sni: SniSelector) -> ssl.SSLContex
     return ctx
 
 
+TRANSIENT_LOG_INTERVAL = 10.0  # seconds between reports of contexts not built for an OS error
+
+
 class UnservableCert(Exception):
-    """OpenSSL would not load a certificate and key (the message says which site and why)."""
+    """A certificate's context cannot be had: OpenSSL would not load the certificate and key,
+    or (for this handshake only) the OS refused a resource. The message says which site,
+    why and what to do."""
 
 
 class ContextCache:
@@ -110,6 +117,10 @@ class ContextCache:
         # Certificates OpenSSL refused to load (e.g. a key that does not match, in a store
         # entry loaded light): refused at once afterwards, reported once.
         self._failed: OrderedDict[tuple[tuple[str, ...], tuple[str, ...]], str] = OrderedDict()
+        # Contexts not built for a passing reason (an OS error) are not remembered, only
+        # their reports throttled.
+        self._transient_logged = -TRANSIENT_LOG_INTERVAL
+        self._transient_skipped = 0
 
     def __len__(self) -> int:
         return len(self._contexts)
@@ -135,7 +146,7 @@ class ContextCache:
         self.misses += 1
         try:
             ctx = build_cert_context(chosen, alpn, self.min_version)
-        except (ssl.SSLError, OSError) as exc:
+        except ssl.SSLError as exc:  # OpenSSL refused the certificate: it will again
             message = (
                 f"{route.site.key} ({route.site.name}): the certificate cannot be served: "
                 f"OpenSSL refused it ({exc}); handshakes for its names are refused: replace it "
@@ -146,10 +157,35 @@ class ContextCache:
             if len(self._failed) > self.capacity:
                 self._failed.popitem(last=False)
             raise UnservableCert(message) from None
+        except OSError as exc:  # e.g. EMFILE from memfd_create: the next handshake tries again
+            raise UnservableCert(self._transient(route, exc)) from None
         self._contexts[key] = ctx
         if len(self._contexts) > self.capacity:
             self._contexts.popitem(last=False)
         return ctx
+
+    def _transient(self, route: Route, exc: OSError) -> str:
+        """Report a context that could not be built for a passing reason (the certificate is
+        not at fault), at most once per TRANSIENT_LOG_INTERVAL: under fd exhaustion every
+        handshake fails this way, and one line per handshake would flood the log."""
+        fix = (
+            "raise the file descriptor limit (LimitNOFILE) or find what holds them"
+            if exc.errno in (errno.EMFILE, errno.ENFILE)
+            else "see the OS error"
+        )
+        message = (
+            f"{route.site.key} ({route.site.name}): this handshake is refused: the "
+            f"certificate's context could not be built ({exc}); the next handshake tries "
+            f"again: if it repeats, {fix}"
+        )
+        now = time.monotonic()
+        if now - self._transient_logged >= TRANSIENT_LOG_INTERVAL:
+            suffix = f" ({self._transient_skipped} more like this suppressed)"
+            log.error("%s%s", message, suffix if self._transient_skipped else "")
+            self._transient_logged, self._transient_skipped = now, 0
+        else:
+            self._transient_skipped += 1
+        return message
 
     def clear(self) -> None:
         self._contexts.clear()

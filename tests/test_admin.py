@@ -43,7 +43,7 @@ from edged.admin_client import AdminClient, AdminRequestError, AdminUnreachable
 from edged.certs import check_bundle, parse_bundle
 from edged.config import Address
 from edged.errors import CertError, CertReason
-from tests.conftest import free_port
+from tests.conftest import free_port, run_cmd, run_edged
 from tests.pki import Issued, fullchain, make_ca, make_intermediate, make_leaf
 
 EDGED = str(Path(sys.executable).with_name("edged"))
@@ -396,6 +396,58 @@ def test_bad_uploads_are_refused_with_the_cert_reason(
         assert ops.calls == []
 
 
+def test_browser_requests_are_refused_before_the_api(
+    sockdir: Path, certs: dict[str, tuple[bytes, bytes]]
+) -> None:
+    """Loopback TCP without a token is allowed (warned), so what a browser on the host can
+    send must not get through: a body not declared as JSON (a cross-origin page can POST
+    text/plain without a preflight) is 415, a Host that is not this machine (DNS rebinding)
+    421, an Origin (any web page) 403; none reaches an operation. The CLI's requests pass
+    (over TCP, IPv6 and the unix socket: test_every_route_*, test_cli_*)."""
+    address = Address("127.0.0.1", free_port())
+    revoke = json.dumps({"reason": "keyCompromise", "replace": False}).encode()
+    with serve(address) as ops:
+        client = AdminClient(address)
+        for content_type in ("text/plain", "application/x-www-form-urlencoded",
+                             "multipart/form-data; boundary=x"):  # fmt: skip
+            status, _, body = call(client, "POST", "/certs/a.test/revoke", revoke,
+                                   {"Content-Type": content_type})  # fmt: skip
+            assert (status, body["error"]) == (415, "unsupported_media_type"), body
+            assert "'Content-Type: application/json'" in body["message"]
+        upload = json.dumps({"cert": certs["good"][0].decode(), "key": ""}).encode()
+        status, _, body = call(client, "PUT", "/certs/a.test", upload,
+                               {"Content-Type": "text/plain"})  # fmt: skip
+        assert status == 415
+        for host in ("evil.example:" + str(address.port), "evil.example", "127.0.0.1.nip.io",
+                     "10.0.0.1:80", "[fe80::1]:80", "localhost:x"):  # fmt: skip
+            status, _, body = call(client, "POST", "/reload", None, {"Host": host})
+            assert (status, body["error"]) == (421, "bad_host"), (host, body)
+            assert "localhost or a loopback address" in body["message"]
+        status, _, body = call(client, "POST", "/reload", None, {"Origin": "https://a.example"})
+        assert (status, body["error"]) == (403, "cross_origin")
+        assert ops.calls == []
+        for host in (f"localhost:{address.port}", "127.0.0.1", "LOCALHOST", "[::1]:9465"):
+            assert call(client, "GET", "/status", None, {"Host": host})[0] == 200, host
+        # A body-less POST and a JSON one still work (what the CLI sends).
+        assert client.reload()["ok"] is True
+        assert client.revoke("a.test", "keyCompromise", replace=False)["replaced"] is False
+        assert [c[0] for c in ops.calls] == ["reload", "revoke"]
+
+
+def test_a_huge_number_is_not_called_bad_utf8(sockdir: Path) -> None:
+    """Python's int() refuses more than 4300 digits with a ValueError: that body is valid
+    UTF-8 and valid JSON, and the message says what is wrong with it."""
+    with serve(unix(sockdir)) as ops:
+        client = AdminClient(unix(sockdir))
+        raw = b'{"cert": ' + b"1" * 5000 + b', "key": "k"}'
+        status, _, body = call(client, "PUT", "/certs/a.test", raw)
+        assert (status, body["error"]) == (400, "bad_request")
+        assert "a number with thousands of digits" in body["message"], body
+        status, _, body = call(client, "PUT", "/certs/a.test", b'{"cert": "\xff"}')
+        assert "not UTF-8" in body["message"], body
+        assert ops.calls == []
+
+
 def test_oversized_body_is_413(sockdir: Path) -> None:
     with serve(unix(sockdir)):
         client = AdminClient(unix(sockdir))
@@ -408,6 +460,7 @@ def test_oversized_body_is_413(sockdir: Path) -> None:
         conn.sock.connect(unix(sockdir).path)
         try:
             conn.request("PUT", "/certs/a.test", body=iter([big[:1000], big[1000:]]),
+                         headers={"Content-Type": "application/json"},
                          encode_chunked=True)  # fmt: skip
             response = conn.getresponse()
             assert response.status == 413
@@ -703,6 +756,46 @@ def test_cli_unreachable_exits_3(sockdir: Path) -> None:
     assert out.returncode == 3 and "listen.admin is '' (the admin API is off)" in out.stderr
     out = edged("status", "--config", str(sockdir / "missing.toml"))
     assert out.returncode == 1 and "no such file" in out.stderr
+
+
+async def test_cli_reaches_the_daemon_through_a_config_it_cannot_load(
+    sockdir: Path, certs: dict[str, tuple[bytes, bytes]]
+) -> None:
+    """A real daemon keeps serving while its key file is being replaced and the config has a
+    typo it rejected: `edged status` and `edged reload` read only listen.admin (and its token)
+    and still reach it; the daemon answers the reload itself. They used to load the whole
+    config and exit 1 without asking the daemon."""
+    cert_file, key_file = sockdir / "a.crt", sockdir / "a.key"
+    cert_file.write_bytes(certs["good"][0])
+    key_file.write_bytes(certs["good"][1])
+    token_file = sockdir / "token"
+    token_file.write_text("s3cret-token\n")
+    token_file.chmod(0o600)
+    site = (
+        f'[[site]]\nnames = ["a.test"]\nbackend = "127.0.0.1:9"\n'
+        f'cert_file = "{cert_file}"\nkey_file = "{key_file}"\n'
+    )
+    async with run_edged(sockdir, site, admin=f"unix:{sockdir}/admin.sock") as e:
+        config = str(e.config_path)
+        text = e.config_path.read_text().replace("[listen]", '[listen]\nadmin_token_file = "token"')
+        e.config_path.write_text(text)
+        key_file.rename(sockdir / "a.key.old")  # mid-rotation
+        e.config_path.write_text(text + '[tls]\nmin_versoin = "1.3"\n')  # a typo
+        out = await run_cmd(EDGED, "status", "--config", config)
+        assert out.returncode == 0, out.stderr
+        assert "a.test" in out.stdout
+        out = await run_cmd(EDGED, "reload", "--config", config)
+        assert out.returncode == 1 and out.stderr.startswith("edged: reload_failed: "), out
+        # What the commands do need is still checked, with the fix named.
+        e.config_path.write_text(text.replace(f"unix:{sockdir}/admin.sock", "10.1.1.1:9465"))
+        out = await run_cmd(EDGED, "status", "--config", config)
+        assert out.returncode == 1 and "listen.admin: 10.1.1.1:9465 is not loopback" in out.stderr
+        e.config_path.write_text(text.replace(f'"unix:{sockdir}/admin.sock"', "7"))
+        out = await run_cmd(EDGED, "status", "--config", config)
+        assert out.returncode == 1 and "listen.admin: must be an address" in out.stderr, out
+        e.config_path.write_text("[listen\n")
+        out = await run_cmd(EDGED, "status", "--config", config)
+        assert out.returncode == 1 and "not valid TOML" in out.stderr, out
 
 
 def test_admin_error_from_cert_error() -> None:

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
+from edged.certs import parse_bundle
+from edged.store import FileStore, PemPair, StoredCert
 from tests.pki import encrypted_key_pem, fullchain, make_ca, make_intermediate, make_leaf
 
 EDGED = str(Path(sys.executable).with_name("edged"))
@@ -101,6 +106,36 @@ def test_check_ok_with_only_warnings(tmp_path: Path) -> None:
     assert out.stdout.splitlines()[-1].endswith(": ok: 1 sites, 0 valid certificates")
 
 
+def test_check_with_a_redis_store_checks_the_local_copy_and_says_so(tmp_path: Path) -> None:
+    """With a Redis store, `check` reads the node's local copy (edged.store_local) and says
+    that Redis itself was not read. It used to read nothing: every site had "no certificate
+    yet" and the check passed over a bad certificate."""
+    files = cert_files()
+    copy = FileStore(tmp_path / "copy")
+    for stem in ("good", "expired"):
+        name, cert, key, _ = files[stem]
+        bundle = parse_bundle(cert, key)
+        pair = PemPair(bundle.key_type, cert, key)
+        copy.save(StoredCert(name, bundle.names, (pair,), "upload", time.time()))
+    config = tmp_path / "edged.toml"
+    config.write_text(
+        '[edged]\nstore = "redis://:pw@127.0.0.1:1/0"\nstore_local = "copy"\n'
+        '[[site]]\nnames = ["good.test"]\nbackend = "127.0.0.1:9"\n'
+        '[[site]]\nnames = ["expired.test"]\nbackend = "127.0.0.1:9"\n'
+    )
+    out = edged("check", "--config", str(config))
+    assert out.returncode == 1, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == (
+        f"{config}: edged.store: note: a Redis store (redis://127.0.0.1:1): the certificates "
+        f"checked are this node's local copy in {tmp_path}/copy (edged.store_local); Redis "
+        "itself was not read"
+    )
+    assert any("expired.test" in ln and "expired" in ln for ln in lines[1:-1]), lines
+    assert "no certificate yet" not in out.stdout and "pw" not in out.stdout
+    assert lines[-1] == f"{config}: FAILED: 2 sites, 1 valid certificates"
+
+
 def test_cert_inspect(tmp_path: Path) -> None:
     files = cert_files()
     _, cert, key, _ = files["good"]
@@ -130,6 +165,40 @@ def test_cert_inspect(tmp_path: Path) -> None:
     (tmp_path / "empty.crt").write_bytes(b"")
     out = edged("cert", "inspect", str(tmp_path / "empty.crt"))
     assert out.returncode == 1 and "empty" in out.stdout
+
+
+@pytest.mark.parametrize("key_type", ["ecdsa-p521", "rsa-1024", "ed25519"])
+def test_cert_inspect_counts_an_unsupported_key_with_or_without_key(
+    tmp_path: Path, key_type: str
+) -> None:
+    """An unsupported leaf key is a problem (exit 1) whether or not --key is given; without
+    --key it used to be shown as unsupported but reported ok."""
+    inter = make_intermediate(make_ca(), "Test Intermediate")
+    leaf = make_leaf(inter, ["odd.test"], key_type=key_type)
+    (tmp_path / "odd.crt").write_bytes(fullchain(leaf, inter))
+    (tmp_path / "odd.key").write_bytes(leaf.key_pem)
+    for extra in ([], ["--key", str(tmp_path / "odd.key")]):
+        out = edged("cert", "inspect", str(tmp_path / "odd.crt"), *extra)
+        assert out.returncode == 1, (extra, out.stdout)
+        problems = [ln for ln in out.stdout.splitlines() if ": problem: " in ln]
+        assert len(problems) == 1, (extra, out.stdout)
+        assert "supported types are" in problems[0] or "minimum is 2048 bits" in problems[0]
+        assert not out.stdout.endswith(": ok\n")
+
+
+def test_cert_inspect_normalises_names_like_the_rest_of_edged(tmp_path: Path) -> None:
+    """--name is IDNA-normalised (bücher.test is xn--bcher-kva.test), with or without --key;
+    an impossible name is refused naming it."""
+    inter = make_intermediate(make_ca(), "Test Intermediate")
+    leaf = make_leaf(inter, ["xn--bcher-kva.test"])
+    (tmp_path / "idn.crt").write_bytes(fullchain(leaf, inter))
+    (tmp_path / "idn.key").write_bytes(leaf.key_pem)
+    for extra in ([], ["--key", str(tmp_path / "idn.key")]):
+        out = edged("cert", "inspect", str(tmp_path / "idn.crt"), "--name", "Bücher.test.", *extra)
+        assert out.returncode == 0, (extra, out.stdout)
+        assert out.stdout.endswith("idn.crt: ok\n")
+        out = edged("cert", "inspect", str(tmp_path / "idn.crt"), "--name", "bad..test", *extra)
+        assert out.returncode == 1 and out.stdout.startswith("--name: 'bad..test': label ''")
 
 
 def test_usage_errors_exit_2() -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 import re
+import resource
 import ssl
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from edged.tls import (
     ROUTE_ATTR,
     ContextCache,
     SniSelector,
+    UnservableCert,
     build_listening_context,
     client_can_use,
     pick_bundle,
@@ -230,6 +234,56 @@ def test_choice_before_the_handshake_is_kept_by_the_sni_callback(
     assert getattr(server, ROUTE_ATTR) is route
     cert = x509.load_der_x509_certificate(client.getpeercert(binary_form=True) or b"")
     assert isinstance(cert.public_key(), rsa.RSAPublicKey)
+
+
+def test_an_os_error_building_a_context_refuses_that_handshake_only(
+    bundles: dict[str, CertBundle], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Out of file descriptors (EMFILE from memfd_create, for real) is not the certificate's
+    fault: that handshake is refused, reported once however often it repeats, without
+    telling to replace the certificate; once descriptors are free the same certificate is
+    served (it used to be remembered as unservable until restart)."""
+    site = Site(index=0, names=("fd.example.test",), backend=Address("127.0.0.1", 8000))
+    route = build_index([site], {0: (bundles["ecdsa-p256"],)}).lookup("fd.example.test")
+    assert route is not None
+    cache = ContextCache(10, "1.2")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    held: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 8, hard))
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        for _ in range(3):
+            with pytest.raises(UnservableCert) as refused:
+                cache.get(route, ("http/1.1",))
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert "Too many open files" in str(refused.value) and "replace it" not in str(refused.value)
+    assert "LimitNOFILE" in str(refused.value)
+    reports = [r.getMessage() for r in caplog.records if "fd.example.test" in r.getMessage()]
+    assert len(reports) == 1, reports
+    assert isinstance(cache.get(route, ("http/1.1",)), ssl.SSLContext)
+
+
+def test_a_certificate_openssl_refuses_is_remembered(caplog: pytest.LogCaptureFixture) -> None:
+    """A key that does not match its certificate fails every time: refused at once
+    afterwards (no new build), reported once, advising to replace it."""
+    ca = make_ca("Mismatch CA")
+    leaf, stranger = make_leaf(ca, ["bad.example.test"]), make_leaf(ca, ["bad.example.test"])
+    bad = dataclasses.replace(parse_bundle(leaf.cert_pem, leaf.key_pem), key_pem=stranger.key_pem)
+    site = Site(index=0, names=("bad.example.test",), backend=Address("127.0.0.1", 8000))
+    route = build_index([site], {0: (bad,)}).lookup("bad.example.test")
+    assert route is not None
+    cache = ContextCache(10, "1.2")
+    for _ in range(2):
+        with pytest.raises(UnservableCert, match="replace it"):
+            cache.get(route, ("http/1.1",))
+    assert cache.misses == 1
+    assert len([r for r in caplog.records if "cannot be served" in r.getMessage()]) == 1
 
 
 def test_choose_leaves_names_without_a_certificate_to_the_callback() -> None:
