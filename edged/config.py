@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from edged.errors import ConfigError, Problem
 from edged.heap import ALLOCATORS
@@ -41,6 +42,10 @@ TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "
 _ALPN_TOKEN = re.compile(r"^[\x21-\x7e]{1,255}$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+# A URL's userinfo (up to the last @ before the path) and a ?password= query value.
+_URL_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)@")
+_URL_PASSWORD = re.compile(r"([?&]password=)[^&#]*")
+_UNKNOWN_KWARG = re.compile(r"unexpected keyword argument '(\w+)'")
 LEASE_TTL_MIN, LEASE_TTL_MAX = 3.0, 3600.0  # seconds: edged.lease_ttl
 
 
@@ -453,8 +458,11 @@ def _parse_edged(r: _Reader, base: Path) -> EdgedSettings:
     if "://" in s.store and not s.store.startswith(("redis://", "rediss://", "unix://")):
         r.problem(
             "store",
-            f"{s.store!r}: use a directory, redis://host:port/db, rediss://… (TLS) or unix://path",
+            f"{redact_url(s.store)!r}: use a directory, redis://host:port/db, rediss://… (TLS) "
+            "or unix://path",
         )
+    elif "://" in s.store:
+        _check_redis_url(r, s.store)
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", s.redis_prefix):
         r.problem("redis_prefix", f"{s.redis_prefix!r}: use 1-64 of A-Z a-z 0-9 _ . -")
     _check_redis_tls(r, s)
@@ -469,12 +477,49 @@ def _parse_edged(r: _Reader, base: Path) -> EdgedSettings:
     return s
 
 
+def redact_url(url: str) -> str:
+    """The URL with its password (userinfo, ?password=) replaced by ***: config problems are
+    printed and logged."""
+    return _URL_PASSWORD.sub(r"\1***", _URL_USERINFO.sub(r"\1***@", url))
+
+
+def _check_redis_url(r: _Reader, url: str) -> None:
+    """Build the connection as redis-py does at start, without connecting: a typo in the URL is
+    then a config error for `edged check` and reload, not a ValueError when the store opens."""
+    import redis  # here: a config with a file store never needs it
+
+    fix = "write it as redis://[user:password@]host:port/db, rediss://… (TLS) or unix:///path?db=N"
+    try:
+        redis.ConnectionPool.from_url(url).make_connection()
+    except TypeError as exc:  # an unknown ?option= becomes an unexpected keyword argument
+        option = _UNKNOWN_KWARG.search(str(exc))
+        what = f"unknown option {option.group(1)!r} in its query" if option else str(exc)
+        r.problem("store", f"{redact_url(url)!r}: {what}: remove it, or {fix}")
+        return
+    except (ValueError, redis.RedisError) as exc:
+        password = _url_password(url)
+        message = str(exc).replace(password, "***") if password else str(exc)
+        r.problem("store", f"{redact_url(url)!r}: {message}: {fix}")
+        return
+    # redis-py reads a path that is not a number as db 0: a typo would share another's data.
+    path = urlsplit(url).path if url.startswith(("redis://", "rediss://")) else ""
+    if path.strip("/") and not path.strip("/").isdigit():
+        r.problem("store", f"{redact_url(url)!r}: {path!r} is not a database number: {fix}")
+
+
+def _url_password(url: str) -> str:
+    userinfo = _URL_USERINFO.match(url)
+    return userinfo.group(2).partition(":")[2] if userinfo else ""
+
+
 def _check_redis_tls(r: _Reader, s: EdgedSettings) -> None:
     tls_keys = ("redis_ca_file", "redis_cert_file", "redis_key_file")
     if not s.store.startswith("rediss://"):
         for key in tls_keys:
             if getattr(s, key) is not None:
-                r.problem(key, f"only applies to a TLS store (rediss://…), not {s.store!r}")
+                r.problem(
+                    key, f"only applies to a TLS store (rediss://…), not {redact_url(s.store)!r}"
+                )
         return
     if (s.redis_cert_file is None) != (s.redis_key_file is None):
         missing = "redis_key_file" if s.redis_key_file is None else "redis_cert_file"

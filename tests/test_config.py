@@ -265,3 +265,42 @@ def test_backend_connect() -> None:
     assert problems(MINIMAL + 'backend_connect = "eager"\n') == [
         f"{SRC}: site[0].backend_connect: 'eager' is not one of 'first_data', 'handshake'"
     ]
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis://redis.internal:abc/0", "Port could not be cast to integer"),
+        ("redis://redis.internal:70000/0", "Port out of range"),
+        ("redis://[::1/0", "Invalid IPv6 URL"),
+        ("redis://redis.internal:6379/0?bogus=1", "unknown option 'bogus'"),
+        ("redis://redis.internal:6379/0?socket_timeout=soon", "socket_timeout"),
+        ("rediss://redis.internal/0?ssl_cert_reqs=bogus", "Certificate Requirements"),
+        ("redis://redis.internal:6379/fleet", "'/fleet' is not a database number"),
+    ],
+)
+def test_redis_url_typos_are_config_errors(url: str, says: str) -> None:
+    # redis-py would raise these at start or reload; `edged check` must find them first.
+    (message,) = problems(f'[edged]\nstore = "{url}"\n' + MINIMAL)
+    assert message.startswith(f"{SRC}: edged.store: ")
+    assert says in message
+    assert "redis://[user:password@]host:port/db" in message  # the fix
+
+
+def test_redis_url_problems_never_show_its_password() -> None:
+    for url in ("redis://edged:s3cret@redis.internal:abc/0", "redis://h:1/0?password=s3cret&x=1"):
+        (message,) = problems(f'[edged]\nstore = "{url}"\n' + MINIMAL)
+        assert "s3cret" not in message and "***" in message
+    (message,) = problems('[edged]\nstore = "http://u:s3cret@h/0"\n' + MINIMAL)
+    assert "s3cret" not in message
+
+
+def test_good_redis_urls_pass() -> None:
+    for url in (
+        "redis://redis.internal:6379/0",
+        "redis://:pw@[::1]:6379/2",
+        "rediss://redis.internal/0?ssl_cert_reqs=required",
+        "redis://redis.internal",
+        "unix:///run/redis.sock?db=1",
+    ):
+        assert parse_config(f'[edged]\nstore = "{url}"\n' + MINIMAL, SRC).redis_url == url
