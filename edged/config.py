@@ -629,7 +629,7 @@ def _parse_acme(r: _Reader, base: Path) -> AcmeSettings:
     dns_table = r.table("dns")
     dns = (
         _parse_dns(_Reader(dns_table, r.key("dns"), r.source, r.problems), base)
-        if dns_table
+        if dns_table is not None  # an empty table is there, with every key at its default
         else None
     )
     if challenge == "dns-01" and dns is None:
@@ -757,7 +757,12 @@ def parse_config(text: str, source: Path) -> Config:
     listen = _parse_listen(section("listen"), base)
     tls = _parse_tls(section("tls"))
     acme_table = top.table("acme")
-    acme = _parse_acme(_Reader(acme_table, "acme", src, problems), base) if acme_table else None
+    # An empty [acme] is ACME with every default (LE production); only no table means none.
+    acme = (
+        _parse_acme(_Reader(acme_table, "acme", src, problems), base)
+        if acme_table is not None
+        else None
+    )
 
     top.seen.add("site")
     raw_sites = data.get("site", [])

@@ -304,3 +304,21 @@ def test_good_redis_urls_pass() -> None:
         "unix:///run/redis.sock?db=1",
     ):
         assert parse_config(f'[edged]\nstore = "{url}"\n' + MINIMAL, SRC).redis_url == url
+
+
+def test_empty_acme_table_means_acme_with_defaults() -> None:
+    # Every [acme] key has a default: writing the table turns ACME on, even with no keys.
+    config = parse_config(MINIMAL.replace("*.example.com", "www.example.com") + "[acme]\n", SRC)
+    assert config.acme is not None
+    assert config.acme.directory == "https://acme-v02.api.letsencrypt.org/directory"
+    assert config.acme.challenge == "http-01"
+
+
+def test_empty_acme_dns_table_is_read_not_called_missing() -> None:
+    try:
+        parse_config(MINIMAL + '[acme]\nchallenge = "dns-01"\n[acme.dns]\n', SRC)
+    except ConfigError as exc:
+        assert "needs an [acme.dns] table" not in str(exc)  # it is there, only empty
+    text = MINIMAL + '[acme]\nchallenge = "dns-01"\n[acme.dns]\ntsig_secret_file = "tsig.key"\n'
+    dns = parse_config(text, SRC).acme.dns  # type: ignore[union-attr]
+    assert dns is not None and dns.server == Address("127.0.0.1", 53)
