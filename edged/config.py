@@ -598,6 +598,8 @@ def _parse_dns(r: _Reader, base: Path) -> DnsSettings:
         propagation_timeout=r.duration("propagation_timeout", d.propagation_timeout),
         ttl=r.integer("ttl", d.ttl, 1),
     )
+    if not s.tsig_key_name.strip():
+        r.problem("tsig_key_name", "is empty: set it to the TSIG key's name")
     if s.nameserver_port > 65535:
         r.problem("nameserver_port", f"{s.nameserver_port} is not a port (1-65535)")
     for key in ("zone", "delegate_to"):
@@ -609,6 +611,17 @@ def _parse_dns(r: _Reader, base: Path) -> DnsSettings:
                 r.problem(key, str(exc))
     r.finish()
     return s
+
+
+def _tsig_key_missing(r: _Reader, dns: DnsSettings) -> None:
+    """edged signs every RFC 2136 update with TSIG (edged.dns.load_tsig_key): without the key
+    each dns-01 attempt would fail at its first update."""
+    r.problem(
+        "dns.tsig_secret_file",
+        "is not set, and dns-01 updates are signed with a TSIG key: create one with "
+        f"`tsig-keygen -a {dns.tsig_algorithm} {dns.tsig_key_name or 'edged'} > tsig.key`, allow "
+        "that key to update the zone on the DNS server, and set tsig_secret_file = 'tsig.key'",
+    )
 
 
 def _parse_acme(r: _Reader, base: Path) -> AcmeSettings:
@@ -634,6 +647,8 @@ def _parse_acme(r: _Reader, base: Path) -> AcmeSettings:
     )
     if challenge == "dns-01" and dns is None:
         r.problem("challenge", "dns-01 needs an [acme.dns] table (server, TSIG key)")
+    elif challenge == "dns-01" and dns is not None and dns.tsig_secret_file is None:
+        _tsig_key_missing(r, dns)
     s = AcmeSettings(
         directory=directory,
         email=r.get("email", str, d.email, "an email address"),

@@ -322,3 +322,21 @@ def test_empty_acme_dns_table_is_read_not_called_missing() -> None:
     text = MINIMAL + '[acme]\nchallenge = "dns-01"\n[acme.dns]\ntsig_secret_file = "tsig.key"\n'
     dns = parse_config(text, SRC).acme.dns  # type: ignore[union-attr]
     assert dns is not None and dns.server == Address("127.0.0.1", 53)
+
+
+def test_dns01_needs_the_tsig_secret_file() -> None:
+    # edged signs every RFC 2136 update with TSIG (edged.dns.load_tsig_key): without the key
+    # file every dns-01 attempt would fail, so the config is refused.
+    for dns in ("", 'server = "127.0.0.1:5353"\n'):
+        found = problems(MINIMAL + f'[acme]\nchallenge = "dns-01"\n[acme.dns]\n{dns}')
+        assert len(found) == 1, found
+        assert found[0].startswith(f"{SRC}: acme.dns.tsig_secret_file: is not set")
+        assert "tsig-keygen -a hmac-sha256 edged" in found[0]
+    found = problems(
+        MINIMAL
+        + '[acme]\nchallenge = "dns-01"\n[acme.dns]\ntsig_secret_file = "k"\ntsig_key_name = " "\n'
+    )
+    assert found == [f"{SRC}: acme.dns.tsig_key_name: is empty: set it to the TSIG key's name"]
+    # Without dns-01 the DNS settings only serve lookups: no key needed.
+    text = MINIMAL.replace("*.example.com", "www.example.com")
+    assert parse_config(text + '[acme]\n[acme.dns]\nresolver = "127.0.0.1:53"\n', SRC).acme
