@@ -613,6 +613,16 @@ def _parse_dns(r: _Reader, base: Path) -> DnsSettings:
     return s
 
 
+def _is_http_url(url: str) -> bool:
+    """What aiohttp can POST to; anything else would fail every notice, seen only in the log."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
 def _tsig_key_missing(r: _Reader, dns: DnsSettings) -> None:
     """edged signs every RFC 2136 update with TSIG (edged.dns.load_tsig_key): without the key
     each dns-01 attempt would fail at its first update."""
@@ -666,6 +676,12 @@ def _parse_acme(r: _Reader, base: Path) -> AcmeSettings:
     )
     if bool(s.eab_kid) != bool(s.eab_hmac_file):
         r.problem("eab_kid", "eab_kid and eab_hmac_file go together: set both or neither")
+    if s.notify_webhook and not _is_http_url(s.notify_webhook):
+        r.problem(
+            "notify_webhook",
+            "must be an http:// or https:// URL with a host, e.g. "
+            "'https://hooks.example.com/edged' (or '' for none)",
+        )
     if s.email and "@" not in s.email:
         r.problem("email", f"{s.email!r} is not an email address")
     r.finish()

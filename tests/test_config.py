@@ -340,3 +340,28 @@ def test_dns01_needs_the_tsig_secret_file() -> None:
     # Without dns-01 the DNS settings only serve lookups: no key needed.
     text = MINIMAL.replace("*.example.com", "www.example.com")
     assert parse_config(text + '[acme]\n[acme.dns]\nresolver = "127.0.0.1:53"\n', SRC).acme
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "hooks.example.com/edged",  # no scheme: was accepted, then every notice failed
+        "ftp://hooks.example.com/edged",
+        "https:///edged",
+        "https://hooks.example.com:abc/edged",
+        "https://[::1/edged",
+    ],
+)
+def test_notify_webhook_must_be_an_http_url(url: str) -> None:
+    found = problems(MINIMAL + f'[acme]\nnotify_webhook = "{url}"\n')
+    assert len(found) == 1, found
+    assert found[0].startswith(f"{SRC}: acme.notify_webhook: must be an http:// or https:// URL")
+    assert "https://hooks.example.com/edged" in found[0]  # the example of the fix
+
+
+def test_notify_webhook_urls_that_work() -> None:
+    text = MINIMAL.replace("*.example.com", "www.example.com")
+    for url in ("https://hooks.example.com/edged?t=1", "http://127.0.0.1:8080/x", "http://[::1]/"):
+        acme = parse_config(text + f'[acme]\nnotify_webhook = "{url}"\n', SRC).acme
+        assert acme is not None and acme.notify_webhook == url
+    assert parse_config(text + '[acme]\nnotify_webhook = ""\n', SRC).acme is not None  # off
