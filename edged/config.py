@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from edged.errors import ConfigError, Problem
 from edged.heap import ALLOCATORS
@@ -41,6 +42,10 @@ TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "
 _ALPN_TOKEN = re.compile(r"^[\x21-\x7e]{1,255}$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+# A URL's userinfo (up to the last @ before the path) and a ?password= query value.
+_URL_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)@")
+_URL_PASSWORD = re.compile(r"([?&]password=)[^&#]*")
+_UNKNOWN_KWARG = re.compile(r"unexpected keyword argument '(\w+)'")
 LEASE_TTL_MIN, LEASE_TTL_MAX = 3.0, 3600.0  # seconds: edged.lease_ttl
 
 
@@ -453,8 +458,11 @@ def _parse_edged(r: _Reader, base: Path) -> EdgedSettings:
     if "://" in s.store and not s.store.startswith(("redis://", "rediss://", "unix://")):
         r.problem(
             "store",
-            f"{s.store!r}: use a directory, redis://host:port/db, rediss://… (TLS) or unix://path",
+            f"{redact_url(s.store)!r}: use a directory, redis://host:port/db, rediss://… (TLS) "
+            "or unix://path",
         )
+    elif "://" in s.store:
+        _check_redis_url(r, s.store)
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", s.redis_prefix):
         r.problem("redis_prefix", f"{s.redis_prefix!r}: use 1-64 of A-Z a-z 0-9 _ . -")
     _check_redis_tls(r, s)
@@ -469,12 +477,49 @@ def _parse_edged(r: _Reader, base: Path) -> EdgedSettings:
     return s
 
 
+def redact_url(url: str) -> str:
+    """The URL with its password (userinfo, ?password=) replaced by ***: config problems are
+    printed and logged."""
+    return _URL_PASSWORD.sub(r"\1***", _URL_USERINFO.sub(r"\1***@", url))
+
+
+def _check_redis_url(r: _Reader, url: str) -> None:
+    """Build the connection as redis-py does at start, without connecting: a typo in the URL is
+    then a config error for `edged check` and reload, not a ValueError when the store opens."""
+    import redis  # here: a config with a file store never needs it
+
+    fix = "write it as redis://[user:password@]host:port/db, rediss://… (TLS) or unix:///path?db=N"
+    try:
+        redis.ConnectionPool.from_url(url).make_connection()
+    except TypeError as exc:  # an unknown ?option= becomes an unexpected keyword argument
+        option = _UNKNOWN_KWARG.search(str(exc))
+        what = f"unknown option {option.group(1)!r} in its query" if option else str(exc)
+        r.problem("store", f"{redact_url(url)!r}: {what}: remove it, or {fix}")
+        return
+    except (ValueError, redis.RedisError) as exc:
+        password = _url_password(url)
+        message = str(exc).replace(password, "***") if password else str(exc)
+        r.problem("store", f"{redact_url(url)!r}: {message}: {fix}")
+        return
+    # redis-py reads a path that is not a number as db 0: a typo would share another's data.
+    path = urlsplit(url).path if url.startswith(("redis://", "rediss://")) else ""
+    if path.strip("/") and not path.strip("/").isdigit():
+        r.problem("store", f"{redact_url(url)!r}: {path!r} is not a database number: {fix}")
+
+
+def _url_password(url: str) -> str:
+    userinfo = _URL_USERINFO.match(url)
+    return userinfo.group(2).partition(":")[2] if userinfo else ""
+
+
 def _check_redis_tls(r: _Reader, s: EdgedSettings) -> None:
     tls_keys = ("redis_ca_file", "redis_cert_file", "redis_key_file")
     if not s.store.startswith("rediss://"):
         for key in tls_keys:
             if getattr(s, key) is not None:
-                r.problem(key, f"only applies to a TLS store (rediss://…), not {s.store!r}")
+                r.problem(
+                    key, f"only applies to a TLS store (rediss://…), not {redact_url(s.store)!r}"
+                )
         return
     if (s.redis_cert_file is None) != (s.redis_key_file is None):
         missing = "redis_key_file" if s.redis_key_file is None else "redis_cert_file"
@@ -553,6 +598,8 @@ def _parse_dns(r: _Reader, base: Path) -> DnsSettings:
         propagation_timeout=r.duration("propagation_timeout", d.propagation_timeout),
         ttl=r.integer("ttl", d.ttl, 1),
     )
+    if not s.tsig_key_name.strip():
+        r.problem("tsig_key_name", "is empty: set it to the TSIG key's name")
     if s.nameserver_port > 65535:
         r.problem("nameserver_port", f"{s.nameserver_port} is not a port (1-65535)")
     for key in ("zone", "delegate_to"):
@@ -564,6 +611,27 @@ def _parse_dns(r: _Reader, base: Path) -> DnsSettings:
                 r.problem(key, str(exc))
     r.finish()
     return s
+
+
+def _is_http_url(url: str) -> bool:
+    """What aiohttp can POST to; anything else would fail every notice, seen only in the log."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _tsig_key_missing(r: _Reader, dns: DnsSettings) -> None:
+    """edged signs every RFC 2136 update with TSIG (edged.dns.load_tsig_key): without the key
+    each dns-01 attempt would fail at its first update."""
+    r.problem(
+        "dns.tsig_secret_file",
+        "is not set, and dns-01 updates are signed with a TSIG key: create one with "
+        f"`tsig-keygen -a {dns.tsig_algorithm} {dns.tsig_key_name or 'edged'} > tsig.key`, allow "
+        "that key to update the zone on the DNS server, and set tsig_secret_file = 'tsig.key'",
+    )
 
 
 def _parse_acme(r: _Reader, base: Path) -> AcmeSettings:
@@ -584,11 +652,13 @@ def _parse_acme(r: _Reader, base: Path) -> AcmeSettings:
     dns_table = r.table("dns")
     dns = (
         _parse_dns(_Reader(dns_table, r.key("dns"), r.source, r.problems), base)
-        if dns_table
+        if dns_table is not None  # an empty table is there, with every key at its default
         else None
     )
     if challenge == "dns-01" and dns is None:
         r.problem("challenge", "dns-01 needs an [acme.dns] table (server, TSIG key)")
+    elif challenge == "dns-01" and dns is not None and dns.tsig_secret_file is None:
+        _tsig_key_missing(r, dns)
     s = AcmeSettings(
         directory=directory,
         email=r.get("email", str, d.email, "an email address"),
@@ -606,6 +676,12 @@ def _parse_acme(r: _Reader, base: Path) -> AcmeSettings:
     )
     if bool(s.eab_kid) != bool(s.eab_hmac_file):
         r.problem("eab_kid", "eab_kid and eab_hmac_file go together: set both or neither")
+    if s.notify_webhook and not _is_http_url(s.notify_webhook):
+        r.problem(
+            "notify_webhook",
+            "must be an http:// or https:// URL with a host, e.g. "
+            "'https://hooks.example.com/edged' (or '' for none)",
+        )
     if s.email and "@" not in s.email:
         r.problem("email", f"{s.email!r} is not an email address")
     r.finish()
@@ -712,7 +788,12 @@ def parse_config(text: str, source: Path) -> Config:
     listen = _parse_listen(section("listen"), base)
     tls = _parse_tls(section("tls"))
     acme_table = top.table("acme")
-    acme = _parse_acme(_Reader(acme_table, "acme", src, problems), base) if acme_table else None
+    # An empty [acme] is ACME with every default (LE production); only no table means none.
+    acme = (
+        _parse_acme(_Reader(acme_table, "acme", src, problems), base)
+        if acme_table is not None
+        else None
+    )
 
     top.seen.add("site")
     raw_sites = data.get("site", [])

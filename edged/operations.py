@@ -265,18 +265,37 @@ class DaemonOperations:
         session = AcmeSession(
             config.acme, store, observe=self.daemon.counters.acme_requests.observe
         )
-        chains = [pair.fullchain for pair in stored.pairs]
+        chains = [(pair.key_type, pair.fullchain) for pair in stored.pairs]
         try:
-            count = await asyncio.to_thread(revoke_certs, session, site.name, chains, reason)
+            outcomes = await asyncio.to_thread(revoke_certs, session, site.name, chains, reason)
         except AcmeError as exc:
             raise AdminError("revoke_failed", str(exc), 502) from exc
         finally:
             session.close()
-        message = f"revoked {count} certificate(s) of {site.name} (reason {reason})"
+        each = "; ".join(o.describe() for o in outcomes)
+        done = sum(o.done for o in outcomes)
+        if done < len(outcomes):
+            # Not done: no replacement, so the retry revokes the same certificates (those
+            # already revoked count as done then).
+            raise AdminError(
+                "revoke_failed",
+                f"revoked {done} of {len(outcomes)} certificate(s) of {site.name}: {each}; "
+                f"no replacement ordered: run `edged revoke {site.name}` again to finish",
+                502,
+            )
+        message = f"revoked {done} certificate(s) of {site.name} (reason {reason}): {each}"
         if replace:
             self.daemon.renewer.force(site.name)
             message += "; a replacement is being ordered"
-        return {"name": site.name, "revoked": count, "message": message}
+        return {
+            "name": site.name,
+            "revoked": done,
+            "certificates": [
+                {"key_type": o.key_type, "serial": o.serial, "already_revoked": o.already}
+                for o in outcomes
+            ],
+            "message": message,
+        }
 
     async def reload(self) -> dict[str, object]:
         ok = await self.daemon.reload("admin")

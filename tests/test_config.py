@@ -265,3 +265,103 @@ def test_backend_connect() -> None:
     assert problems(MINIMAL + 'backend_connect = "eager"\n') == [
         f"{SRC}: site[0].backend_connect: 'eager' is not one of 'first_data', 'handshake'"
     ]
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis://redis.internal:abc/0", "Port could not be cast to integer"),
+        ("redis://redis.internal:70000/0", "Port out of range"),
+        ("redis://[::1/0", "Invalid IPv6 URL"),
+        ("redis://redis.internal:6379/0?bogus=1", "unknown option 'bogus'"),
+        ("redis://redis.internal:6379/0?socket_timeout=soon", "socket_timeout"),
+        ("rediss://redis.internal/0?ssl_cert_reqs=bogus", "Certificate Requirements"),
+        ("redis://redis.internal:6379/fleet", "'/fleet' is not a database number"),
+    ],
+)
+def test_redis_url_typos_are_config_errors(url: str, says: str) -> None:
+    # redis-py would raise these at start or reload; `edged check` must find them first.
+    (message,) = problems(f'[edged]\nstore = "{url}"\n' + MINIMAL)
+    assert message.startswith(f"{SRC}: edged.store: ")
+    assert says in message
+    assert "redis://[user:password@]host:port/db" in message  # the fix
+
+
+def test_redis_url_problems_never_show_its_password() -> None:
+    for url in ("redis://edged:s3cret@redis.internal:abc/0", "redis://h:1/0?password=s3cret&x=1"):
+        (message,) = problems(f'[edged]\nstore = "{url}"\n' + MINIMAL)
+        assert "s3cret" not in message and "***" in message
+    (message,) = problems('[edged]\nstore = "http://u:s3cret@h/0"\n' + MINIMAL)
+    assert "s3cret" not in message
+
+
+def test_good_redis_urls_pass() -> None:
+    for url in (
+        "redis://redis.internal:6379/0",
+        "redis://:pw@[::1]:6379/2",
+        "rediss://redis.internal/0?ssl_cert_reqs=required",
+        "redis://redis.internal",
+        "unix:///run/redis.sock?db=1",
+    ):
+        assert parse_config(f'[edged]\nstore = "{url}"\n' + MINIMAL, SRC).redis_url == url
+
+
+def test_empty_acme_table_means_acme_with_defaults() -> None:
+    # Every [acme] key has a default: writing the table turns ACME on, even with no keys.
+    config = parse_config(MINIMAL.replace("*.example.com", "www.example.com") + "[acme]\n", SRC)
+    assert config.acme is not None
+    assert config.acme.directory == "https://acme-v02.api.letsencrypt.org/directory"
+    assert config.acme.challenge == "http-01"
+
+
+def test_empty_acme_dns_table_is_read_not_called_missing() -> None:
+    try:
+        parse_config(MINIMAL + '[acme]\nchallenge = "dns-01"\n[acme.dns]\n', SRC)
+    except ConfigError as exc:
+        assert "needs an [acme.dns] table" not in str(exc)  # it is there, only empty
+    text = MINIMAL + '[acme]\nchallenge = "dns-01"\n[acme.dns]\ntsig_secret_file = "tsig.key"\n'
+    dns = parse_config(text, SRC).acme.dns  # type: ignore[union-attr]
+    assert dns is not None and dns.server == Address("127.0.0.1", 53)
+
+
+def test_dns01_needs_the_tsig_secret_file() -> None:
+    # edged signs every RFC 2136 update with TSIG (edged.dns.load_tsig_key): without the key
+    # file every dns-01 attempt would fail, so the config is refused.
+    for dns in ("", 'server = "127.0.0.1:5353"\n'):
+        found = problems(MINIMAL + f'[acme]\nchallenge = "dns-01"\n[acme.dns]\n{dns}')
+        assert len(found) == 1, found
+        assert found[0].startswith(f"{SRC}: acme.dns.tsig_secret_file: is not set")
+        assert "tsig-keygen -a hmac-sha256 edged" in found[0]
+    found = problems(
+        MINIMAL
+        + '[acme]\nchallenge = "dns-01"\n[acme.dns]\ntsig_secret_file = "k"\ntsig_key_name = " "\n'
+    )
+    assert found == [f"{SRC}: acme.dns.tsig_key_name: is empty: set it to the TSIG key's name"]
+    # Without dns-01 the DNS settings only serve lookups: no key needed.
+    text = MINIMAL.replace("*.example.com", "www.example.com")
+    assert parse_config(text + '[acme]\n[acme.dns]\nresolver = "127.0.0.1:53"\n', SRC).acme
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "hooks.example.com/edged",  # no scheme: was accepted, then every notice failed
+        "ftp://hooks.example.com/edged",
+        "https:///edged",
+        "https://hooks.example.com:abc/edged",
+        "https://[::1/edged",
+    ],
+)
+def test_notify_webhook_must_be_an_http_url(url: str) -> None:
+    found = problems(MINIMAL + f'[acme]\nnotify_webhook = "{url}"\n')
+    assert len(found) == 1, found
+    assert found[0].startswith(f"{SRC}: acme.notify_webhook: must be an http:// or https:// URL")
+    assert "https://hooks.example.com/edged" in found[0]  # the example of the fix
+
+
+def test_notify_webhook_urls_that_work() -> None:
+    text = MINIMAL.replace("*.example.com", "www.example.com")
+    for url in ("https://hooks.example.com/edged?t=1", "http://127.0.0.1:8080/x", "http://[::1]/"):
+        acme = parse_config(text + f'[acme]\nnotify_webhook = "{url}"\n', SRC).acme
+        assert acme is not None and acme.notify_webhook == url
+    assert parse_config(text + '[acme]\nnotify_webhook = ""\n', SRC).acme is not None  # off

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
+from edged.acme.client import AcmeSession
 from edged.admin_client import AdminClient, AdminRequestError
 from edged.config import Address
 from tests.conftest import free_port, peer_cn, run_backend, run_cmd, run_edged, s_client
@@ -92,15 +94,26 @@ async def test_admin_end_to_end(pebble: Pebble, tmp_path: Path) -> None:
             lambda: (s := edged.daemon.serving("shop.test")) is not None and "Pebble" in s.issuer
         )
 
-        # Revoke through ACME; a replacement is ordered at once.
+        # Revoke through ACME; a replacement is ordered at once. An earlier revoke that failed
+        # part-way revoked the ECDSA certificate already: the CA's alreadyRevoked for it counts
+        # as done, and the RSA certificate is revoked too.
         before = edged.daemon.serving("shop.test")
         assert before is not None
+        stored = edged.daemon.store.load("shop.test")
+        acme = edged.daemon.config.acme
+        assert stored is not None and acme is not None and edged.daemon.store is not None
+        session = AcmeSession(acme, edged.daemon.store)
+        [ecdsa] = [p.fullchain for p in stored.pairs if p.key_type == "ecdsa-p256"]
+        leaf = x509.load_pem_x509_certificates(ecdsa)[0]
+        await asyncio.to_thread(lambda: session.open("shop.test").revoke(leaf, 0))
+        session.close()
         out = await run_cmd(
             EDGED, "revoke", "shop.test", "--reason", "keyCompromise", "--config", config,
             limit=60,
         )  # fmt: skip
         assert out.returncode == 0, out.stdout + out.stderr
         assert "revoked 2 certificate(s)" in out.stdout
+        assert ") already revoked" in out.stdout and "rsa-2048 (serial" in out.stdout
         await wait_for(
             lambda: (
                 (s := edged.daemon.serving("shop.test")) is not None
