@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,6 +25,7 @@ from aiohttp import web
 from edged.config import Address, Config, Site
 from edged.errors import EdgedError
 from edged.listen import LISTEN_BACKLOG, StartupError, bind_tcp
+from edged.logs import Throttled
 from edged.names import NameError_, covers, normalize_name
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,10 @@ CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 TOKEN_TTL = 900.0  # an order that takes longer than this has failed anyway
 SHARED_CACHE = 1.0  # seconds a Redis token answer (or its absence) is reused
+# Redis token lookups running at once. A CA validates each challenge from a handful of places,
+# and an answer takes about a millisecond; a flood of random tokens (the cache cannot help)
+# while Redis hangs would otherwise queue behind timeouts.
+MAX_SHARED_LOOKUPS = 16
 
 
 class SharedTokens(Protocol):
@@ -77,6 +83,15 @@ class ChallengeBoard:
         # In a fleet: tokens also go to Redis, so any node answers any node's challenge.
         self.shared: SharedTokens | None = None
         self._cache: dict[str, tuple[float, PendingToken | None]] = {}
+        # Lookups run in their own threads, one per slot: a hung Redis holds these, never the
+        # loop's default executor that reloads, certificate loads and renewals wait on. A slot is
+        # free again only when its lookup has ended (a cancelled request leaves it running).
+        # Threads start on first use; the executor ends them when the board is collected.
+        self._lookups = ThreadPoolExecutor(
+            max_workers=MAX_SHARED_LOOKUPS, thread_name_prefix="edged-http01-lookup"
+        )
+        self._slots = threading.BoundedSemaphore(MAX_SHARED_LOOKUPS)
+        self._throttle = Throttled(log)
 
     def add(
         self, token: str, key_authorization: str, names: Iterable[str], ttl: float = TOKEN_TTL
@@ -99,7 +114,8 @@ class ChallengeBoard:
                 log.warning("shared token not removed error=%s", exc)
 
     async def lookup_shared(self, token: str, host: str) -> str | None:
-        """Another node's pending token, from Redis through a short local cache."""
+        """Another node's pending token, from Redis through a short local cache. With
+        MAX_SHARED_LOOKUPS lookups running it is None at once: refused, not queued."""
         shared = self.shared
         if shared is None:
             return None
@@ -108,10 +124,21 @@ class ChallengeBoard:
         if cached is not None and cached[0] > now:
             entry = cached[1]
         else:
+            if not self._slots.acquire(blocking=False):
+                self._throttle.warning(
+                    "busy", "shared token lookups busy, refused limit=%d", MAX_SHARED_LOOKUPS
+                )
+                return None
             try:
-                found = await asyncio.to_thread(shared.get_token, token)
+                running = self._lookups.submit(shared.get_token, token)
+            except BaseException:
+                self._slots.release()
+                raise
+            running.add_done_callback(self._release_slot)
+            try:
+                found = await asyncio.wrap_future(running)
             except EdgedError as exc:
-                log.warning("shared token lookup failed error=%s", exc)
+                self._throttle.warning("failed", "shared token lookup failed error=%s", exc)
                 return None
             entry = (
                 None
@@ -124,6 +151,10 @@ class ChallengeBoard:
         if entry is None or host not in entry.names:
             return None
         return entry.key_authorization
+
+    def _release_slot(self, _done: Future[tuple[str, list[str]] | None]) -> None:
+        # Runs in the lookup's thread when it ends, or at once when cancelled before it ran.
+        self._slots.release()
 
     def lookup(self, token: str, host: str) -> str | None:
         """The key authorization when `token` is pending for `host`; None otherwise."""
@@ -176,6 +207,7 @@ class Http01App:
         self.app.on_cleanup.append(self._close_client)
         self.answered = 0
         self.refused = 0
+        self._throttle = Throttled(log)  # refusals are logged, but a flood of them is not
 
     async def _close_client(self, _app: web.Application) -> None:
         if self._client is not None:
@@ -207,7 +239,9 @@ class Http01App:
         answer = self.board.lookup(token, host) or await self.board.lookup_shared(token, host)
         if answer is None:
             self.refused += 1
-            log.info("http-01 refused host=%s reason=unknown token or host", host)
+            self._throttle.info(
+                "refused", "http-01 refused host=%s reason=unknown token or host", host
+            )
             return _text(404, "no such challenge")
         self.answered += 1
         return web.Response(status=200, text=answer, content_type="text/plain")

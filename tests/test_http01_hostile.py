@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import re
+import secrets
+import signal
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +22,11 @@ from pathlib import Path
 import pytest
 
 from edged.config import parse_address, parse_config
-from edged.http01 import ChallengeBoard, Http01App, HttpListeners
+from edged.http01 import MAX_SHARED_LOOKUPS, ChallengeBoard, Http01App, HttpListeners
+from edged.store.files import FileStore
+from edged.store.redis import RedisStore
 from tests.conftest import free_port
+from tests.redis_server import RedisServer
 
 SITES = """
 [listen]
@@ -323,3 +331,64 @@ async def test_200_concurrent_requests_only_valid_tokens_answered(port80: Port80
         else:
             assert (reply.status, reply.body) == (200, expected.encode()), (path, host)
     assert port80.app.answered == 50
+
+
+# --- a fleet's shared tokens ------------------------------------------------------------------
+
+
+async def test_random_tokens_while_redis_hangs_do_not_stall_the_daemon(
+    redis_server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Random tokens miss the 1 s cache, so each one asks Redis. With Redis hung (SIGSTOP: it
+    accepts, never answers) a flood must neither occupy the loop's default executor (reloads,
+    certificate loads and renewals run there) nor queue behind Redis timeouts nor write a log
+    line per request; the node's own tokens are still answered, other nodes' again once Redis
+    is back."""
+    caplog.set_level(logging.INFO, logger="edged.http01")
+    store = RedisStore(redis_server.url, FileStore(tmp_path / "local"))
+    config = parse_config(SITES, Path("/etc/edged/edged.toml"))
+    board = ChallengeBoard()
+    board.add(TOKEN, KEY_AUTH, ["a.test"])
+    board.shared = store
+    listeners = HttpListeners(Http01App(board, lambda: config))
+    port = free_port()
+    await listeners.sync([parse_address(f"127.0.0.1:{port}", listen=True)])
+    try:
+        await _flood_while_redis_hangs(redis_server, port, caplog)
+        # Redis is back and every slot is free again: another node's token is answered.
+        await asyncio.to_thread(store.put_token, "fromB", "fromB.thumb", ["b.test"], 60)
+        for _ in range(150):  # the hung lookups end with Redis's answers or their timeouts
+            reply = await get(port, PREFIX + "fromB", "b.test")
+            if reply.status == 200:
+                break
+            await asyncio.sleep(0.2)
+        assert (reply.status, reply.body) == (200, b"fromB.thumb")
+    finally:
+        await listeners.close()
+        store.close()
+
+
+async def _flood_while_redis_hangs(
+    redis_server: RedisServer, port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        flood = [
+            asyncio.create_task(get(port, PREFIX + secrets.token_urlsafe(16), "a.test"))
+            for _ in range(300)
+        ]
+        await asyncio.sleep(0.5)  # the requests are in
+        started = time.monotonic()
+        await asyncio.wait_for(asyncio.to_thread(lambda: None), 5)
+        assert time.monotonic() - started < 0.5  # the default executor is free
+        await still_serving(port)
+        # All but the lookups that got a slot are refused at once.
+        done, _ = await asyncio.wait(flood, timeout=1)
+        assert len(done) >= 300 - MAX_SHARED_LOOKUPS
+        assert all(task.result().status == 404 for task in done)
+        lines = [r for r in caplog.records if r.name == "edged.http01"]
+        assert len(lines) <= 3, [r.getMessage() for r in lines]
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+        replies = await asyncio.wait_for(asyncio.gather(*flood, return_exceptions=True), 60)
+    assert all(not isinstance(r, BaseException) and r.status == 404 for r in replies)
