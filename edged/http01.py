@@ -226,7 +226,7 @@ class Http01App:
         if host is None or site is None:
             return _text(404, "unknown host")
         if site.http == "forward":
-            return await self._forward(request, site, host)
+            return await self._forward(request, config, site, host)
         port = config.listen.https[0].port if config.listen.https else 443
         authority = host if port == 443 else f"{host}:{port}"
         raise web.HTTPMovedPermanently(f"https://{authority}{request.path_qs}")
@@ -246,12 +246,23 @@ class Http01App:
         self.answered += 1
         return web.Response(status=200, text=answer, content_type="text/plain")
 
-    async def _forward(self, request: web.Request, site: Site, host: str) -> web.StreamResponse:
-        """Plain-HTTP reverse proxy to the site's backend (for sites with http = "forward")."""
+    async def _forward(
+        self, request: web.Request, config: Config, site: Site, host: str
+    ) -> web.StreamResponse:
+        """Plain-HTTP reverse proxy to the site's backend (for sites with http = "forward").
+
+        Like TLS connections: `backend_connect_timeout` to connect, and `idle_timeout` for the
+        backend to send something (headers or the next piece of the body) and for the client
+        to take it; a client that goes away cancels this handler (HttpListeners), which closes
+        the backend connection."""
+        settings = config.edged
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=settings.backend_connect_timeout,
+            sock_read=settings.idle_timeout,
+        )
         if self._client is None:
-            self._client = aiohttp.ClientSession(
-                auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None, connect=5)
-            )
+            self._client = aiohttp.ClientSession(auto_decompress=False)
         backend = site.backend
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
         headers["Host"] = request.headers.get("Host", host)
@@ -268,6 +279,7 @@ class Http01App:
             url = f"http://{backend}{request.path_qs}"
             connector_session = None
         session = connector_session or self._client
+        response: web.StreamResponse | None = None
         try:
             async with session.request(
                 request.method,
@@ -275,6 +287,7 @@ class Http01App:
                 headers=headers,
                 data=request.content if request.body_exists else None,
                 allow_redirects=False,
+                timeout=timeout,
             ) as upstream:
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
                 for key, value in upstream.headers.items():
@@ -282,11 +295,28 @@ class Http01App:
                         response.headers.add(key, value)
                 await response.prepare(request)
                 async for chunk in upstream.content.iter_chunked(65536):
-                    await response.write(chunk)
+                    # A client that stops reading would otherwise hold the backend forever.
+                    async with asyncio.timeout(settings.idle_timeout):
+                        await response.write(chunk)
                 await response.write_eof()
                 return response
         except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("http forward failed site=%s backend=%s error=%s", site.key, backend, exc)
+            timed_out = isinstance(exc, TimeoutError)
+            self._throttle.warning(
+                f"forward {site.key}",  # keys from the config only: a bounded set
+                "http forward failed site=%s backend=%s error=%s",
+                site.key,
+                backend,
+                "timeout" if timed_out and not str(exc) else exc,
+            )
+            if response is not None and response.prepared:
+                # Too late for an error status: cut the connection, so the client sees the
+                # reply is incomplete rather than a short body that looks whole.
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            if timed_out:
+                return _text(504, f"backend {backend} timed out")
             return _text(502, f"backend {backend} unavailable")
         finally:
             if connector_session is not None:
@@ -309,6 +339,9 @@ class HttpListeners:
             # even after the client has gone: a cheap way to hold connections and delay a
             # shutdown. One second is plenty for a client to read a short refusal.
             lingering_time=1.0,
+            # A client that disconnects cancels its request's handler: a forward to a slow or
+            # hung backend ends with it (aiohttp lets handlers run on by default).
+            handler_cancellation=True,
         )
         self._sites: dict[Address, web.SockSite] = {}
         self._started = False

@@ -392,3 +392,120 @@ async def _flood_while_redis_hangs(
         os.kill(redis_server.proc.pid, signal.SIGCONT)
         replies = await asyncio.wait_for(asyncio.gather(*flood, return_exceptions=True), 60)
     assert all(not isinstance(r, BaseException) and r.status == 404 for r in replies)
+
+
+# --- http = "forward" -------------------------------------------------------------------------
+
+
+@dataclass
+class HungBackend:
+    """A backend that reads requests and never answers; records what each connection sent and
+    when edged closed it."""
+
+    port: int
+    requests: list[bytes]
+    closed: list[float]
+    got_request: asyncio.Event
+    answer: bytes = b""  # sent after the request (then nothing more)
+
+
+@pytest.fixture
+async def hung_backend() -> AsyncIterator[HungBackend]:
+    backend = HungBackend(free_port(), [], [], asyncio.Event())
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        data = b""
+        with contextlib.suppress(ConnectionError):
+            while b"\r\n\r\n" not in data and (chunk := await reader.read(65536)):
+                data += chunk
+            backend.requests.append(data)
+            backend.got_request.set()
+            writer.write(backend.answer)
+            while await reader.read(65536):  # until edged closes its side
+                pass
+        backend.closed.append(time.monotonic())
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", backend.port)
+    try:
+        yield backend
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+        await server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def forwarding(backend_port: int, edged_extra: str = "") -> AsyncIterator[int]:
+    """Port 80 with site f.test forwarded to 127.0.0.1:`backend_port`; yields the port."""
+    text = f"""
+[edged]
+{edged_extra}
+[listen]
+https = ["127.0.0.1:8443"]
+[[site]]
+names = ["f.test"]
+backend = "127.0.0.1:{backend_port}"
+http = "forward"
+"""
+    config = parse_config(text, Path("/etc/edged/edged.toml"))
+    listeners = HttpListeners(Http01App(ChallengeBoard(), lambda: config))
+    port = free_port()
+    await listeners.sync([parse_address(f"127.0.0.1:{port}", listen=True)])
+    try:
+        yield port
+    finally:
+        await asyncio.wait_for(listeners.close(), 10)
+
+
+async def test_forward_client_gone_ends_the_backend_request(hung_backend: HungBackend) -> None:
+    """A client that gives up on a hung backend takes the backend connection with it."""
+    async with forwarding(hung_backend.port) as port:
+        for _ in range(5):
+            hung_backend.got_request.clear()
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /x HTTP/1.1\r\nHost: f.test\r\nConnection: close\r\n\r\n")
+            await asyncio.wait_for(hung_backend.got_request.wait(), 5)
+            gone = time.monotonic()
+            writer.close()
+            await writer.wait_closed()
+            for _ in range(50):
+                if len(hung_backend.closed) == len(hung_backend.requests):
+                    break
+                await asyncio.sleep(0.05)
+            assert len(hung_backend.closed) == len(hung_backend.requests), "backend still held"
+            assert hung_backend.closed[-1] - gone < 2
+
+
+async def test_forward_hung_backend_times_out(hung_backend: HungBackend) -> None:
+    """A backend that never answers gets `idle_timeout` (as TLS connections do): then 504."""
+    async with forwarding(hung_backend.port, "idle_timeout = 1") as port:
+        started = time.monotonic()
+        reply = await asyncio.wait_for(get(port, "/x", "f.test"), 10)
+        assert reply.status == 504
+        assert 0.9 < time.monotonic() - started < 5
+        for _ in range(50):
+            if hung_backend.closed:
+                break
+            await asyncio.sleep(0.05)
+        assert len(hung_backend.closed) == 1
+
+
+async def test_forward_backend_stalling_mid_body_cuts_the_connection(
+    hung_backend: HungBackend,
+) -> None:
+    """Headers and part of the body, then nothing: after `idle_timeout` the client's connection
+    is closed, so the short body cannot pass for a whole one."""
+    hung_backend.answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello"
+    async with forwarding(hung_backend.port, "idle_timeout = 1") as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: f.test\r\n\r\n")  # keep-alive
+        raw = await asyncio.wait_for(reader.read(), 5)  # to EOF: edged closed the connection
+        writer.close()
+        assert raw.startswith(b"HTTP/1.1 200") and b"hello" in raw, raw
+        # Relayed chunked (Content-Length is the backend's framing): no last chunk came.
+        assert b"transfer-encoding: chunked" in raw.lower(), raw
+        assert not raw.endswith(b"0\r\n\r\n"), raw
