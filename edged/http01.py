@@ -21,6 +21,7 @@ from typing import Protocol
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from edged.config import Address, Config, Site
 from edged.errors import EdgedError
@@ -64,6 +65,10 @@ _HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
+
+
+# What aiohttp's client would add when the client sent none: only the client's headers go on.
+_CLIENT_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 
 @dataclass(frozen=True)
@@ -264,19 +269,34 @@ class Http01App:
         if self._client is None:
             self._client = aiohttp.ClientSession(auto_decompress=False)
         backend = site.backend
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
-        headers["Host"] = request.headers.get("Host", host)
+        # The client's headers as sent, in order, repeated ones included (a dict would keep
+        # only the last of each); ours replace any the client sent.
+        ours = {"x-forwarded-for", "x-forwarded-proto"}
+        headers = [
+            (k, v)
+            for k, v in request.headers.items()
+            if k.lower() not in _HOP_BY_HOP and k.lower() not in ours
+        ]
         peer = request.remote or ""
-        prior = request.headers.get("X-Forwarded-For")
-        headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-        headers["X-Forwarded-Proto"] = "http"
+        prior = ", ".join(request.headers.getall("X-Forwarded-For", []))
+        headers += [
+            ("Host", request.headers.get("Host", host)),
+            ("X-Forwarded-For", f"{prior}, {peer}" if prior else peer),
+            ("X-Forwarded-Proto", "http"),
+        ]
+        # The target exactly as received: the backend must see the path edged saw (a decoded
+        # %2F or a resolved "/.." would make it another path). Absolute-form targets
+        # ("GET http://x/p") are sent in origin-form ("/p"), unnormalised too.
+        target = request.raw_path
+        if not target.startswith("/"):
+            target = request.rel_url.raw_path_qs
         if backend.is_unix:
-            url = f"http://{host}{request.path_qs}"
+            url = URL(f"http://{host}{target}", encoded=True)
             connector_session = aiohttp.ClientSession(
                 connector=aiohttp.UnixConnector(path=backend.path), auto_decompress=False
             )
         else:
-            url = f"http://{backend}{request.path_qs}"
+            url = URL(f"http://{backend}{target}", encoded=True)
             connector_session = None
         session = connector_session or self._client
         response: web.StreamResponse | None = None
@@ -288,6 +308,7 @@ class Http01App:
                 data=request.content if request.body_exists else None,
                 allow_redirects=False,
                 timeout=timeout,
+                skip_auto_headers=_CLIENT_AUTO_HEADERS,
             ) as upstream:
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
                 for key, value in upstream.headers.items():

@@ -398,9 +398,10 @@ async def _flood_while_redis_hangs(
 
 
 @dataclass
-class HungBackend:
-    """A backend that reads requests and never answers; records what each connection sent and
-    when edged closed it."""
+class RawBackend:
+    """A backend that reads a request's head, sends `answer` (by default nothing: a hung
+    backend) and nothing more; records each request head and when edged closed the
+    connection."""
 
     port: int
     requests: list[bytes]
@@ -410,8 +411,8 @@ class HungBackend:
 
 
 @pytest.fixture
-async def hung_backend() -> AsyncIterator[HungBackend]:
-    backend = HungBackend(free_port(), [], [], asyncio.Event())
+async def raw_backend() -> AsyncIterator[RawBackend]:
+    backend = RawBackend(free_port(), [], [], asyncio.Event())
     writers: list[asyncio.StreamWriter] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -461,46 +462,46 @@ http = "forward"
         await asyncio.wait_for(listeners.close(), 10)
 
 
-async def test_forward_client_gone_ends_the_backend_request(hung_backend: HungBackend) -> None:
+async def test_forward_client_gone_ends_the_backend_request(raw_backend: RawBackend) -> None:
     """A client that gives up on a hung backend takes the backend connection with it."""
-    async with forwarding(hung_backend.port) as port:
+    async with forwarding(raw_backend.port) as port:
         for _ in range(5):
-            hung_backend.got_request.clear()
+            raw_backend.got_request.clear()
             _, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"GET /x HTTP/1.1\r\nHost: f.test\r\nConnection: close\r\n\r\n")
-            await asyncio.wait_for(hung_backend.got_request.wait(), 5)
+            await asyncio.wait_for(raw_backend.got_request.wait(), 5)
             gone = time.monotonic()
             writer.close()
             await writer.wait_closed()
             for _ in range(50):
-                if len(hung_backend.closed) == len(hung_backend.requests):
+                if len(raw_backend.closed) == len(raw_backend.requests):
                     break
                 await asyncio.sleep(0.05)
-            assert len(hung_backend.closed) == len(hung_backend.requests), "backend still held"
-            assert hung_backend.closed[-1] - gone < 2
+            assert len(raw_backend.closed) == len(raw_backend.requests), "backend still held"
+            assert raw_backend.closed[-1] - gone < 2
 
 
-async def test_forward_hung_backend_times_out(hung_backend: HungBackend) -> None:
+async def test_forward_raw_backend_times_out(raw_backend: RawBackend) -> None:
     """A backend that never answers gets `idle_timeout` (as TLS connections do): then 504."""
-    async with forwarding(hung_backend.port, "idle_timeout = 1") as port:
+    async with forwarding(raw_backend.port, "idle_timeout = 1") as port:
         started = time.monotonic()
         reply = await asyncio.wait_for(get(port, "/x", "f.test"), 10)
         assert reply.status == 504
         assert 0.9 < time.monotonic() - started < 5
         for _ in range(50):
-            if hung_backend.closed:
+            if raw_backend.closed:
                 break
             await asyncio.sleep(0.05)
-        assert len(hung_backend.closed) == 1
+        assert len(raw_backend.closed) == 1
 
 
 async def test_forward_backend_stalling_mid_body_cuts_the_connection(
-    hung_backend: HungBackend,
+    raw_backend: RawBackend,
 ) -> None:
     """Headers and part of the body, then nothing: after `idle_timeout` the client's connection
     is closed, so the short body cannot pass for a whole one."""
-    hung_backend.answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello"
-    async with forwarding(hung_backend.port, "idle_timeout = 1") as port:
+    raw_backend.answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello"
+    async with forwarding(raw_backend.port, "idle_timeout = 1") as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /x HTTP/1.1\r\nHost: f.test\r\n\r\n")  # keep-alive
         raw = await asyncio.wait_for(reader.read(), 5)  # to EOF: edged closed the connection
@@ -509,3 +510,50 @@ async def test_forward_backend_stalling_mid_body_cuts_the_connection(
         # Relayed chunked (Content-Length is the backend's framing): no last chunk came.
         assert b"transfer-encoding: chunked" in raw.lower(), raw
         assert not raw.endswith(b"0\r\n\r\n"), raw
+
+
+OK_CLOSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("/a%2Fb/%2e%2e/secret%23frag?x=1&y=%2e%2e", "/a%2Fb/%2e%2e/secret%23frag?x=1&y=%2e%2e"),
+        ("/a/../b/./c//d?q=a+b&q=%2F", "/a/../b/./c//d?q=a+b&q=%2F"),
+        ("/%7e%7E/p?a=b?c", "/%7e%7E/p?a=b?c"),
+        ("http://f.test/x/../y?q", "/x/../y?q"),  # absolute-form: its path, as sent
+    ],
+)
+async def test_forward_sends_the_target_as_received(
+    raw_backend: RawBackend, target: str, expected: str
+) -> None:
+    """The backend decides on the path edged saw: no dot segments resolved, no escapes
+    decoded or re-encoded."""
+    raw_backend.answer = OK_CLOSE
+    async with forwarding(raw_backend.port) as port:
+        reply = await get(port, target, "f.test")
+    assert reply.status == 200 and b"ok" in reply.body
+    line = raw_backend.requests[0].split(b"\r\n")[0].decode()
+    assert line == f"GET {expected} HTTP/1.1"
+
+
+async def test_forward_sends_only_the_clients_headers(raw_backend: RawBackend) -> None:
+    """No Accept, Accept-Encoding, User-Agent or Content-Type the client did not send (the
+    backend would compress or vary on them); repeated headers stay repeated."""
+    raw_backend.answer = OK_CLOSE
+    async with forwarding(raw_backend.port) as port:
+        reply = await raw_request(
+            port,
+            b"POST /p HTTP/1.1\r\nHost: f.test\r\nX-Dup: 1\r\nX-Dup: 2\r\n"
+            b"X-Forwarded-For: 192.0.2.1\r\nContent-Length: 4\r\nConnection: close\r\n\r\n"
+            b"body",
+        )
+    assert reply.status == 200
+    head = raw_backend.requests[0].split(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    names = [line.partition(":")[0].lower() for line in head[1:]]
+    for added in ("accept", "accept-encoding", "user-agent", "content-type"):
+        assert added not in names, head
+    assert [h for h in head if h.lower().startswith("x-dup:")] == ["X-Dup: 1", "X-Dup: 2"]
+    assert "Host: f.test" in head
+    assert "X-Forwarded-For: 192.0.2.1, 127.0.0.1" in head
+    assert names.count("x-forwarded-for") == 1
