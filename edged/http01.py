@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+_PORT = re.compile(r"[0-9]{0,5}")
 TOKEN_TTL = 900.0  # an order that takes longer than this has failed anyway
 SHARED_CACHE = 1.0  # seconds a Redis token answer (or its absence) is reused
 # Redis token lookups running at once. A CA validates each challenge from a handful of places,
@@ -177,12 +178,22 @@ class ChallengeBoard:
             return len(self._tokens)
 
 
+def _port_ok(raw_host: str) -> bool:
+    """The Host header's port, if any, is a number (RFC 9110: host [":" port], port = *DIGIT):
+    "f.test:evil" names nothing, and must not reach a backend as if it did."""
+    if raw_host.startswith("["):  # an IPv6 literal: the port follows its "]"
+        raw_host = raw_host.rpartition("]")[2]
+    return _PORT.fullmatch(raw_host.partition(":")[2]) is not None
+
+
 def request_host(request: web.Request) -> str | None:
     """The Host header as a normalised DNS name (port and trailing dot dropped), or None."""
     raw = request.headers.get("Host", "")
     if raw.startswith("["):
         return None  # an IPv6 literal is never a certificate name
-    host = raw.rsplit(":", 1)[0] if ":" in raw else raw
+    if not _port_ok(raw):
+        return None
+    host = raw.partition(":")[0]
     try:
         return normalize_name(host.rstrip("."), allow_wildcard=False)
     except NameError_:
@@ -225,6 +236,8 @@ class Http01App:
         path = request.rel_url.raw_path
         if path.startswith(CHALLENGE_PREFIX):
             return await self._challenge(request, path[len(CHALLENGE_PREFIX) :])
+        if not _port_ok(request.headers.get("Host", "")):
+            return _text(400, "bad Host header")
         host = request_host(request)
         config = self.config()
         site = site_for_host(config, host) if host else None

@@ -557,3 +557,28 @@ async def test_forward_sends_only_the_clients_headers(raw_backend: RawBackend) -
     assert "Host: f.test" in head
     assert "X-Forwarded-For: 192.0.2.1, 127.0.0.1" in head
     assert names.count("x-forwarded-for") == 1
+
+
+@pytest.mark.parametrize(
+    "host", ["f.test:evil", "f.test:80x", "f.test:1@evil.test", "f.test:80:80", "f.test: 80"]
+)
+async def test_forward_refuses_a_host_with_a_bad_port(raw_backend: RawBackend, host: str) -> None:
+    """Host is a name and an optional numeric port; anything else is a bad request, never
+    passed on to the backend (nor redirected)."""
+    raw_backend.answer = OK_CLOSE
+    async with forwarding(raw_backend.port) as port:
+        reply = await get(port, "/x", host)
+        assert reply.status == 400, reply
+        assert "location" not in reply.headers
+        assert raw_backend.requests == []
+        # A good one with a port goes on unchanged.
+        assert (await get(port, "/x", "F.test:8080")).status == 200
+    assert b"\r\nHost: F.test:8080\r\n" in raw_backend.requests[0]
+
+
+async def test_redirect_refuses_a_host_with_a_bad_port(port80: Port80) -> None:
+    reply = await get(port80.port, "/p", "a.test:evil")
+    assert reply.status == 400 and "location" not in reply.headers
+    assert refused(await get(port80.port, PREFIX + TOKEN, "a.test:evil"))
+    reply = await get(port80.port, "/p", "a.test:80")
+    assert reply.headers.get("location") == "https://a.test:8443/p"
