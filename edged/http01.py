@@ -15,23 +15,31 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from edged.config import Address, Config, Site
 from edged.errors import EdgedError
 from edged.listen import LISTEN_BACKLOG, StartupError, bind_tcp
+from edged.logs import Throttled
 from edged.names import NameError_, covers, normalize_name
 
 log = logging.getLogger(__name__)
 
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+_PORT = re.compile(r"[0-9]{0,5}")
 TOKEN_TTL = 900.0  # an order that takes longer than this has failed anyway
 SHARED_CACHE = 1.0  # seconds a Redis token answer (or its absence) is reused
+# Redis token lookups running at once. A CA validates each challenge from a handful of places,
+# and an answer takes about a millisecond; a flood of random tokens (the cache cannot help)
+# while Redis hangs would otherwise queue behind timeouts.
+MAX_SHARED_LOOKUPS = 16
 
 
 class SharedTokens(Protocol):
@@ -60,6 +68,10 @@ _HOP_BY_HOP = frozenset(
 )
 
 
+# What aiohttp's client would add when the client sent none: only the client's headers go on.
+_CLIENT_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
+
 @dataclass(frozen=True)
 class PendingToken:
     key_authorization: str
@@ -77,6 +89,15 @@ class ChallengeBoard:
         # In a fleet: tokens also go to Redis, so any node answers any node's challenge.
         self.shared: SharedTokens | None = None
         self._cache: dict[str, tuple[float, PendingToken | None]] = {}
+        # Lookups run in their own threads, one per slot: a hung Redis holds these, never the
+        # loop's default executor that reloads, certificate loads and renewals wait on. A slot is
+        # free again only when its lookup has ended (a cancelled request leaves it running).
+        # Threads start on first use; the executor ends them when the board is collected.
+        self._lookups = ThreadPoolExecutor(
+            max_workers=MAX_SHARED_LOOKUPS, thread_name_prefix="edged-http01-lookup"
+        )
+        self._slots = threading.BoundedSemaphore(MAX_SHARED_LOOKUPS)
+        self._throttle = Throttled(log)
 
     def add(
         self, token: str, key_authorization: str, names: Iterable[str], ttl: float = TOKEN_TTL
@@ -99,7 +120,8 @@ class ChallengeBoard:
                 log.warning("shared token not removed error=%s", exc)
 
     async def lookup_shared(self, token: str, host: str) -> str | None:
-        """Another node's pending token, from Redis through a short local cache."""
+        """Another node's pending token, from Redis through a short local cache. With
+        MAX_SHARED_LOOKUPS lookups running it is None at once: refused, not queued."""
         shared = self.shared
         if shared is None:
             return None
@@ -108,10 +130,21 @@ class ChallengeBoard:
         if cached is not None and cached[0] > now:
             entry = cached[1]
         else:
+            if not self._slots.acquire(blocking=False):
+                self._throttle.warning(
+                    "busy", "shared token lookups busy, refused limit=%d", MAX_SHARED_LOOKUPS
+                )
+                return None
             try:
-                found = await asyncio.to_thread(shared.get_token, token)
+                running = self._lookups.submit(shared.get_token, token)
+            except BaseException:
+                self._slots.release()
+                raise
+            running.add_done_callback(self._release_slot)
+            try:
+                found = await asyncio.wrap_future(running)
             except EdgedError as exc:
-                log.warning("shared token lookup failed error=%s", exc)
+                self._throttle.warning("failed", "shared token lookup failed error=%s", exc)
                 return None
             entry = (
                 None
@@ -124,6 +157,10 @@ class ChallengeBoard:
         if entry is None or host not in entry.names:
             return None
         return entry.key_authorization
+
+    def _release_slot(self, _done: Future[tuple[str, list[str]] | None]) -> None:
+        # Runs in the lookup's thread when it ends, or at once when cancelled before it ran.
+        self._slots.release()
 
     def lookup(self, token: str, host: str) -> str | None:
         """The key authorization when `token` is pending for `host`; None otherwise."""
@@ -141,12 +178,22 @@ class ChallengeBoard:
             return len(self._tokens)
 
 
+def _port_ok(raw_host: str) -> bool:
+    """The Host header's port, if any, is a number (RFC 9110: host [":" port], port = *DIGIT):
+    "f.test:evil" names nothing, and must not reach a backend as if it did."""
+    if raw_host.startswith("["):  # an IPv6 literal: the port follows its "]"
+        raw_host = raw_host.rpartition("]")[2]
+    return _PORT.fullmatch(raw_host.partition(":")[2]) is not None
+
+
 def request_host(request: web.Request) -> str | None:
     """The Host header as a normalised DNS name (port and trailing dot dropped), or None."""
     raw = request.headers.get("Host", "")
     if raw.startswith("["):
         return None  # an IPv6 literal is never a certificate name
-    host = raw.rsplit(":", 1)[0] if ":" in raw else raw
+    if not _port_ok(raw):
+        return None
+    host = raw.partition(":")[0]
     try:
         return normalize_name(host.rstrip("."), allow_wildcard=False)
     except NameError_:
@@ -176,6 +223,7 @@ class Http01App:
         self.app.on_cleanup.append(self._close_client)
         self.answered = 0
         self.refused = 0
+        self._throttle = Throttled(log)  # refusals are logged, but a flood of them is not
 
     async def _close_client(self, _app: web.Application) -> None:
         if self._client is not None:
@@ -188,13 +236,15 @@ class Http01App:
         path = request.rel_url.raw_path
         if path.startswith(CHALLENGE_PREFIX):
             return await self._challenge(request, path[len(CHALLENGE_PREFIX) :])
+        if not _port_ok(request.headers.get("Host", "")):
+            return _text(400, "bad Host header")
         host = request_host(request)
         config = self.config()
         site = site_for_host(config, host) if host else None
         if host is None or site is None:
             return _text(404, "unknown host")
         if site.http == "forward":
-            return await self._forward(request, site, host)
+            return await self._forward(request, config, site, host)
         port = config.listen.https[0].port if config.listen.https else 443
         authority = host if port == 443 else f"{host}:{port}"
         raise web.HTTPMovedPermanently(f"https://{authority}{request.path_qs}")
@@ -207,33 +257,62 @@ class Http01App:
         answer = self.board.lookup(token, host) or await self.board.lookup_shared(token, host)
         if answer is None:
             self.refused += 1
-            log.info("http-01 refused host=%s reason=unknown token or host", host)
+            self._throttle.info(
+                "refused", "http-01 refused host=%s reason=unknown token or host", host
+            )
             return _text(404, "no such challenge")
         self.answered += 1
         return web.Response(status=200, text=answer, content_type="text/plain")
 
-    async def _forward(self, request: web.Request, site: Site, host: str) -> web.StreamResponse:
-        """Plain-HTTP reverse proxy to the site's backend (for sites with http = "forward")."""
+    async def _forward(
+        self, request: web.Request, config: Config, site: Site, host: str
+    ) -> web.StreamResponse:
+        """Plain-HTTP reverse proxy to the site's backend (for sites with http = "forward").
+
+        Like TLS connections: `backend_connect_timeout` to connect, and `idle_timeout` for the
+        backend to send something (headers or the next piece of the body) and for the client
+        to take it; a client that goes away cancels this handler (HttpListeners), which closes
+        the backend connection."""
+        settings = config.edged
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=settings.backend_connect_timeout,
+            sock_read=settings.idle_timeout,
+        )
         if self._client is None:
-            self._client = aiohttp.ClientSession(
-                auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None, connect=5)
-            )
+            self._client = aiohttp.ClientSession(auto_decompress=False)
         backend = site.backend
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
-        headers["Host"] = request.headers.get("Host", host)
+        # The client's headers as sent, in order, repeated ones included (a dict would keep
+        # only the last of each); ours replace any the client sent.
+        ours = {"x-forwarded-for", "x-forwarded-proto"}
+        headers = [
+            (k, v)
+            for k, v in request.headers.items()
+            if k.lower() not in _HOP_BY_HOP and k.lower() not in ours
+        ]
         peer = request.remote or ""
-        prior = request.headers.get("X-Forwarded-For")
-        headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-        headers["X-Forwarded-Proto"] = "http"
+        prior = ", ".join(request.headers.getall("X-Forwarded-For", []))
+        headers += [
+            ("Host", request.headers.get("Host", host)),
+            ("X-Forwarded-For", f"{prior}, {peer}" if prior else peer),
+            ("X-Forwarded-Proto", "http"),
+        ]
+        # The target exactly as received: the backend must see the path edged saw (a decoded
+        # %2F or a resolved "/.." would make it another path). Absolute-form targets
+        # ("GET http://x/p") are sent in origin-form ("/p"), unnormalised too.
+        target = request.raw_path
+        if not target.startswith("/"):
+            target = request.rel_url.raw_path_qs
         if backend.is_unix:
-            url = f"http://{host}{request.path_qs}"
+            url = URL(f"http://{host}{target}", encoded=True)
             connector_session = aiohttp.ClientSession(
                 connector=aiohttp.UnixConnector(path=backend.path), auto_decompress=False
             )
         else:
-            url = f"http://{backend}{request.path_qs}"
+            url = URL(f"http://{backend}{target}", encoded=True)
             connector_session = None
         session = connector_session or self._client
+        response: web.StreamResponse | None = None
         try:
             async with session.request(
                 request.method,
@@ -241,6 +320,8 @@ class Http01App:
                 headers=headers,
                 data=request.content if request.body_exists else None,
                 allow_redirects=False,
+                timeout=timeout,
+                skip_auto_headers=_CLIENT_AUTO_HEADERS,
             ) as upstream:
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
                 for key, value in upstream.headers.items():
@@ -248,11 +329,28 @@ class Http01App:
                         response.headers.add(key, value)
                 await response.prepare(request)
                 async for chunk in upstream.content.iter_chunked(65536):
-                    await response.write(chunk)
+                    # A client that stops reading would otherwise hold the backend forever.
+                    async with asyncio.timeout(settings.idle_timeout):
+                        await response.write(chunk)
                 await response.write_eof()
                 return response
         except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("http forward failed site=%s backend=%s error=%s", site.key, backend, exc)
+            timed_out = isinstance(exc, TimeoutError)
+            self._throttle.warning(
+                f"forward {site.key}",  # keys from the config only: a bounded set
+                "http forward failed site=%s backend=%s error=%s",
+                site.key,
+                backend,
+                "timeout" if timed_out and not str(exc) else exc,
+            )
+            if response is not None and response.prepared:
+                # Too late for an error status: cut the connection, so the client sees the
+                # reply is incomplete rather than a short body that looks whole.
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            if timed_out:
+                return _text(504, f"backend {backend} timed out")
             return _text(502, f"backend {backend} unavailable")
         finally:
             if connector_session is not None:
@@ -275,6 +373,9 @@ class HttpListeners:
             # even after the client has gone: a cheap way to hold connections and delay a
             # shutdown. One second is plenty for a client to read a short refusal.
             lingering_time=1.0,
+            # A client that disconnects cancels its request's handler: a forward to a slow or
+            # hung backend ends with it (aiohttp lets handlers run on by default).
+            handler_cancellation=True,
         )
         self._sites: dict[Address, web.SockSite] = {}
         self._started = False

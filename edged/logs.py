@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -95,3 +97,36 @@ def setup_logging(level: str, fmt: str = "text", stream: TextIO | None = None) -
     # watches for: noise, and a loop when the log is written into a watched directory
     # (each line is a change, which logs a line). edged logs the changes that matter.
     logging.getLogger("watchfiles").setLevel(max(root.level, logging.WARNING))
+
+
+class Throttled:
+    """Logs a repeating message to `logger` at most once per `interval` per key, counting what
+    it skipped: for lines a client can cause at will, so nobody can flood the log. Keys must
+    come from a small fixed set (never from a client), or the table grows with them."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._clock = clock
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def log(self, level: int, key: str, msg: str, *args: object) -> None:
+        now = self._clock()
+        last, skipped = self._last.get(key, (0.0, 0))
+        if key in self._last and now - last < self.interval:
+            self._last[key] = (last, skipped + 1)
+            return
+        self._last[key] = (now, 0)
+        suffix = f" ({skipped} more like this suppressed)" if skipped else ""
+        self.logger.log(level, msg + suffix, *args)
+
+    def warning(self, key: str, msg: str, *args: object) -> None:
+        self.log(logging.WARNING, key, msg, *args)
+
+    def info(self, key: str, msg: str, *args: object) -> None:
+        self.log(logging.INFO, key, msg, *args)

@@ -53,6 +53,7 @@ from edged.config import Site
 from edged.counters import Counters
 from edged.ja4 import ja4
 from edged.listen import LISTEN_BACKLOG
+from edged.logs import Throttled
 from edged.names import covers
 from edged.proxy_header import Endpoints, TlsInfo, build_v1, build_v2
 from edged.sni import Route
@@ -144,24 +145,6 @@ class ProxySettings:
     preread: bool = True  # [tls] preread: parse the ClientHello before the handshake
 
 
-class _Throttled:
-    """Logs a repeating warning at most once per `interval` per key, counting what it skipped."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self.interval = interval
-        self._last: dict[str, tuple[float, int]] = {}
-
-    def warning(self, key: str, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        last, skipped = self._last.get(key, (0.0, 0))
-        if now - last < self.interval:
-            self._last[key] = (last, skipped + 1)
-            return
-        self._last[key] = (now, 0)
-        suffix = f" ({skipped} more like this suppressed)" if skipped else ""
-        log.warning(msg + suffix, *args)
-
-
 @dataclass
 class Terminator:
     """State shared by all TLS connections of this process; the daemon swaps its fields on
@@ -179,7 +162,7 @@ class Terminator:
     load_pending: Callable[[Site], Awaitable[None]] | None = None
     active: set[ClientConnection] = field(default_factory=set)
     per_client: dict[str, int] = field(default_factory=dict)  # open connections by client_key
-    throttle: _Throttled = field(default_factory=_Throttled)
+    throttle: Throttled = field(default_factory=lambda: Throttled(log))
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
     _draining: bool = False  # drain() waits for _idle (set only then: one call less per close)
 

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import re
+import secrets
+import signal
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +22,11 @@ from pathlib import Path
 import pytest
 
 from edged.config import parse_address, parse_config
-from edged.http01 import ChallengeBoard, Http01App, HttpListeners
+from edged.http01 import MAX_SHARED_LOOKUPS, ChallengeBoard, Http01App, HttpListeners
+from edged.store.files import FileStore
+from edged.store.redis import RedisStore
 from tests.conftest import free_port
+from tests.redis_server import RedisServer
 
 SITES = """
 [listen]
@@ -323,3 +331,254 @@ async def test_200_concurrent_requests_only_valid_tokens_answered(port80: Port80
         else:
             assert (reply.status, reply.body) == (200, expected.encode()), (path, host)
     assert port80.app.answered == 50
+
+
+# --- a fleet's shared tokens ------------------------------------------------------------------
+
+
+async def test_random_tokens_while_redis_hangs_do_not_stall_the_daemon(
+    redis_server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Random tokens miss the 1 s cache, so each one asks Redis. With Redis hung (SIGSTOP: it
+    accepts, never answers) a flood must neither occupy the loop's default executor (reloads,
+    certificate loads and renewals run there) nor queue behind Redis timeouts nor write a log
+    line per request; the node's own tokens are still answered, other nodes' again once Redis
+    is back."""
+    caplog.set_level(logging.INFO, logger="edged.http01")
+    store = RedisStore(redis_server.url, FileStore(tmp_path / "local"))
+    config = parse_config(SITES, Path("/etc/edged/edged.toml"))
+    board = ChallengeBoard()
+    board.add(TOKEN, KEY_AUTH, ["a.test"])
+    board.shared = store
+    listeners = HttpListeners(Http01App(board, lambda: config))
+    port = free_port()
+    await listeners.sync([parse_address(f"127.0.0.1:{port}", listen=True)])
+    try:
+        await _flood_while_redis_hangs(redis_server, port, caplog)
+        # Redis is back and every slot is free again: another node's token is answered.
+        await asyncio.to_thread(store.put_token, "fromB", "fromB.thumb", ["b.test"], 60)
+        for _ in range(150):  # the hung lookups end with Redis's answers or their timeouts
+            reply = await get(port, PREFIX + "fromB", "b.test")
+            if reply.status == 200:
+                break
+            await asyncio.sleep(0.2)
+        assert (reply.status, reply.body) == (200, b"fromB.thumb")
+    finally:
+        await listeners.close()
+        store.close()
+
+
+async def _flood_while_redis_hangs(
+    redis_server: RedisServer, port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        flood = [
+            asyncio.create_task(get(port, PREFIX + secrets.token_urlsafe(16), "a.test"))
+            for _ in range(300)
+        ]
+        await asyncio.sleep(0.5)  # the requests are in
+        started = time.monotonic()
+        await asyncio.wait_for(asyncio.to_thread(lambda: None), 5)
+        assert time.monotonic() - started < 0.5  # the default executor is free
+        await still_serving(port)
+        # All but the lookups that got a slot are refused at once.
+        done, _ = await asyncio.wait(flood, timeout=1)
+        assert len(done) >= 300 - MAX_SHARED_LOOKUPS
+        assert all(task.result().status == 404 for task in done)
+        lines = [r for r in caplog.records if r.name == "edged.http01"]
+        assert len(lines) <= 3, [r.getMessage() for r in lines]
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+        replies = await asyncio.wait_for(asyncio.gather(*flood, return_exceptions=True), 60)
+    assert all(not isinstance(r, BaseException) and r.status == 404 for r in replies)
+
+
+# --- http = "forward" -------------------------------------------------------------------------
+
+
+@dataclass
+class RawBackend:
+    """A backend that reads a request's head, sends `answer` (by default nothing: a hung
+    backend) and nothing more; records each request head and when edged closed the
+    connection."""
+
+    port: int
+    requests: list[bytes]
+    closed: list[float]
+    got_request: asyncio.Event
+    answer: bytes = b""  # sent after the request (then nothing more)
+
+
+@pytest.fixture
+async def raw_backend() -> AsyncIterator[RawBackend]:
+    backend = RawBackend(free_port(), [], [], asyncio.Event())
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        data = b""
+        with contextlib.suppress(ConnectionError):
+            while b"\r\n\r\n" not in data and (chunk := await reader.read(65536)):
+                data += chunk
+            backend.requests.append(data)
+            backend.got_request.set()
+            writer.write(backend.answer)
+            while await reader.read(65536):  # until edged closes its side
+                pass
+        backend.closed.append(time.monotonic())
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", backend.port)
+    try:
+        yield backend
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+        await server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def forwarding(backend_port: int, edged_extra: str = "") -> AsyncIterator[int]:
+    """Port 80 with site f.test forwarded to 127.0.0.1:`backend_port`; yields the port."""
+    text = f"""
+[edged]
+{edged_extra}
+[listen]
+https = ["127.0.0.1:8443"]
+[[site]]
+names = ["f.test"]
+backend = "127.0.0.1:{backend_port}"
+http = "forward"
+"""
+    config = parse_config(text, Path("/etc/edged/edged.toml"))
+    listeners = HttpListeners(Http01App(ChallengeBoard(), lambda: config))
+    port = free_port()
+    await listeners.sync([parse_address(f"127.0.0.1:{port}", listen=True)])
+    try:
+        yield port
+    finally:
+        await asyncio.wait_for(listeners.close(), 10)
+
+
+async def test_forward_client_gone_ends_the_backend_request(raw_backend: RawBackend) -> None:
+    """A client that gives up on a hung backend takes the backend connection with it."""
+    async with forwarding(raw_backend.port) as port:
+        for _ in range(5):
+            raw_backend.got_request.clear()
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /x HTTP/1.1\r\nHost: f.test\r\nConnection: close\r\n\r\n")
+            await asyncio.wait_for(raw_backend.got_request.wait(), 5)
+            gone = time.monotonic()
+            writer.close()
+            await writer.wait_closed()
+            for _ in range(50):
+                if len(raw_backend.closed) == len(raw_backend.requests):
+                    break
+                await asyncio.sleep(0.05)
+            assert len(raw_backend.closed) == len(raw_backend.requests), "backend still held"
+            assert raw_backend.closed[-1] - gone < 2
+
+
+async def test_forward_raw_backend_times_out(raw_backend: RawBackend) -> None:
+    """A backend that never answers gets `idle_timeout` (as TLS connections do): then 504."""
+    async with forwarding(raw_backend.port, "idle_timeout = 1") as port:
+        started = time.monotonic()
+        reply = await asyncio.wait_for(get(port, "/x", "f.test"), 10)
+        assert reply.status == 504
+        assert 0.9 < time.monotonic() - started < 5
+        for _ in range(50):
+            if raw_backend.closed:
+                break
+            await asyncio.sleep(0.05)
+        assert len(raw_backend.closed) == 1
+
+
+async def test_forward_backend_stalling_mid_body_cuts_the_connection(
+    raw_backend: RawBackend,
+) -> None:
+    """Headers and part of the body, then nothing: after `idle_timeout` the client's connection
+    is closed, so the short body cannot pass for a whole one."""
+    raw_backend.answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello"
+    async with forwarding(raw_backend.port, "idle_timeout = 1") as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: f.test\r\n\r\n")  # keep-alive
+        raw = await asyncio.wait_for(reader.read(), 5)  # to EOF: edged closed the connection
+        writer.close()
+        assert raw.startswith(b"HTTP/1.1 200") and b"hello" in raw, raw
+        # Relayed chunked (Content-Length is the backend's framing): no last chunk came.
+        assert b"transfer-encoding: chunked" in raw.lower(), raw
+        assert not raw.endswith(b"0\r\n\r\n"), raw
+
+
+OK_CLOSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("/a%2Fb/%2e%2e/secret%23frag?x=1&y=%2e%2e", "/a%2Fb/%2e%2e/secret%23frag?x=1&y=%2e%2e"),
+        ("/a/../b/./c//d?q=a+b&q=%2F", "/a/../b/./c//d?q=a+b&q=%2F"),
+        ("/%7e%7E/p?a=b?c", "/%7e%7E/p?a=b?c"),
+        ("http://f.test/x/../y?q", "/x/../y?q"),  # absolute-form: its path, as sent
+    ],
+)
+async def test_forward_sends_the_target_as_received(
+    raw_backend: RawBackend, target: str, expected: str
+) -> None:
+    """The backend decides on the path edged saw: no dot segments resolved, no escapes
+    decoded or re-encoded."""
+    raw_backend.answer = OK_CLOSE
+    async with forwarding(raw_backend.port) as port:
+        reply = await get(port, target, "f.test")
+    assert reply.status == 200 and b"ok" in reply.body
+    line = raw_backend.requests[0].split(b"\r\n")[0].decode()
+    assert line == f"GET {expected} HTTP/1.1"
+
+
+async def test_forward_sends_only_the_clients_headers(raw_backend: RawBackend) -> None:
+    """No Accept, Accept-Encoding, User-Agent or Content-Type the client did not send (the
+    backend would compress or vary on them); repeated headers stay repeated."""
+    raw_backend.answer = OK_CLOSE
+    async with forwarding(raw_backend.port) as port:
+        reply = await raw_request(
+            port,
+            b"POST /p HTTP/1.1\r\nHost: f.test\r\nX-Dup: 1\r\nX-Dup: 2\r\n"
+            b"X-Forwarded-For: 192.0.2.1\r\nContent-Length: 4\r\nConnection: close\r\n\r\n"
+            b"body",
+        )
+    assert reply.status == 200
+    head = raw_backend.requests[0].split(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    names = [line.partition(":")[0].lower() for line in head[1:]]
+    for added in ("accept", "accept-encoding", "user-agent", "content-type"):
+        assert added not in names, head
+    assert [h for h in head if h.lower().startswith("x-dup:")] == ["X-Dup: 1", "X-Dup: 2"]
+    assert "Host: f.test" in head
+    assert "X-Forwarded-For: 192.0.2.1, 127.0.0.1" in head
+    assert names.count("x-forwarded-for") == 1
+
+
+@pytest.mark.parametrize(
+    "host", ["f.test:evil", "f.test:80x", "f.test:1@evil.test", "f.test:80:80", "f.test: 80"]
+)
+async def test_forward_refuses_a_host_with_a_bad_port(raw_backend: RawBackend, host: str) -> None:
+    """Host is a name and an optional numeric port; anything else is a bad request, never
+    passed on to the backend (nor redirected)."""
+    raw_backend.answer = OK_CLOSE
+    async with forwarding(raw_backend.port) as port:
+        reply = await get(port, "/x", host)
+        assert reply.status == 400, reply
+        assert "location" not in reply.headers
+        assert raw_backend.requests == []
+        # A good one with a port goes on unchanged.
+        assert (await get(port, "/x", "F.test:8080")).status == 200
+    assert b"\r\nHost: F.test:8080\r\n" in raw_backend.requests[0]
+
+
+async def test_redirect_refuses_a_host_with_a_bad_port(port80: Port80) -> None:
+    reply = await get(port80.port, "/p", "a.test:evil")
+    assert reply.status == 400 and "location" not in reply.headers
+    assert refused(await get(port80.port, PREFIX + TOKEN, "a.test:evil"))
+    reply = await get(port80.port, "/p", "a.test:80")
+    assert reply.headers.get("location") == "https://a.test:8443/p"

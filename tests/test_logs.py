@@ -19,7 +19,7 @@ import pytest
 
 from edged.config import parse_config
 from edged.errors import ConfigError
-from edged.logs import JsonFormatter, TextFormatter, setup_logging
+from edged.logs import JsonFormatter, TextFormatter, Throttled, setup_logging
 from tests.conftest import free_port, run_backend, run_edged, spawn_edged
 from tests.test_systemd import (
     NAME,
@@ -83,6 +83,24 @@ def test_setup_logging_replaces_handlers() -> None:
         root.setLevel(saved[1])
     lines = out.getvalue().splitlines()
     assert [json.loads(line)["msg"] for line in lines] == ["hello there"]
+
+
+def test_throttled_logs_once_per_interval_and_counts_the_rest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="edged.test")
+    now = [0.0]  # a fresh clock: the first line is logged whatever the clock says
+    throttle = Throttled(logging.getLogger("edged.test"), interval=10, clock=lambda: now[0])
+    for _ in range(5):
+        throttle.info("refused", "refused host=%s", "a.test")
+    throttle.warning("failed", "lookup failed")  # another key has its own interval
+    now[0] = 10.0
+    throttle.info("refused", "refused host=%s", "b.test")
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", "refused host=a.test"),
+        ("WARNING", "lookup failed"),
+        ("INFO", "refused host=b.test (4 more like this suppressed)"),
+    ]
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
