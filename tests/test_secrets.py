@@ -332,7 +332,8 @@ async def test_admin_put_with_bad_names_writes_nothing(
         for raw in raw_names:
             reader, writer = await asyncio.open_connection("127.0.0.1", admin_port)
             writer.write(
-                f"PUT /certs/{raw} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"PUT /certs/{raw} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                "Content-Type: application/json\r\n"
                 f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
                 + payload
             )
@@ -345,7 +346,8 @@ async def test_admin_put_with_bad_names_writes_nothing(
         deep = b"[" * 100_000
         reader, writer = await asyncio.open_connection("127.0.0.1", admin_port)
         writer.write(
-            f"PUT /certs/{UPLOAD} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(deep)}\r\n"
+            f"PUT /certs/{UPLOAD} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(deep)}\r\n"
             "Connection: close\r\n\r\n".encode()
             + deep
         )
