@@ -156,12 +156,18 @@ class DaemonOperations:
         renewer.force(site.name)
         await self._wait(
             lambda: (
-                (s := renewer.states[site.name]).last_attempt is not None
-                and s.last_attempt >= started
-                and not s.in_flight
+                (s := renewer.states.get(site.name)) is None  # a reload removed it meanwhile
+                or (s.last_attempt is not None and s.last_attempt >= started and not s.in_flight)
             )
         )
-        state = renewer.states[site.name]
+        state = renewer.states.get(site.name)
+        if state is None:
+            raise AdminError(
+                "not_acme",
+                f"{site.name} is no longer managed by ACME: a reload removed it (or its [acme]) "
+                "while it was renewed",
+                409,
+            )
         if (
             state.status is CertStatus.ACTIVE
             and state.last_success

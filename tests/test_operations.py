@@ -4,8 +4,12 @@ remove, revoke, reload; and /metrics while serving."""
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
+import ssl
 import sys
+import threading
+import time
 from pathlib import Path
 
 import aiohttp
@@ -179,3 +183,62 @@ async def test_metrics_while_serving(pebble: Pebble, tmp_path: Path) -> None:
         assert samples[("edged_acme_request_seconds_count", ())] > 5
         check = await run_cmd("promtool", "check", "metrics", stdin=text.encode())
         assert check.returncode == 0, check.stdout + check.stderr
+
+
+class _SlowCa(http.server.BaseHTTPRequestHandler):
+    """A CA that answers every request 503 after 1.5 s: an attempt that is still running
+    when the test's reload comes."""
+
+    def do_GET(self) -> None:
+        time.sleep(1.5)
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_POST = do_HEAD = do_GET
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+async def test_renew_answers_when_a_reload_removes_the_site_meanwhile(tmp_path: Path) -> None:
+    """`edged renew` waits for the attempt; a reload that drops the site meanwhile gets a
+    409 naming that, not a 500 (the wait read the removed state and raised KeyError)."""
+    from edged.admin import AdminError
+    from edged.operations import DaemonOperations
+
+    root = make_ca("Slow CA")
+    leaf = make_leaf(root, ["localhost"])
+    (tmp_path / "ca.pem").write_bytes(root.cert_pem)
+    (tmp_path / "tls.pem").write_bytes(leaf.cert_pem + leaf.key_pem)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(tmp_path / "tls.pem")
+    ca = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowCa)
+    ca.daemon_threads = True
+    ca.socket = tls.wrap_socket(ca.socket, server_side=True)
+    serving = threading.Thread(target=ca.serve_forever, daemon=True)
+    serving.start()
+    port = ca.server_address[1]
+    other = '[[site]]\nnames = ["kept.test"]\nbackend = "127.0.0.1:9"\n'
+    body = (
+        f'[acme]\ndirectory = "https://localhost:{port}/dir"\npreflight = false\n'
+        f'ca_bundle = "{tmp_path / "ca.pem"}"\n'
+        '[[site]]\nnames = ["renew.test"]\nbackend = "127.0.0.1:9"\n' + other
+    )
+    try:
+        async with run_edged(tmp_path, body) as edged:
+            ops = DaemonOperations(edged.daemon)
+            renewing = asyncio.create_task(ops.renew("renew.test"))
+            await asyncio.sleep(0.5)
+            text = edged.config_path.read_text()
+            edged.config_path.write_text(
+                text.replace('names = ["renew.test"]', 'names = ["moved.test"]')
+            )
+            await edged.daemon.reload("signal")
+            with pytest.raises(AdminError) as raised:
+                await asyncio.wait_for(renewing, 30)
+            assert raised.value.code == "not_acme" and raised.value.status == 409
+            assert "no longer managed" in raised.value.message
+    finally:
+        ca.shutdown()
+        ca.server_close()
