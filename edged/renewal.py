@@ -21,7 +21,7 @@ import email.utils
 import json
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, timezone
 from enum import StrEnum
@@ -501,6 +501,22 @@ def is_due(state: RenewalState, now: datetime) -> bool:
     if state.not_before_retry is not None and now < state.not_before_retry:
         return False
     return state.next_try is None or state.next_try <= now
+
+
+def seconds_until_due(
+    states: Iterable[RenewalState], now: datetime, floor: float, ceiling: float
+) -> float:
+    """How long the loop may sleep before one of `states` (those not running) is due, within
+    [floor, ceiling]: the floor keeps a state that stays due from spinning the loop."""
+    wait = ceiling
+    for state in states:
+        if state.in_flight:
+            continue  # not due by time: its attempt's end wakes the loop
+        when = state.next_try or now
+        if state.not_before_retry is not None:
+            when = max(when, state.not_before_retry)
+        wait = min(wait, (when - now).total_seconds())
+    return max(wait, floor)
 
 
 def begin_attempt(state: RenewalState, now: datetime) -> RenewalState:

@@ -46,6 +46,7 @@ from edged.tlsalpn import AlpnChallengeBoard
 log = logging.getLogger("edged.renewal")
 
 MAX_SLEEP = 60.0  # re-evaluate at least this often (config reloads, expiry logging)
+MIN_SLEEP = 0.5  # and never more often than this: a state that stays due cannot spin the loop
 CONCURRENT_ORDERS = 4
 WEBHOOK_ATTEMPTS = 5
 ARI_RETRY = timedelta(hours=1)
@@ -163,6 +164,15 @@ def fetch_renewal_info(
     return renewal.parse_renewal_info(
         response.content, response.headers.get("Retry-After"), now, cert_id=cert_id
     )
+
+
+def _error_of(exc: Exception) -> tuple[dict[str, object], datetime | None]:
+    """What a failed attempt records: the CA's problem document and Retry-After, or the text."""
+    if isinstance(exc, AcmeError):
+        return exc.problem, exc.retry_after
+    if isinstance(exc, EdgedError):
+        return {"message": str(exc)}, None
+    return {"message": f"unexpected error: {type(exc).__name__}: {exc}"}, None
 
 
 @dataclass
@@ -332,15 +342,8 @@ class Renewer:
                 await self._sleep_until_due(stop)
 
     async def _sleep_until_due(self, stop: asyncio.Event) -> None:
-        now = datetime.now(UTC)
-        wait = MAX_SLEEP
-        for name, state in self.states.items():
-            if name in self._running:
-                continue
-            when = state.next_try or now
-            if state.not_before_retry is not None:
-                when = max(when, state.not_before_retry)
-            wait = min(wait, max(0.0, (when - now).total_seconds()))
+        idle = (s for n, s in self.states.items() if n not in self._running)
+        wait = renewal.seconds_until_due(idle, datetime.now(UTC), MIN_SLEEP, MAX_SLEEP)
         waiters = {asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())}
         try:
             await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
@@ -352,9 +355,13 @@ class Renewer:
         try:
             async with limit:
                 await self._attempt_once(name, tg)
-        except Exception:
+        except Exception as exc:
             # Never let one name's bug stop the loop for every other name.
             log.exception("renewal attempt crashed name=%s", name)
+            try:
+                await self._fail_stuck(name, exc)
+            except Exception:
+                log.exception("renewal state not recorded name=%s", name)
         finally:
             self._running.discard(name)
             if name in self._forced_while_running:
@@ -363,6 +370,20 @@ class Renewer:
                 if state is not None and not state.in_flight:
                     self.states[name] = renewal.force_retry(state, datetime.now(UTC))
             self._wake.set()
+
+    async def _fail_stuck(self, name: str, exc: Exception) -> None:
+        """An attempt that crashed outside its own error handling still ends as a failed
+        attempt: left in flight, the name would never be tried again (nor forced)."""
+        state = self.states.get(name)
+        if state is None or not state.in_flight:
+            return
+        error, _ = _error_of(exc)
+        after = renewal.record_failure(
+            state, self._policy() or RenewalPolicy(), datetime.now(UTC), error, None
+        )
+        self.states[name] = after
+        self.counters.renewal_attempts[name, "failure"] += 1
+        await self._save(after)
 
     async def _attempt_once(self, name: str, tg: asyncio.TaskGroup) -> None:
         site, config, store, policy = self._sites.get(name), self.config, self.store, self._policy()
@@ -465,26 +486,6 @@ class Renewer:
             )
             pair = issued.cert.pairs[0]
             bundle = parse_bundle(pair.fullchain, pair.privkey, source=name)
-        except EdgedError as exc:
-            error = exc.problem if isinstance(exc, AcmeError) else {"message": str(exc)}
-            retry_after = exc.retry_after if isinstance(exc, AcmeError) else None
-            now = datetime.now(UTC)
-            after = renewal.record_failure(self.states[name], policy, now, error, retry_after)
-            self.counters.renewal_attempts[name, "failure"] += 1
-            log.error(
-                "renewal failed name=%s state=%s attempts=%d next_try=%s error=%s",
-                name,
-                after.status.value,
-                after.attempts,
-                after.next_try.isoformat() if after.next_try else "-",
-                exc,
-            )
-        else:
-            now = datetime.now(UTC)
-            after = renewal.record_success(
-                self.states[name], bundle, policy, now, self.rng, issued_by=node_id()
-            )
-            self.counters.renewal_attempts[name, "success"] += 1
             log.info(
                 "certificate obtained name=%s not_after=%s key_types=%s seconds=%.2f",
                 name,
@@ -493,14 +494,44 @@ class Renewer:
                 issued.seconds,
             )
             await self.on_installed(name)  # served before the attempt counts as done
+        except EdgedError as exc:
+            after = self._record_failure(name, policy, exc)
+        except Exception as exc:
+            # A bug or input nothing foresaw: still a failed attempt, paced like any other, so
+            # the name is neither left in flight (never retried) nor retried in a tight loop.
+            log.exception("renewal attempt failed unexpectedly name=%s", name)
+            after = self._record_failure(name, policy, exc)
+        else:
+            after = renewal.record_success(
+                self.states[name], bundle, policy, datetime.now(UTC), self.rng, issued_by=node_id()
+            )
+            self.counters.renewal_attempts[name, "success"] += 1
         self.states[name] = after
         await self._save(after)
         await self.changed()
         serving = self.serving(name)
+        now = datetime.now(UTC)
         self._notify(
             renewal.notices(before, after, serving.not_after if serving else None, now, None),
             tg,
         )
+
+    def _record_failure(self, name: str, policy: RenewalPolicy, exc: Exception) -> RenewalState:
+        """The failed attempt's state: the CA's problem document or the error's text."""
+        error, retry_after = _error_of(exc)
+        after = renewal.record_failure(
+            self.states[name], policy, datetime.now(UTC), error, retry_after
+        )
+        self.counters.renewal_attempts[name, "failure"] += 1
+        log.error(
+            "renewal failed name=%s state=%s attempts=%d next_try=%s error=%s",
+            name,
+            after.status.value,
+            after.attempts,
+            after.next_try.isoformat() if after.next_try else "-",
+            exc if isinstance(exc, EdgedError) else error["message"],
+        )
+        return after
 
     async def _preflight(self, config: Config, site: Site, store: Store) -> None:
         """Before a name's first order: say what will make it fail (CAA, DNS not pointing

@@ -49,6 +49,7 @@ from edged.renewal import (
     record_success,
     renewal_deadline,
     resume,
+    seconds_until_due,
 )
 from tests.pki import Issued, make_ca, make_leaf
 
@@ -915,3 +916,18 @@ def test_a_certificate_lifecycle() -> None:
     state2 = record_success(running, second, POLICY, now, r)
     assert events(notices(running, state2, second.not_after, now, None)) == ["recovered"]
     assert state2.next_try is not None and state2.next_try > now + 2 * DAY
+
+
+def test_seconds_until_due_has_a_floor_and_ignores_attempts_in_flight() -> None:
+    due = RenewalState.new("a.example.test")  # next_try None: due now
+    later = replace(due, next_try=NOW + timedelta(seconds=30))
+    stuck = replace(due, in_flight=True)  # e.g. left in flight by a crashed attempt
+    limited = replace(due, next_try=NOW, not_before_retry=NOW + timedelta(seconds=20))
+    assert seconds_until_due([], NOW, 0.5, 60) == 60
+    assert seconds_until_due([later], NOW, 0.5, 60) == 30
+    assert seconds_until_due([later, limited], NOW, 0.5, 60) == 20
+    # Something due now (or overdue) never makes the loop spin: the floor holds.
+    assert seconds_until_due([due, later], NOW, 0.5, 60) == 0.5
+    assert seconds_until_due([replace(due, next_try=NOW - DAY)], NOW, 0.5, 60) == 0.5
+    # A state in flight is not due by time: it does not shorten the sleep at all.
+    assert seconds_until_due([stuck], NOW, 0.5, 60) == 60
