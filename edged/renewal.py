@@ -42,6 +42,9 @@ MAX_JITTER = timedelta(hours=4)
 ARI_DEFAULT_CHECK = timedelta(hours=6)
 ARI_MIN_CHECK = timedelta(minutes=1)
 ARI_MAX_CHECK = timedelta(hours=24)
+# A Retry-After further away than this is a broken or hostile CA: it must not stop renewals
+# for years (a week covers the longest rate-limit windows of public CAs).
+MAX_RETRY_AFTER = timedelta(days=7)
 # Spread of due work after a restart, so a fleet restart does not start every order at once.
 RESUME_SPREAD = timedelta(minutes=5)
 EXPIRING_WITHIN = timedelta(days=7)
@@ -169,18 +172,21 @@ def _b64url(data: bytes) -> str:
 
 
 def parse_retry_after(value: str | None, now: datetime) -> datetime | None:
-    """The time a Retry-After header (delay seconds or HTTP-date) names; None if absent/invalid."""
+    """The time a Retry-After header (delay seconds or HTTP-date) names, at most
+    MAX_RETRY_AFTER from `now`; None if absent/invalid."""
     if value is None:
         return None
     value = value.strip()
     if _SECONDS.fullmatch(value):
-        return now + timedelta(seconds=int(value))
+        # Clamped before adding: 12 digits of seconds would overflow datetime.
+        return now + min(timedelta(seconds=int(value)), MAX_RETRY_AFTER)
     try:
         when = email.utils.parsedate_to_datetime(value)
+        # "-0000" (and obsolete zones) parse as naive; HTTP-dates are always GMT.
+        when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    # "-0000" (and obsolete zones) parse as naive; HTTP-dates are always GMT.
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    return min(when, now + MAX_RETRY_AFTER)
 
 
 def parse_renewal_info(
@@ -779,7 +785,10 @@ def parse_time(text: str) -> datetime:
     # A leap second (":60") is a real RFC 3339 value that datetime cannot hold.
     second = min(second, 59)
     local = datetime(year, month, day, hour, minute, second, micro, timezone(offset))
-    return local.astimezone(UTC)
+    try:
+        return local.astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:00:00-05:00 is after datetime's last day
+        raise ValueError(f"time out of range: {text[:64]!r}") from None
 
 
 def format_time(when: datetime) -> str:

@@ -586,6 +586,9 @@ class Renewer:
             except (requests.RequestException, ValueError) as exc:
                 log.warning("acme directory unreadable (ARI check skipped) error=%s", exc)
                 return
+            except Exception:  # must not end the loop: ARI is optional
+                log.exception("acme directory unreadable (ARI check skipped)")
+                return
             found = directory.get("renewalInfo") if isinstance(directory, dict) else None
             base = found if isinstance(found, str) else ""
             self._renewal_info[acme.directory] = base
@@ -607,6 +610,12 @@ class Renewer:
             except (requests.RequestException, renewal.AriError, EdgedError) as exc:
                 self._ari_retry[name] = now + ARI_RETRY
                 log.warning("ari check failed name=%s error=%s", name, exc)
+                continue
+            except Exception:
+                # A CA's answer nothing foresaw must not end the loop (and the daemon with it):
+                # the schedule still applies, ARI is asked again later.
+                self._ari_retry[name] = now + ARI_RETRY
+                log.exception("ari check failed unexpectedly name=%s", name)
                 continue
             self._ari_retry.pop(name, None)
             updated = renewal.record_ari(self.states[name], bundle, policy, now, self.rng, info)

@@ -21,6 +21,7 @@ from edged.certs import CertBundle, parse_bundle
 from edged.config import AcmeSettings
 from edged.renewal import (
     INTERRUPTED,
+    MAX_RETRY_AFTER,
     AriError,
     AriInfo,
     CertStatus,
@@ -318,6 +319,8 @@ def test_parse_renewal_info_good_body() -> None:
         ("Sun, 01 Mar 2026 15:00:00 GMT", 3 * HOUR),  # HTTP-date
         ("Sun, 01 Mar 2026 11:00:00 GMT", timedelta(minutes=1)),  # HTTP-date in the past
         ("99999999999999999999", 6 * HOUR),  # absurd number: default (no overflow)
+        ("999999999999", 24 * HOUR),  # 12 digits: clamped (it raised OverflowError)
+        ("Fri, 31 Dec 9999 23:59:59 GMT", 24 * HOUR),  # far future HTTP-date: clamped
     ],
 )
 def test_parse_renewal_info_next_check(retry_after: str | None, delay: timedelta) -> None:
@@ -349,6 +352,9 @@ def test_parse_renewal_info_default_check_is_a_parameter() -> None:
         (info_body("2026-04-01T00:00:00", "2026-04-02T00:00:00Z"), "start .* is not"),  # no zone
         (info_body("2026-02-30T00:00:00Z", "2026-04-02T00:00:00Z"), "start .* is not"),
         (info_body("2026-04-01T00:00:00+25:00", "2026-04-02T00:00:00Z"), "start .* is not"),
+        # Times datetime cannot hold in UTC: an AriError, not OverflowError.
+        (info_body("0001-01-01T00:00:00+01:00", "2026-04-02T00:00:00Z"), "start .* is not"),
+        (info_body("2026-04-01T00:00:00Z", "9999-12-31T23:59:59-23:59"), "end .* is not"),
         (info_body("2026-04-02T00:00:00Z", "2026-04-02T00:00:00Z"), "end .* is not after start"),
         (info_body("2026-04-03T00:00:00Z", "2026-04-02T00:00:00Z"), "end .* is not after start"),
         (
@@ -369,6 +375,10 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after("-5", NOW) is None
     assert parse_retry_after("1.5", NOW) is None
     assert parse_retry_after("²", NOW) is None  # a Unicode digit is not a delay
+    # A broken or hostile CA cannot stop renewals for years (nor overflow datetime).
+    assert parse_retry_after("999999999999", NOW) == NOW + MAX_RETRY_AFTER
+    assert parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", NOW) == NOW + MAX_RETRY_AFTER
+    assert parse_retry_after(str(7 * 86400 - 1), NOW) == NOW + timedelta(seconds=7 * 86400 - 1)
 
 
 def test_parse_time_and_format_time() -> None:
