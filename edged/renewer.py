@@ -175,6 +175,17 @@ def _error_of(exc: Exception) -> tuple[dict[str, object], datetime | None]:
     return {"message": f"unexpected error: {type(exc).__name__}: {exc}"}, None
 
 
+def _check_served(name: str, new: CertBundle, served: CertBundle | None) -> None:
+    """AcmeError unless the daemon serves the new certificate: it validates again (and may
+    refuse what the order flow accepted, e.g. one not valid yet by this host's clock)."""
+    if served is None or served.fingerprint != new.fingerprint:
+        raise AcmeError(
+            name,
+            "the new certificate was stored but the daemon refused to serve it (the reload "
+            "error is logged above); the previous certificate keeps serving",
+        )
+
+
 @dataclass
 class NameView:
     """What status output and metrics show for one managed name."""
@@ -493,7 +504,8 @@ class Renewer:
                 ",".join(issued.cert.key_types),
                 issued.seconds,
             )
-            await self.on_installed(name)  # served before the attempt counts as done
+            await self.on_installed(name)
+            _check_served(name, bundle, self.serving(name))  # before the attempt counts as done
         except EdgedError as exc:
             after = self._record_failure(name, policy, exc)
         except Exception as exc:

@@ -249,6 +249,35 @@ async def test_an_unexpected_error_in_an_attempt_is_a_failed_attempt(
             assert renewer.states[NAME].status is CertStatus.ACTIVE
 
 
+async def test_a_certificate_the_daemon_does_not_serve_is_a_failed_attempt(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    """The attempt counts as done only when the new certificate serves: when the daemon's
+    reload refuses it (here: installs nothing), the attempt failed and the old one serves."""
+    async with run_backend() as backend:
+        body = acme_table(pebble.directory, pebble.listener_ca) + site_table(backend.address)
+        async with run_edged(tmp_path, body, http=(pebble.http_port,)) as edged:
+            daemon, renewer = edged.daemon, edged.daemon.renewer
+            attempts = daemon.counters.renewal_attempts
+            await wait_for(lambda: attempts[NAME, "success"] == 1, what="the first issuance")
+            old = daemon.serving(NAME)
+            assert old is not None
+
+            async def refused(name: str) -> bool:
+                return False  # what Daemon.reload answers when it keeps the old certificate
+
+            renewer.on_installed = refused
+            renewer.force(NAME)
+            await wait_for(lambda: attempts[NAME, "failure"] == 1, what="the failed attempt")
+            state = renewer.states[NAME]
+            assert attempts[NAME, "success"] == 1
+            assert state.status is CertStatus.PROCESSING and state.attempts == 1
+            assert "refused to serve it" in str(state.last_error)
+            assert renewer.fallback_active(NAME)
+            served = daemon.serving(NAME)
+            assert served is not None and served.fingerprint == old.fingerprint
+
+
 # --- 2. kill -9 in the middle of an order ------------------------------------------------------
 
 
