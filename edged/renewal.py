@@ -350,6 +350,8 @@ class RenewalState:
     # First failure since the last success. Unlike `attempts` it survives force_retry, so the
     # fallback alarm and the "recovered" notice track the outage until a certificate arrives.
     failing_since: datetime | None = None
+    # When the last "expiring"/"expired" notice was sent: kept so a restart does not repeat it.
+    last_expiry_notice: datetime | None = None
 
     @classmethod
     def new(cls, name: str) -> RenewalState:
@@ -391,6 +393,7 @@ class RenewalState:
             "replaces": self.replaces,
             "issued_by": self.issued_by,
             "failing_since": _format_optional(self.failing_since),
+            "last_expiry_notice": _format_optional(self.last_expiry_notice),
         }
 
     @classmethod
@@ -416,6 +419,7 @@ class RenewalState:
             replaces=reader.string("replaces", ""),
             issued_by=reader.string("issued_by", ""),
             failing_since=reader.time("failing_since"),
+            last_expiry_notice=reader.time("last_expiry_notice"),
         )
 
 
@@ -734,6 +738,20 @@ def notices(
     if expiry:
         events.append(expiry)
     return [_notice(event, after, serving_not_after) for event in events]
+
+
+def notify(
+    before: RenewalState | None,
+    after: RenewalState,
+    serving_not_after: datetime | None,
+    now: datetime,
+) -> tuple[RenewalState, list[Notice]]:
+    """The notices (see `notices`), rate limited by the state's own last expiry notice, and
+    `after` with that time updated when an expiry notice is among them."""
+    found = notices(before, after, serving_not_after, now, after.last_expiry_notice)
+    if any(n.event in ("expiring", "expired") for n in found):
+        after = replace(after, last_expiry_notice=now)
+    return after, found
 
 
 def _expiry_event(

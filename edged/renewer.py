@@ -220,7 +220,6 @@ class Renewer:
         self._forced_while_running: set[str] = set()
         self._shared_changed: set[str] = set()  # names whose state another node saved
         self.lease_holders: dict[str, str] = {}  # fleet: who orders a name (last seen)
-        self._expiry_notice: dict[str, datetime] = {}
         self._expired_log: dict[str, float] = {}
         self._renewal_info: dict[str, str] = {}  # directory URL → renewalInfo base ("" = none)
         self._ari_retry: dict[str, datetime] = {}  # name → next try after a failed ARI fetch
@@ -348,7 +347,7 @@ class Renewer:
                         continue
                     self._running.add(name)
                     tg.create_task(self._attempt(name, limit, tg))
-                self._check_expiry(now, tg)
+                await self._check_expiry(now, tg)
                 await self._refresh_ari(now)
                 await self._sleep_until_due(stop)
 
@@ -518,15 +517,14 @@ class Renewer:
                 self.states[name], bundle, policy, datetime.now(UTC), self.rng, issued_by=node_id()
             )
             self.counters.renewal_attempts[name, "success"] += 1
+        serving = self.serving(name)
+        after, found = renewal.notify(
+            before, after, serving.not_after if serving else None, datetime.now(UTC)
+        )
         self.states[name] = after
         await self._save(after)
         await self.changed()
-        serving = self.serving(name)
-        now = datetime.now(UTC)
-        self._notify(
-            renewal.notices(before, after, serving.not_after if serving else None, now, None),
-            tg,
-        )
+        self._notify(found, tg)
 
     def _record_failure(self, name: str, policy: RenewalPolicy, exc: Exception) -> RenewalState:
         """The failed attempt's state: the CA's problem document or the error's text."""
@@ -561,8 +559,8 @@ class Renewer:
             if not result.ok:
                 log.warning("preflight %s", result.line())
 
-    def _check_expiry(self, now: datetime, tg: asyncio.TaskGroup) -> None:
-        for name, state in self.states.items():
+    async def _check_expiry(self, now: datetime, tg: asyncio.TaskGroup) -> None:
+        for name, state in list(self.states.items()):
             bundle = self.serving(name)
             if bundle is None:
                 continue
@@ -577,11 +575,12 @@ class Renewer:
                     bundle.not_after.isoformat(),
                     state.status.value,
                 )
-            found = renewal.notices(
-                state, state, bundle.not_after, now, self._expiry_notice.get(name)
-            )
+            if name in self._running:
+                continue  # the attempt saves its own state (and notices) when it ends
+            after, found = renewal.notify(state, state, bundle.not_after, now)
             if found:
-                self._expiry_notice[name] = now
+                self.states[name] = after
+                await self._save(after)  # a restart must not repeat the notice
                 self._notify(found, tg)
 
     async def _refresh_ari(self, now: datetime) -> None:

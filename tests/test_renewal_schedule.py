@@ -39,6 +39,7 @@ from edged.renewal import (
     max_jitter,
     next_renewal,
     notices,
+    notify,
     observe_cert,
     observe_no_cert,
     parse_renewal_info,
@@ -57,6 +58,7 @@ from tests.pki import Issued, make_ca, make_leaf
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
 HOUR = timedelta(hours=1)
+MINUTE = timedelta(minutes=1)
 SEEDS = range(500)
 POLICY = RenewalPolicy(renew_before_days=30, retry_interval=900, max_attempts=5)
 ERROR: dict[str, object] = {
@@ -715,6 +717,7 @@ def full_state() -> RenewalState:
         replaces=RFC_CERT_ID,
         issued_by="node-7",
         failing_since=NOW - 2 * DAY,
+        last_expiry_notice=NOW - 3 * HOUR,
     )
 
 
@@ -856,6 +859,32 @@ def test_no_expiring_notice_for_a_healthy_short_lived_cert() -> None:
     assert notices(state, state, bundle.not_after, NOW, None) == []
     running = begin_attempt(state, NOW + 3 * DAY)  # routine renewal in progress
     assert notices(running, running, bundle.not_after, NOW + 3 * DAY, None) == []
+
+
+def test_expiry_notices_from_failed_attempts_keep_their_limit_across_restarts() -> None:
+    """Each failed attempt of a failing 6-day certificate used to send "expiring" again (the
+    loop passed no last notice); the last one is in the state, so a restart keeps the limit."""
+    bundle = cached_bundle(6)
+    state = replace(active_state(bundle), next_try=NOW)
+    now, sent = NOW, []
+    for _ in range(5):  # five attempts 15 minutes apart, all failing
+        running = begin_attempt(state, now)
+        failed = record_failure(running, POLICY, now, ERROR, None)
+        state, found = notify(running, failed, bundle.not_after, now)
+        sent += events(found)
+        assert state.next_try is not None
+        now = state.next_try
+    assert sent == ["expiring", "failed"]  # the fifth attempt makes it failed
+    assert state.last_expiry_notice == NOW
+    # A restart (state saved and loaded) within the day: no second notice; a day later: one.
+    loaded = RenewalState.from_json(json.loads(json.dumps(state.to_json())), state.name)
+    assert notify(loaded, loaded, bundle.not_after, NOW + 23 * HOUR)[1] == []
+    later, found = notify(loaded, loaded, bundle.not_after, NOW + DAY)
+    assert events(found) == ["expiring"] and later.last_expiry_notice == NOW + DAY
+    # Expired: hourly, by the same stored time.
+    expired, found = notify(later, later, NOW + DAY, NOW + DAY + HOUR)
+    assert events(found) == ["expired"]
+    assert notify(expired, expired, NOW + DAY, NOW + DAY + 90 * MINUTE)[1] == []
 
 
 def test_expired_notice_at_most_hourly() -> None:
