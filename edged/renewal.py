@@ -21,7 +21,7 @@ import email.utils
 import json
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, timezone
 from enum import StrEnum
@@ -42,6 +42,9 @@ MAX_JITTER = timedelta(hours=4)
 ARI_DEFAULT_CHECK = timedelta(hours=6)
 ARI_MIN_CHECK = timedelta(minutes=1)
 ARI_MAX_CHECK = timedelta(hours=24)
+# A Retry-After further away than this is a broken or hostile CA: it must not stop renewals
+# for years (a week covers the longest rate-limit windows of public CAs).
+MAX_RETRY_AFTER = timedelta(days=7)
 # Spread of due work after a restart, so a fleet restart does not start every order at once.
 RESUME_SPREAD = timedelta(minutes=5)
 EXPIRING_WITHIN = timedelta(days=7)
@@ -169,18 +172,21 @@ def _b64url(data: bytes) -> str:
 
 
 def parse_retry_after(value: str | None, now: datetime) -> datetime | None:
-    """The time a Retry-After header (delay seconds or HTTP-date) names; None if absent/invalid."""
+    """The time a Retry-After header (delay seconds or HTTP-date) names, at most
+    MAX_RETRY_AFTER from `now`; None if absent/invalid."""
     if value is None:
         return None
     value = value.strip()
     if _SECONDS.fullmatch(value):
-        return now + timedelta(seconds=int(value))
+        # Clamped before adding: 12 digits of seconds would overflow datetime.
+        return now + min(timedelta(seconds=int(value)), MAX_RETRY_AFTER)
     try:
         when = email.utils.parsedate_to_datetime(value)
+        # "-0000" (and obsolete zones) parse as naive; HTTP-dates are always GMT.
+        when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    # "-0000" (and obsolete zones) parse as naive; HTTP-dates are always GMT.
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    return min(when, now + MAX_RETRY_AFTER)
 
 
 def parse_renewal_info(
@@ -344,6 +350,8 @@ class RenewalState:
     # First failure since the last success. Unlike `attempts` it survives force_retry, so the
     # fallback alarm and the "recovered" notice track the outage until a certificate arrives.
     failing_since: datetime | None = None
+    # When the last "expiring"/"expired" notice was sent: kept so a restart does not repeat it.
+    last_expiry_notice: datetime | None = None
 
     @classmethod
     def new(cls, name: str) -> RenewalState:
@@ -385,6 +393,7 @@ class RenewalState:
             "replaces": self.replaces,
             "issued_by": self.issued_by,
             "failing_since": _format_optional(self.failing_since),
+            "last_expiry_notice": _format_optional(self.last_expiry_notice),
         }
 
     @classmethod
@@ -410,6 +419,7 @@ class RenewalState:
             replaces=reader.string("replaces", ""),
             issued_by=reader.string("issued_by", ""),
             failing_since=reader.time("failing_since"),
+            last_expiry_notice=reader.time("last_expiry_notice"),
         )
 
 
@@ -501,6 +511,22 @@ def is_due(state: RenewalState, now: datetime) -> bool:
     if state.not_before_retry is not None and now < state.not_before_retry:
         return False
     return state.next_try is None or state.next_try <= now
+
+
+def seconds_until_due(
+    states: Iterable[RenewalState], now: datetime, floor: float, ceiling: float
+) -> float:
+    """How long the loop may sleep before one of `states` (those not running) is due, within
+    [floor, ceiling]: the floor keeps a state that stays due from spinning the loop."""
+    wait = ceiling
+    for state in states:
+        if state.in_flight:
+            continue  # not due by time: its attempt's end wakes the loop
+        when = state.next_try or now
+        if state.not_before_retry is not None:
+            when = max(when, state.not_before_retry)
+        wait = min(wait, (when - now).total_seconds())
+    return max(wait, floor)
 
 
 def begin_attempt(state: RenewalState, now: datetime) -> RenewalState:
@@ -714,6 +740,20 @@ def notices(
     return [_notice(event, after, serving_not_after) for event in events]
 
 
+def notify(
+    before: RenewalState | None,
+    after: RenewalState,
+    serving_not_after: datetime | None,
+    now: datetime,
+) -> tuple[RenewalState, list[Notice]]:
+    """The notices (see `notices`), rate limited by the state's own last expiry notice, and
+    `after` with that time updated when an expiry notice is among them."""
+    found = notices(before, after, serving_not_after, now, after.last_expiry_notice)
+    if any(n.event in ("expiring", "expired") for n in found):
+        after = replace(after, last_expiry_notice=now)
+    return after, found
+
+
 def _expiry_event(
     state: RenewalState, not_after: datetime | None, now: datetime, last: datetime | None
 ) -> str:
@@ -763,7 +803,10 @@ def parse_time(text: str) -> datetime:
     # A leap second (":60") is a real RFC 3339 value that datetime cannot hold.
     second = min(second, 59)
     local = datetime(year, month, day, hour, minute, second, micro, timezone(offset))
-    return local.astimezone(UTC)
+    try:
+        return local.astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:00:00-05:00 is after datetime's last day
+        raise ValueError(f"time out of range: {text[:64]!r}") from None
 
 
 def format_time(when: datetime) -> str:

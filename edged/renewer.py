@@ -47,6 +47,7 @@ from edged.tlsalpn import AlpnChallengeBoard
 log = logging.getLogger("edged.renewal")
 
 MAX_SLEEP = 60.0  # re-evaluate at least this often (config reloads, expiry logging)
+MIN_SLEEP = 0.5  # and never more often than this: a state that stays due cannot spin the loop
 CONCURRENT_ORDERS = 4
 WEBHOOK_ATTEMPTS = 5
 ARI_RETRY = timedelta(hours=1)
@@ -171,6 +172,26 @@ def fetch_renewal_info(
     )
 
 
+def _error_of(exc: Exception) -> tuple[dict[str, object], datetime | None]:
+    """What a failed attempt records: the CA's problem document and Retry-After, or the text."""
+    if isinstance(exc, AcmeError):
+        return exc.problem, exc.retry_after
+    if isinstance(exc, EdgedError):
+        return {"message": str(exc)}, None
+    return {"message": f"unexpected error: {type(exc).__name__}: {exc}"}, None
+
+
+def _check_served(name: str, new: CertBundle, served: CertBundle | None) -> None:
+    """AcmeError unless the daemon serves the new certificate: it validates again (and may
+    refuse what the order flow accepted, e.g. one not valid yet by this host's clock)."""
+    if served is None or served.fingerprint != new.fingerprint:
+        raise AcmeError(
+            name,
+            "the new certificate was stored but the daemon refused to serve it (the reload "
+            "error is logged above); the previous certificate keeps serving",
+        )
+
+
 @dataclass
 class NameView:
     """What status output and metrics show for one managed name."""
@@ -205,7 +226,6 @@ class Renewer:
         self._forced_while_running: set[str] = set()
         self._shared_changed: set[str] = set()  # names whose state another node saved
         self.lease_holders: dict[str, str] = {}  # fleet: who orders a name (last seen)
-        self._expiry_notice: dict[str, datetime] = {}
         self._expired_log: dict[str, float] = {}
         self._renewal_info: dict[str, str] = {}  # directory URL → renewalInfo base ("" = none)
         self._ari_retry: dict[str, datetime] = {}  # name → next try after a failed ARI fetch
@@ -336,20 +356,13 @@ class Renewer:
                         continue
                     self._running.add(name)
                     tg.create_task(self._attempt(name, limit, tg))
-                self._check_expiry(now, tg)
+                await self._check_expiry(now, tg)
                 await self._refresh_ari(now)
                 await self._sleep_until_due(stop)
 
     async def _sleep_until_due(self, stop: asyncio.Event) -> None:
-        now = datetime.now(UTC)
-        wait = MAX_SLEEP
-        for name, state in self.states.items():
-            if name in self._running:
-                continue
-            when = state.next_try or now
-            if state.not_before_retry is not None:
-                when = max(when, state.not_before_retry)
-            wait = min(wait, max(0.0, (when - now).total_seconds()))
+        idle = (s for n, s in self.states.items() if n not in self._running)
+        wait = renewal.seconds_until_due(idle, datetime.now(UTC), MIN_SLEEP, MAX_SLEEP)
         waiters = {asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())}
         try:
             await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
@@ -361,9 +374,13 @@ class Renewer:
         try:
             async with limit:
                 await self._attempt_once(name, tg)
-        except Exception:
+        except Exception as exc:
             # Never let one name's bug stop the loop for every other name.
             log.exception("renewal attempt crashed name=%s", name)
+            try:
+                await self._fail_stuck(name, exc)
+            except Exception:
+                log.exception("renewal state not recorded name=%s", name)
         finally:
             self._running.discard(name)
             if name in self._forced_while_running:
@@ -372,6 +389,20 @@ class Renewer:
                 if state is not None and not state.in_flight:
                     self.states[name] = renewal.force_retry(state, datetime.now(UTC))
             self._wake.set()
+
+    async def _fail_stuck(self, name: str, exc: Exception) -> None:
+        """An attempt that crashed outside its own error handling still ends as a failed
+        attempt: left in flight, the name would never be tried again (nor forced)."""
+        state = self.states.get(name)
+        if state is None or not state.in_flight:
+            return
+        error, _ = _error_of(exc)
+        after = renewal.record_failure(
+            state, self._policy() or RenewalPolicy(), datetime.now(UTC), error, None
+        )
+        self.states[name] = after
+        self.counters.renewal_attempts[name, "failure"] += 1
+        await self._save(after)
 
     async def _attempt_once(self, name: str, tg: asyncio.TaskGroup) -> None:
         site, config, store, policy = self._sites.get(name), self.config, self.store, self._policy()
@@ -474,26 +505,6 @@ class Renewer:
             )
             pair = issued.cert.pairs[0]
             bundle = parse_bundle(pair.fullchain, pair.privkey, source=name)
-        except EdgedError as exc:
-            error = exc.problem if isinstance(exc, AcmeError) else {"message": str(exc)}
-            retry_after = exc.retry_after if isinstance(exc, AcmeError) else None
-            now = datetime.now(UTC)
-            after = renewal.record_failure(self.states[name], policy, now, error, retry_after)
-            self.counters.renewal_attempts[name, "failure"] += 1
-            log.error(
-                "renewal failed name=%s state=%s attempts=%d next_try=%s error=%s",
-                name,
-                after.status.value,
-                after.attempts,
-                after.next_try.isoformat() if after.next_try else "-",
-                exc,
-            )
-        else:
-            now = datetime.now(UTC)
-            after = renewal.record_success(
-                self.states[name], bundle, policy, now, self.rng, issued_by=node_id()
-            )
-            self.counters.renewal_attempts[name, "success"] += 1
             log.info(
                 "certificate obtained name=%s not_after=%s key_types=%s seconds=%.2f",
                 name,
@@ -501,15 +512,45 @@ class Renewer:
                 ",".join(issued.cert.key_types),
                 issued.seconds,
             )
-            await self.on_installed(name)  # served before the attempt counts as done
+            await self.on_installed(name)
+            _check_served(name, bundle, self.serving(name))  # before the attempt counts as done
+        except EdgedError as exc:
+            after = self._record_failure(name, policy, exc)
+        except Exception as exc:
+            # A bug or input nothing foresaw: still a failed attempt, paced like any other, so
+            # the name is neither left in flight (never retried) nor retried in a tight loop.
+            log.exception("renewal attempt failed unexpectedly name=%s", name)
+            after = self._record_failure(name, policy, exc)
+        else:
+            after = renewal.record_success(
+                self.states[name], bundle, policy, datetime.now(UTC), self.rng, issued_by=node_id()
+            )
+            self.counters.renewal_attempts[name, "success"] += 1
+        serving = self.serving(name)
+        after, found = renewal.notify(
+            before, after, serving.not_after if serving else None, datetime.now(UTC)
+        )
         self.states[name] = after
         await self._save(after)
         await self.changed()
-        serving = self.serving(name)
-        self._notify(
-            renewal.notices(before, after, serving.not_after if serving else None, now, None),
-            tg,
+        self._notify(found, tg)
+
+    def _record_failure(self, name: str, policy: RenewalPolicy, exc: Exception) -> RenewalState:
+        """The failed attempt's state: the CA's problem document or the error's text."""
+        error, retry_after = _error_of(exc)
+        after = renewal.record_failure(
+            self.states[name], policy, datetime.now(UTC), error, retry_after
         )
+        self.counters.renewal_attempts[name, "failure"] += 1
+        log.error(
+            "renewal failed name=%s state=%s attempts=%d next_try=%s error=%s",
+            name,
+            after.status.value,
+            after.attempts,
+            after.next_try.isoformat() if after.next_try else "-",
+            exc if isinstance(exc, EdgedError) else error["message"],
+        )
+        return after
 
     async def _preflight(self, config: Config, site: Site, store: Store) -> None:
         """Before a name's first order: say what will make it fail (CAA, DNS not pointing
@@ -527,8 +568,8 @@ class Renewer:
             if not result.ok:
                 log.warning("preflight %s", result.line())
 
-    def _check_expiry(self, now: datetime, tg: asyncio.TaskGroup) -> None:
-        for name, state in self.states.items():
+    async def _check_expiry(self, now: datetime, tg: asyncio.TaskGroup) -> None:
+        for name, state in list(self.states.items()):
             bundle = self.serving(name)
             if bundle is None:
                 continue
@@ -543,11 +584,12 @@ class Renewer:
                     bundle.not_after.isoformat(),
                     state.status.value,
                 )
-            found = renewal.notices(
-                state, state, bundle.not_after, now, self._expiry_notice.get(name)
-            )
+            if name in self._running:
+                continue  # the attempt saves its own state (and notices) when it ends
+            after, found = renewal.notify(state, state, bundle.not_after, now)
             if found:
-                self._expiry_notice[name] = now
+                self.states[name] = after
+                await self._save(after)  # a restart must not repeat the notice
                 self._notify(found, tg)
 
     async def _refresh_ari(self, now: datetime) -> None:
@@ -563,6 +605,9 @@ class Renewer:
                 directory = await asyncio.to_thread(fetch_directory, acme)
             except (requests.RequestException, ValueError) as exc:
                 log.warning("acme directory unreadable (ARI check skipped) error=%s", exc)
+                return
+            except Exception:  # must not end the loop: ARI is optional
+                log.exception("acme directory unreadable (ARI check skipped)")
                 return
             found = directory.get("renewalInfo") if isinstance(directory, dict) else None
             base = found if isinstance(found, str) else ""
@@ -585,6 +630,12 @@ class Renewer:
             except (requests.RequestException, renewal.AriError, EdgedError) as exc:
                 self._ari_retry[name] = now + ARI_RETRY
                 log.warning("ari check failed name=%s error=%s", name, exc)
+                continue
+            except Exception:
+                # A CA's answer nothing foresaw must not end the loop (and the daemon with it):
+                # the schedule still applies, ARI is asked again later.
+                self._ari_retry[name] = now + ARI_RETRY
+                log.exception("ari check failed unexpectedly name=%s", name)
                 continue
             self._ari_retry.pop(name, None)
             updated = renewal.record_ari(self.states[name], bundle, policy, now, self.rng, info)

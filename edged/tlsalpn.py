@@ -44,6 +44,7 @@ MAX_SHARED_LOOKUPS = 64  # store lookups in flight at once; a CA opens a handful
 # this id can neither collide with one nor be asked for over HTTP-01.
 SHARED_PREFIX = "tls-alpn-01."
 _BUILT_LIMIT = 256
+MAX_COMMON_NAME = 64  # RFC 5280 ub-common-name
 
 
 def is_challenge_alpn(alpn: tuple[str, ...]) -> bool:
@@ -66,7 +67,11 @@ def build_challenge_cert(
     now: datetime,
 ) -> x509.Certificate:
     """The self-signed TLS-ALPN-01 certificate for `name` (a DNS name, no wildcard). Pure."""
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    # RFC 8737 needs only the SAN; a CN holds at most 64 characters (RFC 5280) while a DNS
+    # name may have 253, so a longer name gets an empty subject and, as RFC 5280 4.2.1.6 asks
+    # then, a critical SAN.
+    fits = len(name) <= MAX_COMMON_NAME
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)] if fits else [])
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -75,7 +80,7 @@ def build_challenge_cert(
         .serial_number(serial)
         .not_valid_before(now - timedelta(hours=1))
         .not_valid_after(now + timedelta(days=7))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=not fits)
         .add_extension(
             x509.UnrecognizedExtension(
                 ID_PE_ACME_IDENTIFIER, acme_identifier_value(key_authorization)

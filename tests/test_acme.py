@@ -249,3 +249,26 @@ async def test_http01_forward_to_backend(tmp_path: Path) -> None:
     finally:
         await runner.cleanup()
         await backend_runner.cleanup()
+
+
+@pytest.mark.parametrize("body", [{"key": {"kty": "EC"}}, {"key": "zz"}, None])
+async def test_corrupt_stored_account_is_a_clear_error(
+    pebble: Pebble, tmp_path: Path, body: object
+) -> None:
+    """A stored account whose body the library cannot read is an AcmeError that says how to
+    fix it (it was a KeyError/DeserializationError/TypeError that crashed the attempt)."""
+    store = FileStore(tmp_path / "store")
+    first = AcmeSession(settings(pebble), store)
+    await asyncio.to_thread(first.open)  # registers and stores the account
+    first.close()
+    stored = store.load_account(pebble.directory)
+    assert stored is not None
+    account, key_pem = stored
+    store.save_account(pebble.directory, {**account, "body": body}, key_pem)
+    session = AcmeSession(settings(pebble), store)
+    with pytest.raises(AcmeError) as info:
+        await asyncio.to_thread(session.open, "a.test")
+    session.close()
+    assert info.value.name == "a.test"
+    assert "stored ACME account" in str(info.value) and "corrupt" in str(info.value)
+    assert "delete the accounts/ folder" in str(info.value)

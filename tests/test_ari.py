@@ -126,3 +126,26 @@ async def test_ari_window_retry_after_and_replaces(pebble: Pebble, tmp_path: Pat
             still = edged.daemon.serving("shop.test")
             assert still is not None and still.fingerprint == served.fingerprint
             assert renewer.fallback_active("shop.test")
+
+
+async def test_absurd_retry_after_is_clamped_and_the_loop_survives(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    """`Retry-After: 999999999999` on renewalInfo overflowed datetime; the OverflowError left
+    the renewal loop and ended the daemon. Now the next check is clamped to 24 hours."""
+    async with run_backend() as backend, ari_server(pebble, tmp_path) as ari:
+        body = acme_body(pebble, backend.port)
+        async with run_edged(tmp_path, body, http=(pebble.http_port,)) as edged:
+            await wait_for(lambda: edged.daemon.serving("shop.test") is not None)
+        (tmp_path / "store" / "state" / "shop.test.json").unlink()
+        ari.retry_after = "999999999999"
+        async with run_edged(
+            tmp_path, with_directory(body, pebble, ari), http=(pebble.http_port,)
+        ) as edged:
+            renewer = edged.daemon.renewer
+            await wait_for(lambda: renewer.states["shop.test"].ari is not None)
+            state = renewer.states["shop.test"]
+            assert state.ari is not None
+            assert state.ari.next_check - datetime.now(UTC) <= timedelta(hours=24)
+            renewer.force("shop.test")  # the loop still runs: it starts the forced attempt
+            await wait_for(lambda: len(ari.orders) >= 1)

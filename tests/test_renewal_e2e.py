@@ -214,6 +214,70 @@ async def test_force_while_an_attempt_finishes_is_not_lost(pebble: Pebble, tmp_p
             assert pebble.count(ORDER) == 3
 
 
+async def test_an_unexpected_error_in_an_attempt_is_a_failed_attempt(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    """An exception that is no EdgedError (a bug, input nothing foresaw) ends the attempt as a
+    failure: counted, retried on the schedule, not left in flight (it used to stay in flight
+    forever: never retried, `edged renew` could not unstick it)."""
+    async with run_backend() as backend:
+        body = acme_table(pebble.directory, pebble.listener_ca) + site_table(backend.address)
+        async with run_edged(tmp_path, body, http=(pebble.http_port,)) as edged:
+            daemon, renewer = edged.daemon, edged.daemon.renewer
+            attempts = daemon.counters.renewal_attempts
+            await wait_for(lambda: attempts[NAME, "success"] == 1, what="the first issuance")
+            installed = renewer.on_installed
+
+            async def broken(name: str) -> object:
+                raise RuntimeError("a bug in installing")
+
+            renewer.on_installed = broken
+            renewer.force(NAME)
+            await wait_for(lambda: attempts[NAME, "failure"] == 1, what="the failed attempt")
+            state = renewer.states[NAME]
+            assert not state.in_flight and state.attempts == 1
+            assert "RuntimeError: a bug in installing" in str(state.last_error)
+            assert state.next_try is not None
+            assert state.next_try - datetime.now(UTC) > timedelta(minutes=14)  # retry_interval
+            saved = read_state(tmp_path / "store")
+            assert saved is not None and saved["in_flight"] is False
+            # Not stuck: a forced retry runs and succeeds.
+            renewer.on_installed = installed
+            renewer.force(NAME)
+            await wait_for(lambda: attempts[NAME, "success"] == 2, what="the forced retry")
+            await wait_for(lambda: not renewer.states[NAME].in_flight, what="the attempt's end")
+            assert renewer.states[NAME].status is CertStatus.ACTIVE
+
+
+async def test_a_certificate_the_daemon_does_not_serve_is_a_failed_attempt(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    """The attempt counts as done only when the new certificate serves: when the daemon's
+    reload refuses it (here: installs nothing), the attempt failed and the old one serves."""
+    async with run_backend() as backend:
+        body = acme_table(pebble.directory, pebble.listener_ca) + site_table(backend.address)
+        async with run_edged(tmp_path, body, http=(pebble.http_port,)) as edged:
+            daemon, renewer = edged.daemon, edged.daemon.renewer
+            attempts = daemon.counters.renewal_attempts
+            await wait_for(lambda: attempts[NAME, "success"] == 1, what="the first issuance")
+            old = daemon.serving(NAME)
+            assert old is not None
+
+            async def refused(name: str) -> bool:
+                return False  # what Daemon.reload answers when it keeps the old certificate
+
+            renewer.on_installed = refused
+            renewer.force(NAME)
+            await wait_for(lambda: attempts[NAME, "failure"] == 1, what="the failed attempt")
+            state = renewer.states[NAME]
+            assert attempts[NAME, "success"] == 1
+            assert state.status is CertStatus.PROCESSING and state.attempts == 1
+            assert "refused to serve it" in str(state.last_error)
+            assert renewer.fallback_active(NAME)
+            served = daemon.serving(NAME)
+            assert served is not None and served.fingerprint == old.fingerprint
+
+
 # --- 2. kill -9 in the middle of an order ------------------------------------------------------
 
 

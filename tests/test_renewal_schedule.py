@@ -21,6 +21,7 @@ from edged.certs import CertBundle, parse_bundle
 from edged.config import AcmeSettings
 from edged.renewal import (
     INTERRUPTED,
+    MAX_RETRY_AFTER,
     AriError,
     AriInfo,
     CertStatus,
@@ -38,6 +39,7 @@ from edged.renewal import (
     max_jitter,
     next_renewal,
     notices,
+    notify,
     observe_cert,
     observe_no_cert,
     parse_renewal_info,
@@ -49,12 +51,14 @@ from edged.renewal import (
     record_success,
     renewal_deadline,
     resume,
+    seconds_until_due,
 )
 from tests.pki import Issued, make_ca, make_leaf
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
 HOUR = timedelta(hours=1)
+MINUTE = timedelta(minutes=1)
 SEEDS = range(500)
 POLICY = RenewalPolicy(renew_before_days=30, retry_interval=900, max_attempts=5)
 ERROR: dict[str, object] = {
@@ -317,6 +321,8 @@ def test_parse_renewal_info_good_body() -> None:
         ("Sun, 01 Mar 2026 15:00:00 GMT", 3 * HOUR),  # HTTP-date
         ("Sun, 01 Mar 2026 11:00:00 GMT", timedelta(minutes=1)),  # HTTP-date in the past
         ("99999999999999999999", 6 * HOUR),  # absurd number: default (no overflow)
+        ("999999999999", 24 * HOUR),  # 12 digits: clamped (it raised OverflowError)
+        ("Fri, 31 Dec 9999 23:59:59 GMT", 24 * HOUR),  # far future HTTP-date: clamped
     ],
 )
 def test_parse_renewal_info_next_check(retry_after: str | None, delay: timedelta) -> None:
@@ -348,6 +354,9 @@ def test_parse_renewal_info_default_check_is_a_parameter() -> None:
         (info_body("2026-04-01T00:00:00", "2026-04-02T00:00:00Z"), "start .* is not"),  # no zone
         (info_body("2026-02-30T00:00:00Z", "2026-04-02T00:00:00Z"), "start .* is not"),
         (info_body("2026-04-01T00:00:00+25:00", "2026-04-02T00:00:00Z"), "start .* is not"),
+        # Times datetime cannot hold in UTC: an AriError, not OverflowError.
+        (info_body("0001-01-01T00:00:00+01:00", "2026-04-02T00:00:00Z"), "start .* is not"),
+        (info_body("2026-04-01T00:00:00Z", "9999-12-31T23:59:59-23:59"), "end .* is not"),
         (info_body("2026-04-02T00:00:00Z", "2026-04-02T00:00:00Z"), "end .* is not after start"),
         (info_body("2026-04-03T00:00:00Z", "2026-04-02T00:00:00Z"), "end .* is not after start"),
         (
@@ -368,6 +377,10 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after("-5", NOW) is None
     assert parse_retry_after("1.5", NOW) is None
     assert parse_retry_after("²", NOW) is None  # a Unicode digit is not a delay
+    # A broken or hostile CA cannot stop renewals for years (nor overflow datetime).
+    assert parse_retry_after("999999999999", NOW) == NOW + MAX_RETRY_AFTER
+    assert parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", NOW) == NOW + MAX_RETRY_AFTER
+    assert parse_retry_after(str(7 * 86400 - 1), NOW) == NOW + timedelta(seconds=7 * 86400 - 1)
 
 
 def test_parse_time_and_format_time() -> None:
@@ -704,6 +717,7 @@ def full_state() -> RenewalState:
         replaces=RFC_CERT_ID,
         issued_by="node-7",
         failing_since=NOW - 2 * DAY,
+        last_expiry_notice=NOW - 3 * HOUR,
     )
 
 
@@ -847,6 +861,32 @@ def test_no_expiring_notice_for_a_healthy_short_lived_cert() -> None:
     assert notices(running, running, bundle.not_after, NOW + 3 * DAY, None) == []
 
 
+def test_expiry_notices_from_failed_attempts_keep_their_limit_across_restarts() -> None:
+    """Each failed attempt of a failing 6-day certificate used to send "expiring" again (the
+    loop passed no last notice); the last one is in the state, so a restart keeps the limit."""
+    bundle = cached_bundle(6)
+    state = replace(active_state(bundle), next_try=NOW)
+    now, sent = NOW, []
+    for _ in range(5):  # five attempts 15 minutes apart, all failing
+        running = begin_attempt(state, now)
+        failed = record_failure(running, POLICY, now, ERROR, None)
+        state, found = notify(running, failed, bundle.not_after, now)
+        sent += events(found)
+        assert state.next_try is not None
+        now = state.next_try
+    assert sent == ["expiring", "failed"]  # the fifth attempt makes it failed
+    assert state.last_expiry_notice == NOW
+    # A restart (state saved and loaded) within the day: no second notice; a day later: one.
+    loaded = RenewalState.from_json(json.loads(json.dumps(state.to_json())), state.name)
+    assert notify(loaded, loaded, bundle.not_after, NOW + 23 * HOUR)[1] == []
+    later, found = notify(loaded, loaded, bundle.not_after, NOW + DAY)
+    assert events(found) == ["expiring"] and later.last_expiry_notice == NOW + DAY
+    # Expired: hourly, by the same stored time.
+    expired, found = notify(later, later, NOW + DAY, NOW + DAY + HOUR)
+    assert events(found) == ["expired"]
+    assert notify(expired, expired, NOW + DAY, NOW + DAY + 90 * MINUTE)[1] == []
+
+
 def test_expired_notice_at_most_hourly() -> None:
     state = failing_state(POLICY.max_attempts)
     not_after = NOW - HOUR
@@ -915,3 +955,18 @@ def test_a_certificate_lifecycle() -> None:
     state2 = record_success(running, second, POLICY, now, r)
     assert events(notices(running, state2, second.not_after, now, None)) == ["recovered"]
     assert state2.next_try is not None and state2.next_try > now + 2 * DAY
+
+
+def test_seconds_until_due_has_a_floor_and_ignores_attempts_in_flight() -> None:
+    due = RenewalState.new("a.example.test")  # next_try None: due now
+    later = replace(due, next_try=NOW + timedelta(seconds=30))
+    stuck = replace(due, in_flight=True)  # e.g. left in flight by a crashed attempt
+    limited = replace(due, next_try=NOW, not_before_retry=NOW + timedelta(seconds=20))
+    assert seconds_until_due([], NOW, 0.5, 60) == 60
+    assert seconds_until_due([later], NOW, 0.5, 60) == 30
+    assert seconds_until_due([later, limited], NOW, 0.5, 60) == 20
+    # Something due now (or overdue) never makes the loop spin: the floor holds.
+    assert seconds_until_due([due, later], NOW, 0.5, 60) == 0.5
+    assert seconds_until_due([replace(due, next_try=NOW - DAY)], NOW, 0.5, 60) == 0.5
+    # A state in flight is not due by time: it does not shorten the sleep at all.
+    assert seconds_until_due([stuck], NOW, 0.5, 60) == 60

@@ -268,7 +268,7 @@ class AcmeSession:
         uri = account_json.get("uri")
         if isinstance(uri, str) and uri:
             net.account = messages.RegistrationResource(
-                uri=uri, body=messages.Registration.from_json(account_json.get("body", {}))
+                uri=uri, body=self._stored_registration(account_json.get("body", {}), name)
             )
         else:
             net.account = self._register(client, key, name)
@@ -285,6 +285,20 @@ class AcmeSession:
             log.info("acme account registered directory=%s", self.settings.directory)
         self.client = client
         return client
+
+    def _stored_registration(self, body: object, name: str) -> messages.Registration:
+        """The stored account's registration body; AcmeError naming the fix when it is corrupt
+        (parsed outside errors(): the library's exceptions would crash the attempt)."""
+        try:
+            registration: messages.Registration = messages.Registration.from_json(body)
+        except (jose_errors.Error, TypeError, ValueError, LookupError, AttributeError) as exc:
+            raise AcmeError(
+                name,
+                f"the stored ACME account of {self.settings.directory} is corrupt (its body: "
+                f"{type(exc).__name__}: {exc}); delete the accounts/ folder of this directory "
+                "in the store to register a new account",
+            ) from None
+        return registration
 
     def _register(
         self, client: acme_client.ClientV2, key: jwk.JWK, name: str
