@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
@@ -19,6 +20,7 @@ from edged.config import AcmeSettings, parse_config
 from edged.errors import AcmeError
 from edged.http01 import ChallengeBoard, Http01App
 from edged.store.files import FileStore
+from tests.https_front import HttpsFront
 from tests.pebble import Pebble, start_pebble
 
 SITES = """
@@ -272,3 +274,29 @@ async def test_corrupt_stored_account_is_a_clear_error(
     assert info.value.name == "a.test"
     assert "stored ACME account" in str(info.value) and "corrupt" in str(info.value)
     assert "delete the accounts/ folder" in str(info.value)
+
+
+async def test_an_error_without_a_problem_document_names_the_status_and_keeps_retry_after(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    """A 503 page from a proxy in front of the CA (no ACME problem JSON): the error says HTTP
+    503 (it said `<Response [503]>`) and the Retry-After it sent is kept."""
+
+    async def down(request: web.Request) -> web.Response:
+        return web.Response(
+            status=503, text="<html>maintenance</html>", content_type="text/html",
+            headers={"Retry-After": "120"},
+        )  # fmt: skip
+
+    front = HttpsFront(tmp_path, pebble, "down")
+    session = AcmeSession(
+        AcmeSettings(directory=f"{front.base}/dir", ca_bundle=front.trust), FileStore(tmp_path)
+    )
+    async with front.serve([web.get("/dir", down)]):
+        before = datetime.now(UTC)
+        with pytest.raises(AcmeError) as info:
+            await asyncio.to_thread(session.open, "a.test")
+    message = str(info.value)
+    assert "HTTP 503 Service Unavailable" in message and "Response [" not in message, message
+    assert info.value.retry_after is not None
+    assert timedelta(seconds=100) < info.value.retry_after - before < timedelta(seconds=140)

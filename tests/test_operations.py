@@ -4,16 +4,13 @@ remove, revoke, reload; and /metrics while serving."""
 from __future__ import annotations
 
 import asyncio
-import http.server
 import json
-import ssl
 import sys
-import threading
-import time
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -21,6 +18,7 @@ from edged.acme.client import AcmeSession
 from edged.admin_client import AdminClient, AdminRequestError
 from edged.config import Address
 from tests.conftest import free_port, peer_cn, run_backend, run_cmd, run_edged, s_client
+from tests.https_front import HttpsFront
 from tests.pebble import Pebble
 from tests.pki import fullchain, make_ca, make_intermediate, make_leaf
 from tests.test_daemon_acme import acme_body, wait_for
@@ -185,60 +183,35 @@ async def test_metrics_while_serving(pebble: Pebble, tmp_path: Path) -> None:
         assert check.returncode == 0, check.stdout + check.stderr
 
 
-class _SlowCa(http.server.BaseHTTPRequestHandler):
-    """A CA that answers every request 503 after 1.5 s: an attempt that is still running
-    when the test's reload comes."""
-
-    def do_GET(self) -> None:
-        time.sleep(1.5)
-        self.send_response(503)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    do_POST = do_HEAD = do_GET
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-async def test_renew_answers_when_a_reload_removes_the_site_meanwhile(tmp_path: Path) -> None:
+async def test_renew_answers_when_a_reload_removes_the_site_meanwhile(
+    pebble: Pebble, tmp_path: Path
+) -> None:
     """`edged renew` waits for the attempt; a reload that drops the site meanwhile gets a
     409 naming that, not a 500 (the wait read the removed state and raised KeyError)."""
     from edged.admin import AdminError
     from edged.operations import DaemonOperations
 
-    root = make_ca("Slow CA")
-    leaf = make_leaf(root, ["localhost"])
-    (tmp_path / "ca.pem").write_bytes(root.cert_pem)
-    (tmp_path / "tls.pem").write_bytes(leaf.cert_pem + leaf.key_pem)
-    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls.load_cert_chain(tmp_path / "tls.pem")
-    ca = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowCa)
-    ca.daemon_threads = True
-    ca.socket = tls.wrap_socket(ca.socket, server_side=True)
-    serving = threading.Thread(target=ca.serve_forever, daemon=True)
-    serving.start()
-    port = ca.server_address[1]
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(1.5)  # the attempt is still running when the reload comes
+        return web.Response(status=503)
+
+    front = HttpsFront(tmp_path, pebble, "slow")
     other = '[[site]]\nnames = ["kept.test"]\nbackend = "127.0.0.1:9"\n'
     body = (
-        f'[acme]\ndirectory = "https://localhost:{port}/dir"\npreflight = false\n'
-        f'ca_bundle = "{tmp_path / "ca.pem"}"\n'
+        f'[acme]\ndirectory = "{front.base}/dir"\npreflight = false\n'
+        f'ca_bundle = "{front.trust}"\n'
         '[[site]]\nnames = ["renew.test"]\nbackend = "127.0.0.1:9"\n' + other
     )
-    try:
-        async with run_edged(tmp_path, body) as edged:
-            ops = DaemonOperations(edged.daemon)
-            renewing = asyncio.create_task(ops.renew("renew.test"))
-            await asyncio.sleep(0.5)
-            text = edged.config_path.read_text()
-            edged.config_path.write_text(
-                text.replace('names = ["renew.test"]', 'names = ["moved.test"]')
-            )
-            await edged.daemon.reload("signal")
-            with pytest.raises(AdminError) as raised:
-                await asyncio.wait_for(renewing, 30)
-            assert raised.value.code == "not_acme" and raised.value.status == 409
-            assert "no longer managed" in raised.value.message
-    finally:
-        ca.shutdown()
-        ca.server_close()
+    async with front.serve([web.get("/dir", slow)]), run_edged(tmp_path, body) as edged:
+        ops = DaemonOperations(edged.daemon)
+        renewing = asyncio.create_task(ops.renew("renew.test"))
+        await asyncio.sleep(0.5)
+        text = edged.config_path.read_text()
+        edged.config_path.write_text(
+            text.replace('names = ["renew.test"]', 'names = ["moved.test"]')
+        )
+        await edged.daemon.reload("signal")
+        with pytest.raises(AdminError) as raised:
+            await asyncio.wait_for(renewing, 30)
+        assert raised.value.code == "not_acme" and raised.value.status == 409
+        assert "no longer managed" in raised.value.message

@@ -231,7 +231,22 @@ class AcmeSession:
                 f"({type(exc).__name__}); check acme.directory and the network",
             ) from exc
         except acme_errors.Error as exc:
-            raise AcmeError(name, f"{what}: {exc}") from exc
+            response = _response_of(exc)
+            if response is None:
+                raise AcmeError(name, f"{what}: {exc}") from exc
+            # An error without an ACME problem document (a proxy or load balancer in front of
+            # the CA, a CA down): its status, and its Retry-After when it sends one.
+            status = f"HTTP {response.status_code} {response.reason or ''}".rstrip()
+            message = (
+                f"{what}: the ACME server answered {status} without an ACME problem document; "
+                "the CA (or a proxy in front of it) may be down or overloaded"
+            )
+            raise AcmeError(
+                name,
+                message,
+                {"message": message, "status": response.status_code},
+                parse_retry_after(response.headers.get("Retry-After"), self.clock()),
+            ) from exc
         except (ValueError, KeyError, jose_errors.DeserializationError) as exc:
             raise AcmeError(
                 name, f"{what}: the ACME server sent an answer edged cannot read ({exc})"
@@ -399,3 +414,12 @@ def read_eab_hmac_key(path: Path, name: str = "") -> str:
             "exactly as the CA shows it (one line, no quotes or labels)",
         )
     return text
+
+
+def _response_of(exc: acme_errors.Error) -> requests.Response | None:
+    """The HTTP response the acme library put in a ClientError (alone, or with the error)."""
+    for arg in exc.args:
+        for item in arg if isinstance(arg, tuple) else (arg,):
+            if isinstance(item, requests.Response):
+                return item
+    return None
