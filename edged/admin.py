@@ -45,6 +45,7 @@ from aiohttp import web
 
 from edged.config import Address
 from edged.errors import CertError, EdgedError
+from edged.logs import Throttled
 from edged.names import NameError_, normalize_name
 
 log = logging.getLogger("edged.admin")
@@ -239,6 +240,7 @@ def _refusal(request: web.Request) -> AdminError | None:
 
 def _middleware(token: str | None) -> Callable[..., Awaitable[web.StreamResponse]]:
     expected = token.encode() if token else None
+    refusals = Throttled(log)
 
     @web.middleware
     async def middleware(
@@ -246,8 +248,13 @@ def _middleware(token: str | None) -> Callable[..., Awaitable[web.StreamResponse
     ) -> web.StreamResponse:
         refused = _refusal(request)
         if refused is not None:
-            log.warning(
-                "admin: %s %s: refused: %s", request.method, request.raw_path, refused.message
+            # A page in a browser can send these at will: one line per kind per 10 s.
+            refusals.warning(
+                refused.code,
+                "admin: %s %s: refused: %s",
+                request.method,
+                request.raw_path[:200],
+                refused.message,
             )
             return _error(refused)
         if expected is not None:

@@ -397,7 +397,7 @@ def test_bad_uploads_are_refused_with_the_cert_reason(
 
 
 def test_browser_requests_are_refused_before_the_api(
-    sockdir: Path, certs: dict[str, tuple[bytes, bytes]]
+    sockdir: Path, certs: dict[str, tuple[bytes, bytes]], caplog: pytest.LogCaptureFixture
 ) -> None:
     """Loopback TCP without a token is allowed (warned), so what a browser on the host can
     send must not get through: a body not declared as JSON (a cross-origin page can POST
@@ -426,6 +426,9 @@ def test_browser_requests_are_refused_before_the_api(
         status, _, body = call(client, "POST", "/reload", None, {"Origin": "https://a.example"})
         assert (status, body["error"]) == (403, "cross_origin")
         assert ops.calls == []
+        # 11 refusals of 3 kinds, logged once per kind (a page can send them at will).
+        lines = [r for r in caplog.records if "refused:" in r.getMessage()]
+        assert len(lines) == 3, [r.getMessage() for r in lines]
         for host in (f"localhost:{address.port}", "127.0.0.1", "LOCALHOST", "[::1]:9465"):
             assert call(client, "GET", "/status", None, {"Host": host})[0] == 200, host
         # A body-less POST and a JSON one still work (what the CLI sends).
