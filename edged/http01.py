@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 _PORT = re.compile(r"[0-9]{0,5}")
+_ABSOLUTE_FORM = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
+# Not unreserved, reserved or "%" (RFC 3986 section 2): kept as is it would not be a URI.
+_NOT_URI = re.compile(r"[^A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]")
 TOKEN_TTL = 900.0  # an order that takes longer than this has failed anyway
 SHARED_CACHE = 1.0  # seconds a Redis token answer (or its absence) is reused
 # Redis token lookups running at once. A CA validates each challenge from a handful of places,
@@ -207,6 +211,17 @@ def site_for_host(config: Config, host: str) -> Site | None:
     return None
 
 
+def origin_form(target: str) -> str:
+    """The path and query of a request target exactly as sent (escapes and dot segments kept;
+    an absolute-form target loses its scheme and authority), always starting with "/".
+    Characters no URI may hold (a "\\", control or non-ASCII ones) are percent-encoded."""
+    if not target.startswith("/"):
+        target = _ABSOLUTE_FORM.sub("", target, count=1)
+        if not target.startswith("/"):
+            target = "/" + target
+    return _NOT_URI.sub(lambda m: quote(m.group().encode("utf-8", "surrogateescape")), target)
+
+
 def _text(status: int, text: str) -> web.Response:
     return web.Response(status=status, text=text + "\n", content_type="text/plain")
 
@@ -247,7 +262,13 @@ class Http01App:
             return await self._forward(request, config, site, host)
         port = config.listen.https[0].port if config.listen.https else 443
         authority = host if port == 443 else f"{host}:{port}"
-        raise web.HTTPMovedPermanently(f"https://{authority}{request.path_qs}")
+        # Built by hand: HTTPMovedPermanently re-parses the URL (yarl), which resolves dot
+        # segments and re-quotes escapes. The path follows our authority, so no target (not
+        # "//evil.test" either) can name another host.
+        return web.Response(
+            status=301,
+            headers={"Location": f"https://{authority}{origin_form(request.raw_path)}"},
+        )
 
     async def _challenge(self, request: web.Request, token: str) -> web.Response:
         host = request_host(request)

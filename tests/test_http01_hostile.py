@@ -254,6 +254,32 @@ async def test_redirect_for_site_names_stays_on_the_name(port80: Port80) -> None
     assert reply.status == 404 or location.startswith("https://a.test:8443/"), reply
 
 
+@pytest.mark.parametrize(
+    ("target", "path"),
+    [
+        # Escapes and dot segments as sent: decoded, "/%2e%2e/admin" would become "/admin" and
+        # %2F, %3F, %23 would turn into a separator, a query and a fragment.
+        ("/%2e%2e/admin", "/%2e%2e/admin"),
+        ("/a/../b/./c", "/a/../b/./c"),
+        ("/a%2Fb%3Fc%23d?x=%2F&y=%26", "/a%2Fb%3Fc%23d?x=%2F&y=%26"),
+        ("/%7e%7E/p?a=b?c", "/%7e%7E/p?a=b?c"),
+        # Authority-looking paths stay paths on our host.
+        ("//evil.test/x", "//evil.test/x"),
+        ("///evil.test", "///evil.test"),
+        ("/\\evil.test", "/%5Cevil.test"),  # not a URI character: escaped, still a path
+        ("/@evil.test", "/@evil.test"),
+        # Absolute-form: its path and query as sent, never its host.
+        ("http://evil.test/x%2Fy/../z?q=%2F", "/x%2Fy/../z?q=%2F"),
+        ("https://evil.test//other.test/p", "//other.test/p"),
+    ],
+)
+async def test_redirect_keeps_the_target_as_sent(port80: Port80, target: str, path: str) -> None:
+    """The redirect names the resource the client asked for, byte for byte, on the Host's
+    name: never another host."""
+    reply = await get(port80.port, target, "a.test")
+    assert (reply.status, reply.headers.get("location")) == (301, f"https://a.test:8443{path}")
+
+
 async def test_two_host_headers_are_not_answered(port80: Port80) -> None:
     reply = await get(port80.port, PREFIX + TOKEN, "evil.test", extra="Host: a.test\r\n")
     assert refused(reply)
