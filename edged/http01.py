@@ -56,12 +56,16 @@ class SharedTokens(Protocol):
     def delete_token(self, token: str) -> None: ...
 
 
+# Fields about one connection only (RFC 9110 section 7.6.1, and the Proxy-* ones of section
+# 11.7), never forwarded either way; so are the fields a message's Connection header names.
+# Host and Content-Length are not hop-by-hop, but the forward sets its own.
 _HOP_BY_HOP = frozenset(
     {
         "connection",
         "keep-alive",
         "proxy-authenticate",
         "proxy-authorization",
+        "proxy-connection",
         "te",
         "trailer",
         "transfer-encoding",
@@ -70,6 +74,13 @@ _HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
+
+
+def _not_forwarded(connection: Iterable[str]) -> frozenset[str]:
+    """Lowercase names of a message's fields that stay on their hop: the standard hop-by-hop
+    fields and those its Connection fields (`connection`, comma-separated lists) name."""
+    named = {token.strip().lower() for value in connection for token in value.split(",")}
+    return _HOP_BY_HOP | named
 
 
 # What aiohttp's client would add when the client sent none: only the client's headers go on.
@@ -306,13 +317,16 @@ class Http01App:
         # The client's headers as sent, in order, repeated ones included (a dict would keep
         # only the last of each); ours replace any the client sent.
         ours = {"x-forwarded-for", "x-forwarded-proto"}
+        dropped = _not_forwarded(request.headers.getall("Connection", []))
         headers = [
             (k, v)
             for k, v in request.headers.items()
-            if k.lower() not in _HOP_BY_HOP and k.lower() not in ours
+            if k.lower() not in dropped and k.lower() not in ours
         ]
         peer = request.remote or ""
-        prior = ", ".join(request.headers.getall("X-Forwarded-For", []))
+        prior = ""
+        if "x-forwarded-for" not in dropped:  # named in Connection: it was for our hop only
+            prior = ", ".join(request.headers.getall("X-Forwarded-For", []))
         headers += [
             ("Host", request.headers.get("Host", host)),
             ("X-Forwarded-For", f"{prior}, {peer}" if prior else peer),
@@ -345,8 +359,9 @@ class Http01App:
                 skip_auto_headers=_CLIENT_AUTO_HEADERS,
             ) as upstream:
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                dropped = _not_forwarded(upstream.headers.getall("Connection", []))
                 for key, value in upstream.headers.items():
-                    if key.lower() not in _HOP_BY_HOP:
+                    if key.lower() not in dropped:
                         response.headers.add(key, value)
                 await response.prepare(request)
                 async for chunk in upstream.content.iter_chunked(65536):

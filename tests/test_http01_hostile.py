@@ -585,6 +585,50 @@ async def test_forward_sends_only_the_clients_headers(raw_backend: RawBackend) -
     assert names.count("x-forwarded-for") == 1
 
 
+def header_lines(head: bytes) -> list[tuple[str, str]]:
+    """A message head's header fields as (lowercase name, value), in order."""
+    lines = head.split(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")[1:]
+    return [(k.strip().lower(), v.strip()) for k, _, v in (line.partition(":") for line in lines)]
+
+
+HOP_BY_HOP = ["keep-alive", "proxy-connection", "te", "trailer", "upgrade", "x-hop", "x-hop2"]
+
+
+async def test_forward_drops_hop_by_hop_headers(raw_backend: RawBackend) -> None:
+    """RFC 9110 section 7.6.1: Connection, the fields it names and the standard hop-by-hop
+    fields concern one connection only; neither the backend nor the client gets the other
+    side's (the end-to-end fields go on)."""
+    raw_backend.answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close, X-Hop\r\n"
+        b"connection: x-HOP2\r\nX-Hop: 1\r\nX-Hop2: 2\r\nKeep-Alive: timeout=5\r\n"
+        b"Proxy-Connection: keep-alive\r\nTE: trailers\r\nTrailer: X-T\r\nUpgrade: h2c\r\n"
+        b"X-End: kept\r\n\r\nok"
+    )
+    async with forwarding(raw_backend.port) as port:
+        reply = await raw_request(
+            port,
+            b"GET /p HTTP/1.1\r\nHost: f.test\r\nConnection: close, X-Hop\r\n"
+            b"CONNECTION: x-hop2 , Keep-Alive,X-Forwarded-For\r\nX-Forwarded-For: 192.0.2.1\r\n"
+            b"X-Hop: 1\r\nX-Hop2: 2\r\nKeep-Alive: 5\r\n"
+            b"Proxy-Connection: keep-alive\r\nTE: trailers\r\nTrailer: X-T\r\n"
+            b"Upgrade: h2c\r\nX-End: kept\r\n\r\n",
+        )
+    assert reply.status == 200 and b"ok" in reply.body
+    sent = header_lines(raw_backend.requests[0])
+    names = [name for name, _ in sent]
+    for name in HOP_BY_HOP:
+        assert name not in names, sent
+    # aiohttp's own Connection for its hop only, never the client's tokens.
+    assert all("hop" not in value.lower() for name, value in sent if name == "connection"), sent
+    assert ("x-end", "kept") in sent and ("host", "f.test") in sent
+    # An X-Forwarded-For named in Connection was for our hop: only our own goes on.
+    assert [value for name, value in sent if name == "x-forwarded-for"] == ["127.0.0.1"]
+    for name in HOP_BY_HOP:
+        assert name not in reply.headers, reply.headers
+    assert "hop" not in reply.headers.get("connection", "").lower(), reply.headers
+    assert reply.headers.get("x-end") == "kept"
+
+
 @pytest.mark.parametrize(
     "host", ["f.test:evil", "f.test:80x", "f.test:1@evil.test", "f.test:80:80", "f.test: 80"]
 )
