@@ -237,6 +237,23 @@ def _text(status: int, text: str) -> web.Response:
     return web.Response(status=status, text=text + "\n", content_type="text/plain")
 
 
+class _Relayed(web.StreamResponse):
+    """A backend's reply relayed by a forward; `backend_sent`: the fields of it we relay."""
+
+    backend_sent: frozenset[str] = frozenset()
+
+
+async def _keep_relayed_fields(_request: web.Request, response: web.StreamResponse) -> None:
+    """Take back the fields aiohttp set on a relayed reply that its backend did not send (run
+    after aiohttp's defaults, before the head is written): no invented Content-Type
+    ("application/octet-stream") or Server. Date stays: RFC 9110 section 6.6.1 asks whoever
+    forwards a reply without one to add it."""
+    if isinstance(response, _Relayed):
+        for name in ("Content-Type", "Server"):
+            if name.lower() not in response.backend_sent:
+                response.headers.popall(name, None)
+
+
 class Http01App:
     """The aiohttp application of the HTTP listeners; reads the live config on every request."""
 
@@ -247,6 +264,7 @@ class Http01App:
         self.app = web.Application(client_max_size=1024 * 1024)
         self.app.router.add_route("*", "/{tail:.*}", self.handle)
         self.app.on_cleanup.append(self._close_client)
+        self.app.on_response_prepare.append(_keep_relayed_fields)
         self.answered = 0
         self.refused = 0
         self._throttle = Throttled(log)  # refusals are logged, but a flood of them is not
@@ -358,11 +376,15 @@ class Http01App:
                 timeout=timeout,
                 skip_auto_headers=_CLIENT_AUTO_HEADERS,
             ) as upstream:
-                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                response = _Relayed(status=upstream.status, reason=upstream.reason)
                 dropped = _not_forwarded(upstream.headers.getall("Connection", []))
                 for key, value in upstream.headers.items():
                     if key.lower() not in dropped:
                         response.headers.add(key, value)
+                response.backend_sent = frozenset(k.lower() for k in response.headers)
+                if "transfer-encoding" not in upstream.headers:
+                    # The backend's own framing: its body goes on as is, not re-chunked.
+                    response.content_length = upstream.content_length
                 await response.prepare(request)
                 async for chunk in upstream.content.iter_chunked(65536):
                     # A client that stops reading would otherwise hold the backend forever.

@@ -521,21 +521,33 @@ async def test_forward_raw_backend_times_out(raw_backend: RawBackend) -> None:
         assert len(raw_backend.closed) == 1
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 async def test_forward_backend_stalling_mid_body_cuts_the_connection(
-    raw_backend: RawBackend,
+    raw_backend: RawBackend, chunked: bool
 ) -> None:
     """Headers and part of the body, then nothing: after `idle_timeout` the client's connection
     is closed, so the short body cannot pass for a whole one."""
-    raw_backend.answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello"
+    raw_backend.answer = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        if chunked
+        else b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello"
+    )
     async with forwarding(raw_backend.port, "idle_timeout = 1") as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /x HTTP/1.1\r\nHost: f.test\r\n\r\n")  # keep-alive
         raw = await asyncio.wait_for(reader.read(), 5)  # to EOF: edged closed the connection
         writer.close()
         assert raw.startswith(b"HTTP/1.1 200") and b"hello" in raw, raw
-        # Relayed chunked (Content-Length is the backend's framing): no last chunk came.
-        assert b"transfer-encoding: chunked" in raw.lower(), raw
-        assert not raw.endswith(b"0\r\n\r\n"), raw
+        head, _, body = raw.partition(b"\r\n\r\n")
+        if chunked:
+            # Relayed chunked (aiohttp decoded the backend's chunks): no last chunk came.
+            assert b"transfer-encoding: chunked" in head.lower(), raw
+            assert not raw.endswith(b"0\r\n\r\n"), raw
+        else:
+            # The backend's Content-Length, and fewer bytes than it promises.
+            assert b"content-length: 100" in head.lower(), raw
+            assert b"transfer-encoding" not in head.lower(), raw
+            assert body == b"hello", raw
 
 
 OK_CLOSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
@@ -627,6 +639,57 @@ async def test_forward_drops_hop_by_hop_headers(raw_backend: RawBackend) -> None
         assert name not in reply.headers, reply.headers
     assert "hop" not in reply.headers.get("connection", "").lower(), reply.headers
     assert reply.headers.get("x-end") == "kept"
+
+
+async def forwarded_raw(port: int, request: bytes) -> tuple[list[tuple[str, str]], bytes]:
+    """Send `request` (which asks for Connection: close) to edged; its reply's head fields and
+    body, read to EOF."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        raw = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    assert raw.startswith(b"HTTP/1.1 200 OK\r\n"), raw
+    return header_lines(raw), raw.partition(b"\r\n\r\n")[2]
+
+
+async def test_forward_relays_the_backends_reply_as_sent(raw_backend: RawBackend) -> None:
+    """The client gets the backend's fields and body: its Content-Length (not re-chunked), its
+    own Server and Date, and no Content-Type or Server the backend did not send (aiohttp would
+    add "application/octet-stream" and its own name). A missing Date is added: RFC 9110
+    section 6.6.1 asks that of anything forwarding a reply without one."""
+    get_p = b"GET /p HTTP/1.1\r\nHost: f.test\r\nConnection: close\r\n\r\n"
+    async with forwarding(raw_backend.port) as port:
+        raw_backend.answer = (
+            b"HTTP/1.1 200 OK\r\nServer: backend/1\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\n"
+            b"Content-Length: 5\r\nConnection: close\r\n\r\nhello"
+        )
+        fields, body = await forwarded_raw(port, get_p)
+        assert body == b"hello"
+        assert [(k, v) for k, v in fields if k in ("server", "date", "content-length")] == [
+            ("server", "backend/1"),
+            ("date", "Mon, 01 Jan 2024 00:00:00 GMT"),
+            ("content-length", "5"),
+        ], fields
+        names = [name for name, _ in fields]
+        assert "content-type" not in names and "transfer-encoding" not in names, fields
+
+        raw_backend.answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+        fields, body = await forwarded_raw(port, get_p)
+        names = [name for name, _ in fields]
+        assert body == b"ok" and ("content-length", "2") in fields, fields
+        assert "content-type" not in names and "server" not in names, fields
+        assert names.count("date") == 1, fields
+
+        # HEAD: the length of what a GET would get, and no body.
+        raw_backend.answer = (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 1234\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        fields, body = await forwarded_raw(port, get_p.replace(b"GET", b"HEAD"))
+        assert body == b""
+        assert ("content-length", "1234") in fields and ("content-type", "text/html") in fields
 
 
 @pytest.mark.parametrize(
