@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 _PORT = re.compile(r"[0-9]{0,5}")
+_ABSOLUTE_FORM = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
+# Not unreserved, reserved or "%" (RFC 3986 section 2): kept as is it would not be a URI.
+_NOT_URI = re.compile(r"[^A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]")
 TOKEN_TTL = 900.0  # an order that takes longer than this has failed anyway
 SHARED_CACHE = 1.0  # seconds a Redis token answer (or its absence) is reused
 # Redis token lookups running at once. A CA validates each challenge from a handful of places,
@@ -52,12 +56,16 @@ class SharedTokens(Protocol):
     def delete_token(self, token: str) -> None: ...
 
 
+# Fields about one connection only (RFC 9110 section 7.6.1, and the Proxy-* ones of section
+# 11.7), never forwarded either way; so are the fields a message's Connection header names.
+# Host and Content-Length are not hop-by-hop, but the forward sets its own.
 _HOP_BY_HOP = frozenset(
     {
         "connection",
         "keep-alive",
         "proxy-authenticate",
         "proxy-authorization",
+        "proxy-connection",
         "te",
         "trailer",
         "transfer-encoding",
@@ -66,6 +74,13 @@ _HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
+
+
+def _not_forwarded(connection: Iterable[str]) -> frozenset[str]:
+    """Lowercase names of a message's fields that stay on their hop: the standard hop-by-hop
+    fields and those its Connection fields (`connection`, comma-separated lists) name."""
+    named = {token.strip().lower() for value in connection for token in value.split(",")}
+    return _HOP_BY_HOP | named
 
 
 # What aiohttp's client would add when the client sent none: only the client's headers go on.
@@ -207,8 +222,36 @@ def site_for_host(config: Config, host: str) -> Site | None:
     return None
 
 
+def origin_form(target: str) -> str:
+    """The path and query of a request target exactly as sent (escapes and dot segments kept;
+    an absolute-form target loses its scheme and authority), always starting with "/".
+    Characters no URI may hold (a "\\", control or non-ASCII ones) are percent-encoded."""
+    if not target.startswith("/"):
+        target = _ABSOLUTE_FORM.sub("", target, count=1)
+        if not target.startswith("/"):
+            target = "/" + target
+    return _NOT_URI.sub(lambda m: quote(m.group().encode("utf-8", "surrogateescape")), target)
+
+
 def _text(status: int, text: str) -> web.Response:
     return web.Response(status=status, text=text + "\n", content_type="text/plain")
+
+
+class _Relayed(web.StreamResponse):
+    """A backend's reply relayed by a forward; `backend_sent`: the fields of it we relay."""
+
+    backend_sent: frozenset[str] = frozenset()
+
+
+async def _keep_relayed_fields(_request: web.Request, response: web.StreamResponse) -> None:
+    """Take back the fields aiohttp set on a relayed reply that its backend did not send (run
+    after aiohttp's defaults, before the head is written): no invented Content-Type
+    ("application/octet-stream") or Server. Date stays: RFC 9110 section 6.6.1 asks whoever
+    forwards a reply without one to add it."""
+    if isinstance(response, _Relayed):
+        for name in ("Content-Type", "Server"):
+            if name.lower() not in response.backend_sent:
+                response.headers.popall(name, None)
 
 
 class Http01App:
@@ -221,6 +264,7 @@ class Http01App:
         self.app = web.Application(client_max_size=1024 * 1024)
         self.app.router.add_route("*", "/{tail:.*}", self.handle)
         self.app.on_cleanup.append(self._close_client)
+        self.app.on_response_prepare.append(_keep_relayed_fields)
         self.answered = 0
         self.refused = 0
         self._throttle = Throttled(log)  # refusals are logged, but a flood of them is not
@@ -247,7 +291,13 @@ class Http01App:
             return await self._forward(request, config, site, host)
         port = config.listen.https[0].port if config.listen.https else 443
         authority = host if port == 443 else f"{host}:{port}"
-        raise web.HTTPMovedPermanently(f"https://{authority}{request.path_qs}")
+        # Built by hand: HTTPMovedPermanently re-parses the URL (yarl), which resolves dot
+        # segments and re-quotes escapes. The path follows our authority, so no target (not
+        # "//evil.test" either) can name another host.
+        return web.Response(
+            status=301,
+            headers={"Location": f"https://{authority}{origin_form(request.raw_path)}"},
+        )
 
     async def _challenge(self, request: web.Request, token: str) -> web.Response:
         host = request_host(request)
@@ -285,13 +335,16 @@ class Http01App:
         # The client's headers as sent, in order, repeated ones included (a dict would keep
         # only the last of each); ours replace any the client sent.
         ours = {"x-forwarded-for", "x-forwarded-proto"}
+        dropped = _not_forwarded(request.headers.getall("Connection", []))
         headers = [
             (k, v)
             for k, v in request.headers.items()
-            if k.lower() not in _HOP_BY_HOP and k.lower() not in ours
+            if k.lower() not in dropped and k.lower() not in ours
         ]
         peer = request.remote or ""
-        prior = ", ".join(request.headers.getall("X-Forwarded-For", []))
+        prior = ""
+        if "x-forwarded-for" not in dropped:  # named in Connection: it was for our hop only
+            prior = ", ".join(request.headers.getall("X-Forwarded-For", []))
         headers += [
             ("Host", request.headers.get("Host", host)),
             ("X-Forwarded-For", f"{prior}, {peer}" if prior else peer),
@@ -323,10 +376,15 @@ class Http01App:
                 timeout=timeout,
                 skip_auto_headers=_CLIENT_AUTO_HEADERS,
             ) as upstream:
-                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                response = _Relayed(status=upstream.status, reason=upstream.reason)
+                dropped = _not_forwarded(upstream.headers.getall("Connection", []))
                 for key, value in upstream.headers.items():
-                    if key.lower() not in _HOP_BY_HOP:
+                    if key.lower() not in dropped:
                         response.headers.add(key, value)
+                response.backend_sent = frozenset(k.lower() for k in response.headers)
+                if "transfer-encoding" not in upstream.headers:
+                    # The backend's own framing: its body goes on as is, not re-chunked.
+                    response.content_length = upstream.content_length
                 await response.prepare(request)
                 async for chunk in upstream.content.iter_chunked(65536):
                     # A client that stops reading would otherwise hold the backend forever.

@@ -254,6 +254,32 @@ async def test_redirect_for_site_names_stays_on_the_name(port80: Port80) -> None
     assert reply.status == 404 or location.startswith("https://a.test:8443/"), reply
 
 
+@pytest.mark.parametrize(
+    ("target", "path"),
+    [
+        # Escapes and dot segments as sent: decoded, "/%2e%2e/admin" would become "/admin" and
+        # %2F, %3F, %23 would turn into a separator, a query and a fragment.
+        ("/%2e%2e/admin", "/%2e%2e/admin"),
+        ("/a/../b/./c", "/a/../b/./c"),
+        ("/a%2Fb%3Fc%23d?x=%2F&y=%26", "/a%2Fb%3Fc%23d?x=%2F&y=%26"),
+        ("/%7e%7E/p?a=b?c", "/%7e%7E/p?a=b?c"),
+        # Authority-looking paths stay paths on our host.
+        ("//evil.test/x", "//evil.test/x"),
+        ("///evil.test", "///evil.test"),
+        ("/\\evil.test", "/%5Cevil.test"),  # not a URI character: escaped, still a path
+        ("/@evil.test", "/@evil.test"),
+        # Absolute-form: its path and query as sent, never its host.
+        ("http://evil.test/x%2Fy/../z?q=%2F", "/x%2Fy/../z?q=%2F"),
+        ("https://evil.test//other.test/p", "//other.test/p"),
+    ],
+)
+async def test_redirect_keeps_the_target_as_sent(port80: Port80, target: str, path: str) -> None:
+    """The redirect names the resource the client asked for, byte for byte, on the Host's
+    name: never another host."""
+    reply = await get(port80.port, target, "a.test")
+    assert (reply.status, reply.headers.get("location")) == (301, f"https://a.test:8443{path}")
+
+
 async def test_two_host_headers_are_not_answered(port80: Port80) -> None:
     reply = await get(port80.port, PREFIX + TOKEN, "evil.test", extra="Host: a.test\r\n")
     assert refused(reply)
@@ -495,21 +521,33 @@ async def test_forward_raw_backend_times_out(raw_backend: RawBackend) -> None:
         assert len(raw_backend.closed) == 1
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 async def test_forward_backend_stalling_mid_body_cuts_the_connection(
-    raw_backend: RawBackend,
+    raw_backend: RawBackend, chunked: bool
 ) -> None:
     """Headers and part of the body, then nothing: after `idle_timeout` the client's connection
     is closed, so the short body cannot pass for a whole one."""
-    raw_backend.answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello"
+    raw_backend.answer = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        if chunked
+        else b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello"
+    )
     async with forwarding(raw_backend.port, "idle_timeout = 1") as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /x HTTP/1.1\r\nHost: f.test\r\n\r\n")  # keep-alive
         raw = await asyncio.wait_for(reader.read(), 5)  # to EOF: edged closed the connection
         writer.close()
         assert raw.startswith(b"HTTP/1.1 200") and b"hello" in raw, raw
-        # Relayed chunked (Content-Length is the backend's framing): no last chunk came.
-        assert b"transfer-encoding: chunked" in raw.lower(), raw
-        assert not raw.endswith(b"0\r\n\r\n"), raw
+        head, _, body = raw.partition(b"\r\n\r\n")
+        if chunked:
+            # Relayed chunked (aiohttp decoded the backend's chunks): no last chunk came.
+            assert b"transfer-encoding: chunked" in head.lower(), raw
+            assert not raw.endswith(b"0\r\n\r\n"), raw
+        else:
+            # The backend's Content-Length, and fewer bytes than it promises.
+            assert b"content-length: 100" in head.lower(), raw
+            assert b"transfer-encoding" not in head.lower(), raw
+            assert body == b"hello", raw
 
 
 OK_CLOSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
@@ -557,6 +595,101 @@ async def test_forward_sends_only_the_clients_headers(raw_backend: RawBackend) -
     assert "Host: f.test" in head
     assert "X-Forwarded-For: 192.0.2.1, 127.0.0.1" in head
     assert names.count("x-forwarded-for") == 1
+
+
+def header_lines(head: bytes) -> list[tuple[str, str]]:
+    """A message head's header fields as (lowercase name, value), in order."""
+    lines = head.split(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")[1:]
+    return [(k.strip().lower(), v.strip()) for k, _, v in (line.partition(":") for line in lines)]
+
+
+HOP_BY_HOP = ["keep-alive", "proxy-connection", "te", "trailer", "upgrade", "x-hop", "x-hop2"]
+
+
+async def test_forward_drops_hop_by_hop_headers(raw_backend: RawBackend) -> None:
+    """RFC 9110 section 7.6.1: Connection, the fields it names and the standard hop-by-hop
+    fields concern one connection only; neither the backend nor the client gets the other
+    side's (the end-to-end fields go on)."""
+    raw_backend.answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close, X-Hop\r\n"
+        b"connection: x-HOP2\r\nX-Hop: 1\r\nX-Hop2: 2\r\nKeep-Alive: timeout=5\r\n"
+        b"Proxy-Connection: keep-alive\r\nTE: trailers\r\nTrailer: X-T\r\nUpgrade: h2c\r\n"
+        b"X-End: kept\r\n\r\nok"
+    )
+    async with forwarding(raw_backend.port) as port:
+        reply = await raw_request(
+            port,
+            b"GET /p HTTP/1.1\r\nHost: f.test\r\nConnection: close, X-Hop\r\n"
+            b"CONNECTION: x-hop2 , Keep-Alive,X-Forwarded-For\r\nX-Forwarded-For: 192.0.2.1\r\n"
+            b"X-Hop: 1\r\nX-Hop2: 2\r\nKeep-Alive: 5\r\n"
+            b"Proxy-Connection: keep-alive\r\nTE: trailers\r\nTrailer: X-T\r\n"
+            b"Upgrade: h2c\r\nX-End: kept\r\n\r\n",
+        )
+    assert reply.status == 200 and b"ok" in reply.body
+    sent = header_lines(raw_backend.requests[0])
+    names = [name for name, _ in sent]
+    for name in HOP_BY_HOP:
+        assert name not in names, sent
+    # aiohttp's own Connection for its hop only, never the client's tokens.
+    assert all("hop" not in value.lower() for name, value in sent if name == "connection"), sent
+    assert ("x-end", "kept") in sent and ("host", "f.test") in sent
+    # An X-Forwarded-For named in Connection was for our hop: only our own goes on.
+    assert [value for name, value in sent if name == "x-forwarded-for"] == ["127.0.0.1"]
+    for name in HOP_BY_HOP:
+        assert name not in reply.headers, reply.headers
+    assert "hop" not in reply.headers.get("connection", "").lower(), reply.headers
+    assert reply.headers.get("x-end") == "kept"
+
+
+async def forwarded_raw(port: int, request: bytes) -> tuple[list[tuple[str, str]], bytes]:
+    """Send `request` (which asks for Connection: close) to edged; its reply's head fields and
+    body, read to EOF."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        raw = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    assert raw.startswith(b"HTTP/1.1 200 OK\r\n"), raw
+    return header_lines(raw), raw.partition(b"\r\n\r\n")[2]
+
+
+async def test_forward_relays_the_backends_reply_as_sent(raw_backend: RawBackend) -> None:
+    """The client gets the backend's fields and body: its Content-Length (not re-chunked), its
+    own Server and Date, and no Content-Type or Server the backend did not send (aiohttp would
+    add "application/octet-stream" and its own name). A missing Date is added: RFC 9110
+    section 6.6.1 asks that of anything forwarding a reply without one."""
+    get_p = b"GET /p HTTP/1.1\r\nHost: f.test\r\nConnection: close\r\n\r\n"
+    async with forwarding(raw_backend.port) as port:
+        raw_backend.answer = (
+            b"HTTP/1.1 200 OK\r\nServer: backend/1\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\n"
+            b"Content-Length: 5\r\nConnection: close\r\n\r\nhello"
+        )
+        fields, body = await forwarded_raw(port, get_p)
+        assert body == b"hello"
+        assert [(k, v) for k, v in fields if k in ("server", "date", "content-length")] == [
+            ("server", "backend/1"),
+            ("date", "Mon, 01 Jan 2024 00:00:00 GMT"),
+            ("content-length", "5"),
+        ], fields
+        names = [name for name, _ in fields]
+        assert "content-type" not in names and "transfer-encoding" not in names, fields
+
+        raw_backend.answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+        fields, body = await forwarded_raw(port, get_p)
+        names = [name for name, _ in fields]
+        assert body == b"ok" and ("content-length", "2") in fields, fields
+        assert "content-type" not in names and "server" not in names, fields
+        assert names.count("date") == 1, fields
+
+        # HEAD: the length of what a GET would get, and no body.
+        raw_backend.answer = (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 1234\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        fields, body = await forwarded_raw(port, get_p.replace(b"GET", b"HEAD"))
+        assert body == b""
+        assert ("content-length", "1234") in fields and ("content-type", "text/html") in fields
 
 
 @pytest.mark.parametrize(
