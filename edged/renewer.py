@@ -17,7 +17,14 @@ import random
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Sequence,
+)
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
@@ -229,6 +236,7 @@ class Renewer:
         self._expired_log: dict[str, float] = {}
         self._renewal_info: dict[str, str] = {}  # directory URL → renewalInfo base ("" = none)
         self._ari_retry: dict[str, datetime] = {}  # name → next try after a failed ARI fetch
+        self._observed_policy: RenewalPolicy | None = None  # the policy names are planned with
         # Notified after every attempt and every swap of served certificates (see changed()).
         self.changes = asyncio.Condition()
 
@@ -246,6 +254,7 @@ class Renewer:
         self._sites = {s.name: s for s in sites}
         now = datetime.now(UTC)
         policy = self._policy()
+        resumed: set[str] = set()
         for name in self._sites:
             if name in self.states and isinstance(store, RedisStore) and name not in self._running:
                 await self._adopt_newer_shared(name)
@@ -265,19 +274,28 @@ class Renewer:
                 state = replace(state, in_flight=False, next_try=now + LEASE_RECHECK)
             elif policy is not None and not state.is_new:
                 state = renewal.resume(state, policy, now, self.rng)
+                resumed.add(name)
             self.states[name] = state
             await self._save(state)
         for name in list(self.states):
             if name not in self._sites:
                 del self.states[name]
-        self.observe_serving()
+        self.observe_serving(resumed)
         self._wake.set()
 
-    def observe_serving(self) -> None:
-        """After a reload: schedule renewals of the certificates now being served."""
+    def observe_serving(self, resumed: Collection[str] = ()) -> None:
+        """After a reload: schedule renewals of the certificates now being served.
+
+        A name already scheduled for the certificate it serves keeps its next try (configure
+        runs several times at startup and at each reload); names just loaded from the store
+        (`resumed`) and all names after a policy change are planned again, overdue ones of
+        the former spread like any resumed work.
+        """
         policy = self._policy()
         if policy is None:
             return
+        replan = self._observed_policy is not None and policy != self._observed_policy
+        self._observed_policy = policy
         now = datetime.now(UTC)
         for name, state in self.states.items():
             if state.in_flight:
@@ -289,7 +307,11 @@ class Renewer:
                 # partly_covers), so one for them all is due now, as if there were none.
                 self.states[name] = renewal.observe_no_cert(state, now)
             else:
-                self.states[name] = renewal.observe_cert(state, bundle, policy, now, self.rng)
+                again = replan or name in resumed
+                state = renewal.observe_cert(state, bundle, policy, now, self.rng, reschedule=again)
+                if name in resumed:
+                    state = renewal.spread_overdue(state, now, self.rng)
+                self.states[name] = state
 
     def note_shared_state(self, name: str) -> None:
         """Another node (or this one) saved `name`'s state in the shared store."""
