@@ -542,14 +542,18 @@ def record_failure(
     now: datetime,
     error: Mapping[str, object],
     retry_after: datetime | None,
+    *,
+    give_up: bool = False,
 ) -> RenewalState:
     """An attempt failed: retry after retry_interval, or daily once max_attempts are used up.
 
+    `give_up`: the attempt cannot succeed until the operator changes something (e.g. the
+    config), so retrying soon is pointless: FAILED at once, retried daily like any FAILED name.
     `retry_after` (Retry-After, a rate limit's reset) wins over the schedule: no attempt is
     made before it, and an earlier, longer limit is kept.
     """
     attempts = state.attempts + 1
-    if attempts < policy.max_attempts:
+    if attempts < policy.max_attempts and not give_up:
         status, delay = CertStatus.PROCESSING, policy.retry_interval
     else:
         # Attempts keep counting (they are "failures since the last success") but only a

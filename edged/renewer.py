@@ -124,6 +124,32 @@ def build_solver_factory(
     return lambda: Http01Solver(board)
 
 
+class WildcardChallengeError(EdgedError):
+    """A site has a wildcard name but acme.challenge is not dns-01: CAs validate wildcards
+    only over dns-01 (RFC 8555 section 7.1.3), so an order could never succeed."""
+
+    def __init__(self, site: str, wildcard: str, challenge: str) -> None:
+        self.site = site
+        self.wildcard = wildcard
+        self.challenge = challenge
+        super().__init__(
+            f"wildcard {wildcard} of site {site} needs dns-01, but acme.challenge is "
+            f'{challenge}: set acme.challenge = "dns-01" with an [acme.dns] table, or upload '
+            "a certificate for the site (edged upload); no order was sent to the CA"
+        )
+
+
+def check_challenge(site: Site, settings: AcmeSettings) -> None:
+    """WildcardChallengeError when `settings.challenge` cannot validate one of the site's
+    names. Checked per attempt, not by the config parser: a wildcard site may be served from
+    an uploaded certificate, which ACME leaves alone."""
+    if settings.challenge == "dns-01":
+        return
+    for name in site.names:
+        if name.startswith("*."):
+            raise WildcardChallengeError(site.name, name, settings.challenge)
+
+
 def covers_all(bundle: CertBundle, names: Sequence[str]) -> bool:
     """`bundle` covers each of the site's `names` (normalised, as configured)."""
     return all(any(covers(pattern, name) for pattern in bundle.names) for name in names)
@@ -545,14 +571,15 @@ class Renewer:
         self.states[name] = state
         await self._save(state)
         log.info("renewal attempt name=%s attempt=%d", name, state.attempts + 1)
-        if before.is_new and config.acme.preflight:
-            await self._preflight(config, site, store)
         # `replaces` only where the CA speaks ARI (RFC 9773 section 5); others may reject it.
         replaces = state.replaces if self._renewal_info.get(config.acme.directory) else ""
         # Cancelled (a second SIGTERM), the order's thread must not keep the process alive
         # until the CA is done: it gives up at its next wait.
         cancel = threading.Event()
         try:
+            check_challenge(site, config.acme)  # before the CA: such an order only fails
+            if before.is_new and config.acme.preflight:
+                await self._preflight(config, site, store)
             new_solver = build_solver_factory(config.acme, self.board, self.alpn_board, cancel)
             issued = await _cancellable(
                 cancel,
@@ -576,6 +603,9 @@ class Renewer:
             )
             await self.on_installed(name)
             _check_served(name, bundle, self.serving(name))  # before the attempt counts as done
+        except WildcardChallengeError as exc:
+            # Only a config change or an upload fixes it: FAILED (and said loudly) at once.
+            after = self._record_failure(name, policy, exc, give_up=True)
         except EdgedError as exc:
             after = self._record_failure(name, policy, exc)
         except Exception as exc:
@@ -597,11 +627,13 @@ class Renewer:
         await self.changed()
         self._notify(found, tg)
 
-    def _record_failure(self, name: str, policy: RenewalPolicy, exc: Exception) -> RenewalState:
+    def _record_failure(
+        self, name: str, policy: RenewalPolicy, exc: Exception, *, give_up: bool = False
+    ) -> RenewalState:
         """The failed attempt's state: the CA's problem document or the error's text."""
         error, retry_after = _error_of(exc)
         after = renewal.record_failure(
-            self.states[name], policy, datetime.now(UTC), error, retry_after
+            self.states[name], policy, datetime.now(UTC), error, retry_after, give_up=give_up
         )
         self.counters.renewal_attempts[name, "failure"] += 1
         log.error(

@@ -324,6 +324,35 @@ async def test_restart_spreads_overdue_active_certificates(pebble: Pebble, tmp_p
             assert times[-1] - times[0] > timedelta(seconds=5), f"not spread: {times}"
 
 
+async def test_a_wildcard_under_http_01_fails_at_once_without_an_order(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    """CAs validate wildcards only over dns-01: under http-01 every attempt created an order,
+    failed when the CA offered only dns-01, and was retried 5 times. Now the attempt fails
+    before the CA is asked, FAILED at once, with the fix named, and `edged status` says so."""
+    admin = f"127.0.0.1:{free_port()}"
+    async with run_backend() as backend:
+        site = f'[[site]]\nnames = ["{NAME}", "*.{NAME}"]\nbackend = "{backend.address}"\n'
+        body = acme_table(pebble.directory, pebble.listener_ca) + site
+        async with run_edged(tmp_path, body, http=(pebble.http_port,), admin=admin) as edged:
+            renewer = edged.daemon.renewer
+            attempts = edged.daemon.counters.renewal_attempts
+            await wait_for(lambda: attempts[NAME, "failure"] >= 1, what="the failed attempt")
+            state = renewer.states[NAME]
+            assert state.status is CertStatus.FAILED and state.attempts == 1
+            assert state.next_try is not None
+            assert state.next_try - datetime.now(UTC) > timedelta(hours=23)  # daily
+            error = str(state.last_error)
+            for part in (NAME, f"*.{NAME}", 'acme.challenge = "dns-01"', "[acme.dns]", "upload"):
+                assert part in error, part
+            assert pebble.count(ORDER) == 0
+            out = await run_cmd(EDGED, "status", "--json", "--config", str(edged.config_path))
+            assert out.returncode == 0, out.stderr
+            (cert,) = (c for c in json.loads(out.stdout)["certs"] if c["name"] == NAME)
+            assert cert["state"] == "failed" and f"*.{NAME}" in str(cert["last_error"])
+            assert "dns-01" in str(cert["last_error"])
+
+
 # --- 2. kill -9 in the middle of an order ------------------------------------------------------
 
 

@@ -457,6 +457,19 @@ def test_observe_cert_without_aki_has_nothing_to_replace() -> None:
     assert state.status is CertStatus.ACTIVE
 
 
+def test_record_failure_gives_up_at_once_when_told() -> None:
+    # An attempt that cannot succeed until the operator acts: FAILED after one attempt,
+    # retried daily, a rate limit still kept.
+    state = begin_attempt(RenewalState.new("a.example.test"), NOW)
+    failed = record_failure(state, POLICY, NOW, ERROR, NOW + 2 * DAY, give_up=True)
+    assert failed.status is CertStatus.FAILED and failed.attempts == 1
+    assert failed.next_try == NOW + 2 * DAY and failed.not_before_retry == NOW + 2 * DAY
+    failed = record_failure(state, POLICY, NOW, ERROR, None, give_up=True)
+    assert failed.next_try == NOW + timedelta(seconds=POLICY.failed_retry_interval)
+    assert failed.last_error == ERROR and not failed.in_flight
+    assert [n.event for n in notices(state, failed, None, NOW, None)] == ["failed"]
+
+
 def test_observe_cert_keeps_the_spread_of_an_overdue_active_certificate() -> None:
     # A restart spreads overdue work over 5 minutes; the daemon then observes the certificates
     # it serves, more than once. Observing the certificate the state is already scheduled for
