@@ -542,14 +542,18 @@ def record_failure(
     now: datetime,
     error: Mapping[str, object],
     retry_after: datetime | None,
+    *,
+    give_up: bool = False,
 ) -> RenewalState:
     """An attempt failed: retry after retry_interval, or daily once max_attempts are used up.
 
+    `give_up`: the attempt cannot succeed until the operator changes something (e.g. the
+    config), so retrying soon is pointless: FAILED at once, retried daily like any FAILED name.
     `retry_after` (Retry-After, a rate limit's reset) wins over the schedule: no attempt is
     made before it, and an earlier, longer limit is kept.
     """
     attempts = state.attempts + 1
-    if attempts < policy.max_attempts:
+    if attempts < policy.max_attempts and not give_up:
         status, delay = CertStatus.PROCESSING, policy.retry_interval
     else:
         # Attempts keep counting (they are "failures since the last success") but only a
@@ -602,12 +606,17 @@ def observe_cert(
     policy: RenewalPolicy,
     now: datetime,
     rng: random.Random,
+    *,
+    reschedule: bool = False,
 ) -> RenewalState:
     """A certificate for the name was loaded at startup or installed by another node.
 
-    ACTIVE and new states are (re)scheduled for it; PROCESSING and FAILED keep their retry
-    pacing (a running outage is not hidden by a reload). The ARI id to replace always follows
-    the certificate, and a window for another certificate is dropped.
+    New states, and ACTIVE ones whose certificate changed, are (re)scheduled for it; an ACTIVE
+    state already scheduled for this very certificate keeps its next try (a restart's spread,
+    an ARI pick) unless `reschedule` (the policy changed): seeing the same certificate again
+    is no news, and re-planning would make overdue work due at once. PROCESSING and FAILED
+    keep their retry pacing (a running outage is not hidden by a reload). The ARI id to
+    replace always follows the certificate, and a window for another certificate is dropped.
     """
     cert_id = _cert_id_or_empty(bundle)
     ari = state.ari
@@ -616,8 +625,25 @@ def observe_cert(
     seen = replace(state, ari=ari, replaces=cert_id)
     if not (state.status is CertStatus.ACTIVE or state.is_new):
         return seen
+    if not reschedule and ari is state.ari and _scheduled_for(state, cert_id):
+        return seen
     seen = replace(seen, status=CertStatus.ACTIVE)
     return _scheduled(seen, next_renewal(bundle, seen, policy, now, rng))
+
+
+def _scheduled_for(state: RenewalState, cert_id: str) -> bool:
+    """True when `state` is ACTIVE with a next try planned for the certificate `cert_id`.
+
+    `replaces` is the ARI id of the certificate the state last saw (observe_cert and
+    record_success set it); a certificate without one ("") cannot be recognised, so it is
+    planned again as before.
+    """
+    return (
+        state.status is CertStatus.ACTIVE
+        and state.next_try is not None
+        and cert_id != ""
+        and state.replaces == cert_id
+    )
 
 
 def observe_no_cert(state: RenewalState, now: datetime) -> RenewalState:
@@ -681,8 +707,15 @@ def resume(
     if state.in_flight:
         state = record_failure(state, policy, now, {"message": INTERRUPTED}, None)
     state = replace(state, not_before_retry=_future(state.not_before_retry, now))
+    return spread_overdue(state, now, rng, spread)
+
+
+def spread_overdue(
+    state: RenewalState, now: datetime, rng: random.Random, spread: timedelta = RESUME_SPREAD
+) -> RenewalState:
+    """Work due by `now` moved to now + a uniform delay in [0, spread] (see resume)."""
     if state.next_try is None or state.next_try <= now:
-        state = _scheduled(state, now + spread * rng.random())
+        return _scheduled(state, now + spread * rng.random())
     return state
 
 

@@ -15,14 +15,23 @@ import json
 import logging
 import random
 import socket
+import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Sequence,
+)
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import aiohttp
+import certifi
 import requests
 
 from edged import renewal
@@ -51,6 +60,10 @@ MIN_SLEEP = 0.5  # and never more often than this: a state that stays due cannot
 CONCURRENT_ORDERS = 4
 WEBHOOK_ATTEMPTS = 5
 ARI_RETRY = timedelta(hours=1)
+# ARI checks run beside the loop, this many requests at a time, each given this long: a slow
+# or hanging renewalInfo endpoint delays only other ARI checks, never an attempt.
+ARI_CONCURRENCY = 8
+ARI_TIMEOUT = 10.0
 LEASE_RECHECK = timedelta(seconds=5)
 LEASE_EXTENSIONS = 3  # the holder extends its lease this many times per TTL
 
@@ -111,6 +124,32 @@ def build_solver_factory(
     return lambda: Http01Solver(board)
 
 
+class WildcardChallengeError(EdgedError):
+    """A site has a wildcard name but acme.challenge is not dns-01: CAs validate wildcards
+    only over dns-01 (RFC 8555 section 7.1.3), so an order could never succeed."""
+
+    def __init__(self, site: str, wildcard: str, challenge: str) -> None:
+        self.site = site
+        self.wildcard = wildcard
+        self.challenge = challenge
+        super().__init__(
+            f"wildcard {wildcard} of site {site} needs dns-01, but acme.challenge is "
+            f'{challenge}: set acme.challenge = "dns-01" with an [acme.dns] table, or upload '
+            "a certificate for the site (edged upload); no order was sent to the CA"
+        )
+
+
+def check_challenge(site: Site, settings: AcmeSettings) -> None:
+    """WildcardChallengeError when `settings.challenge` cannot validate one of the site's
+    names. Checked per attempt, not by the config parser: a wildcard site may be served from
+    an uploaded certificate, which ACME leaves alone."""
+    if settings.challenge == "dns-01":
+        return
+    for name in site.names:
+        if name.startswith("*."):
+            raise WildcardChallengeError(site.name, name, settings.challenge)
+
+
 def covers_all(bundle: CertBundle, names: Sequence[str]) -> bool:
     """`bundle` covers each of the site's `names` (normalised, as configured)."""
     return all(any(covers(pattern, name) for pattern in bundle.names) for name in names)
@@ -159,17 +198,41 @@ def fetch_directory(
         return response.json()
 
 
-def fetch_renewal_info(
-    settings: AcmeSettings, base_url: str, bundle: CertBundle, now: datetime
-) -> renewal.AriInfo:
-    """Blocking: GET renewalInfo/<cert id> (RFC 9773 section 4.1) and parse it."""
-    cert_id = renewal.ari_cert_id(bundle.leaf)
-    verify: bool | str = str(settings.ca_bundle) if settings.ca_bundle else True
-    response = requests.get(f"{base_url.rstrip('/')}/{cert_id}", verify=verify, timeout=30)
-    response.raise_for_status()
-    return renewal.parse_renewal_info(
-        response.content, response.headers.get("Retry-After"), now, cert_id=cert_id
+def build_ari_session(settings: AcmeSettings) -> aiohttp.ClientSession:
+    """An HTTP session for the CA's directory and renewalInfo: the CA bundle `requests` would
+    use (acme.ca_bundle, else certifi's), the proxy environment honoured like `requests` does,
+    and ARI_TIMEOUT on each request in total (a CA that trickles bytes cannot hold it).
+    OSError or ssl.SSLError when acme.ca_bundle is unreadable."""
+    cafile = str(settings.ca_bundle) if settings.ca_bundle else certifi.where()
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=cafile)),
+        timeout=aiohttp.ClientTimeout(total=ARI_TIMEOUT),
+        headers={"User-Agent": USER_AGENT},
+        trust_env=True,
     )
+
+
+async def fetch_renewal_base(session: aiohttp.ClientSession, directory: str) -> str:
+    """The directory's `renewalInfo` URL, "" when the CA has none. aiohttp.ClientError (a
+    non-2xx answer too), TimeoutError, ValueError for a body that is not JSON."""
+    async with session.get(directory) as response:
+        response.raise_for_status()
+        data = json.loads(await response.read())
+    found = data.get("renewalInfo") if isinstance(data, dict) else None
+    return found if isinstance(found, str) else ""
+
+
+async def fetch_renewal_info(
+    session: aiohttp.ClientSession, base_url: str, bundle: CertBundle, now: datetime
+) -> renewal.AriInfo:
+    """GET renewalInfo/<cert id> (RFC 9773 section 4.1) and parse it. aiohttp.ClientError (a
+    non-2xx answer too), TimeoutError, AriError."""
+    cert_id = renewal.ari_cert_id(bundle.leaf)
+    async with session.get(f"{base_url.rstrip('/')}/{cert_id}") as response:
+        response.raise_for_status()
+        body = await response.read()
+        retry_after = response.headers.get("Retry-After")
+    return renewal.parse_renewal_info(body, retry_after, now, cert_id=cert_id)
 
 
 def _error_of(exc: Exception) -> tuple[dict[str, object], datetime | None]:
@@ -190,6 +253,16 @@ def _check_served(name: str, new: CertBundle, served: CertBundle | None) -> None
             "the new certificate was stored but the daemon refused to serve it (the reload "
             "error is logged above); the previous certificate keeps serving",
         )
+
+
+async def _wait_any(events: Iterable[asyncio.Event], seconds: float) -> None:
+    """Until one of `events` is set or `seconds` passed."""
+    waiters = {asyncio.ensure_future(event.wait()) for event in events}
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 @dataclass
@@ -229,6 +302,8 @@ class Renewer:
         self._expired_log: dict[str, float] = {}
         self._renewal_info: dict[str, str] = {}  # directory URL → renewalInfo base ("" = none)
         self._ari_retry: dict[str, datetime] = {}  # name → next try after a failed ARI fetch
+        self._ari_wake = asyncio.Event()  # a certificate changed: its ARI check is due
+        self._observed_policy: RenewalPolicy | None = None  # the policy names are planned with
         # Notified after every attempt and every swap of served certificates (see changed()).
         self.changes = asyncio.Condition()
 
@@ -246,6 +321,7 @@ class Renewer:
         self._sites = {s.name: s for s in sites}
         now = datetime.now(UTC)
         policy = self._policy()
+        resumed: set[str] = set()
         for name in self._sites:
             if name in self.states and isinstance(store, RedisStore) and name not in self._running:
                 await self._adopt_newer_shared(name)
@@ -265,19 +341,29 @@ class Renewer:
                 state = replace(state, in_flight=False, next_try=now + LEASE_RECHECK)
             elif policy is not None and not state.is_new:
                 state = renewal.resume(state, policy, now, self.rng)
+                resumed.add(name)
             self.states[name] = state
             await self._save(state)
         for name in list(self.states):
             if name not in self._sites:
                 del self.states[name]
-        self.observe_serving()
+        self.observe_serving(resumed)
         self._wake.set()
+        self._ari_wake.set()
 
-    def observe_serving(self) -> None:
-        """After a reload: schedule renewals of the certificates now being served."""
+    def observe_serving(self, resumed: Collection[str] = ()) -> None:
+        """After a reload: schedule renewals of the certificates now being served.
+
+        A name already scheduled for the certificate it serves keeps its next try (configure
+        runs several times at startup and at each reload); names just loaded from the store
+        (`resumed`) and all names after a policy change are planned again, overdue ones of
+        the former spread like any resumed work.
+        """
         policy = self._policy()
         if policy is None:
             return
+        replan = self._observed_policy is not None and policy != self._observed_policy
+        self._observed_policy = policy
         now = datetime.now(UTC)
         for name, state in self.states.items():
             if state.in_flight:
@@ -289,7 +375,11 @@ class Renewer:
                 # partly_covers), so one for them all is due now, as if there were none.
                 self.states[name] = renewal.observe_no_cert(state, now)
             else:
-                self.states[name] = renewal.observe_cert(state, bundle, policy, now, self.rng)
+                again = replan or name in resumed
+                state = renewal.observe_cert(state, bundle, policy, now, self.rng, reschedule=again)
+                if name in resumed:
+                    state = renewal.spread_overdue(state, now, self.rng)
+                self.states[name] = state
 
     def note_shared_state(self, name: str) -> None:
         """Another node (or this one) saved `name`'s state in the shared store."""
@@ -346,6 +436,8 @@ class Renewer:
     async def run(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tg:
             limit = asyncio.Semaphore(CONCURRENT_ORDERS)
+            # ARI in its own task: the loop only reads its results (the states it updates).
+            ari = tg.create_task(self._run_ari(stop))
             while not stop.is_set():
                 self._wake.clear()
                 if self._shared_changed:
@@ -357,18 +449,13 @@ class Renewer:
                     self._running.add(name)
                     tg.create_task(self._attempt(name, limit, tg))
                 await self._check_expiry(now, tg)
-                await self._refresh_ari(now)
                 await self._sleep_until_due(stop)
+            ari.cancel()  # a check in progress is of no use any more
 
     async def _sleep_until_due(self, stop: asyncio.Event) -> None:
         idle = (s for n, s in self.states.items() if n not in self._running)
         wait = renewal.seconds_until_due(idle, datetime.now(UTC), MIN_SLEEP, MAX_SLEEP)
-        waiters = {asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())}
-        try:
-            await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
+        await _wait_any((self._wake, stop), wait)
 
     async def _attempt(self, name: str, limit: asyncio.Semaphore, tg: asyncio.TaskGroup) -> None:
         try:
@@ -383,6 +470,7 @@ class Renewer:
                 log.exception("renewal state not recorded name=%s", name)
         finally:
             self._running.discard(name)
+            self._ari_wake.set()  # a new certificate's window is worth asking for soon
             if name in self._forced_while_running:
                 self._forced_while_running.discard(name)
                 state = self.states.get(name)
@@ -483,14 +571,15 @@ class Renewer:
         self.states[name] = state
         await self._save(state)
         log.info("renewal attempt name=%s attempt=%d", name, state.attempts + 1)
-        if before.is_new and config.acme.preflight:
-            await self._preflight(config, site, store)
         # `replaces` only where the CA speaks ARI (RFC 9773 section 5); others may reject it.
         replaces = state.replaces if self._renewal_info.get(config.acme.directory) else ""
         # Cancelled (a second SIGTERM), the order's thread must not keep the process alive
         # until the CA is done: it gives up at its next wait.
         cancel = threading.Event()
         try:
+            check_challenge(site, config.acme)  # before the CA: such an order only fails
+            if before.is_new and config.acme.preflight:
+                await self._preflight(config, site, store)
             new_solver = build_solver_factory(config.acme, self.board, self.alpn_board, cancel)
             issued = await _cancellable(
                 cancel,
@@ -514,6 +603,9 @@ class Renewer:
             )
             await self.on_installed(name)
             _check_served(name, bundle, self.serving(name))  # before the attempt counts as done
+        except WildcardChallengeError as exc:
+            # Only a config change or an upload fixes it: FAILED (and said loudly) at once.
+            after = self._record_failure(name, policy, exc, give_up=True)
         except EdgedError as exc:
             after = self._record_failure(name, policy, exc)
         except Exception as exc:
@@ -535,11 +627,13 @@ class Renewer:
         await self.changed()
         self._notify(found, tg)
 
-    def _record_failure(self, name: str, policy: RenewalPolicy, exc: Exception) -> RenewalState:
+    def _record_failure(
+        self, name: str, policy: RenewalPolicy, exc: Exception, *, give_up: bool = False
+    ) -> RenewalState:
         """The failed attempt's state: the CA's problem document or the error's text."""
         error, retry_after = _error_of(exc)
         after = renewal.record_failure(
-            self.states[name], policy, datetime.now(UTC), error, retry_after
+            self.states[name], policy, datetime.now(UTC), error, retry_after, give_up=give_up
         )
         self.counters.renewal_attempts[name, "failure"] += 1
         log.error(
@@ -592,29 +686,56 @@ class Renewer:
                 await self._save(after)  # a restart must not repeat the notice
                 self._notify(found, tg)
 
+    async def _run_ari(self, stop: asyncio.Event) -> None:
+        """ARI checks (RFC 9773), round after round, until `stop`; the run loop cancels it."""
+        while not stop.is_set():
+            self._ari_wake.clear()
+            try:
+                await self._refresh_ari(datetime.now(UTC))
+            except Exception:
+                # Must not end the renewal loop (and the daemon with it): ARI is optional.
+                log.exception("ari checks failed unexpectedly")
+            await _wait_any((self._ari_wake, stop), MAX_SLEEP)
+
     async def _refresh_ari(self, now: datetime) -> None:
-        """Ask the CA (RFC 9773) when to renew; its window replaces the schedule. Failures only
-        delay the next ARI check: the schedule still applies."""
+        """Ask the CA when to renew each certificate whose check is due, ARI_CONCURRENCY at a
+        time; its window replaces the schedule. Failures only delay the next ARI check: the
+        schedule still applies."""
         config, policy = self.config, self._policy()
         if config is None or config.acme is None or policy is None:
             return
         acme = config.acme
-        base = self._renewal_info.get(acme.directory)
-        if base is None:
-            try:
-                directory = await asyncio.to_thread(fetch_directory, acme)
-            except (requests.RequestException, ValueError) as exc:
-                log.warning("acme directory unreadable (ARI check skipped) error=%s", exc)
-                return
-            except Exception:  # must not end the loop: ARI is optional
-                log.exception("acme directory unreadable (ARI check skipped)")
-                return
-            found = directory.get("renewalInfo") if isinstance(directory, dict) else None
-            base = found if isinstance(found, str) else ""
-            self._renewal_info[acme.directory] = base
-        if not base:
+        try:
+            session = build_ari_session(acme)
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("acme.ca_bundle unreadable (ARI check skipped) error=%s", exc)
             return
-        for name, state in list(self.states.items()):
+        async with session:
+            base = await self._renewal_base(session, acme.directory)
+            if not base:
+                return
+            limit = asyncio.Semaphore(ARI_CONCURRENCY)
+            async with asyncio.TaskGroup() as checks:
+                for name, bundle in self._ari_due(now):
+                    checks.create_task(self._check_ari(session, limit, base, name, bundle))
+
+    async def _renewal_base(self, session: aiohttp.ClientSession, directory: str) -> str:
+        """The CA's renewalInfo URL ("" = no ARI), read from its directory once."""
+        base = self._renewal_info.get(directory)
+        if base is not None:
+            return base
+        try:
+            base = await fetch_renewal_base(session, directory)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.warning("acme directory unreadable (ARI check skipped) error=%s", exc)
+            return ""
+        self._renewal_info[directory] = base
+        return base
+
+    def _ari_due(self, now: datetime) -> list[tuple[str, CertBundle]]:
+        """The names whose served certificate's renewal info should be fetched now."""
+        due = []
+        for name, state in self.states.items():
             bundle = self.serving(name)
             retry = self._ari_retry.get(name)
             if (
@@ -625,30 +746,60 @@ class Renewer:
                 or (retry is not None and now < retry)
             ):
                 continue
+            due.append((name, bundle))
+        return due
+
+    async def _check_ari(
+        self,
+        session: aiohttp.ClientSession,
+        limit: asyncio.Semaphore,
+        base: str,
+        name: str,
+        bundle: CertBundle,
+    ) -> None:
+        async with limit:
+            now = datetime.now(UTC)
             try:
-                info = await asyncio.to_thread(fetch_renewal_info, acme, base, bundle, now)
-            except (requests.RequestException, renewal.AriError, EdgedError) as exc:
+                info = await fetch_renewal_info(session, base, bundle, now)
+            except (aiohttp.ClientError, TimeoutError, EdgedError) as exc:
                 self._ari_retry[name] = now + ARI_RETRY
-                log.warning("ari check failed name=%s error=%s", name, exc)
-                continue
+                log.warning("ari check failed name=%s error=%s", name, exc or type(exc).__name__)
+                return
             except Exception:
-                # A CA's answer nothing foresaw must not end the loop (and the daemon with it):
-                # the schedule still applies, ARI is asked again later.
+                # A CA's answer nothing foresaw must not end the other checks: the schedule
+                # still applies, ARI is asked again later.
                 self._ari_retry[name] = now + ARI_RETRY
                 log.exception("ari check failed unexpectedly name=%s", name)
-                continue
-            self._ari_retry.pop(name, None)
-            updated = renewal.record_ari(self.states[name], bundle, policy, now, self.rng, info)
-            if updated != self.states[name]:
-                self.states[name] = updated
-                await self._save(updated)
-                log.info(
-                    "ari window name=%s start=%s end=%s next_try=%s",
-                    name,
-                    info.start.isoformat(),
-                    info.end.isoformat(),
-                    updated.next_try.isoformat() if updated.next_try else "-",
-                )
+                return
+        self._ari_retry.pop(name, None)
+        await self._record_ari(name, bundle, info)
+
+    async def _record_ari(self, name: str, bundle: CertBundle, info: renewal.AriInfo) -> None:
+        """Apply a window fetched for `bundle`, unless the name moved on while it was asked
+        for (an attempt started, another certificate serves, the site is gone)."""
+        state, policy, serving = self.states.get(name), self._policy(), self.serving(name)
+        if (
+            state is None
+            or policy is None
+            or name in self._running
+            or state.status is not CertStatus.ACTIVE
+            or serving is None
+            or serving.fingerprint != bundle.fingerprint
+        ):
+            return
+        updated = renewal.record_ari(state, bundle, policy, datetime.now(UTC), self.rng, info)
+        if updated == state:
+            return
+        self.states[name] = updated
+        self._wake.set()  # the loop's sleep was computed from the old next try
+        await self._save(updated)
+        log.info(
+            "ari window name=%s start=%s end=%s next_try=%s",
+            name,
+            info.start.isoformat(),
+            info.end.isoformat(),
+            updated.next_try.isoformat() if updated.next_try else "-",
+        )
 
     # --- notifications ------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ class AriServer:
     retry_after: str = "3600"
     ari_requests: list[str] = field(default_factory=list)
     orders: list[dict[str, object]] = field(default_factory=list)
+    # Set: renewalInfo answers only once it is released (a hanging endpoint).
+    ari_hold: asyncio.Event | None = None
 
 
 def pebble_directory(pebble: Pebble) -> dict[str, object]:
@@ -56,6 +59,8 @@ async def ari_server(pebble: Pebble, tmp_path: Path) -> AsyncIterator[AriServer]
 
     async def renewal_info(request: web.Request) -> web.Response:
         server.ari_requests.append(request.match_info["id"])
+        if server.ari_hold is not None:
+            await server.ari_hold.wait()
         start, end = server.window
         body = {"suggestedWindow": {"start": start.isoformat(), "end": end.isoformat()}}
         return web.json_response(body, headers={"Retry-After": server.retry_after})
@@ -149,3 +154,31 @@ async def test_absurd_retry_after_is_clamped_and_the_loop_survives(
             assert state.ari.next_check - datetime.now(UTC) <= timedelta(hours=24)
             renewer.force("shop.test")  # the loop still runs: it starts the forced attempt
             await wait_for(lambda: len(ari.orders) >= 1)
+
+
+async def test_a_hanging_renewal_info_does_not_delay_a_forced_renewal(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    """ARI checks ran inside the renewal loop, one name at a time with a 30 s timeout: while
+    renewalInfo hung, a forced renewal (`edged renew`) waited for it. Now they run beside the
+    loop: the forced order starts while the check still hangs."""
+    async with run_backend() as backend, ari_server(pebble, tmp_path) as ari:
+        body = acme_body(pebble, backend.port)
+        async with run_edged(tmp_path, body, http=(pebble.http_port,)) as edged:
+            await wait_for(lambda: edged.daemon.serving("shop.test") is not None)
+        (tmp_path / "store" / "state" / "shop.test.json").unlink()
+        ari.ari_hold = asyncio.Event()
+        try:
+            async with run_edged(
+                tmp_path, with_directory(body, pebble, ari), http=(pebble.http_port,)
+            ) as edged:
+                renewer = edged.daemon.renewer
+                await wait_for(lambda: len(ari.ari_requests) >= 1)  # the check now hangs
+                started = time.monotonic()
+                renewer.force("shop.test")
+                await wait_for(lambda: len(ari.orders) >= 1)
+                assert time.monotonic() - started < 3.0
+                assert not ari.ari_hold.is_set()  # the renewalInfo answer is still pending
+                assert renewer.states["shop.test"].ari is None
+        finally:
+            ari.ari_hold.set()

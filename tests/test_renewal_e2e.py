@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from edged.certs import parse_bundle
 from edged.config import load_config
-from edged.renewal import INTERRUPTED, CertStatus
+from edged.renewal import INTERRUPTED, CertStatus, ari_cert_id
 from edged.sources import load_site_certs
 from edged.store.base import PemPair, StoredCert
 from edged.store.files import FileStore
@@ -276,6 +276,81 @@ async def test_a_certificate_the_daemon_does_not_serve_is_a_failed_attempt(
             assert renewer.fallback_active(NAME)
             served = daemon.serving(NAME)
             assert served is not None and served.fingerprint == old.fingerprint
+
+
+async def test_restart_spreads_overdue_active_certificates(pebble: Pebble, tmp_path: Path) -> None:
+    """After a restart, ACTIVE names whose renewal is overdue are spread over 5 minutes like
+    any resumed work. Observing their certificates (configure runs more than once at startup)
+    used to make them all due at once again: every one started an order in the first second."""
+    names = [f"s{i}.shop.test" for i in range(5)]
+    ca = make_ca("Old CA")
+    inter = make_intermediate(ca, "Old Intermediate")
+    now = datetime.now(UTC)
+    store = FileStore(tmp_path / "store")
+    for name in names:
+        # 40 days of lifetime, 10 left: overdue with renew_before_days = 30.
+        leaf = make_leaf(
+            inter, [name], not_before=now - timedelta(days=30), not_after=now + timedelta(days=10)
+        )
+        pair = PemPair("ecdsa-p256", fullchain(leaf, inter), leaf.key_pem)
+        store.save(StoredCert(name, (name,), (pair,), "acme", time.time()))
+        state = {
+            "name": name,
+            "status": "active",
+            "last_success": (now - timedelta(days=30)).isoformat(),
+            "next_try": (now - timedelta(days=1)).isoformat(),
+            "replaces": ari_cert_id(leaf.cert),
+        }
+        store.save_state(name, state)
+    async with run_backend() as backend:
+        sites = "".join(
+            f'[[site]]\nnames = ["{name}"]\nbackend = "{backend.address}"\n' for name in names
+        )
+        body = acme_table(pebble.directory, pebble.listener_ca) + sites
+        started = datetime.now(UTC)
+        async with run_edged(tmp_path, body, http=(pebble.http_port,)) as edged:
+            renewer = edged.daemon.renewer
+            await wait_for(lambda: all(n in renewer.states for n in names), what="states loaded")
+            # Every configure of the startup is done by then, and work due at once has started.
+            await asyncio.sleep(2.0)
+            states = [renewer.states[n] for n in names]
+            begun = [s.name for s in states if s.last_attempt is not None]
+            # A spread start falls in the first 2 s for 1/150 of the names.
+            assert len(begun) <= 1, f"orders started at once: {begun}"
+            waiting = [s.next_try for s in states if s.last_attempt is None]
+            assert all(t is not None for t in waiting)
+            times = sorted(t for t in waiting if t is not None)
+            assert started < times[0] and times[-1] <= started + timedelta(minutes=5, seconds=5)
+            assert times[-1] - times[0] > timedelta(seconds=5), f"not spread: {times}"
+
+
+async def test_a_wildcard_under_http_01_fails_at_once_without_an_order(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    """CAs validate wildcards only over dns-01: under http-01 every attempt created an order,
+    failed when the CA offered only dns-01, and was retried 5 times. Now the attempt fails
+    before the CA is asked, FAILED at once, with the fix named, and `edged status` says so."""
+    admin = f"127.0.0.1:{free_port()}"
+    async with run_backend() as backend:
+        site = f'[[site]]\nnames = ["{NAME}", "*.{NAME}"]\nbackend = "{backend.address}"\n'
+        body = acme_table(pebble.directory, pebble.listener_ca) + site
+        async with run_edged(tmp_path, body, http=(pebble.http_port,), admin=admin) as edged:
+            renewer = edged.daemon.renewer
+            attempts = edged.daemon.counters.renewal_attempts
+            await wait_for(lambda: attempts[NAME, "failure"] >= 1, what="the failed attempt")
+            state = renewer.states[NAME]
+            assert state.status is CertStatus.FAILED and state.attempts == 1
+            assert state.next_try is not None
+            assert state.next_try - datetime.now(UTC) > timedelta(hours=23)  # daily
+            error = str(state.last_error)
+            for part in (NAME, f"*.{NAME}", 'acme.challenge = "dns-01"', "[acme.dns]", "upload"):
+                assert part in error, part
+            assert pebble.count(ORDER) == 0
+            out = await run_cmd(EDGED, "status", "--json", "--config", str(edged.config_path))
+            assert out.returncode == 0, out.stderr
+            (cert,) = (c for c in json.loads(out.stdout)["certs"] if c["name"] == NAME)
+            assert cert["state"] == "failed" and f"*.{NAME}" in str(cert["last_error"])
+            assert "dns-01" in str(cert["last_error"])
 
 
 # --- 2. kill -9 in the middle of an order ------------------------------------------------------

@@ -52,6 +52,7 @@ from edged.renewal import (
     renewal_deadline,
     resume,
     seconds_until_due,
+    spread_overdue,
 )
 from tests.pki import Issued, make_ca, make_leaf
 
@@ -442,7 +443,8 @@ def test_observe_cert_drops_the_window_of_another_certificate() -> None:
     old = replace(active_state(bundle), ari=ari_window(NOW, NOW + DAY, "b3RoZXI.AQ"))
     assert observe_cert(old, bundle, POLICY, NOW, rng()).ari is None
     own = ari_window(NOW + 50 * DAY, NOW + 51 * DAY, ari_cert_id(bundle.leaf))
-    kept = observe_cert(replace(old, ari=own), bundle, POLICY, NOW, rng())
+    # Not yet scheduled for this certificate (an ACTIVE state that is, keeps its next try).
+    kept = observe_cert(replace(old, ari=own, replaces=""), bundle, POLICY, NOW, rng())
     assert kept.ari == own
     assert kept.next_try is not None and own.start <= kept.next_try < own.end
 
@@ -453,6 +455,75 @@ def test_observe_cert_without_aki_has_nothing_to_replace() -> None:
     state = observe_cert(RenewalState.new("a.example.test"), bundle, POLICY, NOW, rng())
     assert state.replaces == ""
     assert state.status is CertStatus.ACTIVE
+
+
+def test_record_failure_gives_up_at_once_when_told() -> None:
+    # An attempt that cannot succeed until the operator acts: FAILED after one attempt,
+    # retried daily, a rate limit still kept.
+    state = begin_attempt(RenewalState.new("a.example.test"), NOW)
+    failed = record_failure(state, POLICY, NOW, ERROR, NOW + 2 * DAY, give_up=True)
+    assert failed.status is CertStatus.FAILED and failed.attempts == 1
+    assert failed.next_try == NOW + 2 * DAY and failed.not_before_retry == NOW + 2 * DAY
+    failed = record_failure(state, POLICY, NOW, ERROR, None, give_up=True)
+    assert failed.next_try == NOW + timedelta(seconds=POLICY.failed_retry_interval)
+    assert failed.last_error == ERROR and not failed.in_flight
+    assert [n.event for n in notices(state, failed, None, NOW, None)] == ["failed"]
+
+
+def test_observe_cert_keeps_the_spread_of_an_overdue_active_certificate() -> None:
+    # A restart spreads overdue work over 5 minutes; the daemon then observes the certificates
+    # it serves, more than once. Observing the certificate the state is already scheduled for
+    # must not make the work due at once again.
+    bundle = cached_bundle(90)
+    later = NOW + 80 * DAY  # past the renewal time: overdue
+    for seed in range(20):
+        spread = resume(active_state(bundle), POLICY, later, rng(seed))
+        assert spread.next_try is not None and later < spread.next_try <= later + 5 * MINUTE
+        seen = spread
+        for _ in range(3):
+            seen = observe_cert(seen, bundle, POLICY, later, rng(seed + 100))
+            assert seen == spread
+            assert not is_due(seen, later)
+
+
+def test_observe_cert_keeps_any_schedule_of_the_same_certificate() -> None:
+    # An ARI pick or a jitter draw is not redone by a reload: the same rng would give another.
+    bundle = cached_bundle(90)
+    state = active_state(bundle)
+    for seed in range(5):
+        assert observe_cert(state, bundle, POLICY, NOW, rng(seed + 7)) == state
+
+
+def test_observe_cert_replans_a_changed_certificate_or_on_request() -> None:
+    bundle = cached_bundle(90)
+    later = NOW + 70 * DAY  # overdue with renew_before_days = 30, not with 10
+    spread = resume(active_state(bundle), POLICY, later, rng())
+    newer = bundle_for(90 * DAY, not_before=NOW + 70 * DAY)
+    changed = observe_cert(spread, newer, POLICY, later, rng())
+    assert changed.next_try == next_renewal(newer, None, POLICY, later, rng())
+    assert changed.replaces == ari_cert_id(newer.leaf)
+    # A changed policy (reschedule=True) plans the same certificate again.
+    again = observe_cert(spread, bundle, policy(10), later, rng(), reschedule=True)
+    assert again.next_try == next_renewal(bundle, None, policy(10), later, rng())
+    assert again.next_try is not None and again.next_try > later
+
+
+def test_observe_cert_replans_a_certificate_it_cannot_recognise() -> None:
+    # Without an AKI there is no certificate id to compare: planned again, as before.
+    leaf = make_leaf(None, ["a.example.test"], not_before=NOW, not_after=NOW + 90 * DAY)
+    bundle = parse_bundle(leaf.cert_pem, leaf.key_pem)
+    later = NOW + 80 * DAY
+    spread = resume(active_state(bundle), POLICY, later, rng())
+    assert observe_cert(spread, bundle, POLICY, later, rng()).next_try == later
+
+
+def test_spread_overdue_moves_only_due_work() -> None:
+    state = active_state(cached_bundle(90))
+    assert spread_overdue(state, NOW, rng()) == state
+    for seed in SEEDS:
+        moved = spread_overdue(state, NOW + 80 * DAY, rng(seed))
+        assert moved.next_try is not None
+        assert NOW + 80 * DAY <= moved.next_try <= NOW + 80 * DAY + 5 * MINUTE
 
 
 def test_observe_cert_after_resume_still_sees_a_new_name() -> None:
