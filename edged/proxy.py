@@ -1013,7 +1013,16 @@ class ClientConnection(asyncio.Protocol):
 class BackendConnection(asyncio.Protocol):
     """The plaintext (or re-encrypted) side towards the site's backend."""
 
-    __slots__ = ("_eof_sent", "client", "closed", "connected", "transport")
+    __slots__ = (
+        "_eof_received",
+        "_eof_sent",
+        "_linger",
+        "_tls",
+        "client",
+        "closed",
+        "connected",
+        "transport",
+    )
 
     def __init__(self, client: ClientConnection) -> None:
         self.client = client
@@ -1021,6 +1030,9 @@ class BackendConnection(asyncio.Protocol):
         self.connected = False
         self.closed = False
         self._eof_sent = False
+        self._eof_received = False
+        self._tls = False  # TLS to the origin (origin_tls)
+        self._linger: asyncio.TimerHandle | None = None
 
     async def connect(
         self, site: Site, header: bytes, origin: tuple[ssl.SSLContext, str] | None
@@ -1040,6 +1052,7 @@ class BackendConnection(asyncio.Protocol):
             if new is None:
                 raise ConnectionResetError("origin closed during TLS handshake")
             transport = new
+            self._tls = True
         self.transport = transport
         self.connected = True
 
@@ -1052,6 +1065,8 @@ class BackendConnection(asyncio.Protocol):
         self.client.from_backend(data)
 
     def eof_received(self) -> bool:
+        # Over TLS this is the origin's close_notify (a bare FIN never reaches here).
+        self._eof_received = True
         self.client.on_backend_eof()
         # Keep our write side open (the client may still be sending) unless the transport
         # cannot half-close (TLS to the origin).
@@ -1062,6 +1077,9 @@ class BackendConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         if not self.connected:
             return  # connect() reports the failure
         reason = None
@@ -1069,6 +1087,11 @@ class BackendConnection(asyncio.Protocol):
             reason = "reset"
         elif exc is not None:
             reason = "connection_error"
+        elif self._tls and not self._eof_received:
+            # The origin's TLS ended without close_notify (a crash mid-response, a FIN
+            # injected on the path): its response may be cut short, so the client must see
+            # an abort, not a clean close_notify.
+            reason = "truncated"
         self.client.on_backend_lost(reason)
 
     def pause_writing(self) -> None:
@@ -1100,10 +1123,35 @@ class BackendConnection(asyncio.Protocol):
         self.closed = True
         if self.transport is None or self.transport.is_closing():
             return  # connect() closes what it opens after the client left
-        if graceful:
-            self.transport.close()
-        else:
+        if not graceful:
             self.transport.abort()
+            return
+        self.transport.close()  # after what is buffered has been sent
+        left = self.transport.get_write_buffer_size()
+        if left:
+            # A backend that stopped reading would hold the socket and the buffer forever,
+            # outside every connection limit (the client is gone from them): as the client
+            # side, reset it once an idle_timeout passes without it taking any.
+            self._arm_linger(left)
+
+    def _arm_linger(self, left: int) -> None:
+        self._linger = self.client.loop.call_later(
+            self.client.term.settings.idle_timeout, self._linger_expired, left
+        )
+
+    def _linger_expired(self, left_before: int) -> None:
+        self._linger = None
+        transport = self.transport
+        if transport is None:
+            return
+        left = transport.get_write_buffer_size()
+        if not left:
+            return  # all taken: the transport is closing the socket now
+        if left < left_before:
+            self._arm_linger(left)  # slow, but reading
+            return
+        log.debug("resetting a backend connection that took none of the last %d bytes", left)
+        transport.abort()
 
 
 def _ip_port(transport: asyncio.BaseTransport, which: str) -> tuple[str, int] | None:

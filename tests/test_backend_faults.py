@@ -175,3 +175,55 @@ async def test_silent_backend_is_counted(tmp_path: Path, pki: dict[str, Path]) -
         client.close()
         assert data == b"" and clean
         assert sum(edged.daemon.counters.backend_errors.values()) == 1
+
+
+def established_to(port: int) -> int:
+    """TCP connections in state ESTABLISHED whose remote port is `port` (/proc/net/tcp)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+            count += 1
+    return count
+
+
+async def test_a_backend_that_stops_reading_is_reset_once_the_client_is_gone(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    """The client uploads to a backend that never reads; edged closes the client at the idle
+    timeout. The backend connection, still holding the unsent upload, is reset after one more
+    idle_timeout without progress (it stayed open for good, outside every connection limit)."""
+    stop = asyncio.Event()
+
+    async def never_reads(_r: asyncio.StreamReader, _w: asyncio.StreamWriter, _c: object) -> None:
+        await stop.wait()
+
+    def upload(port: int) -> None:
+        client = TlsClient(port, pki["ca"], BAD)
+        client.sock.settimeout(0.5)
+        try:
+            for _ in range(400):  # until the buffers are full and the send blocks
+                client.send(b"x" * 16384)
+        except OSError:
+            pass
+        finally:
+            client.close()
+
+    async with (
+        run_backend(never_reads) as backend,
+        run_edged(tmp_path, two_sites(pki, backend.address, backend.address)) as edged,
+    ):
+        text = edged.config_path.read_text()
+        edged.config_path.write_text(
+            text.replace("drain_timeout = 2", "drain_timeout = 2\nidle_timeout = 1")
+        )
+        assert await edged.daemon.reload("test")
+        await asyncio.to_thread(upload, edged.port)
+        assert established_to(backend.port) == 1
+        for _ in range(100):  # the client's connection ends at its idle timeout, the
+            if established_to(backend.port) == 0:  # backend's one idle_timeout later
+                break
+            await asyncio.sleep(0.1)
+        stop.set()
+        assert established_to(backend.port) == 0
+        assert not edged.daemon.term.active

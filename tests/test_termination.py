@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import struct
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,7 @@ from tests.conftest import (
 )
 from tests.many_certs import store_dual
 from tests.pki import make_ca, make_leaf, write_pair
+from tests.tls_client import MemoryTlsClient
 
 
 def origin_server_context(tmp_path: Path) -> ssl.SSLContext:
@@ -371,3 +375,56 @@ async def test_reload_error_of_any_kind_keeps_serving(tmp_path: Path, pki: dict[
             assert not await edged.daemon.reload("signal")
             assert not edged.task.done()
             assert (await s_client(edged.port, "one.example.test")).returncode == 0
+
+
+async def test_an_origin_cut_without_close_notify_resets_the_client(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    """An origin_tls origin ends its TLS with a bare FIN (crashed mid-response, or a FIN
+    injected on the path): the client must see the cut (a reset, no close_notify), counted
+    as backend_errors{truncated}; an origin that ends with close_notify still ends cleanly."""
+    server_ctx = origin_server_context(tmp_path)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def origin() -> None:
+        for clean in (False, True):
+            try:
+                raw, _ = listener.accept()
+            except OSError:  # the test ended early (failed) and closed the listener
+                return
+            with server_ctx.wrap_socket(raw, server_side=True) as tls:
+                tls.recv(100)
+                tls.sendall(b"HTTP/1.0 200 OK\r\n\r\nfirst half of the body")
+                if clean:
+                    tls.unwrap()  # close_notify, then the FIN
+                else:
+                    time.sleep(0.2)
+                    socket.socket.shutdown(tls, socket.SHUT_WR)  # a FIN, no close_notify
+                time.sleep(1)
+
+    serving = threading.Thread(target=origin, daemon=True)
+    serving.start()
+    extra = f'origin_tls = true\norigin_ca_file = "{tmp_path / "origin-ca.pem"}"'
+    body = site(["one.example.test"], f"127.0.0.1:{port}", pki, "one", extra)
+
+    def fetch() -> tuple[bytes, bool]:
+        client = MemoryTlsClient(port_of_edged, pki["ca"], "one.example.test")
+        try:
+            client.send(b"GET / HTTP/1.0\r\n\r\n")
+            return client.read_all()
+        finally:
+            client.close()
+
+    try:
+        async with run_edged(tmp_path, body) as edged:
+            port_of_edged = edged.port
+            data, clean = await asyncio.to_thread(fetch)
+            assert data.endswith(b"first half of the body") and not clean
+            assert edged.daemon.counters.backend_errors["truncated"] == 1
+            data, clean = await asyncio.to_thread(fetch)
+            assert data.endswith(b"first half of the body") and clean
+            assert edged.daemon.counters.backend_errors["truncated"] == 1
+    finally:
+        listener.close()
+        serving.join(5)
