@@ -751,6 +751,8 @@ class CaaResult:
     records: tuple[str, ...]
     blocking: str  # the record that forbids issuance; "" when allowed
     ca_domains: tuple[str, ...] = ()
+    # When a record names the CA but its RFC 8657 parameters refuse this order: why and the fix.
+    refused_by_parameter: str = ""
 
     def describe(self) -> str:
         cas = ", ".join(self.ca_domains) or "the CA"
@@ -759,6 +761,11 @@ class CaaResult:
         shown = "; ".join(self.records)
         if self.allowed:
             return f"{self.name}: CAA at {self.owner} allows {cas} ({shown})"
+        if self.refused_by_parameter:
+            return (
+                f"{self.name}: CAA at {self.owner} names {cas} but {self.blocking} "
+                f"{self.refused_by_parameter} (all: {shown})"
+            )
         tag = "issuewild" if self.name.startswith("*.") else "issue"
         ca = self.ca_domains[0] if self.ca_domains else "CA-DOMAIN"
         return (
@@ -772,8 +779,18 @@ def _caa_text(rd: dns.rdtypes.ANY.CAA.CAA) -> str:
     return f'{rd.flags} {rd.tag.decode("ascii", errors="replace")} "{value}"'
 
 
-def check_caa(name: str, ca_domains: Collection[str], resolver: dns.resolver.Resolver) -> CaaResult:
-    """RFC 8659: may a CA in `ca_domains` issue for `name` (wildcards use issuewild if present)?"""
+def check_caa(
+    name: str,
+    ca_domains: Collection[str],
+    resolver: dns.resolver.Resolver,
+    *,
+    method: str | None = None,
+    account_uri: str | None = None,
+) -> CaaResult:
+    """RFC 8659: may a CA in `ca_domains` issue for `name` (wildcards use issuewild if present)?
+    With `method` (the ACME challenge type) and `account_uri` (the ACME account), a record's
+    RFC 8657 parameters `validationmethods` and `accounturi` count too: CAs enforce them. An
+    unknown account (None) is not held against `accounturi`."""
     wildcard = name.strip().startswith("*.")
     base = _base_name(name)
     shown_name = f"*.{base}" if wildcard else base
@@ -792,7 +809,7 @@ def check_caa(name: str, ca_domains: Collection[str], resolver: dns.resolver.Res
         if not rdatas:
             current = current.parent()
             continue
-        return _evaluate_caa(shown_name, wildcard, cas, _text(current), rdatas)
+        return _evaluate_caa(shown_name, wildcard, cas, _text(current), rdatas, method, account_uri)
     return CaaResult(shown_name, True, "", (), "", cas)
 
 
@@ -802,6 +819,8 @@ def _evaluate_caa(
     cas: tuple[str, ...],
     owner: str,
     rdatas: list[dns.rdtypes.ANY.CAA.CAA],
+    method: str | None = None,
+    account_uri: str | None = None,
 ) -> CaaResult:
     records = tuple(sorted(_caa_text(rd) for rd in rdatas))
     for rd in rdatas:
@@ -813,8 +832,36 @@ def _evaluate_caa(
     relevant = issuewild if wildcard and issuewild else issue
     if not relevant:
         return CaaResult(name, True, owner, records, "", cas)
+    refused: tuple[dns.rdtypes.ANY.CAA.CAA, str] | None = None
     for rd in relevant:
-        domain = rd.value.decode("utf-8", errors="replace").split(";", 1)[0].strip()
-        if domain and domain.rstrip(".").lower() in cas:
+        domain, _, parameters = rd.value.decode("utf-8", errors="replace").partition(";")
+        if not domain.strip() or domain.strip().rstrip(".").lower() not in cas:
+            continue
+        why = _parameters_refuse(parameters, method, account_uri)
+        if not why:
             return CaaResult(name, True, owner, records, "", cas)
+        refused = refused or (rd, why)
+    if refused is not None:
+        return CaaResult(name, False, owner, records, _caa_text(refused[0]), cas, refused[1])
     return CaaResult(name, False, owner, records, _caa_text(relevant[0]), cas)
+
+
+def _parameters_refuse(parameters: str, method: str | None, account_uri: str | None) -> str:
+    """Why a record's RFC 8657 parameters refuse an order by `method` for `account_uri`, and
+    the fix; "" when they allow it (or say nothing about what is unknown)."""
+    for item in parameters.split(";"):
+        key, _, value = item.partition("=")
+        key, value = key.strip().lower(), value.strip()
+        if key == "validationmethods" and method is not None:
+            methods = [m.strip().lower() for m in value.split(",") if m.strip()]
+            if method not in methods:
+                return (
+                    f"limits validation to {', '.join(methods) or 'nothing'}, not {method}: "
+                    f"set acme.challenge to one of them, or add {method} to validationmethods"
+                )
+        if key == "accounturi" and account_uri is not None and value != account_uri:
+            return (
+                f"allows only the ACME account {value}, not this node's {account_uri}: put "
+                "this account's URI in accounturi (or add a record for it)"
+            )
+    return ""

@@ -50,6 +50,7 @@ from cryptography import x509
 from edged import __version__
 from edged.config import AcmeSettings, Address, Config, DnsSettings, Site
 from edged.dns import DnsError, DnsUpdater, build_resolver, check_caa, load_tsig_key
+from edged.errors import StoreError
 from edged.http01 import CHALLENGE_PREFIX, ChallengeBoard, Http01App, HttpListeners
 from edged.listen import StartupError
 from edged.renewer import fetch_directory, managed_sites
@@ -127,7 +128,7 @@ async def run_preflight(
             results.append(PreflightResult(exc.name, "resolver", False, exc.message))
     if resolver is not None:
         results += await asyncio.to_thread(
-            _caa_checks, acme, names, ca_domains, resolver, query_timeout
+            _caa_checks, acme, names, ca_domains, resolver, query_timeout, store
         )
     if acme.challenge == "http-01":
         if resolver is not None:
@@ -186,7 +187,9 @@ def _caa_checks(
     ca_domains: Sequence[str] | None,
     resolver: dns.resolver.Resolver,
     query_timeout: float,
+    store: Store | None = None,
 ) -> list[PreflightResult]:
+    account_uri = _account_uri(acme, store)
     if ca_domains is None:
         try:
             ca_domains = directory_caa_identities(acme, query_timeout)
@@ -206,7 +209,9 @@ def _caa_checks(
     out = []
     for name in names:
         try:
-            result = check_caa(name, ca_domains, resolver)
+            result = check_caa(
+                name, ca_domains, resolver, method=acme.challenge, account_uri=account_uri
+            )
         except DnsError as exc:
             out.append(PreflightResult(name, "caa", False, _dns_message(name, exc)))
             continue
@@ -214,6 +219,18 @@ def _caa_checks(
         prefix = f"{result.name}: "
         out.append(PreflightResult(name, "caa", result.allowed, text.removeprefix(prefix)))
     return out
+
+
+def _account_uri(acme: AcmeSettings, store: Store | None) -> str | None:
+    """This node's ACME account URI for the directory (None: none yet, or unreadable)."""
+    if store is None:
+        return None
+    try:
+        found = store.load_account(acme.directory)
+    except StoreError:
+        return None
+    uri = found[0].get("uri") if found is not None else None
+    return uri if isinstance(uri, str) and uri else None
 
 
 def _dns_message(name: str, exc: DnsError) -> str:

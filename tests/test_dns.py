@@ -59,6 +59,9 @@ caa_bind = bind_fixture(
             @ CAA 0 issue "{PEBBLE}"
             own CAA 0 issue "other.ca"
             params CAA 0 issue "{PEBBLE}; validationmethods=dns-01"
+            acct CAA 0 issue "{PEBBLE}; accounturi=https://ca.test/acct/1"
+            either CAA 0 issue "{PEBBLE}; validationmethods=dns-01"
+            either CAA 0 issue "{PEBBLE}; validationmethods = http-01 , tls-alpn-01"
             alias CNAME b2.test.
             alias-empty CNAME target.b2.test.
         """,
@@ -469,7 +472,32 @@ def test_caa_issue_allows_named_ca_and_blocks_others(caa_bind: Bind) -> None:
     assert "le.test" in described
     assert f'0 issue "{PEBBLE}"' in described
     assert 'CAA 0 issue "sectigo.com"' in described
-    assert caa(caa_bind, "params.le.test").allowed  # parameters after ';' are ignored
+    # Without a method or an account to check, RFC 8657 parameters cannot refuse.
+    assert caa(caa_bind, "params.le.test").allowed
+
+
+def test_caa_parameters_of_rfc_8657_refuse_what_the_ca_would(caa_bind: Bind) -> None:
+    """validationmethods and accounturi are enforced by CAs (Let's Encrypt): a record that
+    names the CA but not this order's challenge or account does not allow it."""
+    resolver = build_resolver(caa_bind.settings(), timeout=2.0)
+
+    def check(name: str, method: str, account: str | None = None) -> CaaResult:
+        return check_caa(name, (PEBBLE,), resolver, method=method, account_uri=account)
+
+    assert check("params.le.test", "dns-01").allowed
+    refused = check("params.le.test", "http-01")
+    assert not refused.allowed
+    text = refused.describe()
+    assert "limits validation to dns-01, not http-01" in text, text
+    assert "set acme.challenge to one of them, or add http-01 to validationmethods" in text
+    assert check("acct.le.test", "http-01", "https://ca.test/acct/1").allowed
+    assert check("acct.le.test", "http-01", None).allowed  # no account yet: not held against
+    other = check("acct.le.test", "http-01", "https://ca.test/acct/2")
+    assert not other.allowed and "allows only the ACME account" in other.describe()
+    # Any one record that allows the order is enough (RFC 8659), spaces around the values.
+    assert check("either.le.test", "http-01").allowed
+    assert check("either.le.test", "tls-alpn-01").allowed
+    assert check("either.le.test", "dns-01").allowed
 
 
 def test_caa_on_parent_applies_to_child(caa_bind: Bind) -> None:

@@ -33,6 +33,7 @@ bind = bind_fixture(
             blocked CAA 0 issue "other.ca"
             wild CAA 0 issue "other.ca"
             wild CAA 0 issuewild "other.ca"
+            dnsonly CAA 0 issue "pebble.letsencrypt.org; validationmethods=dns-01"
         """,
         "locked.test": "",
     },
@@ -128,6 +129,20 @@ async def test_caa_record_that_blocks_is_named(bind: Bind) -> None:
     # The CA named in the record is allowed.
     allowed = await run_preflight(config, ca_domains=["other.ca"], query_timeout=2.0)
     assert all(r.ok for r in allowed if r.check == "caa")
+
+
+async def test_caa_validationmethods_is_checked_against_the_challenge(bind: Bind) -> None:
+    """A record naming the CA but limiting it to dns-01 (RFC 8657): ok for dns-01, a FAIL
+    naming the fix under http-01, as the CA would refuse the order."""
+    names = ["dnsonly.pf.test"]
+    dns01 = make_config(bind, names, challenge="dns-01")
+    results = await run_preflight(dns01, ca_domains=[CA], query_timeout=2.0)
+    assert by_check(results, "caa")["dnsonly.pf.test"].ok
+    http01 = make_config(bind, names, challenge="http-01", http_port=free_port())
+    results = await run_preflight(http01, ca_domains=[CA], query_timeout=2.0)
+    found = by_check(results, "caa")["dnsonly.pf.test"]
+    assert not found.ok
+    assert "limits validation to dns-01, not http-01" in found.message, found.message
 
 
 async def test_directory_without_caa_identities_is_skipped(bind: Bind, pebble: Pebble) -> None:
