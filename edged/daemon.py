@@ -78,12 +78,14 @@ LAZY_MIN = 2000
 FILL_BATCH = 2000  # store sites read (and sent to the workers) per background batch
 
 
-def proxy_settings(config: Config) -> ProxySettings:
+def proxy_settings(config: Config, processes: int = 1) -> ProxySettings:
+    """The data path's settings for one of `processes` serving processes: each enforces an
+    even share of max_connections (a host-wide limit; rounded up)."""
     return ProxySettings(
         handshake_timeout=config.tls.handshake_timeout,
         idle_timeout=config.edged.idle_timeout,
         connect_timeout=config.edged.backend_connect_timeout,
-        max_connections=config.edged.max_connections,
+        max_connections=-(-config.edged.max_connections // max(1, processes)),
         max_connections_per_ip=config.edged.max_connections_per_ip,
         connection_log_sample=(
             config.edged.connection_log_sample if config.edged.connection_log else 0.0
@@ -272,8 +274,9 @@ def build_serving(
 
 
 def worker_count(config: Config) -> int:
-    """`[edged] workers`: 0 means one per CPU core."""
-    return config.edged.workers or os.cpu_count() or 1
+    """`[edged] workers`: 0 means one per CPU core edged may run on (its affinity: systemd's
+    CPUAffinity=/AllowedCPUs=, a container's cpuset), not per core of the host."""
+    return config.edged.workers or len(os.sched_getaffinity(0)) or 1
 
 
 # Which kind a coalesced reload is reported as: the operator's request over edged's own.

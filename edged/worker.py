@@ -35,7 +35,7 @@ from collections.abc import Iterable
 
 from edged.config import Address, Config, Site
 from edged.counters import Counters
-from edged.daemon import load_origin_contexts, proxy_settings
+from edged.daemon import load_origin_contexts, proxy_settings, worker_count
 from edged.heap import freeze_long_lived, release_free_memory
 from edged.ipc import FORKED_CONFIG, IpcError, encode, read_message
 from edged.proxy import Terminator
@@ -133,7 +133,7 @@ class Worker:
             term = Terminator(
                 listen_ctx=self.listen_ctx,
                 selector=selector,
-                settings=proxy_settings(config),
+                settings=proxy_settings(config, worker_count(config)),
                 counters=self.counters,
                 tg=tg,
                 alpn_board=AlpnChallengeBoard(),
@@ -261,7 +261,7 @@ class Worker:
             selector.cache = ContextCache(config.tls.context_cache_size, config.tls.min_version)
             selector.default_alpn = tuple(config.tls.alpn)
         selector.index = index
-        term.settings = proxy_settings(config)
+        term.settings = proxy_settings(config, worker_count(config))
         term.origin_contexts = origins
         self.config = config
         self._loaded([i for i in self._loads if i not in pending])

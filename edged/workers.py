@@ -40,6 +40,10 @@ ZYGOTE_EXIT_WAIT = 5.0  # seconds to wait for the zygote to exit at shutdown
 READY_TIMEOUT = 30.0  # seconds a new worker has to start serving
 ALIVE_TIMEOUT = 30.0  # a serving worker reports every second: silent this long, it is wedged
 KILL_WAIT = 10.0  # seconds for a stopped (aborted) or killed worker to be gone
+# Retired workers per slot that drain without a deadline. Their connections outlive this many
+# rotations (days at the daily default); an older one gets drain_timeout, or a connection kept
+# busy would keep one more whole worker (its memory) alive at every rotation.
+MAX_RETIRING = 3
 RESTART_BACKOFF = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)  # for a slot whose workers keep dying
 STABLE_AFTER = 30.0  # a worker that served this long resets its slot's back-off
 LARGE_DELTA = 5000  # sites: a change this large is encoded in a thread (~10 ms per 1,000)
@@ -63,6 +67,7 @@ class WorkerHandle:
     counters: Counters = field(default_factory=Counters)
     active: int = 0
     retiring: bool = False  # replaced or stopping: its exit is expected
+    hurried: bool = False  # retired MAX_RETIRING generations ago: drains within drain_timeout
     killed: bool = False
     # Messages in order; each worker's are written by its own task, so one that stops reading
     # holds up nobody else (and is killed once ALIVE_TIMEOUT shows it wedged).
@@ -524,13 +529,27 @@ class WorkerPool:
 
     def _retire_older(self, newer: WorkerHandle) -> None:
         """`newer` serves: the older workers of its slot stop accepting and drain, without a
-        deadline (a shutdown sets one)."""
+        deadline (a shutdown sets one), but for the MAX_RETIRING newest of them: older ones
+        get drain_timeout."""
         stop = _now(("stop", None))
-        for handle in self.all:
-            if handle.slot == newer.slot and handle.id < newer.id and not handle.retiring:
+        older = [h for h in self.all if h.slot == newer.slot and h.id < newer.id]
+        for handle in older:
+            if not handle.retiring:
                 handle.retiring = True
                 handle.send(stop)
                 self._acked(handle, None)  # nothing new reaches it: no challenge to wait for
+        grace = self._config.edged.drain_timeout if self._config is not None else 0.0
+        for handle in older:
+            if handle.generation + MAX_RETIRING < newer.generation and not handle.hurried:
+                handle.hurried = True
+                log.info(
+                    "worker %d (pid %s) retired %d rotations ago: its connections get %gs",
+                    handle.slot,
+                    handle.pid or "?",
+                    MAX_RETIRING,
+                    grace,
+                )
+                handle.send(_now(("stop", grace)))
 
     async def _write(self, handle: WorkerHandle) -> None:
         while True:

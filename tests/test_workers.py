@@ -17,6 +17,7 @@ import random
 import signal
 import socket
 import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -28,7 +29,7 @@ from typing import Any
 
 from edged.daemon import LAZY_MIN
 from edged.store.base import PemPair
-from edged.workers import KILL_WAIT, READY_TIMEOUT
+from edged.workers import KILL_WAIT, MAX_RETIRING, READY_TIMEOUT
 from tests.conftest import (
     Backend,
     edged_backlog,
@@ -94,6 +95,7 @@ async def run_workers(
     tls_extra: str = "",
     drain: float = 2,
     https: list[str] | None = None,
+    edged_extra: str = "",
 ) -> AsyncIterator[Running]:
     port, admin, metrics = free_port(), free_port(), free_port()
     listen = json.dumps(https if https is not None else [f"127.0.0.1:{port}"])
@@ -104,6 +106,7 @@ async def run_workers(
 store = "store"
 workers = {workers}
 drain_timeout = {drain}
+{edged_extra}
 [listen]
 https = {listen}
 http = []
@@ -549,6 +552,60 @@ async def test_rotation_keeps_long_lived_connections(tmp_path: Path) -> None:
         )
 
 
+async def test_max_connections_is_for_the_host_not_per_worker(tmp_path: Path) -> None:
+    """Each of the 2 workers takes half of max_connections = 2: at most 2 connections are
+    open at once over both (each worker allowed 2 before, so up to 4)."""
+    async with one_site(tmp_path, edged_extra="max_connections = 2") as (e, *_):
+        ctx = client_context(tmp_path / "ca.pem")
+        held: list[ssl.SSLSocket] = []
+        try:
+            for _ in range(8):
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    held.append(await held_connection(e.port, ctx))
+            assert 1 <= len(held) <= 2, len(held)
+            await wait_for(
+                lambda: (
+                    e.metric('edged_connections_refused_total{reason="max_connections"}')
+                    >= 8 - len(held)
+                ),
+                "the refusals counted",
+            )
+        finally:
+            for sock in held:
+                sock.close()
+
+
+async def test_a_worker_retired_several_rotations_ago_drains_within_drain_timeout(
+    tmp_path: Path,
+) -> None:
+    """Retired workers drain without a deadline for MAX_RETIRING rotations; one retired
+    longer ago gets drain_timeout, so a connection kept open cannot keep one more whole
+    worker alive at every rotation (memory grew by a worker per rotation)."""
+    rotating = 'ticket_key_rotation = "1s"'
+    async with one_site(tmp_path, drain=1, tls_extra=rotating) as (e, *_):
+        held = await held_connection(e.port, client_context(tmp_path / "ca.pem"))
+        try:
+            await wait_for(
+                lambda: any(w["connections_active"] for w in e.workers()), "the held connection"
+            )
+            workers = await asyncio.to_thread(e.workers)
+            first = next(w["pid"] for w in workers if w["connections_active"])
+            await wait_for(
+                lambda: e.metric("edged_tls_ticket_key_rotations_total") >= MAX_RETIRING + 3,
+                "rotations",
+                limit=40,
+            )
+            await wait_for(
+                lambda: all(w["pid"] != first for w in e.workers()), "the oldest worker to exit"
+            )
+            assert len(await asyncio.to_thread(e.workers)) <= 2 * (MAX_RETIRING + 2)
+            held.settimeout(5)
+            with contextlib.suppress(OSError):  # closed: EOF, or a reset
+                assert held.recv(1) == b""
+        finally:
+            held.close()
+
+
 async def test_unready_generation_keeps_old_workers_and_wedged_worker_is_replaced(
     tmp_path: Path,
 ) -> None:
@@ -662,3 +719,20 @@ async def test_a_worker_that_hangs_at_shutdown_is_killed(tmp_path: Path) -> None
         assert await asyncio.wait_for(e.proc.wait(), KILL_WAIT + 15) == 0
         assert KILL_WAIT - 1 < time.monotonic() - started < KILL_WAIT + 10
         assert await asyncio.to_thread(process_gone, frozen)
+
+
+def test_workers_0_means_one_per_core_edged_may_run_on() -> None:
+    """Under CPUAffinity=/AllowedCPUs= or a container's cpuset, `workers = 0` forks one worker
+    per core edged may use, not per core of the host (each worker costs its whole RSS)."""
+    code = (
+        "from pathlib import Path; from edged.config import parse_config; "
+        "from edged.daemon import worker_count; "
+        "text = '[edged]\\nworkers = 0\\n[listen]\\nhttps = [\\'127.0.0.1:8443\\']\\n"
+        "[[site]]\\nnames = [\\'a.test\\']\\nbackend = \\'127.0.0.1:9\\'\\n'; "
+        "print(worker_count(parse_config(text, Path('/e.toml'))))"
+    )
+    out = subprocess.run(
+        ["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
