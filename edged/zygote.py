@@ -103,9 +103,11 @@ def start_zygote(
     make_context: ContextFactory,
     worker_main: WorkerMain,
     for_workers: object = None,
+    parent_only: Sequence[socket.socket] = (),
 ) -> Zygote:
     """Fork the zygote. Call before any thread or event loop exists in this process.
-    `for_workers` reaches each worker_main as it is in this process's memory now."""
+    `for_workers` reaches each worker_main as it is in this process's memory now.
+    `parent_only`: sockets the zygote and its workers must not keep a copy of."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:  # the zygote
@@ -116,6 +118,8 @@ def start_zygote(
             gc.freeze()
             gc.enable()
             ours.close()
+            for sock in parent_only:
+                sock.close()
             ctx = make_context(min_version)
             code = _Loop(theirs, ctx, make_context, worker_main, for_workers).run()
         except BaseException:
