@@ -517,7 +517,9 @@ class Daemon:
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             if self.zygote is not None:
-                self.pool = WorkerPool(self.zygote, self._inherited, self.counters, forked)
+                self.pool = WorkerPool(
+                    self.zygote, self._inherited, self.counters, forked, interrupt=self._stop
+                )
                 self.pool.on_lost = self._workers_lost
                 self.alpn_board.on_change = self._challenge_forwarder(loop, self.pool)
             cache = ContextCache(config.tls.context_cache_size, config.tls.min_version)

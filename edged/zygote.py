@@ -89,6 +89,11 @@ class Zygote:
         reap it with `reaped`."""
         self.sock.close()
 
+    def kill(self) -> None:
+        """SIGKILL it (call only while it is not reaped: its pid is still this child's)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
     def reaped(self) -> bool:
         """Whether the zygote has exited (and is reaped now). Never blocks."""
         try:
