@@ -12,13 +12,13 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from edged import __version__, heap
+from edged import __version__, heap, systemd
 from edged.certs import chain_problem, check_bundle, describe_chain, parse_bundle
 from edged.config import (
     DEFAULT_CONFIG_PATH,
@@ -33,6 +33,7 @@ from edged.heap import AllocatorError
 from edged.names import NameError_, covers, normalize_name
 from edged.sources import load_site_certs, read_pem, validate_stored
 from edged.store.files import FileStore
+from edged.systemd import Inherited
 
 if TYPE_CHECKING:
     from edged.admin_client import AdminClient
@@ -131,8 +132,12 @@ def cmd_run(config_path: Path, level: str, log_format: str = "text") -> int:
     except AllocatorError as exc:
         logging.getLogger("edged").error("%s", exc)
         return EXIT_INVALID
-    zygote = _start_zygote(config) if config is not None else None
-    return uvloop.run(Daemon(config_path, zygote, config, digest).run())
+    # Socket activation: the passed fds are taken now, before edged creates any fd of its own
+    # (one could take a number LISTEN_FDS names but did not pass) and before the zygote is
+    # forked (it must not keep the ones edged closes as unused: they would go on accepting).
+    inherited = systemd.listen_fds()
+    zygote = _start_zygote(config, inherited) if config is not None else None
+    return uvloop.run(Daemon(config_path, zygote, config, digest, inherited).run())
 
 
 def _choose_allocator(config: Config | None) -> None:
@@ -161,7 +166,7 @@ def _choose_allocator(config: Config | None) -> None:
     heap.restore_environment()
 
 
-def _start_zygote(config: Config) -> Zygote | None:
+def _start_zygote(config: Config, inherited: Sequence[Inherited]) -> Zygote | None:
     """With `[edged] workers` other than 1, the zygote that forks the worker processes; it must
     be forked now, before the event loop and any thread exist."""
     from edged.daemon import worker_count
@@ -172,7 +177,13 @@ def _start_zygote(config: Config) -> Zygote | None:
     if worker_count(config) == 1:
         return None
     # The workers take their first config from the zygote's memory (edged.ipc.FORKED_CONFIG).
-    return start_zygote(config.tls.min_version, server_context, run_worker, config)
+    return start_zygote(
+        config.tls.min_version,
+        server_context,
+        run_worker,
+        config,
+        parent_only=[i.sock for i in inherited],  # the ones it serves come by SCM_RIGHTS
+    )
 
 
 def _load_config_or_report(config_path: Path) -> Config | None:

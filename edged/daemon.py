@@ -290,10 +290,12 @@ class Daemon:
         zygote: Zygote | None = None,
         config: Config | None = None,
         config_digest: bytes | None = None,
+        inherited: list[systemd.Inherited] | None = None,
     ) -> None:
         """`zygote`: run the TLS data path in worker processes forked by it (workers > 1).
         `config`: already loaded from `config_path` (by the CLI, before forking the zygote),
-        from a text whose SHA-256 is `config_digest`."""
+        from a text whose SHA-256 is `config_digest`. `inherited`: the sockets passed by
+        socket activation, taken by the CLI before it forked (None: taken in run())."""
         self.config_path = config_path
         self._preloaded = config
         self._preloaded_digest = config_digest
@@ -331,6 +333,7 @@ class Daemon:
         self._exited = asyncio.Event()  # drained: the systemd loop ends
         self._last_status = ""
         self._inherited = InheritedListeners([])
+        self._passed = inherited
         self._reload = asyncio.Event()
         self._reload_kind = "signal"
         self._reload_all = False
@@ -469,7 +472,9 @@ class Daemon:
     async def run(self, *, install_signals: bool = True) -> int:
         # Socket activation: listening sockets passed by systemd (edged.socket), used for the
         # [listen] addresses they are bound to.
-        self._inherited = InheritedListeners(systemd.listen_fds())
+        passed = self._passed if self._passed is not None else systemd.listen_fds()
+        self._passed = None
+        self._inherited = InheritedListeners(passed)
         loop = asyncio.get_running_loop()
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if install_signals else ()
         # At once, before anything else: a SIGTERM or SIGHUP while edged is still starting
@@ -515,7 +520,9 @@ class Daemon:
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             if self.zygote is not None:
-                self.pool = WorkerPool(self.zygote, self._inherited, self.counters, forked)
+                self.pool = WorkerPool(
+                    self.zygote, self._inherited, self.counters, forked, interrupt=self._stop
+                )
                 self.pool.on_lost = self._workers_lost
                 self.alpn_board.on_change = self._challenge_forwarder(loop, self.pool)
             cache = ContextCache(config.tls.context_cache_size, config.tls.min_version)

@@ -109,6 +109,9 @@ class Worker:
     async def run(self) -> int:
         reader, writer = await asyncio.open_unix_connection(sock=self.chan)
         first = await read_message(reader)
+        if first is None:  # abandoned before it started (edged is stopping): nothing to do
+            log.info("worker %d: the main process closed its channel; exiting", self.slot)
+            return 0
         if not (isinstance(first, tuple) and first[0] == "state" and first[1] is not None):
             log.error("worker %d: no state from the main process; exiting", self.slot)
             return 1
@@ -152,9 +155,11 @@ class Worker:
             await self._drain(term)
             reports.cancel()
             reading.cancel()
+            # The main process may be gone (uvloop refuses a write to the closed channel).
             with contextlib.suppress(ConnectionError, OSError):
-                writer.write(encode(("counters", self.counters, 0)))
-                await writer.drain()
+                if not writer.is_closing():
+                    writer.write(encode(("counters", self.counters, 0)))
+                    await writer.drain()
             writer.close()
         return 0
 
@@ -315,6 +320,9 @@ class Worker:
     async def _report_loop(self, writer: asyncio.StreamWriter, term: Terminator) -> None:
         while True:
             await asyncio.sleep(REPORT_INTERVAL)
+            if writer.is_closing():  # the main process is gone (a write would raise)
+                self._stop_orphaned()
+                return
             try:
                 writer.write(encode(("counters", self.counters, len(term.active))))
                 await writer.drain()

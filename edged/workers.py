@@ -85,6 +85,7 @@ class WorkerPool:
         inherited: InheritedListeners,
         counters: Counters,
         forked: Config | None = None,
+        interrupt: asyncio.Event | None = None,
     ) -> None:
         self.zygote = zygote
         self.inherited = inherited
@@ -113,6 +114,10 @@ class WorkerPool:
         self._tg: asyncio.TaskGroup | None = None
         self._lock = asyncio.Lock()  # one generation change at a time
         self._stopped = asyncio.Event()
+        # Set when edged is asked to stop (the daemon's stop request, before stop() can run: a
+        # rotation holds the reload lock the shutdown takes): a generation being spawned is
+        # abandoned then instead of being waited for.
+        self._interrupt = interrupt if interrupt is not None else asyncio.Event()
         # Pending TLS-ALPN-01 challenges (name → key authorization, expiry), for new workers too.
         self._challenges: dict[str, tuple[str, float]] = {}
         self._seq = 0
@@ -214,7 +219,7 @@ class WorkerPool:
         when `min_version` is given); each old one drains and exits once its successor
         serves (until then it serves on, and a successor that fails is retried)."""
         async with self._lock:
-            if self._stopping or self._lost:
+            if self._stopping or self._lost or self._interrupt.is_set():
                 return
             if min_version is not None:
                 try:
@@ -266,9 +271,18 @@ class WorkerPool:
             if self.zygote.reaped():
                 return
             await asyncio.sleep(0.02)
+        # Stuck: it must not outlive edged, holding the https ports or forking workers.
         log.warning(
-            "the zygote (pid %d) did not exit within %ss", self.zygote.pid, ZYGOTE_EXIT_WAIT
+            "the zygote (pid %d) did not exit within %ss: killing it",
+            self.zygote.pid,
+            ZYGOTE_EXIT_WAIT,
         )
+        self.zygote.kill()
+        for _ in range(int(KILL_WAIT / 0.02)):
+            if self.zygote.reaped():
+                return
+            await asyncio.sleep(0.02)
+        log.error("the zygote (pid %d) did not exit when killed", self.zygote.pid)
 
     def counters(self) -> Counters:
         """The sum over every worker, living and exited (so totals never go down)."""
@@ -381,11 +395,17 @@ class WorkerPool:
             elif not self._lost:  # no socketpair (EMFILE): try again, the old one serves on
                 self._tg.create_task(self._replace(slot, self.current.get(slot)))
         self._full = None
-        # Each one serves or is gone by READY_TIMEOUT (_converse kills it then).
+        # Each one serves or is gone by READY_TIMEOUT (_converse kills it then), unless edged
+        # is asked to stop: the shutdown waits for this, so no longer.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(READY_TIMEOUT + KILL_WAIT):
                 for handle in handles:
-                    await _first(handle.ready, handle.gone)
+                    await _first(handle.ready, handle.gone, self._interrupt)
+        if self._interrupt.is_set():
+            for handle in handles:
+                if not handle.ready.is_set():
+                    handle.retiring = True  # abandoned: not replaced when it is gone
+                    await self._kill(handle, "abandoned: edged is stopping", logging.INFO)
         await asyncio.to_thread(release_free_memory)  # the full state, sent, is garbage now
 
     async def _spawn(self, slot: int) -> WorkerHandle | None:
@@ -486,11 +506,11 @@ class WorkerPool:
             why = f"did not start serving within {READY_TIMEOUT:.0f}s"
         await self._kill(handle, why)
 
-    async def _kill(self, handle: WorkerHandle, why: str) -> None:
+    async def _kill(self, handle: WorkerHandle, why: str, level: int = logging.ERROR) -> None:
         if handle.killed or handle.gone.is_set():
             return
         handle.killed = True
-        log.error("worker %d (pid %s) %s: killing it", handle.slot, handle.pid or "?", why)
+        log.log(level, "worker %d (pid %s) %s: killing it", handle.slot, handle.pid or "?", why)
         if not handle.pid:  # not forked as far as we know: closing its channel ends it
             handle.writer.close()
             return

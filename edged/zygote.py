@@ -89,6 +89,11 @@ class Zygote:
         reap it with `reaped`."""
         self.sock.close()
 
+    def kill(self) -> None:
+        """SIGKILL it (call only while it is not reaped: its pid is still this child's)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
     def reaped(self) -> bool:
         """Whether the zygote has exited (and is reaped now). Never blocks."""
         try:
@@ -103,9 +108,11 @@ def start_zygote(
     make_context: ContextFactory,
     worker_main: WorkerMain,
     for_workers: object = None,
+    parent_only: Sequence[socket.socket] = (),
 ) -> Zygote:
     """Fork the zygote. Call before any thread or event loop exists in this process.
-    `for_workers` reaches each worker_main as it is in this process's memory now."""
+    `for_workers` reaches each worker_main as it is in this process's memory now.
+    `parent_only`: sockets the zygote and its workers must not keep a copy of."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:  # the zygote
@@ -116,6 +123,8 @@ def start_zygote(
             gc.freeze()
             gc.enable()
             ours.close()
+            for sock in parent_only:
+                sock.close()
             ctx = make_context(min_version)
             code = _Loop(theirs, ctx, make_context, worker_main, for_workers).run()
         except BaseException:

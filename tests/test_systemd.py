@@ -315,6 +315,86 @@ def test_listen_fds_only_for_this_process() -> None:
     assert env == {}  # consumed: a child process must not take them for its own
 
 
+def refuses(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+async def test_unused_inherited_socket_is_closed_in_the_worker_processes_too(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    """With worker processes, a passed socket the config does not name is closed everywhere:
+    the zygote and the workers (forked from the main process) hold no copy that would go on
+    accepting connections for nobody; the one the config names is served by the workers."""
+    inherited, stray = listening_socket(), listening_socket()
+    inherited_port, stray_port = inherited.getsockname()[1], stray.getsockname()[1]
+    async with run_backend() as backend:
+        https = [f"127.0.0.1:{inherited_port}"]
+        config = write_config(tmp_path, pki, backend.address, https, extra="workers = 2")
+        notify = Notify(tmp_path / "notify.sock")
+        try:
+            async with start_edged(
+                config, {"NOTIFY_SOCKET": str(notify.path)}, fds=[stray, inherited]
+            ) as edged:
+                stray.close()  # the service manager's copy: only edged's processes hold it now
+                inherited.close()
+                assert await notify.until("READY=1") == "READY=1"
+                assert b"backend=b1" in await tls_request(inherited_port, client_context(pki))
+                assert await asyncio.to_thread(refuses, stray_port)
+                edged.proc.send_signal(signal.SIGTERM)
+                assert await asyncio.wait_for(edged.proc.wait(), 20) == 0
+        finally:
+            notify.close()
+            inherited.close()
+            stray.close()
+    assert f"127.0.0.1:{stray_port} is not in [listen] https or http: closing it" in edged.log
+
+
+async def test_listen_fds_naming_fds_not_passed_with_workers(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    """LISTEN_FDS names fds 3 and 4, which are not open: edged says so and starts with its
+    worker processes (before, its own zygote channel took fd 3, was taken for a passed socket
+    and closed, and startup failed)."""
+    port = free_port()
+    # Sets the variables for its own pid (kept by exec) without passing any fd.
+    claim = (
+        "import os, sys; os.environ['LISTEN_PID'] = str(os.getpid()); "
+        "os.environ['LISTEN_FDS'] = '2'; os.execv(sys.argv[1], sys.argv[1:])"
+    )
+    async with run_backend() as backend:
+        config = write_config(
+            tmp_path, pki, backend.address, [f"127.0.0.1:{port}"], extra="workers = 2"
+        )
+        notify = Notify(tmp_path / "notify.sock")
+        try:
+            cmd = [sys.executable, "-c", claim, EDGED, "run", "--config", str(config)]
+            proc = await asyncio.create_subprocess_exec(
+                *cmd,
+                env={**os.environ, "NOTIFY_SOCKET": str(notify.path)},
+                stderr=asyncio.subprocess.PIPE,
+            )
+            edged = Edged(proc)
+            edged.reader = asyncio.create_task(_collect(proc, edged.stderr))
+            try:
+                assert await notify.until("READY=1") == "READY=1"
+                assert b"backend=b1" in await tls_request(port, client_context(pki))
+                proc.send_signal(signal.SIGTERM)
+                assert await asyncio.wait_for(proc.wait(), 20) == 0
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                await proc.wait()
+                await edged.reader
+                print(f"--- edged stderr (exit {proc.returncode}):\n{edged.log}")
+        finally:
+            notify.close()
+    assert "socket activation: fd 3 (-) is not a socket" in edged.log
+    assert "socket activation: fd 4 (-) is not a socket" in edged.log
+    assert "Traceback" not in edged.log
+
+
 @pytest.mark.parametrize("activated", [True, False], ids=["socket-activated", "control"])
 async def test_restart_refuses_no_connection(
     tmp_path: Path, pki: dict[str, Path], activated: bool

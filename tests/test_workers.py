@@ -29,7 +29,7 @@ from typing import Any
 
 from edged.daemon import LAZY_MIN
 from edged.store.base import PemPair
-from edged.workers import KILL_WAIT, MAX_RETIRING, READY_TIMEOUT
+from edged.workers import KILL_WAIT, MAX_RETIRING, READY_TIMEOUT, ZYGOTE_EXIT_WAIT
 from tests.conftest import (
     Backend,
     edged_backlog,
@@ -96,6 +96,7 @@ async def run_workers(
     drain: float = 2,
     https: list[str] | None = None,
     edged_extra: str = "",
+    log: Path | None = None,
 ) -> AsyncIterator[Running]:
     port, admin, metrics = free_port(), free_port(), free_port()
     listen = json.dumps(https if https is not None else [f"127.0.0.1:{port}"])
@@ -119,7 +120,10 @@ alpn = ["http/1.1"]
 """
     )
     edged_bin = str(Path(sys.executable).with_name("edged"))
-    proc = await asyncio.create_subprocess_exec(edged_bin, "run", "--config", str(config))
+    if log is None:
+        proc = await asyncio.create_subprocess_exec(edged_bin, "run", "--config", str(config))
+    else:
+        proc = await spawn_edged(config, log)
     running = Running(proc, port, admin, metrics, config)
     try:
         await wait_for(
@@ -736,3 +740,62 @@ def test_workers_0_means_one_per_core_edged_may_run_on() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1"
+
+
+def zygote_of(e: Running) -> int:
+    """The main process's only child: the zygote (the workers are its children)."""
+    children = Path(f"/proc/{e.proc.pid}/task/{e.proc.pid}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+async def test_sigterm_during_a_rotation_abandons_the_new_generation(tmp_path: Path) -> None:
+    """A SIGTERM while a rotation waits for its new generation (which cannot start: the zygote
+    is frozen here) starts the shutdown at once, not after READY_TIMEOUT + KILL_WAIT (past
+    systemd's stop timeout): the new workers are abandoned. Forked later with their channel
+    closed, they exit without a traceback."""
+    log = tmp_path / "edged.log"
+    async with one_site(tmp_path, drain=2, tls_extra='min_version = "1.2"', log=log) as (e, *_):
+        zygote = await asyncio.to_thread(zygote_of, e)
+        os.kill(zygote, signal.SIGSTOP)
+        try:
+            text = e.config.read_text().replace('min_version = "1.2"', 'min_version = "1.3"')
+            e.config.write_text(text)
+            e.proc.send_signal(signal.SIGHUP)  # a new version floor: the workers rotate
+            await wait_for(lambda: len(e.workers()) == 4, "the new generation spawned")
+            await asyncio.sleep(1.0)
+            started = time.monotonic()
+            e.proc.send_signal(signal.SIGTERM)
+
+            def admin_closed() -> bool:  # the shutdown closes the admin API first
+                try:
+                    e.status()
+                except OSError:
+                    return True
+                return False
+
+            await wait_for(admin_closed, "the shutdown to start", 10)
+            assert time.monotonic() - started < 5
+        finally:
+            os.kill(zygote, signal.SIGCONT)
+        assert await asyncio.wait_for(e.proc.wait(), 30) == 0
+    await wait_for(lambda: process_gone(zygote), "the zygote gone")
+    text = log.read_text()
+    assert "abandoned: edged is stopping: killing it" in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+
+
+async def test_a_zygote_that_does_not_exit_is_killed(tmp_path: Path) -> None:
+    """A zygote that does not exit when its channel closes at shutdown (frozen here) is
+    SIGKILLed: it must not outlive edged, holding the https port or forking workers."""
+    async with one_site(tmp_path) as (e, *_):
+        zygote = await asyncio.to_thread(zygote_of, e)
+        os.kill(zygote, signal.SIGSTOP)
+        try:
+            e.proc.send_signal(signal.SIGTERM)
+            limit = ZYGOTE_EXIT_WAIT + 2 * KILL_WAIT + 10
+            assert await asyncio.wait_for(e.proc.wait(), limit) == 0
+            assert await asyncio.to_thread(process_gone, zygote)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(zygote, signal.SIGCONT)
