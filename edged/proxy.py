@@ -931,14 +931,12 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self._lost:
             return
-        left = transport.get_write_buffer_size()
-        if not left:
-            return  # all taken: the transport is closing the socket now
-        if left < left_before:
+        left = lingered(transport, left_before)
+        if left is None:
+            log.debug("resetting %s: it took none of the last %d bytes", self.peer, left_before)
+            transport.abort()  # connection_lost follows and finishes the connection
+        elif left:
             self._linger(left)  # slow, but reading
-            return
-        log.debug("resetting %s: it took none of the last %d bytes", self.peer, left)
-        transport.abort()  # connection_lost follows and finishes the connection
 
     def abort(self, reason: str) -> None:
         """Hard close (RST) of both sides, e.g. when the backend reset: the client must not
@@ -1144,14 +1142,20 @@ class BackendConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        left = transport.get_write_buffer_size()
-        if not left:
-            return  # all taken: the transport is closing the socket now
-        if left < left_before:
+        left = lingered(transport, left_before)
+        if left is None:
+            log.debug("resetting a backend that took none of the last %d bytes", left_before)
+            transport.abort()
+        elif left:
             self._arm_linger(left)  # slow, but reading
-            return
-        log.debug("resetting a backend connection that took none of the last %d bytes", left)
-        transport.abort()
+
+
+def lingered(transport: asyncio.Transport, left_before: int) -> int | None:
+    """What a closing transport's peer did over one linger period (an idle_timeout): None when
+    it took none of the `left_before` bytes still buffered (reset it), 0 when it took them all
+    (the transport is closing the socket now), else the bytes left (slow, but reading)."""
+    left = transport.get_write_buffer_size()
+    return None if left and left >= left_before else left
 
 
 def _ip_port(transport: asyncio.BaseTransport, which: str) -> tuple[str, int] | None:
