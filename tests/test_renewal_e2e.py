@@ -17,6 +17,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -30,7 +31,15 @@ from edged.renewal import INTERRUPTED, CertStatus, ari_cert_id
 from edged.sources import load_site_certs
 from edged.store.base import PemPair, StoredCert
 from edged.store.files import FileStore
-from tests.conftest import free_port, peer_cn, run_backend, run_cmd, run_edged, s_client
+from tests.conftest import (
+    Edged,
+    free_port,
+    peer_cn,
+    run_backend,
+    run_cmd,
+    run_edged,
+    s_client,
+)
 from tests.pebble import Pebble
 from tests.pki import Issued, fullchain, make_ca, make_intermediate, make_leaf
 from tests.test_daemon_acme import write_config
@@ -185,33 +194,41 @@ async def test_due_cert_renewed_by_loop_then_five_forced_renewals_under_load(
     assert total > 50, total
 
 
-async def test_force_while_an_attempt_finishes_is_not_lost(pebble: Pebble, tmp_path: Path) -> None:
-    """`edged renew` arriving while an attempt is between serving its certificate and
-    recording its result starts another attempt after it (it used to be overwritten)."""
+@contextlib.asynccontextmanager
+async def issued_once(pebble: Pebble, tmp_path: Path) -> AsyncIterator[Edged]:
+    """edged ordering NAME from Pebble, once its first certificate is issued and served."""
     async with run_backend() as backend:
         body = acme_table(pebble.directory, pebble.listener_ca) + site_table(backend.address)
         async with run_edged(tmp_path, body, http=(pebble.http_port,)) as edged:
-            daemon, renewer = edged.daemon, edged.daemon.renewer
-            successes = daemon.counters.renewal_attempts
-            await wait_for(lambda: successes[NAME, "success"] == 1, what="the first issuance")
-            installed = renewer.on_installed
-            forced: list[bool] = []
+            attempts = edged.daemon.counters.renewal_attempts
+            await wait_for(lambda: attempts[NAME, "success"] == 1, what="the first issuance")
+            yield edged
 
-            async def install_then_force(name: str) -> object:
-                result = await installed(name)
-                if not forced:  # the operator's request lands in the attempt's last step
-                    forced.append(name in renewer._running)
-                    renewer.force(name)
-                return result
 
-            renewer.on_installed = install_then_force
-            renewer.force(NAME)
-            await wait_for(lambda: successes[NAME, "success"] == 3, what="the follow-up attempt")
-            assert forced == [True]
-            await wait_for(lambda: not renewer.states[NAME].in_flight, what="the attempt's end")
-            assert renewer.states[NAME].status is CertStatus.ACTIVE
-            assert successes[NAME, "success"] == 3 and successes[NAME, "failure"] == 0
-            assert pebble.count(ORDER) == 3
+async def test_force_while_an_attempt_finishes_is_not_lost(pebble: Pebble, tmp_path: Path) -> None:
+    """`edged renew` arriving while an attempt is between serving its certificate and
+    recording its result starts another attempt after it (it used to be overwritten)."""
+    async with issued_once(pebble, tmp_path) as edged:
+        daemon, renewer = edged.daemon, edged.daemon.renewer
+        successes = daemon.counters.renewal_attempts
+        installed = renewer.on_installed
+        forced: list[bool] = []
+
+        async def install_then_force(name: str) -> object:
+            result = await installed(name)
+            if not forced:  # the operator's request lands in the attempt's last step
+                forced.append(name in renewer._running)
+                renewer.force(name)
+            return result
+
+        renewer.on_installed = install_then_force
+        renewer.force(NAME)
+        await wait_for(lambda: successes[NAME, "success"] == 3, what="the follow-up attempt")
+        assert forced == [True]
+        await wait_for(lambda: not renewer.states[NAME].in_flight, what="the attempt's end")
+        assert renewer.states[NAME].status is CertStatus.ACTIVE
+        assert successes[NAME, "success"] == 3 and successes[NAME, "failure"] == 0
+        assert pebble.count(ORDER) == 3
 
 
 async def test_an_unexpected_error_in_an_attempt_is_a_failed_attempt(
@@ -220,33 +237,30 @@ async def test_an_unexpected_error_in_an_attempt_is_a_failed_attempt(
     """An exception that is no EdgedError (a bug, input nothing foresaw) ends the attempt as a
     failure: counted, retried on the schedule, not left in flight (it used to stay in flight
     forever: never retried, `edged renew` could not unstick it)."""
-    async with run_backend() as backend:
-        body = acme_table(pebble.directory, pebble.listener_ca) + site_table(backend.address)
-        async with run_edged(tmp_path, body, http=(pebble.http_port,)) as edged:
-            daemon, renewer = edged.daemon, edged.daemon.renewer
-            attempts = daemon.counters.renewal_attempts
-            await wait_for(lambda: attempts[NAME, "success"] == 1, what="the first issuance")
-            installed = renewer.on_installed
+    async with issued_once(pebble, tmp_path) as edged:
+        daemon, renewer = edged.daemon, edged.daemon.renewer
+        attempts = daemon.counters.renewal_attempts
+        installed = renewer.on_installed
 
-            async def broken(name: str) -> object:
-                raise RuntimeError("a bug in installing")
+        async def broken(name: str) -> object:
+            raise RuntimeError("a bug in installing")
 
-            renewer.on_installed = broken
-            renewer.force(NAME)
-            await wait_for(lambda: attempts[NAME, "failure"] == 1, what="the failed attempt")
-            state = renewer.states[NAME]
-            assert not state.in_flight and state.attempts == 1
-            assert "RuntimeError: a bug in installing" in str(state.last_error)
-            assert state.next_try is not None
-            assert state.next_try - datetime.now(UTC) > timedelta(minutes=14)  # retry_interval
-            saved = read_state(tmp_path / "store")
-            assert saved is not None and saved["in_flight"] is False
-            # Not stuck: a forced retry runs and succeeds.
-            renewer.on_installed = installed
-            renewer.force(NAME)
-            await wait_for(lambda: attempts[NAME, "success"] == 2, what="the forced retry")
-            await wait_for(lambda: not renewer.states[NAME].in_flight, what="the attempt's end")
-            assert renewer.states[NAME].status is CertStatus.ACTIVE
+        renewer.on_installed = broken
+        renewer.force(NAME)
+        await wait_for(lambda: attempts[NAME, "failure"] == 1, what="the failed attempt")
+        state = renewer.states[NAME]
+        assert not state.in_flight and state.attempts == 1
+        assert "RuntimeError: a bug in installing" in str(state.last_error)
+        assert state.next_try is not None
+        assert state.next_try - datetime.now(UTC) > timedelta(minutes=14)  # retry_interval
+        saved = read_state(tmp_path / "store")
+        assert saved is not None and saved["in_flight"] is False
+        # Not stuck: a forced retry runs and succeeds.
+        renewer.on_installed = installed
+        renewer.force(NAME)
+        await wait_for(lambda: attempts[NAME, "success"] == 2, what="the forced retry")
+        await wait_for(lambda: not renewer.states[NAME].in_flight, what="the attempt's end")
+        assert renewer.states[NAME].status is CertStatus.ACTIVE
 
 
 async def test_a_certificate_the_daemon_does_not_serve_is_a_failed_attempt(
@@ -254,28 +268,25 @@ async def test_a_certificate_the_daemon_does_not_serve_is_a_failed_attempt(
 ) -> None:
     """The attempt counts as done only when the new certificate serves: when the daemon's
     reload refuses it (here: installs nothing), the attempt failed and the old one serves."""
-    async with run_backend() as backend:
-        body = acme_table(pebble.directory, pebble.listener_ca) + site_table(backend.address)
-        async with run_edged(tmp_path, body, http=(pebble.http_port,)) as edged:
-            daemon, renewer = edged.daemon, edged.daemon.renewer
-            attempts = daemon.counters.renewal_attempts
-            await wait_for(lambda: attempts[NAME, "success"] == 1, what="the first issuance")
-            old = daemon.serving(NAME)
-            assert old is not None
+    async with issued_once(pebble, tmp_path) as edged:
+        daemon, renewer = edged.daemon, edged.daemon.renewer
+        attempts = daemon.counters.renewal_attempts
+        old = daemon.serving(NAME)
+        assert old is not None
 
-            async def refused(name: str) -> bool:
-                return False  # what Daemon.reload answers when it keeps the old certificate
+        async def refused(name: str) -> bool:
+            return False  # what Daemon.reload answers when it keeps the old certificate
 
-            renewer.on_installed = refused
-            renewer.force(NAME)
-            await wait_for(lambda: attempts[NAME, "failure"] == 1, what="the failed attempt")
-            state = renewer.states[NAME]
-            assert attempts[NAME, "success"] == 1
-            assert state.status is CertStatus.PROCESSING and state.attempts == 1
-            assert "refused to serve it" in str(state.last_error)
-            assert renewer.fallback_active(NAME)
-            served = daemon.serving(NAME)
-            assert served is not None and served.fingerprint == old.fingerprint
+        renewer.on_installed = refused
+        renewer.force(NAME)
+        await wait_for(lambda: attempts[NAME, "failure"] == 1, what="the failed attempt")
+        state = renewer.states[NAME]
+        assert attempts[NAME, "success"] == 1
+        assert state.status is CertStatus.PROCESSING and state.attempts == 1
+        assert "refused to serve it" in str(state.last_error)
+        assert renewer.fallback_active(NAME)
+        served = daemon.serving(NAME)
+        assert served is not None and served.fingerprint == old.fingerprint
 
 
 async def test_restart_spreads_overdue_active_certificates(pebble: Pebble, tmp_path: Path) -> None:
