@@ -12,6 +12,9 @@ Messages (edged.ipc):
   main → worker: ("state", config | None, {site index: (ServedCert, ...)}, full, pending)
                  (a new worker's first: FORKED_CONFIG for the config, while the one the zygote
                  was forked with is current: the worker has it in memory already)
+                 ("challenges", [(name, key authorization, ttl), ...])   right after a new
+                 worker's first state: the pending TLS-ALPN-01 challenges, installed before it
+                 serves
                  ("alpn", seq, name, key authorization | None, ttl)   a TLS-ALPN-01 challenge
                  ("alpn_answer", seq, key authorization | None)   the shared store's, asked for
                  ("stop", grace)   seconds left to the open connections (None: no limit)
@@ -145,6 +148,9 @@ class Worker:
             assert term.alpn_board is not None
             term.alpn_board.ask = lambda name: self._ask_shared(writer, name)
             await self._apply(term, config, first[2], full=True, pending=first[4])
+            failed = await self._install_challenges(reader, term.alpn_board)
+            if failed is not None:
+                return failed
             servers = [await term.serve(sock) for _, sock in self.sockets]
             writer.write(encode(("ready", os.getpid())))
             reports = tg.create_task(self._report_loop(writer, term))
@@ -162,6 +168,27 @@ class Worker:
                     await writer.drain()
             writer.close()
         return 0
+
+    async def _install_challenges(
+        self, reader: asyncio.StreamReader, board: AlpnChallengeBoard
+    ) -> int | None:
+        """The TLS-ALPN-01 challenges pending when this worker was started (the message after
+        its first state), on its board before it serves. None when done, else the exit status
+        (the main process closed the channel: 0, as when abandoned before the first state)."""
+        try:
+            message = await read_message(reader)
+        except IpcError as exc:
+            log.error("worker %d: %s; exiting", self.slot, exc)
+            return 1
+        if message is None:
+            log.info("worker %d: the main process closed its channel; exiting", self.slot)
+            return 0
+        if not (isinstance(message, tuple) and message[0] == "challenges"):
+            log.error("worker %d: no challenges from the main process; exiting", self.slot)
+            return 1
+        for name, key_authorization, ttl in message[1]:
+            await asyncio.to_thread(board.add, name, key_authorization, ttl, share=False)
+        return None
 
     async def _drain(self, term: Terminator) -> None:
         """Let the open connections finish until the deadline (none: until the last one ends);

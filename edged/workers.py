@@ -439,10 +439,11 @@ class WorkerPool:
             state = ("state", config, dict(self._certs), True, frozenset(self._pending))
             self._full = self._encode(state)
         handle.send(self._full)
+        # The pending TLS-ALPN-01 challenges, installed before it serves: its predecessor
+        # retires once it does, and a validation may be waiting in the slot's queue.
         now = time.monotonic()
-        for name, (key_authorization, expires) in self._challenges.items():
-            if expires > now:
-                handle.send(_now(("alpn", 0, name, key_authorization, expires - now)))
+        pending = [(name, ka, expires - now) for name, (ka, expires) in self._challenges.items()]
+        handle.send(_now(("challenges", [c for c in pending if c[2] > 0])))
         if self._stopping:  # stop() ran while this one was being connected
             handle.retiring = True
             handle.send(_now(("stop", 0.0)))

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import re
 import signal
 import socket
@@ -42,6 +43,7 @@ from tests.pebble import start_pebble
 from tests.pki import make_ca, make_leaf, write_pair
 from tests.redis_server import RedisServer
 from tests.test_preflight import CA, bind, by_check, config_text  # noqa: F401 (bind: a fixture)
+from tests.test_workers import run_workers, zygote_of
 
 NAMES = ("shop.test", "www.shop.test")
 EDGED = str(Path(sys.executable).with_name("edged"))
@@ -410,6 +412,68 @@ async def test_edged_process_obtains_certificates_over_tls_alpn_01_only(
             await asyncio.wait_for(proc.wait(), 15)
         pebble.stop()
     assert proc.returncode == 0
+
+
+async def test_a_replacement_worker_has_the_pending_challenges_before_it_serves(
+    tmp_path: Path,
+) -> None:
+    """Both workers die while a validation is pending, and a validation connection waits in
+    their sockets' queues: the replacements install the pending challenges before they serve,
+    so the waiting connection is answered (they came as messages handled after serving)."""
+    hold_port = free_port()  # Pebble's tlsPort: a relay that holds its validations
+    pebble = start_pebble(tmp_path / "pebble", tls_port=hold_port)
+    validating = asyncio.Event()
+    release = asyncio.Event()
+    edged_port: list[int] = []
+    opened: list[asyncio.StreamWriter] = []  # closed at the end: none left for loop.close()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        opened.append(writer)
+        validating.set()
+        await release.wait()
+        with contextlib.suppress(OSError):
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", edged_port[0])
+            opened.append(up_w)
+
+            async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+                with contextlib.suppress(OSError):
+                    while data := await src.read(65536):
+                        dst.write(data)
+                        await dst.drain()
+                dst.close()
+
+            await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+
+    holder = await asyncio.start_server(relay, "127.0.0.1", hold_port)
+    body = acme_table(pebble.directory, pebble.listener_ca) + (
+        '[[site]]\nnames = ["shop.test"]\nbackend = "127.0.0.1:9"\n'
+    )
+    try:
+        async with run_workers(tmp_path, body) as e:
+            edged_port.append(e.port)
+            await asyncio.wait_for(validating.wait(), 60)  # the challenge is pending now
+            zygote = await asyncio.to_thread(zygote_of, e)
+            os.kill(zygote, signal.SIGSTOP)  # no replacement until the client waits
+            try:
+                for worker in await asyncio.to_thread(e.workers):
+                    os.kill(int(str(worker["pid"])), signal.SIGKILL)
+                await asyncio.sleep(0.5)
+                waiting = asyncio.create_task(
+                    asyncio.to_thread(handshake, e.port, "shop.test", [ACME_TLS_ALPN])
+                )
+                await asyncio.sleep(0.5)  # connected: queued on a slot's listening socket
+            finally:
+                os.kill(zygote, signal.SIGCONT)
+            alpn, cert = await asyncio.wait_for(waiting, 30)
+            assert alpn == ACME_TLS_ALPN and is_challenge_cert(cert)
+            release.set()
+    finally:
+        release.set()
+        holder.close()
+        pebble.stop()
+        for writer in opened:
+            writer.close()
+        await asyncio.sleep(0.1)  # the closes complete
 
 
 async def test_fleet_node_answers_the_challenge_another_node_ordered(
