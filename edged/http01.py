@@ -350,6 +350,10 @@ class Http01App:
             ("X-Forwarded-For", f"{prior}, {peer}" if prior else peer),
             ("X-Forwarded-Proto", "http"),
         ]
+        if request.content_length is not None:
+            # The body goes on as the client framed it: with its length, not re-chunked (a
+            # backend may not take chunked request bodies). Without one it is chunked.
+            headers.append(("Content-Length", str(request.content_length)))
         # The target exactly as received: the backend must see the path edged saw (a decoded
         # %2F or a resolved "/.." would make it another path). Absolute-form targets
         # ("GET http://x/p") are sent in origin-form ("/p"), unnormalised too.

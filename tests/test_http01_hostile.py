@@ -643,6 +643,22 @@ async def test_forward_drops_hop_by_hop_headers(raw_backend: RawBackend) -> None
     assert reply.headers.get("x-end") == "kept"
 
 
+async def test_forward_keeps_the_clients_content_length(raw_backend: RawBackend) -> None:
+    """A body the client sent with its length reaches the backend with that length, not
+    re-chunked (a backend may refuse chunked request bodies)."""
+    raw_backend.answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+    async with forwarding(raw_backend.port) as port:
+        reply = await raw_request(
+            port,
+            b"POST /p HTTP/1.1\r\nHost: f.test\r\nContent-Length: 5\r\n"
+            b"Content-Type: text/plain\r\nConnection: close\r\n\r\nhello",
+        )
+    assert reply.status == 200 and b"ok" in reply.body
+    sent = header_lines(raw_backend.requests[0])
+    assert ("content-length", "5") in sent, sent
+    assert "transfer-encoding" not in [name for name, _ in sent], sent
+
+
 async def forwarded_raw(port: int, request: bytes) -> tuple[list[tuple[str, str]], bytes]:
     """Send `request` (which asks for Connection: close) to edged; its reply's head fields and
     body, read to EOF."""
