@@ -221,8 +221,18 @@ class DaemonOperations:
             stored_at=time.time(),
         )
         await self._store(lambda: store.save(cert))
-        await self.daemon.reload("admin")
-        await self._wait(lambda: _serves(self.daemon.serving(site.name), bundle))
+        reloaded = await self.daemon.reload("admin")
+        if reloaded:
+            await self._wait(lambda: _serves(self.daemon.serving(site.name), bundle))
+        if not _serves(self.daemon.serving(site.name), bundle):
+            why = "was rejected" if not reloaded else "did not install it"
+            raise AdminError(
+                "not_served",
+                f"the certificate for {site.name} is stored but not served: the reload {why} "
+                f"(the log says why); it serves from the next reload that succeeds, or "
+                f"`edged rollback {site.name}` takes it back",
+                502,
+            )
         return {
             "name": site.name,
             "fingerprint_sha256": bundle.fingerprint,

@@ -163,9 +163,12 @@ def obtain(
     counters: Counters | None = None,
     replaces: str = "",
     cancel: threading.Event | None = None,
+    keep_upload: bool = False,
 ) -> Issued:
     """Blocking: order a certificate for `site`, store it atomically. AcmeError on failure.
-    `cancel` set: give up at the next wait (the caller was cancelled; edged is stopping)."""
+    `cancel` set: give up at the next wait (the caller was cancelled; edged is stopping).
+    `keep_upload` (the renewal loop, which orders only for managed sites): a certificate
+    uploaded meanwhile is not replaced."""
     observe = counters.acme_requests.observe if counters is not None else None
     session = AcmeSession(settings, store, observe=observe, cancel=cancel)
     request = OrderRequest(
@@ -179,6 +182,15 @@ def obtain(
     finally:
         session.close()
     try:
+        # An upload while this order ran hands the site to the operator: it stays (the site
+        # was managed when the order began, so any upload found now is that new one).
+        current = store.load(site.name) if keep_upload else None
+        if current is not None and current.source == "upload":
+            raise AcmeError(
+                site.name,
+                "a certificate was uploaded for the site while this order ran: the upload "
+                "stays and ACME no longer manages the site (the new certificate is dropped)",
+            )
         store.save(issued.cert)
     except StoreError as exc:
         raise AcmeError(site.name, f"the new certificate could not be stored: {exc}") from exc
@@ -591,6 +603,7 @@ class Renewer:
                 self.counters,
                 replaces,
                 cancel,
+                True,  # keep_upload
             )
             pair = issued.cert.pairs[0]
             bundle = parse_bundle(pair.fullchain, pair.privkey, source=name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -15,13 +16,16 @@ from aiohttp import web
 
 from edged.acme.client import AcmeSession
 from edged.acme.issue import OrderRequest, issue
-from edged.acme.solvers import Http01Solver
+from edged.acme.solvers import Http01Solver, Solver
 from edged.config import AcmeSettings, parse_config
 from edged.errors import AcmeError
 from edged.http01 import ChallengeBoard, Http01App
+from edged.renewer import obtain
+from edged.store.base import PemPair, StoredCert
 from edged.store.files import FileStore
 from tests.https_front import HttpsFront
 from tests.pebble import Pebble, start_pebble
+from tests.pki import fullchain, make_ca, make_leaf
 
 SITES = """
 [listen]
@@ -300,3 +304,36 @@ async def test_an_error_without_a_problem_document_names_the_status_and_keeps_re
     assert "HTTP 503 Service Unavailable" in message and "Response [" not in message, message
     assert info.value.retry_after is not None
     assert timedelta(seconds=100) < info.value.retry_after - before < timedelta(seconds=140)
+
+
+async def test_an_order_does_not_replace_a_certificate_uploaded_while_it_ran(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    """The renewal loop orders only for managed sites; an `edged upload` while the order runs
+    hands the site to the operator: the finished order must not overwrite the upload (it did,
+    and ACME was back in charge)."""
+    config = parse_config(SITES, Path("/etc/edged/edged.toml"))
+    site = config.sites[0]
+    store = FileStore(tmp_path / "store")
+    ca = make_ca("Own CA")
+    leaf = make_leaf(ca, list(site.names), cn="uploaded")
+    upload = StoredCert(
+        site.name,
+        site.names,
+        (PemPair("ecdsa-p256", fullchain(leaf), leaf.key_pem),),
+        "upload",
+        time.time(),
+    )
+    board = ChallengeBoard()
+
+    def order_then_upload() -> Solver:
+        store.save(upload)  # the operator's upload lands while the order runs
+        return Http01Solver(board)
+
+    async with http01(board, pebble.http_port):
+        with pytest.raises(AcmeError, match="uploaded for the site while this order ran"):
+            await asyncio.to_thread(
+                obtain, settings(pebble), store, site, order_then_upload, None, "", None, True
+            )
+    kept = store.load(site.name)
+    assert kept is not None and kept.source == "upload" and kept.pairs == upload.pairs

@@ -215,3 +215,29 @@ async def test_renew_answers_when_a_reload_removes_the_site_meanwhile(
             await asyncio.wait_for(renewing, 30)
         assert raised.value.code == "not_acme" and raised.value.status == 409
         assert "no longer managed" in raised.value.message
+
+
+async def test_upload_of_a_wildcard_for_a_site_name_it_covers_serves(tmp_path: Path) -> None:
+    """Site www.wild.test, uploaded certificate for *.wild.test: stored and served (it was
+    refused by the store, a 500 store_failed). A reload the daemon rejects (a broken config)
+    answers not_served, naming the way back, instead of claiming it serves."""
+    from edged.admin import AdminError
+    from edged.operations import DaemonOperations
+
+    ca = make_ca("Own CA")
+    wild = make_leaf(ca, ["*.wild.test"], cn="wildcard upload")
+    body = '[[site]]\nnames = ["www.wild.test"]\nbackend = "127.0.0.1:9"\n'
+    async with run_edged(tmp_path, body) as edged:
+        ops = DaemonOperations(edged.daemon)
+        done = await ops.upload("www.wild.test", fullchain(wild), wild.key_pem)
+        assert "now serves www.wild.test" in str(done["message"])
+        cn = peer_cn((await s_client(edged.port, "www.wild.test")).stderr)
+        assert cn == "wildcard upload"
+        other = make_leaf(ca, ["*.wild.test"], cn="second upload")
+        edged.config_path.write_text(edged.config_path.read_text() + "\n[broken\n")
+        with pytest.raises(AdminError) as refused:
+            await ops.upload("www.wild.test", fullchain(other), other.key_pem)
+        assert refused.value.code == "not_served" and refused.value.status == 502
+        assert "edged rollback www.wild.test" in refused.value.message
+        cn = peer_cn((await s_client(edged.port, "www.wild.test")).stderr)
+        assert cn == "wildcard upload"

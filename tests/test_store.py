@@ -185,6 +185,20 @@ def test_bad_names_rejected(tmp_path: Path, bad: str) -> None:
 def test_save_requires_name_among_names(store: FileStore) -> None:
     with pytest.raises(StoreError, match="not among its names"):
         store.save(StoredCert(NAME, ("b.com",), V3.pairs, "acme", 0))
+    # A wildcard covers exactly one label: not the name itself, not two labels deeper.
+    with pytest.raises(StoreError, match="nor covered by one of them"):
+        store.save(StoredCert(NAME, (f"*.{NAME}",), V3.pairs, "acme", 0))
+    with pytest.raises(StoreError, match="nor covered by one of them"):
+        store.save(StoredCert(f"x.y.{NAME}", (f"*.{NAME}",), V3.pairs, "acme", 0))
+
+
+def test_a_site_name_covered_by_the_certificates_wildcard_is_stored(store: FileStore) -> None:
+    """A site www.a.com served by an uploaded *.a.com certificate: its entry is stored under
+    the site's name (it was refused, and `edged upload` answered 500 store_failed)."""
+    cert = StoredCert(f"www.{NAME}", (f"*.{NAME}",), V3.pairs, "upload", 0)
+    store.save(cert)
+    loaded = store.load(f"www.{NAME}")
+    assert loaded is not None and loaded.names == (f"*.{NAME}",)
 
 
 def test_names_skips_foreign_directories(store: FileStore) -> None:

@@ -34,7 +34,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from edged.errors import StoreError
-from edged.names import NameError_, name_from_dirname, normalize_name, store_dirname
+from edged.names import NameError_, covers, name_from_dirname, normalize_name, store_dirname
 from edged.store.base import KEY_TYPE_PATTERN, PemPair, StoredCert
 
 log = logging.getLogger(__name__)
@@ -411,8 +411,13 @@ def _normalised(cert: StoredCert) -> StoredCert:
     """`cert` with every name normalised; StoreError naming a bad one."""
     name, _ = _checked(cert.name)
     names = tuple(_checked(n)[0] for n in cert.names)
-    if name not in names:
-        raise StoreError(f"certificate {name!r}: its name is not among its names {list(names)}")
+    # Its name is the site's: one of the certificate's names, or covered by one of them (a
+    # site www.a.com served by an uploaded *.a.com certificate).
+    if not any(covers(n, name) for n in names):
+        raise StoreError(
+            f"certificate {name!r}: its name is not among its names, nor covered by one of "
+            f"them {list(names)}"
+        )
     if (name, names) == (cert.name, cert.names):
         return cert
     return StoredCert(name, names, cert.pairs, cert.source, cert.stored_at, cert.extra)
