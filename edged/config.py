@@ -315,6 +315,9 @@ class _Reader:
             number = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
         else:
             number = -1.0
+        if number > MAX_DURATION:  # inf too: no timer or date can take it
+            self.problem(name, f"{value!r} is longer than any edged can use: at most 365d")
+            return default
         if number > 0 or (zero and number == 0):
             return number
         what = " or 0 (off)" if zero else ""
@@ -357,6 +360,10 @@ def _toml_type(value: object) -> str:
     }.get(type(value), type(value).__name__)
 
 
+MAX_DURATION = 365 * 86400.0  # seconds; more overflows dates (`now + interval`) and timers
+UNIX_PATH_MAX = 107  # bytes of a unix socket path Linux takes (sun_path less its NUL)
+
+
 @functools.lru_cache(maxsize=4096)
 def parse_address(text: str, *, listen: bool, allow_unix: bool = True) -> Address:
     """Parse `host:port`, `[v6]:port` or `unix:/path`; listen addresses need an IP literal.
@@ -365,18 +372,29 @@ def parse_address(text: str, *, listen: bool, allow_unix: bool = True) -> Addres
         path = text[len("unix:") :]
         if not allow_unix:
             raise ValueError(f"{text!r}: a unix socket is not allowed here")
-        if not path.startswith("/"):
+        if not path.startswith("/") or path == "/":
             raise ValueError(f"{text!r}: a unix socket path must be absolute (unix:/run/x.sock)")
+        if "\0" in path:
+            raise ValueError(f"{text!r}: a unix socket path cannot hold a NUL character")
+        if len(os.fsencode(path)) > UNIX_PATH_MAX:
+            raise ValueError(
+                f"{text!r}: a unix socket path takes at most {UNIX_PATH_MAX} bytes on Linux: "
+                "use a shorter one (e.g. under /run)"
+            )
         return Address(path=path)
     if text.startswith("["):
         host, sep, port_text = text[1:].partition("]:")
         if not sep:
             raise ValueError(f"{text!r}: an IPv6 address is written [addr]:port")
+        if ":" not in host:  # [127.0.0.1]:443, [example.com]:80
+            raise ValueError(f"{text!r}: brackets are for IPv6 addresses only ([::1]:443)")
     else:
         host, sep, port_text = text.rpartition(":")
         if not sep or not host:
             raise ValueError(f"{text!r}: expected host:port (e.g. 127.0.0.1:8080)")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        if ":" in host:  # 2001:db8::1:443 is itself an address: which part is the port?
+            raise ValueError(f"{text!r}: write an IPv6 address in brackets: [addr]:port")
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise ValueError(f"{text!r}: port must be a number from 1 to 65535")
     try:
         ip = ipaddress.ip_address(host)

@@ -365,3 +365,32 @@ def test_notify_webhook_urls_that_work() -> None:
         acme = parse_config(text + f'[acme]\nnotify_webhook = "{url}"\n', SRC).acme
         assert acme is not None and acme.notify_webhook == url
     assert parse_config(text + '[acme]\nnotify_webhook = ""\n', SRC).acme is not None  # off
+
+
+def test_durations_no_timer_can_take_are_refused() -> None:
+    """`inf` (TOML) or '99999999999d' passed, then `now + interval` overflowed at the first
+    failed renewal attempt, which the renewal loop could not record."""
+    for value in ("inf", '"99999999999d"', '"366d"'):
+        found = problems(MINIMAL + f"\n[acme]\nretry_interval = {value}\n")
+        assert any("acme.retry_interval" in p and "at most 365d" in p for p in found), found
+    assert parse_config(MINIMAL + '\n[tls]\nticket_key_rotation = "365d"\n', SRC)
+
+
+def test_addresses_that_cannot_work_are_refused_at_parse() -> None:
+    long_path = "/run/" + "x" * 120 + ".sock"
+    cases = {
+        f'backend = "unix:{long_path}"': "at most 107 bytes",
+        'backend = "unix:/"': "must be absolute",
+        'backend = "unix:/run/a\\u0000b.sock"': "cannot hold a NUL",
+        'backend = "::1:8080"': "in brackets",
+        'backend = "2001:db8::1:443"': "in brackets",
+        'backend = "[127.0.0.1]:8080"': "for IPv6 addresses only",
+        'backend = "[example.com]:80"': "for IPv6 addresses only",
+        'backend = "127.0.0.1:\\uff18\\uff10"': "port must be a number",  # full-width 80
+    }
+    for line, expected in cases.items():
+        text = MINIMAL.replace('backend = "127.0.0.1:8080"', line)
+        found = problems(text)
+        assert any(expected in p for p in found), (line, found)
+    ok = MINIMAL.replace('backend = "127.0.0.1:8080"', 'backend = "[::1]:8080"')
+    assert str(parse_config(ok, SRC).sites[0].backend) == "[::1]:8080"
