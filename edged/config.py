@@ -565,8 +565,40 @@ def _parse_listen(r: _Reader, base: Path) -> ListenSettings:
     )
     if s.admin and not s.admin.is_unix and not ipaddress.ip_address(s.admin.host).is_loopback:
         r.problem("admin", f"{s.admin} is not loopback: use unix:/path or 127.0.0.1:PORT")
+    _check_listen_clashes(r, s)
     r.finish()
     return s
+
+
+def _check_listen_clashes(r: _Reader, s: ListenSettings) -> None:
+    """Two listeners of different keys on one address (or 0.0.0.0:P and an IPv4 address on
+    P, [::]:P and an IPv6 one): the second cannot bind. Found here, not at start or reload."""
+    seen: dict[tuple[str, int] | str, str] = {}
+    keyed = [("https", a) for a in s.https] + [("http", a) for a in s.http]
+    keyed += [(k, a) for k, a in (("metrics", s.metrics), ("admin", s.admin)) if a is not None]
+    for key, address in keyed:
+        if address.is_unix:
+            spots: list[tuple[str, int] | str] = [address.path]
+        else:
+            ip = ipaddress.ip_address(address.host)
+            anywhere = "0.0.0.0" if ip.version == 4 else "::"
+            spots = [(address.host, address.port), (anywhere, address.port)]
+            if address.host == anywhere:  # the wildcard clashes with any address of its family
+                spots += [
+                    spot
+                    for spot in seen
+                    if isinstance(spot, tuple)
+                    and spot[1] == address.port
+                    and ipaddress.ip_address(spot[0]).version == ip.version
+                ]
+        for spot in spots:
+            other = seen.get(spot)
+            if other is not None and other != key:
+                r.problem(
+                    key, f"{address} is also where {other} listens: one address, one listener"
+                )
+                break
+        seen[(address.host, address.port) if not address.is_unix else address.path] = key
 
 
 def _parse_tls(r: _Reader) -> TlsSettings:

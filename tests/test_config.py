@@ -394,3 +394,20 @@ def test_addresses_that_cannot_work_are_refused_at_parse() -> None:
         assert any(expected in p for p in found), (line, found)
     ok = MINIMAL.replace('backend = "127.0.0.1:8080"', 'backend = "[::1]:8080"')
     assert str(parse_config(ok, SRC).sites[0].backend) == "[::1]:8080"
+
+
+def test_two_listeners_of_different_keys_on_one_address_are_refused() -> None:
+    """They passed `edged check` and then could not bind at start or reload."""
+    site = '[[site]]\nnames = ["a.test"]\nbackend = "127.0.0.1:9"\n'
+    clashes = {
+        'https = ["0.0.0.0:443"]\nhttp = ["0.0.0.0:443"]': "listen.http: 0.0.0.0:443",
+        'https = ["127.0.0.1:8443"]\nhttp = ["0.0.0.0:8443"]': "listen.http: 0.0.0.0:8443",
+        'https = ["[::]:8443"]\nhttp = ["[::1]:8443"]': "listen.http: [::1]:8443",
+        'metrics = "127.0.0.1:9100"\nadmin = "127.0.0.1:9100"': "listen.admin: 127.0.0.1:9100",
+        'metrics = "unix:/run/e.sock"\nadmin = "unix:/run/e.sock"': "listen.admin: unix:/run/e",
+    }
+    for listen, expected in clashes.items():
+        found = problems(f"[listen]\n{listen}\n{site}")
+        assert any(expected in p and "is also where" in p for p in found), (listen, found)
+    fine = '[listen]\nhttps = ["0.0.0.0:443", "[::]:443"]\nhttp = ["0.0.0.0:80"]\n'
+    assert parse_config(fine + site, SRC).listen.https
