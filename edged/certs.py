@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 
 from cryptography import x509
@@ -196,13 +196,18 @@ def _bundle(
     )
 
 
+# A certificate that starts within this long is usable already: this host's clock may lag the
+# CA's by that much (an ACME order, an upload and a reload judge alike; CAs backdate anyway).
+NOT_BEFORE_SKEW = timedelta(minutes=5)
+
+
 def check_bundle(
     bundle: CertBundle, *, now: datetime, names: Sequence[str] = (), require_chain: bool = False
 ) -> list[CertError]:
     """Every clock- and config-dependent problem of a parsed bundle (empty list: usable)."""
     now = now if now.tzinfo is not None else now.replace(tzinfo=UTC)
     problems: list[CertError] = []
-    if now < bundle.not_before:
+    if now + NOT_BEFORE_SKEW < bundle.not_before:
         problems.append(_not_yet_valid(bundle, now))
     if now > bundle.not_after:
         problems.append(_expired(bundle, now))

@@ -258,7 +258,7 @@ def _error_of(exc: Exception) -> tuple[dict[str, object], datetime | None]:
 
 def _check_served(name: str, new: CertBundle, served: CertBundle | None) -> None:
     """AcmeError unless the daemon serves the new certificate: it validates again (and may
-    refuse what the order flow accepted, e.g. one not valid yet by this host's clock)."""
+    refuse what the order flow accepted, e.g. a site whose config changed meanwhile)."""
     if served is None or served.fingerprint != new.fingerprint:
         raise AcmeError(
             name,

@@ -396,6 +396,12 @@ def test_not_yet_valid() -> None:
     assert "2031-05-04 12:00:00 UTC" in err.message and "in 3 hours" in err.message
     assert "clock" in err.message
     assert check_bundle(bundle_of(leaf, inter), now=start) == []
+    # Starting within NOT_BEFORE_SKEW (5 min) it is usable already: this host's clock may lag
+    # the CA's; an order, an upload and a reload judge it alike (a reload refused what the
+    # order had accepted).
+    assert check_bundle(bundle_of(leaf, inter), now=start - timedelta(minutes=4)) == []
+    (err,) = check_bundle(bundle_of(leaf, inter), now=start - timedelta(minutes=6))
+    assert err.reason == CertReason.NOT_YET_VALID
 
 
 def test_expired() -> None:
