@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+import idna
+
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 MAX_NAME_LENGTH = 253
 
@@ -25,9 +27,12 @@ def normalize_name(raw: str, *, allow_wildcard: bool = True) -> str:
     if not name:
         raise NameError_("empty DNS name")
     if not name.isascii():
+        star, rest = ("*.", name[2:]) if name.startswith("*.") else ("", name)
         try:
-            name = name.encode("idna").decode("ascii")
-        except UnicodeError as exc:
+            # IDNA 2008 with UTS 46, non-transitional, as browsers and CAs: Python's own
+            # "idna" codec is IDNA 2003 and maps faß.de to fass.de, another domain.
+            name = star + idna.encode(rest, uts46=True, transitional=False).decode("ascii")
+        except (idna.IDNAError, UnicodeError) as exc:
             raise NameError_(f"{raw!r} is not a valid internationalised name: {exc}") from None
     if len(name) > MAX_NAME_LENGTH:
         raise NameError_(f"{raw!r} is longer than {MAX_NAME_LENGTH} characters")

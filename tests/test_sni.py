@@ -89,6 +89,11 @@ def test_default_answers_unknown_and_missing_sni() -> None:
 def test_names_normalisation_and_rules() -> None:
     assert normalize_name("WWW.Example.COM.") == "www.example.com"
     assert normalize_name("bücher.example") == "xn--bcher-kva.example"
+    # IDNA 2008 (UTS 46, non-transitional), as browsers and CAs: Python's "idna" codec is
+    # IDNA 2003, which made faß.de fass.de and folded the final sigma: other domains.
+    assert normalize_name("faß.de") == "xn--fa-hia.de"
+    assert normalize_name("βόλος.com") == "xn--nxasmm1c.com"
+    assert normalize_name("*.Bücher.example.") == "*.xn--bcher-kva.example"
     for bad in ("", "a..b", "-a.com", "a-.com", "x" * 64 + ".com", "a/b.com", "*.*.a.com"):
         with pytest.raises(NameError_):
             normalize_name(bad)
