@@ -447,7 +447,7 @@ def _alpn(r: _Reader, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
 def _parse_edged(r: _Reader, base: Path) -> EdgedSettings:
     d = EdgedSettings()
     s = EdgedSettings(
-        store=r.get("store", str, d.store, "a directory or redis:// URL") or d.store,
+        store=r.get("store", str, d.store, "a directory or redis:// URL"),
         workers=r.integer("workers", d.workers, 0),
         allocator=r.choice("allocator", ALLOCATORS, d.allocator),
         max_connections=r.integer("max_connections", d.max_connections, 1),
@@ -473,6 +473,8 @@ def _parse_edged(r: _Reader, base: Path) -> EdgedSettings:
             "connection_log_sample",
             f"must be a fraction from 0 to 1 (1 = every connection), got {s.connection_log_sample}",
         )
+    if not s.store.strip():
+        r.problem("store", "is empty: name a directory (e.g. /var/lib/edged) or a redis:// URL")
     if "://" in s.store and not s.store.startswith(("redis://", "rediss://", "unix://")):
         r.problem(
             "store",

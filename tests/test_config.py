@@ -411,3 +411,10 @@ def test_two_listeners_of_different_keys_on_one_address_are_refused() -> None:
         assert any(expected in p and "is also where" in p for p in found), (listen, found)
     fine = '[listen]\nhttps = ["0.0.0.0:443", "[::]:443"]\nhttp = ["0.0.0.0:80"]\n'
     assert parse_config(fine + site, SRC).listen.https
+
+
+def test_an_empty_store_is_refused_not_replaced_by_the_default() -> None:
+    """`store = ""` silently became the default "certs" (a relative directory where edged
+    happened to run): it is refused, naming what to put there."""
+    found = problems(MINIMAL + '\n[edged]\nstore = ""\n')
+    assert any("edged.store: is empty" in p for p in found), found
