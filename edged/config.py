@@ -565,11 +565,15 @@ def _parse_listen(r: _Reader, base: Path) -> ListenSettings:
         admin=_optional_address(r, "admin", d.admin),
         admin_token_file=r.path("admin_token_file", base),
     )
-    if s.admin and not s.admin.is_unix and not ipaddress.ip_address(s.admin.host).is_loopback:
-        r.problem("admin", f"{s.admin} is not loopback: use unix:/path or 127.0.0.1:PORT")
+    _check_admin_loopback(r, s.admin)
     _check_listen_clashes(r, s)
     r.finish()
     return s
+
+
+def _check_admin_loopback(r: _Reader, admin: Address | None) -> None:
+    if admin and not admin.is_unix and not ipaddress.ip_address(admin.host).is_loopback:
+        r.problem("admin", f"{admin} is not loopback: use unix:/path or 127.0.0.1:PORT")
 
 
 def _check_listen_clashes(r: _Reader, s: ListenSettings) -> None:
@@ -818,17 +822,34 @@ def _check_passthrough(r: _Reader, site: Site) -> None:
         )
 
 
-def parse_config(text: str, source: Path) -> Config:
-    """Parse config text; raise ConfigError listing every problem. Does no I/O."""
-    src = str(source)
+def _toml(text: str, src: str) -> dict[str, Any]:
+    """The TOML document; ConfigError naming `src` when it is not TOML."""
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([Problem(src, "", f"not valid TOML: {exc}")]) from None
     except RecursionError:
         raise ConfigError(
             [Problem(src, "", "not valid TOML: nested too deeply (arrays or inline tables)")]
         ) from None
+
+
+def _read_config(path: Path) -> str:
+    """The config file's text; ConfigError naming the file when it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            [Problem(str(path), "", "no such file: pass --config PATH or create it")]
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([Problem(str(path), "", f"cannot read: {exc}")]) from None
+
+
+def parse_config(text: str, source: Path) -> Config:
+    """Parse config text; raise ConfigError listing every problem. Does no I/O."""
+    src = str(source)
+    data = _toml(text, src)
     problems: list[Problem] = []
     base = source.parent
     top = _Reader(data, "", src, problems)
@@ -974,14 +995,7 @@ def load_config_digest(
     still holds what is loaded). `parsed`: a config parsed before from a text with that
     digest; when the file still holds that text it is not parsed again (parsing is a pure
     function of the text and the path: 100k sites take ~2 s), only its files are checked."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(
-            [Problem(str(path), "", "no such file: pass --config PATH or create it")]
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([Problem(str(path), "", f"cannot read: {exc}")]) from None
+    text = _read_config(path)
     digest = _digest(text)
     source = path.absolute()
     if parsed is not None and parsed[1] == digest and parsed[0].source == source:
@@ -1014,27 +1028,14 @@ def load_admin_settings(path: Path) -> ListenSettings:
     a config it rejected or a certificate being replaced, and `edged status`/`edged reload`
     must still reach it then. ConfigError when the file or those two keys are unusable."""
     src = str(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(
-            [Problem(src, "", "no such file: pass --config PATH or create it")]
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([Problem(src, "", f"cannot read: {exc}")]) from None
-    except (tomllib.TOMLDecodeError, RecursionError) as exc:
-        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-        raise ConfigError(
-            [Problem(src, "", f"not valid TOML ({why}): fix it to find listen.admin")]
-        ) from None
+    data = _toml(_read_config(path), src)
     problems: list[Problem] = []
     listen = _Reader(
         _Reader(data, "", src, problems).table("listen") or {}, "listen", src, problems
     )
     admin = _optional_address(listen, "admin", ListenSettings().admin)
     token_file = listen.path("admin_token_file", path.absolute().parent)
-    if admin and not admin.is_unix and not ipaddress.ip_address(admin.host).is_loopback:
-        listen.problem("admin", f"{admin} is not loopback: use unix:/path or 127.0.0.1:PORT")
+    _check_admin_loopback(listen, admin)
     if problems:
         raise ConfigError(problems)
     return ListenSettings(admin=admin, admin_token_file=token_file)
