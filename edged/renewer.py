@@ -496,12 +496,8 @@ class Renewer:
         state = self.states.get(name)
         if state is None or not state.in_flight:
             return
-        error, _ = _error_of(exc)
-        after = renewal.record_failure(
-            state, self._policy() or RenewalPolicy(), datetime.now(UTC), error, None
-        )
+        after = self._record_failure(name, self._policy() or RenewalPolicy(), exc)
         self.states[name] = after
-        self.counters.renewal_attempts[name, "failure"] += 1
         await self._save(after)
 
     async def _attempt_once(self, name: str, tg: asyncio.TaskGroup) -> None:
