@@ -21,12 +21,12 @@ import errno
 import logging
 import os
 import ssl
-import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
 from edged.clienthello import ClientHello, PeekedHello, complete
 from edged.config import TlsSettings
+from edged.logs import Throttled
 from edged.sni import Route, Servable, SniIndex
 
 log = logging.getLogger("edged.tls")
@@ -119,8 +119,7 @@ class ContextCache:
         self._failed: OrderedDict[tuple[tuple[str, ...], tuple[str, ...]], str] = OrderedDict()
         # Contexts not built for a passing reason (an OS error) are not remembered, only
         # their reports throttled.
-        self._transient_logged = -TRANSIENT_LOG_INTERVAL
-        self._transient_skipped = 0
+        self._transient_log = Throttled(log, TRANSIENT_LOG_INTERVAL)
 
     def __len__(self) -> int:
         return len(self._contexts)
@@ -178,13 +177,7 @@ class ContextCache:
             f"certificate's context could not be built ({exc}); the next handshake tries "
             f"again: if it repeats, {fix}"
         )
-        now = time.monotonic()
-        if now - self._transient_logged >= TRANSIENT_LOG_INTERVAL:
-            suffix = f" ({self._transient_skipped} more like this suppressed)"
-            log.error("%s%s", message, suffix if self._transient_skipped else "")
-            self._transient_logged, self._transient_skipped = now, 0
-        else:
-            self._transient_skipped += 1
+        self._transient_log.log(logging.ERROR, "context_os_error", "%s", message)
         return message
 
     def clear(self) -> None:
