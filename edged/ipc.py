@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import socket
 import struct
 
 _HEADER = struct.Struct("!I")
@@ -44,3 +45,19 @@ async def read_message(reader: asyncio.StreamReader) -> object | None:
     except Exception as exc:  # whatever unpickling raises, the channel is broken
         raise IpcError(f"unreadable message: {exc!r}") from None
     return message
+
+
+async def writable(sock: socket.socket) -> None:
+    """Wait until a non-blocking socket can take more (never block the event loop)."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(sock, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(sock)

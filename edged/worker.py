@@ -1,15 +1,17 @@
 """A worker process: serves TLS on its share of the listening sockets, nothing else.
 
 Forked by the zygote (edged.zygote). It gets everything it serves from the main process over
-its channel — the config and the certificates, already read and validated there, as PEM bytes —
-so a certificate change costs a worker one dictionary update, not a re-read of the store. It
+its channel — the config and the certificates, already read and validated there, as PEM bytes
+or, for large sets, as references into shared memory it maps (edged.pemshare) — so a
+certificate change costs a worker one dictionary update, not a re-read of the store. It
 reports its counters every second. It stops (closes its listeners, drains its connections) on
 "stop" or when the main process goes away; signals are the main process's to act on. A worker
 retired by a rotation drains without a deadline (its connections end on their own, an idle one
 after idle_timeout); a later "stop" with a grace period (shutdown) shortens that.
 
 Messages (edged.ipc):
-  main → worker: ("state", config | None, {site index: (ServedCert, ...)}, full, pending)
+  main → worker: ("state", config | None, {site index: (ServedCert | PemRef, ...)}, full,
+                  pending)   (a PemRef's segment fd comes first, on the segment channel)
                  (a new worker's first: FORKED_CONFIG for the config, while the one the zygote
                  was forked with is current: the worker has it in memory already)
                  ("challenges", [(name, key authorization, ttl), ...])   right after a new
@@ -18,6 +20,7 @@ Messages (edged.ipc):
                  ("alpn", seq, name, key authorization | None, ttl)   a TLS-ALPN-01 challenge
                  ("alpn_answer", seq, key authorization | None)   the shared store's, asked for
                  ("stop", grace)   seconds left to the open connections (None: no limit)
+                 ("forget", [segment id, ...])   segments no later message names (a repack)
   worker → main: ("ready", pid), ("counters", Counters, active connections), ("ack", seq),
                  ("load", site index)   a client asked for a site that is still pending
                  ("alpn_ask", seq, name)   a CA asked for a name this node has no challenge
@@ -41,8 +44,9 @@ from edged.counters import Counters
 from edged.daemon import load_origin_contexts, proxy_settings, worker_count
 from edged.heap import freeze_long_lived, release_free_memory
 from edged.ipc import FORKED_CONFIG, IpcError, encode, read_message
+from edged.pemshare import Carried, PemShareError, Received, SegmentMaps
 from edged.proxy import Terminator
-from edged.sni import ServedCert, SniIndex, build_index
+from edged.sni import SniIndex, build_index
 from edged.tls import ContextCache, SniSelector
 from edged.tlsalpn import AlpnChallengeBoard
 
@@ -58,13 +62,28 @@ REPORT_INTERVAL = 1.0  # seconds between counter reports (what /metrics lags by 
 FREEZE_MIN = 256
 
 
-def shared_certs(
-    certs: dict[int, tuple[ServedCert, ...]],
-) -> dict[int, tuple[ServedCert, ...]]:
-    """`certs` holding this process's one copy of each chain: the certificates of one message
-    share theirs already (pickle writes a shared object once), those of separate messages
-    (renewals over weeks) would each hold their own."""
-    return {i: tuple(cert.shared() for cert in group) for i, group in certs.items()}
+# Certificates of a delta from which it is installed in a thread (a repack, a batch of the
+# background read at 100k sites: ~0.1 s of work the event loop would otherwise stop for).
+LARGE_DELTA = 1000
+
+
+class WorkerStateError(Exception):
+    """A message from the main process this worker cannot take: it exits, and the main process
+    starts a new one with the whole state."""
+
+
+def received_certs(
+    certs: dict[int, tuple[Carried, ...]], maps: SegmentMaps
+) -> dict[int, tuple[Received, ...]]:
+    """A message's certificates as this process serves them: references made certificates in
+    the mapped segments, and inline ones holding the process's one copy of each chain (those
+    of one message share theirs already, as pickle writes a shared object once; those of
+    separate messages, renewals over weeks, would each hold their own)."""
+    try:
+        resolved = maps.resolve(certs)
+    except PemShareError as exc:
+        raise WorkerStateError(f"cannot read the certificates sent: {exc}") from None
+    return {i: tuple(cert.shared() for cert in group) for i, group in resolved.items()}
 
 
 def run_worker(
@@ -73,14 +92,17 @@ def run_worker(
     sockets: list[tuple[Address, socket.socket]],
     listen_ctx: ssl.SSLContext,
     chan: socket.socket,
+    segments: socket.socket,
     forked: object = None,
 ) -> int:
-    """The worker's main (in the forked child). `forked`: the config the zygote was forked
-    with (the main process sends FORKED_CONFIG in its place while it is current)."""
+    """The worker's main (in the forked child). `segments`: where the main process sends the
+    fds of shared-memory segments. `forked`: the config the zygote was forked with (the main
+    process sends FORKED_CONFIG in its place while it is current)."""
     import uvloop
 
     config = forked if isinstance(forked, Config) else None
-    return uvloop.run(Worker(slot, generation, sockets, listen_ctx, chan, config).run())
+    worker = Worker(slot, generation, sockets, listen_ctx, chan, segments, config)
+    return uvloop.run(worker.run())
 
 
 class Worker:
@@ -91,6 +113,7 @@ class Worker:
         sockets: list[tuple[Address, socket.socket]],
         listen_ctx: ssl.SSLContext,
         chan: socket.socket,
+        segments: socket.socket,
         forked: Config | None = None,
     ) -> None:
         self.slot = slot
@@ -101,7 +124,9 @@ class Worker:
         self.counters = Counters()
         self.config: Config | None = None
         self.forked = forked
-        self.certs: dict[int, tuple[ServedCert, ...]] = {}
+        self.certs: dict[int, tuple[Received, ...]] = {}
+        segments.setblocking(False)  # a segment is sent before the message naming it
+        self.maps = SegmentMaps(segments)
         self._stop = asyncio.Event()
         self._deadline: float | None = None  # monotonic; None: drain until the last one ends
         self._regrace = asyncio.Event()  # a later "stop" brought the deadline forward
@@ -110,6 +135,17 @@ class Worker:
         self._ask_seq = 0
 
     async def run(self) -> int:
+        failures: list[str] = []
+        try:
+            return await self._run()
+        except* WorkerStateError as group:
+            failures = [str(exc) for exc in group.exceptions]
+        log.error(
+            "worker %d: %s; exiting (a new worker takes its place)", self.slot, "; ".join(failures)
+        )
+        return 1
+
+    async def _run(self) -> int:
         reader, writer = await asyncio.open_unix_connection(sock=self.chan)
         first = await read_message(reader)
         if first is None:  # abandoned before it started (edged is stopping): nothing to do
@@ -251,12 +287,14 @@ class Worker:
                     future.set_result(message[2])
             elif message[0] == "stop":
                 self._stop_within(message[1])
+            elif message[0] == "forget":
+                self.maps.forget(message[1])
 
     async def _apply(
         self,
         term: Terminator,
         config: Config | None,
-        certs: dict[int, tuple[ServedCert, ...]],
+        sent: dict[int, tuple[Carried, ...]],
         *,
         full: bool,
         pending: frozenset[int],
@@ -266,21 +304,19 @@ class Worker:
         selector = term.selector
         if config is None:
             assert self.config is not None
-            certs = shared_certs(certs)  # a few (a renewal) or a batch of the background fill
+            current = self.config
+            if len(sent) >= LARGE_DELTA:
+                certs, index = await asyncio.to_thread(self._delta, sent, current, selector.index)
+            else:  # a few (a renewal)
+                certs, index = self._delta(sent, current, selector.index)
             self.certs.update(certs)
-            current = self.config  # an O(1) lookup per change: no dict of 100k sites per delta
-            changes = [
-                (site, bundles)
-                for i, bundles in certs.items()
-                if (site := current.site_at(i)) is not None
-            ]
-            selector.index = selector.index.updated(changes)
+            selector.index = index
             self._loaded(certs)
-            if len(certs) >= FREEZE_MIN:  # a batch of the background read
+            if len(certs) >= FREEZE_MIN:  # a batch of the background read, a repack
                 freeze_long_lived()
             return
         old = self.config
-        certs = await asyncio.to_thread(shared_certs, certs)
+        certs = await asyncio.to_thread(received_certs, sent, self.maps)
         self.certs = dict(certs) if full else {**self.certs, **certs}
         for i in [i for i in self.certs if i >= len(config.sites)]:  # sites removed at the end
             del self.certs[i]
@@ -299,6 +335,17 @@ class Worker:
         self._loaded([i for i in self._loads if i not in pending])
         freeze_long_lived()
         await asyncio.to_thread(release_free_memory)  # the previous index is garbage now
+
+    def _delta(
+        self, sent: dict[int, tuple[Carried, ...]], config: Config, index: SniIndex
+    ) -> tuple[dict[int, tuple[Received, ...]], SniIndex]:
+        """The certificates of a delta and the index with them: O(changes), an O(1) lookup of
+        each site (no dict of 100k sites per renewal)."""
+        certs = received_certs(sent, self.maps)
+        changes = [
+            (site, group) for i, group in certs.items() if (site := config.site_at(i)) is not None
+        ]
+        return certs, index.updated(changes)
 
     def _loaded(self, indices: Iterable[int]) -> None:
         """Wake the handshakes waiting for these sites: call once their index is installed

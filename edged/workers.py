@@ -5,6 +5,8 @@ admin API, /metrics and port 80. It binds the https listeners — one SO_REUSEPO
 worker slot, so the kernel spreads connections evenly and a replaced worker takes over its
 slot's queue — hands them to the zygote, which forks the workers, and sends each worker the
 config and certificates it serves (a change sends only what changed, encoded once for all).
+Large sets of certificates go through shared memory (edged.pemshare): each worker maps the
+same pages instead of holding a copy of every PEM.
 
 A worker that dies is replaced; one that does not start serving within READY_TIMEOUT, or stops
 reporting for ALIVE_TIMEOUT, is killed and replaced (after a back-off when its slot keeps
@@ -29,8 +31,9 @@ from edged.config import Address, Config
 from edged.counters import Counters, merge_counters
 from edged.errors import EdgedError
 from edged.heap import release_free_memory
-from edged.ipc import FORKED_CONFIG, IpcError, encode, read_message
+from edged.ipc import FORKED_CONFIG, IpcError, encode, read_message, writable
 from edged.listen import InheritedListeners, StartupError, bind_tcp
+from edged.pemshare import PemShare, PemShareError, Segment, send_segment
 from edged.sni import Servable, ServedCert
 from edged.zygote import Zygote
 
@@ -47,8 +50,20 @@ MAX_RETIRING = 3
 RESTART_BACKOFF = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)  # for a slot whose workers keep dying
 STABLE_AFTER = 30.0  # a worker that served this long resets its slot's back-off
 LARGE_DELTA = 5000  # sites: a change this large is encoded in a thread (~10 ms per 1,000)
+REPACK_CHECK = 2.0  # seconds between looks at whether the shared certificates want a repack
 
-Encoded = asyncio.Future[bytes | None]  # a message encoded once for every worker it goes to
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message encoded once for every worker it goes to, with the shared-memory segments
+    its certificates are in (each worker gets a segment's fd ahead of the first message
+    naming it)."""
+
+    body: bytes
+    segments: tuple[Segment, ...] = ()
+
+
+Encoded = asyncio.Future[Outgoing | None]
 
 
 @dataclass(eq=False)  # identity: handles live in sets
@@ -58,6 +73,7 @@ class WorkerHandle:
     generation: int
     writer: asyncio.StreamWriter
     reader: asyncio.StreamReader
+    segment_chan: socket.socket  # SOCK_SEQPACKET: segment fds, ahead of the messages naming them
     started: float = field(default_factory=time.monotonic)
     heard: float = field(default_factory=time.monotonic)  # its last message
     ready_at: float | None = None
@@ -72,6 +88,7 @@ class WorkerHandle:
     # Messages in order; each worker's are written by its own task, so one that stops reading
     # holds up nobody else (and is killed once ALIVE_TIMEOUT shows it wedged).
     outbox: asyncio.Queue[Encoded] = field(default_factory=asyncio.Queue)
+    segments_sent: set[int] = field(default_factory=set)
 
     def send(self, message: Encoded) -> None:
         if not self.gone.is_set():
@@ -105,6 +122,8 @@ class WorkerPool:
         # config change, for good.
         self._forked = forked
         self._certs: dict[int, tuple[ServedCert, ...]] = {}
+        self.share = PemShare()
+        self._repack_due = False  # certificates changed since the last look (REPACK_CHECK)
         # The whole state, encoded once for the workers of one generation (then dropped: at
         # 100k certificates it is ~200 MB).
         self._full: Encoded | None = None
@@ -132,6 +151,7 @@ class WorkerPool:
         self.on_lost: Callable[[str], None] | None = None
         self._lost = False
         self._reports: asyncio.Task[None] | None = None
+        self._packing: asyncio.Task[None] | None = None
 
     # --- what the daemon calls --------------------------------------------------------------
 
@@ -156,6 +176,7 @@ class WorkerPool:
         self._certs = served_certs(bundles)
         self._pending = set(pending)
         self._reports = tg.create_task(self._zygote_reports())
+        self._packing = tg.create_task(self._keep_packed())
         await self._bind(config.listen.https)
         await self._spawn_generation()
 
@@ -172,17 +193,17 @@ class WorkerPool:
         if new_config or self._pending:
             self._config, self._certs = config, certs
             self._pending.clear()  # a full load reads every certificate
-            self._broadcast(("state", config, changed, False, frozenset()))
+            self._broadcast(config, changed)
         elif changed:
             self._certs = certs
-            self._broadcast(("state", None, changed, False, frozenset()))
+            self._broadcast(None, changed)
 
     def publish_sites(self, changes: Mapping[int, Sequence[Servable]]) -> None:
         """Send the workers the new certificates of these sites (the config is unchanged)."""
         changed = served_certs(changes)
         self._certs.update(changed)
         self._pending.difference_update(changed)
-        self._broadcast(("state", None, changed, False, frozenset()))
+        self._broadcast(None, changed)
 
     def share_challenge(
         self, name: str, key_authorization: str | None, ttl: float
@@ -259,10 +280,11 @@ class WorkerPool:
             await self._kill(handle, "still running after the shutdown")
 
     async def close(self) -> None:
-        if self._reports is not None:
-            self._reports.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reports
+        for task in (self._reports, self._packing):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self._close_listeners()
         self.zygote.close()
         # It exits as soon as it reads the closed channel: reap it without blocking the event
@@ -313,20 +335,103 @@ class WorkerPool:
         worker whose successor is not up yet still serves)."""
         return [h for h in self.all if not h.retiring and not h.gone.is_set()]
 
-    def _broadcast(self, message: tuple[object, ...]) -> None:
-        """Encode a state `message` once (with a config or many sites: in a thread) and queue
+    def _broadcast(self, config: Config | None, certs: dict[int, tuple[ServedCert, ...]]) -> None:
+        """Encode a state message once (with a config or many sites: in a thread) and queue
         it for every serving worker, in call order. It invalidates the cached full state."""
         self._full = None
-        _, config, certs, _, _ = message
-        assert isinstance(certs, dict)
         large = config is not None or len(certs) > LARGE_DELTA
-        encoded = self._encode(message) if large else _now(message)
+        encoded = self._state(config, certs, large=large)
         for handle in self._serving():
             handle.send(encoded)
 
-    def _encode(self, message: tuple[object, ...]) -> Encoded:
-        assert self._tg is not None
-        return self._tg.create_task(_encoded(message))
+    def _state(
+        self,
+        config: object,
+        certs: dict[int, tuple[ServedCert, ...]],
+        *,
+        full: bool = False,
+        pending: frozenset[int] = frozenset(),
+        large: bool = True,
+    ) -> Encoded:
+        """A ("state", ...) message, its certificates in shared memory where they are (or,
+        many of them, will be), encoded in a thread when `large`, else at once."""
+        self._repack_due = True
+        if large:
+            assert self._tg is not None
+            return self._tg.create_task(self._encoded_state(config, certs, full, pending))
+        done: Encoded = asyncio.get_running_loop().create_future()
+        done.set_result(self._encode_state(config, certs, full, pending))
+        return done
+
+    def _encode_state(
+        self,
+        config: object,
+        certs: dict[int, tuple[ServedCert, ...]],
+        full: bool,
+        pending: frozenset[int],
+    ) -> Outgoing:
+        converted = self.share.convert(certs)
+        body = encode(("state", config, converted.certs, full, pending))
+        return Outgoing(body, converted.segments)
+
+    async def _encoded_state(
+        self,
+        config: object,
+        certs: dict[int, tuple[ServedCert, ...]],
+        full: bool,
+        pending: frozenset[int],
+    ) -> Outgoing | None:
+        """A large state message, encoded in a thread; None if it cannot be (larger than
+        edged's IPC allows, out of memory, no memfd for its segment), which is logged. Never
+        raises: it runs in the daemon's task group."""
+        try:
+            return await asyncio.to_thread(self._encode_state, config, certs, full, pending)
+        except Exception as exc:
+            log.error("cannot send the workers a state: %r", exc)
+            return None
+
+    async def _keep_packed(self) -> None:
+        """Every REPACK_CHECK seconds after a change: whether the certificates held privately
+        by the workers (sent inline) and the segments no longer served call for a repack."""
+        while True:
+            await asyncio.sleep(REPACK_CHECK)
+            if not self._repack_due or self._stopping or self._lost:
+                continue
+            self._repack_due = False
+            served = dict(self._certs)
+            if await asyncio.to_thread(self.share.wants_repack, served):
+                await self._repack()
+
+    async def _repack(self) -> None:
+        """Write every certificate served into one new segment and point the workers at it;
+        the older segments are forgotten (each worker unmaps one once nothing of it refers to
+        it). The switch happens on the event loop between two messages: everything queued
+        after it names only the new segments, everything before it is read before the
+        workers forget the old ones."""
+        try:
+            repack = await asyncio.to_thread(self.share.prepare_repack, dict(self._certs))
+        except PemShareError as exc:
+            log.error("cannot repack the certificates shared with the workers: %s", exc)
+            return
+        retired = self.share.install(repack)
+        self._full = None  # it may name the retired segments
+        certs = dict(self._certs)  # what changed while the segment was written goes inline
+        encoded = self._state(None, certs)
+        forget = _now(("forget", retired))
+        for handle in self._serving():
+            handle.send(encoded)
+        for handle in self.all:
+            handle.send(forget)
+            handle.segments_sent.difference_update(retired)
+        self._repack_due = False
+        size = repack.segment.size if repack.segment is not None else 0
+        log.info(
+            "certificates shared with the workers repacked: %d sites, %.1f MiB in one segment, "
+            "%d older segments retired",
+            len(certs),
+            size / 2**20,
+            len(retired),
+        )
 
     async def _bind(self, addresses: Sequence[Address]) -> None:
         fresh: dict[Address, list[socket.socket]] = {}
@@ -418,26 +523,39 @@ class WorkerPool:
             log.error("cannot start worker %d: %s", slot, exc)
             return None
         try:
+            segs, their_segs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as exc:
+            ours.close()
+            theirs.close()
+            log.error("cannot start worker %d: %s", slot, exc)
+            return None
+        try:
             ours.setblocking(False)
+            segs.setblocking(False)
             # No line limit: a full state for 100k certificates is one large message.
             reader, writer = await asyncio.open_unix_connection(sock=ours, limit=2**31 - 1)
-            handle = WorkerHandle(spawn_id, slot, generation, writer, reader)
+            handle = WorkerHandle(spawn_id, slot, generation, writer, reader, segs)
             self._by_id[spawn_id] = handle  # before the command: its "spawned" report finds it
             try:
-                await self.zygote.send(("spawn", slot, generation, spawn_id), [theirs.fileno()])
+                await self.zygote.send(
+                    ("spawn", slot, generation, spawn_id), [theirs.fileno(), their_segs.fileno()]
+                )
             except OSError as exc:
                 del self._by_id[spawn_id]
                 writer.close()
+                segs.close()
                 self._lose(f"cannot reach the zygote ({exc})")
                 return None
         finally:
             theirs.close()
+            their_segs.close()
         self.current[slot] = handle
         self.all.add(handle)
         if self._full is None:  # encoded once for a whole generation
             config = FORKED_CONFIG if self._forked is not None else self._config
-            state = ("state", config, dict(self._certs), True, frozenset(self._pending))
-            self._full = self._encode(state)
+            self._full = self._state(
+                config, dict(self._certs), full=True, pending=frozenset(self._pending)
+            )
         handle.send(self._full)
         # The pending TLS-ALPN-01 challenges, installed before it serves: its predecessor
         # retires once it does, and a validation may be waiting in the slot's queue.
@@ -481,6 +599,7 @@ class WorkerPool:
             handle.gone.set()
             self._acked(handle, None)
             handle.writer.close()
+            handle.segment_chan.close()
             self.retired = merge_counters([self.retired, handle.counters])
             handle.counters = Counters()
             handle.active = 0
@@ -580,7 +699,11 @@ class WorkerPool:
             if handle.writer.is_closing():
                 return
             try:
-                handle.writer.write(message)
+                for segment in message.segments:
+                    if segment.id not in handle.segments_sent:
+                        await _send_segment(handle.segment_chan, segment)
+                        handle.segments_sent.add(segment.id)
+                handle.writer.write(message.body)
                 await handle.writer.drain()
             except (ConnectionError, OSError):
                 return  # it is gone: _converse reads the end of its channel
@@ -588,7 +711,7 @@ class WorkerPool:
     async def _serve_load(self, handle: WorkerHandle, index: int) -> None:
         if index in self._pending and self.load_site is not None:
             await self.load_site(index)  # sends it to every worker when it was pending
-        handle.send(_now(("state", None, {index: self._certs.get(index, ())}, False, frozenset())))
+        handle.send(self._state(None, {index: self._certs.get(index, ())}, large=False))
 
     async def _serve_challenge(self, handle: WorkerHandle, seq: int, name: str) -> None:
         """Answer a worker's ("alpn_ask", seq, name) with the shared store's key authorization
@@ -696,21 +819,20 @@ async def _first(*events: asyncio.Event) -> None:
 
 
 def _now(message: tuple[object, ...]) -> Encoded:
-    """A small message, encoded at once."""
+    """A small message without certificates, encoded at once."""
     done: Encoded = asyncio.get_running_loop().create_future()
-    done.set_result(encode(message))
+    done.set_result(Outgoing(encode(message)))
     return done
 
 
-async def _encoded(message: tuple[object, ...]) -> bytes | None:
-    """A large message (a config, a whole state), encoded in a thread; None if it cannot be
-    (larger than edged's IPC allows, out of memory), which is logged. Never raises: it runs
-    in the daemon's task group."""
-    try:
-        return await asyncio.to_thread(encode, message)
-    except Exception as exc:
-        log.error("cannot send the workers a %s: %r", message[0], exc)
-        return None
+async def _send_segment(chan: socket.socket, segment: Segment) -> None:
+    """A segment's fd to a worker (OSError: it is gone)."""
+    while True:
+        try:
+            send_segment(chan, segment)
+            return
+        except BlockingIOError:  # the worker has not read the ones before: wait, never block
+            await writable(chan)
 
 
 def served_certs(

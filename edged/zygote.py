@@ -15,7 +15,8 @@ Commands (main → zygote, one SOCK_SEQPACKET message each, fds attached with SC
   ("fds",)                                    + up to FDS_PER_MESSAGE sockets for "listeners"
   ("listeners", [(address, n_sockets), ...])  the sockets sent before it, in that order
   ("context", min_version)                    a new listening context (new ticket keys)
-  ("spawn", slot, generation, spawn_id)       + the worker's end of its channel
+  ("spawn", slot, generation, spawn_id)       + the worker's ends of its channel and of its
+                                              segment channel (edged.pemshare)
   ("kill", pid)                               SIGKILL a worker (only a child not reaped yet)
 Reports (zygote → main): ("spawned", spawn_id, pid), ("spawn_failed", spawn_id, why),
   ("exited", pid, status_text).
@@ -37,6 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from edged.config import Address
+from edged.ipc import writable
 
 log = logging.getLogger("edged.zygote")
 
@@ -45,10 +47,12 @@ log = logging.getLogger("edged.zygote")
 FDS_PER_MESSAGE = 250
 _BUFSIZE = 1 << 16
 
-# What a forked worker runs: (slot, generation, sockets, listening context, channel, what the
-# zygote was started with for the workers) → exit code.
+# What a forked worker runs: (slot, generation, sockets, listening context, channel, segment
+# channel, what the zygote was started with for the workers) → exit code.
 Listeners = list[tuple[Address, socket.socket]]
-WorkerMain = Callable[[int, int, Listeners, ssl.SSLContext, socket.socket, object], int]
+WorkerMain = Callable[
+    [int, int, Listeners, ssl.SSLContext, socket.socket, socket.socket, object], int
+]
 ContextFactory = Callable[[str], ssl.SSLContext]
 
 
@@ -82,7 +86,7 @@ class Zygote:
                     self.sock.send(data)
                 return
             except BlockingIOError:  # the zygote is busy forking: wait, never block the loop
-                await _writable(self.sock)
+                await writable(self.sock)
 
     def close(self) -> None:
         """Closing the channel makes the zygote exit (its workers are stopped separately);
@@ -195,15 +199,15 @@ class _Loop:
                 self.ctx = self.make_context(command[1])
             except Exception:  # ssl.SSLError, MemoryError: the old keys are still good
                 log.exception("zygote: cannot make a new listening context; keeping the old one")
-        elif kind == "spawn":
-            self._spawn(command[1], command[2], command[3], fds[0])
+        elif kind == "spawn" and len(fds) == 2:
+            self._spawn(command[1], command[2], command[3], fds[0], fds[1])
         elif kind == "kill":
             # Only a child not reaped yet: its pid cannot have been reused by another process.
             if command[1] in self.children:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(command[1], signal.SIGKILL)
         else:
-            log.error("zygote: unknown command %r", kind)
+            log.error("zygote: unknown or malformed command %r", kind)
             for fd in fds:
                 os.close(fd)
         return True
@@ -222,11 +226,14 @@ class _Loop:
         for address, count in layout:
             self.listeners.append((address, [socket.socket(fileno=next(it)) for _ in range(count)]))
 
-    def _spawn(self, slot: int, generation: int, spawn_id: int, chan_fd: int) -> None:
+    def _spawn(
+        self, slot: int, generation: int, spawn_id: int, chan_fd: int, segments_fd: int
+    ) -> None:
         try:
             pid = os.fork()
         except OSError as exc:  # EAGAIN, ENOMEM: the main process retries after a back-off
             os.close(chan_fd)  # the worker's channel closes: to the main process, a dead worker
+            os.close(segments_fd)
             self._report(("spawn_failed", spawn_id, str(exc)))
             return
         if pid == 0:  # the worker
@@ -243,13 +250,17 @@ class _Loop:
                         if sock is not keep:
                             sock.close()
                 chan = socket.socket(fileno=chan_fd)
-                code = self.worker_main(slot, generation, mine, self.ctx, chan, self.for_workers)
+                segments = socket.socket(fileno=segments_fd)
+                code = self.worker_main(
+                    slot, generation, mine, self.ctx, chan, segments, self.for_workers
+                )
             except BaseException:
                 log.exception("worker %d failed", slot)
             finally:
                 logging.shutdown()
                 os._exit(code)
         os.close(chan_fd)
+        os.close(segments_fd)
         self.children.add(pid)
         self._report(("spawned", spawn_id, pid))
 
@@ -268,21 +279,6 @@ class _Loop:
     def _report(self, report: tuple[object, ...]) -> None:
         with contextlib.suppress(OSError):  # the main process is gone: nobody to tell
             self.chan.send(pickle.dumps(report))
-
-
-async def _writable(sock: socket.socket) -> None:
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def writable() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_writer(sock, writable)
-    try:
-        await ready
-    finally:
-        loop.remove_writer(sock)
 
 
 def _status_text(status: int) -> str:

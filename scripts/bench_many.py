@@ -6,7 +6,9 @@ certificate replaced in the store takes to be served (one among N), and what a f
 
 A script, not a test: loopback only, bounded in time. Every site gets its own store entry; the
 certificate is one wildcard reused under every name (the store entries are what costs; the
-distinct-certificate startup figures come from `scripts/bench tls --metrics startup`). A name
+distinct-certificate startup figures come from `scripts/bench tls --metrics startup`), or with
+--distinct a certificate of its own for each (its own key, the same intermediate: ~2 minutes
+to write 100k; what the workers' shared certificate memory is measured with). A name
 is "cold" for the data path (its site read and its routes used for the first time) but shares
 its SSLContext with the others; a context of its own adds ~1.2 ms (see BENCHMARKS.md).
 
@@ -15,7 +17,7 @@ on its path as sitecustomize; thread CPU time, so waits for the interpreter's lo
 count), and the passes are summed up per phase: start, background read, swaps, each reload.
 
 Run: scripts/bench many [--sites 100000] [--swaps 10] [--reloads 3] [--workers 1] [--gc]
-                        [--workdir DIR]
+                        [--distinct] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from edged.store.base import PemPair, StoredCert
 from edged.store.files import FileStore
 from tests.conftest import free_port
 from tests.many_certs import many_sites_config, write_many
-from tests.pki import fullchain, make_ca, make_intermediate, make_leaf
+from tests.pki import Issued, fullchain, make_ca, make_intermediate, make_leaf
 
 EDGED = str(Path(sys.executable).with_name("edged"))
 DOMAIN = "many.bench.test"
@@ -101,6 +103,35 @@ def pss_mib(pid: int) -> float:
     return 0.0
 
 
+def write_distinct(store_dir: Path, names: list[str], issuer: Issued) -> None:
+    """A store entry per name with a certificate of its own (leaf + `issuer`), as a CA
+    issues them. FileStore's fsync skipped: throwaway fixture data."""
+    store = FileStore(store_dir)
+    real = os.fsync
+    os.fsync = lambda fd: None
+    try:
+        for name in names:
+            leaf = make_leaf(issuer, [name])
+            pair = PemPair("ecdsa-p256", fullchain(leaf, issuer), leaf.key_pem)
+            store.save(StoredCert(name, (name,), (pair,), "upload", time.time()))
+    finally:
+        os.fsync = real
+
+
+def shared_segments_mib(pids: list[int]) -> float:
+    """The size of edged's shared certificate segments (edged.pemshare), each counted once."""
+    sizes: dict[int, int] = {}
+    for pid in pids:
+        inode = None
+        for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 6:
+                inode = int(fields[4]) if "memfd:edged-pem" in line else None
+            elif inode is not None and fields[0] == "Size:":
+                sizes[inode] = int(fields[1])
+    return sum(sizes.values()) / 1024
+
+
 def reset_peak(pid: int) -> None:
     """Start VmHWM again from the current RSS (proc(5): clear_refs, 5)."""
     Path(f"/proc/{pid}/clear_refs").write_text("5")
@@ -142,6 +173,7 @@ def main() -> int:
     p.add_argument("--reloads", type=int, default=3, help="full reloads (SIGHUP) timed")
     p.add_argument("--workers", type=int, default=1, help="[edged] workers")
     p.add_argument("--gc", action="store_true", help="log and sum up the collector's passes")
+    p.add_argument("--distinct", action="store_true", help="a certificate of its own per site")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/edged-bench-many"))
     args = p.parse_args()
 
@@ -154,8 +186,11 @@ def main() -> int:
     leaf = make_leaf(inter, [f"*.{DOMAIN}"], cn="v0")
     names = [f"n{i}.{DOMAIN}" for i in range(args.sites)]
     t = time.perf_counter()
-    chain = fullchain(leaf, inter)
-    write_many(work / "store", names, [PemPair("ecdsa-p256", chain, leaf.key_pem)])
+    if args.distinct:
+        write_distinct(work / "store", names, inter)
+    else:
+        chain = fullchain(leaf, inter)
+        write_many(work / "store", names, [PemPair("ecdsa-p256", chain, leaf.key_pem)])
     print(f"store with {args.sites} entries written in {time.perf_counter() - t:.1f} s")
     port = free_port()
     (work / "edged.toml").write_text(
@@ -216,6 +251,7 @@ def main() -> int:
         warm = [handshake(port, first)[0] for _ in range(args.samples)]
         full_rss = rss_mib(proc.pid)
         tree = [(pid, rss_mib(pid), pss_mib(pid)) for pid in processes(proc.pid)]
+        segments = shared_segments_mib(processes(proc.pid))
         store = FileStore(work / "store")
         swaps = []
         swaps_wall = time.time()
@@ -256,6 +292,11 @@ def main() -> int:
     print(
         "processes after indexing (RSS / PSS MiB): "
         + ", ".join(f"{pid} {rss:.0f} / {pss:.0f}" for pid, rss, pss in tree)
+        + f"; PSS summed {sum(pss for _, _, pss in tree):.0f} MiB"
+    )
+    print(
+        f"certificate segments shared with the workers (memfd): {segments:.1f} MiB "
+        "(in a PSS above only the pages a process has read)"
     )
     print(
         f"handshake median: cold name {statistics.median(cold):.2f} ms, "

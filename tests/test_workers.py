@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from edged.daemon import LAZY_MIN
+from edged.pemshare import REPACK_MIN_BYTES
 from edged.store.base import PemPair
 from edged.workers import KILL_WAIT, MAX_RETIRING, READY_TIMEOUT, ZYGOTE_EXIT_WAIT
 from tests.conftest import (
@@ -799,3 +800,59 @@ async def test_a_zygote_that_does_not_exit_is_killed(tmp_path: Path) -> None:
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(zygote, signal.SIGCONT)
+
+
+def pem_segments(pid: int) -> set[int]:
+    """The inodes of edged's shared certificate segments (edged.pemshare) `pid` maps."""
+    found = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        if "memfd:edged-pem" in line:
+            found.add(int(line.split()[4]))
+    return found
+
+
+def many_file_sites(ca: Issued, tmp_path: Path, names: list[str], backend: str, cn: str) -> str:
+    """One [[site]] per name, each with a certificate of its own (CN `cn`) in its own files."""
+    out = []
+    for i, name in enumerate(names):
+        cert, key = write_pair(tmp_path, f"s{i}", make_leaf(ca, [name], cn=cn))
+        out.append(site(backend, cert, key, name=name))
+    return "".join(out)
+
+
+async def test_workers_map_one_shared_copy_of_the_certificates_and_repack_it(
+    tmp_path: Path,
+) -> None:
+    """The workers' certificates are one sealed memfd that every worker maps (not a copy of
+    every PEM per worker). Replacing every certificate leaves the old segment dead: edged
+    repacks what is served into one new segment and the workers unmap the old one."""
+    ca = make_ca("Workers CA")
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
+    # Enough distinct certificates that replacing them all leaves more than
+    # REPACK_MIN_BYTES behind (~860 bytes each without the chain).
+    names = [f"n{i}.share.test" for i in range(REPACK_MIN_BYTES // 800 + 200)]
+    log = tmp_path / "edged.log"
+    async with run_backend() as backend:
+        sites = await asyncio.to_thread(many_file_sites, ca, tmp_path, names, backend.address, "v1")
+        async with run_workers(tmp_path, sites, log=log) as e:
+            ctx = client_context(tmp_path / "ca.pem")
+            pids = [int(str(w["pid"])) for w in e.workers()]
+            first = [pem_segments(pid) for pid in pids]
+            assert len(first[0]) == 1 and first[0] == first[1], first
+            for name in random.Random(3).sample(names, 20):
+                assert (await asyncio.to_thread(fetch, e.port, ctx, name))[0] == "v1"
+
+            sites = await asyncio.to_thread(
+                many_file_sites, ca, tmp_path, names, backend.address, "v2"
+            )
+            e.config.write_text(e.config.read_text().split("[[site]]", 1)[0] + sites)
+            e.proc.send_signal(signal.SIGHUP)
+
+            def repacked() -> bool:
+                now = [pem_segments(pid) for pid in pids]
+                return len(now[0]) == 1 and now[0] == now[1] and not now[0] & first[0]
+
+            await wait_for(repacked, "the workers to map only the repacked segment", 30)
+            assert "certificates shared with the workers repacked" in log.read_text()
+            for name in random.Random(4).sample(names, 20):
+                assert (await asyncio.to_thread(fetch, e.port, ctx, name))[0] == "v2"
