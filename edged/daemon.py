@@ -373,6 +373,13 @@ class Daemon:
         """False while a shared (Redis) store is unreachable."""
         return bool(getattr(self.store, "available", True))
 
+    def shared_certs(self) -> tuple[int, int] | None:
+        """With worker processes: the segments of certificates shared with them and their
+        bytes (edged.pemshare); None without."""
+        if self.pool is None:
+            return None
+        return len(self.pool.share), self.pool.share.size()
+
     def connections_active(self) -> int:
         own = len(self.term.active) if self.term is not None else 0
         return own + (self.pool.connections_active() if self.pool is not None else 0)
@@ -1323,3 +1330,6 @@ class MetricsView:
 
     def store_available(self) -> bool:
         return self.daemon.store_available()
+
+    def shared_certs(self) -> tuple[int, int] | None:
+        return self.daemon.shared_certs()

@@ -100,6 +100,21 @@ class EdgedCollector(Collector):
                 "from the local copy, renewals wait).",
                 value=1 if up() else 0,
             )
+        shared = getattr(self.source, "shared_certs", None)
+        found = shared() if callable(shared) else None
+        if found is not None:
+            segments, size = found
+            yield GaugeMetricFamily(
+                "edged_worker_shared_cert_segments",
+                "Shared-memory segments holding the certificates the worker processes serve.",
+                value=segments,
+            )
+            yield GaugeMetricFamily(
+                "edged_worker_shared_cert_bytes",
+                "Bytes of those segments: in memory once for all workers (not in any "
+                "process's RSS until it reads them).",
+                value=size,
+            )
         info = GaugeMetricFamily(
             "edged_build_info",
             "Always 1; the labels say which edged, Python and OpenSSL versions run.",

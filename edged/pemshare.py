@@ -113,6 +113,11 @@ class PemShare:
     def __len__(self) -> int:
         return len(self._segments)
 
+    def size(self) -> int:
+        """Bytes in the segments alive (in memory once, however many workers map them)."""
+        with self._lock:
+            return sum(s.size for s in self._segments.values())
+
     def convert(self, certs: Mapping[int, Sequence[ServedCert]]) -> Converted:
         """`certs` as a message carries them: those in a segment as references, the others
         written into a new segment if there are `pack_min` of them, else inline (inline too

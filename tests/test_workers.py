@@ -839,6 +839,9 @@ async def test_workers_map_one_shared_copy_of_the_certificates_and_repack_it(
             pids = [int(str(w["pid"])) for w in e.workers()]
             first = [pem_segments(pid) for pid in pids]
             assert len(first[0]) == 1 and first[0] == first[1], first
+            assert e.metric("edged_worker_shared_cert_segments") == 1
+            # The certificates' records, without the chain (a leaf alone here): ~860 bytes each.
+            assert 700 * len(names) < e.metric("edged_worker_shared_cert_bytes") < 1000 * len(names)
             for name in random.Random(3).sample(names, 20):
                 assert (await asyncio.to_thread(fetch, e.port, ctx, name))[0] == "v1"
 
