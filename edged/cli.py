@@ -27,11 +27,13 @@ from edged.config import (
     load_admin_settings,
     load_config,
     load_config_digest,
+    redact_url,
 )
 from edged.errors import CertError, CertReason, ConfigError, StoreError
 from edged.heap import AllocatorError
 from edged.names import NameError_, covers, normalize_name
 from edged.sources import load_site_certs, read_pem, validate_stored
+from edged.store import open_store
 from edged.store.files import FileStore
 from edged.systemd import Inherited
 
@@ -323,7 +325,8 @@ def cmd_issue(config_path: Path, raw_names: list[str]) -> int:
 
 def cmd_rollback(config_path: Path, raw_name: str) -> int:
     """Swap live/ and previous/ for a name, after checking that the previous version is still
-    valid for the site; a running daemon picks the change up from its store watch."""
+    valid for the site; a running daemon picks the change up from its store watch (with a
+    Redis store: from the change published in Redis, on every node of the fleet)."""
     config = _load_config_or_report(config_path)
     if config is None:
         return EXIT_INVALID
@@ -340,14 +343,19 @@ def cmd_rollback(config_path: Path, raw_name: str) -> int:
     if site.cert_file is not None:
         print(f"{name}: {site.key} uses cert_file {site.cert_file}: restore that file instead")
         return EXIT_INVALID
-    if config.store_path is None:
-        print(f"{name}: edged.store is not a directory")
+    # With a Redis store the fleet's copy is rolled back (every node follows it), not this
+    # node's local copy.
+    url = config.redis_url
+    where = redact_url(url) if url else str(config.store_path)
+    try:
+        store = open_store(config)
+    except StoreError as exc:
+        print(f"{name}: {exc}")
         return EXIT_INVALID
-    store = FileStore(config.store_path)
     try:
         previous = store.load_previous(name)
         if previous is None:
-            print(f"{name}: no previous version in {config.store_path}: nothing to roll back to")
+            print(f"{name}: no previous version in {where}: nothing to roll back to")
             return EXIT_INVALID
         # The same validation the daemon applies, so a rollback is never silently refused.
         _, problems = validate_stored(
@@ -358,11 +366,23 @@ def cmd_rollback(config_path: Path, raw_name: str) -> int:
                 print(f"{name}: {problem.source} certificate: {problem.message}")
             print(f"{name}: not rolled back")
             return EXIT_INVALID
-        store.rollback(name)
+        if url is None:
+            store.rollback(name)
+        else:
+            from edged.store.redis import RedisStore
+
+            assert isinstance(store, RedisStore)
+            # Redis only: this node's daemon mirrors the change into its local copy itself.
+            store.rollback(name, mirror=False)
     except StoreError as exc:
         print(f"{name}: {exc}")
         return EXIT_INVALID
-    print(f"{name}: rolled back to the previous version (the running daemon reloads it)")
+    finally:
+        close = getattr(store, "close", None)  # a Redis store's connections
+        if close is not None:
+            close()
+    who = "every node of the fleet reloads it" if url else "the running daemon reloads it"
+    print(f"{name}: rolled back to the previous version ({who})")
     return EXIT_OK
 
 

@@ -17,16 +17,18 @@ from pathlib import Path
 import pytest
 import redis
 
+from edged.certs import parse_bundle
 from edged.metrics import build_registry, render
 from edged.operations import DaemonOperations
 from edged.renewal import CertStatus
 from edged.store.files import FileStore, account_dirname
 from edged.store.redis import RedisStore, RedisTls
-from tests.conftest import Edged, free_port, run_backend, run_edged
+from tests.conftest import Edged, free_port, run_backend, run_cmd, run_edged
 from tests.pebble import Pebble
 from tests.redis_server import RedisServer, RedisTlsFiles
 from tests.test_daemon_acme import acme_body, wait_for
 from tests.test_redis_store import bundle
+from tests.test_reload import EDGED
 
 
 def site_only(backend_port: int) -> str:
@@ -405,3 +407,52 @@ async def test_a_resync_does_not_apply_a_config_edit_staged_for_sighup(
         assert a.daemon.config is not None and a.daemon.config.site_for("staged.test") is None
         assert await a.daemon.reload("signal")
         assert a.daemon.config.site_for("staged.test") is not None
+
+
+async def test_edged_rollback_rolls_the_fleet_back_through_redis(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """`edged rollback NAME` with a Redis store swaps the fleet's live and previous versions in
+    Redis (not a directory store it does not have): every node serves the previous one."""
+    writer = RedisStore(redis_server.url, FileStore(tmp_path / "writer"), prefix="rb")
+    first, second = bundle("shop.test", "v1"), bundle("shop.test", "v2")
+    writer.save(first)
+    writer.save(second)
+    prints = {
+        cn: parse_bundle(c.pairs[0].fullchain, c.pairs[0].privkey).fingerprint
+        for cn, c in (("v1", first), ("v2", second))
+    }
+
+    def serve(nodes: tuple[Edged, ...], cn: str) -> bool:
+        return all(
+            getattr(n.daemon.serving("shop.test"), "fingerprint", None) == prints[cn] for n in nodes
+        )
+
+    extra = 'store_local = "local"\nredis_prefix = "rb"'
+    async with AsyncExitStack() as stack:
+        nodes = []
+        for node in ("a", "b"):
+            (tmp_path / node).mkdir()
+            nodes.append(
+                await stack.enter_async_context(
+                    run_edged(
+                        tmp_path / node, site_only(9), store=redis_server.url, edged_extra=extra
+                    )
+                )
+            )
+        a, b = nodes
+        await wait_for(lambda: serve((a, b), "v2"))
+        out = await run_cmd(EDGED, "rollback", "shop.test", "--config", str(a.config_path))
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "rolled back to the previous version" in out.stdout
+        await wait_for(lambda: serve((a, b), "v1"), limit=2)
+        again = writer.load_previous("shop.test")
+        assert again is not None and again.pairs == second.pairs  # rolled away from, kept
+        # Each node's daemon keeps its local copy (served in a Redis outage) in step.
+        local = FileStore(tmp_path / "a" / "local")
+        await wait_for(lambda: getattr(local.load("shop.test"), "pairs", None) == first.pairs)
+        # And back again, from the other node.
+        out = await run_cmd(EDGED, "rollback", "shop.test", "--config", str(b.config_path))
+        assert out.returncode == 0, out.stdout + out.stderr
+        await wait_for(lambda: serve((a, b), "v2"), limit=2)
+    writer.close()

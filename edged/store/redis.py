@@ -392,7 +392,10 @@ class RedisStore:
     def _cert_keys(self, name: str) -> list[str]:
         return [self.key("cert", name), self.key("prev", name), self.key("names"), self.channel]
 
-    def rollback(self, name: str) -> StoredCert:
+    def rollback(self, name: str, *, mirror: bool = True) -> StoredCert:
+        """Swap the live and previous versions in Redis (every node follows the change).
+        `mirror`: also write this node's local copy; `edged rollback` leaves that to the node's
+        daemon, which mirrors what Redis publishes (two processes never write one directory)."""
         name = _name(name)
         raw = self._call("rollback", self.client.get, self.key("prev", name))
         if raw is None:
@@ -404,7 +407,8 @@ class RedisStore:
         args = [raw, _encode(cert), name]
         if not self._call("rollback", lambda: self._rollback(keys=keys, args=args)):
             raise StoreError(f"{name!r} changed in Redis during the rollback: try again")
-        self.local.save(cert)
+        if mirror:
+            self.local.save(cert)
         return cert
 
     def delete(self, name: str) -> None:
