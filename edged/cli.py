@@ -102,17 +102,31 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "run":
         sys.exit(cmd_run(args.config, args.log_level, args.log_format))
+    try:
+        code = _command(args)
+        sys.stdout.flush()  # here, not at exit, where a failure is a message on stderr
+    except BrokenPipeError:
+        # Whoever read the output stopped (`edged status | head`): no traceback. What is still
+        # buffered goes nowhere, so the interpreter's last flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(EXIT_INVALID)
+    sys.exit(code)
+
+
+def _command(args: argparse.Namespace) -> int:
+    """Every command but `run`; its exit code."""
     if args.command == "check":
-        sys.exit(cmd_check(args.config, preflight=args.preflight))
+        return cmd_check(args.config, preflight=args.preflight)
     if args.command == "rollback":
-        sys.exit(cmd_rollback(args.config, args.name))
+        return cmd_rollback(args.config, args.name)
     if args.command == "issue":
-        sys.exit(cmd_issue(args.config, args.names))
+        return cmd_issue(args.config, args.names)
     if args.command == "cert" and args.cert_command == "inspect":
-        sys.exit(cmd_inspect(args.file, args.key, args.name))
+        return cmd_inspect(args.file, args.key, args.name)
     if args.command in ADMIN_COMMANDS:
-        sys.exit(cmd_admin(args))
-    sys.exit(EXIT_USAGE)
+        return cmd_admin(args)
+    return EXIT_USAGE
 
 
 def cmd_run(config_path: Path, level: str, log_format: str = "text") -> int:

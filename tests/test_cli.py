@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -204,3 +205,26 @@ def test_cert_inspect_normalises_names_like_the_rest_of_edged(tmp_path: Path) ->
 def test_usage_errors_exit_2() -> None:
     assert edged("frobnicate").returncode == 2
     assert edged("check", "--bogus").returncode == 2
+
+
+def test_output_into_a_closed_pipe_is_no_traceback(tmp_path: Path) -> None:
+    """`edged status | head -1`, `edged cert inspect F | head`: the reader stops reading and
+    the command's next write fails (EPIPE). That ends the command quietly (exit 1), not with
+    a Python traceback on the terminal."""
+    _, cert, _, _ = cert_files()["good"]
+    (tmp_path / "good.crt").write_bytes(cert)
+    config = tmp_path / "edged.toml"
+    config.write_text('[[site]]\nnames = ["a.test"]\nbackend = "127.0.0.1:9"\n')
+    for args in (
+        ["cert", "inspect", str(tmp_path / "good.crt")],
+        ["check", "--config", str(config)],
+    ):
+        read, write = os.pipe()
+        os.close(read)  # nobody reads: the first write (or the flush at the end) fails
+        try:
+            out = subprocess.run(
+                [EDGED, *args], stdout=write, stderr=subprocess.PIPE, text=True, timeout=60
+            )
+        finally:
+            os.close(write)
+        assert (out.returncode, out.stderr) == (1, ""), args
