@@ -536,7 +536,8 @@ def _add_admin_commands(
         "--no-replace",
         dest="replace",
         action="store_false",
-        help="do not issue a replacement (NAME's handshakes are refused until one exists)",
+        help="do not order a replacement: the revoked certificate keeps serving until "
+        "`edged renew NAME` or an upload replaces it",
     )
     admin_parser("reload", "reload the config and every certificate (like SIGHUP), report result")
 
