@@ -238,8 +238,27 @@ def _refusal(request: web.Request) -> AdminError | None:
     return None
 
 
-def _middleware(token: str | None) -> Callable[..., Awaitable[web.StreamResponse]]:
-    expected = token.encode() if token else None
+class BearerToken:
+    """The admin API's bearer token (None: none required). A reload replaces it: the token
+    file is read again, so a rotated token works without a restart."""
+
+    __slots__ = ("expected",)
+
+    def __init__(self, token: str | None) -> None:
+        self.expected = token.encode() if token else None
+
+    def replace(self, token: str | None) -> bool:
+        """Use `token` from now on; whether it differs from the one before."""
+        new = token.encode() if token else None
+        changed = new != self.expected
+        self.expected = new
+        return changed
+
+
+_TOKEN = web.AppKey("token", BearerToken)
+
+
+def _middleware(token: BearerToken) -> Callable[..., Awaitable[web.StreamResponse]]:
     refusals = Throttled(log)
 
     @web.middleware
@@ -257,6 +276,7 @@ def _middleware(token: str | None) -> Callable[..., Awaitable[web.StreamResponse
                 refused.message,
             )
             return _error(refused)
+        expected = token.expected
         if expected is not None:
             header = request.headers.get("Authorization", "")
             scheme, _, credentials = header.strip().partition(" ")
@@ -411,8 +431,10 @@ async def _reload(request: web.Request) -> web.Response:
 
 def build_admin_app(ops: Operations, *, token: str | None) -> web.Application:
     """The admin API as an aiohttp Application (serve it with `start_admin_server`)."""
-    app = web.Application(middlewares=[_middleware(token)], client_max_size=MAX_BODY)
+    bearer = BearerToken(token)
+    app = web.Application(middlewares=[_middleware(bearer)], client_max_size=MAX_BODY)
     app[_OPS] = ops
+    app[_TOKEN] = bearer
     app.router.add_get("/status", _get_status, allow_head=False)
     app.router.add_get("/certs", _get_certs, allow_head=False)
     app.router.add_get("/certs/{name}", _get_cert, allow_head=False)
@@ -425,6 +447,20 @@ def build_admin_app(ops: Operations, *, token: str | None) -> web.Application:
 
 
 # --- serving ----------------------------------------------------------------------------------
+
+
+def replace_token(runner: web.AppRunner, token: str | None) -> bool:
+    """The admin API served by `runner` requires `token` from now on (None: none); whether it
+    changed."""
+    return runner.app[_TOKEN].replace(token)
+
+
+def warn_no_token(address: Address) -> None:
+    log.warning(
+        "admin: %s has no token: every local user can use the admin API "
+        "(set listen.admin_token_file or use a unix socket)",
+        address,
+    )
 
 
 def read_token_file(path: Path) -> str:
@@ -535,11 +571,7 @@ async def start_admin_server(
     check_admin_address(address)
     token = read_token_file(token_file) if token_file is not None else None
     if token is None and not address.is_unix:
-        log.warning(
-            "admin: %s has no token: every local user can use the admin API "
-            "(set listen.admin_token_file or use a unix socket)",
-            address,
-        )
+        warn_no_token(address)
     app = build_admin_app(ops, token=token)
     site_sock: socket.socket | None = None
     if address.is_unix:

@@ -26,7 +26,13 @@ from typing import Any
 from aiohttp import web
 
 from edged import systemd
-from edged.admin import AdminStartupError, start_admin_server
+from edged.admin import (
+    AdminStartupError,
+    read_token_file,
+    replace_token,
+    start_admin_server,
+    warn_no_token,
+)
 from edged.certs import CertBundle
 from edged.config import Address, Config, Site, config_digest, load_config_digest
 from edged.counters import Counters, merge_counters
@@ -986,11 +992,12 @@ class Daemon:
             log.error("reload rejected, keeping the running config: %s", exc)
             self.counters.reloads[kind, "error"] += 1
             return False
-        for key in ("metrics", "admin", "admin_token_file"):
+        for key in ("metrics", "admin"):
             if self.config is not None and getattr(config.listen, key) != getattr(
                 self.config.listen, key
             ):
                 log.warning("listen.%s changed: takes effect at the next restart", key)
+        await self._reread_admin_token(config)
         if self.config is not None and config.edged.allocator != self.config.edged.allocator:
             log.warning("edged.allocator changed: takes effect at the next restart")
         running = self.pool.count if self.pool is not None else 1
@@ -1138,6 +1145,25 @@ class Daemon:
                 return None
             names.add(name_of_store_dir(parts[0]))
         return names
+
+    async def _reread_admin_token(self, config: Config) -> None:
+        """The admin API's token from listen.admin_token_file as it is now (a rotated token,
+        or a file named anew), for the API already listening. A file that cannot be used
+        keeps the previous token, with the reason logged."""
+        admin = config.listen.admin
+        if self._admin is None or self.config is None or admin != self.config.listen.admin:
+            return  # a new admin address waits for the restart, and its token with it
+        assert admin is not None
+        path = config.listen.admin_token_file
+        try:
+            token = await asyncio.to_thread(read_token_file, path) if path is not None else None
+        except AdminStartupError as exc:
+            log.error("the admin API keeps its previous token: %s", exc)
+            return
+        if replace_token(self._admin, token):
+            log.info("the admin API's token was replaced (listen.admin_token_file)")
+            if token is None and not admin.is_unix:
+                warn_no_token(admin)
 
     def _refresh_watch(self) -> None:
         """After a reload: restart the watcher when the set of files to watch changed."""

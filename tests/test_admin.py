@@ -513,6 +513,54 @@ def test_bearer_token(sockdir: Path) -> None:
         assert client.reload()["ok"] is True
 
 
+async def test_a_rotated_token_is_used_after_a_reload(
+    sockdir: Path, certs: dict[str, tuple[bytes, bytes]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """listen.admin_token_file is read again at every reload (a change to the file triggers
+    one): a rotated token works at once, the old one is refused; a file that cannot be used
+    keeps the token before it, with the reason logged."""
+    import aiohttp
+
+    cert_file, key_file = sockdir / "a.crt", sockdir / "a.key"
+    cert_file.write_bytes(certs["good"][0])
+    key_file.write_bytes(certs["good"][1])
+    token_file = sockdir / "token"
+    token_file.write_text("first-token\n")
+    token_file.chmod(0o600)
+    port = free_port()
+    site = (
+        f'[[site]]\nnames = ["a.test"]\nbackend = "127.0.0.1:9"\n'
+        f'cert_file = "{cert_file}"\nkey_file = "{key_file}"\n'
+    )
+    async with (
+        run_edged(sockdir, site, admin=f"127.0.0.1:{port}") as e,
+        aiohttp.ClientSession() as http,
+    ):
+
+        async def status(token: str | None) -> int:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            async with http.get(f"http://127.0.0.1:{port}/status", headers=headers) as r:
+                return r.status
+
+        assert await status(None) == 200  # started without a token file
+        text = e.config_path.read_text()
+        e.config_path.write_text(text.replace("[listen]", '[listen]\nadmin_token_file = "token"'))
+        assert await e.daemon.reload("signal")
+        assert (await status(None), await status("first-token")) == (401, 200)
+
+        token_file.write_text("second-token\n")
+        assert await e.daemon.reload("file")
+        assert await status("first-token") == 401
+        assert await status("second-token") == 200
+
+        token_file.chmod(0o644)  # readable by every user: not used
+        with caplog.at_level(logging.ERROR, "edged.daemon"):
+            assert await e.daemon.reload("file")
+        assert "the admin API keeps its previous token" in caplog.text
+        assert "chmod 600" in caplog.text
+        assert await status("second-token") == 200
+
+
 def test_token_file_must_not_be_world_readable(sockdir: Path) -> None:
     token_file = sockdir / "token"
     token_file.write_text("t0ken\n")
