@@ -287,7 +287,20 @@ class _Reader:
         return value
 
     def positive(self, name: str, default: float, *, allow_zero: bool = False) -> float:
-        value = self.get(name, float, default, "a number of seconds")
+        """Seconds: a number, or a duration string like every other duration ('30s', '5m')."""
+        raw = self.data.get(name)
+        if isinstance(raw, str):
+            self.seen.add(name)
+            m = _DURATION.match(raw)
+            if m is None:
+                self.problem(name, f"must be seconds or a duration like '30s', '5m', got {raw!r}")
+                return default
+            value = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        else:
+            value = self.get(name, float, default, "a number of seconds")
+        if value > MAX_DURATION:  # inf too: no timer can take it
+            self.problem(name, f"{raw!r} is longer than any edged can use: at most 365d")
+            return default
         if not math.isfinite(value):
             self.problem(name, f"must be a finite number of seconds, got {value}")
             return default

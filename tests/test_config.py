@@ -376,6 +376,29 @@ def test_durations_no_timer_can_take_are_refused() -> None:
     assert parse_config(MINIMAL + '\n[tls]\nticket_key_rotation = "365d"\n', SRC)
 
 
+def test_every_timeout_takes_a_duration_string_like_the_other_durations() -> None:
+    """`idle_timeout = "5m"` reads as every duration key does; numbers stay seconds."""
+    text = MINIMAL.replace(
+        "[listen]",
+        '[edged]\nidle_timeout = "5m"\ndrain_timeout = "0s"\n'
+        "backend_connect_timeout = 2.5\n[listen]",
+    )
+    config = parse_config(text + '\n[tls]\nhandshake_timeout = "500ms"\n', SRC)
+    assert config.edged.idle_timeout == 300.0
+    assert config.edged.drain_timeout == 0.0
+    assert config.edged.backend_connect_timeout == 2.5
+    assert config.tls.handshake_timeout == 0.5
+    for value, expected in (
+        ('"5 minutes"', "must be seconds or a duration like '30s', '5m', got '5 minutes'"),
+        ('"0"', "must be > 0, got 0.0"),
+        ('"366d"', "at most 365d"),
+        ("inf", "at most 365d"),
+        ("nan", "must be a finite number of seconds"),
+    ):
+        found = problems(MINIMAL + f"\n[tls]\nhandshake_timeout = {value}\n")
+        assert any("tls.handshake_timeout: " in p and expected in p for p in found), found
+
+
 def test_addresses_that_cannot_work_are_refused_at_parse() -> None:
     long_path = "/run/" + "x" * 120 + ".sock"
     cases = {
