@@ -449,21 +449,36 @@ class DnsUpdater:
         return _text(current)
 
     def find_zone(self, fqdn: str) -> str:
-        """The zone holding `fqdn`: delegate_to or acme.dns.zone when they enclose it, else SOA."""
+        """The zone holding `fqdn`: acme.dns.zone when it encloses it, else found by SOA.
+
+        acme.dns.delegate_to may be a zone of its own or a name inside one (`acme.example.net`
+        in zone example.net): a name under it is looked up by SOA like any other, and only when
+        that finds nothing is delegate_to taken as the zone.
+        """
         name = _to_name(fqdn)
+        delegate: dns.name.Name | None = None
         if self.settings.delegate_to:
             delegate = _to_name(self.settings.delegate_to, "acme.dns.delegate_to")
-            if name.is_subdomain(delegate):
-                return _text(delegate)
+            if not name.is_subdomain(delegate):
+                delegate = None
         if self.settings.zone:
             zone = _to_name(self.settings.zone, "acme.dns.zone")
             if name.is_subdomain(zone):
                 return _text(zone)
-            raise DnsError(
-                _text(name),
-                f"is not inside acme.dns.zone {_text(zone)!r}: set acme.dns.zone to the zone "
-                'that holds it, or to "" to find the zone by SOA',
-            )
+            if delegate is None:
+                raise DnsError(
+                    _text(name),
+                    f"is not inside acme.dns.zone {_text(zone)!r}: set acme.dns.zone to the zone "
+                    'that holds it, or to "" to find the zone by SOA',
+                )
+        try:
+            return self._zone_by_soa(name)
+        except DnsError:
+            if delegate is not None:
+                return _text(delegate)
+            raise
+
+    def _zone_by_soa(self, name: dns.name.Name) -> str:
         failures: list[str] = []
         current = name
         while len(current) > 1:
