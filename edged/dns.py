@@ -25,7 +25,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import dns.exception
@@ -768,24 +768,34 @@ class CaaResult:
     ca_domains: tuple[str, ...] = ()
     # When a record names the CA but its RFC 8657 parameters refuse this order: why and the fix.
     refused_by_parameter: str = ""
+    # The name whose lookup a CNAME led to `owner` (RFC 8659 follows aliases); "" when none.
+    via: str = ""
 
     def describe(self) -> str:
         cas = ", ".join(self.ca_domains) or "the CA"
         if not self.owner:
             return f"{self.name}: no CAA records: any CA may issue"
         shown = "; ".join(self.records)
+        at = f"{self.owner} (the CNAME target of {self.via})" if self.via else self.owner
         if self.allowed:
-            return f"{self.name}: CAA at {self.owner} allows {cas} ({shown})"
+            return f"{self.name}: CAA at {at} allows {cas} ({shown})"
         if self.refused_by_parameter:
             return (
-                f"{self.name}: CAA at {self.owner} names {cas} but {self.blocking} "
+                f"{self.name}: CAA at {at} names {cas} but {self.blocking} "
                 f"{self.refused_by_parameter} (all: {shown})"
             )
         tag = "issuewild" if self.name.startswith("*.") else "issue"
         ca = self.ca_domains[0] if self.ca_domains else "CA-DOMAIN"
+        # No record can sit beside a CNAME: the fix is at the target, or in the alias itself.
+        where = (
+            f" (in the zone of {self.owner}: no CAA record can sit beside the CNAME at "
+            f"{self.via}), or point {self.via} elsewhere"
+            if self.via
+            else " or remove the record"
+        )
         return (
-            f"{self.name}: CAA at {self.owner} forbids issuance by {cas}: {self.blocking} "
-            f'(all: {shown}); add `{self.owner}. CAA 0 {tag} "{ca}"` or remove the record'
+            f"{self.name}: CAA at {at} forbids issuance by {cas}: {self.blocking} "
+            f'(all: {shown}); add `{self.owner}. CAA 0 {tag} "{ca}"`{where}'
         )
 
 
@@ -824,7 +834,10 @@ def check_caa(
         if not rdatas:
             current = current.parent()
             continue
-        return _evaluate_caa(shown_name, wildcard, cas, _text(current), rdatas, method, account_uri)
+        # Through a CNAME the records are the target's (the resolver followed it).
+        owner = answer.rrset.name if answer.rrset is not None else current
+        result = _evaluate_caa(shown_name, wildcard, cas, _text(owner), rdatas, method, account_uri)
+        return replace(result, via=_text(current)) if owner != current else result
     return CaaResult(shown_name, True, "", (), "", cas)
 
 

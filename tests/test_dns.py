@@ -557,8 +557,17 @@ def test_caa_critical_unknown_tag_blocks(caa_bind: Bind) -> None:
 def test_caa_follows_cname(caa_bind: Bind) -> None:
     result = caa(caa_bind, "alias.le.test")
     assert not result.allowed  # the CNAME target (b2.test) only lets other.ca issue
-    assert result.owner == "alias.le.test"
     assert result.blocking == '0 issue "other.ca"'
+    # The records are the target's, and the fix goes there: no CAA can sit beside a CNAME.
+    assert result.owner == "b2.test"
+    assert result.via == "alias.le.test"
+    text = result.describe()
+    assert "CAA at b2.test (the CNAME target of alias.le.test) forbids" in text, text
+    assert f'add `b2.test. CAA 0 issue "{PEBBLE}"`' in text, text
+    assert "alias.le.test. CAA" not in text
+    assert "b2.test (the CNAME target of alias.le.test) allows other.ca" in (
+        caa(caa_bind, "alias.le.test", "other.ca").describe()
+    )
     # RFC 8659: no CAA at the target, so the climb continues from the alias's parent.
     result = caa(caa_bind, "alias-empty.le.test")
     assert result.allowed
