@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import os
+import signal
 import ssl
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,10 +21,12 @@ from edged.config import Config, parse_config
 from edged.http01 import ChallengeBoard, Http01App
 from edged.preflight import PreflightResult, any_failed, is_local_address, run_preflight
 from edged.store.files import FileStore
+from edged.store.redis import RedisStore
 from tests.bind import Bind, bind_fixture
 from tests.conftest import free_port, run_cmd
 from tests.pebble import Pebble, start_pebble
 from tests.pki import make_ca, make_leaf, write_pair
+from tests.redis_server import RedisServer
 
 EDGED = str(Path(sys.executable).with_name("edged"))
 CA = "pebble.letsencrypt.org"
@@ -276,6 +282,46 @@ async def test_http01_port_busy_with_edged_or_another_server(bind: Bind) -> None
     assert not http.ok
     assert f"port {port} is held by a server that is not edged" in http.message
     assert "HTTP 200 'hello from nginx'" in http.message
+
+
+async def test_http01_probe_never_blocks_the_loop_on_a_hung_redis(
+    bind: Bind, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """In a fleet the daemon's board shares tokens through Redis. A Redis that does not answer
+    (here: stopped with SIGSTOP) must not stall the event loop (TLS, admin, watchdog) while the
+    probe token is put and withdrawn; the probe through this host's listener still runs."""
+    port = free_port()
+    config = make_config(bind, ["www.pf.test"], http_port=port)
+    daemon_board = ChallengeBoard()
+    daemon_board.shared = RedisStore(redis_server.url, FileStore(tmp_path / "local"), prefix="pf")
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.02)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    async with serve(Http01App(daemon_board, lambda: config).app, port):
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                ticking = tg.create_task(ticker())
+                started = time.monotonic()
+                results = await run_preflight(
+                    config, ca_domains=[CA], board=daemon_board, query_timeout=2.0
+                )
+                took = time.monotonic() - started
+                ticking.cancel()
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+    assert took >= 2.0  # Redis was waited for (its 2 s timeout) ...
+    assert max(gaps) < 1.0, max(gaps)  # ... but never on the loop
+    http = by_check(results, "http-01")["www.pf.test"]
+    assert http.ok and "a probe token served on port" in http.message, http.line()
+    assert len(daemon_board) == 0
 
 
 # --- DNS-01 --------------------------------------------------------------------------------
