@@ -266,7 +266,8 @@ def _preflight(config_path: Path, config: Config, store: FileStore | None) -> bo
     if not sites:
         print(f"{config_path}: preflight: no ACME-managed sites: nothing to check")
         return False
-    results = asyncio.run(run_preflight(config, sites=sites))
+    # The store too: this node's ACME account is what a CAA record's accounturi must name.
+    results = asyncio.run(run_preflight(config, sites=sites, store=store))
     for result in results:
         print(result.line())
     bad = sum(not r.ok for r in results)

@@ -25,7 +25,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import dns.exception
@@ -449,21 +449,36 @@ class DnsUpdater:
         return _text(current)
 
     def find_zone(self, fqdn: str) -> str:
-        """The zone holding `fqdn`: delegate_to or acme.dns.zone when they enclose it, else SOA."""
+        """The zone holding `fqdn`: acme.dns.zone when it encloses it, else found by SOA.
+
+        acme.dns.delegate_to may be a zone of its own or a name inside one (`acme.example.net`
+        in zone example.net): a name under it is looked up by SOA like any other, and only when
+        that finds nothing is delegate_to taken as the zone.
+        """
         name = _to_name(fqdn)
+        delegate: dns.name.Name | None = None
         if self.settings.delegate_to:
             delegate = _to_name(self.settings.delegate_to, "acme.dns.delegate_to")
-            if name.is_subdomain(delegate):
-                return _text(delegate)
+            if not name.is_subdomain(delegate):
+                delegate = None
         if self.settings.zone:
             zone = _to_name(self.settings.zone, "acme.dns.zone")
             if name.is_subdomain(zone):
                 return _text(zone)
-            raise DnsError(
-                _text(name),
-                f"is not inside acme.dns.zone {_text(zone)!r}: set acme.dns.zone to the zone "
-                'that holds it, or to "" to find the zone by SOA',
-            )
+            if delegate is None:
+                raise DnsError(
+                    _text(name),
+                    f"is not inside acme.dns.zone {_text(zone)!r}: set acme.dns.zone to the zone "
+                    'that holds it, or to "" to find the zone by SOA',
+                )
+        try:
+            return self._zone_by_soa(name)
+        except DnsError:
+            if delegate is not None:
+                return _text(delegate)
+            raise
+
+    def _zone_by_soa(self, name: dns.name.Name) -> str:
         failures: list[str] = []
         current = name
         while len(current) > 1:
@@ -753,24 +768,34 @@ class CaaResult:
     ca_domains: tuple[str, ...] = ()
     # When a record names the CA but its RFC 8657 parameters refuse this order: why and the fix.
     refused_by_parameter: str = ""
+    # The name whose lookup a CNAME led to `owner` (RFC 8659 follows aliases); "" when none.
+    via: str = ""
 
     def describe(self) -> str:
         cas = ", ".join(self.ca_domains) or "the CA"
         if not self.owner:
             return f"{self.name}: no CAA records: any CA may issue"
         shown = "; ".join(self.records)
+        at = f"{self.owner} (the CNAME target of {self.via})" if self.via else self.owner
         if self.allowed:
-            return f"{self.name}: CAA at {self.owner} allows {cas} ({shown})"
+            return f"{self.name}: CAA at {at} allows {cas} ({shown})"
         if self.refused_by_parameter:
             return (
-                f"{self.name}: CAA at {self.owner} names {cas} but {self.blocking} "
+                f"{self.name}: CAA at {at} names {cas} but {self.blocking} "
                 f"{self.refused_by_parameter} (all: {shown})"
             )
         tag = "issuewild" if self.name.startswith("*.") else "issue"
         ca = self.ca_domains[0] if self.ca_domains else "CA-DOMAIN"
+        # No record can sit beside a CNAME: the fix is at the target, or in the alias itself.
+        where = (
+            f" (in the zone of {self.owner}: no CAA record can sit beside the CNAME at "
+            f"{self.via}), or point {self.via} elsewhere"
+            if self.via
+            else " or remove the record"
+        )
         return (
-            f"{self.name}: CAA at {self.owner} forbids issuance by {cas}: {self.blocking} "
-            f'(all: {shown}); add `{self.owner}. CAA 0 {tag} "{ca}"` or remove the record'
+            f"{self.name}: CAA at {at} forbids issuance by {cas}: {self.blocking} "
+            f'(all: {shown}); add `{self.owner}. CAA 0 {tag} "{ca}"`{where}'
         )
 
 
@@ -809,7 +834,10 @@ def check_caa(
         if not rdatas:
             current = current.parent()
             continue
-        return _evaluate_caa(shown_name, wildcard, cas, _text(current), rdatas, method, account_uri)
+        # Through a CNAME the records are the target's (the resolver followed it).
+        owner = answer.rrset.name if answer.rrset is not None else current
+        result = _evaluate_caa(shown_name, wildcard, cas, _text(owner), rdatas, method, account_uri)
+        return replace(result, via=_text(current)) if owner != current else result
     return CaaResult(shown_name, True, "", (), "", cas)
 
 

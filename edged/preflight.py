@@ -50,7 +50,7 @@ from cryptography import x509
 from edged import __version__
 from edged.config import AcmeSettings, Address, Config, DnsSettings, Site
 from edged.dns import DnsError, DnsUpdater, build_resolver, check_caa, load_tsig_key
-from edged.errors import StoreError
+from edged.errors import EdgedError, StoreError
 from edged.http01 import CHALLENGE_PREFIX, ChallengeBoard, Http01App, HttpListeners
 from edged.listen import StartupError
 from edged.renewer import fetch_directory, managed_sites
@@ -123,7 +123,7 @@ async def run_preflight(
     results: list[PreflightResult] = []
     if resolver is None:
         try:
-            resolver = build_resolver(acme.dns, query_timeout)
+            resolver = await asyncio.to_thread(build_resolver, acme.dns, query_timeout)
         except DnsError as exc:
             results.append(PreflightResult(exc.name, "resolver", False, exc.message))
     if resolver is not None:
@@ -433,19 +433,27 @@ async def _http01_checks(
             probe_board = None
             expected = None
             busy = str(exc)
-    if probe_board is not None:
-        probe_board.add(token, token + ".preflight", list(resolved), ttl=query_timeout * 4 + 60)
     try:
+        if probe_board is not None:
+            # In a fleet the board also writes to Redis (blocking): never on the loop.
+            with contextlib.suppress(EdgedError):  # on this node's board all the same
+                await asyncio.to_thread(
+                    probe_board.add,
+                    token,
+                    token + ".preflight",
+                    list(resolved),
+                    query_timeout * 4 + 60,
+                )
         async with aiohttp.ClientSession() as client:
             for name, addresses in resolved.items():
                 probes = {
                     a: await _probe(client, name, a, port, token, expected, query_timeout)
                     for a in addresses
                 }
-                out += _judge(name, addresses, probes, port, busy)
+                out += await asyncio.to_thread(_judge, name, addresses, probes, port, busy)
     finally:
         if probe_board is not None:
-            probe_board.remove(token)
+            await asyncio.to_thread(probe_board.remove, token)
         if own is not None:
             await own.close()
     return out
@@ -612,7 +620,7 @@ async def _tls_alpn_checks(
                 a: await asyncio.to_thread(_tls_probe, name, a, port, expected, query_timeout)
                 for a in addresses
             }
-            out += _judge_tls_alpn(name, addresses, probes, port, busy)
+            out += await asyncio.to_thread(_judge_tls_alpn, name, addresses, probes, port, busy)
     return out
 
 

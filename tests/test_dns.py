@@ -29,6 +29,7 @@ bind = bind_fixture(
     {
         "a.test": """
             _acme-challenge.deleg CNAME deleg.a.test.acme.test.
+            _acme-challenge.inzone CNAME inzone.a.test.acme.b.test.
             _acme-challenge.hops CNAME hop1.a.test.
             hop1 CNAME hops.a.test.acme.test.
             _acme-challenge.elsewhere CNAME _acme-challenge.elsewhere.b.test.
@@ -214,6 +215,22 @@ def test_wait_propagated_through_delegation(bind: Bind) -> None:
     u.add_txt(fqdn, "delegated")
     u.wait_propagated(fqdn, ["delegated"])
     u.delete_txt(fqdn, "delegated")
+
+
+def test_delegate_to_inside_a_zone(bind: Bind) -> None:
+    """delegate_to need not be a zone apex: `acme.b.test` is a name inside zone b.test, where
+    the TXT goes (an update for "zone acme.b.test" would be NOTAUTH)."""
+    for extra in ({}, {"zone": "b.test"}):
+        u = updater(bind, delegate_to="acme.b.test", **extra)
+        fqdn = u.challenge_fqdn("*.inzone.a.test")
+        assert fqdn == "inzone.a.test.acme.b.test"
+        assert u.find_zone(fqdn) == "b.test"
+        u.add_txt(fqdn, "in-b")
+        assert bind.txt(fqdn) == {"in-b"}
+        u.wait_propagated(fqdn, ["in-b"])
+        u.delete_txt(fqdn, "in-b")
+        assert bind.txt(fqdn) == set()
+        assert "in zone b.test" in u.check_permission("inzone.a.test")
 
 
 # --- TSIG failures -------------------------------------------------------------------------
@@ -540,8 +557,17 @@ def test_caa_critical_unknown_tag_blocks(caa_bind: Bind) -> None:
 def test_caa_follows_cname(caa_bind: Bind) -> None:
     result = caa(caa_bind, "alias.le.test")
     assert not result.allowed  # the CNAME target (b2.test) only lets other.ca issue
-    assert result.owner == "alias.le.test"
     assert result.blocking == '0 issue "other.ca"'
+    # The records are the target's, and the fix goes there: no CAA can sit beside a CNAME.
+    assert result.owner == "b2.test"
+    assert result.via == "alias.le.test"
+    text = result.describe()
+    assert "CAA at b2.test (the CNAME target of alias.le.test) forbids" in text, text
+    assert f'add `b2.test. CAA 0 issue "{PEBBLE}"`' in text, text
+    assert "alias.le.test. CAA" not in text
+    assert "b2.test (the CNAME target of alias.le.test) allows other.ca" in (
+        caa(caa_bind, "alias.le.test", "other.ca").describe()
+    )
     # RFC 8659: no CAA at the target, so the climb continues from the alias's parent.
     result = caa(caa_bind, "alias-empty.le.test")
     assert result.allowed

@@ -8,21 +8,27 @@ BIND recurses for 127.0.0.1 so a CNAME from one of its zones into another is cha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+import socket
+import struct
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import pytest
 from acme import challenges, messages
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from josepy import jwk
 
 from edged.acme.client import AcmeSession
 from edged.acme.issue import OrderRequest, issue
 from edged.acme.solvers import Dns01Solver
-from edged.config import AcmeSettings, DnsSettings
+from edged.config import AcmeSettings, Address, DnsSettings
 from edged.dns import DnsError, DnsUpdater, load_tsig_key
 from edged.errors import AcmeError
 from edged.store.files import FileStore
@@ -240,3 +246,73 @@ async def test_cli_issue_unusable_tsig_key(pebble: Pebble, bind: Bind, tmp_path:
     assert "Traceback" not in out.stderr
     assert f"cli.test: not issued: {garbage}: not a TSIG key" in out.stdout
     assert not (tmp_path / "store" / "live").exists()
+
+
+@contextlib.contextmanager
+def slow_dns_proxy(upstream: int, delay: float) -> Iterator[int]:
+    """A DNS-over-TCP relay to 127.0.0.1:`upstream` that passes each query on at once and the
+    answer back only after `delay` seconds: the server has applied an update whose client has
+    timed out (a loaded primary)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def read_exact(sock: socket.socket, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        return data
+
+    def relay(client: socket.socket) -> None:
+        with client, contextlib.suppress(OSError):
+            with socket.create_connection(("127.0.0.1", upstream), timeout=5) as server:
+                length = read_exact(client, 2)
+                server.sendall(length + read_exact(client, struct.unpack("!H", length)[0]))
+                answer_length = read_exact(server, 2)
+                answer = read_exact(server, struct.unpack("!H", answer_length)[0])
+            stop.wait(delay)
+            client.sendall(answer_length + answer)
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=relay, args=(client,), daemon=True).start()
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the accept()
+        listener.close()
+        acceptor.join(5)
+
+
+def test_add_that_timed_out_is_still_cleaned_up(bind: Bind) -> None:
+    """An update whose answer does not come in time may still have been applied: the solver's
+    cleanup must delete that value too, or it stays in the zone for good."""
+    fqdn = "_acme-challenge.slow.example.test"
+    with slow_dns_proxy(bind.port, delay=1.5) as port:
+        dns = bind.settings(server=Address("127.0.0.1", port))
+        solver = Dns01Solver(DnsUpdater(dns, load_tsig_key(dns), timeout=0.5))
+        challb = messages.ChallengeBody(
+            chall=challenges.DNS01(token=b"t" * 32),
+            uri="https://ca.test/chall/1",
+            status=messages.STATUS_PENDING,
+        )
+        key = jwk.JWKEC(key=ec.generate_private_key(ec.SECP256R1()))
+        with pytest.raises(DnsError, match="no answer from DNS server"):
+            solver.present("slow.example.test", challb, key)
+        assert len(bind.txt(fqdn)) == 1  # applied by named all the same
+        solver.cleanup()  # its delete times out as well, but named applies it
+    deadline = time.monotonic() + 5
+    while bind.txt(fqdn) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert bind.txt(fqdn) == set()

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import os
+import signal
+import ssl
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,9 +20,13 @@ from aiohttp import web
 from edged.config import Config, parse_config
 from edged.http01 import ChallengeBoard, Http01App
 from edged.preflight import PreflightResult, any_failed, is_local_address, run_preflight
+from edged.store.files import FileStore
+from edged.store.redis import RedisStore
 from tests.bind import Bind, bind_fixture
 from tests.conftest import free_port, run_cmd
 from tests.pebble import Pebble, start_pebble
+from tests.pki import make_ca, make_leaf, write_pair
+from tests.redis_server import RedisServer
 
 EDGED = str(Path(sys.executable).with_name("edged"))
 CA = "pebble.letsencrypt.org"
@@ -34,6 +43,7 @@ bind = bind_fixture(
             wild CAA 0 issue "other.ca"
             wild CAA 0 issuewild "other.ca"
             dnsonly CAA 0 issue "pebble.letsencrypt.org; validationmethods=dns-01"
+            acct CAA 0 issue "pebble.letsencrypt.org; accounturi=https://ca.test/acct/1"
         """,
         "locked.test": "",
     },
@@ -274,6 +284,46 @@ async def test_http01_port_busy_with_edged_or_another_server(bind: Bind) -> None
     assert "HTTP 200 'hello from nginx'" in http.message
 
 
+async def test_http01_probe_never_blocks_the_loop_on_a_hung_redis(
+    bind: Bind, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """In a fleet the daemon's board shares tokens through Redis. A Redis that does not answer
+    (here: stopped with SIGSTOP) must not stall the event loop (TLS, admin, watchdog) while the
+    probe token is put and withdrawn; the probe through this host's listener still runs."""
+    port = free_port()
+    config = make_config(bind, ["www.pf.test"], http_port=port)
+    daemon_board = ChallengeBoard()
+    daemon_board.shared = RedisStore(redis_server.url, FileStore(tmp_path / "local"), prefix="pf")
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.02)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    async with serve(Http01App(daemon_board, lambda: config).app, port):
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                ticking = tg.create_task(ticker())
+                started = time.monotonic()
+                results = await run_preflight(
+                    config, ca_domains=[CA], board=daemon_board, query_timeout=2.0
+                )
+                took = time.monotonic() - started
+                ticking.cancel()
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+    assert took >= 2.0  # Redis was waited for (its 2 s timeout) ...
+    assert max(gaps) < 1.0, max(gaps)  # ... but never on the loop
+    http = by_check(results, "http-01")["www.pf.test"]
+    assert http.ok and "a probe token served on port" in http.message, http.line()
+    assert len(daemon_board) == 0
+
+
 # --- DNS-01 --------------------------------------------------------------------------------
 
 
@@ -331,3 +381,48 @@ async def test_cli_check_preflight(bind: Bind, pebble: Pebble, tmp_path: Path) -
     assert out.returncode == 1, out.stdout + out.stderr
     assert "x.locked.test: dns-01: FAIL: " in out.stdout
     assert out.stdout.splitlines()[-1] == f"{config}: preflight FAILED: 4 checks, 1 failed"
+
+
+async def test_cli_check_preflight_holds_accounturi_against_this_nodes_account(
+    bind: Bind, tmp_path: Path
+) -> None:
+    """`edged check --preflight` reads this node's ACME account from the store, as the daemon
+    does: a CAA record whose accounturi names another account is a FAIL (the CA refuses)."""
+    ca = make_ca()
+    leaf = make_leaf(ca, ["localhost"])
+    cert_path, key_path = write_pair(tmp_path, "directory", leaf)
+    ca_path = tmp_path / "ca.pem"
+    ca_path.write_bytes(ca.cert_pem)
+
+    async def directory(_request: web.Request) -> web.Response:
+        return web.json_response({"newOrder": "x", "meta": {"caaIdentities": [CA]}})
+
+    app = web.Application()
+    app.router.add_get("/dir", directory)
+    port = free_port()
+    url = f"https://localhost:{port}/dir"
+    config = tmp_path / "edged.toml"
+    config.write_text(
+        config_text(
+            bind, ["acct.pf.test"], challenge="dns-01", directory=url, ca_bundle=str(ca_path)
+        )
+    )
+    key_pem = make_leaf(None, ["unused.test"]).key_pem
+    FileStore(tmp_path / "store").save_account(url, {"uri": "https://ca.test/acct/2"}, key_pem)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert_path, key_path)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "localhost", port, ssl_context=tls).start()
+    try:
+        out = await run_cmd(EDGED, "check", "--config", str(config), "--preflight")
+        FileStore(tmp_path / "store").save_account(url, {"uri": "https://ca.test/acct/1"}, key_pem)
+        ok = await run_cmd(EDGED, "check", "--config", str(config), "--preflight")
+    finally:
+        await runner.cleanup()
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "acct.pf.test: caa: FAIL: " in out.stdout, out.stdout
+    assert "allows only the ACME account https://ca.test/acct/1" in out.stdout, out.stdout
+    assert "this node's https://ca.test/acct/2" in out.stdout
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "acct.pf.test: caa: ok: " in ok.stdout

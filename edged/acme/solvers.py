@@ -129,8 +129,10 @@ class Dns01Solver:
         assert isinstance(chall, challenges.DNS01)
         response, validation = chall.response_and_validation(key)
         fqdn = self.updater.challenge_fqdn(identifier)
-        self.updater.add_txt(fqdn, validation)
+        # First: an update that fails (no answer in time) may still have been applied, and
+        # deleting a value that is not there is no error.
         self._records.append((fqdn, validation))
+        self.updater.add_txt(fqdn, validation)
         return response
 
     def wait_ready(self) -> None:
