@@ -812,10 +812,11 @@ def pem_segments(pid: int) -> set[int]:
 
 
 def many_file_sites(ca: Issued, tmp_path: Path, names: list[str], backend: str, cn: str) -> str:
-    """One [[site]] per name, each with a certificate of its own (CN `cn`) in its own files."""
+    """One [[site]] per name, each with a certificate of its own (CN `cn`) in its own files,
+    named after `cn`: files of another `cn` (those being served, watched) are left alone."""
     out = []
     for i, name in enumerate(names):
-        cert, key = write_pair(tmp_path, f"s{i}", make_leaf(ca, [name], cn=cn))
+        cert, key = write_pair(tmp_path, f"{cn}-{i}", make_leaf(ca, [name], cn=cn))
         out.append(site(backend, cert, key, name=name))
     return "".join(out)
 
@@ -842,10 +843,15 @@ async def test_workers_map_one_shared_copy_of_the_certificates_and_repack_it(
             for name in random.Random(3).sample(names, 20):
                 assert (await asyncio.to_thread(fetch, e.port, ctx, name))[0] == "v1"
 
+            # New files, then the config naming them in one rename: rewriting the served files
+            # in place had the file watcher reload each part written, and a repack of a state
+            # half v1 passed for the end of the test while the rest was still being reloaded.
             sites = await asyncio.to_thread(
                 many_file_sites, ca, tmp_path, names, backend.address, "v2"
             )
-            e.config.write_text(e.config.read_text().split("[[site]]", 1)[0] + sites)
+            staged = tmp_path / "edged.toml.new"
+            staged.write_text(e.config.read_text().split("[[site]]", 1)[0] + sites)
+            staged.rename(e.config)
             e.proc.send_signal(signal.SIGHUP)
 
             def repacked() -> bool:
