@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import pickle
+import socket
 
 import pytest
 
 from edged import chains
 from edged.certs import parse_bundle, stored_bundle
 from edged.chains import shared_chain, split_fullchain
+from edged.pemshare import SegmentMaps
 from edged.sni import ServedCert
-from edged.worker import shared_certs
+from edged.worker import received_certs
 from tests.pki import fullchain, make_ca, make_intermediate, make_leaf
 
 CA = make_ca("Chains CA")
@@ -81,7 +83,15 @@ def test_workers_hold_one_copy_of_a_chain_across_messages() -> None:
     assert one[0][0].chain_pem is one[1][0].chain_pem
     other = pickle.loads(pickle.dumps({2: (ServedCert.of(certs[0]),)}))
     assert other[2][0].chain_pem is not one[0][0].chain_pem  # a copy of its own, unpickled
-    in_worker = shared_certs(one)
-    renewed = shared_certs(other)
+    main, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    worker.setblocking(False)
+    maps = SegmentMaps(worker)  # inline certificates: nothing comes on it
+    try:
+        in_worker = received_certs(one, maps)
+        renewed = received_certs(other, maps)
+    finally:
+        maps.close()
+        main.close()
+        worker.close()
     assert renewed[2][0].chain_pem is in_worker[0][0].chain_pem
     assert renewed[2][0].fullchain_pem == certs[0].fullchain_pem
