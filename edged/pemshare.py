@@ -22,6 +22,7 @@ length), the leaf, the key. A chain (the intermediates) is stored once per segme
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import itertools
 import logging
@@ -258,16 +259,47 @@ def _distinct(certs: Iterable[ServedCert]) -> list[ServedCert]:
 
 # --- a worker's side ----------------------------------------------------------------------------
 
+# mmap(2) itself: mmap.mmap keeps a duplicate of the file descriptor for as long as the mapping
+# lives (Python 3.11 has no trackfd=False), one descriptor per segment out of the budget of a
+# worker's connections, and one more needed while a segment is mapped.
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+)
+_libc.munmap.restype = ctypes.c_int
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
 
 class MappedSegment:
-    """A segment mapped read-only; unmapped when the last certificate in it is let go of."""
+    """A segment mapped read-only, holding no file descriptor; unmapped when the last
+    certificate in it is let go of."""
 
-    __slots__ = ("id", "map")
+    __slots__ = ("__weakref__", "_address", "id", "size")
 
     def __init__(self, id: int, fd: int, size: int) -> None:
         self.id = id
-        # A zero-length mapping is refused; an empty segment holds nothing to read anyway.
-        self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) if size else b""
+        self.size = size
+        self._address = 0
+        if size:  # a zero-length mapping is refused; an empty segment holds nothing to read
+            address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if address is None or address == _MAP_FAILED:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+            self._address = int(address)
+            weakref.finalize(self, _libc.munmap, address, size).atexit = False
+
+    def read(self, offset: int, length: int) -> bytes:
+        """`length` bytes from `offset` (ValueError outside the segment: never read there)."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"bytes {offset}+{length} are outside segment {self.id}")
+        return ctypes.string_at(self._address + offset, length) if length else b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,22 +312,26 @@ class SharedPem:
     segment: MappedSegment = field(repr=False, compare=False)
     offset: int = field(repr=False, compare=False)
 
+    def _header(self) -> tuple[int, int, int, int]:
+        leaf_len, key_len, chain_at, chain_len = _HEADER.unpack(
+            self.segment.read(self.offset, _HEADER.size)
+        )
+        return leaf_len, key_len, chain_at, chain_len
+
     @property
     def leaf_pem(self) -> bytes:
-        leaf_len, _, _, _ = _HEADER.unpack_from(self.segment.map, self.offset)
-        start = self.offset + _HEADER.size
-        return bytes(self.segment.map[start : start + leaf_len])
+        leaf_len, _, _, _ = self._header()
+        return self.segment.read(self.offset + _HEADER.size, leaf_len)
 
     @property
     def key_pem(self) -> bytes:
-        leaf_len, key_len, _, _ = _HEADER.unpack_from(self.segment.map, self.offset)
-        start = self.offset + _HEADER.size + leaf_len
-        return bytes(self.segment.map[start : start + key_len])
+        leaf_len, key_len, _, _ = self._header()
+        return self.segment.read(self.offset + _HEADER.size + leaf_len, key_len)
 
     @property
     def chain_pem(self) -> bytes:
-        _, _, chain_at, chain_len = _HEADER.unpack_from(self.segment.map, self.offset)
-        return bytes(self.segment.map[chain_at : chain_at + chain_len])
+        _, _, chain_at, chain_len = self._header()
+        return self.segment.read(chain_at, chain_len)
 
     @property
     def fullchain_pem(self) -> bytes:
@@ -310,14 +346,34 @@ Received = ServedCert | SharedPem  # a certificate as a worker holds it
 
 class SegmentMaps:
     """A worker's mapped segments: takes the fds the main process sends ahead of the messages
-    that name them, and turns references into certificates."""
+    that name them, and turns references into certificates.
+
+    A worker at its file descriptor limit (connections held open) must still get each fd: one
+    lost is a message it cannot read, and the worker would exit with every connection it holds.
+    So a spare descriptor is kept, closed just before each fd is received and opened again
+    once the segment is mapped (a mapping holds no descriptor). Receive on the event loop
+    (`receive`): nothing there can take the spare's slot meanwhile, as an accept could."""
 
     def __init__(self, chan: socket.socket) -> None:
         self.chan = chan  # non-blocking: what a message names was sent before the message
         self._maps: dict[int, MappedSegment] = {}
+        self._spare = _spare_fd()
 
     def __len__(self) -> int:
         return len(self._maps)
+
+    def close(self) -> None:
+        """Let go of the spare descriptor (the mappings go with the certificates in them)."""
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+
+    def receive(self) -> None:
+        """Map every segment sent so far (PemShareError: one cannot be received or mapped).
+        Once a message has been read, the segments it names have been sent: call this then,
+        on the event loop, and resolving it (in a thread or not) receives nothing."""
+        while self._receive_one() is not None:
+            pass
 
     def resolve(self, certs: Mapping[int, Sequence[Carried]]) -> dict[int, tuple[Received, ...]]:
         """The message's certificates with each reference made a SharedPem (PemShareError: a
@@ -342,21 +398,43 @@ class SegmentMaps:
 
     def _receive(self, wanted: int) -> MappedSegment:
         while wanted not in self._maps:
+            if self._receive_one() is None:
+                raise PemShareError(f"segment {wanted} was named but not sent")
+        return self._maps[wanted]
+
+    def _receive_one(self) -> int | None:
+        """The id of the next segment sent, now mapped; None when none is waiting."""
+        if self._spare is not None:  # its slot is the received fd's
+            os.close(self._spare)
+            self._spare = None
+        fds: list[int] = []
+        try:
             try:
-                data, fds, _, _ = socket.recv_fds(self.chan, _ANNOUNCE.size, 1)
+                data, fds, flags, _ = socket.recv_fds(self.chan, _ANNOUNCE.size, 1)
             except BlockingIOError:
-                raise PemShareError(f"segment {wanted} was named but not sent") from None
+                return None
             except OSError as exc:
-                raise PemShareError(f"cannot receive segment {wanted}: {exc}") from None
+                raise PemShareError(f"cannot receive a segment: {exc}") from None
+            if not data and not fds:
+                return None  # the main process is gone: nothing more comes
             if len(data) != _ANNOUNCE.size or len(fds) != 1:
-                for fd in fds:
-                    os.close(fd)
-                raise PemShareError(f"malformed segment announcement while waiting for {wanted}")
+                if flags & socket.MSG_CTRUNC:
+                    raise PemShareError("a segment's fd was lost: out of file descriptors")
+                raise PemShareError("malformed segment announcement")
             seg_id, size = _ANNOUNCE.unpack(data)
             try:
                 self._maps[seg_id] = MappedSegment(seg_id, fds[0], size)
             except (OSError, ValueError) as exc:
                 raise PemShareError(f"cannot map segment {seg_id}: {exc}") from None
-            finally:
-                os.close(fds[0])  # the mapping keeps the memory
-        return self._maps[wanted]
+            return int(seg_id)
+        finally:
+            for fd in fds:
+                os.close(fd)
+            self._spare = _spare_fd()
+
+
+def _spare_fd() -> int | None:
+    try:
+        return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:  # none to spare now: the next segment takes its chances
+        return None

@@ -301,6 +301,10 @@ class Worker:
     ) -> None:
         """Swap in what the main process sent: the certificates that changed (`full`: all of
         them), with the new config when it changed."""
+        try:  # here on the event loop, not in the threads below (see SegmentMaps)
+            self.maps.receive()
+        except PemShareError as exc:
+            raise WorkerStateError(f"cannot read the certificates sent: {exc}") from None
         selector = term.selector
         if config is None:
             assert self.config is not None

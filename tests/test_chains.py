@@ -84,9 +84,14 @@ def test_workers_hold_one_copy_of_a_chain_across_messages() -> None:
     other = pickle.loads(pickle.dumps({2: (ServedCert.of(certs[0]),)}))
     assert other[2][0].chain_pem is not one[0][0].chain_pem  # a copy of its own, unpickled
     main, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    with main, worker:
-        maps = SegmentMaps(worker)  # inline certificates (a renewal's): no segment
+    worker.setblocking(False)
+    maps = SegmentMaps(worker)  # inline certificates: nothing comes on it
+    try:
         in_worker = received_certs(one, maps)
         renewed = received_certs(other, maps)
+    finally:
+        maps.close()
+        main.close()
+        worker.close()
     assert renewed[2][0].chain_pem is in_worker[0][0].chain_pem
     assert renewed[2][0].fullchain_pem == certs[0].fullchain_pem

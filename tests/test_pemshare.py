@@ -163,10 +163,69 @@ def test_a_malformed_announcement_is_refused_and_its_fd_closed(
     os.close(w)
     socket.send_fds(main, [b"short"], [r])
     os.close(r)
+    maps = SegmentMaps(worker)
     before = len(os.listdir("/proc/self/fd"))
     with pytest.raises(PemShareError, match="malformed segment announcement"):
-        SegmentMaps(worker).resolve({0: (PemRef(9, 0, "f", "ecdsa-p256"),)})
+        maps.resolve({0: (PemRef(9, 0, "f", "ecdsa-p256"),)})
     assert len(os.listdir("/proc/self/fd")) == before
+    maps.close()
+
+
+def test_a_mapped_segment_holds_no_file_descriptor(
+    intermediate: Issued, channel: tuple[socket.socket, socket.socket]
+) -> None:
+    """A worker's descriptors are for its connections: a segment, once mapped, holds none
+    (mmap.mmap would keep a duplicate per segment)."""
+    main, worker = channel
+    share = PemShare()
+    certs = served(intermediate, PACK_MIN)
+    converted = share.convert(certs)
+    maps = SegmentMaps(worker)
+    before = len(os.listdir("/proc/self/fd"))
+    deliver(converted, main, set())
+    got = maps.resolve(converted.certs)
+    assert len(maps) == 1 and len(pem_maps()) == 1
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert got[7][0].leaf_pem == certs[7][0].leaf_pem
+    maps.close()
+
+
+def test_a_segment_is_received_at_the_file_descriptor_limit(
+    intermediate: Issued, channel: tuple[socket.socket, socket.socket]
+) -> None:
+    """A worker out of descriptors (its connections hold them all) still gets each segment:
+    a lost fd is a message it cannot read, and it would exit with every connection it holds.
+    Segment after segment: mapping one leaves the spare descriptor to the next."""
+    import resource
+
+    main, worker = channel
+    share = PemShare()
+    first, second = served(intermediate, PACK_MIN, "a"), served(intermediate, PACK_MIN, "b")
+    # Made before the limit: this process is the main process's side too.
+    converted = {id(certs): share.convert(certs) for certs in (first, second)}
+    maps = SegmentMaps(worker)
+    sent: set[int] = set()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        with pytest.raises(OSError) as caught:
+            while True:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        assert caught.value.errno == errno.EMFILE
+        for certs in (first, second):
+            deliver(converted[id(certs)], main, sent)
+            maps.receive()
+            got = maps.resolve(converted[id(certs)].certs)
+            assert got[3][0].key_pem == certs[3][0].key_pem
+        with pytest.raises(OSError):  # still every descriptor in use
+            os.open("/dev/null", os.O_RDONLY)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(maps) == 2
+    maps.close()
 
 
 def test_repack_moves_everything_served_into_one_segment(

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import random
+import resource
 import signal
 import socket
 import ssl
@@ -812,10 +813,11 @@ def pem_segments(pid: int) -> set[int]:
 
 
 def many_file_sites(ca: Issued, tmp_path: Path, names: list[str], backend: str, cn: str) -> str:
-    """One [[site]] per name, each with a certificate of its own (CN `cn`) in its own files."""
+    """One [[site]] per name, each with a certificate of its own (CN `cn`) in its own files,
+    named after `cn`: files of another `cn` (those being served, watched) are left alone."""
     out = []
     for i, name in enumerate(names):
-        cert, key = write_pair(tmp_path, f"s{i}", make_leaf(ca, [name], cn=cn))
+        cert, key = write_pair(tmp_path, f"{cn}-{i}", make_leaf(ca, [name], cn=cn))
         out.append(site(backend, cert, key, name=name))
     return "".join(out)
 
@@ -845,10 +847,15 @@ async def test_workers_map_one_shared_copy_of_the_certificates_and_repack_it(
             for name in random.Random(3).sample(names, 20):
                 assert (await asyncio.to_thread(fetch, e.port, ctx, name))[0] == "v1"
 
+            # New files, then the config naming them in one rename: rewriting the served files
+            # in place had the file watcher reload each part written, and a repack of a state
+            # half v1 passed for the end of the test while the rest was still being reloaded.
             sites = await asyncio.to_thread(
                 many_file_sites, ca, tmp_path, names, backend.address, "v2"
             )
-            e.config.write_text(e.config.read_text().split("[[site]]", 1)[0] + sites)
+            staged = tmp_path / "edged.toml.new"
+            staged.write_text(e.config.read_text().split("[[site]]", 1)[0] + sites)
+            staged.rename(e.config)
             e.proc.send_signal(signal.SIGHUP)
 
             def repacked() -> bool:
@@ -859,3 +866,52 @@ async def test_workers_map_one_shared_copy_of_the_certificates_and_repack_it(
             assert "certificates shared with the workers repacked" in log.read_text()
             for name in random.Random(4).sample(names, 20):
                 assert (await asyncio.to_thread(fetch, e.port, ctx, name))[0] == "v2"
+
+
+async def test_a_worker_out_of_file_descriptors_still_takes_a_shared_segment(
+    tmp_path: Path,
+) -> None:
+    """A worker at its file descriptor limit (connections held open, as under a flood) gets
+    the next shared segment all the same: it keeps a spare descriptor for it, and a mapping
+    holds none. It does not exit (dropping every connection it holds) and serves the new
+    certificates."""
+    ca = make_ca("Workers CA")
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
+    names = [f"n{i}.fds.test" for i in range(100)]  # enough for a segment of their own
+    log = tmp_path / "edged.log"
+    async with run_backend() as backend:
+        sites = await asyncio.to_thread(many_file_sites, ca, tmp_path, names, backend.address, "v1")
+        async with run_workers(tmp_path, sites, log=log, tls_extra="handshake_timeout = 60") as e:
+            pids = [int(str(w["pid"])) for w in e.workers()]
+            full, other = pids
+            before = pem_segments(full)
+            limit = len(os.listdir(f"/proc/{full}/fd")) + 8
+            _, hard = resource.prlimit(full, resource.RLIMIT_NOFILE)
+            resource.prlimit(full, resource.RLIMIT_NOFILE, (limit, hard))
+            held = []
+            try:
+                for _ in range(1000):  # spread over both workers by SO_REUSEPORT
+                    held.append(socket.create_connection(("127.0.0.1", e.port), timeout=5))
+                    if len(os.listdir(f"/proc/{full}/fd")) >= limit:
+                        break
+                assert len(os.listdir(f"/proc/{full}/fd")) >= limit
+
+                sites = await asyncio.to_thread(
+                    many_file_sites, ca, tmp_path, names, backend.address, "v2"
+                )
+                staged = tmp_path / "edged.toml.new"
+                staged.write_text(e.config.read_text().split("[[site]]", 1)[0] + sites)
+                staged.rename(e.config)
+                e.proc.send_signal(signal.SIGHUP)
+                await wait_for(lambda: pem_segments(other) - before, "the new segment", 30)
+                await asyncio.sleep(1)  # the full worker has had it by then too
+                assert [int(str(w["pid"])) for w in e.workers()] == pids
+                assert pem_segments(full) == pem_segments(other)
+                assert "exiting" not in log.read_text()
+            finally:
+                for sock in held:
+                    sock.close()
+            ctx = client_context(tmp_path / "ca.pem")
+            for name in random.Random(5).sample(names, 20):
+                assert (await asyncio.to_thread(fetch, e.port, ctx, name))[0] == "v2"
+            assert [int(str(w["pid"])) for w in e.workers()] == pids
