@@ -399,8 +399,11 @@ class WorkerPool:
                 continue
             self._repack_due = False
             served = dict(self._certs)
-            if await asyncio.to_thread(self.share.wants_repack, served):
-                await self._repack()
+            try:
+                if await asyncio.to_thread(self.share.wants_repack, served):
+                    await self._repack()
+            except Exception:  # MemoryError, a bug: the workers keep what they have
+                log.exception("cannot repack the certificates shared with the workers")
 
     async def _repack(self) -> None:
         """Write every certificate served into one new segment and point the workers at it;
@@ -703,6 +706,11 @@ class WorkerPool:
                     if segment.id not in handle.segments_sent:
                         await _send_segment(handle.segment_chan, segment)
                         handle.segments_sent.add(segment.id)
+            except OSError as exc:
+                if not handle.writer.is_closing():  # alive, and it cannot get what it serves
+                    await self._kill(handle, f"cannot be sent a certificate segment ({exc})")
+                return
+            try:
                 handle.writer.write(message.body)
                 await handle.writer.drain()
             except (ConnectionError, OSError):
