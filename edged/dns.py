@@ -483,10 +483,11 @@ class DnsUpdater:
         current = name
         while len(current) > 1:
             response: dns.message.Message | None = None
+            zone: dns.name.Name | None = None
             try:
                 answer = self.resolver.resolve(current, dns.rdatatype.SOA, raise_on_no_answer=False)
                 if answer.rrset is not None and answer.rrset.name == current:
-                    return _text(current)
+                    zone = current
                 response = answer.response
             except dns.resolver.NXDOMAIN as exc:
                 responses: dict[dns.name.Name, dns.message.Message] = exc.kwargs.get(
@@ -497,9 +498,20 @@ class DnsUpdater:
                 failures.append(_text(current))
             except dns.exception.DNSException as exc:
                 raise _lookup_failed(current, "SOA", exc, self._resolver_text) from None
-            enclosing = _soa_in_authority(response, current)
-            if enclosing is not None:
-                return _text(enclosing)
+            zone = zone or _soa_in_authority(response, current)
+            if zone is not None and failures:
+                # A zone above a name whose lookup failed (a lame delegation, a zone that did
+                # not load) is not known to be where the name lives: updating it would fail
+                # with a NOTAUTH naming the wrong zone, so say which lookup failed instead.
+                raise DnsError(
+                    _text(name),
+                    f"the SOA lookup for {', '.join(failures)} failed (no nameserver via "
+                    f"{self._resolver_text} answered it: SERVFAIL or REFUSED), so zone "
+                    f"{_text(zone)} found above is not known to hold the name: fix the "
+                    "nameservers of the zone that does, or set acme.dns.zone to it",
+                )
+            if zone is not None:
+                return _text(zone)
             current = current.parent()
         note = f" (lookups failed for {', '.join(failures)})" if failures else ""
         raise DnsError(

@@ -21,7 +21,7 @@ from edged.dns import (
     load_tsig_key,
     parse_tsig_secret,
 )
-from tests.bind import TSIG_KEYGEN, Bind, bind_fixture
+from tests.bind import TSIG_KEYGEN, Bind, bind_fixture, start_bind
 
 PEBBLE = "pebble.letsencrypt.org"
 
@@ -307,6 +307,24 @@ def test_unknown_zone(bind: Bind) -> None:
     assert f"127.0.0.1:{bind.port}" in err.value.message
     with pytest.raises(DnsError, match="no DNS zone found"):
         u.add_txt("_acme-challenge.www.nowhere.example", "v")
+
+
+def test_a_zone_that_does_not_answer_is_not_skipped_for_its_parent(tmp_path: Path) -> None:
+    """sub.a.test is served but its zone did not load (named answers SERVFAIL): climbing on to
+    a.test would send the update to a zone that does not hold the name (NOTAUTH, naming the
+    wrong zone). The error names the lookup that failed and the fix."""
+    zones = {"a.test": "", "sub.a.test": "broken IN A not-an-address"}
+    with start_bind(tmp_path, zones) as named:
+        u = updater(named)
+        assert u.find_zone("_acme-challenge.www.a.test") == "a.test"
+        with pytest.raises(DnsError) as err:
+            u.find_zone("_acme-challenge.www.sub.a.test")
+        text = err.value.message
+        assert "the SOA lookup for _acme-challenge.www.sub.a.test" in text
+        assert "sub.a.test failed" in text and "SERVFAIL" in text
+        assert "zone a.test found above is not known to hold the name" in text
+        assert "set acme.dns.zone" in text
+        assert u.find_zone("_acme-challenge.x.a.test") == "a.test"  # the rest still works
 
 
 def test_server_not_authoritative_for_zone(bind: Bind) -> None:
