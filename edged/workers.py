@@ -50,7 +50,12 @@ MAX_RETIRING = 3
 RESTART_BACKOFF = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)  # for a slot whose workers keep dying
 STABLE_AFTER = 30.0  # a worker that served this long resets its slot's back-off
 LARGE_DELTA = 5000  # sites: a change this large is encoded in a thread (~10 ms per 1,000)
-REPACK_CHECK = 2.0  # seconds between looks at whether the shared certificates want a repack
+# Seconds between looks at whether the shared certificates want a repack, after a change: each
+# look reads every certificate served (~0.1 s at 100k, in a thread, but holding the interpreter's
+# lock), and renewals add waste slowly. After a full reload (where a whole set can be replaced
+# at once) the look comes REPACK_SOON seconds later.
+REPACK_CHECK = 60.0
+REPACK_SOON = 2.0
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,7 @@ class WorkerPool:
         self._certs: dict[int, tuple[ServedCert, ...]] = {}
         self.share = PemShare()
         self._repack_due = False  # certificates changed since the last look (REPACK_CHECK)
+        self._repack_soon = asyncio.Event()  # a full reload: look after REPACK_SOON
         # The whole state, encoded once for the workers of one generation (then dropped: at
         # 100k certificates it is ~200 MB).
         self._full: Encoded | None = None
@@ -194,6 +200,7 @@ class WorkerPool:
             self._config, self._certs = config, certs
             self._pending.clear()  # a full load reads every certificate
             self._broadcast(config, changed)
+            self._repack_soon.set()
         elif changed:
             self._certs = certs
             self._broadcast(None, changed)
@@ -391,11 +398,18 @@ class WorkerPool:
             return None
 
     async def _keep_packed(self) -> None:
-        """Every REPACK_CHECK seconds after a change: whether the certificates held privately
-        by the workers (sent inline) and the segments no longer served call for a repack."""
+        """After a change, every REPACK_CHECK seconds (REPACK_SOON after a full reload): whether
+        the certificates held privately by the workers (sent inline) and the segments no longer
+        served call for a repack."""
         while True:
-            await asyncio.sleep(REPACK_CHECK)
-            if not self._repack_due or self._stopping or self._lost:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(REPACK_CHECK):
+                    await self._repack_soon.wait()
+                    await asyncio.sleep(REPACK_SOON)  # a burst of reloads settles first
+            self._repack_soon.clear()
+            # While the store is read in the background its batches are packed as they come:
+            # nothing to gain, and each look would slow the read.
+            if not self._repack_due or self._pending or self._stopping or self._lost:
                 continue
             self._repack_due = False
             served = dict(self._certs)
