@@ -1,7 +1,7 @@
 """Certificates shared by the main process and its workers: PEM in sealed memfds.
 
-Each worker used to hold a copy of every certificate's PEM of its own (~1.2 KiB a site, ~150
-MiB per worker at 100k sites), so memory grew with the number of cores. Now the main process
+Each worker used to hold a copy of every certificate's PEM of its own (~1 KiB a site, ~100 MiB
+per worker at 100k sites), so memory grew with the number of cores. Now the main process
 writes a large set of certificates (a worker's first state, a batch of the background read, a
 reload's changes) once into a sealed memfd, a *segment*, that every worker maps read-only: its
 pages are in memory once for all of them. The message then carries a `PemRef` (segment,

@@ -49,7 +49,6 @@ KILL_WAIT = 10.0  # seconds for a stopped (aborted) or killed worker to be gone
 MAX_RETIRING = 3
 RESTART_BACKOFF = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)  # for a slot whose workers keep dying
 STABLE_AFTER = 30.0  # a worker that served this long resets its slot's back-off
-LARGE_DELTA = 5000  # sites: a change this large is encoded in a thread (~10 ms per 1,000)
 # Seconds between looks at whether the shared certificates want a repack, after a change: each
 # look reads every certificate served (~0.1 s at 100k, in a thread, but holding the interpreter's
 # lock), and renewals add waste slowly. After a full reload (where a whole set can be replaced
@@ -343,10 +342,11 @@ class WorkerPool:
         return [h for h in self.all if not h.retiring and not h.gone.is_set()]
 
     def _broadcast(self, config: Config | None, certs: dict[int, tuple[ServedCert, ...]]) -> None:
-        """Encode a state message once (with a config or many sites: in a thread) and queue
-        it for every serving worker, in call order. It invalidates the cached full state."""
+        """Encode a state message once (with a config, or with enough sites that it may write a
+        shared segment: in a thread) and queue it for every serving worker, in call order. It
+        invalidates the cached full state."""
         self._full = None
-        large = config is not None or len(certs) > LARGE_DELTA
+        large = config is not None or len(certs) >= self.share.pack_min
         encoded = self._state(config, certs, large=large)
         for handle in self._serving():
             handle.send(encoded)
