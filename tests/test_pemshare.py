@@ -3,10 +3,12 @@ process's side and a worker's, over a real SOCK_SEQPACKET pair as edged uses the
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import logging
 import os
+import resource
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,6 +63,25 @@ def deliver(converted: Converted, chan: socket.socket, sent: set[int]) -> None:
         if segment.id not in sent:
             send_segment(chan, segment)
             sent.add(segment.id)
+
+
+@contextlib.contextmanager
+def out_of_descriptors(limit: int = 64) -> Iterator[None]:
+    """This process at a descriptor limit of `limit` with every descriptor in use (as a worker
+    whose connections hold them all); the limit and descriptors restored after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        with pytest.raises(OSError) as caught:
+            while True:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        assert caught.value.errno == errno.EMFILE
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def pem_maps() -> list[str]:
@@ -196,8 +217,6 @@ def test_a_segment_is_received_at_the_file_descriptor_limit(
     """A worker out of descriptors (its connections hold them all) still gets each segment:
     a lost fd is a message it cannot read, and it would exit with every connection it holds.
     Segment after segment: mapping one leaves the spare descriptor to the next."""
-    import resource
-
     main, worker = channel
     share = PemShare()
     first, second = served(intermediate, PACK_MIN, "a"), served(intermediate, PACK_MIN, "b")
@@ -205,14 +224,7 @@ def test_a_segment_is_received_at_the_file_descriptor_limit(
     converted = {id(certs): share.convert(certs) for certs in (first, second)}
     maps = SegmentMaps(worker)
     sent: set[int] = set()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    held = []
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
-        with pytest.raises(OSError) as caught:
-            while True:
-                held.append(os.open("/dev/null", os.O_RDONLY))
-        assert caught.value.errno == errno.EMFILE
+    with out_of_descriptors():
         for certs in (first, second):
             deliver(converted[id(certs)], main, sent)
             maps.receive()
@@ -220,10 +232,6 @@ def test_a_segment_is_received_at_the_file_descriptor_limit(
             assert got[3][0].key_pem == certs[3][0].key_pem
         with pytest.raises(OSError):  # still every descriptor in use
             os.open("/dev/null", os.O_RDONLY)
-    finally:
-        for fd in held:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert len(maps) == 2
     maps.close()
 
@@ -299,18 +307,9 @@ def test_a_segment_that_cannot_be_made_is_a_clear_error(
     """Out of file descriptors (the one way a memfd fails on a healthy host): a repack fails
     with an error that says what; a message goes with copies instead, and the share is
     unchanged."""
-    import resource
-
     share = PemShare()
     certs = served(intermediate, PACK_MIN)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    held = []
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
-        with pytest.raises(OSError) as caught:
-            while True:
-                held.append(os.open("/dev/null", os.O_RDONLY))
-        assert caught.value.errno == errno.EMFILE
+    with out_of_descriptors():
         with pytest.raises(PemShareError, match="cannot create a memfd"):
             share.prepare_repack(certs)
         with caplog.at_level(logging.WARNING, "edged.pemshare"):
@@ -318,9 +317,5 @@ def test_a_segment_that_cannot_be_made_is_a_clear_error(
         assert converted.certs == certs and converted.segments == ()  # copies: nothing lost
         assert "cannot create a memfd for shared certificates" in caplog.text
         assert f"the workers get copies of {PACK_MIN} certificates" in caplog.text
-    finally:
-        for fd in held:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert len(share) == 0
     assert len(share.convert(certs).segments) == 1

@@ -822,6 +822,19 @@ def many_file_sites(ca: Issued, tmp_path: Path, names: list[str], backend: str, 
     return "".join(out)
 
 
+async def serve_new_sites(
+    e: Running, ca: Issued, tmp_path: Path, names: list[str], backend: str, cn: str
+) -> None:
+    """Every name gets a new certificate (CN `cn`) in new files, and the config naming them
+    replaces the running one in one rename, then SIGHUP: rewriting the served files in place
+    would have the file watcher reload each part as it is written."""
+    sites = await asyncio.to_thread(many_file_sites, ca, tmp_path, names, backend, cn)
+    staged = tmp_path / "edged.toml.new"
+    staged.write_text(e.config.read_text().split("[[site]]", 1)[0] + sites)
+    staged.rename(e.config)
+    e.proc.send_signal(signal.SIGHUP)
+
+
 async def test_workers_map_one_shared_copy_of_the_certificates_and_repack_it(
     tmp_path: Path,
 ) -> None:
@@ -847,16 +860,9 @@ async def test_workers_map_one_shared_copy_of_the_certificates_and_repack_it(
             for name in random.Random(3).sample(names, 20):
                 assert (await asyncio.to_thread(fetch, e.port, ctx, name))[0] == "v1"
 
-            # New files, then the config naming them in one rename: rewriting the served files
-            # in place had the file watcher reload each part written, and a repack of a state
-            # half v1 passed for the end of the test while the rest was still being reloaded.
-            sites = await asyncio.to_thread(
-                many_file_sites, ca, tmp_path, names, backend.address, "v2"
-            )
-            staged = tmp_path / "edged.toml.new"
-            staged.write_text(e.config.read_text().split("[[site]]", 1)[0] + sites)
-            staged.rename(e.config)
-            e.proc.send_signal(signal.SIGHUP)
+            # (A repack of a state half v1, reloaded as files were rewritten in place, once
+            # passed for the end of this test while the rest was still being reloaded.)
+            await serve_new_sites(e, ca, tmp_path, names, backend.address, "v2")
 
             def repacked() -> bool:
                 now = [pem_segments(pid) for pid in pids]
@@ -896,13 +902,7 @@ async def test_a_worker_out_of_file_descriptors_still_takes_a_shared_segment(
                         break
                 assert len(os.listdir(f"/proc/{full}/fd")) >= limit
 
-                sites = await asyncio.to_thread(
-                    many_file_sites, ca, tmp_path, names, backend.address, "v2"
-                )
-                staged = tmp_path / "edged.toml.new"
-                staged.write_text(e.config.read_text().split("[[site]]", 1)[0] + sites)
-                staged.rename(e.config)
-                e.proc.send_signal(signal.SIGHUP)
+                await serve_new_sites(e, ca, tmp_path, names, backend.address, "v2")
                 await wait_for(lambda: pem_segments(other) - before, "the new segment", 30)
                 await asyncio.sleep(1)  # the full worker has had it by then too
                 assert [int(str(w["pid"])) for w in e.workers()] == pids
