@@ -130,14 +130,13 @@ class PemShare:
         if len(unplaced) >= self.pack_min:
             fresh = _distinct(unplaced)
             try:
-                segment, offsets = self._write(fresh)
+                segment, placed = self._write(fresh)
             except PemShareError as exc:  # they go as copies: more memory, nothing lost
                 log.warning("%s; the workers get copies of %d certificates", exc, len(fresh))
                 return Converted({i: tuple(group) for i, group in certs.items()}, ())
             with self._lock:
                 self._segments[segment.id] = segment
-                for cert in fresh:
-                    self._where[cert] = (segment, offsets[cert])
+                self._where.update(placed)
         used: dict[int, Segment] = {}
         out = {i: tuple(self._carried(cert, used) for cert in group) for i, group in certs.items()}
         return Converted(out, tuple(used.values()))
@@ -148,8 +147,7 @@ class PemShare:
         fresh = _distinct(c for group in certs.values() for c in group)
         if not fresh:
             return Repack(None, {})
-        segment, offsets = self._write(fresh)
-        return Repack(segment, {cert: (segment, offsets[cert]) for cert in fresh})
+        return Repack(*self._write(fresh))
 
     def install(self, repack: Repack) -> tuple[int, ...]:
         """Refer to the repack's segment from now on (a certificate not in it goes inline or
@@ -204,7 +202,10 @@ class PemShare:
         used[segment.id] = segment
         return PemRef(segment.id, offset, cert.fingerprint, cert.key_type)
 
-    def _write(self, certs: Sequence[ServedCert]) -> tuple[Segment, dict[ServedCert, int]]:
+    def _write(
+        self, certs: Sequence[ServedCert]
+    ) -> tuple[Segment, dict[ServedCert, tuple[Segment, int]]]:
+        """A new sealed segment holding `certs`, and where each one is in it."""
         try:
             fd = os.memfd_create("edged-pem", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         except OSError as exc:
@@ -237,7 +238,8 @@ class PemShare:
         except BaseException:
             os.close(fd)
             raise
-        return Segment(next(self._ids), fd, done), offsets
+        segment = Segment(next(self._ids), fd, done)
+        return segment, {cert: (segment, at) for cert, at in offsets.items()}
 
 
 def send_segment(chan: socket.socket, segment: Segment) -> None:
