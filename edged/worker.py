@@ -67,22 +67,15 @@ FREEZE_MIN = 256
 LARGE_DELTA = 1000
 
 
-class WorkerStateError(Exception):
-    """A message from the main process this worker cannot take: it exits, and the main process
-    starts a new one with the whole state."""
-
-
 def received_certs(
     certs: dict[int, tuple[Carried, ...]], maps: SegmentMaps
 ) -> dict[int, tuple[Received, ...]]:
     """A message's certificates as this process serves them: references made certificates in
     the mapped segments, and inline ones holding the process's one copy of each chain (those
     of one message share theirs already, as pickle writes a shared object once; those of
-    separate messages, renewals over weeks, would each hold their own)."""
-    try:
-        resolved = maps.resolve(certs)
-    except PemShareError as exc:
-        raise WorkerStateError(f"cannot read the certificates sent: {exc}") from None
+    separate messages, renewals over weeks, would each hold their own). PemShareError: a
+    segment named cannot be read."""
+    resolved = maps.resolve(certs)
     return {i: tuple(cert.shared() for cert in group) for i, group in resolved.items()}
 
 
@@ -135,13 +128,18 @@ class Worker:
         self._ask_seq = 0
 
     async def run(self) -> int:
+        # Certificates it cannot read: it exits, and the main process starts a new worker with
+        # the whole state.
         failures: list[str] = []
         try:
             return await self._run()
-        except* WorkerStateError as group:
+        except* PemShareError as group:
             failures = [str(exc) for exc in group.exceptions]
         log.error(
-            "worker %d: %s; exiting (a new worker takes its place)", self.slot, "; ".join(failures)
+            "worker %d: cannot read the certificates sent: %s; exiting (a new worker takes its "
+            "place)",
+            self.slot,
+            "; ".join(failures),
         )
         return 1
 
@@ -301,10 +299,7 @@ class Worker:
     ) -> None:
         """Swap in what the main process sent: the certificates that changed (`full`: all of
         them), with the new config when it changed."""
-        try:  # here on the event loop, not in the threads below (see SegmentMaps)
-            self.maps.receive()
-        except PemShareError as exc:
-            raise WorkerStateError(f"cannot read the certificates sent: {exc}") from None
+        self.maps.receive()  # here on the event loop, not in the threads below (SegmentMaps)
         selector = term.selector
         if config is None:
             assert self.config is not None
