@@ -291,15 +291,14 @@ class _Reader:
         raw = self.data.get(name)
         if isinstance(raw, str):
             self.seen.add(name)
-            m = _DURATION.match(raw)
-            if m is None:
+            parsed = _duration_text(raw)
+            if parsed is None:
                 self.problem(name, f"must be seconds or a duration like '30s', '5m', got {raw!r}")
                 return default
-            value = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+            value = parsed
         else:
             value = self.get(name, float, default, "a number of seconds")
-        if value > MAX_DURATION:  # inf too: no timer can take it
-            self.problem(name, f"{raw!r} is longer than any edged can use: at most 365d")
+        if self._too_long(name, value, raw):
             return default
         if not math.isfinite(value):
             self.problem(name, f"must be a finite number of seconds, got {value}")
@@ -324,12 +323,11 @@ class _Reader:
         value = self.data[name]
         if isinstance(value, int | float) and not isinstance(value, bool):
             number = float(value)
-        elif isinstance(value, str) and (m := _DURATION.match(value)):
-            number = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        elif isinstance(value, str) and (parsed := _duration_text(value)) is not None:
+            number = parsed
         else:
-            number = -1.0
-        if number > MAX_DURATION:  # inf too: no timer or date can take it
-            self.problem(name, f"{value!r} is longer than any edged can use: at most 365d")
+            number = -1.0  # not a duration: refused below
+        if self._too_long(name, number, value):
             return default
         if number > 0 or (zero and number == 0):
             return number
@@ -338,6 +336,13 @@ class _Reader:
             name, f"must be a duration like '15m', '30s', '1h' or seconds{what}, got {value!r}"
         )
         return default
+
+    def _too_long(self, name: str, seconds: float, raw: object) -> bool:
+        """Longer than any timer or date edged keeps can take (inf too): reported."""
+        if seconds > MAX_DURATION:
+            self.problem(name, f"{raw!r} is longer than any edged can use: at most 365d")
+            return True
+        return False
 
     def path(self, name: str, base: Path) -> Path | None:
         value = self.get(name, str, "", "a file path")
@@ -557,6 +562,13 @@ def _check_redis_tls(r: _Reader, s: EdgedSettings) -> None:
     if (s.redis_cert_file is None) != (s.redis_key_file is None):
         missing = "redis_key_file" if s.redis_key_file is None else "redis_cert_file"
         r.problem(missing, "set redis_cert_file and redis_key_file together (a client certificate)")
+
+
+def _duration_text(text: str) -> float | None:
+    """Seconds in a duration string like '500ms', '30s', '15m', '1h', '2d' or '90' (None: not
+    one)."""
+    m = _DURATION.match(text)
+    return None if m is None else float(m.group(1)) * _DURATION_UNITS[m.group(2)]
 
 
 def _drain_timeout(r: _Reader, default: float) -> float:
