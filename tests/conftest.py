@@ -7,6 +7,7 @@ import contextlib
 import gc
 import json
 import re
+import socket
 import ssl
 import sys
 import textwrap
@@ -127,6 +128,17 @@ async def spawn_edged(config: Path, log: Path) -> asyncio.subprocess.Process:
             str(Path(sys.executable).with_name("edged")), "run", "--config", str(config),
             stderr=err,
         )  # fmt: skip
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly `n` bytes from a blocking socket (ConnectionError if it closes first)."""
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("closed")
+        buf += chunk
+    return buf
 
 
 @contextlib.asynccontextmanager

@@ -33,7 +33,7 @@ from edged.dns import DnsError, DnsUpdater, load_tsig_key
 from edged.errors import AcmeError
 from edged.store.files import FileStore
 from tests.bind import TSIG_KEYGEN, Bind, bind_fixture
-from tests.conftest import run_cmd, write_process_config
+from tests.conftest import recv_exact, run_cmd, write_process_config
 from tests.pebble import Pebble, start_pebble
 from tests.test_acme import verify_chain
 
@@ -256,22 +256,13 @@ def slow_dns_proxy(upstream: int, delay: float) -> Iterator[int]:
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
-    def read_exact(sock: socket.socket, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = sock.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError("closed")
-            data += chunk
-        return data
-
     def relay(client: socket.socket) -> None:
         with client, contextlib.suppress(OSError):
             with socket.create_connection(("127.0.0.1", upstream), timeout=5) as server:
-                length = read_exact(client, 2)
-                server.sendall(length + read_exact(client, struct.unpack("!H", length)[0]))
-                answer_length = read_exact(server, 2)
-                answer = read_exact(server, struct.unpack("!H", answer_length)[0])
+                length = recv_exact(client, 2)
+                server.sendall(length + recv_exact(client, struct.unpack("!H", length)[0]))
+                answer_length = recv_exact(server, 2)
+                answer = recv_exact(server, struct.unpack("!H", answer_length)[0])
             stop.wait(delay)
             client.sendall(answer_length + answer)
 

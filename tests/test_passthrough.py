@@ -25,7 +25,7 @@ from edged.ja4 import ja4
 from edged.proxy_header import V2_SIGNATURE
 from edged.renewer import managed_sites
 from edged.sources import load_site_certs
-from tests.conftest import BackendConn, peer_cn, run_backend, run_edged, s_client
+from tests.conftest import BackendConn, peer_cn, recv_exact, run_backend, run_edged, s_client
 from tests.pki import make_ca, make_leaf, write_pair
 from tests.tls_client import MemoryTlsClient
 
@@ -54,16 +54,6 @@ class OriginConn:
     hello: bytes = b""  # the ClientHello as it arrived (peeked before the TLS handshake)
     received: bytes = b""
     done: threading.Event = field(default_factory=threading.Event)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("closed")
-        buf += chunk
-    return buf
 
 
 class TlsOrigin:
@@ -101,9 +91,9 @@ class TlsOrigin:
         sock.settimeout(10)
         try:
             with sock:
-                head = _recv_exact(sock, 16)
+                head = recv_exact(sock, 16)
                 if head.startswith(V2_SIGNATURE):
-                    head += _recv_exact(sock, struct.unpack("!H", head[14:16])[0])
+                    head += recv_exact(sock, struct.unpack("!H", head[14:16])[0])
                 conn.header = head
                 while True:
                     peeked = sock.recv(65536, socket.MSG_PEEK)
