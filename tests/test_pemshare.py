@@ -84,11 +84,13 @@ def out_of_descriptors(limit: int = 64) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def pem_maps() -> list[str]:
-    """This process's mappings of edged's segments."""
-    return [
-        line for line in Path("/proc/self/maps").read_text().splitlines() if "edged-pem" in line
-    ]
+def pem_segments(pid: int) -> set[int]:
+    """The inodes of edged's shared certificate segments (edged.pemshare) `pid` maps."""
+    found = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        if "memfd:edged-pem" in line:
+            found.add(int(line.split()[4]))
+    return found
 
 
 def test_a_large_set_is_packed_once_and_every_byte_reads_back(
@@ -205,7 +207,7 @@ def test_a_mapped_segment_holds_no_file_descriptor(
     before = len(os.listdir("/proc/self/fd"))
     deliver(converted, main, set())
     got = maps.resolve(converted.certs)
-    assert len(maps) == 1 and len(pem_maps()) == 1
+    assert len(maps) == 1 and len(pem_segments(os.getpid())) == 1
     assert len(os.listdir("/proc/self/fd")) == before
     assert got[7][0].leaf_pem == certs[7][0].leaf_pem
     maps.close()
@@ -253,7 +255,7 @@ def test_repack_moves_everything_served_into_one_segment(
     deliver(converted, main, sent)
     held = maps.resolve(converted.certs)
     assert not share.wants_repack(first)
-    assert len(pem_maps()) == 1
+    assert len(pem_segments(os.getpid())) == 1
 
     second = served(intermediate, count, "b")
     converted = share.convert(second)
@@ -273,7 +275,7 @@ def test_repack_moves_everything_served_into_one_segment(
     assert not share.wants_repack(second)
     del repack, converted
     gc.collect()
-    assert len(pem_maps()) == 1  # only the new one: 1 and 2 are unmapped
+    assert len(pem_segments(os.getpid())) == 1  # only the new one: 1 and 2 are unmapped
     assert held[5][0].leaf_pem == second[5][0].leaf_pem
 
 

@@ -42,6 +42,7 @@ from tests.conftest import (
 )
 from tests.many_certs import many_sites_config, write_many
 from tests.pki import Issued, make_ca, make_leaf, write_pair
+from tests.test_pemshare import pem_segments
 
 NAME = "w.example.test"
 
@@ -801,15 +802,6 @@ async def test_a_zygote_that_does_not_exit_is_killed(tmp_path: Path) -> None:
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(zygote, signal.SIGCONT)
-
-
-def pem_segments(pid: int) -> set[int]:
-    """The inodes of edged's shared certificate segments (edged.pemshare) `pid` maps."""
-    found = set()
-    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-        if "memfd:edged-pem" in line:
-            found.add(int(line.split()[4]))
-    return found
 
 
 def many_file_sites(ca: Issued, tmp_path: Path, names: list[str], backend: str, cn: str) -> str:
