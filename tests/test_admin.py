@@ -513,6 +513,22 @@ def test_bearer_token(sockdir: Path) -> None:
         assert client.reload()["ok"] is True
 
 
+def site_with_token(sockdir: Path, pair: tuple[bytes, bytes], token: str) -> tuple[str, Path]:
+    """A [[site]] for a.test serving `pair` from files in `sockdir`, and a token file holding
+    `token` (mode 0600) beside it."""
+    cert_file, key_file = sockdir / "a.crt", sockdir / "a.key"
+    cert_file.write_bytes(pair[0])
+    key_file.write_bytes(pair[1])
+    token_file = sockdir / "token"
+    token_file.write_text(f"{token}\n")
+    token_file.chmod(0o600)
+    site = (
+        f'[[site]]\nnames = ["a.test"]\nbackend = "127.0.0.1:9"\n'
+        f'cert_file = "{cert_file}"\nkey_file = "{key_file}"\n'
+    )
+    return site, token_file
+
+
 async def test_a_rotated_token_is_used_after_a_reload(
     sockdir: Path, certs: dict[str, tuple[bytes, bytes]], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -521,17 +537,8 @@ async def test_a_rotated_token_is_used_after_a_reload(
     keeps the token before it, with the reason logged."""
     import aiohttp
 
-    cert_file, key_file = sockdir / "a.crt", sockdir / "a.key"
-    cert_file.write_bytes(certs["good"][0])
-    key_file.write_bytes(certs["good"][1])
-    token_file = sockdir / "token"
-    token_file.write_text("first-token\n")
-    token_file.chmod(0o600)
+    site, token_file = site_with_token(sockdir, certs["good"], "first-token")
     port = free_port()
-    site = (
-        f'[[site]]\nnames = ["a.test"]\nbackend = "127.0.0.1:9"\n'
-        f'cert_file = "{cert_file}"\nkey_file = "{key_file}"\n'
-    )
     async with (
         run_edged(sockdir, site, admin=f"127.0.0.1:{port}") as e,
         aiohttp.ClientSession() as http,
@@ -816,16 +823,8 @@ async def test_cli_reaches_the_daemon_through_a_config_it_cannot_load(
     typo it rejected: `edged status` and `edged reload` read only listen.admin (and its token)
     and still reach it; the daemon answers the reload itself. They used to load the whole
     config and exit 1 without asking the daemon."""
-    cert_file, key_file = sockdir / "a.crt", sockdir / "a.key"
-    cert_file.write_bytes(certs["good"][0])
-    key_file.write_bytes(certs["good"][1])
-    token_file = sockdir / "token"
-    token_file.write_text("s3cret-token\n")
-    token_file.chmod(0o600)
-    site = (
-        f'[[site]]\nnames = ["a.test"]\nbackend = "127.0.0.1:9"\n'
-        f'cert_file = "{cert_file}"\nkey_file = "{key_file}"\n'
-    )
+    site, _ = site_with_token(sockdir, certs["good"], "s3cret-token")
+    key_file = sockdir / "a.key"
     async with run_edged(sockdir, site, admin=f"unix:{sockdir}/admin.sock") as e:
         config = str(e.config_path)
         text = e.config_path.read_text().replace("[listen]", '[listen]\nadmin_token_file = "token"')

@@ -18,7 +18,7 @@ import requests
 from aiohttp import web
 
 from edged.renewal import ari_cert_id
-from tests.conftest import run_backend, run_edged
+from tests.conftest import Edged, run_backend, run_edged
 from tests.https_front import HttpsFront
 from tests.pebble import Pebble
 from tests.test_daemon_acme import acme_body, wait_for
@@ -87,6 +87,19 @@ def with_directory(body: str, pebble: Pebble, server: AriServer) -> str:
     )
 
 
+@asynccontextmanager
+async def restarted_with_ari(
+    tmp_path: Path, body: str, pebble: Pebble, server: AriServer
+) -> AsyncIterator[Edged]:
+    """edged again on the same store, its renewal schedule forgotten, the directory now
+    `server`'s (with renewalInfo)."""
+    (tmp_path / "store" / "state" / "shop.test.json").unlink()
+    async with run_edged(
+        tmp_path, with_directory(body, pebble, server), http=(pebble.http_port,)
+    ) as edged:
+        yield edged
+
+
 async def test_ari_window_retry_after_and_replaces(pebble: Pebble, tmp_path: Path) -> None:
     async with run_backend() as backend, ari_server(pebble, tmp_path) as ari:
         body = acme_body(pebble, backend.port)
@@ -101,10 +114,7 @@ async def test_ari_window_retry_after_and_replaces(pebble: Pebble, tmp_path: Pat
         cert_id = ari_cert_id(served.leaf)
 
         # Same store, directory with renewalInfo: the CA's window wins, Retry-After paces.
-        (tmp_path / "store" / "state" / "shop.test.json").unlink()
-        async with run_edged(
-            tmp_path, with_directory(body, pebble, ari), http=(pebble.http_port,)
-        ) as edged:
+        async with restarted_with_ari(tmp_path, body, pebble, ari) as edged:
             renewer = edged.daemon.renewer
             await wait_for(lambda: renewer.states["shop.test"].ari is not None)
             state = renewer.states["shop.test"]
@@ -116,12 +126,9 @@ async def test_ari_window_retry_after_and_replaces(pebble: Pebble, tmp_path: Pat
             assert ari.orders == []  # not due yet
 
         # A window that has passed: renew now, and say which certificate this replaces.
-        (tmp_path / "store" / "state" / "shop.test.json").unlink()
         now = datetime.now(UTC)
         ari.window = (now - timedelta(hours=2), now - timedelta(hours=1))
-        async with run_edged(
-            tmp_path, with_directory(body, pebble, ari), http=(pebble.http_port,)
-        ) as edged:
+        async with restarted_with_ari(tmp_path, body, pebble, ari) as edged:
             await wait_for(lambda: len(ari.orders) >= 1)
             assert ari.orders[0]["replaces"] == cert_id
             renewer = edged.daemon.renewer
@@ -142,11 +149,8 @@ async def test_absurd_retry_after_is_clamped_and_the_loop_survives(
         body = acme_body(pebble, backend.port)
         async with run_edged(tmp_path, body, http=(pebble.http_port,)) as edged:
             await wait_for(lambda: edged.daemon.serving("shop.test") is not None)
-        (tmp_path / "store" / "state" / "shop.test.json").unlink()
         ari.retry_after = "999999999999"
-        async with run_edged(
-            tmp_path, with_directory(body, pebble, ari), http=(pebble.http_port,)
-        ) as edged:
+        async with restarted_with_ari(tmp_path, body, pebble, ari) as edged:
             renewer = edged.daemon.renewer
             await wait_for(lambda: renewer.states["shop.test"].ari is not None)
             state = renewer.states["shop.test"]
@@ -166,12 +170,9 @@ async def test_a_hanging_renewal_info_does_not_delay_a_forced_renewal(
         body = acme_body(pebble, backend.port)
         async with run_edged(tmp_path, body, http=(pebble.http_port,)) as edged:
             await wait_for(lambda: edged.daemon.serving("shop.test") is not None)
-        (tmp_path / "store" / "state" / "shop.test.json").unlink()
         ari.ari_hold = asyncio.Event()
         try:
-            async with run_edged(
-                tmp_path, with_directory(body, pebble, ari), http=(pebble.http_port,)
-            ) as edged:
+            async with restarted_with_ari(tmp_path, body, pebble, ari) as edged:
                 renewer = edged.daemon.renewer
                 await wait_for(lambda: len(ari.ari_requests) >= 1)  # the check now hangs
                 started = time.monotonic()

@@ -257,35 +257,58 @@ async def test_status_is_resent_when_it_changes(
 # --- socket activation ---------------------------------------------------------------------
 
 
-async def test_inherited_sockets_are_used_by_address(tmp_path: Path, pki: dict[str, Path]) -> None:
-    """A passed socket serves the [listen] address it is bound to; a config address without
-    one is bound as usual; a passed socket the config does not name is closed with a warning."""
+@dataclass
+class Activated:
+    """edged started with two sockets passed: `inherited` (named in [listen] https), `stray`
+    (named nowhere)."""
+
+    edged: Edged
+    inherited: socket.socket
+    stray: socket.socket
+    inherited_port: int
+    stray_port: int
+
+
+@contextlib.asynccontextmanager
+async def socket_activated(
+    tmp_path: Path, pki: dict[str, Path], own: Sequence[str] = (), extra: str = ""
+) -> AsyncIterator[Activated]:
+    """edged as a service manager starts it with two listening sockets passed, the config's
+    https the inherited one's address and `own` (bound by edged), once it has said READY=1.
+    After the block: SIGTERM, and edged must exit 0."""
     inherited, stray = listening_socket(), listening_socket()
-    inherited_port = inherited.getsockname()[1]
-    stray_port = stray.getsockname()[1]
-    own_port = free_port()
-    ctx = client_context(pki)
+    inherited_port, stray_port = inherited.getsockname()[1], stray.getsockname()[1]
     async with run_backend() as backend:
-        https = [f"127.0.0.1:{own_port}", f"127.0.0.1:{inherited_port}"]
-        config = write_config(tmp_path, pki, backend.address, https)
+        https = [*own, f"127.0.0.1:{inherited_port}"]
+        config = write_config(tmp_path, pki, backend.address, https, extra=extra)
         notify = Notify(tmp_path / "notify.sock")
         try:
             async with start_edged(
                 config, {"NOTIFY_SOCKET": str(notify.path)}, fds=[stray, inherited]
             ) as edged:
-                # edged could not have bound inherited_port itself: we hold it listening.
                 assert await notify.until("READY=1") == "READY=1"
-                for port in (inherited_port, own_port):
-                    assert b"backend=b1" in await tls_request(port, ctx)
+                yield Activated(edged, inherited, stray, inherited_port, stray_port)
                 edged.proc.send_signal(signal.SIGTERM)
                 assert await asyncio.wait_for(edged.proc.wait(), 20) == 0
         finally:
             notify.close()
             inherited.close()
             stray.close()
-    assert f"using the inherited socket for 127.0.0.1:{inherited_port}" in edged.log
-    assert f"127.0.0.1:{stray_port} is not in [listen] https or http: closing it" in edged.log
-    assert "LISTEN_" not in edged.log
+
+
+async def test_inherited_sockets_are_used_by_address(tmp_path: Path, pki: dict[str, Path]) -> None:
+    """A passed socket serves the [listen] address it is bound to; a config address without
+    one is bound as usual; a passed socket the config does not name is closed with a warning."""
+    own_port = free_port()
+    ctx = client_context(pki)
+    async with socket_activated(tmp_path, pki, own=[f"127.0.0.1:{own_port}"]) as run:
+        # edged could not have bound the inherited port itself: we hold it listening.
+        for port in (run.inherited_port, own_port):
+            assert b"backend=b1" in await tls_request(port, ctx)
+    log = run.edged.log
+    assert f"using the inherited socket for 127.0.0.1:{run.inherited_port}" in log
+    assert f"127.0.0.1:{run.stray_port} is not in [listen] https or http: closing it" in log
+    assert "LISTEN_" not in log
 
 
 def test_inherited_listeners_match_by_address() -> None:
@@ -327,28 +350,14 @@ async def test_unused_inherited_socket_is_closed_in_the_worker_processes_too(
     """With worker processes, a passed socket the config does not name is closed everywhere:
     the zygote and the workers (forked from the main process) hold no copy that would go on
     accepting connections for nobody; the one the config names is served by the workers."""
-    inherited, stray = listening_socket(), listening_socket()
-    inherited_port, stray_port = inherited.getsockname()[1], stray.getsockname()[1]
-    async with run_backend() as backend:
-        https = [f"127.0.0.1:{inherited_port}"]
-        config = write_config(tmp_path, pki, backend.address, https, extra="workers = 2")
-        notify = Notify(tmp_path / "notify.sock")
-        try:
-            async with start_edged(
-                config, {"NOTIFY_SOCKET": str(notify.path)}, fds=[stray, inherited]
-            ) as edged:
-                stray.close()  # the service manager's copy: only edged's processes hold it now
-                inherited.close()
-                assert await notify.until("READY=1") == "READY=1"
-                assert b"backend=b1" in await tls_request(inherited_port, client_context(pki))
-                assert await asyncio.to_thread(refuses, stray_port)
-                edged.proc.send_signal(signal.SIGTERM)
-                assert await asyncio.wait_for(edged.proc.wait(), 20) == 0
-        finally:
-            notify.close()
-            inherited.close()
-            stray.close()
-    assert f"127.0.0.1:{stray_port} is not in [listen] https or http: closing it" in edged.log
+    async with socket_activated(tmp_path, pki, extra="workers = 2") as run:
+        run.stray.close()  # the service manager's copy: only edged's processes hold it now
+        run.inherited.close()
+        assert b"backend=b1" in await tls_request(run.inherited_port, client_context(pki))
+        assert await asyncio.to_thread(refuses, run.stray_port)
+    assert f"127.0.0.1:{run.stray_port} is not in [listen] https or http: closing it" in (
+        run.edged.log
+    )
 
 
 async def test_listen_fds_naming_fds_not_passed_with_workers(
