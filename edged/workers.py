@@ -431,12 +431,12 @@ class WorkerPool:
             log.error("cannot repack the certificates shared with the workers: %s", exc)
             return
         retired = self.share.install(repack)
-        self._full = None  # it may name the retired segments
-        certs = dict(self._certs)  # what changed while the segment was written goes inline
-        encoded = self._state(None, certs)
+        # Every site, to the serving workers (the cached full state, which may name the
+        # retired segments, is dropped with it); what changed while the segment was written
+        # goes inline.
+        certs = dict(self._certs)
+        self._broadcast(None, certs)
         forget = _now(("forget", retired))
-        for handle in self._serving():
-            handle.send(encoded)
         for handle in self.all:
             handle.send(forget)
             handle.segments_sent.difference_update(retired)
