@@ -40,6 +40,7 @@ from edged.errors import ConfigError, EdgedError, Problem
 from edged.fleet import follow_changes
 from edged.heap import freeze_long_lived, release_free_memory
 from edged.http01 import ChallengeBoard, Http01App, HttpListeners
+from edged.inotify import InotifyError
 from edged.listen import InheritedListeners, StartupError
 from edged.metrics import (
     CertMetric,
@@ -77,6 +78,7 @@ log = logging.getLogger("edged.daemon")
 
 CHALLENGE_SHARE_TIMEOUT = 10.0  # seconds the ACME thread waits for workers to take a challenge
 STATUS_INTERVAL = 10.0  # seconds between checks whether systemd's STATUS= line changed
+WATCH_RETRY = 60.0  # seconds before the file watcher is tried again after a host limit stopped it
 # From this many store-backed sites on, the store is indexed in the background after the
 # listeners are up (a name asked for before its turn is read at once): reading 100k store
 # entries takes from seconds to a minute, depending on the disk and its cache.
@@ -1080,7 +1082,15 @@ class Daemon:
                         watch_changes(self._watching, self._watch_stop, self._on_files_changed)
                     )
                     tg.create_task(self._catch_up())
-            except Exception:
+            except* InotifyError as group:  # a host limit: the message names it
+                log.error(
+                    "file watcher cannot run: %s; SIGHUP still reloads; retrying in %.0fs",
+                    "; ".join(str(exc) for exc in group.exceptions),
+                    WATCH_RETRY,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), WATCH_RETRY)
+            except* Exception:
                 log.exception("file watcher failed; SIGHUP still reloads; retrying in 5s")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), 5)

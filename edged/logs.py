@@ -93,10 +93,6 @@ def setup_logging(level: str, fmt: str = "text", stream: TextIO | None = None) -
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # watchfiles logs every batch of file events at INFO, before edged picks the ones it
-    # watches for: noise, and a loop when the log is written into a watched directory
-    # (each line is a change, which logs a line). edged logs the changes that matter.
-    logging.getLogger("watchfiles").setLevel(max(root.level, logging.WARNING))
 
 
 class Throttled:

@@ -1,4 +1,4 @@
-"""What to watch for a reload, and the watcher itself (watchfiles, debounced and coalesced).
+"""What to watch for a reload, and the watcher itself (inotify, debounced and coalesced).
 
 Files are replaced in many ways: written in place, written to a temp file and renamed over, or
 swapped as symlinks (certbot's live/ -> archive/). Watching a file's inode misses the last two,
@@ -18,14 +18,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from watchfiles import awatch
-
 from edged.config import Config, config_files
+from edged.inotify import IN_CREATE, Inotify, InotifyError
 from edged.names import store_dirname
 
 log = logging.getLogger("edged.reload")
 
-DEBOUNCE_MS = 150
+# Seconds a batch of changes waits for more: QUIET after the last one, at most DEBOUNCE after
+# the first (store entries go at once: see Debounce).
+QUIET = 0.02
+DEBOUNCE = 0.15
 
 
 @dataclass(frozen=True)
@@ -128,27 +130,112 @@ def unchanged_entries(
     ]
 
 
+class Debounce:
+    """Changed paths gathered into one batch: due QUIET seconds after the last change (a cert
+    and its key written a few milliseconds apart arrive together), at most DEBOUNCE after the
+    first. A batch of store entries only (`quick`: the store's writers touch an entry once it
+    is whole, or move it in whole) is due at once. Pure: times are the caller's."""
+
+    def __init__(self) -> None:
+        self.paths: set[Path] = set()
+        self.first = 0.0
+        self.last = 0.0
+        self.quick = True
+
+    def add(self, path: Path, now: float, *, quick: bool) -> None:
+        if not self.paths:
+            self.first = now
+            self.quick = True
+        self.paths.add(path)
+        self.last = now
+        self.quick = self.quick and quick
+
+    def due(self) -> float | None:
+        """When the batch is to go (None: nothing gathered)."""
+        if not self.paths:
+            return None
+        if self.quick:
+            return self.last
+        return min(self.first + DEBOUNCE, self.last + QUIET)
+
+    def take(self) -> set[Path]:
+        paths, self.paths = self.paths, set()
+        return paths
+
+
+MAX_READS = 16  # reads of queued events per wakeup (a flood does not hold the loop)
+
+
 async def watch_changes(
     watch: WatchSet, stop: asyncio.Event, on_change: Callable[[set[Path]], None]
 ) -> None:
-    """Call `on_change` with each debounced batch of relevant changed paths until `stop`."""
+    """Call `on_change` with each debounced batch of relevant changed paths until `stop`.
+    Returns early (after a last batch) when a watched directory went away or the kernel's
+    event queue overflowed: the caller starts it again, and compares what it saw before with
+    what is there now."""
     # Nothing recursive: a config dir may hold much else, and the store may hold 100k
     # directories (see WatchSet.store_dirs).
-    flat = sorted((watch.dirs - watch.trees) | watch.store_dirs)
-    groups = [(flat, False)]
+    roots = sorted((watch.dirs - watch.trees) | watch.store_dirs)
+    live_dirs = {tree / "live" for tree in watch.trees}
+    loop = asyncio.get_running_loop()
+    wake = asyncio.Event()
+    batch = Debounce()
+    with Inotify() as inotify:
+        for directory in roots:
+            try:
+                inotify.add(directory)
+            except InotifyError:
+                raise
+            except OSError as exc:  # gone or unreadable: the load reports its files
+                log.debug("not watching %s: %s", directory, exc)
+        loop.add_reader(inotify.fd, wake.set)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                stopping = tg.create_task(_set_when(stop, wake))
+                lost = False
+                while not stop.is_set():
+                    due = batch.due()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(None if due is None else due - loop.time()):
+                            await wake.wait()
+                    wake.clear()
+                    now = loop.time()
+                    for _ in range(MAX_READS):
+                        events = inotify.read_once()
+                        if not events:
+                            break
+                        for event in events:
+                            if event.path is None or event.watch_gone:
+                                lost = True
+                                for path in _lost(watch, event.path):
+                                    batch.add(path, now, quick=False)
+                            elif watch.relevant(event.path):
+                                quick = event.path.parent in live_dirs and not (
+                                    event.mask & IN_CREATE
+                                )
+                                batch.add(event.path, now, quick=quick)
+                    due = batch.due()
+                    if due is not None and (lost or loop.time() >= due):
+                        on_change(batch.take())
+                    if lost:
+                        log.info("file watch restarting: a watched directory went away")
+                        break
+                stopping.cancel()
+        finally:
+            loop.remove_reader(inotify.fd)
 
-    async def pump(roots: list[Path], recursive: bool) -> None:
-        changes_iter = awatch(
-            *roots, debounce=DEBOUNCE_MS, step=20, stop_event=stop, recursive=recursive,
-            watch_filter=None, ignore_permission_denied=True,
-        )  # fmt: skip
-        async for changes in changes_iter:
-            hits = {Path(p) for _, p in changes if watch.relevant(Path(p))}
-            if hits:
-                on_change(hits)
 
-    async with asyncio.TaskGroup() as tg:
-        for roots, recursive in groups:
-            if roots:
-                tg.create_task(pump(roots, recursive))
-        await stop.wait()
+async def _set_when(stop: asyncio.Event, wake: asyncio.Event) -> None:
+    await stop.wait()
+    wake.set()
+
+
+def _lost(watch: WatchSet, directory: Path | None) -> set[Path]:
+    """What may have changed unseen: everything (the event queue overflowed: None) or what
+    lies in `directory` (its watch ended)."""
+    everything = set(watch.files) | set(watch.trees)
+    if directory is None:
+        return everything
+    return {path for path in everything if path == directory or path.parent == directory} | (
+        {tree for tree in watch.trees if directory in (tree, tree / "live")}
+    )

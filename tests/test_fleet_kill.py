@@ -100,9 +100,8 @@ class Node:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def tail(self) -> str:
-        """The end of its log for a failure message, without the file watcher's lines."""
-        lines = [line for line in self.text().splitlines() if "watchfiles" not in line]
-        return "\n".join(lines[-30:])
+        """The end of its log for a failure message."""
+        return "\n".join(self.text().splitlines()[-30:])
 
 
 def node_config(node: Node, pebble: Pebble, redis_url: str) -> Path:

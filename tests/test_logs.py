@@ -245,9 +245,9 @@ def test_run_rejects_unknown_log_format() -> None:
 async def test_log_written_into_the_watched_directory_does_not_feed_itself(
     tmp_path: Path, pki: dict[str, Path]
 ) -> None:
-    """stderr into a file beside the config (a directory edged watches): each line is a file
-    change there, and watchfiles' own INFO line about it was one more change, forever. Its
-    logger is quiet now; edged logs the changes it acts on."""
+    """stderr into a file beside the config (a directory edged watches): each line written is
+    a change there, and a watcher that logged what it saw would feed itself forever. edged logs
+    only the changes it acts on (and does not even wake for writes: edged.inotify)."""
     port = free_port()
     async with run_backend() as backend:
         config = tmp_path / "edged.toml"

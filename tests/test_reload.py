@@ -100,6 +100,33 @@ async def test_cert_changes_are_picked_up_in_every_way_files_get_replaced(
             assert edged.daemon.counters.reloads["file", "ok"] >= 3
 
 
+async def test_a_directory_of_certs_swapped_by_rename_is_followed(tmp_path: Path) -> None:
+    """A deploy that prepares a new directory and renames it into place: the old directory's
+    watch ends with it; edged reloads and watches the new one from then on."""
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    cert, key = certs / "fullchain.pem", certs / "privkey.pem"
+    for n, (stem, cn) in enumerate((("d0", "dir-0"), ("d1", "dir-1"))):
+        c, k = pair(tmp_path, stem, cn)
+        target = certs if n == 0 else tmp_path / "certs.new"
+        target.mkdir(exist_ok=True)
+        (target / cert.name).write_bytes(c.read_bytes())
+        (target / key.name).write_bytes(k.read_bytes())
+    async with (
+        run_backend() as backend,
+        run_edged(tmp_path, cert_site(backend.address, cert, key)) as edged,
+    ):
+        assert await served_cn(edged, "r.example.test") == "dir-0"
+        os.rename(certs, tmp_path / "certs.old")
+        os.rename(tmp_path / "certs.new", certs)
+        assert await wait_for("dir-1", edged, "r.example.test") < 3
+        # And the new directory is the one watched now.
+        c2, k2 = pair(tmp_path, "d2", "dir-2")
+        cert.write_bytes(c2.read_bytes())
+        key.write_bytes(k2.read_bytes())
+        assert await wait_for("dir-2", edged, "r.example.test") < 3
+
+
 async def test_config_edit_adds_a_site(tmp_path: Path) -> None:
     c0, k0 = pair(tmp_path, "a", "site-a")
     c1, k1 = pair(tmp_path, "b", "site-b")

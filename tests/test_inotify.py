@@ -1,0 +1,208 @@
+"""The file watcher: inotify events parsed and read (edged.inotify), batched (Debounce) and
+delivered (edged.reload.watch_changes), on real directories."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from edged.inotify import (
+    IN_ATTRIB,
+    IN_CLOSE_WRITE,
+    IN_CREATE,
+    IN_IGNORED,
+    IN_ISDIR,
+    IN_MOVED_TO,
+    IN_Q_OVERFLOW,
+    Event,
+    Inotify,
+    parse_events,
+)
+from edged.reload import DEBOUNCE, QUIET, Debounce, WatchSet, watch_changes
+from edged.store import FileStore, PemPair, StoredCert
+from tests.pki import fullchain, make_ca, make_leaf
+
+
+def raw_event(wd: int, mask: int, name: bytes = b"") -> bytes:
+    padded = name + b"\0" * (-len(name) % 16 or (16 if name else 0))
+    return struct.pack("iIII", wd, mask, 0, len(padded)) + padded
+
+
+def test_events_are_parsed_for_every_path_of_their_directory() -> None:
+    a, b, c = Path("/etc/edged"), Path("/srv/conf"), Path("/var/lib/edged/live")
+    data = (
+        raw_event(1, IN_CLOSE_WRITE, b"edged.toml")
+        + raw_event(2, IN_ATTRIB | IN_ISDIR, b"example.com")
+        + raw_event(9, IN_CREATE, b"unknown-wd")  # not ours (a watch already removed)
+        + raw_event(1, IN_IGNORED)
+        + raw_event(-1, IN_Q_OVERFLOW)
+    )
+    events = parse_events(data, {1: [a, b], 2: [c]})
+    assert events == [
+        Event(a / "edged.toml", IN_CLOSE_WRITE),
+        Event(b / "edged.toml", IN_CLOSE_WRITE),
+        Event(c / "example.com", IN_ATTRIB | IN_ISDIR),
+        Event(a, IN_IGNORED),
+        Event(b, IN_IGNORED),
+        Event(None, IN_Q_OVERFLOW),
+    ]
+    assert events[3].watch_gone and not events[0].watch_gone
+    assert events[5].overflow and not events[0].overflow
+
+
+def test_a_batch_waits_for_quiet_and_store_entries_go_at_once() -> None:
+    batch = Debounce()
+    assert batch.due() is None
+    batch.add(Path("/s/live/a"), 10.0, quick=True)
+    assert batch.due() == 10.0  # a store entry announced whole: due now
+    batch.add(Path("/etc/cert.pem"), 10.005, quick=False)
+    assert batch.due() == pytest.approx(10.005 + QUIET)  # a file: wait for its key too
+    for k in range(1, 100):  # a steady stream of changes is cut at DEBOUNCE
+        batch.add(Path(f"/etc/f{k}"), 10.0 + k * QUIET / 2, quick=False)
+    assert batch.due() == pytest.approx(10.0 + DEBOUNCE)
+    assert len(batch.take()) == 101
+    assert batch.due() is None
+    batch.add(Path("/s/live/b"), 20.0, quick=True)  # a new batch starts quick again
+    assert batch.due() == 20.0
+
+
+def test_real_changes_are_read_as_events(tmp_path: Path) -> None:
+    with Inotify() as ino:
+        ino.add(tmp_path)
+        assert ino.read_once() == []  # nothing yet, and it does not block
+        (tmp_path / "a.pem").write_bytes(b"x")  # created, written, closed
+        tmp = tmp_path / "b.tmp"
+        tmp.write_bytes(b"y")
+        os.rename(tmp, tmp_path / "b.pem")  # written beside, renamed over
+        (tmp_path / "entry").mkdir()
+        os.utime(tmp_path / "entry")  # the store's announcement of a written entry
+        with (tmp_path / "kept-open.log").open("ab") as log:
+            for _ in range(50):  # writes to an open file are not events (no IN_MODIFY)
+                log.write(b"line\n")
+                log.flush()
+            seen = [(e.path, e.mask) for e in ino.read_once()]
+        assert (tmp_path / "a.pem", IN_CREATE) in seen
+        assert (tmp_path / "a.pem", IN_CLOSE_WRITE) in seen
+        assert (tmp_path / "b.pem", IN_MOVED_TO) in seen
+        assert (tmp_path / "entry", IN_CREATE | IN_ISDIR) in seen
+        assert (tmp_path / "entry", IN_ATTRIB | IN_ISDIR) in seen
+        assert [m for p, m in seen if p == tmp_path / "kept-open.log"] == [IN_CREATE]
+
+
+def test_a_directory_that_cannot_be_watched_says_so(tmp_path: Path) -> None:
+    with Inotify() as ino, pytest.raises(OSError) as exc:
+        ino.add(tmp_path / "missing")
+    assert exc.value.errno == errno.ENOENT
+    assert "missing" in str(exc.value)
+
+
+@asynccontextmanager
+async def watching(
+    watch: WatchSet,
+) -> AsyncIterator[tuple[asyncio.Queue[set[Path]], asyncio.Task[None]]]:
+    batches: asyncio.Queue[set[Path]] = asyncio.Queue()
+    stop = asyncio.Event()
+    task = asyncio.create_task(watch_changes(watch, stop, batches.put_nowait))
+    await asyncio.sleep(0.05)  # the watches are in place once it has run
+    try:
+        yield batches, task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+
+def store_watch(tmp_path: Path) -> tuple[WatchSet, Path, Path]:
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    cert, key = conf / "cert.pem", conf / "key.pem"
+    store = tmp_path / "store"
+    (store / "live").mkdir(parents=True)
+    watch = WatchSet(
+        dirs=frozenset({conf}),
+        files=frozenset({conf / "edged.toml", cert, key}),
+        trees=frozenset({store}),
+        store_dirs=frozenset({store, store / "live"}),
+    )
+    return watch, cert, key
+
+
+def stored(name: str, cn: str) -> StoredCert:
+    ca = make_ca("watch CA")
+    leaf = make_leaf(ca, [name], cn=cn)
+    return StoredCert(
+        name,
+        (name,),
+        (PemPair("ecdsa-p256", fullchain(leaf, ca), leaf.key_pem),),
+        "upload",
+        time.time(),
+    )
+
+
+async def test_a_store_write_is_one_batch_naming_its_entry(tmp_path: Path) -> None:
+    watch, _, _ = store_watch(tmp_path)
+    store = FileStore(tmp_path / "store")
+    await asyncio.to_thread(store.save, stored("a.example.test", "v1"))  # a new entry
+    async with watching(watch) as (batches, _):
+        await asyncio.to_thread(store.save, stored("a.example.test", "v2"))
+        batch = await asyncio.wait_for(batches.get(), 5)
+        assert batch == {tmp_path / "store" / "live" / "a.example.test"}
+        (tmp_path / "store" / "accounts").mkdir()  # not a certificate: no reload
+        (tmp_path / "unwatched.txt").write_text("x")
+        await asyncio.sleep(4 * DEBOUNCE)
+        assert batches.empty()
+
+
+async def test_a_cert_and_key_written_apart_arrive_together(tmp_path: Path) -> None:
+    watch, cert, key = store_watch(tmp_path)
+    async with watching(watch) as (batches, _):
+        cert.write_bytes(b"cert")
+        await asyncio.sleep(QUIET / 4)
+        key.write_bytes(b"key")
+        (cert.parent / "edged.log").write_text("not watched for\n")
+        batch = await asyncio.wait_for(batches.get(), 5)
+        assert batch == {cert, key}
+
+
+async def test_a_watched_directory_replaced_ends_the_watch_after_its_files(
+    tmp_path: Path,
+) -> None:
+    """A config directory swapped by rename (a deploy): the old one's watch ends; the
+    watcher reports its files and returns, for the daemon starts it again on the new one."""
+    watch, cert, key = store_watch(tmp_path)
+    async with watching(watch) as (batches, task):
+        os.rename(cert.parent, tmp_path / "conf.old")
+        batch = await asyncio.wait_for(batches.get(), 5)
+        assert {cert, key, cert.parent / "edged.toml"} <= batch
+        await asyncio.wait_for(task, 5)  # returned on its own (stop is not set)
+
+
+def test_no_inotify_instance_names_the_limit_to_raise() -> None:
+    """At the process's file descriptor limit (one way inotify_init1 says EMFILE)."""
+    probe = (
+        "import os, resource\n"
+        "from edged.inotify import Inotify, InotifyError\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n"
+        "held = []\n"
+        "try:\n"
+        "    while True: held.append(os.open('/dev/null', os.O_RDONLY))\n"
+        "except OSError: pass\n"
+        "try:\n"
+        "    Inotify()\n"
+        "except InotifyError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
+    assert "cannot start watching files" in out
+    assert "LimitNOFILE" in out and "fs.inotify.max_user_instances" in out
