@@ -355,6 +355,27 @@ _RCODE_HELP = {
 }
 
 
+class _OutOfTime(Exception):
+    """A lookup of the propagation wait could not finish within its deadline: the `kind`
+    lookup of `qname` ran out of time without an answer, or had none left to start."""
+
+    def __init__(self, kind: str, qname: dns.name.Name, *, started: bool) -> None:
+        self.kind = kind
+        self.qname = qname
+        self.started = started
+        super().__init__(f"{kind} lookup of {_text(qname)}")
+
+    def describe(self, resolver_text: str) -> str:
+        lookup = f"the {self.kind} lookup of {_text(self.qname)} via {resolver_text}"
+        if self.started:
+            return f"{lookup} did not answer in time"
+        return f"no time was left for {lookup} (the lookups before it were slow)"
+
+
+# The seconds left before a deadline, asked before each lookup.
+Remaining = Callable[[], float]
+
+
 @dataclass(frozen=True)
 class _Nameserver:
     name: str
@@ -391,6 +412,31 @@ class DnsUpdater:
         self._resolver_text = _describe_resolver(self.resolver)
 
     # -- lookups --
+
+    def _resolve(
+        self,
+        qname: dns.name.Name,
+        rdtype: dns.rdatatype.RdataType,
+        remaining: Remaining | None,
+        *,
+        raise_on_no_answer: bool = True,
+    ) -> dns.resolver.Answer:
+        """resolver.resolve, given no longer than `remaining()` seconds (and its own lifetime);
+        _OutOfTime when no time is left, or when it timed out because the time ran out."""
+        if remaining is None:
+            return self.resolver.resolve(qname, rdtype, raise_on_no_answer=raise_on_no_answer)
+        left = remaining()
+        if left <= 0:
+            raise _OutOfTime(dns.rdatatype.to_text(rdtype), qname, started=False)
+        lifetime = min(left, self.resolver.lifetime)
+        try:
+            return self.resolver.resolve(
+                qname, rdtype, raise_on_no_answer=raise_on_no_answer, lifetime=lifetime
+            )
+        except dns.exception.Timeout:
+            if lifetime < self.resolver.lifetime:  # cut short by the deadline, not its own
+                raise _OutOfTime(dns.rdatatype.to_text(rdtype), qname, started=True) from None
+            raise
 
     def _cname_target(self, name: dns.name.Name) -> dns.name.Name | None:
         try:
@@ -448,8 +494,9 @@ class DnsUpdater:
                 raise DnsError(_text(start), message)
         return _text(current)
 
-    def find_zone(self, fqdn: str) -> str:
-        """The zone holding `fqdn`: acme.dns.zone when it encloses it, else found by SOA.
+    def find_zone(self, fqdn: str, remaining: Remaining | None = None) -> str:
+        """The zone holding `fqdn`: acme.dns.zone when it encloses it, else found by SOA (the
+        lookups given no longer than `remaining()` seconds: _OutOfTime past that).
 
         acme.dns.delegate_to may be a zone of its own or a name inside one (`acme.example.net`
         in zone example.net): a name under it is looked up by SOA like any other, and only when
@@ -472,20 +519,22 @@ class DnsUpdater:
                     'that holds it, or to "" to find the zone by SOA',
                 )
         try:
-            return self._zone_by_soa(name)
+            return self._zone_by_soa(name, remaining)
         except DnsError:
             if delegate is not None:
                 return _text(delegate)
             raise
 
-    def _zone_by_soa(self, name: dns.name.Name) -> str:
+    def _zone_by_soa(self, name: dns.name.Name, remaining: Remaining | None) -> str:
         failures: list[str] = []
         current = name
         while len(current) > 1:
             response: dns.message.Message | None = None
             zone: dns.name.Name | None = None
             try:
-                answer = self.resolver.resolve(current, dns.rdatatype.SOA, raise_on_no_answer=False)
+                answer = self._resolve(
+                    current, dns.rdatatype.SOA, remaining, raise_on_no_answer=False
+                )
                 if answer.rrset is not None and answer.rrset.name == current:
                     zone = current
                 response = answer.response
@@ -617,10 +666,10 @@ class DnsUpdater:
 
     # -- propagation --
 
-    def _nameservers(self, zone: str) -> list[_Nameserver]:
+    def _nameservers(self, zone: str, remaining: Remaining | None = None) -> list[_Nameserver]:
         zone_name = _to_name(zone)
         try:
-            answer = self.resolver.resolve(zone_name, dns.rdatatype.NS)
+            answer = self._resolve(zone_name, dns.rdatatype.NS, remaining)
         except dns.exception.DNSException as exc:
             raise _lookup_failed(zone_name, "NS", exc, self._resolver_text) from None
         ns_names = sorted(
@@ -635,7 +684,7 @@ class DnsUpdater:
         for ns in ns_names:
             for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
                 try:
-                    addresses = self.resolver.resolve(ns, rdtype)
+                    addresses = self._resolve(ns, rdtype, remaining)
                 except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
                     continue
                 except dns.exception.DNSException as exc:
@@ -705,16 +754,31 @@ class DnsUpdater:
         """Return once every authoritative nameserver of the zone answers all `values` at `fqdn`.
 
         Polls every `poll_interval` seconds; after `acme.dns.propagation_timeout` raises DnsError
-        listing the nameservers still missing the record.
+        listing the nameservers still missing the record. The timeout bounds the whole wait,
+        the lookups of the zone and its nameservers included.
         """
         name = _to_name(fqdn)
         wanted = set(values)
         if not wanted:
             return
-        zone = self.find_zone(fqdn)
-        nameservers = self._nameservers(zone)
+        timeout = self.settings.propagation_timeout
+        deadline = clock() + timeout
+        zone = ""
+        try:
+            zone = self.find_zone(fqdn, lambda: deadline - clock())
+            nameservers = self._nameservers(zone, lambda: deadline - clock())
+        except _OutOfTime as late:
+            looking_for = (
+                f"the nameservers of zone {zone}" if zone else f"the zone of {_text(name)}"
+            )
+            raise DnsError(
+                _text(name),
+                f"acme.dns.propagation_timeout ({timeout:g}s) ran out while looking up "
+                f"{looking_for}: {late.describe(self._resolver_text)}; check that "
+                "acme.dns.resolver answers for the zone (and quickly), or raise "
+                "acme.dns.propagation_timeout",
+            ) from None
         port = self.settings.nameserver_port
-        deadline = clock() + self.settings.propagation_timeout
         pending: dict[_Nameserver, str] = {ns: "not asked" for ns in nameservers}
         unreachable: set[_Nameserver] = set()
         while True:
