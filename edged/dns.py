@@ -10,6 +10,9 @@ Synchronous (dnspython's blocking API): the ACME client calls it from a worker t
     ...
     updater.delete_txt(fqdn, value)
 
+With `journal=` (an edged.dnsjournal.DnsJournal) each value is written down before it is added
+and crossed out once deleted, so one left in the zone by a crash is deleted later.
+
 Names go in with or without a trailing dot and come out lowercase without one. Every DnsError
 names the DNS name, file or server concerned and says what to change.
 """
@@ -27,6 +30,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dns.exception
 import dns.flags
@@ -49,6 +53,9 @@ import dns.update
 from edged.config import Address, DnsSettings
 from edged.errors import EdgedError
 from edged.names import NameError_, normalize_name
+
+if TYPE_CHECKING:
+    from edged.dnsjournal import DnsJournal
 
 CHALLENGE_LABEL = "_acme-challenge"
 MAX_CNAME_DEPTH = 8
@@ -78,6 +85,11 @@ class DnsError(EdgedError):
         self.name = name
         self.message = message
         super().__init__(f"{name}: {message}")
+
+
+class _NotApplied(DnsError):
+    """An update that certainly changed nothing: never sent, or refused by the server (an
+    RFC 2136 update is applied whole or not at all)."""
 
 
 @dataclass(frozen=True)
@@ -397,6 +409,7 @@ class DnsUpdater:
         resolver: dns.resolver.Resolver | None = None,
         timeout: float = 5.0,
         poll_interval: float = 2.0,
+        journal: DnsJournal | None = None,
     ) -> None:
         if key.algorithm not in TSIG_ALGORITHMS:
             raise DnsError(
@@ -408,6 +421,7 @@ class DnsUpdater:
         self.resolver = resolver if resolver is not None else build_resolver(settings, timeout)
         self.timeout = timeout
         self.poll_interval = poll_interval
+        self.journal = journal  # each value added is written down there first
         self._tsig = dns.tsig.Key(_to_name(key.name), key.secret, TSIG_ALGORITHMS[key.algorithm])
         self._resolver_text = _describe_resolver(self.resolver)
 
@@ -575,9 +589,10 @@ class DnsUpdater:
     def _server_text(self) -> str:
         return f"DNS server {self.settings.server}"
 
-    def _update(self, fqdn: str, value: str, *, delete: bool) -> None:
+    def _update(self, fqdn: str, value: str, *, delete: bool, zone_text: str = "") -> None:
+        """One TSIG-signed update; _NotApplied (a DnsError) when it certainly changed nothing."""
         name = _to_name(fqdn)
-        zone = _to_name(self.find_zone(fqdn))
+        zone = _to_name(zone_text or self.find_zone(fqdn))
         server = self.settings.server
         fmt = {
             "key": self.key.name,
@@ -599,25 +614,26 @@ class DnsUpdater:
         where = _text(name)
         try:
             ip = _ip_of(server, "acme.dns.server")
+        except DnsError as exc:
+            raise _NotApplied(exc.name, exc.message) from None
+        try:
             response = dns.query.tcp(message, ip, port=server.port, timeout=self.timeout)
-        except DnsError:
-            raise
         except dns.tsig.PeerBadKey:
-            raise DnsError(
+            raise _NotApplied(
                 where,
                 f"{self._server_text()} does not know TSIG key {fmt['key']!r} with algorithm "
                 f"{fmt['alg']} (BADKEY): set acme.dns.tsig_key_name and acme.dns.tsig_algorithm "
                 "to the key the server's update-policy grants",
             ) from None
         except dns.tsig.PeerBadSignature:
-            raise DnsError(
+            raise _NotApplied(
                 where,
                 f"{self._server_text()} rejected the signature made with TSIG key "
                 f"{fmt['key']!r} (BADSIG): the secret in {fmt['file']} does not match the "
                 "server's key of that name; copy the key from the server",
             ) from None
         except dns.tsig.PeerBadTime:
-            raise DnsError(
+            raise _NotApplied(
                 where,
                 f"{self._server_text()} rejected TSIG key {fmt['key']!r} because the clocks "
                 "differ (BADTIME): synchronise this host's and the server's clocks (NTP)",
@@ -650,19 +666,44 @@ class DnsUpdater:
         if rcode == dns.rcode.NOERROR:
             return
         helptext = _RCODE_HELP.get(rcode, "check the server's log").format(**fmt)
-        raise DnsError(
+        raise _NotApplied(
             where,
             f"{self._server_text()} answered {dns.rcode.to_text(rcode)} to the TSIG-signed "
             f"update ({action} TXT in zone {fmt['zone']}): {helptext}",
         )
 
     def add_txt(self, fqdn: str, value: str) -> None:
-        """Add one TXT rdata at `fqdn` (other values there stay), TTL acme.dns.ttl."""
-        self._update(fqdn, value, delete=False)
+        """Add one TXT rdata at `fqdn` (other values there stay), TTL acme.dns.ttl. With a
+        journal the value is written down there before the update is sent (not sent when that
+        fails) and crossed out again when the update certainly changed nothing."""
+        if self.journal is None:
+            self._update(fqdn, value, delete=False)
+            return
+        where = _text(_to_name(fqdn))
+        zone = self.find_zone(where)
+        self.journal.record(where, value, zone, str(self.settings.server))
+        try:
+            self._update(where, value, delete=False, zone_text=zone)
+        except _NotApplied:
+            self.journal.forget(where, value)
+            raise
+        # Any other failure (no answer in time) may still have been applied: it stays listed
+        # until a delete succeeds.
 
     def delete_txt(self, fqdn: str, value: str) -> None:
-        """Delete exactly the TXT rdata `value` at `fqdn` (a missing one is not an error)."""
-        self._update(fqdn, value, delete=True)
+        """Delete exactly the TXT rdata `value` at `fqdn` (a missing one is not an error). With a
+        journal the value is crossed out there once deleted; when the delete fails it stays,
+        a leftover for DnsJournal.sweep."""
+        if self.journal is None:
+            self._update(fqdn, value, delete=True)
+            return
+        where = _text(_to_name(fqdn))
+        try:
+            self._update(where, value, delete=True)
+        except DnsError:
+            self.journal.release(where, value)
+            raise
+        self.journal.forget(where, value)
 
     # -- propagation --
 
