@@ -52,6 +52,16 @@ _FILE = re.compile(r"(?P<node>[A-Za-z0-9._-]+)\.(?P<token>[0-9a-f]{12})\.(?P<kin
 _TEMP = re.compile(r"\.tmp-(?P<node>[A-Za-z0-9._-]+)\.(?P<token>[0-9a-f]{12})\.json-[0-9a-f]+")
 
 
+def _same_file(fd: int, path: Path) -> bool:
+    """`path` is still the file open as `fd` (not removed, nor replaced by a new one)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (opened.st_dev, opened.st_ino)
+
+
 def node_label(node: str) -> str:
     """The node's name as it appears in journal file names."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", node).strip(".") or "node"
@@ -245,12 +255,19 @@ class DnsJournal:
         if not self.directory.is_dir():
             os.makedirs(self.directory, DIR_MODE, exist_ok=True)
             fsync_dir(self.directory.parent)
-        fd = os.open(self._lock_path(self.token), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise
+        path = self._lock_path(self.token)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+            try:
+                # Blocking: only a sweep can hold it, for a moment, between our open and
+                # this lock (it found no journal yet and removes the file it locked).
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:
+                os.close(fd)
+                raise
+            if _same_file(fd, path):
+                break
+            os.close(fd)  # that sweep removed it: lock a new one
         self._lock_fd = fd
 
     # --- sweeping -------------------------------------------------------------------------
@@ -396,6 +413,8 @@ class DnsJournal:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return  # its process lives: the values are its orders', in flight
+            if not _same_file(fd, lock_path):
+                return  # another sweep took it over meanwhile and removed this file
             try:
                 raw = path.read_bytes()
             except FileNotFoundError:

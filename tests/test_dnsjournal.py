@@ -4,12 +4,14 @@ deleted by the next sweep of the same node, and only those."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -374,3 +376,48 @@ def test_leftovers_that_cannot_be_deleted_without_acme_dns_are_listed_once(
     assert journal.leftover_count() == 1 and bind.txt(fqdn) == {value}
     assert sweep(journal, settings) == SweepResult(removed=1, failed=0)
     assert bind.txt(fqdn) == set()
+
+
+def test_the_lock_and_temp_files_of_a_dead_process_go(bind: Bind, tmp_path: Path) -> None:
+    """A process that died with nothing listed (or mid-write) left its lock file and maybe a
+    temp file: the next sweep removes them; another process's files stay."""
+    directory = tmp_path / "dns01"
+    directory.mkdir()
+    dead = [f"{NODE}.0000000000aa.lock", f".tmp-{NODE}.0000000000aa.json-0123456789ab"]
+    kept = ["edge2.0000000000bb.lock", "notes.txt"]
+    for name in dead + kept:
+        (directory / name).write_text("")
+    journal = DnsJournal(directory, NODE)
+    assert sweep(journal, bind.settings()) == SweepResult()
+    assert journal_files(directory) == sorted(kept)
+
+
+def test_a_sweep_racing_a_new_journal_never_takes_it_over(bind: Bind, tmp_path: Path) -> None:
+    """The moment between a process creating its lock file and locking it: a sweep that
+    locks it first finds no journal and removes the file. The process then locks a new lock
+    file before writing its journal, so its value in flight is never taken for a leftover."""
+    settings = bind.settings()
+    directory = tmp_path / "dns01"
+    directory.mkdir()
+    live = DnsJournal(directory, NODE)
+    lock_path = directory / f"{NODE}.{live.token}.lock"
+    # The sweep's side, done by hand: lock the (just created) file and hold it.
+    sweeper_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(sweeper_fd, fcntl.LOCK_EX)
+    fqdn = "_acme-challenge.race.j.test"
+    adding = threading.Thread(target=updater(settings, live).add_txt, args=(fqdn, "in-flight"))
+    adding.start()
+    adding.join(0.3)
+    assert adding.is_alive()  # waits for the lock, writes nothing down, adds nothing yet
+    assert not live.path.exists() and bind.txt(fqdn) == set()
+    os.unlink(lock_path)  # the sweep found no journal: it removes the file and lets go
+    os.close(sweeper_fd)
+    adding.join(10)
+    assert listed(live.path) == {(fqdn, "in-flight")}
+    assert bind.txt(fqdn) == {"in-flight"}
+    assert lock_path.exists()  # a new lock file, held
+    assert sweep(DnsJournal(directory, NODE), settings) == SweepResult()
+    assert bind.txt(fqdn) == {"in-flight"}
+    updater(settings, live).delete_txt(fqdn, "in-flight")
+    live.close()
+    assert journal_files(directory) == []
