@@ -134,6 +134,7 @@ class Counters:
     ticket_key_rotations: int = 0
     worker_restarts: int = 0  # worker processes replaced after dying
     acme_tls_alpn: Counter[str] = field(default_factory=Counter)  # TLS_ALPN_RESULTS
+    dns01_leftovers_removed: int = 0  # TXT values interrupted DNS-01 orders left, deleted
     # Seconds each reload took, accepted or not: a full one (the config and every site) and
     # one of a few names' store certificates.
     full_reload_seconds: LatencyHistogram = field(
@@ -163,6 +164,7 @@ def merge_counters(parts: Iterable[Counters]) -> Counters:
         total.ticket_key_rotations += part.ticket_key_rotations
         total.worker_restarts += part.worker_restarts
         total.acme_tls_alpn.update(part.acme_tls_alpn)
+        total.dns01_leftovers_removed += part.dns01_leftovers_removed
         total.full_reload_seconds.add(part.full_reload_seconds)
         total.names_reload_seconds.add(part.names_reload_seconds)
     return total

@@ -381,6 +381,11 @@ class Daemon:
         """False while a shared (Redis) store is unreachable."""
         return bool(getattr(self.store, "available", True))
 
+    def dns01_leftovers(self) -> int:
+        """DNS-01 TXT values left by interrupted orders that are not deleted yet."""
+        journal = self.renewer.journal
+        return journal.leftover_count() if journal is not None else 0
+
     def shared_certs(self) -> tuple[int, int] | None:
         """With worker processes: the segments of certificates shared with them and their
         bytes (edged.pemshare); None without."""
@@ -1366,6 +1371,9 @@ class MetricsView:
 
     def store_available(self) -> bool:
         return self.daemon.store_available()
+
+    def dns01_leftovers(self) -> int:
+        return self.daemon.dns01_leftovers()
 
     def shared_certs(self) -> tuple[int, int] | None:
         return self.daemon.shared_certs()

@@ -10,6 +10,9 @@ Synchronous (dnspython's blocking API): the ACME client calls it from a worker t
     ...
     updater.delete_txt(fqdn, value)
 
+With `journal=` (an edged.dnsjournal.DnsJournal) each value is written down before it is added
+and crossed out once deleted, so one left in the zone by a crash is deleted later.
+
 Names go in with or without a trailing dot and come out lowercase without one. Every DnsError
 names the DNS name, file or server concerned and says what to change.
 """
@@ -27,6 +30,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dns.exception
 import dns.flags
@@ -49,6 +53,9 @@ import dns.update
 from edged.config import Address, DnsSettings
 from edged.errors import EdgedError
 from edged.names import NameError_, normalize_name
+
+if TYPE_CHECKING:
+    from edged.dnsjournal import DnsJournal
 
 CHALLENGE_LABEL = "_acme-challenge"
 MAX_CNAME_DEPTH = 8
@@ -78,6 +85,11 @@ class DnsError(EdgedError):
         self.name = name
         self.message = message
         super().__init__(f"{name}: {message}")
+
+
+class _NotApplied(DnsError):
+    """An update that certainly changed nothing: never sent, or refused by the server (an
+    RFC 2136 update is applied whole or not at all)."""
 
 
 @dataclass(frozen=True)
@@ -355,6 +367,27 @@ _RCODE_HELP = {
 }
 
 
+class _OutOfTime(Exception):
+    """A lookup of the propagation wait could not finish within its deadline: the `kind`
+    lookup of `qname` ran out of time without an answer, or had none left to start."""
+
+    def __init__(self, kind: str, qname: dns.name.Name, *, started: bool) -> None:
+        self.kind = kind
+        self.qname = qname
+        self.started = started
+        super().__init__(f"{kind} lookup of {_text(qname)}")
+
+    def describe(self, resolver_text: str) -> str:
+        lookup = f"the {self.kind} lookup of {_text(self.qname)} via {resolver_text}"
+        if self.started:
+            return f"{lookup} did not answer in time"
+        return f"no time was left for {lookup} (the lookups before it were slow)"
+
+
+# The seconds left before a deadline, asked before each lookup.
+Remaining = Callable[[], float]
+
+
 @dataclass(frozen=True)
 class _Nameserver:
     name: str
@@ -376,6 +409,7 @@ class DnsUpdater:
         resolver: dns.resolver.Resolver | None = None,
         timeout: float = 5.0,
         poll_interval: float = 2.0,
+        journal: DnsJournal | None = None,
     ) -> None:
         if key.algorithm not in TSIG_ALGORITHMS:
             raise DnsError(
@@ -387,10 +421,36 @@ class DnsUpdater:
         self.resolver = resolver if resolver is not None else build_resolver(settings, timeout)
         self.timeout = timeout
         self.poll_interval = poll_interval
+        self.journal = journal  # each value added is written down there first
         self._tsig = dns.tsig.Key(_to_name(key.name), key.secret, TSIG_ALGORITHMS[key.algorithm])
         self._resolver_text = _describe_resolver(self.resolver)
 
     # -- lookups --
+
+    def _resolve(
+        self,
+        qname: dns.name.Name,
+        rdtype: dns.rdatatype.RdataType,
+        remaining: Remaining | None,
+        *,
+        raise_on_no_answer: bool = True,
+    ) -> dns.resolver.Answer:
+        """resolver.resolve, given no longer than `remaining()` seconds (and its own lifetime);
+        _OutOfTime when no time is left, or when it timed out because the time ran out."""
+        if remaining is None:
+            return self.resolver.resolve(qname, rdtype, raise_on_no_answer=raise_on_no_answer)
+        left = remaining()
+        if left <= 0:
+            raise _OutOfTime(dns.rdatatype.to_text(rdtype), qname, started=False)
+        lifetime = min(left, self.resolver.lifetime)
+        try:
+            return self.resolver.resolve(
+                qname, rdtype, raise_on_no_answer=raise_on_no_answer, lifetime=lifetime
+            )
+        except dns.exception.Timeout:
+            if lifetime < self.resolver.lifetime:  # cut short by the deadline, not its own
+                raise _OutOfTime(dns.rdatatype.to_text(rdtype), qname, started=True) from None
+            raise
 
     def _cname_target(self, name: dns.name.Name) -> dns.name.Name | None:
         try:
@@ -448,8 +508,9 @@ class DnsUpdater:
                 raise DnsError(_text(start), message)
         return _text(current)
 
-    def find_zone(self, fqdn: str) -> str:
-        """The zone holding `fqdn`: acme.dns.zone when it encloses it, else found by SOA.
+    def find_zone(self, fqdn: str, remaining: Remaining | None = None) -> str:
+        """The zone holding `fqdn`: acme.dns.zone when it encloses it, else found by SOA (the
+        lookups given no longer than `remaining()` seconds: _OutOfTime past that).
 
         acme.dns.delegate_to may be a zone of its own or a name inside one (`acme.example.net`
         in zone example.net): a name under it is looked up by SOA like any other, and only when
@@ -472,20 +533,22 @@ class DnsUpdater:
                     'that holds it, or to "" to find the zone by SOA',
                 )
         try:
-            return self._zone_by_soa(name)
+            return self._zone_by_soa(name, remaining)
         except DnsError:
             if delegate is not None:
                 return _text(delegate)
             raise
 
-    def _zone_by_soa(self, name: dns.name.Name) -> str:
+    def _zone_by_soa(self, name: dns.name.Name, remaining: Remaining | None) -> str:
         failures: list[str] = []
         current = name
         while len(current) > 1:
             response: dns.message.Message | None = None
             zone: dns.name.Name | None = None
             try:
-                answer = self.resolver.resolve(current, dns.rdatatype.SOA, raise_on_no_answer=False)
+                answer = self._resolve(
+                    current, dns.rdatatype.SOA, remaining, raise_on_no_answer=False
+                )
                 if answer.rrset is not None and answer.rrset.name == current:
                     zone = current
                 response = answer.response
@@ -526,9 +589,10 @@ class DnsUpdater:
     def _server_text(self) -> str:
         return f"DNS server {self.settings.server}"
 
-    def _update(self, fqdn: str, value: str, *, delete: bool) -> None:
+    def _update(self, fqdn: str, value: str, *, delete: bool, zone_text: str = "") -> None:
+        """One TSIG-signed update; _NotApplied (a DnsError) when it certainly changed nothing."""
         name = _to_name(fqdn)
-        zone = _to_name(self.find_zone(fqdn))
+        zone = _to_name(zone_text or self.find_zone(fqdn))
         server = self.settings.server
         fmt = {
             "key": self.key.name,
@@ -550,25 +614,26 @@ class DnsUpdater:
         where = _text(name)
         try:
             ip = _ip_of(server, "acme.dns.server")
+        except DnsError as exc:
+            raise _NotApplied(exc.name, exc.message) from None
+        try:
             response = dns.query.tcp(message, ip, port=server.port, timeout=self.timeout)
-        except DnsError:
-            raise
         except dns.tsig.PeerBadKey:
-            raise DnsError(
+            raise _NotApplied(
                 where,
                 f"{self._server_text()} does not know TSIG key {fmt['key']!r} with algorithm "
                 f"{fmt['alg']} (BADKEY): set acme.dns.tsig_key_name and acme.dns.tsig_algorithm "
                 "to the key the server's update-policy grants",
             ) from None
         except dns.tsig.PeerBadSignature:
-            raise DnsError(
+            raise _NotApplied(
                 where,
                 f"{self._server_text()} rejected the signature made with TSIG key "
                 f"{fmt['key']!r} (BADSIG): the secret in {fmt['file']} does not match the "
                 "server's key of that name; copy the key from the server",
             ) from None
         except dns.tsig.PeerBadTime:
-            raise DnsError(
+            raise _NotApplied(
                 where,
                 f"{self._server_text()} rejected TSIG key {fmt['key']!r} because the clocks "
                 "differ (BADTIME): synchronise this host's and the server's clocks (NTP)",
@@ -601,26 +666,51 @@ class DnsUpdater:
         if rcode == dns.rcode.NOERROR:
             return
         helptext = _RCODE_HELP.get(rcode, "check the server's log").format(**fmt)
-        raise DnsError(
+        raise _NotApplied(
             where,
             f"{self._server_text()} answered {dns.rcode.to_text(rcode)} to the TSIG-signed "
             f"update ({action} TXT in zone {fmt['zone']}): {helptext}",
         )
 
     def add_txt(self, fqdn: str, value: str) -> None:
-        """Add one TXT rdata at `fqdn` (other values there stay), TTL acme.dns.ttl."""
-        self._update(fqdn, value, delete=False)
+        """Add one TXT rdata at `fqdn` (other values there stay), TTL acme.dns.ttl. With a
+        journal the value is written down there before the update is sent (not sent when that
+        fails) and crossed out again when the update certainly changed nothing."""
+        if self.journal is None:
+            self._update(fqdn, value, delete=False)
+            return
+        where = _text(_to_name(fqdn))
+        zone = self.find_zone(where)
+        self.journal.record(where, value, zone, str(self.settings.server))
+        try:
+            self._update(where, value, delete=False, zone_text=zone)
+        except _NotApplied:
+            self.journal.forget(where, value)
+            raise
+        # Any other failure (no answer in time) may still have been applied: it stays listed
+        # until a delete succeeds.
 
     def delete_txt(self, fqdn: str, value: str) -> None:
-        """Delete exactly the TXT rdata `value` at `fqdn` (a missing one is not an error)."""
-        self._update(fqdn, value, delete=True)
+        """Delete exactly the TXT rdata `value` at `fqdn` (a missing one is not an error). With a
+        journal the value is crossed out there once deleted; when the delete fails it stays,
+        a leftover for DnsJournal.sweep."""
+        if self.journal is None:
+            self._update(fqdn, value, delete=True)
+            return
+        where = _text(_to_name(fqdn))
+        try:
+            self._update(where, value, delete=True)
+        except DnsError:
+            self.journal.release(where, value)
+            raise
+        self.journal.forget(where, value)
 
     # -- propagation --
 
-    def _nameservers(self, zone: str) -> list[_Nameserver]:
+    def _nameservers(self, zone: str, remaining: Remaining | None = None) -> list[_Nameserver]:
         zone_name = _to_name(zone)
         try:
-            answer = self.resolver.resolve(zone_name, dns.rdatatype.NS)
+            answer = self._resolve(zone_name, dns.rdatatype.NS, remaining)
         except dns.exception.DNSException as exc:
             raise _lookup_failed(zone_name, "NS", exc, self._resolver_text) from None
         ns_names = sorted(
@@ -635,7 +725,7 @@ class DnsUpdater:
         for ns in ns_names:
             for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
                 try:
-                    addresses = self.resolver.resolve(ns, rdtype)
+                    addresses = self._resolve(ns, rdtype, remaining)
                 except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
                     continue
                 except dns.exception.DNSException as exc:
@@ -705,16 +795,31 @@ class DnsUpdater:
         """Return once every authoritative nameserver of the zone answers all `values` at `fqdn`.
 
         Polls every `poll_interval` seconds; after `acme.dns.propagation_timeout` raises DnsError
-        listing the nameservers still missing the record.
+        listing the nameservers still missing the record. The timeout bounds the whole wait,
+        the lookups of the zone and its nameservers included.
         """
         name = _to_name(fqdn)
         wanted = set(values)
         if not wanted:
             return
-        zone = self.find_zone(fqdn)
-        nameservers = self._nameservers(zone)
+        timeout = self.settings.propagation_timeout
+        deadline = clock() + timeout
+        zone = ""
+        try:
+            zone = self.find_zone(fqdn, lambda: deadline - clock())
+            nameservers = self._nameservers(zone, lambda: deadline - clock())
+        except _OutOfTime as late:
+            looking_for = (
+                f"the nameservers of zone {zone}" if zone else f"the zone of {_text(name)}"
+            )
+            raise DnsError(
+                _text(name),
+                f"acme.dns.propagation_timeout ({timeout:g}s) ran out while looking up "
+                f"{looking_for}: {late.describe(self._resolver_text)}; check that "
+                "acme.dns.resolver answers for the zone (and quickly), or raise "
+                "acme.dns.propagation_timeout",
+            ) from None
         port = self.settings.nameserver_port
-        deadline = clock() + self.settings.propagation_timeout
         pending: dict[_Nameserver, str] = {ns: "not asked" for ns in nameservers}
         unreachable: set[_Nameserver] = set()
         while True:

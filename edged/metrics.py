@@ -248,6 +248,20 @@ class EdgedCollector(Collector):
         for result in TLS_ALPN_RESULTS:
             alpn.add_metric([result], c.acme_tls_alpn[result])
         yield alpn
+        yield CounterMetricFamily(
+            "edged_dns01_leftovers_removed",
+            "DNS-01 TXT values left in DNS by interrupted orders (a crash, a failed delete) "
+            "and deleted later from this node's journal.",
+            value=c.dns01_leftovers_removed,
+        )
+        leftovers = getattr(self.source, "dns01_leftovers", None)
+        if callable(leftovers):
+            yield GaugeMetricFamily(
+                "edged_dns01_leftovers",
+                "DNS-01 TXT values interrupted orders left in DNS that this node has not "
+                "deleted yet (a delete failed: retried every acme.retry_interval; see the log).",
+                value=leftovers(),
+            )
         snap = c.acme_requests.snapshot()
         bounds = [repr(b) for b in snap.bounds] + ["+Inf"]  # "0.005", "1.0" as the client does
         yield HistogramMetricFamily(

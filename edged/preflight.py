@@ -50,6 +50,7 @@ from cryptography import x509
 from edged import __version__
 from edged.config import AcmeSettings, Address, Config, DnsSettings, Site
 from edged.dns import DnsError, DnsUpdater, build_resolver, check_caa, load_tsig_key
+from edged.dnsjournal import DnsJournal
 from edged.errors import EdgedError, StoreError
 from edged.http01 import CHALLENGE_PREFIX, ChallengeBoard, Http01App, HttpListeners
 from edged.listen import StartupError
@@ -103,6 +104,7 @@ async def run_preflight(
     alpn_board: AlpnChallengeBoard | None = None,
     resolver: dns.resolver.Resolver | None = None,
     query_timeout: float = DEFAULT_TIMEOUT,
+    journal: DnsJournal | None = None,
 ) -> list[PreflightResult]:
     """Every check for every name of `sites` (default: preflight_sites(config, store)).
 
@@ -112,6 +114,8 @@ async def run_preflight(
     is busy, only the answer to an unknown token is checked (see the module docstring).
     `alpn_board`: the same for tls-alpn-01 and the daemon's TLS listeners.
     `resolver`: for CAA and A/AAAA lookups (default: [acme.dns].resolver, else the system's).
+    `journal`: where the dns-01 probe's TXT value is written down before it is added (the
+    daemon's, so a probe a crash left is deleted like a challenge's).
     """
     acme = config.acme
     if acme is None:
@@ -137,7 +141,7 @@ async def run_preflight(
         if resolver is not None:
             results += await _tls_alpn_checks(config, names, resolver, alpn_board, query_timeout)
     else:
-        results += await asyncio.to_thread(_dns01_checks, acme.dns, names, query_timeout)
+        results += await asyncio.to_thread(_dns01_checks, acme.dns, names, query_timeout, journal)
     # Settings-wide lines (directory, key file) first, then each name's checks together.
     order = {name: i + 1 for i, name in enumerate(names)}
     return sorted(results, key=lambda r: order.get(r.name, 0))
@@ -661,7 +665,10 @@ def _judge_tls_alpn(
 
 
 def _dns01_checks(
-    settings: DnsSettings | None, names: Sequence[str], query_timeout: float
+    settings: DnsSettings | None,
+    names: Sequence[str],
+    query_timeout: float,
+    journal: DnsJournal | None = None,
 ) -> list[PreflightResult]:
     if settings is None:
         return [
@@ -672,7 +679,7 @@ def _dns01_checks(
     source = str(settings.tsig_secret_file or "acme.dns.tsig_secret_file")
     try:
         key = load_tsig_key(settings)
-        updater = DnsUpdater(settings, key, timeout=query_timeout)
+        updater = DnsUpdater(settings, key, timeout=query_timeout, journal=journal)
     except DnsError as exc:
         return [PreflightResult(exc.name, "tsig", False, exc.message)]
     out = [

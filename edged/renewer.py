@@ -28,7 +28,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import aiohttp
 import certifi
@@ -53,6 +53,10 @@ from edged.store.redis import RedisStore
 from edged.tls import ContextCache, SniSelector, build_listening_context
 from edged.tlsalpn import AlpnChallengeBoard
 
+if TYPE_CHECKING:
+    from edged.dns import DnsUpdater
+    from edged.dnsjournal import DnsJournal
+
 log = logging.getLogger("edged.renewal")
 
 MAX_SLEEP = 60.0  # re-evaluate at least this often (config reloads, expiry logging)
@@ -66,6 +70,9 @@ ARI_CONCURRENCY = 8
 ARI_TIMEOUT = 10.0
 LEASE_RECHECK = timedelta(seconds=5)
 LEASE_EXTENSIONS = 3  # the holder extends its lease this many times per TTL
+# DNS-01 leftovers are deleted at start, then every acme.retry_interval but at most this often
+# (a short retry_interval must not hammer a DNS server that refuses the deletes).
+DNS_SWEEP_MIN_INTERVAL = 60.0
 
 
 def node_id() -> str:
@@ -108,7 +115,9 @@ def build_solver_factory(
     board: ChallengeBoard,
     alpn_board: AlpnChallengeBoard | None = None,
     cancel: threading.Event | None = None,
+    journal: DnsJournal | None = None,
 ) -> Callable[[], Solver]:
+    """`journal`: where dns-01 writes each TXT value down before adding it."""
     if settings.challenge == "tls-alpn-01":
         if alpn_board is None:
             raise ValueError("tls-alpn-01 needs the board the TLS listeners answer from")
@@ -120,8 +129,44 @@ def build_solver_factory(
         dns_settings = settings.dns
         assert dns_settings is not None  # the config parser requires [acme.dns] for dns-01
         key = load_tsig_key(dns_settings)
-        return lambda: Dns01Solver(DnsUpdater(dns_settings, key), cancel)
+        return lambda: Dns01Solver(DnsUpdater(dns_settings, key, journal=journal), cancel)
     return lambda: Http01Solver(board)
+
+
+def open_dns_journal(config: Config) -> DnsJournal:
+    """This process's DNS-01 journal, in the node's local store directory."""
+    from edged.dnsjournal import DIRNAME, DnsJournal
+
+    return DnsJournal(config.local_store_path / DIRNAME, node_id())
+
+
+def dns_sweep_interval(config: Config) -> float:
+    """Seconds between two sweeps of the DNS-01 journal."""
+    retry = config.acme.retry_interval if config.acme is not None else 0.0
+    return max(retry, DNS_SWEEP_MIN_INTERVAL)
+
+
+def sweep_dns_journal(
+    journal: DnsJournal, config: Config, cancel: threading.Event | None = None
+) -> int:
+    """Blocking: delete the TXT values interrupted orders left (DnsJournal.sweep) with the
+    configured DNS server and TSIG key; the number removed."""
+    from edged.dns import DnsError, DnsUpdater, load_tsig_key
+
+    settings = config.acme.dns if config.acme is not None else None
+
+    def updater() -> DnsUpdater:
+        if settings is None:
+            raise DnsError(
+                "acme.dns",
+                "is not configured, so they cannot be deleted: add [acme.dns] again with the "
+                "server and TSIG key that added them, or delete them by hand (nsupdate)",
+            )
+        return DnsUpdater(settings, load_tsig_key(settings), journal=journal)
+
+    every = dns_sweep_interval(config)
+    retry = f"in {every:g}s (acme.retry_interval, a minute at least) and at the next start"
+    return journal.sweep(updater, retry=retry, cancel=cancel).removed
 
 
 class WildcardChallengeError(EdgedError):
@@ -315,6 +360,9 @@ class Renewer:
         self._renewal_info: dict[str, str] = {}  # directory URL → renewalInfo base ("" = none)
         self._ari_retry: dict[str, datetime] = {}  # name → next try after a failed ARI fetch
         self._ari_wake = asyncio.Event()  # a certificate changed: its ARI check is due
+        # DNS-01 TXT values written down before they are added (see edged.dnsjournal); opened
+        # with the first config, in its local store directory (kept there across reloads).
+        self.journal: DnsJournal | None = None
         self._observed_policy: RenewalPolicy | None = None  # the policy names are planned with
         # Notified after every attempt and every swap of served certificates (see changed()).
         self.changes = asyncio.Condition()
@@ -329,6 +377,10 @@ class Renewer:
         """Take a (re)loaded config: load states of newly managed names, resume them."""
         self.config = config
         self.store = store
+        if self.journal is None:
+            # Also without [acme]: values an earlier config's orders left are still found
+            # (and said to need [acme.dns]). The directory is the first config's.
+            self.journal = open_dns_journal(config)
         sites = await asyncio.to_thread(managed_sites, config, store)
         self._sites = {s.name: s for s in sites}
         now = datetime.now(UTC)
@@ -446,10 +498,19 @@ class Renewer:
     # --- the loop --------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        try:
+            await self._run(stop)
+        finally:
+            if self.journal is not None:
+                self.journal.close()
+
+    async def _run(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tg:
             limit = asyncio.Semaphore(CONCURRENT_ORDERS)
             # ARI in its own task: the loop only reads its results (the states it updates).
             ari = tg.create_task(self._run_ari(stop))
+            # Beside it too: deleting what interrupted DNS-01 orders left delays no order.
+            sweeps = tg.create_task(self._run_dns_sweeps(stop))
             while not stop.is_set():
                 self._wake.clear()
                 if self._shared_changed:
@@ -463,6 +524,7 @@ class Renewer:
                 await self._check_expiry(now, tg)
                 await self._sleep_until_due(stop)
             ari.cancel()  # a check in progress is of no use any more
+            sweeps.cancel()  # the values it did not get to stay listed for the next start
 
     async def _sleep_until_due(self, stop: asyncio.Event) -> None:
         idle = (s for n, s in self.states.items() if n not in self._running)
@@ -588,7 +650,9 @@ class Renewer:
             check_challenge(site, config.acme)  # before the CA: such an order only fails
             if before.is_new and config.acme.preflight:
                 await self._preflight(config, site, store)
-            new_solver = build_solver_factory(config.acme, self.board, self.alpn_board, cancel)
+            new_solver = build_solver_factory(
+                config.acme, self.board, self.alpn_board, cancel, self.journal
+            )
             issued = await _cancellable(
                 cancel,
                 obtain,
@@ -662,7 +726,12 @@ class Renewer:
 
         try:
             results = await run_preflight(
-                config, sites=[site], store=store, board=self.board, alpn_board=self.alpn_board
+                config,
+                sites=[site],
+                store=store,
+                board=self.board,
+                alpn_board=self.alpn_board,
+                journal=self.journal,
             )
         except Exception as exc:  # a broken check must not stop issuance
             log.warning("preflight could not run name=%s error=%s", site.name, exc)
@@ -694,6 +763,23 @@ class Renewer:
                 self.states[name] = after
                 await self._save(after)  # a restart must not repeat the notice
                 self._notify(found, tg)
+
+    async def _run_dns_sweeps(self, stop: asyncio.Event) -> None:
+        """Delete the DNS-01 TXT values interrupted orders left (this node's only): at start,
+        then every acme.retry_interval (a minute at least); the run loop cancels it."""
+        while not stop.is_set():
+            config, journal = self.config, self.journal
+            interval = DNS_SWEEP_MIN_INTERVAL
+            if config is not None and journal is not None:
+                interval = dns_sweep_interval(config)
+                cancel = threading.Event()
+                try:
+                    removed = await _cancellable(cancel, sweep_dns_journal, journal, config, cancel)
+                    self.counters.dns01_leftovers_removed += removed
+                except Exception:
+                    # Must not end the renewal loop (and the daemon with it).
+                    log.exception("dns-01 leftover sweep failed unexpectedly")
+            await _wait_any((stop,), interval)
 
     async def _run_ari(self, stop: asyncio.Event) -> None:
         """ARI checks (RFC 9773), round after round, until `stop`; the run loop cancels it."""
@@ -892,8 +978,17 @@ async def issue_now(
             await listeners.sync(config.listen.http)
         elif config.acme.challenge == "tls-alpn-01":
             await stack.enter_async_context(serve_tls_alpn(config, alpn_board))
+        journal: DnsJournal | None = None
+        if config.acme.challenge == "dns-01":
+            journal = open_dns_journal(config)
+            stack.callback(journal.close)
+            # What an interrupted order of this node left goes first (the daemon's journal,
+            # held by the running daemon, is left to it).
+            removed = await asyncio.to_thread(sweep_dns_journal, journal, config)
+            if counters is not None:
+                counters.dns01_leftovers_removed += removed
         try:
-            new_solver = build_solver_factory(config.acme, board, alpn_board)
+            new_solver = build_solver_factory(config.acme, board, alpn_board, journal=journal)
         except EdgedError as exc:  # e.g. the TSIG key file is unreadable: every site fails
             return [(site, exc) for site in sites]
         results: list[tuple[Site, Issued | EdgedError]] = []

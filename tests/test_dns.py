@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import itertools
 import re
+import socket
 import subprocess
+import threading
 import time
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
+import dns.message
+import dns.query
+import dns.rdatatype
 import pytest
 
 from edged.config import Address, DnsSettings
@@ -207,6 +215,97 @@ def test_wait_propagated_partial_values_with_injected_clock(bind: Bind) -> None:
     u.wait_propagated(fqdn, ["here"], clock=lambda: now[0], sleep=sleep)
     assert sleeps == []
     u.delete_txt(fqdn, "here")
+
+
+@contextlib.contextmanager
+def udp_relay(upstream: int | None, drop: Collection[str] = ()) -> Iterator[int]:
+    """A DNS-over-UDP relay on loopback: passes queries on to 127.0.0.1:`upstream` and the
+    answers back, except queries of the types in `drop` (and every query when `upstream` is
+    None), which it reads and never answers: a resolver that does not answer them."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.05)
+    stop = threading.Event()
+
+    def relay() -> None:
+        while not stop.is_set():
+            try:
+                data, client = sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            query = dns.message.from_wire(data)
+            if upstream is None or dns.rdatatype.to_text(query.question[0].rdtype) in drop:
+                continue
+            with contextlib.suppress(OSError, dns.exception.DNSException):
+                answer = dns.query.udp(query, "127.0.0.1", port=upstream, timeout=2.0)
+                sock.sendto(answer.to_wire(), client)
+
+    thread = threading.Thread(target=relay, daemon=True)
+    thread.start()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        sock.close()
+
+
+@pytest.mark.parametrize("zone", ["", "a.test"])
+def test_wait_propagated_timeout_covers_a_resolver_that_does_not_answer(
+    bind: Bind, zone: str
+) -> None:
+    """propagation_timeout bounds the whole wait: the SOA lookup finding the zone (zone "")
+    or the NS lookup (zone set) through a resolver that never answers ends with it, though
+    each lookup alone may take the resolver's 5 s."""
+    with udp_relay(None) as port:
+        resolver = Address("127.0.0.1", port)
+        settings = bind.settings(resolver=resolver, propagation_timeout=1.0, zone=zone)
+        u = DnsUpdater(settings, load_tsig_key(settings), timeout=5.0, poll_interval=0.05)
+        fqdn = "_acme-challenge.late.a.test"
+        started = time.monotonic()
+        with pytest.raises(DnsError) as err:
+            u.wait_propagated(fqdn, ["v"])
+        assert time.monotonic() - started < 1.0 + 1.0
+    assert err.value.name == fqdn
+    text = err.value.message
+    assert "acme.dns.propagation_timeout (1s) ran out while looking up" in text
+    if zone:
+        assert "the nameservers of zone a.test: the NS lookup of a.test" in text
+    else:
+        assert f"the zone of {fqdn}: the SOA lookup of {fqdn}" in text
+    assert f"via resolver 127.0.0.1:{port} did not answer in time" in text
+    assert "check that acme.dns.resolver answers" in text
+    assert "raise acme.dns.propagation_timeout" in text
+
+
+def test_wait_propagated_timeout_covers_the_nameserver_address_lookups(bind: Bind) -> None:
+    """The zone and its NS records are found, but the addresses of the nameservers (A and
+    AAAA lookups, one after the other, for each) never come: the wait still ends with
+    propagation_timeout and names the lookup that did not answer."""
+    with udp_relay(bind.port, drop={"A", "AAAA"}) as port:
+        settings = bind.settings(resolver=Address("127.0.0.1", port), propagation_timeout=1.0)
+        u = DnsUpdater(settings, load_tsig_key(settings), timeout=5.0, poll_interval=0.05)
+        fqdn = "_acme-challenge.late.a.test"
+        started = time.monotonic()
+        with pytest.raises(DnsError) as err:
+            u.wait_propagated(fqdn, ["v"])
+        assert time.monotonic() - started < 1.0 + 1.0
+    text = err.value.message
+    assert "ran out while looking up the nameservers of zone a.test" in text
+    assert "the A lookup of ns1.a.test" in text
+
+
+def test_wait_propagated_with_no_time_left_for_a_lookup(bind: Bind) -> None:
+    """A lookup that would start after the deadline is not sent: the error says no time was
+    left for it (the clock jumps past the deadline right after the wait began)."""
+    u = updater(bind, propagation_timeout=1.0, zone="a.test")
+    times = itertools.chain([100.0], itertools.repeat(105.0))
+    with pytest.raises(DnsError) as err:
+        u.wait_propagated("_acme-challenge.late.a.test", ["v"], clock=lambda: next(times))
+    assert "no time was left for the NS lookup of a.test via resolver" in err.value.message
+    assert "(the lookups before it were slow)" in err.value.message
 
 
 def test_wait_propagated_through_delegation(bind: Bind) -> None:

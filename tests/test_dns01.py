@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -33,9 +35,10 @@ from edged.dns import DnsError, DnsUpdater, load_tsig_key
 from edged.errors import AcmeError
 from edged.store.files import FileStore
 from tests.bind import TSIG_KEYGEN, Bind, bind_fixture
-from tests.conftest import recv_exact, run_cmd, write_process_config
+from tests.conftest import recv_exact, run_cmd, spawn_edged, write_process_config
 from tests.pebble import Pebble, start_pebble
 from tests.test_acme import verify_chain
+from tests.test_renewal_e2e import wait_for
 
 EDGED = str(Path(sys.executable).with_name("edged"))
 
@@ -46,6 +49,7 @@ bind = bind_fixture(
         "fail.test": "* A 127.0.0.1",
         "cust.test": "_acme-challenge CNAME cust.test.acme.edge.test.",
         "acme.edge.test": "",
+        "crash.test": "* A 127.0.0.1",
     },
     recursion=True,
 )
@@ -307,3 +311,73 @@ def test_add_that_timed_out_is_still_cleaned_up(bind: Bind) -> None:
     while bind.txt(fqdn) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert bind.txt(fqdn) == set()
+
+
+def crash_config(tmp_path: Path, pebble: Pebble, bind: Bind, nameserver_port: int) -> Path:
+    return write_process_config(
+        tmp_path,
+        f"""
+            [acme]
+            directory = "{pebble.directory}"
+            ca_bundle = "{pebble.listener_ca}"
+            email = "ops@crash.test"
+            challenge = "dns-01"
+            retry_interval = "100ms"
+            preflight = false
+            [acme.dns]
+            server = "127.0.0.1:{bind.port}"
+            tsig_key_name = "{bind.key_name}"
+            tsig_secret_file = "{bind.secret_file}"
+            resolver = "127.0.0.1:{bind.port}"
+            nameserver_port = {nameserver_port}
+            propagation_timeout = "60s"
+            [[site]]
+            names = ["crash.test", "*.crash.test"]
+            backend = "127.0.0.1:9"
+        """,
+    )
+
+
+async def test_kill_9_mid_order_leaves_txt_values_the_next_start_removes(
+    pebble: Pebble, bind: Bind, tmp_path: Path
+) -> None:
+    """edged run is SIGKILLed while its DNS-01 order waits for propagation (its nameserver
+    port does not answer): both TXT values stay in the zone, written down in its journal.
+    Started again, it deletes exactly those two, logging each, and the new order succeeds."""
+    fqdn = "_acme-challenge.crash.test"
+    store = tmp_path / "store"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # reads nothing, answers never
+        silent.bind(("127.0.0.1", 0))
+        config = crash_config(tmp_path, pebble, bind, silent.getsockname()[1])
+        first = await spawn_edged(config, tmp_path / "run1.log")
+        try:
+            await wait_for(lambda: len(bind.txt(fqdn)) == 2, 30, "both TXT values in BIND")
+        finally:
+            first.send_signal(signal.SIGKILL)
+            await first.wait()
+    left = bind.txt(fqdn)
+    assert len(left) == 2  # the order never got to its cleanup
+    (journal,) = (store / "dns01").glob("*.json")
+    assert {v["value"] for v in json.loads(journal.read_text())["values"]} == left
+
+    config = crash_config(tmp_path, pebble, bind, bind.port)
+    log = tmp_path / "run2.log"
+    second = await spawn_edged(config, log)
+    try:
+        await wait_for(
+            lambda: (store / "live" / "crash.test" / "meta.json").exists(), 40, "the certificate"
+        )
+        await wait_for(lambda: not bind.txt(fqdn), 10, "no TXT value left at " + fqdn)
+        text = log.read_text()
+        for value in left:
+            assert text.count(f'removed leftover DNS-01 TXT value "{value}" at {fqdn}') == 1, text
+        assert text.count("removed leftover DNS-01 TXT value") == 2
+        assert "left by an interrupted order (edged pid " in text
+        assert not journal.exists()
+    finally:
+        second.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(second.wait(), 15)
+    assert second.returncode == 0
+    assert list((store / "dns01").iterdir()) == []  # nothing listed: journal and lock gone
+    fullchain = (store / "live" / "crash.test" / "fullchain.pem").read_bytes()
+    assert leaf_names(fullchain) == {"crash.test", "*.crash.test"}

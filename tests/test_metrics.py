@@ -55,6 +55,7 @@ class FakeSource:
     certs: list[CertMetric] = field(default_factory=list)
     statuses: list[NameStatus] = field(default_factory=list)
     fail: bool = False
+    leftovers: int = 0  # DNS-01 TXT values interrupted orders left, not deleted yet
 
     def connections_active(self) -> int:
         if self.fail:
@@ -66,6 +67,9 @@ class FakeSource:
 
     def name_statuses(self) -> Iterable[NameStatus]:
         return list(self.statuses)
+
+    def dns01_leftovers(self) -> int:
+        return self.leftovers
 
 
 def filled_source() -> FakeSource:
@@ -88,6 +92,7 @@ def filled_source() -> FakeSource:
     c.worker_restarts = 1
     c.acme_tls_alpn["answered"] += 2
     c.acme_tls_alpn["no_challenge"] += 1
+    c.dns01_leftovers_removed = 3
     for seconds in (0.001, 0.005, 0.2, 0.2, 3.0, 45.0):
         c.acme_requests.observe(seconds)
     c.full_reload_seconds.observe(1.5)
@@ -104,6 +109,7 @@ def filled_source() -> FakeSource:
             NameStatus(A, "active", False),
             NameStatus(B, "failed", True),
         ],
+        leftovers=1,
     )
 
 
@@ -191,6 +197,8 @@ async def test_scrape_has_exactly_the_live_values() -> None:
             series("edged_acme_tls_alpn_handshakes_total", 2, result="answered"),
             series("edged_acme_tls_alpn_handshakes_total", 1, result="no_challenge"),
             series("edged_acme_tls_alpn_handshakes_total", 0, result="failed"),
+            series("edged_dns01_leftovers_removed_total", 3),
+            series("edged_dns01_leftovers", 1),
             series("edged_tls_handshakes_total", 7, result="ok", version="TLSv1.3"),
             series("edged_tls_handshakes_total", 2, result="ok", version="TLSv1.2"),
             series("edged_tls_handshakes_total", 1, result="no_cert", version="TLSv1.3"),

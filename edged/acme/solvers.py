@@ -151,5 +151,10 @@ class Dns01Solver:
             try:
                 self.updater.delete_txt(fqdn, value)
             except Exception as exc:  # cleanup must go on for the other records
-                log.warning("dns-01 cleanup failed record=%s error=%s", fqdn, exc)
+                kept = (
+                    " (kept in the DNS-01 journal: deleted again at its next sweep)"
+                    if self.updater.journal is not None
+                    else ""
+                )
+                log.warning("dns-01 cleanup failed record=%s error=%s%s", fqdn, exc, kept)
         self._records.clear()

@@ -163,7 +163,7 @@ class FileStore:
             grave = self._live / f"{_DELETED_PREFIX}{dirname}-{secrets.token_hex(6)}"
             with _os_errors("delete", directory):
                 os.rename(directory, grave)
-                _fsync_dir(self._live)
+                fsync_dir(self._live)
         try:
             shutil.rmtree(grave)
         except OSError as exc:
@@ -314,27 +314,12 @@ class FileStore:
             for path in stale:
                 os.unlink(path)
             if stale:
-                _fsync_dir(directory)
+                fsync_dir(directory)
 
     def _write_file(self, path: Path, data: bytes) -> None:
-        """Atomically replace `path` with `data`: temp file, fsync, rename, directory fsync."""
-        tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{secrets.token_hex(6)}")
+        """Atomically replace `path` with `data` (see write_atomic); StoreError naming it."""
         with _os_errors("write", path):
-            # O_EXCL: never write through an existing file or symlink. The mode is set at
-            # creation so a secret is never readable by others, not even for a moment.
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-            try:
-                try:
-                    _write_all(fd, data)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            _fsync_dir(path.parent)
+            write_atomic(path, data)
 
     def _make_dirs(self, directory: Path) -> None:
         """Create `directory` and its parents up to the root, 0700, durably."""
@@ -346,7 +331,28 @@ class FileStore:
         for path in reversed(missing):
             with _os_errors("create", path):
                 os.mkdir(path, DIR_MODE)
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a crash leaves the old or the new file, whole: a temp
+    file beside it (mode 0600 from creation), fsync, rename, directory fsync. OSError."""
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{secrets.token_hex(6)}")
+    # O_EXCL: never write through an existing file or symlink. The mode is set at creation so
+    # a secret is never readable by others, not even for a moment.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    try:
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
 
 
 def account_dirname(directory: str) -> str:
@@ -384,7 +390,7 @@ def _entries(directory: Path) -> list[os.DirEntry[str]]:
         ) from exc
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """fsync a directory so a rename or create in it survives a power loss."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
