@@ -204,31 +204,43 @@ async def test_failed_validation_cleans_up(pebble: Pebble, bind: Bind, tmp_path:
     assert store.names() == []
 
 
-def write_config(tmp_path: Path, pebble: Pebble, bind: Bind, secret_file: Path) -> Path:
+def write_config(
+    tmp_path: Path,
+    pebble: Pebble,
+    bind: Bind,
+    *,
+    domain: str = "cli.test",
+    secret_file: Path | None = None,
+    nameserver_port: int | None = None,
+    propagation_timeout: str = "5s",
+    acme_extra: str = "",
+) -> Path:
+    """An edged config issuing `domain` and its wildcard over DNS-01 from Pebble and BIND."""
     return write_process_config(
         tmp_path,
         f"""
             [acme]
             directory = "{pebble.directory}"
             ca_bundle = "{pebble.listener_ca}"
-            email = "ops@cli.test"
+            email = "ops@{domain}"
             challenge = "dns-01"
+            {acme_extra}
             [acme.dns]
             server = "127.0.0.1:{bind.port}"
             tsig_key_name = "{bind.key_name}"
-            tsig_secret_file = "{secret_file}"
+            tsig_secret_file = "{secret_file or bind.secret_file}"
             resolver = "127.0.0.1:{bind.port}"
-            nameserver_port = {bind.port}
-            propagation_timeout = "5s"
+            nameserver_port = {nameserver_port or bind.port}
+            propagation_timeout = "{propagation_timeout}"
             [[site]]
-            names = ["cli.test", "*.cli.test"]
+            names = ["{domain}", "*.{domain}"]
             backend = "127.0.0.1:9"
         """,
     )
 
 
 async def test_cli_issue_wildcard_over_dns01(pebble: Pebble, bind: Bind, tmp_path: Path) -> None:
-    config = write_config(tmp_path, pebble, bind, bind.secret_file)
+    config = write_config(tmp_path, pebble, bind)
     out = await run_cmd(EDGED, "issue", "*.cli.test", "--config", str(config), limit=25)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "cli.test: issued for cli.test, *.cli.test" in out.stdout
@@ -244,7 +256,7 @@ async def test_cli_issue_wildcard_over_dns01(pebble: Pebble, bind: Bind, tmp_pat
 async def test_cli_issue_unusable_tsig_key(pebble: Pebble, bind: Bind, tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.key"
     garbage.write_text("not a key at all\n")
-    config = write_config(tmp_path, pebble, bind, garbage)
+    config = write_config(tmp_path, pebble, bind, secret_file=garbage)
     out = await run_cmd(EDGED, "issue", "cli.test", "--config", str(config), limit=25)
     assert out.returncode == 1, out.stdout + out.stderr
     assert "Traceback" not in out.stderr
@@ -314,27 +326,14 @@ def test_add_that_timed_out_is_still_cleaned_up(bind: Bind) -> None:
 
 
 def crash_config(tmp_path: Path, pebble: Pebble, bind: Bind, nameserver_port: int) -> Path:
-    return write_process_config(
+    return write_config(
         tmp_path,
-        f"""
-            [acme]
-            directory = "{pebble.directory}"
-            ca_bundle = "{pebble.listener_ca}"
-            email = "ops@crash.test"
-            challenge = "dns-01"
-            retry_interval = "100ms"
-            preflight = false
-            [acme.dns]
-            server = "127.0.0.1:{bind.port}"
-            tsig_key_name = "{bind.key_name}"
-            tsig_secret_file = "{bind.secret_file}"
-            resolver = "127.0.0.1:{bind.port}"
-            nameserver_port = {nameserver_port}
-            propagation_timeout = "60s"
-            [[site]]
-            names = ["crash.test", "*.crash.test"]
-            backend = "127.0.0.1:9"
-        """,
+        pebble,
+        bind,
+        domain="crash.test",
+        nameserver_port=nameserver_port,
+        propagation_timeout="60s",
+        acme_extra='retry_interval = "100ms"\n            preflight = false',
     )
 
 
