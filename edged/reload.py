@@ -192,7 +192,7 @@ async def watch_changes(
         try:
             async with asyncio.TaskGroup() as tg:
                 stopping = tg.create_task(_set_when(stop, wake))
-                lost = False
+                lost = ""  # why the watch must start again
                 while not stop.is_set():
                     due = batch.due()
                     with contextlib.suppress(TimeoutError):
@@ -206,7 +206,11 @@ async def watch_changes(
                             break
                         for event in events:
                             if event.path is None or event.watch_gone:
-                                lost = True
+                                lost = lost or (
+                                    "changes were lost (the kernel's event queue overflowed)"
+                                    if event.path is None
+                                    else f"{event.path} went away"
+                                )
                                 for path in _lost(watch, event.path):
                                     batch.add(path, now, quick=False)
                             elif watch.relevant(event.path):
@@ -218,7 +222,7 @@ async def watch_changes(
                     if due is not None and (lost or loop.time() >= due):
                         on_change(batch.take())
                     if lost:
-                        log.info("file watch restarting: a watched directory went away")
+                        log.info("file watch restarting: %s", lost)
                         break
                 stopping.cancel()
         finally:
