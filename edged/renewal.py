@@ -318,6 +318,10 @@ def _current_window(bundle: CertBundle, state: RenewalState | None) -> AriInfo |
     # and the lifetime schedule is safer.
     if ari.end > bundle.not_after:
         return None
+    # Nor is a window that closed before the certificate existed one for renewing it: a CA
+    # that answers every certificate so would make each new one due at once, in a loop.
+    if ari.end <= bundle.not_before:
+        return None
     return ari
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import requests
 from aiohttp import web
 
+from edged.certs import CertBundle
 from edged.renewal import ari_cert_id
 from tests.conftest import Edged, run_backend, run_edged
 from tests.https_front import HttpsFront
@@ -100,6 +101,14 @@ async def restarted_with_ari(
         yield edged
 
 
+async def past_window_for(served: CertBundle) -> tuple[datetime, datetime]:
+    """A renewal window for `served` that has closed by the time this returns: from two hours
+    before it was issued to a second after."""
+    end = served.not_before + timedelta(seconds=1)
+    await asyncio.sleep(max(0.0, (end - datetime.now(UTC)).total_seconds()))
+    return served.not_before - timedelta(hours=2), end
+
+
 async def test_ari_window_retry_after_and_replaces(pebble: Pebble, tmp_path: Path) -> None:
     async with run_backend() as backend, ari_server(pebble, tmp_path) as ari:
         body = acme_body(pebble, backend.port)
@@ -125,9 +134,9 @@ async def test_ari_window_retry_after_and_replaces(pebble: Pebble, tmp_path: Pat
             assert timedelta(minutes=59) < state.ari.next_check - now <= timedelta(hours=1)
             assert ari.orders == []  # not due yet
 
-        # A window that has passed: renew now, and say which certificate this replaces.
-        now = datetime.now(UTC)
-        ari.window = (now - timedelta(hours=2), now - timedelta(hours=1))
+        # A window that has passed: renew now, and say which certificate this replaces. (It
+        # closed after the certificate was issued: an earlier window is not one for it.)
+        ari.window = await past_window_for(served)
         async with restarted_with_ari(tmp_path, body, pebble, ari) as edged:
             await wait_for(lambda: len(ari.orders) >= 1)
             assert ari.orders[0]["replaces"] == cert_id

@@ -197,10 +197,26 @@ def test_unbound_ari_window_is_used() -> None:
 
 
 def test_past_ari_window_means_now() -> None:
-    bundle = cached_bundle(90)
+    bundle = cached_bundle(90)  # issued at NOW
+    later = NOW + 10 * DAY
     # e.g. a mass revocation: the CA moved the window into the past
-    state = replace(active_state(bundle), ari=ari_window(NOW - 2 * DAY, NOW - DAY))
-    assert next_renewal(bundle, state, POLICY, NOW, rng()) == NOW
+    state = replace(active_state(bundle), ari=ari_window(later - 2 * DAY, later - DAY))
+    assert next_renewal(bundle, state, POLICY, later, rng()) == later
+
+
+def test_ari_window_that_closed_before_the_certificate_was_issued_is_ignored() -> None:
+    """Such a window cannot be for this certificate. Followed, a CA that answers every
+    certificate with the same past window made each renewed certificate due at once: an order
+    after every ARI check, forever (a replacement order, which CAs exempt from rate limits)."""
+    bundle = cached_bundle(90)  # issued at NOW
+    for end in (NOW - DAY, NOW):
+        state = replace(active_state(bundle), ari=ari_window(NOW - 2 * DAY, end))
+        when = next_renewal(bundle, state, POLICY, NOW + HOUR, rng())
+        assert when == next_renewal(bundle, None, POLICY, NOW + HOUR, rng())
+        assert when > NOW + 59 * DAY
+    # A window that closes a second after issuance is one for it (and past: renew now).
+    state = replace(active_state(bundle), ari=ari_window(NOW - DAY, NOW + timedelta(seconds=1)))
+    assert next_renewal(bundle, state, POLICY, NOW + HOUR, rng()) == NOW + HOUR
 
 
 def test_ari_window_for_another_certificate_is_ignored() -> None:
@@ -667,7 +683,7 @@ def test_record_ari_reschedules_only_for_a_new_window() -> None:
     again = record_ari(got, bundle, POLICY, NOW + 6 * HOUR, rng(2), polled)
     assert (again.next_try, again.ari) == (got.next_try, polled)
     # A moved window (e.g. revocation ahead) is honoured at once.
-    urgent = ari_window(NOW - DAY, NOW, cert_id)
+    urgent = ari_window(NOW - DAY, NOW + MINUTE, cert_id)  # closes after issuance (NOW)
     assert record_ari(again, bundle, POLICY, NOW + HOUR, rng(), urgent).next_try == NOW + HOUR
     # A failing name keeps its retry pacing.
     failing = record_failure(begin_attempt(state, NOW), POLICY, NOW, ERROR, None)
