@@ -342,6 +342,52 @@ async def test_restart_spreads_overdue_active_certificates(pebble: Pebble, tmp_p
             assert times[-1] - times[0] > timedelta(seconds=5), f"not spread: {times}"
 
 
+async def test_a_rollback_plans_the_renewal_of_the_certificate_it_brings_back(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    """`edged rollback` serves the previous version, which expires earlier than the one rolled
+    away from: its renewal is planned for it (here: due, so renewed at once), not left planned
+    for the newer certificate, which would let the one served expire first."""
+    ca = make_ca("Old CA")
+    inter = make_intermediate(ca, "Old Intermediate")
+    now = datetime.now(UTC)
+    # The previous version: 40 days of lifetime, 10 left (due with renew_before_days = 30);
+    # the live one: 89 days left (not due for two months).
+    previous = make_leaf(
+        inter, NAMES, not_before=now - timedelta(days=30), not_after=now + timedelta(days=10)
+    )
+    live = make_leaf(
+        inter, NAMES, not_before=now - timedelta(days=1), not_after=now + timedelta(days=89)
+    )
+    store = FileStore(tmp_path / "store")
+    store_cert(store, previous, (inter,), "acme")
+    store_cert(store, live, (inter,), "acme")  # the first one becomes previous/
+    async with run_backend() as backend:
+        body = acme_table(pebble.directory, pebble.listener_ca) + site_table(backend.address)
+        async with run_edged(tmp_path, body, http=(pebble.http_port,)) as edged:
+            daemon, renewer = edged.daemon, edged.daemon.renewer
+            await wait_for(lambda: NAME in renewer.states, what="the state")
+            state = renewer.states[NAME]
+            assert state.next_try is not None
+            assert state.next_try > now + timedelta(days=58)  # planned for the live one
+            out = await run_cmd(EDGED, "rollback", NAME, "--config", str(edged.config_path))
+            assert out.returncode == 0, out.stderr
+            rolled = fingerprint(previous.cert.public_bytes(Encoding.DER))
+            renewed = fingerprint(live.cert.public_bytes(Encoding.DER))
+            await wait_for(
+                lambda: getattr(daemon.serving(NAME), "fingerprint", None) not in (None, renewed),
+                what="the rolled-back certificate served",
+            )
+            # Now due: the previous version is past its renewal time. It is renewed at once.
+            await wait_for(
+                lambda: daemon.counters.renewal_attempts[NAME, "success"] == 1,
+                what="the renewal of the rolled-back certificate",
+            )
+            served = daemon.serving(NAME)
+            assert served is not None and served.fingerprint not in (rolled, renewed)
+            assert pebble.count(ORDER) == 1
+
+
 async def test_a_wildcard_under_http_01_fails_at_once_without_an_order(
     pebble: Pebble, tmp_path: Path
 ) -> None:
