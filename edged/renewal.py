@@ -714,6 +714,25 @@ def resume(
     return spread_overdue(state, now, rng, spread)
 
 
+def adoptable(shared: RenewalState, ours: RenewalState) -> bool:
+    """True when a fleet node should take `shared`, the state another node saved, for `ours`.
+
+    The node holding the name's lease makes the attempts; the others follow the state it
+    saves: a success and a failure alike (else each would order again once the lease is
+    free, counting attempts of its own). Not while the shared state is in flight (that
+    node's attempt runs; its lease tells), nor when it records anything earlier than ours
+    (an older save arriving late): only a state that differs and is no older.
+    """
+    if shared.in_flight or shared == ours:
+        return False
+    times = ("last_success", "last_attempt", "last_expiry_notice")
+    return not any(_earlier(getattr(shared, t), getattr(ours, t)) for t in times)
+
+
+def _earlier(a: datetime | None, b: datetime | None) -> bool:
+    return b is not None and (a is None or a < b)
+
+
 def spread_overdue(
     state: RenewalState, now: datetime, rng: random.Random, spread: timedelta = RESUME_SPREAD
 ) -> RenewalState:

@@ -309,6 +309,7 @@ class Renewer:
         self._wake = asyncio.Event()
         self._running: set[str] = set()
         self._forced_while_running: set[str] = set()
+        self._forced: set[str] = set()  # force() asked for an attempt here, not begun yet
         self._shared_changed: set[str] = set()  # names whose state another node saved
         self.lease_holders: dict[str, str] = {}  # fleet: who orders a name (last seen)
         self._expired_log: dict[str, float] = {}
@@ -359,6 +360,7 @@ class Renewer:
         for name in list(self.states):
             if name not in self._sites:
                 del self.states[name]
+                self._forced.discard(name)
         self.observe_serving(resumed)
         self._wake.set()
         self._ari_wake.set()
@@ -407,15 +409,26 @@ class Renewer:
                 await self._adopt_newer_shared(name)
 
     async def _adopt_newer_shared(self, name: str) -> bool:
-        """Take the shared store's state for `name` when it records a newer success than ours
-        (another node renewed it: its state is the fleet's truth). True when adopted."""
+        """Take the shared store's state for `name` when another node's attempt made it newer
+        than ours (see renewal.adoptable: the fleet's truth). An attempt forced here stands
+        unless the fleet renewed the name meanwhile. True when adopted."""
         shared = await asyncio.to_thread(self._load_state, name)
-        known = self.states[name].last_success
-        if shared.last_success is None or (known is not None and shared.last_success <= known):
+        ours = self.states.get(name)
+        if ours is None or not renewal.adoptable(shared, ours):
+            return False
+        renewed = shared.last_success is not None and shared.last_success != ours.last_success
+        if name in self._forced and not renewed:
             return False
         self.states[name] = shared
+        self._forced.discard(name)
         self.lease_holders.pop(name, None)  # that node's order is over
-        log.info("renewal state from the fleet name=%s by=%s", name, shared.issued_by)
+        log.info(
+            "renewal state from the fleet name=%s state=%s attempts=%d by=%s",
+            name,
+            shared.status.value,
+            shared.attempts,
+            shared.issued_by or "-",
+        )
         return True
 
     def force(self, name: str) -> RenewalState:
@@ -425,6 +438,7 @@ class Renewer:
             raise KeyError(name)
         state = renewal.force_retry(state, datetime.now(UTC))
         self.states[name] = state
+        self._forced.add(name)
         if name in self._running:
             # The running attempt commits its own result when it ends, which would drop this
             # request: it is applied again then, so a new attempt follows the running one.
@@ -577,6 +591,7 @@ class Renewer:
         before = self.states[name]
         state = renewal.begin_attempt(before, datetime.now(UTC))
         self.states[name] = state
+        self._forced.discard(name)
         await self._save(state)
         log.info("renewal attempt name=%s attempt=%d", name, state.attempts + 1)
         # `replaces` only where the CA speaks ARI (RFC 9773 section 5); others may reject it.

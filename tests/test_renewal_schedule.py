@@ -29,6 +29,7 @@ from edged.renewal import (
     RenewalPolicy,
     RenewalState,
     StateError,
+    adoptable,
     ari_cert_id,
     ari_check_due,
     begin_attempt,
@@ -1057,3 +1058,25 @@ def test_seconds_until_due_has_a_floor_and_ignores_attempts_in_flight() -> None:
     assert seconds_until_due([replace(due, next_try=NOW - DAY)], NOW, 0.5, 60) == 0.5
     # A state in flight is not due by time: it does not shorten the sleep at all.
     assert seconds_until_due([stuck], NOW, 0.5, 60) == 60
+
+
+def test_a_fleet_node_adopts_another_nodes_attempt_not_an_older_or_running_one() -> None:
+    bundle = cached_bundle(90)
+    ours = active_state(bundle)
+    running = begin_attempt(ours, NOW + HOUR)  # another node's attempt, saved as it starts
+    failed = record_failure(running, POLICY, NOW + HOUR, ERROR, None)
+    renewed = record_success(running, bundle, POLICY, NOW + HOUR, rng())
+    assert not adoptable(running, ours)  # its lease says it runs: not ours to take
+    assert adoptable(failed, ours) and adoptable(renewed, ours)
+    # A node that saw the attempt start (its state then not in flight: configure) takes the
+    # outcome, which has the same last_attempt.
+    seen = replace(running, in_flight=False, next_try=NOW + HOUR + 5 * MINUTE)
+    assert adoptable(failed, seen)
+    # Nothing to take: its own state again, or one older in any respect.
+    assert not adoptable(failed, failed)
+    later = record_failure(
+        begin_attempt(failed, NOW + 2 * HOUR), POLICY, NOW + 2 * HOUR, ERROR, None
+    )
+    assert not adoptable(failed, later)
+    noticed = replace(failed, last_expiry_notice=NOW + 3 * HOUR)
+    assert not adoptable(failed, noticed) and adoptable(noticed, failed)
