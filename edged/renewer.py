@@ -316,6 +316,7 @@ class Renewer:
         self._renewal_info: dict[str, str] = {}  # directory URL → renewalInfo base ("" = none)
         self._ari_retry: dict[str, datetime] = {}  # name → next try after a failed ARI fetch
         self._ari_wake = asyncio.Event()  # a certificate changed: its ARI check is due
+        self._stop = asyncio.Event()  # run()'s: set when edged stops
         self._observed_policy: RenewalPolicy | None = None  # the policy names are planned with
         # Notified after every attempt and every swap of served certificates (see changed()).
         self.changes = asyncio.Condition()
@@ -460,6 +461,7 @@ class Renewer:
     # --- the loop --------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
         async with asyncio.TaskGroup() as tg:
             limit = asyncio.Semaphore(CONCURRENT_ORDERS)
             # ARI in its own task: the loop only reads its results (the states it updates).
@@ -841,9 +843,13 @@ class Renewer:
                 tg.create_task(self._post_webhook(url, fields))
 
     async def _post_webhook(self, url: str, body: dict[str, object]) -> None:
+        """POST `body`, retried with backoff; the retries end when edged stops (the loop's
+        task group waits for this task: a SIGTERM must not wait minutes for a webhook)."""
         delay = 1.0
         timeout = aiohttp.ClientTimeout(total=10)
-        for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 async with (
                     aiohttp.ClientSession(timeout=timeout) as session,
@@ -861,7 +867,15 @@ class Renewer:
                 WEBHOOK_ATTEMPTS,
                 reason,
             )
-            await asyncio.sleep(delay)
+            if attempt == WEBHOOK_ATTEMPTS:
+                log.error("webhook not sent, giving up url=%s event=%s", url, body.get("event"))
+                return
+            await _wait_any((self._stop,), delay)
+            if self._stop.is_set():
+                log.error(
+                    "webhook not sent, edged is stopping url=%s event=%s", url, body.get("event")
+                )
+                return
             delay = min(delay * 4, 300.0)
 
     # --- state persistence ------------------------------------------------------------------

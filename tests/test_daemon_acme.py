@@ -192,6 +192,38 @@ async def test_failures_retry_then_failed_webhook_then_force(
         await runner.cleanup()
 
 
+async def test_a_webhook_being_retried_does_not_hold_up_the_exit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A notice whose webhook fails is retried after 1, 4, 16 and 64 s: a SIGTERM meanwhile
+    waited for every retry (the renewal loop's task group holds the webhook tasks), so edged
+    took up to 85 s to exit, past systemd's stop timeout. Now the retries end with the loop,
+    and the lost notice is logged."""
+    hook = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens: refused at once
+    body = f"""
+        [acme]
+        directory = "https://127.0.0.1:{free_port()}/dir"
+        email = "ops@shop.test"
+        max_attempts = 1
+        preflight = false
+        notify_webhook = "{hook}"
+        [[site]]
+        names = ["shop.test"]
+        backend = "127.0.0.1:9"
+    """
+
+    def logged(text: str) -> bool:
+        return any(text in r.getMessage() for r in caplog.records)
+
+    async with run_edged(tmp_path, body) as edged:
+        await wait_for(lambda: logged("webhook failed"))  # the first try of the "failed" notice
+        started = time.monotonic()
+        edged.daemon.request_stop()
+        assert await asyncio.wait_for(edged.task, 30) == 0
+        assert time.monotonic() - started < 5
+    assert logged("webhook not sent, edged is stopping")
+
+
 EDGED = str(Path(sys.executable).with_name("edged"))
 
 
