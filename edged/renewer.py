@@ -317,6 +317,7 @@ class Renewer:
         self._ari_retry: dict[str, datetime] = {}  # name → next try after a failed ARI fetch
         self._ari_wake = asyncio.Event()  # a certificate changed: its ARI check is due
         self._stop = asyncio.Event()  # run()'s: set when edged stops
+        self._notices: list[Notice] = []  # for the loop to send
         self._observed_policy: RenewalPolicy | None = None  # the policy names are planned with
         # Notified after every attempt and every swap of served certificates (see changed()).
         self.changes = asyncio.Condition()
@@ -354,8 +355,10 @@ class Renewer:
                 # lease): not an interrupted attempt of ours. Look again once it is done.
                 state = replace(state, in_flight=False, next_try=now + LEASE_RECHECK)
             elif policy is not None and not state.is_new:
-                state = renewal.resume(state, policy, now, self.rng)
+                loaded, state = state, renewal.resume(state, policy, now, self.rng)
                 resumed.add(name)
+                if loaded.in_flight:
+                    state = self._interrupted(loaded, state, now)
             self.states[name] = state
             await self._save(state)
         for name in list(self.states):
@@ -365,6 +368,19 @@ class Renewer:
         self.observe_serving(resumed)
         self._wake.set()
         self._ari_wake.set()
+
+    def _interrupted(
+        self, before: RenewalState, after: RenewalState, now: datetime
+    ) -> RenewalState:
+        """An attempt a restart cut short, which resume() counted as failed: counted, logged
+        and notified (maybe the transition to FAILED) like any failed attempt; the notices go
+        out from the loop."""
+        self.counters.renewal_attempts[after.name, "failure"] += 1
+        self._log_failure(after, renewal.INTERRUPTED)
+        serving = self.serving(after.name)
+        after, found = renewal.notify(before, after, serving.not_after if serving else None, now)
+        self._notices.extend(found)
+        return after
 
     def observe_serving(self, resumed: Collection[str] = ()) -> None:
         """After a reload: schedule renewals of the certificates now being served.
@@ -468,6 +484,9 @@ class Renewer:
             ari = tg.create_task(self._run_ari(stop))
             while not stop.is_set():
                 self._wake.clear()
+                if self._notices:  # from configure(), which has no task group for them
+                    found, self._notices = self._notices, []
+                    self._notify(found, tg)
                 if self._shared_changed:
                     await self._adopt_shared_states()
                 now = datetime.now(UTC)
@@ -662,15 +681,19 @@ class Renewer:
             self.states[name], policy, datetime.now(UTC), error, retry_after, give_up=give_up
         )
         self.counters.renewal_attempts[name, "failure"] += 1
+        self._log_failure(after, exc if isinstance(exc, EdgedError) else error["message"])
+        return after
+
+    @staticmethod
+    def _log_failure(after: RenewalState, error: object) -> None:
         log.error(
             "renewal failed name=%s state=%s attempts=%d next_try=%s error=%s",
-            name,
+            after.name,
             after.status.value,
             after.attempts,
             after.next_try.isoformat() if after.next_try else "-",
-            exc if isinstance(exc, EdgedError) else error["message"],
+            error,
         )
-        return after
 
     async def _preflight(self, config: Config, site: Site, store: Store) -> None:
         """Before a name's first order: say what will make it fail (CAA, DNS not pointing

@@ -224,6 +224,65 @@ async def test_a_webhook_being_retried_does_not_hold_up_the_exit(
     assert logged("webhook not sent, edged is stopping")
 
 
+async def test_an_attempt_a_restart_interrupted_into_failed_is_notified(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An attempt in flight when edged stopped counts as failed at the next start; when that
+    uses up max_attempts the name is FAILED, which is notified like any transition to failed
+    (log and webhook). It was not: no notice ever came for that name."""
+    hooks: list[dict[str, object]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        hooks.append(await request.json())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    hook_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", hook_port).start()
+    state = {
+        "name": "shop.test",
+        "status": "processing",
+        "attempts": 2,
+        "last_attempt": "2026-01-01T00:00:00Z",
+        "in_flight": True,
+        "last_error": {"message": "an earlier failure"},
+    }
+    (tmp_path / "store" / "state").mkdir(parents=True)
+    (tmp_path / "store" / "state" / "shop.test.json").write_text(json.dumps(state))
+    body = f"""
+        [acme]
+        directory = "https://127.0.0.1:{free_port()}/dir"
+        email = "ops@shop.test"
+        max_attempts = 3
+        notify_webhook = "http://127.0.0.1:{hook_port}/hook"
+        [[site]]
+        names = ["shop.test"]
+        backend = "127.0.0.1:9"
+    """
+    try:
+        async with run_edged(tmp_path, body) as edged:
+            renewer = edged.daemon.renewer
+            await wait_for(lambda: hooks)
+            state_now = renewer.states["shop.test"]
+            assert state_now.status is CertStatus.FAILED and state_now.attempts == 3
+            (notice,) = hooks
+            assert notice["event"] == "failed" and notice["attempts"] == 3
+            assert notice["error"] == {"message": "interrupted by restart"}
+            assert edged.daemon.counters.renewal_attempts["shop.test", "failure"] == 1
+            await asyncio.sleep(1.5)  # a reload, the next loop rounds: no second notice
+            assert await edged.daemon.reload("signal")
+            await asyncio.sleep(0.5)
+            assert len(hooks) == 1
+        assert any(
+            "renewal failed name=shop.test state=failed" in r.getMessage() for r in caplog.records
+        )
+    finally:
+        await runner.cleanup()
+
+
 EDGED = str(Path(sys.executable).with_name("edged"))
 
 
