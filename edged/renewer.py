@@ -382,8 +382,12 @@ class Renewer:
         self._notices.extend(found)
         return after
 
-    def observe_serving(self, resumed: Collection[str] = ()) -> None:
-        """After a reload: schedule renewals of the certificates now being served.
+    def observe_serving(
+        self, resumed: Collection[str] = (), *, names: Collection[str] | None = None
+    ) -> None:
+        """After a reload: schedule renewals of the certificates now being served (of `names`
+        alone after a reload of only their store certificates: a rollback, an upload handed
+        back, another fleet node's write).
 
         A name already scheduled for the certificate it serves keeps its next try (configure
         runs several times at startup and at each reload); names just loaded from the store
@@ -396,7 +400,12 @@ class Renewer:
         replan = self._observed_policy is not None and policy != self._observed_policy
         self._observed_policy = policy
         now = datetime.now(UTC)
-        for name, state in self.states.items():
+        observed = (
+            self.states.items()
+            if names is None
+            else [(n, self.states[n]) for n in names if n in self.states]
+        )
+        for name, state in observed:
             if state.in_flight:
                 continue
             bundle = self.serving(name)
@@ -411,6 +420,7 @@ class Renewer:
                 if name in resumed:
                     state = renewal.spread_overdue(state, now, self.rng)
                 self.states[name] = state
+        self._wake.set()  # the loop's sleep was computed from the plans before
 
     def note_shared_state(self, name: str) -> None:
         """Another node (or this one) saved `name`'s state in the shared store."""

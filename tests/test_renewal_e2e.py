@@ -346,8 +346,11 @@ async def test_a_rollback_plans_the_renewal_of_the_certificate_it_brings_back(
     pebble: Pebble, tmp_path: Path
 ) -> None:
     """`edged rollback` serves the previous version, which expires earlier than the one rolled
-    away from: its renewal is planned for it (here: due, so renewed at once), not left planned
-    for the newer certificate, which would let the one served expire first."""
+    away from: its renewal is planned for it (here: due, so renewed at once). When the store
+    change reached the daemon as a change of that name alone (the watcher's usual report, a
+    fleet node's message), the renewal stayed planned for the newer certificate and the one
+    served could expire first: only a full reload planned it again. The store watch is off
+    here so that the name's reload is the only one (the watcher reports either)."""
     ca = make_ca("Old CA")
     inter = make_intermediate(ca, "Old Intermediate")
     now = datetime.now(UTC)
@@ -364,7 +367,9 @@ async def test_a_rollback_plans_the_renewal_of_the_certificate_it_brings_back(
     store_cert(store, live, (inter,), "acme")  # the first one becomes previous/
     async with run_backend() as backend:
         body = acme_table(pebble.directory, pebble.listener_ca) + site_table(backend.address)
-        async with run_edged(tmp_path, body, http=(pebble.http_port,)) as edged:
+        async with run_edged(
+            tmp_path, body, http=(pebble.http_port,), edged_extra="watch = false"
+        ) as edged:
             daemon, renewer = edged.daemon, edged.daemon.renewer
             await wait_for(lambda: NAME in renewer.states, what="the state")
             state = renewer.states[NAME]
@@ -372,6 +377,7 @@ async def test_a_rollback_plans_the_renewal_of_the_certificate_it_brings_back(
             assert state.next_try > now + timedelta(days=58)  # planned for the live one
             out = await run_cmd(EDGED, "rollback", NAME, "--config", str(edged.config_path))
             assert out.returncode == 0, out.stderr
+            daemon.request_reload("store", {NAME})  # what the watcher asks for live/NAME
             rolled = fingerprint(previous.cert.public_bytes(Encoding.DER))
             renewed = fingerprint(live.cert.public_bytes(Encoding.DER))
             await wait_for(
