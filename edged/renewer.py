@@ -346,7 +346,9 @@ class Renewer:
             state = await asyncio.to_thread(self._load_state, name)
             # A name never tried is ordered at once; known ones resume their pacing, spread so
             # a fleet restart does not start every overdue order in the same second.
-            if (
+            if state.in_flight and name in self._running:
+                pass  # our own attempt, still running (the site was renamed back meanwhile)
+            elif (
                 state.in_flight
                 and isinstance(store, RedisStore)
                 and await self._lease_held(store, name)
@@ -541,7 +543,7 @@ class Renewer:
         state = self.states.get(name)
         if state is None or not state.in_flight:
             return
-        after = self._record_failure(name, self._policy() or RenewalPolicy(), exc)
+        after = self._record_failure(state, self._policy() or RenewalPolicy(), exc)
         self.states[name] = after
         await self._save(after)
 
@@ -630,6 +632,7 @@ class Renewer:
         # Cancelled (a second SIGTERM), the order's thread must not keep the process alive
         # until the CA is done: it gives up at its next wait.
         cancel = threading.Event()
+        failure: Exception | None = None
         try:
             check_challenge(site, config.acme)  # before the CA: such an order only fails
             if before.is_new and config.acme.preflight:
@@ -657,20 +660,37 @@ class Renewer:
                 issued.seconds,
             )
             await self.on_installed(name)
-            _check_served(name, bundle, self.serving(name))  # before the attempt counts as done
-        except WildcardChallengeError as exc:
-            # Only a config change or an upload fixes it: FAILED (and said loudly) at once.
-            after = self._record_failure(name, policy, exc, give_up=True)
-        except EdgedError as exc:
-            after = self._record_failure(name, policy, exc)
+            if name in self.states:
+                _check_served(name, bundle, self.serving(name))  # before the attempt is done
         except Exception as exc:
+            failure = exc
+        if name not in self.states:
+            # A reload renamed or removed the site, or an upload took it over, while the order
+            # ran: the name is no longer the loop's. Its stored state must not stay in flight
+            # (a site named so again would count this attempt as one a restart cut short).
+            log.info(
+                "renewal attempt ended after the name left ACME management (site renamed or "
+                "removed, or uploaded) name=%s result=%s",
+                name,
+                "obtained" if failure is None else failure,
+            )
+            await self._save(replace(state, in_flight=False))
+            await self.changed()
+            return
+        current = self.states[name]
+        if isinstance(failure, WildcardChallengeError):
+            # Only a config change or an upload fixes it: FAILED (and said loudly) at once.
+            after = self._record_failure(current, policy, failure, give_up=True)
+        elif isinstance(failure, EdgedError):
+            after = self._record_failure(current, policy, failure)
+        elif failure is not None:
             # A bug or input nothing foresaw: still a failed attempt, paced like any other, so
             # the name is neither left in flight (never retried) nor retried in a tight loop.
-            log.exception("renewal attempt failed unexpectedly name=%s", name)
-            after = self._record_failure(name, policy, exc)
+            log.error("renewal attempt failed unexpectedly name=%s", name, exc_info=failure)
+            after = self._record_failure(current, policy, failure)
         else:
             after = renewal.record_success(
-                self.states[name], bundle, policy, datetime.now(UTC), self.rng, issued_by=node_id()
+                current, bundle, policy, datetime.now(UTC), self.rng, issued_by=node_id()
             )
             self.counters.renewal_attempts[name, "success"] += 1
         serving = self.serving(name)
@@ -683,14 +703,14 @@ class Renewer:
         self._notify(found, tg)
 
     def _record_failure(
-        self, name: str, policy: RenewalPolicy, exc: Exception, *, give_up: bool = False
+        self, state: RenewalState, policy: RenewalPolicy, exc: Exception, *, give_up: bool = False
     ) -> RenewalState:
         """The failed attempt's state: the CA's problem document or the error's text."""
         error, retry_after = _error_of(exc)
         after = renewal.record_failure(
-            self.states[name], policy, datetime.now(UTC), error, retry_after, give_up=give_up
+            state, policy, datetime.now(UTC), error, retry_after, give_up=give_up
         )
-        self.counters.renewal_attempts[name, "failure"] += 1
+        self.counters.renewal_attempts[state.name, "failure"] += 1
         self._log_failure(after, exc if isinstance(exc, EdgedError) else error["message"])
         return after
 

@@ -296,6 +296,38 @@ async def test_a_certificate_the_daemon_does_not_serve_is_a_failed_attempt(
         assert served is not None and served.fingerprint == old.fingerprint
 
 
+async def test_a_site_renamed_while_its_order_runs_drops_the_result_cleanly(
+    pebble: Pebble, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload that renames a site (another first name) or removes it while its order runs
+    ends that name's renewal state; the attempt then recorded its result into the state that
+    was gone: a KeyError, logged as a crashed attempt with a traceback, and the name's state
+    file left in flight (a site named so again later counted that as an interrupted attempt).
+    Now the result is saved, not in flight, and dropped from the renewal loop's states."""
+    async with issued_once(pebble, tmp_path, edged_extra="watch = false") as edged:
+        daemon, renewer = edged.daemon, edged.daemon.renewer
+        installed = renewer.on_installed
+        renamed: list[bool] = []
+
+        async def rename_then_install(name: str) -> object:
+            if not renamed:  # the reload lands while the order's certificate is installed
+                text = edged.config_path.read_text()
+                flipped = json.dumps(list(reversed(NAMES)))
+                edged.config_path.write_text(text.replace(json.dumps(NAMES), flipped))
+                renamed.append(await daemon.reload("signal"))
+            return await installed(name)
+
+        renewer.on_installed = rename_then_install
+        renewer.force(NAME)
+        await wait_for(lambda: renamed and NAME not in renewer._running, what="the attempt's end")
+        assert renamed == [True]
+        assert NAME not in renewer.states and "www.shop.test" in renewer.states
+        crashed = [r for r in caplog.records if "crashed" in r.getMessage() or r.exc_info]
+        assert crashed == []
+        saved = read_state(tmp_path / "store")
+        assert saved is not None and saved["in_flight"] is False
+
+
 async def test_restart_spreads_overdue_active_certificates(pebble: Pebble, tmp_path: Path) -> None:
     """After a restart, ACTIVE names whose renewal is overdue are spread over 5 minutes like
     any resumed work. Observing their certificates (configure runs more than once at startup)
