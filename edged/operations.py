@@ -153,7 +153,18 @@ class DaemonOperations:
                 409,
             )
         started = datetime.now(UTC)
-        renewer.force(site.name)
+        forced = renewer.force(site.name)
+        limit = forced.not_before_retry
+        if limit is not None and limit > started:
+            # No attempt can start before the CA's limit ends (an earlier one only fails and
+            # may extend it): say when it will, rather than wait for nothing.
+            return {
+                "name": site.name,
+                "state": forced.status.value,
+                "message": f"renewal of {site.name} waits for the CA's rate limit until "
+                f"{limit:%Y-%m-%d %H:%M:%S} UTC (its Retry-After): the attempt starts then, "
+                "with a fresh attempt counter; `edged status` shows the result",
+            }
         await self._wait(
             lambda: (
                 (s := renewer.states.get(site.name)) is None  # a reload removed it meanwhile

@@ -7,11 +7,13 @@ import json
 import socket
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
+from edged.operations import DaemonOperations
 from edged.renewal import CertStatus
 from tests.conftest import (
     curl,
@@ -281,6 +283,41 @@ async def test_an_attempt_a_restart_interrupted_into_failed_is_notified(
         )
     finally:
         await runner.cleanup()
+
+
+async def test_renew_during_a_rate_limit_says_when_the_attempt_starts(tmp_path: Path) -> None:
+    """`edged renew` keeps a CA's rate limit (trying earlier only fails): the attempt starts
+    when it ends. The command waited 90 s for an attempt that could not start, then said
+    "renewal started; `edged status` shows the result". Now it answers at once with the time."""
+    limit = datetime.now(UTC) + timedelta(hours=2)
+    state = {
+        "name": "shop.test",
+        "status": "processing",
+        "attempts": 1,
+        "last_attempt": (limit - timedelta(hours=3)).isoformat(),
+        "next_try": limit.isoformat(),
+        "not_before_retry": limit.isoformat(),
+        "last_error": {"type": "urn:ietf:params:acme:error:rateLimited", "detail": "too many"},
+    }
+    (tmp_path / "store" / "state").mkdir(parents=True)
+    (tmp_path / "store" / "state" / "shop.test.json").write_text(json.dumps(state))
+    body = f"""
+        [acme]
+        directory = "https://127.0.0.1:{free_port()}/dir"
+        email = "ops@shop.test"
+        [[site]]
+        names = ["shop.test"]
+        backend = "127.0.0.1:9"
+    """
+    async with run_edged(tmp_path, body) as edged:
+        renewer = edged.daemon.renewer
+        await wait_for(lambda: "shop.test" in renewer.states)
+        answer = await asyncio.wait_for(DaemonOperations(edged.daemon).renew("shop.test"), 10)
+        assert answer["state"] == "processing"
+        message = str(answer["message"])
+        assert "rate limit" in message and limit.strftime("%Y-%m-%d %H:%M") in message
+        forced = renewer.states["shop.test"]
+        assert forced.attempts == 0 and forced.next_try == forced.not_before_retry
 
 
 EDGED = str(Path(sys.executable).with_name("edged"))
