@@ -57,6 +57,7 @@ _RFC3339 = re.compile(
     r"(?:[Zz]|([+-])(\d{2}):(\d{2}))"
 )
 _SECONDS = re.compile(r"[0-9]{1,12}")
+_EXPLANATION_URL = re.compile(r"https?://[\x21-\x7e]{1,2000}")
 
 
 class AriError(EdgedError):
@@ -217,6 +218,9 @@ def parse_renewal_info(
     url = data.get("explanationURL", "")
     if not isinstance(url, str):
         raise AriError(f"renewal info explanationURL must be a string, got {_kind(url)}")
+    # Shown to operators (log, `edged status`): only a plain http(s) URL, never other text.
+    if not _EXPLANATION_URL.fullmatch(url):
+        url = ""
     return AriInfo(start, end, url, _next_check(retry_after, now, default_check), cert_id)
 
 
@@ -299,7 +303,7 @@ def next_renewal(
     random jitter: earlier, never later than the deadline, never before not_before. A time in
     the past becomes `now`.
     """
-    window = _current_window(bundle, state)
+    window = renewal_window(bundle, state)
     if window is not None:
         return pick_in_window(window.start, window.end, now, rng)
     if bundle.not_after <= bundle.not_before:
@@ -308,7 +312,8 @@ def next_renewal(
     return max(jittered, bundle.not_before, now)
 
 
-def _current_window(bundle: CertBundle, state: RenewalState | None) -> AriInfo | None:
+def renewal_window(bundle: CertBundle, state: RenewalState | None) -> AriInfo | None:
+    """The state's ARI window when it is one for `bundle` that the schedule follows."""
     ari = state.ari if state is not None else None
     if ari is None:
         return None

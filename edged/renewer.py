@@ -873,11 +873,12 @@ class Renewer:
         self._wake.set()  # the loop's sleep was computed from the old next try
         await self._save(updated)
         log.info(
-            "ari window name=%s start=%s end=%s next_try=%s",
+            "ari window name=%s start=%s end=%s next_try=%s explanation=%s",
             name,
             info.start.isoformat(),
             info.end.isoformat(),
             updated.next_try.isoformat() if updated.next_try else "-",
+            info.explanation_url or "-",  # RFC 9773 4.2: for the operator
         )
 
     # --- notifications ------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,6 +26,7 @@ from josepy import jwa
 
 from edged.acme.client import load_account_key
 from edged.certs import CertBundle
+from edged.operations import DaemonOperations
 from edged.renewal import CertStatus, ari_cert_id
 from edged.store.files import FileStore
 from tests.conftest import Edged, run_backend, run_edged
@@ -39,6 +41,7 @@ class AriServer:
     ca_bundle: Path
     window: tuple[datetime, datetime]
     retry_after: str = "3600"
+    explanation: str = ""  # explanationURL, when set
     ari_requests: list[str] = field(default_factory=list)
     orders: list[dict[str, object]] = field(default_factory=list)
     # Set: renewalInfo answers only once it is released (a hanging endpoint).
@@ -104,7 +107,11 @@ async def ari_server(pebble: Pebble, tmp_path: Path) -> AsyncIterator[AriServer]
         if server.ari_hold is not None:
             await server.ari_hold.wait()
         start, end = server.window
-        body = {"suggestedWindow": {"start": start.isoformat(), "end": end.isoformat()}}
+        body: dict[str, object] = {
+            "suggestedWindow": {"start": start.isoformat(), "end": end.isoformat()}
+        }
+        if server.explanation:
+            body["explanationURL"] = server.explanation
         return web.json_response(body, headers={"Retry-After": server.retry_after})
 
     async def new_order(request: web.Request) -> web.Response:
@@ -284,3 +291,26 @@ async def test_an_order_the_ca_refuses_as_a_replacement_is_sent_again_without_re
             renewed = edged.daemon.serving("shop.test")
             assert renewed is not None and renewed.fingerprint != served.fingerprint
             assert edged.daemon.renewer.states["shop.test"].status is CertStatus.ACTIVE
+
+
+async def test_the_explanation_url_reaches_the_operator(
+    pebble: Pebble, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RFC 9773 section 4.2: clients SHOULD provide a window's explanationURL to their
+    operator (a CA moving windows for an incident says why there). edged kept it in the
+    state file only; now the window's log line and `edged status NAME` show it."""
+    caplog.set_level(logging.INFO, "edged.renewal")
+    url = "https://ca.example/incidents/2026-12-01"
+    async with run_backend() as backend, ari_server(pebble, tmp_path) as ari:
+        body = acme_body(pebble, backend.port)
+        async with run_edged(tmp_path, body, http=(pebble.http_port,)) as edged:
+            await wait_for(lambda: edged.daemon.serving("shop.test") is not None)
+        ari.explanation = url
+        async with restarted_with_ari(tmp_path, body, pebble, ari) as edged:
+            renewer = edged.daemon.renewer
+            await wait_for(lambda: renewer.states["shop.test"].ari is not None)
+            lines = [r.getMessage() for r in caplog.records if "ari window" in r.getMessage()]
+            assert lines and f"explanation={url}" in lines[-1]
+            shown = DaemonOperations(edged.daemon).cert("shop.test")["ari_window"]
+            assert isinstance(shown, dict) and shown["explanation_url"] == url
+            assert shown["start"] == ari.window[0] and shown["end"] == ari.window[1]

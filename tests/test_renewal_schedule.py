@@ -329,6 +329,23 @@ def test_parse_renewal_info_good_body() -> None:
 
 
 @pytest.mark.parametrize(
+    "url",
+    [
+        "javascript:alert(1)",
+        "https://ca.example/why\x1b[2J",  # a terminal escape, shown by `edged status NAME`
+        "https://ca.example/a b",
+        "ca.example/why",
+        "https://" + "a" * 2001,
+    ],
+)
+def test_an_explanation_url_that_is_no_plain_url_is_dropped_not_the_window(url: str) -> None:
+    info = parse_renewal_info(
+        info_body("2026-04-01T00:00:00Z", "2026-04-02T00:00:00Z", explanationURL=url), None, NOW
+    )
+    assert info.explanation_url == "" and info.start == datetime(2026, 4, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
     ("retry_after", "delay"),
     [
         (None, 6 * HOUR),  # RFC 9773's suggested default
