@@ -308,8 +308,9 @@ class Renewer:
         self._sites: dict[str, Site] = {}
         self._wake = asyncio.Event()
         self._running: set[str] = set()
-        self._forced_while_running: set[str] = set()
-        self._forced: set[str] = set()  # force() asked for an attempt here, not begun yet
+        # force() asked for an attempt here that has not begun yet (an attempt that began
+        # before it, and is still running, must not take its place).
+        self._forced: set[str] = set()
         self._shared_changed: set[str] = set()  # names whose state another node saved
         self.lease_holders: dict[str, str] = {}  # fleet: who orders a name (last seen)
         self._expired_log: dict[str, float] = {}
@@ -467,11 +468,10 @@ class Renewer:
             raise KeyError(name)
         state = renewal.force_retry(state, datetime.now(UTC))
         self.states[name] = state
+        # An attempt that has begun records its own result when it ends, which would drop
+        # this request: it is applied again then, so that a new attempt follows (see
+        # _attempt_locked). One that was picked but has not begun is the forced one.
         self._forced.add(name)
-        if name in self._running:
-            # The running attempt commits its own result when it ends, which would drop this
-            # request: it is applied again then, so a new attempt follows the running one.
-            self._forced_while_running.add(name)
         self._wake.set()
         return state
 
@@ -530,11 +530,6 @@ class Renewer:
         finally:
             self._running.discard(name)
             self._ari_wake.set()  # a new certificate's window is worth asking for soon
-            if name in self._forced_while_running:
-                self._forced_while_running.discard(name)
-                state = self.states.get(name)
-                if state is not None and not state.in_flight:
-                    self.states[name] = renewal.force_retry(state, datetime.now(UTC))
             self._wake.set()
 
     async def _fail_stuck(self, name: str, exc: Exception) -> None:
@@ -543,7 +538,9 @@ class Renewer:
         state = self.states.get(name)
         if state is None or not state.in_flight:
             return
-        after = self._record_failure(state, self._policy() or RenewalPolicy(), exc)
+        after = self._forced_again(
+            self._record_failure(state, self._policy() or RenewalPolicy(), exc)
+        )
         self.states[name] = after
         await self._save(after)
 
@@ -697,10 +694,17 @@ class Renewer:
         after, found = renewal.notify(
             before, after, serving.not_after if serving else None, datetime.now(UTC)
         )
+        after = self._forced_again(after)
         self.states[name] = after
         await self._save(after)
         await self.changed()
         self._notify(found, tg)
+
+    def _forced_again(self, after: RenewalState) -> RenewalState:
+        """An attempt's result; forced again when `edged renew` came while it ran."""
+        if after.name not in self._forced:
+            return after
+        return renewal.force_retry(after, datetime.now(UTC))
 
     def _record_failure(
         self, state: RenewalState, policy: RenewalPolicy, exc: Exception, *, give_up: bool = False

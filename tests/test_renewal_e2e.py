@@ -235,6 +235,40 @@ async def test_force_while_an_attempt_finishes_is_not_lost(pebble: Pebble, tmp_p
         assert pebble.count(ORDER) == 3
 
 
+async def test_force_while_an_attempt_waits_for_its_turn_orders_once(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    """Five new names are due at once and four orders run at a time: the fifth waits for its
+    turn. `edged renew` for it then was taken for a force during an attempt, so a second
+    order followed the one it was waiting for. Its one attempt is the forced one."""
+    names = [f"s{i}.shop.test" for i in range(5)]
+    async with run_backend() as backend:
+        sites = "".join(
+            f'[[site]]\nnames = ["{name}"]\nbackend = "{backend.address}"\n' for name in names
+        )
+        body = acme_table(pebble.directory, pebble.listener_ca, "preflight = false\n") + sites
+        async with run_edged(tmp_path, body, http=(pebble.http_port,)) as edged:
+            renewer = edged.daemon.renewer
+            attempts = edged.daemon.counters.renewal_attempts
+
+            def waiting() -> list[str]:  # picked by the loop, not begun
+                return [
+                    n
+                    for n in renewer._running
+                    if n in renewer.states and not renewer.states[n].in_flight
+                ]
+
+            await wait_for(lambda: waiting(), limit=10, what="a name waiting for its turn")
+            (name,) = waiting()
+            renewer.force(name)
+            await wait_for(
+                lambda: all(attempts[n, "success"] >= 1 for n in names), what="every name issued"
+            )
+            await asyncio.sleep(2)  # time for a second order, had one followed
+            assert attempts[name, "success"] == 1 and attempts[name, "failure"] == 0
+            assert pebble.count(ORDER) == 5
+
+
 async def test_an_unexpected_error_in_an_attempt_is_a_failed_attempt(
     pebble: Pebble, tmp_path: Path
 ) -> None:
