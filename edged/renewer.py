@@ -319,6 +319,7 @@ class Renewer:
         self._ari_wake = asyncio.Event()  # a certificate changed: its ARI check is due
         self._stop = asyncio.Event()  # run()'s: set when edged stops
         self._notices: list[Notice] = []  # for the loop to send
+        self._configuring = asyncio.Lock()
         self._observed_policy: RenewalPolicy | None = None  # the policy names are planned with
         # Notified after every attempt and every swap of served certificates (see changed()).
         self.changes = asyncio.Condition()
@@ -330,7 +331,13 @@ class Renewer:
     # --- control -------------------------------------------------------------------------
 
     async def configure(self, config: Config, store: Store | None) -> None:
-        """Take a (re)loaded config: load states of newly managed names, resume them."""
+        """Take a (re)loaded config: load states of newly managed names, resume them. Calls
+        take turns: a reload's and the loop's start may come together, and each would load
+        and resume the names new to it (an interrupted attempt counted twice)."""
+        async with self._configuring:
+            await self._configure(config, store)
+
+    async def _configure(self, config: Config, store: Store | None) -> None:
         self.config = config
         self.store = store
         sites = await asyncio.to_thread(managed_sites, config, store)

@@ -13,8 +13,14 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from edged.config import parse_config
+from edged.counters import Counters
+from edged.http01 import ChallengeBoard
 from edged.operations import DaemonOperations
 from edged.renewal import CertStatus
+from edged.renewer import Renewer
+from edged.store.files import FileStore
+from edged.tlsalpn import AlpnChallengeBoard
 from tests.conftest import (
     curl,
     free_port,
@@ -283,6 +289,52 @@ async def test_an_attempt_a_restart_interrupted_into_failed_is_notified(
         )
     finally:
         await runner.cleanup()
+
+
+async def test_two_configures_at_once_resume_a_state_once(tmp_path: Path) -> None:
+    """configure() runs for each full reload and, once the store has been read, for the
+    renewal loop's start, which does not wait for a reload (a fleet's first resync comes
+    right then). Two at once each loaded a name that was new to them and resumed it: an
+    interrupted attempt counted twice (and notified twice). Now they take turns."""
+    state = {
+        "name": "shop.test",
+        "status": "processing",
+        "attempts": 1,
+        "last_attempt": "2026-01-01T00:00:00Z",
+        "in_flight": True,
+    }
+    store = FileStore(tmp_path / "store")
+    store.save_state("shop.test", state)
+    config = parse_config(
+        f"""
+        [edged]
+        store = "store"
+        [acme]
+        directory = "https://127.0.0.1:{free_port()}/dir"
+        email = "ops@shop.test"
+        [[site]]
+        names = ["shop.test"]
+        backend = "127.0.0.1:9"
+        """,
+        tmp_path / "edged.toml",
+    )
+
+    async def installed(name: str) -> None:
+        return None
+
+    counters = Counters()
+    renewer = Renewer(
+        board=ChallengeBoard(),
+        alpn_board=AlpnChallengeBoard(),
+        counters=counters,
+        on_installed=installed,
+        serving=lambda name: None,
+    )
+    await asyncio.gather(renewer.configure(config, store), renewer.configure(config, store))
+    assert renewer.states["shop.test"].attempts == 2
+    assert counters.renewal_attempts["shop.test", "failure"] == 1
+    saved = store.load_state("shop.test")
+    assert saved is not None and saved["attempts"] == 2
 
 
 async def test_renew_during_a_rate_limit_says_when_the_attempt_starts(tmp_path: Path) -> None:
