@@ -912,9 +912,7 @@ class Renewer:
         task group waits for this task: a SIGTERM must not wait minutes for a webhook)."""
         delay = 1.0
         timeout = aiohttp.ClientTimeout(total=10)
-        attempt = 0
-        while True:
-            attempt += 1
+        for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
             try:
                 async with (
                     aiohttp.ClientSession(timeout=timeout) as session,
@@ -933,8 +931,7 @@ class Renewer:
                 reason,
             )
             if attempt == WEBHOOK_ATTEMPTS:
-                log.error("webhook not sent, giving up url=%s event=%s", url, body.get("event"))
-                return
+                break
             await _wait_any((self._stop,), delay)
             if self._stop.is_set():
                 log.error(
@@ -942,6 +939,7 @@ class Renewer:
                 )
                 return
             delay = min(delay * 4, 300.0)
+        log.error("webhook not sent, giving up url=%s event=%s", url, body.get("event"))
 
     # --- state persistence ------------------------------------------------------------------
 
