@@ -927,6 +927,9 @@ class Daemon:
             self._log_problems(certs.problems)
             self._apply_sites(sites, certs)
             self._record_stamps(stamps)
+            # A certificate that changed under a name (a rollback, another node's write) has
+            # its own renewal time: the one planned may be for the certificate it replaced.
+            self.renewer.observe_serving(names=[site.name for site in sites])
             await self.renewer.changed()
             result = "error" if certs.errors else "ok"
             self.counters.reloads[kind, result] += 1

@@ -26,7 +26,7 @@ from edged.config import Config, Site
 from edged.errors import AcmeError, StoreError
 from edged.heap import current_allocator
 from edged.names import NameError_, normalize_name
-from edged.renewal import CertStatus, RenewalState, fallback_active
+from edged.renewal import CertStatus, RenewalState, fallback_active, renewal_window
 from edged.store.base import PemPair, StoredCert
 
 if TYPE_CHECKING:
@@ -138,6 +138,14 @@ class DaemonOperations:
             summary["not_before_retry"] = state.not_before_retry
             summary["issued_by"] = state.issued_by
             summary["error"] = state.last_error
+            if state.ari is not None and served and renewal_window(served[0], state) is not None:
+                # The CA's window for the served certificate, and its page saying why (RFC
+                # 9773 section 4.2: for the operator).
+                summary["ari_window"] = {
+                    "start": state.ari.start,
+                    "end": state.ari.end,
+                    "explanation_url": state.ari.explanation_url,
+                }
         return summary
 
     # --- actions --------------------------------------------------------------------------
@@ -153,7 +161,18 @@ class DaemonOperations:
                 409,
             )
         started = datetime.now(UTC)
-        renewer.force(site.name)
+        forced = renewer.force(site.name)
+        limit = forced.not_before_retry
+        if limit is not None and limit > started:
+            # No attempt can start before the CA's limit ends (an earlier one only fails and
+            # may extend it): say when it will, rather than wait for nothing.
+            return {
+                "name": site.name,
+                "state": forced.status.value,
+                "message": f"renewal of {site.name} waits for the CA's rate limit until "
+                f"{limit:%Y-%m-%d %H:%M:%S} UTC (its Retry-After): the attempt starts then, "
+                "with a fresh attempt counter; `edged status` shows the result",
+            }
         await self._wait(
             lambda: (
                 (s := renewer.states.get(site.name)) is None  # a reload removed it meanwhile

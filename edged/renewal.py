@@ -57,6 +57,7 @@ _RFC3339 = re.compile(
     r"(?:[Zz]|([+-])(\d{2}):(\d{2}))"
 )
 _SECONDS = re.compile(r"[0-9]{1,12}")
+_EXPLANATION_URL = re.compile(r"https?://[\x21-\x7e]{1,2000}")
 
 
 class AriError(EdgedError):
@@ -217,6 +218,9 @@ def parse_renewal_info(
     url = data.get("explanationURL", "")
     if not isinstance(url, str):
         raise AriError(f"renewal info explanationURL must be a string, got {_kind(url)}")
+    # Shown to operators (log, `edged status`): only a plain http(s) URL, never other text.
+    if not _EXPLANATION_URL.fullmatch(url):
+        url = ""
     return AriInfo(start, end, url, _next_check(retry_after, now, default_check), cert_id)
 
 
@@ -299,7 +303,7 @@ def next_renewal(
     random jitter: earlier, never later than the deadline, never before not_before. A time in
     the past becomes `now`.
     """
-    window = _current_window(bundle, state)
+    window = renewal_window(bundle, state)
     if window is not None:
         return pick_in_window(window.start, window.end, now, rng)
     if bundle.not_after <= bundle.not_before:
@@ -308,7 +312,8 @@ def next_renewal(
     return max(jittered, bundle.not_before, now)
 
 
-def _current_window(bundle: CertBundle, state: RenewalState | None) -> AriInfo | None:
+def renewal_window(bundle: CertBundle, state: RenewalState | None) -> AriInfo | None:
+    """The state's ARI window when it is one for `bundle` that the schedule follows."""
     ari = state.ari if state is not None else None
     if ari is None:
         return None
@@ -317,6 +322,10 @@ def _current_window(bundle: CertBundle, state: RenewalState | None) -> AriInfo |
     # A window ending after expiry would let the certificate lapse: such a CA answer is broken,
     # and the lifetime schedule is safer.
     if ari.end > bundle.not_after:
+        return None
+    # Nor is a window that closed before the certificate existed one for renewing it: a CA
+    # that answers every certificate so would make each new one due at once, in a loop.
+    if ari.end <= bundle.not_before:
         return None
     return ari
 
@@ -708,6 +717,25 @@ def resume(
         state = record_failure(state, policy, now, {"message": INTERRUPTED}, None)
     state = replace(state, not_before_retry=_future(state.not_before_retry, now))
     return spread_overdue(state, now, rng, spread)
+
+
+def adoptable(shared: RenewalState, ours: RenewalState) -> bool:
+    """True when a fleet node should take `shared`, the state another node saved, for `ours`.
+
+    The node holding the name's lease makes the attempts; the others follow the state it
+    saves: a success and a failure alike (else each would order again once the lease is
+    free, counting attempts of its own). Not while the shared state is in flight (that
+    node's attempt runs; its lease tells), nor when it records anything earlier than ours
+    (an older save arriving late): only a state that differs and is no older.
+    """
+    if shared.in_flight or shared == ours:
+        return False
+    times = ("last_success", "last_attempt", "last_expiry_notice")
+    return not any(_earlier(getattr(shared, t), getattr(ours, t)) for t in times)
+
+
+def _earlier(a: datetime | None, b: datetime | None) -> bool:
+    return b is not None and (a is None or a < b)
 
 
 def spread_overdue(

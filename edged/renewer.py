@@ -353,7 +353,9 @@ class Renewer:
         self._sites: dict[str, Site] = {}
         self._wake = asyncio.Event()
         self._running: set[str] = set()
-        self._forced_while_running: set[str] = set()
+        # force() asked for an attempt here that has not begun yet (an attempt that began
+        # before it, and is still running, must not take its place).
+        self._forced: set[str] = set()
         self._shared_changed: set[str] = set()  # names whose state another node saved
         self.lease_holders: dict[str, str] = {}  # fleet: who orders a name (last seen)
         self._expired_log: dict[str, float] = {}
@@ -363,6 +365,9 @@ class Renewer:
         # DNS-01 TXT values written down before they are added (see edged.dnsjournal); opened
         # with the first config, in its local store directory (kept there across reloads).
         self.journal: DnsJournal | None = None
+        self._stop = asyncio.Event()  # run()'s: set when edged stops
+        self._notices: list[Notice] = []  # for the loop to send
+        self._configuring = asyncio.Lock()
         self._observed_policy: RenewalPolicy | None = None  # the policy names are planned with
         # Notified after every attempt and every swap of served certificates (see changed()).
         self.changes = asyncio.Condition()
@@ -374,7 +379,13 @@ class Renewer:
     # --- control -------------------------------------------------------------------------
 
     async def configure(self, config: Config, store: Store | None) -> None:
-        """Take a (re)loaded config: load states of newly managed names, resume them."""
+        """Take a (re)loaded config: load states of newly managed names, resume them. Calls
+        take turns: a reload's and the loop's start may come together, and each would load
+        and resume the names new to it (an interrupted attempt counted twice)."""
+        async with self._configuring:
+            await self._configure(config, store)
+
+    async def _configure(self, config: Config, store: Store | None) -> None:
         self.config = config
         self.store = store
         if self.journal is None:
@@ -395,7 +406,9 @@ class Renewer:
             state = await asyncio.to_thread(self._load_state, name)
             # A name never tried is ordered at once; known ones resume their pacing, spread so
             # a fleet restart does not start every overdue order in the same second.
-            if (
+            if state.in_flight and name in self._running:
+                pass  # our own attempt, still running (the site was renamed back meanwhile)
+            elif (
                 state.in_flight
                 and isinstance(store, RedisStore)
                 and await self._lease_held(store, name)
@@ -404,19 +417,39 @@ class Renewer:
                 # lease): not an interrupted attempt of ours. Look again once it is done.
                 state = replace(state, in_flight=False, next_try=now + LEASE_RECHECK)
             elif policy is not None and not state.is_new:
-                state = renewal.resume(state, policy, now, self.rng)
+                loaded, state = state, renewal.resume(state, policy, now, self.rng)
                 resumed.add(name)
+                if loaded.in_flight:
+                    state = self._interrupted(loaded, state, now)
             self.states[name] = state
             await self._save(state)
         for name in list(self.states):
             if name not in self._sites:
                 del self.states[name]
+                self._forced.discard(name)
         self.observe_serving(resumed)
         self._wake.set()
         self._ari_wake.set()
 
-    def observe_serving(self, resumed: Collection[str] = ()) -> None:
-        """After a reload: schedule renewals of the certificates now being served.
+    def _interrupted(
+        self, before: RenewalState, after: RenewalState, now: datetime
+    ) -> RenewalState:
+        """An attempt a restart cut short, which resume() counted as failed: counted, logged
+        and notified (maybe the transition to FAILED) like any failed attempt; the notices go
+        out from the loop."""
+        self.counters.renewal_attempts[after.name, "failure"] += 1
+        self._log_failure(after, renewal.INTERRUPTED)
+        serving = self.serving(after.name)
+        after, found = renewal.notify(before, after, serving.not_after if serving else None, now)
+        self._notices.extend(found)
+        return after
+
+    def observe_serving(
+        self, resumed: Collection[str] = (), *, names: Collection[str] | None = None
+    ) -> None:
+        """After a reload: schedule renewals of the certificates now being served (of `names`
+        alone after a reload of only their store certificates: a rollback, an upload handed
+        back, another fleet node's write).
 
         A name already scheduled for the certificate it serves keeps its next try (configure
         runs several times at startup and at each reload); names just loaded from the store
@@ -429,7 +462,12 @@ class Renewer:
         replan = self._observed_policy is not None and policy != self._observed_policy
         self._observed_policy = policy
         now = datetime.now(UTC)
-        for name, state in self.states.items():
+        observed = (
+            self.states.items()
+            if names is None
+            else [(n, self.states[n]) for n in names if n in self.states]
+        )
+        for name, state in observed:
             if state.in_flight:
                 continue
             bundle = self.serving(name)
@@ -444,6 +482,7 @@ class Renewer:
                 if name in resumed:
                     state = renewal.spread_overdue(state, now, self.rng)
                 self.states[name] = state
+        self._wake.set()  # the loop's sleep was computed from the plans before
 
     def note_shared_state(self, name: str) -> None:
         """Another node (or this one) saved `name`'s state in the shared store."""
@@ -459,15 +498,26 @@ class Renewer:
                 await self._adopt_newer_shared(name)
 
     async def _adopt_newer_shared(self, name: str) -> bool:
-        """Take the shared store's state for `name` when it records a newer success than ours
-        (another node renewed it: its state is the fleet's truth). True when adopted."""
+        """Take the shared store's state for `name` when another node's attempt made it newer
+        than ours (see renewal.adoptable: the fleet's truth). An attempt forced here stands
+        unless the fleet renewed the name meanwhile. True when adopted."""
         shared = await asyncio.to_thread(self._load_state, name)
-        known = self.states[name].last_success
-        if shared.last_success is None or (known is not None and shared.last_success <= known):
+        ours = self.states.get(name)
+        if ours is None or not renewal.adoptable(shared, ours):
+            return False
+        renewed = shared.last_success is not None and shared.last_success != ours.last_success
+        if name in self._forced and not renewed:
             return False
         self.states[name] = shared
+        self._forced.discard(name)
         self.lease_holders.pop(name, None)  # that node's order is over
-        log.info("renewal state from the fleet name=%s by=%s", name, shared.issued_by)
+        log.info(
+            "renewal state from the fleet name=%s state=%s attempts=%d by=%s",
+            name,
+            shared.status.value,
+            shared.attempts,
+            shared.issued_by or "-",
+        )
         return True
 
     def force(self, name: str) -> RenewalState:
@@ -477,10 +527,10 @@ class Renewer:
             raise KeyError(name)
         state = renewal.force_retry(state, datetime.now(UTC))
         self.states[name] = state
-        if name in self._running:
-            # The running attempt commits its own result when it ends, which would drop this
-            # request: it is applied again then, so a new attempt follows the running one.
-            self._forced_while_running.add(name)
+        # An attempt that has begun records its own result when it ends, which would drop
+        # this request: it is applied again then, so that a new attempt follows (see
+        # _attempt_locked). One that was picked but has not begun is the forced one.
+        self._forced.add(name)
         self._wake.set()
         return state
 
@@ -498,6 +548,7 @@ class Renewer:
     # --- the loop --------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
         try:
             await self._run(stop)
         finally:
@@ -513,6 +564,9 @@ class Renewer:
             sweeps = tg.create_task(self._run_dns_sweeps(stop))
             while not stop.is_set():
                 self._wake.clear()
+                if self._notices:  # from configure(), which has no task group for them
+                    found, self._notices = self._notices, []
+                    self._notify(found, tg)
                 if self._shared_changed:
                     await self._adopt_shared_states()
                 now = datetime.now(UTC)
@@ -545,11 +599,6 @@ class Renewer:
         finally:
             self._running.discard(name)
             self._ari_wake.set()  # a new certificate's window is worth asking for soon
-            if name in self._forced_while_running:
-                self._forced_while_running.discard(name)
-                state = self.states.get(name)
-                if state is not None and not state.in_flight:
-                    self.states[name] = renewal.force_retry(state, datetime.now(UTC))
             self._wake.set()
 
     async def _fail_stuck(self, name: str, exc: Exception) -> None:
@@ -558,7 +607,9 @@ class Renewer:
         state = self.states.get(name)
         if state is None or not state.in_flight:
             return
-        after = self._record_failure(name, self._policy() or RenewalPolicy(), exc)
+        after = self._forced_again(
+            self._record_failure(state, self._policy() or RenewalPolicy(), exc)
+        )
         self.states[name] = after
         await self._save(after)
 
@@ -639,6 +690,7 @@ class Renewer:
         before = self.states[name]
         state = renewal.begin_attempt(before, datetime.now(UTC))
         self.states[name] = state
+        self._forced.discard(name)
         await self._save(state)
         log.info("renewal attempt name=%s attempt=%d", name, state.attempts + 1)
         # `replaces` only where the CA speaks ARI (RFC 9773 section 5); others may reject it.
@@ -646,6 +698,7 @@ class Renewer:
         # Cancelled (a second SIGTERM), the order's thread must not keep the process alive
         # until the CA is done: it gives up at its next wait.
         cancel = threading.Event()
+        failure: Exception | None = None
         try:
             check_challenge(site, config.acme)  # before the CA: such an order only fails
             if before.is_new and config.acme.preflight:
@@ -675,49 +728,77 @@ class Renewer:
                 issued.seconds,
             )
             await self.on_installed(name)
-            _check_served(name, bundle, self.serving(name))  # before the attempt counts as done
-        except WildcardChallengeError as exc:
-            # Only a config change or an upload fixes it: FAILED (and said loudly) at once.
-            after = self._record_failure(name, policy, exc, give_up=True)
-        except EdgedError as exc:
-            after = self._record_failure(name, policy, exc)
+            if name in self.states:
+                _check_served(name, bundle, self.serving(name))  # before the attempt is done
         except Exception as exc:
+            failure = exc
+        if name not in self.states:
+            # A reload renamed or removed the site, or an upload took it over, while the order
+            # ran: the name is no longer the loop's. Its stored state must not stay in flight
+            # (a site named so again would count this attempt as one a restart cut short).
+            log.info(
+                "renewal attempt ended after the name left ACME management (site renamed or "
+                "removed, or uploaded) name=%s result=%s",
+                name,
+                "obtained" if failure is None else failure,
+            )
+            await self._save(replace(state, in_flight=False))
+            await self.changed()
+            return
+        current = self.states[name]
+        if isinstance(failure, WildcardChallengeError):
+            # Only a config change or an upload fixes it: FAILED (and said loudly) at once.
+            after = self._record_failure(current, policy, failure, give_up=True)
+        elif isinstance(failure, EdgedError):
+            after = self._record_failure(current, policy, failure)
+        elif failure is not None:
             # A bug or input nothing foresaw: still a failed attempt, paced like any other, so
             # the name is neither left in flight (never retried) nor retried in a tight loop.
-            log.exception("renewal attempt failed unexpectedly name=%s", name)
-            after = self._record_failure(name, policy, exc)
+            log.error("renewal attempt failed unexpectedly name=%s", name, exc_info=failure)
+            after = self._record_failure(current, policy, failure)
         else:
             after = renewal.record_success(
-                self.states[name], bundle, policy, datetime.now(UTC), self.rng, issued_by=node_id()
+                current, bundle, policy, datetime.now(UTC), self.rng, issued_by=node_id()
             )
             self.counters.renewal_attempts[name, "success"] += 1
         serving = self.serving(name)
         after, found = renewal.notify(
             before, after, serving.not_after if serving else None, datetime.now(UTC)
         )
+        after = self._forced_again(after)
         self.states[name] = after
         await self._save(after)
         await self.changed()
         self._notify(found, tg)
 
+    def _forced_again(self, after: RenewalState) -> RenewalState:
+        """An attempt's result; forced again when `edged renew` came while it ran."""
+        if after.name not in self._forced:
+            return after
+        return renewal.force_retry(after, datetime.now(UTC))
+
     def _record_failure(
-        self, name: str, policy: RenewalPolicy, exc: Exception, *, give_up: bool = False
+        self, state: RenewalState, policy: RenewalPolicy, exc: Exception, *, give_up: bool = False
     ) -> RenewalState:
         """The failed attempt's state: the CA's problem document or the error's text."""
         error, retry_after = _error_of(exc)
         after = renewal.record_failure(
-            self.states[name], policy, datetime.now(UTC), error, retry_after, give_up=give_up
+            state, policy, datetime.now(UTC), error, retry_after, give_up=give_up
         )
-        self.counters.renewal_attempts[name, "failure"] += 1
+        self.counters.renewal_attempts[state.name, "failure"] += 1
+        self._log_failure(after, exc if isinstance(exc, EdgedError) else error["message"])
+        return after
+
+    @staticmethod
+    def _log_failure(after: RenewalState, error: object) -> None:
         log.error(
             "renewal failed name=%s state=%s attempts=%d next_try=%s error=%s",
-            name,
+            after.name,
             after.status.value,
             after.attempts,
             after.next_try.isoformat() if after.next_try else "-",
-            exc if isinstance(exc, EdgedError) else error["message"],
+            error,
         )
-        return after
 
     async def _preflight(self, config: Config, site: Site, store: Store) -> None:
         """Before a name's first order: say what will make it fail (CAA, DNS not pointing
@@ -889,11 +970,12 @@ class Renewer:
         self._wake.set()  # the loop's sleep was computed from the old next try
         await self._save(updated)
         log.info(
-            "ari window name=%s start=%s end=%s next_try=%s",
+            "ari window name=%s start=%s end=%s next_try=%s explanation=%s",
             name,
             info.start.isoformat(),
             info.end.isoformat(),
             updated.next_try.isoformat() if updated.next_try else "-",
+            info.explanation_url or "-",  # RFC 9773 4.2: for the operator
         )
 
     # --- notifications ------------------------------------------------------------------------
@@ -912,6 +994,8 @@ class Renewer:
                 tg.create_task(self._post_webhook(url, fields))
 
     async def _post_webhook(self, url: str, body: dict[str, object]) -> None:
+        """POST `body`, retried with backoff; the retries end when edged stops (the loop's
+        task group waits for this task: a SIGTERM must not wait minutes for a webhook)."""
         delay = 1.0
         timeout = aiohttp.ClientTimeout(total=10)
         for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
@@ -932,8 +1016,16 @@ class Renewer:
                 WEBHOOK_ATTEMPTS,
                 reason,
             )
-            await asyncio.sleep(delay)
+            if attempt == WEBHOOK_ATTEMPTS:
+                break
+            await _wait_any((self._stop,), delay)
+            if self._stop.is_set():
+                log.error(
+                    "webhook not sent, edged is stopping url=%s event=%s", url, body.get("event")
+                )
+                return
             delay = min(delay * 4, 300.0)
+        log.error("webhook not sent, giving up url=%s event=%s", url, body.get("event"))
 
     # --- state persistence ------------------------------------------------------------------
 

@@ -1,12 +1,15 @@
 """ARI (RFC 9773) in the renewal loop. Pebble 2.4 has no renewalInfo, so a small in-test HTTPS
 server publishes a directory that is Pebble's plus `renewalInfo` (served by the test server) and
-a `newOrder` the test server records (to see `replaces`) and refuses."""
+a `newOrder` the test server records (to see `replaces`) and refuses, or, with `forward_to`,
+refuses only orders with `replaces` (as a CA that does not accept that replacement) and passes
+the others on to Pebble, signed again with the account edged registered."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,10 +17,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 import requests
+from acme import client as acme_client
+from acme import messages
 from aiohttp import web
+from josepy import jwa
 
-from edged.renewal import ari_cert_id
+from edged.acme.client import load_account_key
+from edged.certs import CertBundle
+from edged.operations import DaemonOperations
+from edged.renewal import CertStatus, ari_cert_id
+from edged.store.files import FileStore
 from tests.conftest import Edged, run_backend, run_edged
 from tests.https_front import HttpsFront
 from tests.pebble import Pebble
@@ -30,10 +41,44 @@ class AriServer:
     ca_bundle: Path
     window: tuple[datetime, datetime]
     retry_after: str = "3600"
+    explanation: str = ""  # explanationURL, when set
     ari_requests: list[str] = field(default_factory=list)
     orders: list[dict[str, object]] = field(default_factory=list)
     # Set: renewalInfo answers only once it is released (a hanging endpoint).
     ari_hold: asyncio.Event | None = None
+    # Set: orders without `replaces` go on to Pebble, signed with the account edged keeps in
+    # this store; orders with it get `refusal` (HTTP status, ACME problem type, detail).
+    forward_to: Path | None = None
+    refusal: tuple[int, str, str] = (500, "serverInternal", "test CA")
+
+
+def forward_order(
+    pebble: Pebble, store: Path, directory: str, payload: dict[str, object]
+) -> tuple[int, dict[str, str], bytes]:
+    """POST `payload` (a newOrder) to Pebble as the account edged registered at `directory`:
+    the JWS edged signed names the test server's URL, which Pebble would refuse."""
+    found = FileStore(store).load_account(directory)
+    assert found is not None, "edged has no account yet"
+    account, key_pem = found
+    net = acme_client.ClientNetwork(
+        load_account_key(key_pem),
+        account=messages.RegistrationResource(
+            uri=str(account["uri"]), body=messages.Registration()
+        ),
+        alg=jwa.ES256,
+        verify_ssl=str(pebble.listener_ca),  # type: ignore[arg-type]
+    )
+    try:
+        pebble_dir = pebble_directory(pebble)
+        response = net.post(
+            str(pebble_dir["newOrder"]),
+            messages.NewOrder.from_json(payload),
+            new_nonce_url=str(pebble_dir["newNonce"]),
+        )
+        headers = {k: response.headers[k] for k in ("Location", "Replay-Nonce")}
+        return response.status_code, headers, response.content
+    finally:
+        net.session.close()
 
 
 def pebble_directory(pebble: Pebble) -> dict[str, object]:
@@ -62,15 +107,28 @@ async def ari_server(pebble: Pebble, tmp_path: Path) -> AsyncIterator[AriServer]
         if server.ari_hold is not None:
             await server.ari_hold.wait()
         start, end = server.window
-        body = {"suggestedWindow": {"start": start.isoformat(), "end": end.isoformat()}}
+        body: dict[str, object] = {
+            "suggestedWindow": {"start": start.isoformat(), "end": end.isoformat()}
+        }
+        if server.explanation:
+            body["explanationURL"] = server.explanation
         return web.json_response(body, headers={"Retry-After": server.retry_after})
 
     async def new_order(request: web.Request) -> web.Response:
         jws = await request.json()
         payload = jws["payload"] + "=" * (-len(jws["payload"]) % 4)
-        server.orders.append(json.loads(base64.urlsafe_b64decode(payload)))
-        problem = {"type": "urn:ietf:params:acme:error:serverInternal", "detail": "test CA"}
-        return web.json_response(problem, status=500, content_type="application/problem+json")
+        order = json.loads(base64.urlsafe_b64decode(payload))
+        server.orders.append(order)
+        if server.forward_to is not None and "replaces" not in order:
+            status, headers, body = await asyncio.to_thread(
+                forward_order, pebble, server.forward_to, server.url, order
+            )
+            return web.Response(
+                body=body, status=status, headers=headers, content_type="application/json"
+            )
+        status, kind, detail = server.refusal
+        problem = {"type": f"urn:ietf:params:acme:error:{kind}", "detail": detail, "status": status}
+        return web.json_response(problem, status=status, content_type="application/problem+json")
 
     routes = [
         web.get("/dir", directory),
@@ -100,6 +158,14 @@ async def restarted_with_ari(
         yield edged
 
 
+async def past_window_for(served: CertBundle) -> tuple[datetime, datetime]:
+    """A renewal window for `served` that has closed by the time this returns: from two hours
+    before it was issued to a second after."""
+    end = served.not_before + timedelta(seconds=1)
+    await asyncio.sleep(max(0.0, (end - datetime.now(UTC)).total_seconds()))
+    return served.not_before - timedelta(hours=2), end
+
+
 async def test_ari_window_retry_after_and_replaces(pebble: Pebble, tmp_path: Path) -> None:
     async with run_backend() as backend, ari_server(pebble, tmp_path) as ari:
         body = acme_body(pebble, backend.port)
@@ -125,9 +191,9 @@ async def test_ari_window_retry_after_and_replaces(pebble: Pebble, tmp_path: Pat
             assert timedelta(minutes=59) < state.ari.next_check - now <= timedelta(hours=1)
             assert ari.orders == []  # not due yet
 
-        # A window that has passed: renew now, and say which certificate this replaces.
-        now = datetime.now(UTC)
-        ari.window = (now - timedelta(hours=2), now - timedelta(hours=1))
+        # A window that has passed: renew now, and say which certificate this replaces. (It
+        # closed after the certificate was issued: an earlier window is not one for it.)
+        ari.window = await past_window_for(served)
         async with restarted_with_ari(tmp_path, body, pebble, ari) as edged:
             await wait_for(lambda: len(ari.orders) >= 1)
             assert ari.orders[0]["replaces"] == cert_id
@@ -183,3 +249,68 @@ async def test_a_hanging_renewal_info_does_not_delay_a_forced_renewal(
                 assert renewer.states["shop.test"].ari is None
         finally:
             ari.ari_hold.set()
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        # Let's Encrypt, for a certificate that already has a replacement (one edged ordered
+        # but could not serve, or the version before an `edged rollback`).
+        (
+            409,
+            "alreadyReplaced",
+            "cannot indicate an order replaces certificate with serial "
+            "0536ea44, which already has a replacement order",
+        ),
+        # For a certificate of another account or CA (an upload handed back to ACME).
+        (400, "malformed", "Cannot find any certificate to replace for given AKI and Serial"),
+    ],
+)
+async def test_an_order_the_ca_refuses_as_a_replacement_is_sent_again_without_replaces(
+    pebble: Pebble, tmp_path: Path, refusal: tuple[int, str, str]
+) -> None:
+    """A CA that does not take the `replaces` of an order (the certificate was replaced
+    already, or is not one of this account's) refused every renewal of the name: each retry
+    named the same certificate again, until it expired. Now the order is sent again without
+    `replaces` in the same attempt, and the renewal succeeds."""
+    async with run_backend() as backend, ari_server(pebble, tmp_path) as ari:
+        body = acme_body(pebble, backend.port)
+        async with run_edged(tmp_path, body, http=(pebble.http_port,)) as edged:
+            await wait_for(lambda: edged.daemon.serving("shop.test") is not None)
+            served = edged.daemon.serving("shop.test")
+            assert served is not None
+        ari.window = await past_window_for(served)  # renew now
+        ari.forward_to = tmp_path / "store"
+        ari.refusal = refusal
+        async with restarted_with_ari(tmp_path, body, pebble, ari) as edged:
+            attempts = edged.daemon.counters.renewal_attempts
+            await wait_for(lambda: sum(attempts.values()) >= 1)
+            assert attempts["shop.test", "failure"] == 0, edged.daemon.renewer.states["shop.test"]
+            # The first key type's order replaces the served certificate; the RSA one never did.
+            assert [o.get("replaces") for o in ari.orders] == [ari_cert_id(served.leaf), None, None]
+            renewed = edged.daemon.serving("shop.test")
+            assert renewed is not None and renewed.fingerprint != served.fingerprint
+            assert edged.daemon.renewer.states["shop.test"].status is CertStatus.ACTIVE
+
+
+async def test_the_explanation_url_reaches_the_operator(
+    pebble: Pebble, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RFC 9773 section 4.2: clients SHOULD provide a window's explanationURL to their
+    operator (a CA moving windows for an incident says why there). edged kept it in the
+    state file only; now the window's log line and `edged status NAME` show it."""
+    caplog.set_level(logging.INFO, "edged.renewal")
+    url = "https://ca.example/incidents/2026-12-01"
+    async with run_backend() as backend, ari_server(pebble, tmp_path) as ari:
+        body = acme_body(pebble, backend.port)
+        async with run_edged(tmp_path, body, http=(pebble.http_port,)) as edged:
+            await wait_for(lambda: edged.daemon.serving("shop.test") is not None)
+        ari.explanation = url
+        async with restarted_with_ari(tmp_path, body, pebble, ari) as edged:
+            renewer = edged.daemon.renewer
+            await wait_for(lambda: renewer.states["shop.test"].ari is not None)
+            lines = [r.getMessage() for r in caplog.records if "ari window" in r.getMessage()]
+            assert lines and f"explanation={url}" in lines[-1]
+            shown = DaemonOperations(edged.daemon).cert("shop.test")["ari_window"]
+            assert isinstance(shown, dict) and shown["explanation_url"] == url
+            assert shown["start"] == ari.window[0] and shown["end"] == ari.window[1]

@@ -7,12 +7,20 @@ import json
 import socket
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
+from edged.config import parse_config
+from edged.counters import Counters
+from edged.http01 import ChallengeBoard
+from edged.operations import DaemonOperations
 from edged.renewal import CertStatus
+from edged.renewer import Renewer
+from edged.store.files import FileStore
+from edged.tlsalpn import AlpnChallengeBoard
 from tests.conftest import (
     curl,
     free_port,
@@ -190,6 +198,178 @@ async def test_failures_retry_then_failed_webhook_then_force(
                 restarted.stop()
     finally:
         await runner.cleanup()
+
+
+async def test_a_webhook_being_retried_does_not_hold_up_the_exit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A notice whose webhook fails is retried after 1, 4, 16 and 64 s: a SIGTERM meanwhile
+    waited for every retry (the renewal loop's task group holds the webhook tasks), so edged
+    took up to 85 s to exit, past systemd's stop timeout. Now the retries end with the loop,
+    and the lost notice is logged."""
+    hook = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens: refused at once
+    body = f"""
+        [acme]
+        directory = "https://127.0.0.1:{free_port()}/dir"
+        email = "ops@shop.test"
+        max_attempts = 1
+        preflight = false
+        notify_webhook = "{hook}"
+        [[site]]
+        names = ["shop.test"]
+        backend = "127.0.0.1:9"
+    """
+
+    def logged(text: str) -> bool:
+        return any(text in r.getMessage() for r in caplog.records)
+
+    async with run_edged(tmp_path, body) as edged:
+        await wait_for(lambda: logged("webhook failed"))  # the first try of the "failed" notice
+        started = time.monotonic()
+        edged.daemon.request_stop()
+        assert await asyncio.wait_for(edged.task, 30) == 0
+        assert time.monotonic() - started < 5
+    assert logged("webhook not sent, edged is stopping")
+
+
+async def test_an_attempt_a_restart_interrupted_into_failed_is_notified(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An attempt in flight when edged stopped counts as failed at the next start; when that
+    uses up max_attempts the name is FAILED, which is notified like any transition to failed
+    (log and webhook). It was not: no notice ever came for that name."""
+    hooks: list[dict[str, object]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        hooks.append(await request.json())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    hook_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", hook_port).start()
+    state = {
+        "name": "shop.test",
+        "status": "processing",
+        "attempts": 2,
+        "last_attempt": "2026-01-01T00:00:00Z",
+        "in_flight": True,
+        "last_error": {"message": "an earlier failure"},
+    }
+    (tmp_path / "store" / "state").mkdir(parents=True)
+    (tmp_path / "store" / "state" / "shop.test.json").write_text(json.dumps(state))
+    body = f"""
+        [acme]
+        directory = "https://127.0.0.1:{free_port()}/dir"
+        email = "ops@shop.test"
+        max_attempts = 3
+        notify_webhook = "http://127.0.0.1:{hook_port}/hook"
+        [[site]]
+        names = ["shop.test"]
+        backend = "127.0.0.1:9"
+    """
+    try:
+        async with run_edged(tmp_path, body) as edged:
+            renewer = edged.daemon.renewer
+            await wait_for(lambda: hooks)
+            state_now = renewer.states["shop.test"]
+            assert state_now.status is CertStatus.FAILED and state_now.attempts == 3
+            (notice,) = hooks
+            assert notice["event"] == "failed" and notice["attempts"] == 3
+            assert notice["error"] == {"message": "interrupted by restart"}
+            assert edged.daemon.counters.renewal_attempts["shop.test", "failure"] == 1
+            await asyncio.sleep(1.5)  # a reload, the next loop rounds: no second notice
+            assert await edged.daemon.reload("signal")
+            await asyncio.sleep(0.5)
+            assert len(hooks) == 1
+        assert any(
+            "renewal failed name=shop.test state=failed" in r.getMessage() for r in caplog.records
+        )
+    finally:
+        await runner.cleanup()
+
+
+async def test_two_configures_at_once_resume_a_state_once(tmp_path: Path) -> None:
+    """configure() runs for each full reload and, once the store has been read, for the
+    renewal loop's start, which does not wait for a reload (a fleet's first resync comes
+    right then). Two at once each loaded a name that was new to them and resumed it: an
+    interrupted attempt counted twice (and notified twice). Now they take turns."""
+    state = {
+        "name": "shop.test",
+        "status": "processing",
+        "attempts": 1,
+        "last_attempt": "2026-01-01T00:00:00Z",
+        "in_flight": True,
+    }
+    store = FileStore(tmp_path / "store")
+    store.save_state("shop.test", state)
+    config = parse_config(
+        f"""
+        [edged]
+        store = "store"
+        [acme]
+        directory = "https://127.0.0.1:{free_port()}/dir"
+        email = "ops@shop.test"
+        [[site]]
+        names = ["shop.test"]
+        backend = "127.0.0.1:9"
+        """,
+        tmp_path / "edged.toml",
+    )
+
+    async def installed(name: str) -> None:
+        return None
+
+    counters = Counters()
+    renewer = Renewer(
+        board=ChallengeBoard(),
+        alpn_board=AlpnChallengeBoard(),
+        counters=counters,
+        on_installed=installed,
+        serving=lambda name: None,
+    )
+    await asyncio.gather(renewer.configure(config, store), renewer.configure(config, store))
+    assert renewer.states["shop.test"].attempts == 2
+    assert counters.renewal_attempts["shop.test", "failure"] == 1
+    saved = store.load_state("shop.test")
+    assert saved is not None and saved["attempts"] == 2
+
+
+async def test_renew_during_a_rate_limit_says_when_the_attempt_starts(tmp_path: Path) -> None:
+    """`edged renew` keeps a CA's rate limit (trying earlier only fails): the attempt starts
+    when it ends. The command waited 90 s for an attempt that could not start, then said
+    "renewal started; `edged status` shows the result". Now it answers at once with the time."""
+    limit = datetime.now(UTC) + timedelta(hours=2)
+    state = {
+        "name": "shop.test",
+        "status": "processing",
+        "attempts": 1,
+        "last_attempt": (limit - timedelta(hours=3)).isoformat(),
+        "next_try": limit.isoformat(),
+        "not_before_retry": limit.isoformat(),
+        "last_error": {"type": "urn:ietf:params:acme:error:rateLimited", "detail": "too many"},
+    }
+    (tmp_path / "store" / "state").mkdir(parents=True)
+    (tmp_path / "store" / "state" / "shop.test.json").write_text(json.dumps(state))
+    body = f"""
+        [acme]
+        directory = "https://127.0.0.1:{free_port()}/dir"
+        email = "ops@shop.test"
+        [[site]]
+        names = ["shop.test"]
+        backend = "127.0.0.1:9"
+    """
+    async with run_edged(tmp_path, body) as edged:
+        renewer = edged.daemon.renewer
+        await wait_for(lambda: "shop.test" in renewer.states)
+        answer = await asyncio.wait_for(DaemonOperations(edged.daemon).renew("shop.test"), 10)
+        assert answer["state"] == "processing"
+        message = str(answer["message"])
+        assert "rate limit" in message and limit.strftime("%Y-%m-%d %H:%M") in message
+        forced = renewer.states["shop.test"]
+        assert forced.attempts == 0 and forced.next_try == forced.not_before_retry
 
 
 EDGED = str(Path(sys.executable).with_name("edged"))

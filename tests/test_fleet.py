@@ -9,6 +9,7 @@ import asyncio
 import logging
 import shutil
 import socket
+import ssl
 import time
 from contextlib import AsyncExitStack
 from dataclasses import replace
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from aiohttp import web
 
 from edged.certs import parse_bundle
 from edged.metrics import build_registry, render
@@ -24,7 +26,9 @@ from edged.renewal import CertStatus
 from edged.store.files import FileStore, account_dirname
 from edged.store.redis import RedisStore, RedisTls
 from tests.conftest import Edged, free_port, run_backend, run_cmd, run_edged
+from tests.https_front import close_after
 from tests.pebble import Pebble
+from tests.pki import make_ca, make_leaf
 from tests.redis_server import RedisServer, RedisTlsFiles
 from tests.test_daemon_acme import acme_body, wait_for
 from tests.test_redis_store import bundle
@@ -456,3 +460,72 @@ async def test_edged_rollback_rolls_the_fleet_back_through_redis(
         assert out.returncode == 0, out.stdout + out.stderr
         await wait_for(lambda: serve((a, b), "v2"), limit=2)
     writer.close()
+
+
+async def test_a_failed_attempt_is_the_fleets_the_others_do_not_order_again(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The fleet's renewal of a name fails (the CA answers 503 after 2 s): the lease holder
+    records the failed attempt and the other node adopts it, so the fleet makes one attempt
+    per retry_interval with one attempt counter. The others adopted only successes: each
+    took the lease in turn and ordered again, every node counting its own attempts (and
+    sending its own "failed" webhook)."""
+
+    async def overloaded(_request: web.Request) -> web.Response:
+        await asyncio.sleep(2)
+        return web.Response(status=503, text="overloaded")
+
+    app = web.Application(middlewares=[close_after])
+    app.router.add_get("/dir", overloaded)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    ca, ca_port = make_ca("Overloaded CA"), free_port()
+    leaf = make_leaf(ca, ["localhost"])
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
+    (tmp_path / "leaf.pem").write_bytes(leaf.cert_pem)
+    (tmp_path / "leaf.key").write_bytes(leaf.key_pem)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(tmp_path / "leaf.pem", tmp_path / "leaf.key")
+    await web.TCPSite(runner, "127.0.0.1", ca_port, ssl_context=tls).start()
+    body = f"""
+        [acme]
+        directory = "https://localhost:{ca_port}/dir"
+        ca_bundle = "{tmp_path / "ca.pem"}"
+        email = "ops@shop.test"
+        retry_interval = "10m"
+        preflight = false
+    """ + site_only(9)
+    try:
+        async with AsyncExitStack() as stack:
+            nodes = []
+            for node in ("b", "c"):
+                (tmp_path / node).mkdir()
+                nodes.append(
+                    await stack.enter_async_context(
+                        run_edged(
+                            tmp_path / node,
+                            body,
+                            store=redis_server.url,
+                            edged_extra='store_local = "local"\nredis_prefix = "failing"',
+                        )
+                    )
+                )
+            b = nodes[0]
+
+            def failures() -> int:
+                return sum(
+                    n.daemon.counters.renewal_attempts["shop.test", "failure"] for n in nodes
+                )
+
+            await wait_for(lambda: failures() >= 1)
+            # The other node looks again 5 s after the lease was taken: past that, and past
+            # an attempt of its own had it made one (2 s), it has ordered nothing.
+            await asyncio.sleep(8)
+            assert failures() == 1
+            states = [n.daemon.renewer.states["shop.test"] for n in nodes]
+            assert all(s.attempts == 1 and s.status is CertStatus.PROCESSING for s in states)
+            assert states[0].next_try == states[1].next_try
+            assert "HTTP 503" in str(states[1].last_error)
+            assert b.daemon.renewer.fallback_active("shop.test") is False  # no certificate
+    finally:
+        await runner.cleanup()

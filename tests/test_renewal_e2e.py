@@ -235,6 +235,40 @@ async def test_force_while_an_attempt_finishes_is_not_lost(pebble: Pebble, tmp_p
         assert pebble.count(ORDER) == 3
 
 
+async def test_force_while_an_attempt_waits_for_its_turn_orders_once(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    """Five new names are due at once and four orders run at a time: the fifth waits for its
+    turn. `edged renew` for it then was taken for a force during an attempt, so a second
+    order followed the one it was waiting for. Its one attempt is the forced one."""
+    names = [f"s{i}.shop.test" for i in range(5)]
+    async with run_backend() as backend:
+        sites = "".join(
+            f'[[site]]\nnames = ["{name}"]\nbackend = "{backend.address}"\n' for name in names
+        )
+        body = acme_table(pebble.directory, pebble.listener_ca, "preflight = false\n") + sites
+        async with run_edged(tmp_path, body, http=(pebble.http_port,)) as edged:
+            renewer = edged.daemon.renewer
+            attempts = edged.daemon.counters.renewal_attempts
+
+            def waiting() -> list[str]:  # picked by the loop, not begun
+                return [
+                    n
+                    for n in renewer._running
+                    if n in renewer.states and not renewer.states[n].in_flight
+                ]
+
+            await wait_for(lambda: waiting(), limit=10, what="a name waiting for its turn")
+            (name,) = waiting()
+            renewer.force(name)
+            await wait_for(
+                lambda: all(attempts[n, "success"] >= 1 for n in names), what="every name issued"
+            )
+            await asyncio.sleep(2)  # time for a second order, had one followed
+            assert attempts[name, "success"] == 1 and attempts[name, "failure"] == 0
+            assert pebble.count(ORDER) == 5
+
+
 async def test_an_unexpected_error_in_an_attempt_is_a_failed_attempt(
     pebble: Pebble, tmp_path: Path
 ) -> None:
@@ -296,6 +330,38 @@ async def test_a_certificate_the_daemon_does_not_serve_is_a_failed_attempt(
         assert served is not None and served.fingerprint == old.fingerprint
 
 
+async def test_a_site_renamed_while_its_order_runs_drops_the_result_cleanly(
+    pebble: Pebble, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload that renames a site (another first name) or removes it while its order runs
+    ends that name's renewal state; the attempt then recorded its result into the state that
+    was gone: a KeyError, logged as a crashed attempt with a traceback, and the name's state
+    file left in flight (a site named so again later counted that as an interrupted attempt).
+    Now the result is saved, not in flight, and dropped from the renewal loop's states."""
+    async with issued_once(pebble, tmp_path, edged_extra="watch = false") as edged:
+        daemon, renewer = edged.daemon, edged.daemon.renewer
+        installed = renewer.on_installed
+        renamed: list[bool] = []
+
+        async def rename_then_install(name: str) -> object:
+            if not renamed:  # the reload lands while the order's certificate is installed
+                text = edged.config_path.read_text()
+                flipped = json.dumps(list(reversed(NAMES)))
+                edged.config_path.write_text(text.replace(json.dumps(NAMES), flipped))
+                renamed.append(await daemon.reload("signal"))
+            return await installed(name)
+
+        renewer.on_installed = rename_then_install
+        renewer.force(NAME)
+        await wait_for(lambda: renamed and NAME not in renewer._running, what="the attempt's end")
+        assert renamed == [True]
+        assert NAME not in renewer.states and "www.shop.test" in renewer.states
+        crashed = [r for r in caplog.records if "crashed" in r.getMessage() or r.exc_info]
+        assert crashed == []
+        saved = read_state(tmp_path / "store")
+        assert saved is not None and saved["in_flight"] is False
+
+
 async def test_restart_spreads_overdue_active_certificates(pebble: Pebble, tmp_path: Path) -> None:
     """After a restart, ACTIVE names whose renewal is overdue are spread over 5 minutes like
     any resumed work. Observing their certificates (configure runs more than once at startup)
@@ -340,6 +406,58 @@ async def test_restart_spreads_overdue_active_certificates(pebble: Pebble, tmp_p
             times = sorted(t for t in waiting if t is not None)
             assert started < times[0] and times[-1] <= started + timedelta(minutes=5, seconds=5)
             assert times[-1] - times[0] > timedelta(seconds=5), f"not spread: {times}"
+
+
+async def test_a_rollback_plans_the_renewal_of_the_certificate_it_brings_back(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    """`edged rollback` serves the previous version, which expires earlier than the one rolled
+    away from: its renewal is planned for it (here: due, so renewed at once). When the store
+    change reached the daemon as a change of that name alone (the watcher's usual report, a
+    fleet node's message), the renewal stayed planned for the newer certificate and the one
+    served could expire first: only a full reload planned it again. The store watch is off
+    here so that the name's reload is the only one (the watcher reports either)."""
+    ca = make_ca("Old CA")
+    inter = make_intermediate(ca, "Old Intermediate")
+    now = datetime.now(UTC)
+    # The previous version: 40 days of lifetime, 10 left (due with renew_before_days = 30);
+    # the live one: 89 days left (not due for two months).
+    previous = make_leaf(
+        inter, NAMES, not_before=now - timedelta(days=30), not_after=now + timedelta(days=10)
+    )
+    live = make_leaf(
+        inter, NAMES, not_before=now - timedelta(days=1), not_after=now + timedelta(days=89)
+    )
+    store = FileStore(tmp_path / "store")
+    store_cert(store, previous, (inter,), "acme")
+    store_cert(store, live, (inter,), "acme")  # the first one becomes previous/
+    async with run_backend() as backend:
+        body = acme_table(pebble.directory, pebble.listener_ca) + site_table(backend.address)
+        async with run_edged(
+            tmp_path, body, http=(pebble.http_port,), edged_extra="watch = false"
+        ) as edged:
+            daemon, renewer = edged.daemon, edged.daemon.renewer
+            await wait_for(lambda: NAME in renewer.states, what="the state")
+            state = renewer.states[NAME]
+            assert state.next_try is not None
+            assert state.next_try > now + timedelta(days=58)  # planned for the live one
+            out = await run_cmd(EDGED, "rollback", NAME, "--config", str(edged.config_path))
+            assert out.returncode == 0, out.stderr
+            daemon.request_reload("store", {NAME})  # what the watcher asks for live/NAME
+            rolled = fingerprint(previous.cert.public_bytes(Encoding.DER))
+            renewed = fingerprint(live.cert.public_bytes(Encoding.DER))
+            await wait_for(
+                lambda: getattr(daemon.serving(NAME), "fingerprint", None) not in (None, renewed),
+                what="the rolled-back certificate served",
+            )
+            # Now due: the previous version is past its renewal time. It is renewed at once.
+            await wait_for(
+                lambda: daemon.counters.renewal_attempts[NAME, "success"] == 1,
+                what="the renewal of the rolled-back certificate",
+            )
+            served = daemon.serving(NAME)
+            assert served is not None and served.fingerprint not in (rolled, renewed)
+            assert pebble.count(ORDER) == 1
 
 
 async def test_a_wildcard_under_http_01_fails_at_once_without_an_order(

@@ -29,6 +29,7 @@ from edged.renewal import (
     RenewalPolicy,
     RenewalState,
     StateError,
+    adoptable,
     ari_cert_id,
     ari_check_due,
     begin_attempt,
@@ -197,10 +198,26 @@ def test_unbound_ari_window_is_used() -> None:
 
 
 def test_past_ari_window_means_now() -> None:
-    bundle = cached_bundle(90)
+    bundle = cached_bundle(90)  # issued at NOW
+    later = NOW + 10 * DAY
     # e.g. a mass revocation: the CA moved the window into the past
-    state = replace(active_state(bundle), ari=ari_window(NOW - 2 * DAY, NOW - DAY))
-    assert next_renewal(bundle, state, POLICY, NOW, rng()) == NOW
+    state = replace(active_state(bundle), ari=ari_window(later - 2 * DAY, later - DAY))
+    assert next_renewal(bundle, state, POLICY, later, rng()) == later
+
+
+def test_ari_window_that_closed_before_the_certificate_was_issued_is_ignored() -> None:
+    """Such a window cannot be for this certificate. Followed, a CA that answers every
+    certificate with the same past window made each renewed certificate due at once: an order
+    after every ARI check, forever (a replacement order, which CAs exempt from rate limits)."""
+    bundle = cached_bundle(90)  # issued at NOW
+    for end in (NOW - DAY, NOW):
+        state = replace(active_state(bundle), ari=ari_window(NOW - 2 * DAY, end))
+        when = next_renewal(bundle, state, POLICY, NOW + HOUR, rng())
+        assert when == next_renewal(bundle, None, POLICY, NOW + HOUR, rng())
+        assert when > NOW + 59 * DAY
+    # A window that closes a second after issuance is one for it (and past: renew now).
+    state = replace(active_state(bundle), ari=ari_window(NOW - DAY, NOW + timedelta(seconds=1)))
+    assert next_renewal(bundle, state, POLICY, NOW + HOUR, rng()) == NOW + HOUR
 
 
 def test_ari_window_for_another_certificate_is_ignored() -> None:
@@ -309,6 +326,23 @@ def test_parse_renewal_info_good_body() -> None:
         next_check=NOW + HOUR,
         cert_id=RFC_CERT_ID,
     )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "javascript:alert(1)",
+        "https://ca.example/why\x1b[2J",  # a terminal escape, shown by `edged status NAME`
+        "https://ca.example/a b",
+        "ca.example/why",
+        "https://" + "a" * 2001,
+    ],
+)
+def test_an_explanation_url_that_is_no_plain_url_is_dropped_not_the_window(url: str) -> None:
+    info = parse_renewal_info(
+        info_body("2026-04-01T00:00:00Z", "2026-04-02T00:00:00Z", explanationURL=url), None, NOW
+    )
+    assert info.explanation_url == "" and info.start == datetime(2026, 4, 1, tzinfo=UTC)
 
 
 @pytest.mark.parametrize(
@@ -667,7 +701,7 @@ def test_record_ari_reschedules_only_for_a_new_window() -> None:
     again = record_ari(got, bundle, POLICY, NOW + 6 * HOUR, rng(2), polled)
     assert (again.next_try, again.ari) == (got.next_try, polled)
     # A moved window (e.g. revocation ahead) is honoured at once.
-    urgent = ari_window(NOW - DAY, NOW, cert_id)
+    urgent = ari_window(NOW - DAY, NOW + MINUTE, cert_id)  # closes after issuance (NOW)
     assert record_ari(again, bundle, POLICY, NOW + HOUR, rng(), urgent).next_try == NOW + HOUR
     # A failing name keeps its retry pacing.
     failing = record_failure(begin_attempt(state, NOW), POLICY, NOW, ERROR, None)
@@ -1041,3 +1075,25 @@ def test_seconds_until_due_has_a_floor_and_ignores_attempts_in_flight() -> None:
     assert seconds_until_due([replace(due, next_try=NOW - DAY)], NOW, 0.5, 60) == 0.5
     # A state in flight is not due by time: it does not shorten the sleep at all.
     assert seconds_until_due([stuck], NOW, 0.5, 60) == 60
+
+
+def test_a_fleet_node_adopts_another_nodes_attempt_not_an_older_or_running_one() -> None:
+    bundle = cached_bundle(90)
+    ours = active_state(bundle)
+    running = begin_attempt(ours, NOW + HOUR)  # another node's attempt, saved as it starts
+    failed = record_failure(running, POLICY, NOW + HOUR, ERROR, None)
+    renewed = record_success(running, bundle, POLICY, NOW + HOUR, rng())
+    assert not adoptable(running, ours)  # its lease says it runs: not ours to take
+    assert adoptable(failed, ours) and adoptable(renewed, ours)
+    # A node that saw the attempt start (its state then not in flight: configure) takes the
+    # outcome, which has the same last_attempt.
+    seen = replace(running, in_flight=False, next_try=NOW + HOUR + 5 * MINUTE)
+    assert adoptable(failed, seen)
+    # Nothing to take: its own state again, or one older in any respect.
+    assert not adoptable(failed, failed)
+    later = record_failure(
+        begin_attempt(failed, NOW + 2 * HOUR), POLICY, NOW + 2 * HOUR, ERROR, None
+    )
+    assert not adoptable(failed, later)
+    noticed = replace(failed, last_expiry_notice=NOW + 3 * HOUR)
+    assert not adoptable(failed, noticed) and adoptable(noticed, failed)

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 
 import requests
 from acme import challenges, crypto_util, messages
+from acme import client as acme_client
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -127,18 +128,56 @@ def _order_one(
     identifiers = [
         messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=n) for n in request.names
     ]
-    order_msg = NewOrderReplacing(
-        identifiers=identifiers, replaces=request.replaces.get(key_type) or None
-    )
+    replaces = request.replaces.get(key_type) or None
+    try:
+        order, order_url = _new_order(session, client, name, identifiers, replaces)
+    except AcmeError as exc:
+        if replaces is None or not _refuses_replacement(exc):
+            raise
+        # The CA does not take this replacement (RFC 9773 section 5: the certificate was
+        # replaced already, e.g. by an order whose certificate edged refused or rolled back,
+        # or it is not this account's, e.g. an upload handed back to ACME). Naming it again
+        # would fail every retry until it expires: order it as a new certificate instead.
+        log.warning(
+            "acme order refused as a replacement, ordering without replaces name=%s "
+            "key_type=%s replaces=%s error=%s",
+            name,
+            key_type,
+            replaces,
+            exc.message,
+        )
+        order, order_url = _new_order(session, client, name, identifiers, None)
+    log.info("acme order created name=%s key_type=%s order=%s", name, key_type, order_url)
+    _authorize(session, name, order, account_key, new_solver)
+    return _finalize(session, name, order_url, csr_pem)
+
+
+# Problems that say nothing about the order's content: the same order may work later.
+_TRANSIENT = {f"urn:ietf:params:acme:error:{t}" for t in ("rateLimited", "serverInternal")}
+
+
+def _refuses_replacement(exc: AcmeError) -> bool:
+    """True when the CA answered the order with a problem document about its content (which
+    may be its `replaces`), not a transport failure or a load problem (rate limit, 5xx)."""
+    kind = exc.problem.get("type")
+    return isinstance(kind, str) and kind != "" and kind not in _TRANSIENT
+
+
+def _new_order(
+    session: AcmeSession,
+    client: acme_client.ClientV2,
+    name: str,
+    identifiers: list[messages.Identifier],
+    replaces: str | None,
+) -> tuple[messages.Order, str]:
+    order_msg = NewOrderReplacing(identifiers=identifiers, replaces=replaces)
     with session.errors(name, "creating the order"):
         response = client._post(client.directory["newOrder"], order_msg)
         order = messages.Order.from_json(response.json())
         order_url = response.headers.get("Location")
     if not order_url:
         raise AcmeError(name, "creating the order: the CA did not say where the order is")
-    log.info("acme order created name=%s key_type=%s order=%s", name, key_type, order_url)
-    _authorize(session, name, order, account_key, new_solver)
-    return _finalize(session, name, order_url, csr_pem)
+    return order, order_url
 
 
 def _authorize(
