@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -64,6 +65,10 @@ class CertBundle:
     leaf_pem: bytes  # the fullchain split (edged.chains): leaf_pem + chain_pem is all of it
     chain_pem: bytes  # the intermediates, one object shared by the bundles of the same chain
     key_pem: bytes = field(repr=False)
+    # The RFC 9773 (ARI) id, "" when the certificate has none (no Authority Key Identifier):
+    # read with the rest, off the event loop, so that planning renewals of 100k certificates
+    # needs no parsing (~30 µs and, kept, ~3.5 KiB per certificate).
+    ari_id: str = ""
 
     @property
     def fullchain_pem(self) -> bytes:
@@ -72,23 +77,35 @@ class CertBundle:
 
     @cached_property
     def leaf(self) -> x509.Certificate:
+        """The parsed leaf, kept: for a few bundles looked at closely (an upload, a revoke).
+        What every bundle may be asked for (subject, issuer, serial) reads it without
+        keeping it (`_leaf_once`)."""
         return x509.load_pem_x509_certificate(self.leaf_pem)
 
     @cached_property
     def chain(self) -> tuple[x509.Certificate, ...]:
         return tuple(x509.load_pem_x509_certificates(self.fullchain_pem)[1:])
 
+    def _leaf_once(self) -> x509.Certificate:
+        """The parsed leaf if it is kept, else parsed for this once: a listing of 100k
+        certificates (GET /certs) must not leave a parsed copy of each behind."""
+        kept = self.__dict__.get("leaf")
+        if isinstance(kept, x509.Certificate):
+            return kept
+        return x509.load_pem_x509_certificate(self.leaf_pem)
+
     @cached_property
     def subject(self) -> str:
-        return self.leaf.subject.rfc4514_string()
+        return self._leaf_once().subject.rfc4514_string()
 
     @cached_property
     def issuer(self) -> str:
-        return self.leaf.issuer.rfc4514_string()
+        # One string per issuer, however many certificates it issued.
+        return sys.intern(self._leaf_once().issuer.rfc4514_string())
 
     @cached_property
     def serial(self) -> str:
-        return _serial(self.leaf)
+        return _serial(self._leaf_once())
 
     @property
     def has_chain(self) -> bool:
@@ -193,7 +210,50 @@ def _bundle(
         leaf_pem=leaf_pem,
         chain_pem=chain_pem,
         key_pem=key_pem,
+        ari_id=_ari_id_or_empty(leaf),
     )
+
+
+class NoAriId(ValueError):
+    """Why a certificate has no RFC 9773 (ARI) id."""
+
+
+def ari_cert_id(leaf: x509.Certificate) -> str:
+    """The RFC 9773 certificate id: base64url(AKI keyIdentifier) "." base64url(DER serial).
+    NoAriId says why there is none."""
+    try:
+        aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        raise NoAriId(
+            f"the certificate with serial {leaf.serial_number:x} has no Authority Key "
+            "Identifier, so it has no ARI id: it is renewed on the lifetime schedule"
+        ) from None
+    except ValueError as exc:  # a malformed extension elsewhere in the certificate
+        raise NoAriId(f"the certificate's extensions cannot be read ({exc})") from None
+    if not aki.key_identifier:
+        raise NoAriId(
+            f"the certificate with serial {leaf.serial_number:x} has an Authority Key "
+            "Identifier without keyIdentifier, so it has no ARI id"
+        )
+    return f"{_b64url(aki.key_identifier)}.{_b64url(_serial_der(leaf.serial_number))}"
+
+
+def _ari_id_or_empty(leaf: x509.Certificate) -> str:
+    try:
+        return ari_cert_id(leaf)
+    except NoAriId:
+        return ""
+
+
+def _serial_der(serial: int) -> bytes:
+    # The content octets of a DER INTEGER: minimal two's complement, so a positive serial whose
+    # high bit is set gets a leading 0x00 (RFC 9773 section 4.1).
+    magnitude = serial if serial >= 0 else ~serial
+    return serial.to_bytes(magnitude.bit_length() // 8 + 1, "big", signed=True)
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 # A certificate that starts within this long is usable already: this host's clock may lag the

@@ -16,7 +16,6 @@ State machine per name (CertStatus):
 
 from __future__ import annotations
 
-import base64
 import email.utils
 import json
 import random
@@ -28,6 +27,7 @@ from enum import StrEnum
 
 from cryptography import x509
 
+from edged import certs
 from edged.certs import CertBundle
 from edged.config import AcmeSettings
 from edged.errors import EdgedError
@@ -143,33 +143,11 @@ class AriInfo:
 
 
 def ari_cert_id(leaf: x509.Certificate) -> str:
-    """The RFC 9773 certificate id: base64url(AKI keyIdentifier) "." base64url(DER serial)."""
+    """The RFC 9773 certificate id (edged.certs.ari_cert_id); AriError says why there is none."""
     try:
-        aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
-    except x509.ExtensionNotFound:
-        raise AriError(
-            f"the certificate with serial {leaf.serial_number:x} has no Authority Key "
-            "Identifier, so it has no ARI id: it is renewed on the lifetime schedule"
-        ) from None
-    except ValueError as exc:  # a malformed extension elsewhere in the certificate
-        raise AriError(f"the certificate's extensions cannot be read ({exc})") from None
-    if not aki.key_identifier:
-        raise AriError(
-            f"the certificate with serial {leaf.serial_number:x} has an Authority Key "
-            "Identifier without keyIdentifier, so it has no ARI id"
-        )
-    return f"{_b64url(aki.key_identifier)}.{_b64url(_serial_der(leaf.serial_number))}"
-
-
-def _serial_der(serial: int) -> bytes:
-    # The content octets of a DER INTEGER: minimal two's complement, so a positive serial whose
-    # high bit is set gets a leading 0x00 (RFC 9773 section 4.1).
-    magnitude = serial if serial >= 0 else ~serial
-    return serial.to_bytes(magnitude.bit_length() // 8 + 1, "big", signed=True)
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+        return certs.ari_cert_id(leaf)
+    except certs.NoAriId as exc:
+        raise AriError(str(exc)) from None
 
 
 def parse_retry_after(value: str | None, now: datetime) -> datetime | None:
@@ -331,10 +309,7 @@ def renewal_window(bundle: CertBundle, state: RenewalState | None) -> AriInfo | 
 
 
 def _cert_id_or_empty(bundle: CertBundle) -> str:
-    try:
-        return ari_cert_id(bundle.leaf)
-    except AriError:
-        return ""
+    return bundle.ari_id  # read with the bundle: no parsing here, on the event loop
 
 
 # --- state ------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, TypeVar
 import aiohttp
 import certifi
 import requests
+from cryptography import x509
 
 from edged import renewal
 from edged.acme.client import USER_AGENT, AcmeSession
@@ -284,7 +285,8 @@ async def fetch_renewal_info(
 ) -> renewal.AriInfo:
     """GET renewalInfo/<cert id> (RFC 9773 section 4.1) and parse it. aiohttp.ClientError (a
     non-2xx answer too), TimeoutError, AriError."""
-    cert_id = renewal.ari_cert_id(bundle.leaf)
+    # Only a certificate without one is parsed here, for AriError to say why.
+    cert_id = bundle.ari_id or renewal.ari_cert_id(x509.load_pem_x509_certificate(bundle.leaf_pem))
     async with session.get(f"{base_url.rstrip('/')}/{cert_id}") as response:
         response.raise_for_status()
         body = await response.read()

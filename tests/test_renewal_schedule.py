@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from edged.certs import CertBundle, parse_bundle
+from edged.certs import CertBundle, parse_bundle, stored_bundle
 from edged.config import AcmeSettings
 from edged.renewal import (
     INTERRUPTED,
@@ -55,7 +55,7 @@ from edged.renewal import (
     seconds_until_due,
     spread_overdue,
 )
-from tests.pki import Issued, make_ca, make_leaf
+from tests.pki import Issued, fullchain, make_ca, make_leaf
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -302,6 +302,25 @@ def test_ari_cert_id_needs_an_authority_key_identifier() -> None:
     issuer_only = x509.AuthorityKeyIdentifier(None, [x509.DNSName("ca.example.test")], RFC_SERIAL)
     with pytest.raises(AriError, match="without keyIdentifier"):
         ari_cert_id(_cert_with_aki(issuer_only, RFC_SERIAL))
+
+
+def test_a_stored_bundle_carries_its_ari_id_and_planning_parses_nothing() -> None:
+    """The ARI id is read with the bundle (off the event loop); planning its renewal, as
+    every reload does for every managed name, neither parses the leaf (~30 µs) nor keeps a
+    parsed copy (~3.5 KiB per certificate: 350 MiB at 100k)."""
+    leaf = make_leaf(_ca(), ["a.example.test"])
+    stored = stored_bundle(fullchain(leaf, _ca()), leaf.key_pem, "ecdsa-p256", source="test")
+    assert stored.ari_id == ari_cert_id(leaf.cert)
+    state = observe_cert(RenewalState.new("a.example.test"), stored, POLICY, NOW, rng())
+    assert state.replaces == stored.ari_id
+    assert "leaf" not in stored.__dict__
+    # A listing (GET /certs) reads subject, issuer and serial without keeping the leaf.
+    assert stored.issuer == leaf.cert.issuer.rfc4514_string()
+    assert stored.subject and stored.serial
+    assert "leaf" not in stored.__dict__
+    self_signed = make_leaf(None, ["b.example.test"])
+    plain = stored_bundle(self_signed.cert_pem, self_signed.key_pem, "ecdsa-p256", source="t")
+    assert plain.ari_id == ""  # no Authority Key Identifier: the lifetime schedule
 
 
 # --- renewal info -----------------------------------------------------------------------------
