@@ -7,17 +7,19 @@ import json
 import socket
 import sys
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
+from edged.certs import stored_bundle
 from edged.config import parse_config
 from edged.counters import Counters
 from edged.http01 import ChallengeBoard
 from edged.operations import DaemonOperations
-from edged.renewal import CertStatus
+from edged.renewal import CertStatus, RenewalState
 from edged.renewer import Renewer
 from edged.store.files import FileStore
 from edged.tlsalpn import AlpnChallengeBoard
@@ -31,6 +33,7 @@ from tests.conftest import (
     write_process_config,
 )
 from tests.pebble import Pebble, start_pebble
+from tests.pki import fullchain, make_ca, make_leaf
 
 
 def acme_body(pebble: Pebble, backend_port: int, extra: str = "", names: str = "") -> str:
@@ -414,3 +417,77 @@ async def test_cli_issue_reports_ca_error(pebble: Pebble, tmp_path: Path) -> Non
     assert "shop.test: not issued:" in out.stdout
     assert "urn:ietf:params:acme:error:" in out.stdout or "connection" in out.stdout.lower()
     assert not (tmp_path / "store" / "live" / "shop.test").exists()
+
+
+@pytest.mark.parametrize("in_thread", [False, True])
+async def test_many_names_are_planned_off_the_event_loop_alike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_thread: bool
+) -> None:
+    """configure() plans every managed name's renewal from the certificate it serves; from
+    OBSERVE_IN_THREAD names on in a thread (100k names: ~0.5 s the data path would wait
+    for). Both ways plan the same: each name active, due before its certificate's renewal
+    time, replacing the certificate served."""
+    import edged.renewer as renewer_module
+
+    monkeypatch.setattr(renewer_module, "OBSERVE_IN_THREAD", 5 if in_thread else 10_000)
+    names = [f"n{i}.plan.test" for i in range(12)]
+    ca = make_ca("plan CA")
+    served = {}
+    for name in names:
+        leaf = make_leaf(ca, [name], not_after=datetime.now(UTC) + timedelta(days=90))
+        served[name] = stored_bundle(fullchain(leaf, ca), leaf.key_pem, "ecdsa-p256", source=name)
+    config = parse_config(
+        f"""
+        [edged]
+        store = "store"
+        [acme]
+        directory = "https://127.0.0.1:{free_port()}/dir"
+        email = "ops@plan.test"
+        """
+        + "".join(f'[[site]]\nnames = ["{n}"]\nbackend = "127.0.0.1:9"\n' for n in names),
+        tmp_path / "edged.toml",
+    )
+
+    async def installed(name: str) -> None:
+        return None
+
+    renewer = Renewer(
+        board=ChallengeBoard(),
+        alpn_board=AlpnChallengeBoard(),
+        counters=Counters(),
+        on_installed=installed,
+        serving=served.get,
+    )
+    await renewer.configure(config, FileStore(tmp_path / "store"))
+    now = datetime.now(UTC)
+    for name in names:
+        state = renewer.states[name]
+        assert state.status == CertStatus.ACTIVE, state
+        assert state.replaces == served[name].ari_id != ""
+        assert state.next_try is not None
+        assert now < state.next_try < served[name].not_after - timedelta(days=20)
+
+
+def test_a_plan_made_meanwhile_does_not_overwrite_a_newer_state() -> None:
+    """Plans made in a thread are installed only where the state is still the one planned
+    from: an attempt that ended meanwhile keeps its own record."""
+
+    async def installed(name: str) -> None:
+        return None
+
+    renewer = Renewer(
+        board=ChallengeBoard(),
+        alpn_board=AlpnChallengeBoard(),
+        counters=Counters(),
+        on_installed=installed,
+        serving=lambda name: None,
+    )
+    a, b = RenewalState.new("a.test"), RenewalState.new("b.test")
+    renewer.states = {"a.test": a, "b.test": b}
+    observed = dict(renewer.states)
+    newer = replace(b, attempts=3)
+    renewer.states["b.test"] = newer  # an attempt ended while the plans were made
+    planned = {"a.test": replace(a, attempts=1), "b.test": replace(b, attempts=1)}
+    renewer._install(observed, planned)
+    assert renewer.states["a.test"].attempts == 1
+    assert renewer.states["b.test"] is newer
