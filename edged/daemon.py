@@ -17,7 +17,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from edged import systemd
+from edged import renewal, systemd
 from edged.admin import (
     AdminStartupError,
     read_token_file,
@@ -46,7 +46,6 @@ from edged.metrics import (
     CertMetric,
     MetricsServerError,
     NameStatus,
-    build_registry,
     start_metrics_server,
 )
 from edged.names import name_of_store_dir
@@ -63,7 +62,7 @@ from edged.reload import (
     watch_changes,
     watch_set,
 )
-from edged.renewal import CertStatus
+from edged.renewal import CertStatus, RenewalState
 from edged.renewer import Renewer
 from edged.sni import SniIndex, build_index
 from edged.sources import SiteCerts, load_site_certs
@@ -404,13 +403,7 @@ class Daemon:
         return merge_counters([self.counters, self.pool.counters()])
 
     def cert_metrics(self) -> list[CertMetric]:
-        if self.config is None:
-            return []
-        return [
-            CertMetric(site.name, b.key_type, b.not_before.timestamp(), b.not_after.timestamp())
-            for site in self.config.sites
-            for b in self.bundles.get(site.index, ())
-        ]
+        return cert_metrics_of(self.config, self.bundles)
 
     def status_text(self) -> str:
         """The one-line summary systemd shows (`systemctl status edged`)."""
@@ -437,10 +430,7 @@ class Daemon:
         systemd.notify(systemd.status_line(text))
 
     def name_statuses(self) -> list[NameStatus]:
-        return [
-            NameStatus(name, view.state.status.value, self.renewer.fallback_active(name))
-            for name, view in self.renewer.views().items()
-        ]
+        return name_statuses_of(self.config, self.bundles, self.renewer.states)
 
     # --- control --------------------------------------------------------------------------
 
@@ -565,7 +555,7 @@ class Daemon:
                 self._inherited.close_unused()
                 if config.listen.metrics is not None:
                     self._metrics = await start_metrics_server(
-                        config.listen.metrics, build_registry(MetricsView(self))
+                        config.listen.metrics, MetricsView(self)
                     )
                 if config.listen.admin is not None:
                     self._admin = await start_admin_server(
@@ -1353,11 +1343,90 @@ class Daemon:
                 log.error("certificate rejected, not served: %s", problem)
 
 
+def cert_metrics_of(
+    config: Config | None, bundles: Mapping[int, Sequence[CertBundle]]
+) -> list[CertMetric]:
+    """The served certificates' dates, per site name and key type."""
+    if config is None:
+        return []
+    return [
+        CertMetric(site.name, b.key_type, b.not_before.timestamp(), b.not_after.timestamp())
+        for site in config.sites
+        for b in bundles.get(site.index, ())
+    ]
+
+
+def name_statuses_of(
+    config: Config | None,
+    bundles: Mapping[int, Sequence[CertBundle]],
+    states: Mapping[str, RenewalState],
+) -> list[NameStatus]:
+    """Each managed name's renewal state and whether it is served a fallback (its previous
+    certificate, renewal having failed)."""
+    now = datetime.now(UTC)
+    statuses = []
+    for name, state in states.items():
+        site = config.site_for(name) if config is not None else None
+        served = bundles.get(site.index) if site is not None else None
+        not_after = served[0].not_after if served else None
+        fallback = renewal.fallback_active(state, not_after, now)
+        statuses.append(NameStatus(name, state.status.value, fallback))
+    return statuses
+
+
+@dataclass(frozen=True)
+class FrozenMetrics:
+    """What one scrape reads of the daemon, taken on the event loop (copies of what changes
+    in place, the config and served bundles as they are: both only ever replaced whole), so
+    that it is rendered in a thread."""
+
+    counters: Counters
+    active: int
+    config: Config | None
+    bundles: Mapping[int, Sequence[CertBundle]]
+    states: Mapping[str, RenewalState]
+    available: bool
+    leftovers: int
+    shared: tuple[int, int] | None
+
+    def connections_active(self) -> int:
+        return self.active
+
+    def cert_metrics(self) -> list[CertMetric]:
+        return cert_metrics_of(self.config, self.bundles)
+
+    def name_statuses(self) -> list[NameStatus]:
+        return name_statuses_of(self.config, self.bundles, self.states)
+
+    def store_available(self) -> bool:
+        return self.available
+
+    def dns01_leftovers(self) -> int:
+        return self.leftovers
+
+    def shared_certs(self) -> tuple[int, int] | None:
+        return self.shared
+
+
 class MetricsView:
     """What /metrics reads: the daemon, with the counters of its worker processes added."""
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
+
+    def frozen(self) -> FrozenMetrics:
+        """This scrape's copy (edged.metrics.freeze): ~10 ms on the loop at 100k names."""
+        d = self.daemon
+        return FrozenMetrics(
+            counters=merge_counters([d.total_counters()]),  # a copy: the loop counts on
+            active=d.connections_active(),
+            config=d.config,
+            bundles=d.bundles,
+            states=dict(d.renewer.states),
+            available=d.store_available(),
+            leftovers=d.dns01_leftovers(),
+            shared=d.shared_certs(),
+        )
 
     @property
     def counters(self) -> Counters:

@@ -8,17 +8,19 @@ memory, so it runs on the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import platform
 import socket
 import ssl
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from aiohttp import web
 from prometheus_client.core import (
@@ -30,6 +32,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
 
 from edged import __version__
 from edged.config import Address
@@ -39,6 +42,18 @@ from edged.errors import EdgedError
 log = logging.getLogger("edged.metrics")
 
 CERT_STATES = ("processing", "active", "failed")  # edged_cert_state{state}: one series each
+
+# The families with a series per name (100k names: ~700k lines), rendered by render_per_name.
+NOT_AFTER_HELP = "Expiry (notAfter) of the certificate served for a name, as a unix timestamp."
+NOT_BEFORE_HELP = (
+    "Start of validity (notBefore) of the certificate served for a name, unix timestamp."
+)
+FALLBACK_HELP = "1 while a name is served its previous certificate because renewal failed, else 0."
+STATE_HELP = (
+    "Renewal state of a name: 1 on the series of its current state "
+    "(processing, active, failed), 0 on the others."
+)
+ATTEMPTS_HELP = "Certificate issuance and renewal attempts per name, by result (success, failure)."
 
 
 @dataclass(frozen=True)
@@ -83,12 +98,15 @@ def openssl_version() -> str:
 class EdgedCollector(Collector):
     """Builds every `edged_*` metric family from a MetricsSource on each scrape."""
 
-    def __init__(self, source: MetricsSource) -> None:
+    def __init__(self, source: MetricsSource, *, per_name: bool = True) -> None:
         self.source = source
+        # False: the families with a series per name are left to render_per_name.
+        self.per_name = per_name
         self.build_labels = (__version__, platform.python_version(), openssl_version())
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._certs()
+        if self.per_name:
+            yield from self._certs()
         yield from self._data_path(self.source.counters, self.source.connections_active())
         yield from self._renewal(self.source.counters)
         yield from self._reloads(self.source.counters)
@@ -125,36 +143,19 @@ class EdgedCollector(Collector):
 
     def _certs(self) -> Iterator[Metric]:
         not_after = GaugeMetricFamily(
-            "edged_cert_not_after_seconds",
-            "Expiry (notAfter) of the certificate served for a name, as a unix timestamp.",
-            labels=["name", "key_type"],
+            "edged_cert_not_after_seconds", NOT_AFTER_HELP, labels=["name", "key_type"]
         )
         not_before = GaugeMetricFamily(
-            "edged_cert_not_before_seconds",
-            "Start of validity (notBefore) of the certificate served for a name, unix timestamp.",
-            labels=["name", "key_type"],
+            "edged_cert_not_before_seconds", NOT_BEFORE_HELP, labels=["name", "key_type"]
         )
-        # A dict per label set: a duplicate from the source must not become a duplicate series.
-        certs = {(c.name, c.key_type): c for c in self.source.cert_metrics()}
-        for (name, key_type), cert in sorted(certs.items()):
+        for (name, key_type), cert in _certs_by_series(self.source):
             not_after.add_metric([name, key_type], cert.not_after)
             not_before.add_metric([name, key_type], cert.not_before)
         yield not_after
         yield not_before
-
-        fallback = GaugeMetricFamily(
-            "edged_cert_fallback_active",
-            "1 while a name is served its previous certificate because renewal failed, else 0.",
-            labels=["name"],
-        )
-        state = GaugeMetricFamily(
-            "edged_cert_state",
-            "Renewal state of a name: 1 on the series of its current state "
-            "(processing, active, failed), 0 on the others.",
-            labels=["name", "state"],
-        )
-        statuses = {s.name: s for s in self.source.name_statuses()}
-        for name, status in sorted(statuses.items()):
+        fallback = GaugeMetricFamily("edged_cert_fallback_active", FALLBACK_HELP, labels=["name"])
+        state = GaugeMetricFamily("edged_cert_state", STATE_HELP, labels=["name", "state"])
+        for name, status in _statuses_by_name(self.source):
             fallback.add_metric([name], 1 if status.fallback_active else 0)
             for candidate in CERT_STATES:
                 state.add_metric([name, candidate], 1 if status.state == candidate else 0)
@@ -227,17 +228,14 @@ class EdgedCollector(Collector):
         )
 
     def _renewal(self, c: Counters) -> Iterator[Metric]:
-        attempts = CounterMetricFamily(
-            "edged_renewal_attempts",
-            "Certificate issuance and renewal attempts per name, by result (success, failure).",
-            labels=["name", "result"],
-        )
-        # Both results for every name seen, so increase(...{result="failure"}) has a series.
-        names = {name for name, _ in c.renewal_attempts}
-        for name in sorted(names):
-            for result in RENEWAL_RESULTS:
-                attempts.add_metric([name, result], c.renewal_attempts[name, result])
-        yield attempts
+        if self.per_name:
+            attempts = CounterMetricFamily(
+                "edged_renewal_attempts", ATTEMPTS_HELP, labels=["name", "result"]
+            )
+            for name in _attempted_names(c):
+                for result in RENEWAL_RESULTS:
+                    attempts.add_metric([name, result], c.renewal_attempts[name, result])
+            yield attempts
         alpn = CounterMetricFamily(
             "edged_acme_tls_alpn_handshakes",
             "TLS-ALPN-01 validation connections (ALPN exactly acme-tls/1) by result: answered "
@@ -303,11 +301,14 @@ class EdgedCollector(Collector):
         yield durations
 
 
-def build_registry(source: MetricsSource, *, process: bool = True) -> CollectorRegistry:
+def build_registry(
+    source: MetricsSource, *, process: bool = True, per_name: bool = True
+) -> CollectorRegistry:
     """A fresh registry (not prometheus-client's global one) with the edged collector and,
-    unless `process` is False, the process_* metrics (memory, CPU, open files)."""
+    unless `process` is False, the process_* metrics (memory, CPU, open files); `per_name`
+    False leaves out the families with a series per name (render_per_name writes them)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(EdgedCollector(source))
+    registry.register(EdgedCollector(source, per_name=per_name))
     if process:
         ProcessCollector(registry=registry)
     return registry
@@ -324,10 +325,101 @@ INDEX_HTML = (
 )
 
 
-def build_app(registry: CollectorRegistry) -> web.Application:
+def freeze(source: MetricsSource) -> MetricsSource:
+    """What one scrape reads of `source`, taken on the event loop so that rendering it can
+    run in a thread: the source's own `frozen()` (copies of what changes in place, references
+    to what is only ever replaced), else `source` itself."""
+    frozen = getattr(source, "frozen", None)
+    return frozen() if callable(frozen) else source
+
+
+def scrape(source: MetricsSource, *, process: bool = True) -> bytes:
+    """The text exposition of a frozen source: what `render(build_registry(source))` gives,
+    the families with a series per name written directly (blocking)."""
+    return render_per_name(source) + render(build_registry(source, process=process, per_name=False))
+
+
+# In the order the source gives (the config's): not sorted, as one sort of 100k series holds
+# the interpreter's lock for ~0.1 s, which the data path (on the event loop) would wait for.
+
+
+def _certs_by_series(source: MetricsSource) -> list[tuple[tuple[str, str], CertMetric]]:
+    # A dict per label set: a duplicate from the source must not become a duplicate series.
+    return list({(c.name, c.key_type): c for c in source.cert_metrics()}.items())
+
+
+def _statuses_by_name(source: MetricsSource) -> list[tuple[str, NameStatus]]:
+    return list({s.name: s for s in source.name_statuses()}.items())
+
+
+def _attempted_names(c: Counters) -> list[str]:
+    # Both results for every name seen, so increase(...{result="failure"}) has a series.
+    return list(dict.fromkeys(name for name, _ in c.renewal_attempts))
+
+
+# How prometheus-client writes a value (as Go does: 1.8e+09, 3.0); typed here.
+_go_float = cast(Callable[[float], str], floatToGoString)
+_ONE, _ZERO = _go_float(1), _go_float(0)
+_count_text = functools.lru_cache(maxsize=1024)(_go_float)  # counts repeat, timestamps do not
+
+
+def _label(value: str) -> str:
+    """A label value escaped for the text format (names from the config rarely need it)."""
+    if "\\" in value or '"' in value or "\n" in value:
+        return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return value
+
+
+def _family(name: str, help_text: str, kind: str) -> str:
+    doc = help_text.replace("\\", "\\\\").replace("\n", "\\n")
+    return f"# HELP {name} {doc}\n# TYPE {name} {kind}\n"
+
+
+def render_per_name(source: MetricsSource) -> bytes:
+    """The families with a series per name, as generate_latest writes them (labels in name
+    order, values as Go formats floats), ~5x faster than building them as Metric objects:
+    at 100k names a scrape cost ~5 s of CPU that way."""
+    out: list[str] = []
+    certs = _certs_by_series(source)
+    labels = [f'key_type="{_label(k)}",name="{_label(n)}"' for (n, k), _ in certs]
+    out.append(_family("edged_cert_not_after_seconds", NOT_AFTER_HELP, "gauge"))
+    out.extend(
+        f"edged_cert_not_after_seconds{{{label}}} {_go_float(cert.not_after)}\n"
+        for label, (_, cert) in zip(labels, certs, strict=True)
+    )
+    out.append(_family("edged_cert_not_before_seconds", NOT_BEFORE_HELP, "gauge"))
+    out.extend(
+        f"edged_cert_not_before_seconds{{{label}}} {_go_float(cert.not_before)}\n"
+        for label, (_, cert) in zip(labels, certs, strict=True)
+    )
+    statuses = _statuses_by_name(source)
+    names = [_label(name) for name, _ in statuses]
+    out.append(_family("edged_cert_fallback_active", FALLBACK_HELP, "gauge"))
+    out.extend(
+        f'edged_cert_fallback_active{{name="{name}"}} {_ONE if status.fallback_active else _ZERO}\n'
+        for name, (_, status) in zip(names, statuses, strict=True)
+    )
+    out.append(_family("edged_cert_state", STATE_HELP, "gauge"))
+    for name, (_, status) in zip(names, statuses, strict=True):
+        for candidate in CERT_STATES:
+            value = _ONE if status.state == candidate else _ZERO
+            out.append(f'edged_cert_state{{name="{name}",state="{candidate}"}} {value}\n')
+    c = source.counters
+    out.append(_family("edged_renewal_attempts_total", ATTEMPTS_HELP, "counter"))
+    for name in _attempted_names(c):
+        escaped = _label(name)
+        for result in RENEWAL_RESULTS:
+            n = _count_text(c.renewal_attempts[name, result])
+            out.append(f'edged_renewal_attempts_total{{name="{escaped}",result="{result}"}} {n}\n')
+    return "".join(out).encode()
+
+
+def build_app(source: MetricsSource) -> web.Application:
     async def metrics(request: web.Request) -> web.Response:
         try:
-            body = render(registry)
+            # Rendered in a thread: with 100k names a scrape takes ~2 s of CPU, which the
+            # data path used to wait for on every scrape.
+            body = await asyncio.to_thread(scrape, freeze(source))
         except Exception as exc:
             log.error("metrics: collection failed: %s: %s", type(exc).__name__, exc)
             return web.Response(
@@ -381,10 +473,10 @@ def _bind_unix(path: str) -> socket.socket:
     return sock
 
 
-async def start_metrics_server(address: Address, registry: CollectorRegistry) -> web.AppRunner:
-    """Serve GET /metrics (and a small index at /) on `address`; stop with `runner.cleanup()`.
-    Raises MetricsServerError when the address cannot be used."""
-    runner = web.AppRunner(build_app(registry), access_log=None, handle_signals=False)
+async def start_metrics_server(address: Address, source: MetricsSource) -> web.AppRunner:
+    """Serve GET /metrics of `source` (and a small index at /) on `address`; stop with
+    `runner.cleanup()`. Raises MetricsServerError when the address cannot be used."""
+    runner = web.AppRunner(build_app(source), access_log=None, handle_signals=False)
     await runner.setup()
     try:
         site: web.BaseSite

@@ -27,7 +27,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, TypeVar
 
@@ -327,14 +327,6 @@ async def _wait_any(events: Iterable[asyncio.Event], seconds: float) -> None:
             waiter.cancel()
 
 
-@dataclass
-class NameView:
-    """What status output and metrics show for one managed name."""
-
-    state: RenewalState
-    serving: CertBundle | None
-
-
 class Renewer:
     def __init__(
         self,
@@ -587,9 +579,6 @@ class Renewer:
         self._forced.add(name)
         self._wake.set()
         return state
-
-    def views(self) -> dict[str, NameView]:
-        return {n: NameView(s, self.serving(n)) for n, s in sorted(self.states.items())}
 
     def fallback_active(self, name: str) -> bool:
         state = self.states.get(name)

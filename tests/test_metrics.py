@@ -37,6 +37,8 @@ from edged.metrics import (
     build_registry,
     openssl_version,
     render,
+    render_per_name,
+    scrape,
     start_metrics_server,
 )
 from tests.conftest import free_port, run_cmd
@@ -146,7 +148,7 @@ def histogram_samples(text: str, name: str) -> list[Sample]:
 async def serving(source: FakeSource, address: Address | None = None) -> AsyncIterator[str]:
     """Run the metrics server; yields its base URL (TCP) or "unix" for a unix socket."""
     address = address or Address("127.0.0.1", free_port())
-    runner = await start_metrics_server(address, build_registry(source))
+    runner = await start_metrics_server(address, source)
     try:
         yield "http://localhost" if address.is_unix else f"http://127.0.0.1:{address.port}"
     finally:
@@ -319,13 +321,13 @@ async def test_unix_socket_replaces_a_stale_one_but_not_a_live_one(tmp_path: Pat
         status, _, _ = await get("http://localhost/metrics", unix=str(path))
         assert status == 200
         with pytest.raises(MetricsServerError, match="another process listens"):
-            await start_metrics_server(Address(path=str(path)), build_registry(FakeSource()))
+            await start_metrics_server(Address(path=str(path)), FakeSource())
         status, _, _ = await get("http://localhost/metrics", unix=str(path))
         assert status == 200
     regular = tmp_path / "not-a-socket"
     regular.write_text("keep me")
     with pytest.raises(MetricsServerError, match="not a socket"):
-        await start_metrics_server(Address(path=str(regular)), build_registry(FakeSource()))
+        await start_metrics_server(Address(path=str(regular)), FakeSource())
     assert regular.read_text() == "keep me"
 
 
@@ -335,7 +337,7 @@ async def test_port_in_use_is_a_clear_error() -> None:
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(MetricsServerError, match=f"127.0.0.1:{port}.*another process"):
-            await start_metrics_server(Address("127.0.0.1", port), build_registry(FakeSource()))
+            await start_metrics_server(Address("127.0.0.1", port), FakeSource())
 
 
 async def test_collector_exception_is_a_500_and_a_log_line(
@@ -429,3 +431,35 @@ def test_latency_histogram_timed_and_bounds() -> None:
             LatencyHistogram(bad)
     with pytest.raises(ValueError, match="different bounds"):
         hist.add(LatencyHistogram())
+
+
+def test_the_fast_per_name_rendering_writes_what_prometheus_client_writes() -> None:
+    """scrape() (what the server answers) writes the families with a series per name itself;
+    it must say exactly what rendering them as Metric objects says, escaping included."""
+    source = filled_source()
+    odd = 'we"ird\\name\nx'  # never a configured name, but the writer must not break on it
+    source.certs.append(CertMetric(odd, "ecdsa-p256", 1.5e9, 1.6e9))
+    source.statuses.append(NameStatus(odd, "processing", False))
+    source.counters.renewal_attempts[odd, "failure"] += 1
+    slow = render(build_registry(source, process=False)).decode()
+    fast = scrape(source, process=False).decode()
+
+    def families(text: str) -> dict[str, str]:
+        """Each family's lines (HELP, TYPE, samples) as one block, by family name."""
+        blocks: dict[str, list[str]] = {}
+        for line in text.splitlines():
+            if line.startswith("# HELP "):
+                current = line.split(" ")[2]
+            blocks.setdefault(current, []).append(line)
+        return {name: "\n".join(lines) for name, lines in blocks.items()}
+
+    assert families(fast) == families(slow)
+    per_name = render_per_name(source).decode()
+    assert 'edged_cert_state{name="we\\"ird\\\\name\\nx",state="processing"} 1.0' in per_name
+    assert {f.name for f in text_string_to_metric_families(per_name)} == {
+        "edged_cert_not_after_seconds",
+        "edged_cert_not_before_seconds",
+        "edged_cert_fallback_active",
+        "edged_cert_state",
+        "edged_renewal_attempts",
+    }
