@@ -7,14 +7,18 @@ can be read even when the crypto library changes its mind about a certificate.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeAlias, runtime_checkable
+
+from edged.errors import StoreError
 
 # Key types become file names (fullchain.<key_type>.pem): keep them to a safe alphabet.
 KEY_TYPE_PATTERN = re.compile(r"[a-z0-9-]{1,32}")
 SOURCES = frozenset({"acme", "upload"})
+# What Store.load_states gives per name: the state, None when absent, or why it is unreadable.
+StateRead: TypeAlias = dict[str, object] | StoreError | None
 
 
 def _empty_extra() -> Mapping[str, str]:
@@ -117,6 +121,13 @@ class Store(Protocol):
 
     def load_state(self, name: str) -> dict[str, object] | None:
         """Renewal state saved by save_state; None when absent; StoreError when corrupt."""
+        ...
+
+    def load_states(self, names: Sequence[str]) -> dict[str, StateRead]:
+        """load_state of each of `names` at once, keyed by the names as given: the state, None
+        when absent, or the StoreError that name's load_state would raise (one bad name does
+        not fail the others). A store may read them in batches (Redis: one round trip per
+        STATES_BATCH names)."""
         ...
 
     def save_state(self, name: str, state: Mapping[str, object]) -> None:

@@ -29,13 +29,13 @@ import re
 import secrets
 import shutil
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from edged.errors import StoreError
 from edged.names import NameError_, covers, name_from_dirname, normalize_name, store_dirname
-from edged.store.base import KEY_TYPE_PATTERN, PemPair, StoredCert
+from edged.store.base import KEY_TYPE_PATTERN, PemPair, StateRead, StoredCert
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,16 @@ class FileStore:
         if not isinstance(state, dict):
             raise StoreError(f"renewal state {path} is not a JSON object; delete it to start over")
         return state
+
+    def load_states(self, names: Sequence[str]) -> dict[str, StateRead]:
+        """load_state of each name, one by one (files: nothing to batch)."""
+        found: dict[str, StateRead] = {}
+        for name in names:
+            try:
+                found[name] = self.load_state(name)
+            except StoreError as exc:
+                found[name] = exc
+        return found
 
     def save_state(self, name: str, state: Mapping[str, object]) -> None:
         name, dirname = _checked(name)

@@ -1,0 +1,262 @@
+"""Renewal states of many names in a fleet, against a real redis-server: a configure (each
+full reload and each fleet resync) reads every state it needs in one batch per STATES_BATCH
+names, not one GET (and one thread hop) per name, with the same result as the reads one by one
+(new, known, adopted, forced, in flight under another node's lease, interrupted, corrupt); a
+node's start does not save (and publish, for every other node to read again) states it found
+as they are; states announced over pub/sub are read in batches too."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import redis
+
+from edged.config import Config, parse_config
+from edged.counters import Counters
+from edged.errors import StoreError
+from edged.http01 import ChallengeBoard
+from edged.renewal import CertStatus, RenewalState
+from edged.renewer import Renewer
+from edged.store.files import FileStore
+from edged.store.redis import STATES_BATCH, RedisStore
+from edged.tlsalpn import AlpnChallengeBoard
+from tests.redis_server import RedisServer
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+def fleet_config(tmp_path: Path, url: str, names: list[str], prefix: str = "states") -> Config:
+    sites = "".join(f'[[site]]\nnames = ["{n}"]\nbackend = "127.0.0.1:9"\n' for n in names)
+    return parse_config(
+        f"""
+[edged]
+store = "{url}"
+store_local = "local"
+redis_prefix = "{prefix}"
+[acme]
+directory = "https://127.0.0.1:9/dir"
+email = "ops@shop.test"
+preflight = false
+{sites}""",
+        tmp_path / "edged.toml",
+    )
+
+
+def new_renewer() -> Renewer:
+    async def installed(_name: str) -> None:
+        return None
+
+    return Renewer(
+        board=ChallengeBoard(),
+        alpn_board=AlpnChallengeBoard(),
+        counters=Counters(),
+        on_installed=installed,
+        serving=lambda _name: None,
+    )
+
+
+def failing(name: str, attempts: int, **changes: object) -> RenewalState:
+    """A name whose renewal fails (PROCESSING: without a served certificate a configure
+    leaves it as it is), next try in a day."""
+    fields: dict[str, object] = {
+        "status": CertStatus.PROCESSING,
+        "attempts": attempts,
+        "last_error": {"message": "boom"},
+        "last_attempt": NOW - timedelta(hours=1),
+        "next_try": NOW + timedelta(days=1),
+        "failing_since": NOW - timedelta(hours=2),
+    }
+    return RenewalState(name=name, **{**fields, **changes})  # type: ignore[arg-type]
+
+
+def commands(client: redis.Redis) -> dict[str, int]:
+    stats = client.info("commandstats")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+
+
+def counted(client: redis.Redis, before: dict[str, int]) -> dict[str, int]:
+    after = commands(client)
+    return {
+        k: n - before.get(k, 0)
+        for k, n in after.items()
+        if n - before.get(k, 0)
+        and k not in ("info", "config|resetstat", "hello")  # the counting, new connections
+        and not k.startswith("client|")
+    }
+
+
+def test_load_states_matches_load_state_and_batches(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Present, absent, corrupt and invalid names give what load_state gives (a corrupt one
+    its StoreError, not the others'); 2,500 names are 3 MGETs and no GET; with Redis gone the
+    local copy answers, as load_state's does."""
+    store = RedisStore(redis_server.url, FileStore(tmp_path / "local"), prefix="ls")
+    names = [f"n{i}.shop.test" for i in range(2500)]
+    for name in names[:2000]:
+        store.save_state(name, failing(name, 1).to_json())
+    client = redis_server.client()
+    client.set("ls:state:corrupt.shop.test", b"{not json")
+    asked = [*names, "corrupt.shop.test", "bad name!"]
+    client.config_resetstat()
+    before = commands(client)
+    found = store.load_states(asked)
+    assert counted(client, before) == {"mget": -(-2501 // STATES_BATCH)}  # 3, one per batch
+    assert set(found) == set(asked)
+    for name in names:
+        assert found[name] == store.load_state(name)
+    assert found[names[0]] == json.loads(json.dumps(failing(names[0], 1).to_json()))
+    assert found[names[-1]] is None
+    for name in ("corrupt.shop.test", "bad name!"):
+        error = found[name]
+        assert isinstance(error, StoreError)
+        try:
+            store.load_state(name)
+        except StoreError as exc:
+            assert str(exc) == str(error)
+        else:
+            raise AssertionError(f"load_state({name!r}) did not fail")
+    assert "corrupt" in str(found["corrupt.shop.test"])
+    # The file store's plain loop gives the same (its local copy: what save_state wrote).
+    local = store.local.load_states(names[:3])
+    assert local == {n: store.load_state(n) for n in names[:3]}
+
+    redis_server.stop()
+    try:
+        down = store.load_states(names[:1500])
+        assert down == {n: store.local.load_state(n) for n in names[:1500]}
+        assert store.available is False
+    finally:
+        redis_server.start_again()
+
+
+async def test_configure_reads_states_in_batches_with_the_per_name_result(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The cases a configure meets, read in one batch, end as the reads one by one made them
+    end: new (saved), known and unchanged (left as stored, not saved nor published again),
+    interrupted (a failed attempt, saved), in flight under another node's live lease (looked
+    at again in 5 s), corrupt (started over). At the next configure (a resync): a state
+    another node saved newer is adopted, one older is not, a forced name keeps its attempt
+    unless the fleet renewed it."""
+    store = RedisStore(redis_server.url, FileStore(tmp_path / "local"), prefix="states")
+    other = RedisStore(redis_server.url, FileStore(tmp_path / "other"), prefix="states")
+    client = redis_server.client()
+    names = ["new.test", "known.test", "interrupted.test", "leased.test", "corrupt.test"]
+    names += ["adopted.test", "older.test", "forced.test", "renewed.test"]
+    for name in names[5:]:
+        other.save_state(name, failing(name, 1).to_json())
+    other.save_state("known.test", failing("known.test", 2).to_json())
+    other.save_state("interrupted.test", failing("interrupted.test", 1, in_flight=True).to_json())
+    other.save_state("leased.test", failing("leased.test", 1, in_flight=True).to_json())
+    assert other.acquire_lease("leased.test", 30, "other-node")
+    client.set("states:state:corrupt.test", b"[]")
+    config = fleet_config(tmp_path, redis_server.url, names)
+
+    # What the per-name read gives, to compare with.
+    reader = new_renewer()
+    reader.store = store
+    one_by_one = {n: reader._load_state_read(n) for n in names}
+    assert reader._load_states(names) == one_by_one
+
+    renewer = new_renewer()
+    client.config_resetstat()
+    before = commands(client)
+    await renewer.configure(config, store)
+    used = counted(client, before)
+    assert used.get("mget") == 1
+    states = renewer.states
+    # Saved: new, interrupted, leased (its next look), corrupt (started over); not the rest.
+    assert used.get("publish") == 4, used
+    assert states["new.test"] == RenewalState.new("new.test")
+    assert states["known.test"] == one_by_one["known.test"][0]
+    assert store.load_state("known.test") == failing("known.test", 2).to_json()
+    assert store.local.load_state("known.test") == failing("known.test", 2).to_json()
+    interrupted = states["interrupted.test"]
+    assert interrupted.attempts == 2 and not interrupted.in_flight
+    assert store.load_state("interrupted.test") == interrupted.to_json()
+    leased = states["leased.test"]
+    assert not leased.in_flight and leased.attempts == 1
+    assert leased.next_try is not None and leased.next_try <= datetime.now(UTC) + timedelta(
+        seconds=6
+    )
+    assert states["corrupt.test"] == RenewalState.new("corrupt.test")
+
+    # Another node's attempts: adopted.test and renewed.test newer; older.test older.
+    renewer.force("forced.test")
+    other.save_state(
+        "adopted.test",
+        failing("adopted.test", 2, last_attempt=NOW - timedelta(minutes=1)).to_json(),
+    )
+    other.save_state(
+        "older.test", failing("older.test", 3, last_attempt=NOW - timedelta(days=1)).to_json()
+    )
+    other.save_state(
+        "forced.test", failing("forced.test", 2, last_attempt=NOW - timedelta(minutes=1)).to_json()
+    )
+    renewed = RenewalState(
+        name="renewed.test",
+        status=CertStatus.ACTIVE,
+        last_success=NOW,
+        last_attempt=NOW,
+        next_try=NOW + timedelta(days=30),
+        issued_by="other-node",
+    )
+    other.save_state("renewed.test", renewed.to_json())
+    forced = renewer.states["forced.test"]
+    renewer.force("renewed.test")
+    client.config_resetstat()
+    before = commands(client)
+    await renewer.configure(config, store)  # a resync
+    used = counted(client, before)
+    assert used.get("mget") == 1 and "publish" not in used and "set" not in used, used
+    assert states["adopted.test"].attempts == 2
+    assert states["older.test"].attempts == 1
+    assert states["forced.test"] == forced  # `edged renew` here stands
+    # ... unless the fleet renewed it meanwhile (served nothing here, it is due again).
+    assert states["renewed.test"].last_success == NOW
+    assert states["renewed.test"].issued_by == "other-node"
+    assert "renewed.test" not in renewer._forced and "forced.test" in renewer._forced
+
+
+async def test_a_configure_of_many_names_is_a_round_trip_per_batch(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """2,500 managed names whose states the fleet holds: the node's start reads them in 3
+    MGETs and saves none of them (each was a GET, a SET and a PUBLISH, and every other node
+    read each one again); a resync reads them in 3 MGETs (was 2,500 GETs). The GETs left are
+    the certificate lookups of managed_sites."""
+    names = [f"n{i}.shop.test" for i in range(2500)]
+    client = redis_server.client()
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.set(f"many:state:{name}", json.dumps(failing(name, 1).to_json(), sort_keys=True))
+    pipe.execute()
+    store = RedisStore(redis_server.url, FileStore(tmp_path / "local"), prefix="many")
+    config = fleet_config(tmp_path, redis_server.url, names, prefix="many")
+    renewer = new_renewer()
+    batches = -(-len(names) // STATES_BATCH)
+    for _ in ("start", "resync"):
+        client.config_resetstat()
+        before = commands(client)
+        await renewer.configure(config, store)
+        used = counted(client, before)
+        assert used == {"get": len(names), "mget": batches}, used
+    assert len(renewer.states) == len(names)
+    assert all(renewer.states[n] == failing(n, 1) for n in names)
+    # The node's local copy (for an outage) holds them, without a write to Redis.
+    assert store.local.load_state(names[-1]) == failing(names[-1], 1).to_json()
+
+    # States announced over pub/sub (another node's attempts) are read in batches too.
+    for name in names:
+        newer = failing(name, 2, last_attempt=NOW - timedelta(minutes=1))
+        pipe.set(f"many:state:{name}", json.dumps(newer.to_json(), sort_keys=True))
+        renewer.note_shared_state(name)
+    pipe.execute()
+    client.config_resetstat()
+    before = commands(client)
+    await renewer._adopt_shared_states()
+    assert counted(client, before) == {"mget": batches}
+    assert all(renewer.states[n].attempts == 2 for n in names)
