@@ -6,12 +6,20 @@ so edged watches the directories that hold each configured file (and the directo
 points into), and filters events down to the paths it cares about. A cert and its key written a
 few milliseconds apart arrive in one debounced batch; if they still do not match, validation
 keeps the old pair and the next write triggers another reload.
+
+A path can also come to name another file with no change in those directories: a directory on
+the way renamed or replaced (a deploy renaming a new tree into place, or removing one and
+creating it again), or a symlinked directory switched (`current -> releases/2`, Kubernetes'
+`..data`). So the directories above the files, and those holding the symlinks passed on the way,
+are watched for their entries named anew (WatchSet.lookups); such a change reloads everything
+and the watch starts again on the paths as they resolve now.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -19,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edged.config import Config, config_files
-from edged.inotify import IN_CREATE, Inotify, InotifyError
+from edged.inotify import IN_CREATE, IN_NAMED, NAMES_MASK, WATCH_MASK, Inotify, InotifyError
 from edged.names import store_dirname
 
 log = logging.getLogger("edged.reload")
@@ -40,6 +48,10 @@ class WatchSet:
     # What is watched of the store, not recursively: the store and its live/ (when it exists).
     # The store's writers touch live/<name> after writing it (edged.store.files._announce).
     store_dirs: frozenset[Path] = frozenset()
+    # Every other name looked up to reach the files and the store (see _lookups): the
+    # directories above them and the symlinks passed on the way. One of them named anew
+    # (created, removed, renamed, replaced) changes what the paths name.
+    lookups: frozenset[Path] = frozenset()
 
     def relevant(self, path: Path) -> bool:
         if path in self.files:
@@ -65,12 +77,52 @@ def watch_set(config: Config, config_path: Path) -> WatchSet:
         trees.add(store.absolute())
     trees = {t for t in trees if _is_dir(t)}
     store_dirs = trees | {t / "live" for t in trees if _is_dir(t / "live")}
+    lookups: set[Path] = set()
+    for path in files | trees:
+        lookups.update(_lookups(path))
     return WatchSet(
         frozenset(d for d in dirs if _is_dir(d)),
         frozenset(files),
         frozenset(trees),
         frozenset(store_dirs),
+        frozenset(lookups - files),
     )
+
+
+MAX_SYMLINKS = 40  # as the kernel follows at most (ELOOP beyond)
+
+
+def _lookups(path: Path) -> list[Path]:
+    """Each name the kernel looks up to resolve `path`, as the path of the directory it is
+    looked up in (that directory's own path resolved: a real directory, watchable) joined
+    with the name: every directory above it and every symlink it passes, up to the first
+    name that does not exist (its creation is what changes the path then). Blocking."""
+    seen: list[Path] = []
+    pending = list(reversed(path.parts[1:]))  # absolute: parts[0] is "/"
+    current = Path("/")
+    hops = 0
+    while pending:
+        part = pending.pop()
+        if part == "..":
+            current = current.parent
+            continue
+        entry = current / part
+        seen.append(entry)
+        try:
+            target = os.readlink(entry)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # missing, or not searchable: it ends here
+                break
+            current = entry  # not a symlink
+            continue
+        hops += 1
+        if hops > MAX_SYMLINKS:
+            break
+        link = Path(target)
+        if link.is_absolute():
+            current = Path("/")
+        pending.extend(reversed(link.parts[1:] if link.is_absolute() else link.parts))
+    return seen
 
 
 def _is_dir(path: Path) -> bool:
@@ -175,15 +227,18 @@ async def watch_changes(
     what is there now."""
     # Nothing recursive: a config dir may hold much else, and the store may hold 100k
     # directories (see WatchSet.store_dirs).
-    roots = sorted((watch.dirs - watch.trees) | watch.store_dirs)
+    roots = (watch.dirs - watch.trees) | watch.store_dirs
+    above = {entry.parent for entry in watch.lookups} - roots
     live_dirs = {tree / "live" for tree in watch.trees}
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
     batch = Debounce()
     with Inotify() as inotify:
-        for directory in roots:
+        for directory, mask in [(d, NAMES_MASK) for d in sorted(above)] + [
+            (d, WATCH_MASK) for d in sorted(roots)
+        ]:
             try:
-                inotify.add(directory)
+                inotify.add(directory, mask)
             except InotifyError:
                 raise
             except OSError as exc:  # gone or unreadable: the load reports its files
@@ -213,6 +268,11 @@ async def watch_changes(
                                 )
                                 for path in _lost(watch, event.path):
                                     batch.add(path, now, quick=False)
+                            elif event.path in watch.lookups and event.mask & IN_NAMED:
+                                # The paths name other files now: everything.
+                                lost = lost or f"{event.path} was created, removed or renamed"
+                                for path in _lost(watch, None):
+                                    batch.add(path, now, quick=False)
                             elif watch.relevant(event.path):
                                 quick = event.path.parent in live_dirs and not (
                                     event.mask & IN_CREATE
@@ -235,11 +295,11 @@ async def _set_when(stop: asyncio.Event, wake: asyncio.Event) -> None:
 
 
 def _lost(watch: WatchSet, directory: Path | None) -> set[Path]:
-    """What may have changed unseen: everything (the event queue overflowed: None) or what
-    lies in `directory` (its watch ended)."""
+    """What may have changed unseen: everything (None: the event queue overflowed, or a path
+    names another file now) or what lies below `directory` (its watch ended)."""
     everything = set(watch.files) | set(watch.trees)
     if directory is None:
         return everything
-    return {path for path in everything if path == directory or path.parent == directory} | (
-        {tree for tree in watch.trees if directory in (tree, tree / "live")}
+    return {path for path in everything if path == directory or directory in path.parents} | (
+        {tree for tree in watch.trees if directory == tree / "live"}
     )

@@ -28,7 +28,7 @@ from edged.inotify import (
     Inotify,
     parse_events,
 )
-from edged.reload import DEBOUNCE, QUIET, Debounce, WatchSet, watch_changes
+from edged.reload import DEBOUNCE, QUIET, Debounce, WatchSet, _lookups, watch_changes
 from edged.store import FileStore, PemPair, StoredCert
 from tests.pki import fullchain, make_ca, make_leaf
 
@@ -183,6 +183,63 @@ async def test_a_watched_directory_replaced_ends_the_watch_after_its_files(
         os.rename(cert.parent, tmp_path / "conf.old")
         batch = await asyncio.wait_for(batches.get(), 5)
         assert {cert, key, cert.parent / "edged.toml"} <= batch
+        await asyncio.wait_for(task, 5)  # returned on its own (stop is not set)
+
+
+def test_the_names_on_the_way_to_a_file_are_its_lookups(tmp_path: Path) -> None:
+    """Every directory above the file and every symlink passed (relative ones resolved from
+    where they are), by the real path of the directory each is looked up in; a missing name
+    ends the walk (its creation is what changes the path)."""
+    (tmp_path / "..2024_v1").mkdir()
+    (tmp_path / "..2024_v1" / "tls.crt").write_text("x")
+    (tmp_path / "..data").symlink_to("..2024_v1")
+    (tmp_path / "tls.crt").symlink_to("..data/tls.crt")
+    (tmp_path / "mnt").symlink_to(tmp_path)
+    parents = list(reversed(tmp_path.parents))[1:]  # without "/"
+    assert _lookups(tmp_path / "mnt" / "tls.crt") == [
+        *parents,
+        tmp_path,
+        tmp_path / "mnt",
+        *parents,  # mnt's absolute target, from "/" again
+        tmp_path,
+        tmp_path / "tls.crt",
+        tmp_path / "..data",
+        tmp_path / "..2024_v1",
+        tmp_path / "..2024_v1" / "tls.crt",
+    ]
+    assert _lookups(tmp_path / "missing" / "deeper" / "x.pem") == [
+        *parents,
+        tmp_path,
+        tmp_path / "missing",
+    ]
+
+
+async def test_a_symlink_on_the_way_switched_ends_the_watch_after_everything(
+    tmp_path: Path,
+) -> None:
+    """Kubernetes' secret volume: tls.crt -> ..data/tls.crt, ..data -> ..<version>, updated by
+    renaming a new ..data over: the file's path names another file from then on, with no
+    change to the file watched. Everything is reported and the watcher returns (to start
+    again on the paths as they resolve now)."""
+    old, new = tmp_path / "..v1", tmp_path / "..v2"
+    for version in (old, new):
+        version.mkdir()
+        (version / "tls.crt").write_text(version.name)
+    (tmp_path / "..data").symlink_to(old.name)
+    cert = tmp_path / "tls.crt"
+    cert.symlink_to("..data/tls.crt")
+    real = old / "tls.crt"
+    lookups = {*_lookups(cert), *_lookups(real)} - {cert, real}
+    watch = WatchSet(
+        dirs=frozenset({tmp_path, old}),
+        files=frozenset({cert, real}),
+        trees=frozenset(),
+        lookups=frozenset(lookups),
+    )
+    async with watching(watch) as (batches, task):
+        (tmp_path / "..data_tmp").symlink_to(new.name)
+        os.rename(tmp_path / "..data_tmp", tmp_path / "..data")
+        assert await asyncio.wait_for(batches.get(), 5) == {cert, real}
         await asyncio.wait_for(task, 5)  # returned on its own (stop is not set)
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import shutil
 import socket
 import sys
 from collections.abc import AsyncIterator
@@ -125,6 +126,84 @@ async def test_a_directory_of_certs_swapped_by_rename_is_followed(tmp_path: Path
         cert.write_bytes(c2.read_bytes())
         key.write_bytes(k2.read_bytes())
         assert await wait_for("dir-2", edged, "r.example.test") < 3
+
+
+def deploy(directory: Path, stem: str, cn: str) -> None:
+    """A release directory holding fullchain.pem and privkey.pem for r.example.test."""
+    directory.mkdir(parents=True)
+    c, k = pair(directory.parent, stem, cn)
+    (directory / "fullchain.pem").write_bytes(c.read_bytes())
+    (directory / "privkey.pem").write_bytes(k.read_bytes())
+
+
+async def test_a_symlinked_directory_switched_to_another_release_is_followed(
+    tmp_path: Path,
+) -> None:
+    """cert_file is reached through a symlinked directory (`current -> releases/1`, a deploy
+    switching releases): switching the link changes what the path names although no file in a
+    watched directory changed; edged reloads, and follows the new release from then on."""
+    releases = tmp_path / "releases"
+    deploy(releases / "1", "r1", "release-1")
+    deploy(releases / "2", "r2", "release-2")
+    current = tmp_path / "current"
+    current.symlink_to(releases / "1")
+    cert, key = current / "fullchain.pem", current / "privkey.pem"
+    async with (
+        run_backend() as backend,
+        run_edged(tmp_path, cert_site(backend.address, cert, key)) as edged,
+    ):
+        assert await served_cn(edged, "r.example.test") == "release-1"
+        await asyncio.sleep(0.5)  # past the start's catch-up: only the watcher can see it
+        link = tmp_path / "current.new"
+        link.symlink_to(releases / "2")
+        os.replace(link, current)  # ln -sfn's atomic form
+        assert await wait_for("release-2", edged, "r.example.test") < 3
+        c3, k3 = pair(tmp_path, "r3", "release-3")
+        cert.write_bytes(c3.read_bytes())  # in place, in releases/2 now
+        key.write_bytes(k3.read_bytes())
+        assert await wait_for("release-3", edged, "r.example.test") < 3
+
+
+async def test_a_renamed_parent_of_the_certs_directory_is_followed(tmp_path: Path) -> None:
+    """A deploy renaming a new tree into place (`app.new` -> `app`) above the directory that
+    holds the files: the watched directory itself only moved along, unseen by its watch."""
+    deploy(tmp_path / "app" / "certs", "a1", "app-1")
+    deploy(tmp_path / "app.new" / "certs", "a2", "app-2")
+    certs = tmp_path / "app" / "certs"
+    cert, key = certs / "fullchain.pem", certs / "privkey.pem"
+    async with (
+        run_backend() as backend,
+        run_edged(tmp_path, cert_site(backend.address, cert, key)) as edged,
+    ):
+        assert await served_cn(edged, "r.example.test") == "app-1"
+        await asyncio.sleep(0.5)  # past the start's catch-up: only the watcher can see it
+        os.rename(tmp_path / "app", tmp_path / "app.old")
+        os.rename(tmp_path / "app.new", tmp_path / "app")
+        assert await wait_for("app-2", edged, "r.example.test") < 3
+        c3, k3 = pair(tmp_path, "a3", "app-3")
+        cert.write_bytes(c3.read_bytes())
+        key.write_bytes(k3.read_bytes())
+        assert await wait_for("app-3", edged, "r.example.test") < 3
+
+
+async def test_a_certs_directory_removed_then_deployed_again_is_seen(tmp_path: Path) -> None:
+    """A deploy that removes the directory holding the files and creates it again a while
+    later: the reload in between fails (the old certificate keeps serving), and the new
+    directory is seen although nothing watched it when it appeared."""
+    certs = tmp_path / "certs"
+    deploy(certs, "c1", "again-1")
+    cert, key = certs / "fullchain.pem", certs / "privkey.pem"
+    async with (
+        run_backend() as backend,
+        run_edged(tmp_path, cert_site(backend.address, cert, key)) as edged,
+    ):
+        assert await served_cn(edged, "r.example.test") == "again-1"
+        await asyncio.sleep(0.5)  # past the start's catch-up: only the watcher can see it
+        shutil.rmtree(certs)
+        await asyncio.sleep(1.0)  # the reload without the files fails, the watch restarted
+        assert await served_cn(edged, "r.example.test") == "again-1"
+        deploy(certs, "c2", "again-2")
+        assert await wait_for("again-2", edged, "r.example.test") < 3
 
 
 async def test_config_edit_adds_a_site(tmp_path: Path) -> None:
