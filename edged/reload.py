@@ -241,8 +241,11 @@ async def watch_changes(
                 inotify.add(directory, mask)
             except InotifyError:
                 raise
-            except OSError as exc:  # gone or unreadable: the load reports its files
-                log.debug("not watching %s: %s", directory, exc)
+            except OSError as exc:
+                if mask == WATCH_MASK and exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    log.warning("%s", _unwatched(watch, directory, exc))
+                else:  # gone (its parent's watch sees it back), or only above the files
+                    log.debug("not watching %s: %s", directory, exc)
         loop.add_reader(inotify.fd, wake.set)
         try:
             async with asyncio.TaskGroup() as tg:
@@ -287,6 +290,19 @@ async def watch_changes(
                 stopping.cancel()
         finally:
             loop.remove_reader(inotify.fd)
+
+
+def _unwatched(watch: WatchSet, directory: Path, exc: OSError) -> str:
+    """Why changes in `directory` will not be seen, and what to do about it."""
+    names = sorted({path.name for path in watch.files if path.parent == directory})
+    what = [f"changes to {', '.join(names)} there"] if names else []
+    if directory in watch.store_dirs:
+        what.append("changes to the store")
+    return (
+        f"cannot watch {directory}: {exc.strerror or exc}: {' and '.join(what) or 'changes'} "
+        "are not seen; reload with SIGHUP after changing them, or let the user edged runs as "
+        "list that directory (read permission)"
+    )
 
 
 async def _set_when(stop: asyncio.Event, wake: asyncio.Event) -> None:
