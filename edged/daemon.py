@@ -1086,10 +1086,12 @@ class Daemon:
             assert self._watching is not None
             try:
                 async with asyncio.TaskGroup() as tg:
-                    tg.create_task(
-                        watch_changes(self._watching, self._watch_stop, self._on_files_changed)
-                    )
-                    tg.create_task(self._catch_up())
+                    catching_up = tg.create_task(self._catch_up())
+                    await watch_changes(self._watching, self._watch_stop, self._on_files_changed)
+                    # Returned (a directory on the paths changed, or a new set to watch): the
+                    # next watcher starts now, not once this catch-up's stat pass is over (the
+                    # next catch-up compares again, against the same loaded state).
+                    catching_up.cancel()
             except* InotifyError as group:  # a host limit: the message names it
                 log.error(
                     "file watcher cannot run: %s; SIGHUP still reloads; retrying in %.0fs",

@@ -206,6 +206,50 @@ async def test_a_certs_directory_removed_then_deployed_again_is_seen(tmp_path: P
         assert await wait_for("again-2", edged, "r.example.test") < 3
 
 
+async def test_the_watch_starts_again_at_once_while_a_catch_up_still_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The catch-up after a watcher's start compares every store entry's stamp (seconds for a
+    large store on a cold disk). A watched directory replaced meanwhile ends that watcher; the
+    next one starts at once, not after that comparison, which the next one's own catch-up
+    makes again: a change right after the replacement is seen within the usual delay."""
+    import threading
+
+    from edged import daemon as daemon_module
+
+    real_snapshot = daemon_module.take_snapshot
+    armed, entered, release = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_disk(watch: object, *, store: bool = True) -> object:
+        if armed.is_set() and not entered.is_set():  # the first catch-up after the start
+            entered.set()
+            release.wait(10)
+        return real_snapshot(watch, store=store)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(daemon_module, "take_snapshot", slow_disk)
+    certs = tmp_path / "certs"
+    deploy(certs, "s0", "slow-0")
+    deploy(tmp_path / "certs.new", "s1", "slow-1")
+    cert, key = certs / "fullchain.pem", certs / "privkey.pem"
+    loop = asyncio.get_running_loop()
+    async with run_backend() as backend:
+        try:
+            async with run_edged(tmp_path, cert_site(backend.address, cert, key)) as edged:
+                armed.set()  # ready: the catch-up, 0.2 s after the watcher's start, is next
+                assert await loop.run_in_executor(None, entered.wait, 10)
+                assert await served_cn(edged, "r.example.test") == "slow-0"
+                os.rename(certs, tmp_path / "certs.old")
+                os.rename(tmp_path / "certs.new", certs)
+                assert await wait_for("slow-1", edged, "r.example.test") < 3
+                await asyncio.sleep(0.5)  # the next watcher and its catch-up are up
+                c2, k2 = pair(tmp_path, "s2", "slow-2")
+                cert.write_bytes(c2.read_bytes())
+                key.write_bytes(k2.read_bytes())
+                assert await wait_for("slow-2", edged, "r.example.test") < 2
+        finally:
+            release.set()
+
+
 async def test_config_edit_adds_a_site(tmp_path: Path) -> None:
     c0, k0 = pair(tmp_path, "a", "site-a")
     c1, k1 = pair(tmp_path, "b", "site-b")
