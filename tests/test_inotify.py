@@ -4,6 +4,7 @@ delivered (edged.reload.watch_changes), on real directories."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import struct
@@ -241,6 +242,34 @@ async def test_a_symlink_on_the_way_switched_ends_the_watch_after_everything(
         os.rename(tmp_path / "..data_tmp", tmp_path / "..data")
         assert await asyncio.wait_for(batches.get(), 5) == {cert, real}
         await asyncio.wait_for(task, 5)  # returned on its own (stop is not set)
+
+
+async def test_a_cancelled_watcher_closes_its_instance(tmp_path: Path) -> None:
+    """Cancelled (its task group failing, the daemon aborting): the reader is removed and the
+    descriptor closed, as when it returns."""
+    watch, cert, _ = store_watch(tmp_path)
+    before = inotify_fds()
+    task = asyncio.create_task(watch_changes(watch, asyncio.Event(), lambda _: None))
+    await asyncio.sleep(0.05)
+    (opened,) = inotify_fds() - before
+    cert.write_bytes(b"pending")  # a batch waiting for its quiet time
+    await asyncio.sleep(QUIET / 4)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert inotify_fds() == before
+    loop = asyncio.get_running_loop()
+    assert not loop.remove_reader(opened)  # no reader left on that number
+
+
+def inotify_fds() -> set[int]:
+    """This process's inotify descriptors open now."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify":
+                found.add(int(fd))
+    return found
 
 
 def test_no_inotify_instance_names_the_limit_to_raise() -> None:

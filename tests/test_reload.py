@@ -250,6 +250,40 @@ async def test_the_watch_starts_again_at_once_while_a_catch_up_still_reads(
             release.set()
 
 
+def inotify_fds() -> int:
+    """This process's inotify instances open now."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
+    return count
+
+
+async def test_restarts_of_the_watcher_leave_one_inotify_instance(tmp_path: Path) -> None:
+    """Each restart (a watched directory replaced, a reload with a new set of paths) closes
+    the instance before it: one is open while edged runs, none once it stopped."""
+    before = inotify_fds()
+    certs = tmp_path / "certs"
+    deploy(certs, "f0", "fd-0")
+    cert, key = certs / "fullchain.pem", certs / "privkey.pem"
+    async with (
+        run_backend() as backend,
+        run_edged(tmp_path, cert_site(backend.address, cert, key)) as edged,
+    ):
+        for n in range(1, 6):
+            deploy(tmp_path / f"certs.{n}", f"f{n}", f"fd-{n}")
+            os.rename(certs, tmp_path / f"certs.old{n}")
+            os.rename(tmp_path / f"certs.{n}", certs)
+            assert await wait_for(f"fd-{n}", edged, "r.example.test") < 3
+        other = pair(tmp_path, "f9", "fd-9")  # other files to watch: a new set, a restart
+        text = edged.config_path.read_text().replace(str(cert), str(other[0]))
+        edged.config_path.write_text(text.replace(str(key), str(other[1])))
+        assert await wait_for("fd-9", edged, "r.example.test") < 3
+        await asyncio.sleep(0.5)
+        assert inotify_fds() == before + 1
+    assert inotify_fds() == before
+
+
 async def test_config_edit_adds_a_site(tmp_path: Path) -> None:
     c0, k0 = pair(tmp_path, "a", "site-a")
     c1, k1 = pair(tmp_path, "b", "site-b")
