@@ -509,6 +509,26 @@ async def test_rollback_command_restores_previous_and_daemon_serves_it(tmp_path:
     assert mode == 0o600
 
 
+async def test_a_store_written_by_another_process_is_followed_from_its_first_entry(
+    tmp_path: Path,
+) -> None:
+    """The store holds nothing yet (no live/: nothing to watch there) when edged starts; the
+    first entry, written by another process (`edged issue`, an upload elsewhere), creates
+    live/ and is served; live/ is watched from then on, so the next write goes at once."""
+    ca = make_ca("First entry CA")
+    async with run_backend() as backend:
+        body = f'[[site]]\nnames = ["r.example.test"]\nbackend = "{backend.address}"\n'
+        async with run_edged(tmp_path, body) as edged:
+            assert not (tmp_path / "store" / "live").exists()
+            await asyncio.sleep(0.5)  # past the start's catch-up: only the watcher can see it
+            other = FileStore(tmp_path / "store")  # not the daemon's: only the watch tells it
+            await asyncio.to_thread(other.save, stored("r.example.test", "first", ca))
+            assert await wait_for("first", edged, "r.example.test") < 3
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(other.save, stored("r.example.test", "second", ca))
+            assert await wait_for("second", edged, "r.example.test") < 1
+
+
 async def test_an_edit_followed_by_a_sighup_is_one_reload(tmp_path: Path) -> None:
     """The usual "edit the config, then systemctl reload": the watcher's report of the edit
     comes while or after the SIGHUP's reload runs, and a second reload would read the same
