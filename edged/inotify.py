@@ -10,7 +10,6 @@ long to wait for more). `parse_events` is pure; `Inotify` is the file descriptor
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import struct
@@ -110,7 +109,9 @@ class InotifyError(OSError):
 
 
 def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    # The C library the interpreter already runs on (glibc or musl): no lookup by name, which
+    # ctypes.util.find_library does by running ldconfig.
+    libc = ctypes.CDLL(None, use_errno=True)
     libc.inotify_init1.argtypes = [ctypes.c_int]
     libc.inotify_init1.restype = ctypes.c_int
     libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]

@@ -292,3 +292,21 @@ def test_no_inotify_instance_names_the_limit_to_raise() -> None:
     ).stdout
     assert "cannot start watching files" in out
     assert "LimitNOFILE" in out and "fs.inotify.max_user_instances" in out
+
+
+def test_loading_the_c_library_runs_no_program() -> None:
+    """The inotify calls come from the C library the interpreter runs on: importing the
+    module spawns nothing (ctypes.util.find_library runs ldconfig, and finds no glibc name on
+    a musl system)."""
+    probe = (
+        "import sys\n"
+        "spawned = []\n"
+        "sys.addaudithook(lambda e, args: e == 'subprocess.Popen' and spawned.append(args))\n"
+        "import edged.inotify\n"
+        "edged.inotify.Inotify().close()\n"
+        "print(spawned)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
+    assert out.strip() == "[]"
