@@ -31,6 +31,7 @@ from edged.inotify import (
 )
 from edged.reload import DEBOUNCE, QUIET, Debounce, WatchSet, _lookups, watch_changes
 from edged.store import FileStore, PemPair, StoredCert
+from tests.conftest import run_cmd
 from tests.pki import fullchain, make_ca, make_leaf
 
 
@@ -185,6 +186,48 @@ async def test_a_watched_directory_replaced_ends_the_watch_after_its_files(
         batch = await asyncio.wait_for(batches.get(), 5)
         assert {cert, key, cert.parent / "edged.toml"} <= batch
         await asyncio.wait_for(task, 5)  # returned on its own (stop is not set)
+
+
+async def test_an_event_queue_overflow_reports_everything_and_ends_the_watch(
+    tmp_path: Path,
+) -> None:
+    """The loop held up while more changes happen than the kernel queues for an instance
+    (fs.inotify.max_queued_events): changes were lost, so everything is reported and the
+    watcher returns (the daemon starts it again and compares snapshots)."""
+    watch, cert, key = store_watch(tmp_path)
+    limit = queue_limit()
+    async with watching(watch) as (batches, task):
+        conf = cert.parent
+        for n in range(limit // 2 + 16):  # the loop is held: two events each, none read
+            fd = os.open(conf / f"f{n}", os.O_WRONLY | os.O_CREAT, 0o600)
+            os.close(fd)
+        batch = await asyncio.wait_for(batches.get(), 5)
+        assert batch == {cert, key, conf / "edged.toml", tmp_path / "store"}
+        await asyncio.wait_for(task, 5)
+
+
+def queue_limit() -> int:
+    """Events the kernel queues per inotify instance before it drops them (overflow)."""
+    return int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+
+
+async def test_an_unmounted_directory_ends_the_watch_after_its_files(tmp_path: Path) -> None:
+    """The files' directory is a mount point (a secrets volume), unmounted: its watch ends
+    (IN_UNMOUNT, IN_IGNORED); what the path holds now is reported."""
+    watch, cert, key = store_watch(tmp_path)
+    conf = cert.parent
+    mounted = await run_cmd("mount", "-t", "tmpfs", "-o", "size=1m", "edged-test", str(conf))
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr}")
+    try:
+        cert.write_bytes(b"cert")
+        async with watching(watch) as (batches, task):
+            assert (await run_cmd("umount", str(conf))).returncode == 0
+            batch = await asyncio.wait_for(batches.get(), 5)
+            assert {cert, key, conf / "edged.toml"} <= batch
+            await asyncio.wait_for(task, 5)
+    finally:
+        await run_cmd("umount", str(conf))
 
 
 def test_the_names_on_the_way_to_a_file_are_its_lookups(tmp_path: Path) -> None:
