@@ -78,6 +78,7 @@ log = logging.getLogger("edged.daemon")
 
 CHALLENGE_SHARE_TIMEOUT = 10.0  # seconds the ACME thread waits for workers to take a challenge
 STATUS_INTERVAL = 10.0  # seconds between checks whether systemd's STATUS= line changed
+LOG_PATHS = 10  # changed paths named in the log line that reports them (the rest counted)
 WATCH_RETRY = 60.0  # seconds before the file watcher is tried again after a host limit stopped it
 # From this many store-backed sites on, the store is indexed in the background after the
 # listeners are up (a name asked for before its turn is read at once): reading 100k store
@@ -1127,7 +1128,9 @@ class Daemon:
             self.request_reload("file")
 
     def _on_files_changed(self, paths: set[Path]) -> None:
-        log.info("changed: %s", ", ".join(sorted(str(p) for p in paths)))
+        named = sorted(str(p) for p in paths)
+        more = f" and {len(named) - LOG_PATHS} more" if len(named) > LOG_PATHS else ""
+        log.info("changed: %s%s", ", ".join(named[:LOG_PATHS]), more)
         names = self._store_names(paths)
         if names is None and self._changed is not None:
             self._changed |= paths

@@ -284,6 +284,25 @@ async def test_restarts_of_the_watcher_leave_one_inotify_instance(tmp_path: Path
     assert inotify_fds() == before
 
 
+async def test_a_report_of_many_files_is_one_short_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A directory above thousands of cert_file paths renamed reports them all: the line
+    that says so names a few and counts the rest (journald splits lines past 48 KiB)."""
+    c0, k0 = pair(tmp_path, "m0", "many-0")
+    async with (
+        run_backend() as backend,
+        run_edged(tmp_path, cert_site(backend.address, c0, k0)) as edged,
+    ):
+        caplog.set_level("INFO", logger="edged.daemon")
+        paths = {tmp_path / "certs" / f"site{n:04}.pem" for n in range(5000)}
+        edged.daemon._on_files_changed(paths)
+        (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("changed:")]
+        assert len(line) < 2000
+        assert str(tmp_path / "certs" / "site0000.pem") in line and "and 4990 more" in line
+        await asyncio.sleep(0.5)  # the reload it asked for
+
+
 async def test_config_edit_adds_a_site(tmp_path: Path) -> None:
     c0, k0 = pair(tmp_path, "a", "site-a")
     c1, k1 = pair(tmp_path, "b", "site-b")
