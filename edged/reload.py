@@ -185,33 +185,36 @@ def unchanged_entries(
 class Debounce:
     """Changed paths gathered into one batch: due QUIET seconds after the last change (a cert
     and its key written a few milliseconds apart arrive together), at most DEBOUNCE after the
-    first. A batch of store entries only (`quick`: the store's writers touch an entry once it
-    is whole, or move it in whole) is due at once. Pure: times are the caller's."""
+    first. A batch whose paths' latest changes are all `quick` (a store entry: the store's
+    writers touch one once it is whole, or move it in whole; a new one's directory created
+    before that is not) is due at once. Pure: times are the caller's."""
 
     def __init__(self) -> None:
         self.paths: set[Path] = set()
+        self.slow: set[Path] = set()  # paths whose latest change was not quick
         self.first = 0.0
         self.last = 0.0
-        self.quick = True
 
     def add(self, path: Path, now: float, *, quick: bool) -> None:
         if not self.paths:
             self.first = now
-            self.quick = True
         self.paths.add(path)
         self.last = now
-        self.quick = self.quick and quick
+        if quick:
+            self.slow.discard(path)
+        else:
+            self.slow.add(path)
 
     def due(self) -> float | None:
         """When the batch is to go (None: nothing gathered)."""
         if not self.paths:
             return None
-        if self.quick:
+        if not self.slow:
             return self.last
         return min(self.first + DEBOUNCE, self.last + QUIET)
 
     def take(self) -> set[Path]:
-        paths, self.paths = self.paths, set()
+        paths, self.paths, self.slow = self.paths, set(), set()
         return paths
 
 

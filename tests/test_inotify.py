@@ -78,6 +78,20 @@ def test_a_batch_waits_for_quiet_and_store_entries_go_at_once() -> None:
     assert batch.due() == 20.0
 
 
+def test_a_new_store_entry_goes_at_once_when_announced() -> None:
+    """A new entry's directory is created (not whole yet: wait) and then announced by its
+    writer once whole: from then on nothing about it waits. A file changed meanwhile still
+    does."""
+    batch = Debounce()
+    entry = Path("/s/live/new.example.test")
+    batch.add(entry, 10.0, quick=False)  # IN_CREATE: its files are being written
+    assert batch.due() == pytest.approx(10.0 + QUIET)
+    batch.add(entry, 10.004, quick=True)  # IN_ATTRIB: announced whole
+    assert batch.due() == 10.004
+    batch.add(Path("/etc/cert.pem"), 10.005, quick=False)
+    assert batch.due() == pytest.approx(10.005 + QUIET)
+
+
 def test_real_changes_are_read_as_events(tmp_path: Path) -> None:
     with Inotify() as ino:
         ino.add(tmp_path)
