@@ -7,11 +7,14 @@ import asyncio
 import contextlib
 import errno
 import os
+import shutil
+import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -31,7 +34,7 @@ from edged.inotify import (
 )
 from edged.reload import DEBOUNCE, QUIET, Debounce, WatchSet, _lookups, watch_changes
 from edged.store import FileStore, PemPair, StoredCert
-from tests.conftest import run_cmd
+from tests.conftest import free_port, peer_cn, run_backend, run_cmd, s_client
 from tests.pki import fullchain, make_ca, make_leaf
 
 
@@ -367,3 +370,100 @@ def test_loading_the_c_library_runs_no_program() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+NOBODY = 65534
+AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+# Opens inotify instances as long as the kernel gives them, says how many, holds them.
+HOLD_INSTANCES = (
+    "import ctypes, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "held = 0\n"
+    "while libc.inotify_init1(0) >= 0:\n"
+    "    held += 1\n"
+    "print(held, ctypes.get_errno(), flush=True)\n"
+    "sys.stdin.read()\n"
+)
+
+
+@pytest.fixture
+def nobody_dir() -> Iterator[Path]:
+    """A directory the user nobody owns (pytest's own are root's, 0700)."""
+    base = Path(tempfile.mkdtemp(prefix="edged-inotify-"))
+    base.chmod(0o755)
+    os.chown(base, NOBODY, NOBODY)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base)
+
+
+def owned_pair(directory: Path, cn: str) -> None:
+    leaf = make_leaf(make_ca("Limit CA"), ["l.example.test"], cn=cn)
+    for name, data in (("fullchain.pem", fullchain(leaf)), ("privkey.pem", leaf.key_pem)):
+        tmp = directory / f"{name}.new"
+        tmp.write_bytes(data)
+        os.chown(tmp, NOBODY, NOBODY)
+        os.replace(tmp, directory / name)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs edged as another user")
+async def test_no_inotify_instance_left_for_its_user_edged_serves_and_says_what_to_raise(
+    nobody_dir: Path,
+) -> None:
+    """Other processes of the user edged runs as hold every inotify instance the host allows
+    a user (fs.inotify.max_user_instances): edged starts and serves all the same, the log
+    names the setting to raise, and SIGHUP reloads."""
+    holder = await asyncio.create_subprocess_exec(
+        *AS_NOBODY, sys.executable, "-c", HOLD_INSTANCES,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        held, err = (await asyncio.wait_for(holder.stdout.readline(), 10)).split()
+        assert int(held) > 0 and int(err) == errno.EMFILE
+        owned_pair(nobody_dir, "limit-0")
+        port = free_port()
+        config = nobody_dir / "edged.toml"
+        async with run_backend() as backend:
+            config.write_text(
+                f'[edged]\nstore = "store"\ndrain_timeout = 1\n'
+                f'[listen]\nhttps = ["127.0.0.1:{port}"]\nhttp = []\nmetrics = ""\nadmin = ""\n'
+                f'[[site]]\nnames = ["l.example.test"]\nbackend = "{backend.address}"\n'
+                f'cert_file = "fullchain.pem"\nkey_file = "privkey.pem"\n'
+            )
+            log = nobody_dir / "edged.log"
+            with log.open("wb") as out:
+                edged = await asyncio.create_subprocess_exec(
+                    *AS_NOBODY, str(Path(sys.executable).with_name("edged")), "run",
+                    "--config", str(config),
+                    stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                )  # fmt: skip
+
+            async def served() -> str:
+                return peer_cn((await s_client(port, "l.example.test")).stderr)
+
+            async def logged(needle: str) -> str:
+                for _ in range(200):
+                    lines = [x for x in log.read_text().splitlines() if needle in x]
+                    if lines:
+                        return lines[0]
+                    assert edged.returncode is None, log.read_text()
+                    await asyncio.sleep(0.05)
+                raise AssertionError(f"no {needle!r} in:\n{log.read_text()}")
+
+            try:
+                line = await logged("file watcher cannot run")
+                assert "ERROR" in line and "fs.inotify.max_user_instances" in line
+                assert "SIGHUP still reloads" in line
+                assert await served() == "limit-0"
+                owned_pair(nobody_dir, "limit-1")
+                edged.send_signal(signal.SIGHUP)
+                await logged("reloaded (signal)")
+                assert await served() == "limit-1"
+            finally:
+                edged.send_signal(signal.SIGTERM)
+                assert await asyncio.wait_for(edged.wait(), 10) == 0, log.read_text()
+    finally:
+        holder.stdin.close()
+        await asyncio.wait_for(holder.wait(), 10)
