@@ -57,6 +57,7 @@ from edged.reload import (
     Stamp,
     WatchSet,
     meta_paths,
+    resolves_as_watched,
     snapshot_entry,
     take_snapshot,
     unchanged_entries,
@@ -1144,11 +1145,17 @@ class Daemon:
 
     def _loaded_already(self, paths: set[Path]) -> bool:
         """Blocking (reads the config): whether `paths` is the config file alone and it holds
-        the text now serving. By content, not by stat: two writes within one timestamp tick
-        can leave the same size and mtime."""
+        the text now serving, in the file the watcher watches (a config switched to a symlink
+        to the same text elsewhere is reloaded: the new watch set watches its target). By
+        content, not by stat: two writes within one timestamp tick can leave the same size and
+        mtime."""
         config_paths = {self.config_path.absolute(), Path(os.path.realpath(self.config_path))}
         if self._config_digest is None or not paths <= config_paths:
             return False
+        if self._loaded_watch is None or not resolves_as_watched(
+            self._loaded_watch, self.config_path
+        ):
+            return False  # the same text, in a file the watcher does not watch: reload
         return config_digest(self.config_path) == self._config_digest
 
     def _store_names(self, paths: set[Path]) -> set[str] | None:

@@ -125,6 +125,12 @@ def _lookups(path: Path) -> list[Path]:
     return seen
 
 
+def resolves_as_watched(watch: WatchSet, path: Path) -> bool:
+    """Whether `path` still resolves through the names `watch` was made for (False: a symlink
+    on the way, or the file itself, was switched to point elsewhere since). Blocking."""
+    return set(_lookups(path.absolute())) <= watch.lookups | watch.files
+
+
 def _is_dir(path: Path) -> bool:
     try:
         return path.is_dir()

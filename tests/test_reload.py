@@ -303,6 +303,34 @@ async def test_a_report_of_many_files_is_one_short_log_line(
         await asyncio.sleep(0.5)  # the reload it asked for
 
 
+async def test_a_config_file_turned_into_a_symlink_is_followed_into_its_target(
+    tmp_path: Path,
+) -> None:
+    """The config replaced by a symlink to a file elsewhere holding the same text (a deploy
+    moving it under a release directory): nothing to reload, but the file to watch is the
+    target now, and an edit made to it in place is seen."""
+    c0, k0 = pair(tmp_path, "y0", "link-0")
+    c1, k1 = pair(tmp_path, "y1", "link-1")
+    async with (
+        run_backend() as backend,
+        run_edged(tmp_path, cert_site(backend.address, c0, k0)) as edged,
+    ):
+        assert await served_cn(edged, "r.example.test") == "link-0"
+        await asyncio.sleep(0.5)  # past the start's catch-up: only the watcher can see it
+        release = tmp_path / "release"
+        release.mkdir()
+        text = edged.config_path.read_text()
+        (release / "edged.toml").write_text(text)
+        link = tmp_path / "edged.toml.new"
+        link.symlink_to(release / "edged.toml")
+        os.replace(link, edged.config_path)
+        await asyncio.sleep(0.5)  # reported, and the same text: no reload needed
+        assert await served_cn(edged, "r.example.test") == "link-0"
+        edited = text.replace(str(c0), str(c1)).replace(str(k0), str(k1))
+        (release / "edged.toml").write_text(edited)  # in place, in the target's directory
+        assert await wait_for("link-1", edged, "r.example.test") < 3
+
+
 async def test_config_edit_adds_a_site(tmp_path: Path) -> None:
     c0, k0 = pair(tmp_path, "a", "site-a")
     c1, k1 = pair(tmp_path, "b", "site-b")
