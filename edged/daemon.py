@@ -56,6 +56,7 @@ from edged.reload import (
     Stamp,
     WatchSet,
     meta_paths,
+    resolves_as_watched,
     snapshot_entry,
     take_snapshot,
     unchanged_entries,
@@ -77,6 +78,7 @@ log = logging.getLogger("edged.daemon")
 
 CHALLENGE_SHARE_TIMEOUT = 10.0  # seconds the ACME thread waits for workers to take a challenge
 STATUS_INTERVAL = 10.0  # seconds between checks whether systemd's STATUS= line changed
+LOG_PATHS = 10  # changed paths named in the log line that reports them (the rest counted)
 WATCH_RETRY = 60.0  # seconds before the file watcher is tried again after a host limit stopped it
 # From this many store-backed sites on, the store is indexed in the background after the
 # listeners are up (a name asked for before its turn is read at once): reading 100k store
@@ -1076,10 +1078,12 @@ class Daemon:
             assert self._watching is not None
             try:
                 async with asyncio.TaskGroup() as tg:
-                    tg.create_task(
-                        watch_changes(self._watching, self._watch_stop, self._on_files_changed)
-                    )
-                    tg.create_task(self._catch_up())
+                    catching_up = tg.create_task(self._catch_up())
+                    await watch_changes(self._watching, self._watch_stop, self._on_files_changed)
+                    # Returned (a directory on the paths changed, or a new set to watch): the
+                    # next watcher starts now, not once this catch-up's stat pass is over (the
+                    # next catch-up compares again, against the same loaded state).
+                    catching_up.cancel()
             except* InotifyError as group:  # a host limit: the message names it
                 log.error(
                     "file watcher cannot run: %s; SIGHUP still reloads; retrying in %.0fs",
@@ -1115,7 +1119,9 @@ class Daemon:
             self.request_reload("file")
 
     def _on_files_changed(self, paths: set[Path]) -> None:
-        log.info("changed: %s", ", ".join(sorted(str(p) for p in paths)))
+        named = sorted(str(p) for p in paths)
+        more = f" and {len(named) - LOG_PATHS} more" if len(named) > LOG_PATHS else ""
+        log.info("changed: %s%s", ", ".join(named[:LOG_PATHS]), more)
         names = self._store_names(paths)
         if names is None and self._changed is not None:
             self._changed |= paths
@@ -1129,11 +1135,17 @@ class Daemon:
 
     def _loaded_already(self, paths: set[Path]) -> bool:
         """Blocking (reads the config): whether `paths` is the config file alone and it holds
-        the text now serving. By content, not by stat: two writes within one timestamp tick
-        can leave the same size and mtime."""
+        the text now serving, in the file the watcher watches (a config switched to a symlink
+        to the same text elsewhere is reloaded: the new watch set watches its target). By
+        content, not by stat: two writes within one timestamp tick can leave the same size and
+        mtime."""
         config_paths = {self.config_path.absolute(), Path(os.path.realpath(self.config_path))}
         if self._config_digest is None or not paths <= config_paths:
             return False
+        if self._loaded_watch is None or not resolves_as_watched(
+            self._loaded_watch, self.config_path
+        ):
+            return False  # the same text, in a file the watcher does not watch: reload
         return config_digest(self.config_path) == self._config_digest
 
     def _store_names(self, paths: set[Path]) -> set[str] | None:

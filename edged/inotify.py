@@ -10,7 +10,6 @@ long to wait for more). `parse_events` is pure; `Inotify` is the file descriptor
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import struct
@@ -32,6 +31,7 @@ IN_Q_OVERFLOW = 0x00004000
 IN_IGNORED = 0x00008000
 IN_ONLYDIR = 0x01000000
 IN_EXCL_UNLINK = 0x04000000
+IN_MASK_ADD = 0x20000000
 IN_ISDIR = 0x40000000
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
@@ -53,6 +53,13 @@ WATCH_MASK = (
     | IN_ONLYDIR
     | IN_EXCL_UNLINK
 )
+
+# An entry of the directory named anew: created, removed, renamed away or over.
+IN_NAMED = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO
+
+# For a directory above the watched files (or holding a symlink on the way to them): only its
+# entries named anew matter, and the directory itself going away.
+NAMES_MASK = IN_NAMED | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR | IN_EXCL_UNLINK
 
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of NUL-padded name
 READ_SIZE = 64 * 1024  # bytes per read: hundreds of events
@@ -102,7 +109,9 @@ class InotifyError(OSError):
 
 
 def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    # The C library the interpreter already runs on (glibc or musl): no lookup by name, which
+    # ctypes.util.find_library does by running ldconfig.
+    libc = ctypes.CDLL(None, use_errno=True)
     libc.inotify_init1.argtypes = [ctypes.c_int]
     libc.inotify_init1.restype = ctypes.c_int
     libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
@@ -130,10 +139,11 @@ class Inotify:
         self.fd = fd
         self.watches: dict[int, list[Path]] = {}
 
-    def add(self, directory: Path) -> None:
-        """Watch `directory`'s entries. OSError as the kernel gives it (ENOENT, EACCES, ...),
-        with the sysctl to raise when the watch limit is reached."""
-        wd = _LIBC.inotify_add_watch(self.fd, os.fsencode(directory), WATCH_MASK)
+    def add(self, directory: Path, mask: int = WATCH_MASK) -> None:
+        """Watch `directory`'s entries for `mask` (added to what another path to the same
+        directory asked for). OSError as the kernel gives it (ENOENT, EACCES, ...), with the
+        sysctl to raise when the watch limit is reached."""
+        wd = _LIBC.inotify_add_watch(self.fd, os.fsencode(directory), mask | IN_MASK_ADD)
         if wd < 0:
             err = ctypes.get_errno()
             if err == errno.ENOSPC:

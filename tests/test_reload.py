@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import shutil
 import socket
 import sys
 from collections.abc import AsyncIterator
@@ -125,6 +126,209 @@ async def test_a_directory_of_certs_swapped_by_rename_is_followed(tmp_path: Path
         cert.write_bytes(c2.read_bytes())
         key.write_bytes(k2.read_bytes())
         assert await wait_for("dir-2", edged, "r.example.test") < 3
+
+
+def deploy(directory: Path, stem: str, cn: str) -> None:
+    """A release directory holding fullchain.pem and privkey.pem for r.example.test."""
+    directory.mkdir(parents=True)
+    c, k = pair(directory.parent, stem, cn)
+    (directory / "fullchain.pem").write_bytes(c.read_bytes())
+    (directory / "privkey.pem").write_bytes(k.read_bytes())
+
+
+async def test_a_symlinked_directory_switched_to_another_release_is_followed(
+    tmp_path: Path,
+) -> None:
+    """cert_file is reached through a symlinked directory (`current -> releases/1`, a deploy
+    switching releases): switching the link changes what the path names although no file in a
+    watched directory changed; edged reloads, and follows the new release from then on."""
+    releases = tmp_path / "releases"
+    deploy(releases / "1", "r1", "release-1")
+    deploy(releases / "2", "r2", "release-2")
+    current = tmp_path / "current"
+    current.symlink_to(releases / "1")
+    cert, key = current / "fullchain.pem", current / "privkey.pem"
+    async with (
+        run_backend() as backend,
+        run_edged(tmp_path, cert_site(backend.address, cert, key)) as edged,
+    ):
+        assert await served_cn(edged, "r.example.test") == "release-1"
+        await asyncio.sleep(0.5)  # past the start's catch-up: only the watcher can see it
+        link = tmp_path / "current.new"
+        link.symlink_to(releases / "2")
+        os.replace(link, current)  # ln -sfn's atomic form
+        assert await wait_for("release-2", edged, "r.example.test") < 3
+        c3, k3 = pair(tmp_path, "r3", "release-3")
+        cert.write_bytes(c3.read_bytes())  # in place, in releases/2 now
+        key.write_bytes(k3.read_bytes())
+        assert await wait_for("release-3", edged, "r.example.test") < 3
+
+
+async def test_a_renamed_parent_of_the_certs_directory_is_followed(tmp_path: Path) -> None:
+    """A deploy renaming a new tree into place (`app.new` -> `app`) above the directory that
+    holds the files: the watched directory itself only moved along, unseen by its watch."""
+    deploy(tmp_path / "app" / "certs", "a1", "app-1")
+    deploy(tmp_path / "app.new" / "certs", "a2", "app-2")
+    certs = tmp_path / "app" / "certs"
+    cert, key = certs / "fullchain.pem", certs / "privkey.pem"
+    async with (
+        run_backend() as backend,
+        run_edged(tmp_path, cert_site(backend.address, cert, key)) as edged,
+    ):
+        assert await served_cn(edged, "r.example.test") == "app-1"
+        await asyncio.sleep(0.5)  # past the start's catch-up: only the watcher can see it
+        os.rename(tmp_path / "app", tmp_path / "app.old")
+        os.rename(tmp_path / "app.new", tmp_path / "app")
+        assert await wait_for("app-2", edged, "r.example.test") < 3
+        c3, k3 = pair(tmp_path, "a3", "app-3")
+        cert.write_bytes(c3.read_bytes())
+        key.write_bytes(k3.read_bytes())
+        assert await wait_for("app-3", edged, "r.example.test") < 3
+
+
+async def test_a_certs_directory_removed_then_deployed_again_is_seen(tmp_path: Path) -> None:
+    """A deploy that removes the directory holding the files and creates it again a while
+    later: the reload in between fails (the old certificate keeps serving), and the new
+    directory is seen although nothing watched it when it appeared."""
+    certs = tmp_path / "certs"
+    deploy(certs, "c1", "again-1")
+    cert, key = certs / "fullchain.pem", certs / "privkey.pem"
+    async with (
+        run_backend() as backend,
+        run_edged(tmp_path, cert_site(backend.address, cert, key)) as edged,
+    ):
+        assert await served_cn(edged, "r.example.test") == "again-1"
+        await asyncio.sleep(0.5)  # past the start's catch-up: only the watcher can see it
+        shutil.rmtree(certs)
+        await asyncio.sleep(1.0)  # the reload without the files fails, the watch restarted
+        assert await served_cn(edged, "r.example.test") == "again-1"
+        deploy(certs, "c2", "again-2")
+        assert await wait_for("again-2", edged, "r.example.test") < 3
+
+
+async def test_the_watch_starts_again_at_once_while_a_catch_up_still_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The catch-up after a watcher's start compares every store entry's stamp (seconds for a
+    large store on a cold disk). A watched directory replaced meanwhile ends that watcher; the
+    next one starts at once, not after that comparison, which the next one's own catch-up
+    makes again: a change right after the replacement is seen within the usual delay."""
+    import threading
+
+    from edged import daemon as daemon_module
+
+    real_snapshot = daemon_module.take_snapshot
+    armed, entered, release = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_disk(watch: object, *, store: bool = True) -> object:
+        if armed.is_set() and not entered.is_set():  # the first catch-up after the start
+            entered.set()
+            release.wait(10)
+        return real_snapshot(watch, store=store)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(daemon_module, "take_snapshot", slow_disk)
+    certs = tmp_path / "certs"
+    deploy(certs, "s0", "slow-0")
+    deploy(tmp_path / "certs.new", "s1", "slow-1")
+    cert, key = certs / "fullchain.pem", certs / "privkey.pem"
+    loop = asyncio.get_running_loop()
+    async with run_backend() as backend:
+        try:
+            async with run_edged(tmp_path, cert_site(backend.address, cert, key)) as edged:
+                armed.set()  # ready: the catch-up, 0.2 s after the watcher's start, is next
+                assert await loop.run_in_executor(None, entered.wait, 10)
+                assert await served_cn(edged, "r.example.test") == "slow-0"
+                os.rename(certs, tmp_path / "certs.old")
+                os.rename(tmp_path / "certs.new", certs)
+                assert await wait_for("slow-1", edged, "r.example.test") < 3
+                await asyncio.sleep(0.5)  # the next watcher and its catch-up are up
+                c2, k2 = pair(tmp_path, "s2", "slow-2")
+                cert.write_bytes(c2.read_bytes())
+                key.write_bytes(k2.read_bytes())
+                assert await wait_for("slow-2", edged, "r.example.test") < 2
+        finally:
+            release.set()
+
+
+def inotify_fds() -> int:
+    """This process's inotify instances open now."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
+    return count
+
+
+async def test_restarts_of_the_watcher_leave_one_inotify_instance(tmp_path: Path) -> None:
+    """Each restart (a watched directory replaced, a reload with a new set of paths) closes
+    the instance before it: one is open while edged runs, none once it stopped."""
+    before = inotify_fds()
+    certs = tmp_path / "certs"
+    deploy(certs, "f0", "fd-0")
+    cert, key = certs / "fullchain.pem", certs / "privkey.pem"
+    async with (
+        run_backend() as backend,
+        run_edged(tmp_path, cert_site(backend.address, cert, key)) as edged,
+    ):
+        for n in range(1, 6):
+            deploy(tmp_path / f"certs.{n}", f"f{n}", f"fd-{n}")
+            os.rename(certs, tmp_path / f"certs.old{n}")
+            os.rename(tmp_path / f"certs.{n}", certs)
+            assert await wait_for(f"fd-{n}", edged, "r.example.test") < 3
+        other = pair(tmp_path, "f9", "fd-9")  # other files to watch: a new set, a restart
+        text = edged.config_path.read_text().replace(str(cert), str(other[0]))
+        edged.config_path.write_text(text.replace(str(key), str(other[1])))
+        assert await wait_for("fd-9", edged, "r.example.test") < 3
+        await asyncio.sleep(0.5)
+        assert inotify_fds() == before + 1
+    assert inotify_fds() == before
+
+
+async def test_a_report_of_many_files_is_one_short_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A directory above thousands of cert_file paths renamed reports them all: the line
+    that says so names a few and counts the rest (journald splits lines past 48 KiB)."""
+    c0, k0 = pair(tmp_path, "m0", "many-0")
+    async with (
+        run_backend() as backend,
+        run_edged(tmp_path, cert_site(backend.address, c0, k0)) as edged,
+    ):
+        caplog.set_level("INFO", logger="edged.daemon")
+        paths = {tmp_path / "certs" / f"site{n:04}.pem" for n in range(5000)}
+        edged.daemon._on_files_changed(paths)
+        (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("changed:")]
+        assert len(line) < 2000
+        assert str(tmp_path / "certs" / "site0000.pem") in line and "and 4990 more" in line
+        await asyncio.sleep(0.5)  # the reload it asked for
+
+
+async def test_a_config_file_turned_into_a_symlink_is_followed_into_its_target(
+    tmp_path: Path,
+) -> None:
+    """The config replaced by a symlink to a file elsewhere holding the same text (a deploy
+    moving it under a release directory): nothing to reload, but the file to watch is the
+    target now, and an edit made to it in place is seen."""
+    c0, k0 = pair(tmp_path, "y0", "link-0")
+    c1, k1 = pair(tmp_path, "y1", "link-1")
+    async with (
+        run_backend() as backend,
+        run_edged(tmp_path, cert_site(backend.address, c0, k0)) as edged,
+    ):
+        assert await served_cn(edged, "r.example.test") == "link-0"
+        await asyncio.sleep(0.5)  # past the start's catch-up: only the watcher can see it
+        release = tmp_path / "release"
+        release.mkdir()
+        text = edged.config_path.read_text()
+        (release / "edged.toml").write_text(text)
+        link = tmp_path / "edged.toml.new"
+        link.symlink_to(release / "edged.toml")
+        os.replace(link, edged.config_path)
+        await asyncio.sleep(0.5)  # reported, and the same text: no reload needed
+        assert await served_cn(edged, "r.example.test") == "link-0"
+        edited = text.replace(str(c0), str(c1)).replace(str(k0), str(k1))
+        (release / "edged.toml").write_text(edited)  # in place, in the target's directory
+        assert await wait_for("link-1", edged, "r.example.test") < 3
 
 
 async def test_config_edit_adds_a_site(tmp_path: Path) -> None:
@@ -350,6 +554,26 @@ async def test_rollback_command_restores_previous_and_daemon_serves_it(tmp_path:
             assert out.returncode == 1 and "not the first name of any [[site]]" in out.stdout
     mode = (tmp_path / "store/live/r.example.test/privkey.pem").stat().st_mode & 0o777
     assert mode == 0o600
+
+
+async def test_a_store_written_by_another_process_is_followed_from_its_first_entry(
+    tmp_path: Path,
+) -> None:
+    """The store holds nothing yet (no live/: nothing to watch there) when edged starts; the
+    first entry, written by another process (`edged issue`, an upload elsewhere), creates
+    live/ and is served; live/ is watched from then on, so the next write goes at once."""
+    ca = make_ca("First entry CA")
+    async with run_backend() as backend:
+        body = f'[[site]]\nnames = ["r.example.test"]\nbackend = "{backend.address}"\n'
+        async with run_edged(tmp_path, body) as edged:
+            assert not (tmp_path / "store" / "live").exists()
+            await asyncio.sleep(0.5)  # past the start's catch-up: only the watcher can see it
+            other = FileStore(tmp_path / "store")  # not the daemon's: only the watch tells it
+            await asyncio.to_thread(other.save, stored("r.example.test", "first", ca))
+            assert await wait_for("first", edged, "r.example.test") < 3
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(other.save, stored("r.example.test", "second", ca))
+            assert await wait_for("second", edged, "r.example.test") < 1
 
 
 async def test_an_edit_followed_by_a_sighup_is_one_reload(tmp_path: Path) -> None:

@@ -119,13 +119,14 @@ def write_new(path: Path, data: bytes, mode: int) -> None:
 
 
 @asynccontextmanager
-async def edged_restricted(tmp_path: Path) -> AsyncIterator[Daemon]:
+async def edged_restricted(tmp_path: Path, live_mode: int = 0o755) -> AsyncIterator[Daemon]:
     live = tmp_path / "live"
     live.mkdir()
     cert, key = live / "fullchain.pem", live / "privkey.pem"
     leaf = make_leaf(make_ca("Perm CA"), [NAME], cn="v0")
     write_new(cert, leaf.cert_pem, 0o644)
     write_new(key, leaf.key_pem, 0o600)
+    live.chmod(live_mode)
     port, metrics = free_port(), free_port()
     async with run_backend() as backend:
         config = tmp_path / "edged.toml"
@@ -240,6 +241,23 @@ async def test_unreadable_directory_keeps_old_cert(tmp_path: Path) -> None:
         os.kill(edged.proc.pid, signal.SIGHUP)
         await edged.wait_log("reloaded (signal)")
         assert await edged.served() == "v0"
+
+
+async def test_a_directory_edged_cannot_list_is_named_as_not_watched(tmp_path: Path) -> None:
+    """The files can be read but their directory not listed (search without read, like
+    Debian's /etc/ssl/private, 0710, for a member of ssl-cert): inotify cannot watch it, so
+    changes to them are not seen. A warning says which files and what to do; SIGHUP reloads."""
+    async with edged_restricted(tmp_path, live_mode=0o311) as edged:
+        live = edged.cert.parent
+        line = await edged.wait_log("cannot watch", str(live))
+        assert "WARNING" in line and "Permission denied" in line
+        assert "fullchain.pem" in line and "privkey.pem" in line and "SIGHUP" in line
+        leaf = make_leaf(make_ca("Perm CA 4"), [NAME], cn="v1")
+        write_new(edged.key, leaf.key_pem, 0o600)
+        write_new(edged.cert, leaf.cert_pem, 0o644)
+        assert edged.proc.pid is not None
+        os.kill(edged.proc.pid, signal.SIGHUP)
+        await edged.wait_served("v1")
 
 
 async def test_cert_inspect_says_permission_denied(tmp_path: Path) -> None:
