@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -38,6 +38,10 @@ class SiteCerts:
     # Sites served with an expired store certificate because they have nothing else (only with
     # keep_expired): index → the error to report. Not in `problems`: nothing was rejected.
     expired: dict[int, Problem] = field(default_factory=dict)
+    # The store names among the sites loaded whose entry holds an upload (source "upload"),
+    # as read now or, for an entry not read again because unchanged, as last read: ACME does
+    # not manage them (edged.renewer.managed_sites), and needs no second read to know it.
+    uploads: frozenset[str] = frozenset()
 
     @property
     def errors(self) -> list[Problem]:
@@ -47,10 +51,12 @@ class SiteCerts:
         """What was found for these sites alone."""
         indices = {site.index for site in sites}
         keys = {site.key for site in sites}
+        names = {site.name for site in sites}
         return SiteCerts(
             {i: b for i, b in self.bundles.items() if i in indices},
             tuple(p for p in self.problems if p.key.split(".", 1)[0] in keys),
             {i: p for i, p in self.expired.items() if i in indices},
+            self.uploads & names,
         )
 
 
@@ -118,11 +124,13 @@ def load_stored_bundles(
     light: bool = False,
     preread: Mapping[str, StoredCert | StoreError | None] | None = None,
     known: Mapping[bytes, CertBundle] | None = None,
+    uploads: set[str] | None = None,
 ) -> tuple[tuple[CertBundle, ...], list[Problem]]:
     """The store's bundles for a site (one per key type) that pass validation (or, with
     `keep_expired`, the expired ones when that is all there is: see validate_stored).
     `preread`: what store.load returned (or raised) for some names already; `known`: see
-    validate_stored."""
+    validate_stored. `uploads`: the site's name is added when its entry is an upload (whether
+    or not it passes validation: the source is what decides who manages it)."""
     label = f"store:{site.name}"
     try:
         if preread is not None and site.name in preread:
@@ -135,6 +143,8 @@ def load_stored_bundles(
         return (), [Problem(label, site.key, str(exc))]
     if stored is None:
         return (), []
+    if uploads is not None and stored.source == "upload":
+        uploads.add(site.name)
     return validate_stored(
         stored,
         site,
@@ -294,6 +304,7 @@ def load_site_certs(
     sites: Sequence[Site] | None = None,
     known: Mapping[bytes, CertBundle] | None = None,
     unchanged: Mapping[str, tuple[CertBundle, ...]] | None = None,
+    uploaded: Collection[str] = (),
 ) -> SiteCerts:
     """Load every site's certificates; never raises for bad input, reports it instead.
 
@@ -301,8 +312,11 @@ def load_site_certs(
     other fault, is served with them and listed in SiteCerts.expired (see the module doc).
     `light`, `known`: see validate_stored. `sites`: only these (a store change for a few
     names). `unchanged`: store name → the bundles served from its entry, which has not
-    changed since they were made from it: checked again, not read (see recheck_served)."""
+    changed since they were made from it: checked again, not read (see recheck_served).
+    `uploaded`: the names among `unchanged` whose entry held an upload when last read (see
+    SiteCerts.uploads)."""
     unchanged = unchanged or {}
+    uploads: set[str] = set()
     require_chain = config.tls.require_chain
     bundles: dict[int, tuple[CertBundle, ...]] = {}
     problems: list[Problem] = []
@@ -332,6 +346,8 @@ def load_site_certs(
         if store is not None:
             served = unchanged.get(site.name)
             if served is not None:
+                if site.name in uploaded:
+                    uploads.add(site.name)
                 found, store_problems = recheck_served(
                     served,
                     site,
@@ -350,6 +366,7 @@ def load_site_certs(
                     light=light,
                     preread=preread,
                     known=known,
+                    uploads=uploads,
                 )
             problems.extend(store_problems)
             if found and all(b.not_after < now for b in found):
@@ -373,7 +390,7 @@ def load_site_certs(
                     warning=True,
                 )
             )
-    return SiteCerts(bundles, tuple(problems), expired)
+    return SiteCerts(bundles, tuple(problems), expired, frozenset(uploads))
 
 
 PREREAD_MIN = 256  # below this many store sites, read them one by one
