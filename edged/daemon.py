@@ -148,6 +148,7 @@ class Serving:
     bundles: Mapping[int, tuple[CertBundle, ...]]  # a dict the daemon replaces, never changes
     snapshot: Snapshot  # a copy: the stamps of the store entries these bundles were read from
     unclean: Collection[str]  # store names not served as last read (see unclean_names)
+    uploads: Collection[str] = frozenset()  # store names whose entry, as last read, is an upload
 
 
 def prepare(
@@ -186,9 +187,12 @@ def prepare(
         sites=sites,
         known=known,
         unchanged=unchanged,
+        uploaded=serving.uploads if serving is not None else (),
     )
     origins, origin_problems = load_origin_contexts(config)
-    certs = SiteCerts(certs.bundles, (*certs.problems, *origin_problems), certs.expired)
+    certs = SiteCerts(
+        certs.bundles, (*certs.problems, *origin_problems), certs.expired, certs.uploads
+    )
     pending = frozenset(s.index for s in store_sites(config)) if lazy else frozenset()
     return Loaded(config, certs, origins, watch, snapshot, pending)
 
@@ -327,6 +331,9 @@ class Daemon:
         # Store names whose served certificates are not what their entry held when last read
         # (see unclean_names): a full load reads these again even when unchanged.
         self._unclean: set[str] = set()
+        # Store names whose entry held an upload when last read (see SiteCerts.uploads), for
+        # the renewer to leave alone without reading every entry again (see managed_sites).
+        self._uploads: set[str] = set()
         # The SHA-256 of the config text now serving (None: not known), and the files the
         # watcher reported since the last reload began (None: something else asked too): a
         # report of the config file alone that still holds that text is not reloaded again
@@ -572,7 +579,7 @@ class Daemon:
                 await self._close_pool(abort=True)
                 return 1
             if not lazy:
-                await self.renewer.configure(config, store)
+                await self._configure_renewer(config, store)
                 self._filled.set()
             try:
                 log.info(
@@ -769,8 +776,17 @@ class Daemon:
         certificate is not read yet would look like one without a certificate."""
         await self._filled.wait()
         if self.config is not None and not self._stop.is_set():
-            await self.renewer.configure(self.config, self.store)
+            await self._configure_renewer(self.config, self.store)
         await self.renewer.run(self._stop)
+
+    async def _configure_renewer(self, config: Config, store: Store | None) -> None:
+        """The renewer takes `config` (just applied), told which sites hold an upload from
+        what the loads read (no entry read again), but for sites not read yet (a background
+        fill cut short by an error): those it reads, as it read every site before."""
+        unread: set[str] = set()
+        if not self._snapshot_store:  # a lazy start's fill not done: some may be pending
+            unread = {s.name for s in config.sites if s.stored and self._pending(s)}
+        await self.renewer.configure(config, store, frozenset(self._uploads), unread)
 
     async def _fill(self, config: Config, sites: list[Site]) -> None:
         """Read the store's certificates in batches after the listeners are up (see LAZY_MIN),
@@ -891,6 +907,8 @@ class Daemon:
         self.bundles = bundles
         self._unclean.difference_update(site.name for site in sites)
         self._unclean.update(unclean_names(sites, certs, bundles))
+        self._uploads.difference_update(site.name for site in sites)
+        self._uploads.update(certs.uploads)
         if self.pool is not None and self.pool.current:
             self.pool.publish_sites(changes)
 
@@ -1008,7 +1026,7 @@ class Daemon:
         self._use_store(store)
         await self._apply(loaded)
         self._config_digest = digest
-        await self.renewer.configure(config, store)
+        await self._configure_renewer(config, store)
         self._refresh_watch()
         result = "error" if loaded.certs.errors else "ok"
         self.counters.reloads[kind, result] += 1
@@ -1056,6 +1074,7 @@ class Daemon:
         self._snapshot = loaded.snapshot
         self._snapshot_store = not loaded.pending
         self._unclean = unclean
+        self._uploads = set(loaded.certs.uploads)
         if self.pool is not None and publishing:
             self.pool.publish(config, served)  # at once: no other change may come between
             if new_floor:  # the version floor lives in the listening context the workers share
@@ -1331,7 +1350,11 @@ class Daemon:
         if self.config is not None:
             # Copies: the loop goes on changing its own while the load runs in a thread.
             serving = Serving(
-                self.config, self.bundles, dict(self._snapshot), frozenset(self._unclean)
+                self.config,
+                self.bundles,
+                dict(self._snapshot),
+                frozenset(self._unclean),
+                frozenset(self._uploads),
             )
         return await asyncio.to_thread(
             prepare,
