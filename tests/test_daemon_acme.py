@@ -139,11 +139,9 @@ async def test_a_name_added_to_a_site_keeps_the_others_served_and_is_ordered_at_
             assert state.status is CertStatus.ACTIVE
 
 
-async def test_failures_retry_then_failed_webhook_then_force(
-    pebble: Pebble, tmp_path: Path
-) -> None:
-    """CA down: attempts fail with the real error, processing → failed after max_attempts, the
-    webhook hears it; CA back + force retry → active and served."""
+async def start_webhook_receiver() -> tuple[web.AppRunner, str, list[dict[str, object]]]:
+    """An HTTP server taking notify_webhook's POSTs: (its runner to clean up, the URL, the
+    JSON bodies received so far)."""
     hooks: list[dict[str, object]] = []
 
     async def hook(request: web.Request) -> web.Response:
@@ -154,13 +152,19 @@ async def test_failures_retry_then_failed_webhook_then_force(
     app.router.add_post("/hook", hook)
     runner = web.AppRunner(app)
     await runner.setup()
-    hook_port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", hook_port).start()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}/hook", hooks
+
+
+async def test_failures_retry_then_failed_webhook_then_force(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    """CA down: attempts fail with the real error, processing → failed after max_attempts, the
+    webhook hears it; CA back + force retry → active and served."""
+    runner, hook_url, hooks = await start_webhook_receiver()
     pebble.stop()  # the CA is down from the start
-    extra = (
-        f'retry_interval = "50ms"\nmax_attempts = 3\n'
-        f'notify_webhook = "http://127.0.0.1:{hook_port}/hook"'
-    )
+    extra = f'retry_interval = "50ms"\nmax_attempts = 3\nnotify_webhook = "{hook_url}"'
     try:
         async with (
             run_backend() as backend,
@@ -241,18 +245,7 @@ async def test_an_attempt_a_restart_interrupted_into_failed_is_notified(
     """An attempt in flight when edged stopped counts as failed at the next start; when that
     uses up max_attempts the name is FAILED, which is notified like any transition to failed
     (log and webhook). It was not: no notice ever came for that name."""
-    hooks: list[dict[str, object]] = []
-
-    async def hook(request: web.Request) -> web.Response:
-        hooks.append(await request.json())
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    hook_port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", hook_port).start()
+    runner, hook_url, hooks = await start_webhook_receiver()
     state = {
         "name": "shop.test",
         "status": "processing",
@@ -268,7 +261,7 @@ async def test_an_attempt_a_restart_interrupted_into_failed_is_notified(
         directory = "https://127.0.0.1:{free_port()}/dir"
         email = "ops@shop.test"
         max_attempts = 3
-        notify_webhook = "http://127.0.0.1:{hook_port}/hook"
+        notify_webhook = "{hook_url}"
         [[site]]
         names = ["shop.test"]
         backend = "127.0.0.1:9"
