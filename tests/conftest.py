@@ -19,10 +19,15 @@ from typing import Any
 import pytest
 import uvloop
 
+from edged.certs import CertBundle
+from edged.counters import Counters
 from edged.daemon import Daemon
+from edged.http01 import ChallengeBoard
 from edged.listen import LISTEN_BACKLOG
 from edged.proxy_header import V2_SIGNATURE
+from edged.renewer import Renewer
 from edged.sni import Route
+from edged.tlsalpn import AlpnChallengeBoard
 from tests.pebble import Pebble, start_pebble
 from tests.pki import make_ca, make_intermediate, make_leaf, write_pair
 from tests.ports import free_port
@@ -314,3 +319,22 @@ def _unfreeze_gc() -> Iterator[None]:
     be collected. Each test ends with everything back in the collector's reach."""
     yield
     gc.unfreeze()
+
+
+def new_renewer(
+    serving: Callable[[str], CertBundle | None] = lambda _name: None,
+    counters: Counters | None = None,
+) -> Renewer:
+    """A Renewer outside a daemon (nothing installed when it issues), serving what `serving`
+    says for each name."""
+
+    async def installed(_name: str) -> None:
+        return None
+
+    return Renewer(
+        board=ChallengeBoard(),
+        alpn_board=AlpnChallengeBoard(),
+        counters=counters if counters is not None else Counters(),
+        on_installed=installed,
+        serving=serving,
+    )

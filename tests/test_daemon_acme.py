@@ -17,15 +17,13 @@ from aiohttp import web
 from edged.certs import stored_bundle
 from edged.config import parse_config
 from edged.counters import Counters
-from edged.http01 import ChallengeBoard
 from edged.operations import DaemonOperations
 from edged.renewal import CertStatus, RenewalState
-from edged.renewer import Renewer
 from edged.store.files import FileStore
-from edged.tlsalpn import AlpnChallengeBoard
 from tests.conftest import (
     curl,
     free_port,
+    new_renewer,
     run_backend,
     run_cmd,
     run_edged,
@@ -315,17 +313,8 @@ async def test_two_configures_at_once_resume_a_state_once(tmp_path: Path) -> Non
         tmp_path / "edged.toml",
     )
 
-    async def installed(name: str) -> None:
-        return None
-
     counters = Counters()
-    renewer = Renewer(
-        board=ChallengeBoard(),
-        alpn_board=AlpnChallengeBoard(),
-        counters=counters,
-        on_installed=installed,
-        serving=lambda name: None,
-    )
+    renewer = new_renewer(counters=counters)
     await asyncio.gather(renewer.configure(config, store), renewer.configure(config, store))
     assert renewer.states["shop.test"].attempts == 2
     assert counters.renewal_attempts["shop.test", "failure"] == 1
@@ -441,16 +430,7 @@ async def test_many_names_are_planned_off_the_event_loop_alike(
         tmp_path / "edged.toml",
     )
 
-    async def installed(name: str) -> None:
-        return None
-
-    renewer = Renewer(
-        board=ChallengeBoard(),
-        alpn_board=AlpnChallengeBoard(),
-        counters=Counters(),
-        on_installed=installed,
-        serving=served.get,
-    )
+    renewer = new_renewer(served.get)
     await renewer.configure(config, FileStore(tmp_path / "store"))
     now = datetime.now(UTC)
     for name in names:
@@ -464,17 +444,7 @@ async def test_many_names_are_planned_off_the_event_loop_alike(
 def test_a_plan_made_meanwhile_does_not_overwrite_a_newer_state() -> None:
     """Plans made in a thread are installed only where the state is still the one planned
     from: an attempt that ended meanwhile keeps its own record."""
-
-    async def installed(name: str) -> None:
-        return None
-
-    renewer = Renewer(
-        board=ChallengeBoard(),
-        alpn_board=AlpnChallengeBoard(),
-        counters=Counters(),
-        on_installed=installed,
-        serving=lambda name: None,
-    )
+    renewer = new_renewer()
     a, b = RenewalState.new("a.test"), RenewalState.new("b.test")
     renewer.states = {"a.test": a, "b.test": b}
     observed = dict(renewer.states)

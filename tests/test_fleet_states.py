@@ -14,14 +14,11 @@ from pathlib import Path
 import redis
 
 from edged.config import Config, parse_config
-from edged.counters import Counters
 from edged.errors import StoreError
-from edged.http01 import ChallengeBoard
 from edged.renewal import CertStatus, RenewalState
-from edged.renewer import Renewer
 from edged.store.files import FileStore
 from edged.store.redis import STATES_BATCH, RedisStore
-from edged.tlsalpn import AlpnChallengeBoard
+from tests.conftest import new_renewer
 from tests.redis_server import RedisServer
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -41,19 +38,6 @@ email = "ops@shop.test"
 preflight = false
 {sites}""",
         tmp_path / "edged.toml",
-    )
-
-
-def new_renewer() -> Renewer:
-    async def installed(_name: str) -> None:
-        return None
-
-    return Renewer(
-        board=ChallengeBoard(),
-        alpn_board=AlpnChallengeBoard(),
-        counters=Counters(),
-        on_installed=installed,
-        serving=lambda _name: None,
     )
 
 
