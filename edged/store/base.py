@@ -7,10 +7,10 @@ can be read even when the crypto library changes its mind about a certificate.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol, TypeAlias, runtime_checkable
+from typing import Protocol, TypeAlias, TypeVar, runtime_checkable
 
 from edged.errors import StoreError
 
@@ -19,6 +19,21 @@ KEY_TYPE_PATTERN = re.compile(r"[a-z0-9-]{1,32}")
 SOURCES = frozenset({"acme", "upload"})
 # What Store.load_states gives per name: the state, None when absent, or why it is unreadable.
 StateRead: TypeAlias = dict[str, object] | StoreError | None
+
+
+T = TypeVar("T")
+
+
+def read_each(names: Iterable[str], read: Callable[[str], T]) -> dict[str, T | StoreError]:
+    """`read(name)` for each name, one by one; a name whose read raises StoreError gets that
+    error, and the others are still read."""
+    found: dict[str, T | StoreError] = {}
+    for name in names:
+        try:
+            found[name] = read(name)
+        except StoreError as exc:
+            found[name] = exc
+    return found
 
 
 def _empty_extra() -> Mapping[str, str]:

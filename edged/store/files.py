@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 from edged.errors import StoreError
 from edged.names import NameError_, covers, name_from_dirname, normalize_name, store_dirname
-from edged.store.base import KEY_TYPE_PATTERN, PemPair, StateRead, StoredCert
+from edged.store.base import KEY_TYPE_PATTERN, PemPair, StateRead, StoredCert, read_each
 
 log = logging.getLogger(__name__)
 
@@ -201,13 +201,7 @@ class FileStore:
 
     def load_states(self, names: Sequence[str]) -> dict[str, StateRead]:
         """load_state of each name, one by one (files: nothing to batch)."""
-        found: dict[str, StateRead] = {}
-        for name in names:
-            try:
-                found[name] = self.load_state(name)
-            except StoreError as exc:
-                found[name] = exc
-        return found
+        return read_each(names, self.load_state)
 
     def save_state(self, name: str, state: Mapping[str, object]) -> None:
         name, dirname = _checked(name)
