@@ -105,14 +105,9 @@ async def test_a_directory_of_certs_swapped_by_rename_is_followed(tmp_path: Path
     """A deploy that prepares a new directory and renames it into place: the old directory's
     watch ends with it; edged reloads and watches the new one from then on."""
     certs = tmp_path / "certs"
-    certs.mkdir()
+    deploy(certs, "d0", "dir-0")
+    deploy(tmp_path / "certs.new", "d1", "dir-1")
     cert, key = certs / "fullchain.pem", certs / "privkey.pem"
-    for n, (stem, cn) in enumerate((("d0", "dir-0"), ("d1", "dir-1"))):
-        c, k = pair(tmp_path, stem, cn)
-        target = certs if n == 0 else tmp_path / "certs.new"
-        target.mkdir(exist_ok=True)
-        (target / cert.name).write_bytes(c.read_bytes())
-        (target / key.name).write_bytes(k.read_bytes())
     async with (
         run_backend() as backend,
         run_edged(tmp_path, cert_site(backend.address, cert, key)) as edged,
@@ -122,15 +117,14 @@ async def test_a_directory_of_certs_swapped_by_rename_is_followed(tmp_path: Path
         os.rename(tmp_path / "certs.new", certs)
         assert await wait_for("dir-1", edged, "r.example.test") < 3
         # And the new directory is the one watched now.
-        c2, k2 = pair(tmp_path, "d2", "dir-2")
-        cert.write_bytes(c2.read_bytes())
-        key.write_bytes(k2.read_bytes())
+        deploy(certs, "d2", "dir-2")
         assert await wait_for("dir-2", edged, "r.example.test") < 3
 
 
 def deploy(directory: Path, stem: str, cn: str) -> None:
-    """A release directory holding fullchain.pem and privkey.pem for r.example.test."""
-    directory.mkdir(parents=True)
+    """A release directory holding fullchain.pem and privkey.pem for r.example.test (files
+    already there are written in place: cert, then key)."""
+    directory.mkdir(parents=True, exist_ok=True)
     c, k = pair(directory.parent, stem, cn)
     (directory / "fullchain.pem").write_bytes(c.read_bytes())
     (directory / "privkey.pem").write_bytes(k.read_bytes())
@@ -158,9 +152,7 @@ async def test_a_symlinked_directory_switched_to_another_release_is_followed(
         link.symlink_to(releases / "2")
         os.replace(link, current)  # ln -sfn's atomic form
         assert await wait_for("release-2", edged, "r.example.test") < 3
-        c3, k3 = pair(tmp_path, "r3", "release-3")
-        cert.write_bytes(c3.read_bytes())  # in place, in releases/2 now
-        key.write_bytes(k3.read_bytes())
+        deploy(current, "r3", "release-3")  # in place, in releases/2 now
         assert await wait_for("release-3", edged, "r.example.test") < 3
 
 
@@ -180,9 +172,7 @@ async def test_a_renamed_parent_of_the_certs_directory_is_followed(tmp_path: Pat
         os.rename(tmp_path / "app", tmp_path / "app.old")
         os.rename(tmp_path / "app.new", tmp_path / "app")
         assert await wait_for("app-2", edged, "r.example.test") < 3
-        c3, k3 = pair(tmp_path, "a3", "app-3")
-        cert.write_bytes(c3.read_bytes())
-        key.write_bytes(k3.read_bytes())
+        deploy(certs, "a3", "app-3")
         assert await wait_for("app-3", edged, "r.example.test") < 3
 
 
@@ -242,9 +232,7 @@ async def test_the_watch_starts_again_at_once_while_a_catch_up_still_reads(
                 os.rename(tmp_path / "certs.new", certs)
                 assert await wait_for("slow-1", edged, "r.example.test") < 3
                 await asyncio.sleep(0.5)  # the next watcher and its catch-up are up
-                c2, k2 = pair(tmp_path, "s2", "slow-2")
-                cert.write_bytes(c2.read_bytes())
-                key.write_bytes(k2.read_bytes())
+                deploy(certs, "s2", "slow-2")
                 assert await wait_for("slow-2", edged, "r.example.test") < 2
         finally:
             release.set()
