@@ -1452,8 +1452,11 @@ class MetricsView:
     def frozen(self) -> FrozenMetrics:
         """This scrape's copy (edged.metrics.freeze): ~10 ms on the loop at 100k names."""
         d = self.daemon
+        counters = d.total_counters()
+        if counters is d.counters:  # with workers it is a sum made for this call already
+            counters = merge_counters([counters])  # a copy: the loop counts on
         return FrozenMetrics(
-            counters=merge_counters([d.total_counters()]),  # a copy: the loop counts on
+            counters=counters,
             active=d.connections_active(),
             config=d.config,
             bundles=d.bundles,
