@@ -291,6 +291,11 @@ async def test_an_unexpected_error_in_an_attempt_is_a_failed_attempt(
         assert "RuntimeError: a bug in installing" in str(state.last_error)
         assert state.next_try is not None
         assert state.next_try - datetime.now(UTC) > timedelta(minutes=14)  # retry_interval
+        # Saved right after it is counted (in a thread): the file shows it once that is done.
+        await wait_for(
+            lambda: (read_state(tmp_path / "store") or {}).get("attempts") == 1,
+            what="the failed attempt saved",
+        )
         saved = read_state(tmp_path / "store")
         assert saved is not None and saved["in_flight"] is False
         # Not stuck: a forced retry runs and succeeds.
