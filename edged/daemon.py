@@ -36,7 +36,7 @@ from edged.admin import (
 from edged.certs import CertBundle
 from edged.config import Address, Config, Site, config_digest, load_config_digest
 from edged.counters import Counters, merge_counters
-from edged.errors import ConfigError, EdgedError, Problem
+from edged.errors import ConfigError, EdgedError, Problem, StoreError
 from edged.fleet import follow_changes
 from edged.heap import freeze_long_lived, release_free_memory
 from edged.http01 import ChallengeBoard, Http01App, HttpListeners
@@ -68,7 +68,7 @@ from edged.renewer import Renewer
 from edged.sni import SniIndex, build_index
 from edged.sources import SiteCerts, load_site_certs
 from edged.store import Store, open_store
-from edged.store.redis import RedisStore
+from edged.store.redis import Cursor, RedisStore
 from edged.tls import ContextCache, SniSelector, build_listening_context, build_origin_context
 from edged.tlsalpn import AlpnChallengeBoard
 from edged.workers import KILL_WAIT, WorkerPool, served_certs
@@ -346,6 +346,9 @@ class Daemon:
         self._renewing: asyncio.Task[None] | None = None  # the renewal loop, once running
         self._rotation_changed = asyncio.Event()  # a reload changed tls.ticket_key_rotation
         self._following: asyncio.Task[None] | None = None  # a Redis store's changes, followed
+        # The fleet's cursor taken before the startup load: the follower's first resync then
+        # reads only what changed since, not every certificate a second time.
+        self._fleet_cursor: Cursor | None = None
         self._exited = asyncio.Event()  # drained: the systemd loop ends
         self._last_status = ""
         self._inherited = InheritedListeners([])
@@ -530,6 +533,7 @@ class Daemon:
         lazy = config.tls.preread and len(store_sites(config)) >= LAZY_MIN
         try:
             store = self._open_store(config)
+            self._fleet_cursor = await _cursor_of(store)
             loaded = await self._prepare(config, store, lazy=lazy)
         except (EdgedError, OSError) as exc:
             log.error("cannot start: %s", exc)
@@ -632,6 +636,7 @@ class Daemon:
         states, resyncs) until stopped or replaced."""
         if not isinstance(store, RedisStore) or self._tg is None:
             return
+        cursor, self._fleet_cursor = self._fleet_cursor, None  # another store starts afresh
         self._following = self._tg.create_task(
             follow_changes(
                 store,
@@ -639,6 +644,7 @@ class Daemon:
                 self._stop,
                 on_state=self.renewer.note_shared_state,
                 on_cert=lambda name: self.request_reload("store", {name}),
+                cursor=cursor,
             )
         )
 
@@ -1376,6 +1382,17 @@ class Daemon:
                 log.warning("%s", problem)
             else:
                 log.error("certificate rejected, not served: %s", problem)
+
+
+async def _cursor_of(store: Store) -> Cursor | None:
+    """A Redis store's cursor now (see _fleet_cursor); None for a file store, or when Redis
+    cannot be asked (then the first resync reads everything, as without a cursor)."""
+    if not isinstance(store, RedisStore):
+        return None
+    try:
+        return (await asyncio.to_thread(store.changes_since, None)).cursor
+    except StoreError:
+        return None
 
 
 def cert_metrics_of(

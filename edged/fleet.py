@@ -1,12 +1,18 @@
 """Following the fleet's changes: a node that stores a new certificate publishes its name; every
-node reloads (fetch, validate, swap) when it hears it, and resyncs periodically and after a Redis
-outage in case it missed a message. Reconnects back off with jitter so a Redis restart does not
-bring every node back in the same second.
+node reloads (fetch, validate, swap) when it hears it. Reconnects back off with jitter so a Redis
+restart does not bring every node back in the same second.
 
-Before each resync a node checks whether Redis lacks what its local copy holds (Redis restarted
-without persistence, flushed, or restored from an old dump) and writes it back: after a random
-delay, and only where Redis still lacks it or holds an older version, so the first node to get
-there restores a name and the others find nothing left to do.
+Pub/sub delivers at most once, so a node also resyncs, every minute and after each reconnect:
+it asks Redis for the names written since its last resync (RedisStore.changes_since, one script
+call) and reloads those alone; every certificate is read again only when Redis cannot tell
+(it lost its data, went back to an older dump, too many names changed) or at the first resync
+of a node that read nothing before subscribing.
+
+A node also checks whether Redis lacks what its local copy holds (Redis restarted without
+persistence, flushed, restored from an old dump, a key evicted) and writes it back: after each
+(re)connect, whenever Redis cannot tell what changed, and at least hourly; after a random delay,
+and only where Redis still lacks it or holds an older version, so the first node to get there
+restores a name and the others find nothing left to do.
 """
 
 from __future__ import annotations
@@ -20,11 +26,15 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 
 from edged.errors import StoreError
-from edged.store.redis import RedisStore
+from edged.store.redis import Cursor, RedisStore
 
 log = logging.getLogger("edged.fleet")
 
 RESYNC_EVERY = 60.0  # seconds; catches messages missed while subscribed
+# Seconds: the local copies are compared with Redis at least this often. It reads every local
+# copy (~2 s of a thread per 20k names), so not at every resync: a lost or older dump shows in
+# the resync itself (epoch, rev), this is for keys lost one by one (eviction, a manual DEL).
+CHECK_EVERY = 3600.0
 BACKOFF_FIRST, BACKOFF_CAP = 0.5, 30.0
 RECONNECT_SPREAD = 5.0  # seconds: resyncs after an outage spread over this across the fleet
 RESTORE_SPREAD = 5.0  # seconds: restores of local copies spread over this across the fleet
@@ -37,17 +47,24 @@ async def follow_changes(
     on_state: Callable[[str], None] | None = None,
     *,
     on_cert: Callable[[str], None] | None = None,
-    resync_every: float = RESYNC_EVERY,
+    cursor: Cursor | None = None,
+    resync_every: float | None = None,
+    check_every: float | None = None,
     restore_spread: float = RESTORE_SPREAD,
     rng: random.Random | None = None,
 ) -> None:
-    """Call on_cert(name) (without it, on_change("store")) for every published certificate
-    change, on_state(name) for a renewal state another node saved, on_change("resync")
-    periodically and after each (re)subscribe, each time after restoring what Redis lost (see
-    the module doc). Returns when `stop` is set; never raises for Redis trouble."""
+    """Call on_cert(name) (without it, on_change("store")) for every certificate change
+    published or found by a resync, on_state(name) for every renewal state another node saved,
+    on_change("resync") when every certificate must be read again (see the module doc), each
+    time after restoring what Redis lost. `cursor`: taken before the caller read the store
+    (changes_since(None)), so the first resync reads only what changed since. Returns when
+    `stop` is set; never raises for Redis trouble."""
     rng = rng or random.Random()
+    resync_every = RESYNC_EVERY if resync_every is None else resync_every
+    check_every = CHECK_EVERY if check_every is None else check_every
     delay = BACKOFF_FIRST
     failed = False
+    sync = _Resync(store, on_change, stop, on_state, on_cert, rng, restore_spread, cursor)
     while not stop.is_set():
         client = aioredis.Redis.from_url(store.url, **store.connection_kwargs)
         pubsub = client.pubsub()
@@ -58,13 +75,14 @@ async def follow_changes(
                 await _sleep(stop, rng.uniform(0, RECONNECT_SPREAD))
                 log.info("redis reachable again: resyncing")
             # Also right after the first subscribe: a change published between the startup
-            # load and the subscription would otherwise wait for the periodic resync.
-            await restore_local_copies(store, stop, rng, restore_spread)
-            on_change("resync")
+            # load and the subscription would otherwise wait for the periodic resync. After
+            # every (re)connect the local copies are checked: Redis may be back without them.
+            await sync.run(check=True)
             failed = False
             delay = BACKOFF_FIRST
             loop = asyncio.get_running_loop()
             next_resync = loop.time() + resync_every
+            next_check = loop.time() + check_every
             while not stop.is_set():
                 timeout = max(0.0, min(1.0, next_resync - loop.time()))
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
@@ -77,8 +95,10 @@ async def follow_changes(
                     else:
                         on_change("store")
                 if loop.time() >= next_resync:
-                    await restore_local_copies(store, stop, rng, restore_spread)
-                    on_change("resync")
+                    check = loop.time() >= next_check
+                    await sync.run(check=check)
+                    if check:
+                        next_check = loop.time() + check_every
                     next_resync = loop.time() + resync_every
         except Exception as exc:  # Redis trouble of any kind must never take the daemon down
             failed = True
@@ -93,6 +113,53 @@ async def follow_changes(
                 await asyncio.wait_for(pubsub.aclose(), 2)  # type: ignore[no-untyped-call,unused-ignore]
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.aclose(), 2)
+
+
+class _Resync:
+    """One resync: what changed since the last (the cursor kept across reconnects), handed
+    to the callbacks; the local copies restored first when asked or when Redis lost data."""
+
+    def __init__(
+        self,
+        store: RedisStore,
+        on_change: Callable[[str], None],
+        stop: asyncio.Event,
+        on_state: Callable[[str], None] | None,
+        on_cert: Callable[[str], None] | None,
+        rng: random.Random,
+        spread: float,
+        cursor: Cursor | None,
+    ) -> None:
+        self.store, self.on_change, self.stop = store, on_change, stop
+        self.on_state, self.on_cert = on_state, on_cert
+        self.rng, self.spread, self.cursor = rng, spread, cursor
+
+    async def run(self, *, check: bool) -> None:
+        """Raises StoreError when Redis cannot be asked (the caller's reconnect handles it)."""
+        changes = await asyncio.to_thread(self.store.changes_since, self.cursor)
+        known = self.cursor is not None
+        if changes.full or check:
+            await restore_local_copies(self.store, self.stop, self.rng, self.spread)
+        if changes.full:
+            if known:
+                log.warning("resync: reading every certificate again: %s", changes.full)
+            self.on_change("resync")
+        else:
+            if changes.certs or changes.states:
+                log.info(
+                    "resync: %d certificate(s) and %d renewal state(s) written since the last",
+                    len(changes.certs),
+                    len(changes.states),
+                )
+            if self.on_cert is not None:
+                for name in changes.certs:
+                    self.on_cert(name)
+            elif changes.certs:
+                self.on_change("store")
+            if self.on_state is not None:
+                for name in changes.states:
+                    self.on_state(name)
+        self.cursor = changes.cursor
 
 
 async def restore_local_copies(
