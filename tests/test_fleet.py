@@ -349,8 +349,10 @@ async def test_a_corrupt_certificate_in_redis_keeps_the_node_serving(
     async with run_edged(tmp_path, body, store=redis_server.url, edged_extra=extra) as a:
         served = a.daemon.serving("shop.test")
         assert served is not None
+        # The messages below need the node's follower subscribed (its first resync reads
+        # only what changed through edged's writers, not these raw values).
+        await wait_for(lambda: dict(raw.pubsub_numsub(other.channel)).get(other.channel.encode()))
         for name in ("new.test", "shop.test"):
-            # Any reload that reads it: the message's, or the follower's first resync.
             reloads = sum(dict(a.daemon.counters.reloads).values())
             await asyncio.to_thread(raw.set, f"corrupt:cert:{name}", b"[" * 100_000)
             await asyncio.to_thread(raw.publish, other.channel, name)

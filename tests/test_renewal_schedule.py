@@ -33,6 +33,7 @@ from edged.renewal import (
     ari_cert_id,
     ari_check_due,
     begin_attempt,
+    due_and_wait,
     fallback_active,
     force_retry,
     format_time,
@@ -52,7 +53,6 @@ from edged.renewal import (
     record_success,
     renewal_deadline,
     resume,
-    seconds_until_due,
     spread_overdue,
 )
 from tests.pki import Issued, fullchain, make_ca, make_leaf
@@ -1081,19 +1081,35 @@ def test_a_certificate_lifecycle() -> None:
     assert state2.next_try is not None and state2.next_try > now + 2 * DAY
 
 
-def test_seconds_until_due_has_a_floor_and_ignores_attempts_in_flight() -> None:
+def test_due_and_wait_names_the_due_and_the_sleep_until_the_next() -> None:
     due = RenewalState.new("a.example.test")  # next_try None: due now
-    later = replace(due, next_try=NOW + timedelta(seconds=30))
-    stuck = replace(due, in_flight=True)  # e.g. left in flight by a crashed attempt
-    limited = replace(due, next_try=NOW, not_before_retry=NOW + timedelta(seconds=20))
-    assert seconds_until_due([], NOW, 0.5, 60) == 60
-    assert seconds_until_due([later], NOW, 0.5, 60) == 30
-    assert seconds_until_due([later, limited], NOW, 0.5, 60) == 20
-    # Something due now (or overdue) never makes the loop spin: the floor holds.
-    assert seconds_until_due([due, later], NOW, 0.5, 60) == 0.5
-    assert seconds_until_due([replace(due, next_try=NOW - DAY)], NOW, 0.5, 60) == 0.5
-    # A state in flight is not due by time: it does not shorten the sleep at all.
-    assert seconds_until_due([stuck], NOW, 0.5, 60) == 60
+    later = replace(due, name="b.example.test", next_try=NOW + timedelta(seconds=30))
+    stuck = replace(due, name="c.example.test", in_flight=True)  # left by a crashed attempt
+    limited = replace(
+        due, name="d.example.test", next_try=NOW, not_before_retry=NOW + timedelta(seconds=20)
+    )
+    overdue = replace(due, name="e.example.test", next_try=NOW - DAY)
+
+    def check(*states: RenewalState, running: tuple[str, ...] = ()) -> tuple[list[str], float]:
+        return due_and_wait({s.name: s for s in states}, running, NOW, 0.5, 60)
+
+    assert check() == ([], 60)
+    assert check(later) == ([], 30)
+    assert check(later, limited) == ([], 20)  # a rate limit holds it back, not due yet
+    assert check(replace(limited, not_before_retry=NOW)) == (["d.example.test"], 60)
+    # The due ones are started: the sleep is until the next of the others, with a floor so
+    # that nothing can spin the loop.
+    assert check(due, later, overdue) == (["a.example.test", "e.example.test"], 30)
+    assert check(due, replace(later, next_try=NOW + timedelta(seconds=0.1))) == (
+        ["a.example.test"],
+        0.5,
+    )
+    # In flight, or running here: not due by time, and no shorter sleep (its end wakes it).
+    assert check(stuck) == ([], 60)
+    assert check(due, later, running=("a.example.test",)) == ([], 30)
+    # The same answers as is_due, one by one.
+    for state in (due, later, stuck, limited, overdue):
+        assert (check(state)[0] == [state.name]) == is_due(state, NOW)
 
 
 def test_a_fleet_node_adopts_another_nodes_attempt_not_an_older_or_running_one() -> None:
