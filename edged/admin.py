@@ -114,7 +114,7 @@ class Operations(Protocol):
                 CLI prints), ...}
     """
 
-    def status(self) -> dict[str, object]: ...
+    async def status(self) -> dict[str, object]: ...
 
     async def certs(self) -> list[dict[str, object]]: ...
 
@@ -374,7 +374,7 @@ def _only(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
 
 
 async def _get_status(request: web.Request) -> web.Response:
-    return _reply(_ops(request).status())
+    return _reply(await _ops(request).status())
 
 
 async def _get_certs(request: web.Request) -> web.Response:

@@ -81,15 +81,12 @@ class DaemonOperations:
             datetime.now(UTC),
         )
 
-    def status(self) -> dict[str, object]:
+    async def status(self) -> dict[str, object]:
         view = self._view()
         config = view.config
-        # Only the states: a summary reads each certificate's issuer, seconds for 100k sites
-        # on the event loop, and monitoring polls this.
-        counts: dict[str, int] = {}
-        for site in config.sites:
-            state = _state(site, view)
-            counts[state] = counts.get(state, 0) + 1
+        # Only the states (a summary reads each certificate's issuer), counted in a thread
+        # from the view: ~50 ms for 100k sites, and monitoring polls this.
+        counts = await asyncio.to_thread(_count_states, view)
         handshakes = self.daemon.total_counters().handshakes
         return {
             "node": socket.gethostname(),
@@ -395,6 +392,14 @@ def _summary(site: Site, view: _View) -> dict[str, object]:
         "issued_by": state.issued_by if state else "",
         "lease": view.leases.get(site.name, ""),
     }
+
+
+def _count_states(view: _View) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for site in view.config.sites:
+        state = _state(site, view)
+        counts[state] = counts.get(state, 0) + 1
+    return counts
 
 
 def _state(site: Site, view: _View) -> str:

@@ -104,7 +104,7 @@ class FakeOperations:
         except KeyError:
             raise AdminError("unknown_name", f"{name}: no [[site]] has this name", 404) from None
 
-    def status(self) -> dict[str, object]:
+    async def status(self) -> dict[str, object]:
         counts: dict[str, int] = {}
         for c in self.certs_by_name.values():
             counts[c["state"]] = counts.get(c["state"], 0) + 1
