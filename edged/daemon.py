@@ -78,6 +78,7 @@ log = logging.getLogger("edged.daemon")
 
 CHALLENGE_SHARE_TIMEOUT = 10.0  # seconds the ACME thread waits for workers to take a challenge
 STATUS_INTERVAL = 10.0  # seconds between checks whether systemd's STATUS= line changed
+STATUS_IN_THREAD = 2000  # sites or states from which that check walks them in a thread
 LOG_PATHS = 10  # changed paths named in the log line that reports them (the rest counted)
 WATCH_RETRY = 60.0  # seconds before the file watcher is tried again after a host limit stopped it
 # From this many store-backed sites on, the store is indexed in the background after the
@@ -422,20 +423,20 @@ class Daemon:
         conns = self.connections_active()
         if self._stop.is_set():
             return f"stopping: draining {conns} connections"
-        certs = sum(len(b) for b in self.bundles.values())
-        notes = []
-        failed = sum(1 for s in self.renewer.states.values() if s.status == CertStatus.FAILED)
-        if failed:
-            notes.append(f"{failed} failed")
-        if self.config is not None:
-            missing = sum(1 for site in self.config.sites if not self.bundles.get(site.index))
-            if missing:
-                notes.append(f"{missing} sites without a cert")
-        detail = f" ({', '.join(notes)})" if notes else ""
-        return f"serving {certs} certs{detail}, {conns} connections"
+        return status_summary(self.config, self.bundles, self.renewer.states.values(), conns)
 
-    def _send_status(self, *, only_changed: bool = False) -> None:
-        text = self.status_text()
+    async def _status_text_off_loop(self) -> str:
+        """status_text, its walks over every site and state (every STATUS_INTERVAL) in a
+        thread from STATUS_IN_THREAD sites on, on a copy of the states (the loop changes them)."""
+        sites = len(self.config.sites) if self.config is not None else 0
+        if self._stop.is_set() or max(sites, len(self.renewer.states)) < STATUS_IN_THREAD:
+            return self.status_text()
+        config, bundles, states = self.config, self.bundles, list(self.renewer.states.values())
+        conns = self.connections_active()
+        return await asyncio.to_thread(status_summary, config, bundles, states, conns)
+
+    def _send_status(self, *, only_changed: bool = False, text: str | None = None) -> None:
+        text = self.status_text() if text is None else text
         if only_changed and text == self._last_status:
             return
         self._last_status = text
@@ -729,7 +730,7 @@ class Daemon:
                 systemd.notify("WATCHDOG=1")
             now = loop.time()
             if now >= next_status:
-                self._send_status(only_changed=True)
+                self._send_status(only_changed=True, text=await self._status_text_off_loop())
                 next_status = now + STATUS_INTERVAL
             wait = min(watchdog if watchdog is not None else math.inf, next_status - now)
             with contextlib.suppress(TimeoutError):
@@ -1393,6 +1394,27 @@ async def _cursor_of(store: Store) -> Cursor | None:
         return (await asyncio.to_thread(store.changes_since, None)).cursor
     except StoreError:
         return None
+
+
+def status_summary(
+    config: Config | None,
+    bundles: Mapping[int, Sequence[CertBundle]],
+    states: Iterable[RenewalState],
+    conns: int,
+) -> str:
+    """The STATUS= line of a serving daemon: certificates, failed renewals, sites without a
+    certificate, connections. Reads only what it is given: safe in a thread on copies."""
+    certs = sum(len(b) for b in bundles.values())
+    notes = []
+    failed = sum(1 for s in states if s.status == CertStatus.FAILED)
+    if failed:
+        notes.append(f"{failed} failed")
+    if config is not None:
+        missing = sum(1 for site in config.sites if not bundles.get(site.index))
+        if missing:
+            notes.append(f"{missing} sites without a cert")
+    detail = f" ({', '.join(notes)})" if notes else ""
+    return f"serving {certs} certs{detail}, {conns} connections"
 
 
 def cert_metrics_of(

@@ -12,10 +12,12 @@ import socket
 import ssl
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -226,13 +228,25 @@ async def test_notify_ready_status_watchdog_reload_stop(
         assert "systemd watchdog: pinging every 0.2s" in edged.log
 
 
+@pytest.mark.parametrize("in_thread", [False, True])
 async def test_status_is_resent_when_it_changes(
-    tmp_path: Path, pki: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, pki: dict[str, Path], monkeypatch: pytest.MonkeyPatch, in_thread: bool
 ) -> None:
+    """The periodic check of the STATUS= line; with many sites (STATUS_IN_THREAD) its walks
+    run in a thread on copies, with the same line."""
     notify = Notify(tmp_path / "notify.sock")
     monkeypatch.setenv("NOTIFY_SOCKET", str(notify.path))
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)
     monkeypatch.setattr(edged.daemon, "STATUS_INTERVAL", 0.1)
+    monkeypatch.setattr(edged.daemon, "STATUS_IN_THREAD", 1 if in_thread else 10_000)
+    summaries: list[bool] = []
+    summary = edged.daemon.status_summary
+
+    def recorded(*args: Any) -> str:
+        summaries.append(threading.current_thread() is threading.main_thread())
+        return summary(*args)
+
+    monkeypatch.setattr(edged.daemon, "status_summary", recorded)
     ctx = client_context(pki)
     try:
         async with run_backend() as backend, run_edged(tmp_path, site(pki, backend.address)) as e:
@@ -252,6 +266,8 @@ async def test_status_is_resent_when_it_changes(
             del reader
     finally:
         notify.close()
+    # Off the loop, the periodic checks only: the start's line is made on the loop.
+    assert summaries and (False in summaries) == in_thread, summaries
 
 
 # --- socket activation ---------------------------------------------------------------------
