@@ -237,3 +237,43 @@ async def test_an_idle_node_reads_no_certificate_at_its_resyncs(
             assert await reads.take() == Counter({names[7]: 1})
     finally:
         reads.close()
+
+
+async def test_a_restore_that_failed_is_tried_again_at_the_next_resync(
+    redis_server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis lost its data and refused the writes back (here: too few replicas) at the resync
+    that found out: the next resync tries again, not the hourly check an hour later."""
+    a = store(redis_server, tmp_path, "a")
+    a.save(bundle("kept.test", "v1"))
+    cursor = a.changes_since(None).cursor
+    heard: list[str] = []
+    stop = asyncio.Event()
+    follower = asyncio.create_task(
+        follow_changes(
+            a,
+            heard.append,
+            stop,
+            cursor=cursor,
+            resync_every=0.1,
+            check_every=3600,
+            restore_spread=0,
+        )
+    )
+    raw = redis_server.client()
+    try:
+        await asyncio.sleep(0.3)  # subscribed, first resyncs done
+        # Lost (another epoch), and writes refused from the same moment on.
+        pipe = raw.pipeline(transaction=True)
+        pipe.flushall()
+        pipe.set("rs:epoch", "another")
+        pipe.config_set("min-replicas-to-write", 1)
+        await asyncio.to_thread(pipe.execute)
+        await wait_until(lambda: "local copies not restored" in caplog.text)
+        await wait_until(lambda: "resync" in heard)
+        await asyncio.to_thread(raw.config_set, "min-replicas-to-write", 0)
+        await wait_until(lambda: raw.exists("rs:cert:kept.test") == 1, limit=5)
+    finally:
+        await asyncio.to_thread(raw.config_set, "min-replicas-to-write", 0)
+        stop.set()
+        await asyncio.wait_for(follower, 10)
