@@ -263,9 +263,9 @@ async def test_a_restore_that_failed_is_tried_again_at_the_next_resync(
     raw = redis_server.client()
     try:
         await asyncio.sleep(0.3)  # subscribed, first resyncs done
-        # Lost (another epoch), and writes refused from the same moment on.
+        # Lost (another epoch, the certificate gone), and writes refused from then on.
         pipe = raw.pipeline(transaction=True)
-        pipe.flushall()
+        pipe.delete("rs:cert:kept.test", "rs:names")
         pipe.set("rs:epoch", "another")
         pipe.config_set("min-replicas-to-write", 1)
         await asyncio.to_thread(pipe.execute)
@@ -277,3 +277,21 @@ async def test_a_restore_that_failed_is_tried_again_at_the_next_resync(
         await asyncio.to_thread(raw.config_set, "min-replicas-to-write", 0)
         stop.set()
         await asyncio.wait_for(follower, 10)
+
+
+@pytest.mark.parametrize("kind", ["cert", "state"])
+def test_a_lost_change_index_means_a_full_read(
+    redis_server: RedisServer, tmp_path: Path, kind: str
+) -> None:
+    """An index evicted (maxmemory allkeys-*) or deleted, the epoch and the counter kept: the
+    names written before are gone from it, so the cursor no longer tells."""
+    a, b = store(redis_server, tmp_path, "a"), store(redis_server, tmp_path, "b")
+    cursor = a.changes_since(None).cursor
+    b.save(bundle("before.test", "v1"))
+    b.save_state("before.test", {"status": "processing"})
+    redis_server.client().delete(f"rs:revs:{kind}")  # what eviction does
+    b.save(bundle("after.test", "v1"))
+    b.save_state("after.test", {"status": "processing"})
+    lost = a.changes_since(cursor)
+    assert "index" in lost.full, lost
+    assert since(a, lost.cursor) == Changes(lost.cursor)  # told once, then it tells again
