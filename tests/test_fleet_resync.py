@@ -295,3 +295,25 @@ def test_a_lost_change_index_means_a_full_read(
     lost = a.changes_since(cursor)
     assert "index" in lost.full, lost
     assert since(a, lost.cursor) == Changes(lost.cursor)  # told once, then it tells again
+
+
+def test_a_restart_that_lost_the_last_writes_means_a_full_read(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Redis restarted from a dump (or an AOF, or failed over to a replica) that lacks the last
+    writes, then written to again before the node resynced: the counter is past the cursor
+    again, but the revs the node had seen now name other writes, which it would never read."""
+    a, b = store(redis_server, tmp_path, "a"), store(redis_server, tmp_path, "b")
+    b.save(bundle("old.test", "v1"))
+    a.changes_since(None)  # the fleet's epoch, in the dump
+    redis_server.client().save()  # the dump the restart comes back with
+    b.save(bundle("lost.test", "v1"))
+    b.save_state("lost.test", {"status": "processing"})
+    cursor = a.changes_since(None).cursor
+    redis_server.stop()
+    redis_server.start_again()
+    b.save(bundle("written.test", "v1"))
+    b.save_state("written.test", {"status": "processing"})
+    b.save_state("again.test", {"status": "processing"})
+    assert redis_server.client().get("rs:rev") == str(cursor.rev + 1).encode()  # past it again
+    assert "restarted" in a.changes_since(cursor).full

@@ -126,7 +126,9 @@ return 1
 # [epoch, rev, 0] when the cursor does not apply (another epoch: Redis lost its data; a lower
 # rev: restored from an older dump or the counter lost; an index without its marker, the
 # member "" this script adds: evicted or deleted alone, the names it held lost). An epoch is
-# made when there is none.
+# made when there is none. The epoch answered ends with the server's run_id: a restart (or a
+# failover) may come back without the last writes (an RDB or AOF behind, async replication)
+# and take their revs again for other writes, which a cursor past them would never list.
 # KEYS: epoch, rev, revs:cert, revs:state; ARGV: a new epoch, the cursor's epoch and rev, the
 # most names to list per kind (more: the caller reads everything instead).
 _CHANGES = """
@@ -134,6 +136,10 @@ local epoch = redis.call('GET', KEYS[1])
 if not epoch then
   epoch = ARGV[1]
   redis.call('SET', KEYS[1], epoch)
+end
+local info = redis.pcall('INFO', 'server')  -- an ACL without INFO: as before, no run_id
+if type(info) == 'string' then
+  epoch = epoch .. ':' .. (string.match(info, 'run_id:(%x+)') or '')
 end
 local rev = tonumber(redis.call('GET', KEYS[2]) or '0')
 local since = tonumber(ARGV[3])
@@ -771,8 +777,10 @@ class RedisStore:
         if cursor is None:
             return Changes(now, "first resync")
         if not found[2]:
-            if now.epoch != cursor.epoch:
+            if now.epoch.partition(":")[0] != cursor.epoch.partition(":")[0]:
                 why = "redis lost its data (flushed, or restarted without persistence)"
+            elif now.epoch != cursor.epoch:
+                why = "redis restarted or failed over (the last writes may be lost)"
             elif now.rev < cursor.rev:
                 why = f"redis holds older data (rev {now.rev} < {cursor.rev}: an older dump)"
             else:
