@@ -433,7 +433,9 @@ class Daemon:
             return self.status_text()
         config, bundles, states = self.config, self.bundles, list(self.renewer.states.values())
         conns = self.connections_active()
-        return await asyncio.to_thread(status_summary, config, bundles, states, conns)
+        text = await asyncio.to_thread(status_summary, config, bundles, states, conns)
+        # A stop meanwhile sent "stopping: draining": this line is out of date, not sent over it.
+        return self.status_text() if self._stop.is_set() else text
 
     def _send_status(self, *, only_changed: bool = False, text: str | None = None) -> None:
         text = self.status_text() if text is None else text

@@ -133,13 +133,15 @@ class _Resync:
         self.store, self.on_change, self.stop = store, on_change, stop
         self.on_state, self.on_cert = on_state, on_cert
         self.rng, self.spread, self.cursor = rng, spread, cursor
+        self.restore_failed = False  # then the next resync checks again, not the hourly one
 
     async def run(self, *, check: bool) -> None:
         """Raises StoreError when Redis cannot be asked (the caller's reconnect handles it)."""
         changes = await asyncio.to_thread(self.store.changes_since, self.cursor)
         known = self.cursor is not None
-        if changes.full or check:
-            await restore_local_copies(self.store, self.stop, self.rng, self.spread)
+        if changes.full or check or self.restore_failed:
+            done = await restore_local_copies(self.store, self.stop, self.rng, self.spread)
+            self.restore_failed = not done
         if changes.full:
             if known:
                 log.warning("resync: reading every certificate again: %s", changes.full)
@@ -164,13 +166,14 @@ class _Resync:
 
 async def restore_local_copies(
     store: RedisStore, stop: asyncio.Event, rng: random.Random, spread: float
-) -> None:
+) -> bool:
     """Write back what Redis lost, after a random delay of up to `spread` seconds. Only reads
-    (one script call) when nothing is missing, which is nearly always."""
+    (one script call) when nothing is missing, which is nearly always. False when Redis
+    refused (the caller tries again at its next resync)."""
     try:
         stale = await asyncio.to_thread(store.stale_in_redis)
         if not stale:
-            return
+            return True
         log.warning(
             "redis lacks (or holds older) %d certificate(s) and %d account(s) of this node's "
             "copy: restoring",
@@ -179,13 +182,15 @@ async def restore_local_copies(
         )
         await _sleep(stop, rng.uniform(0, spread))
         if stop.is_set():
-            return
+            return True
         # Again after the delay: what a faster node restored meanwhile is not sent at all.
         stale = await asyncio.to_thread(store.stale_in_redis)
         if stale:
             await asyncio.to_thread(store.restore, stale)
     except StoreError as exc:
         log.warning("local copies not restored to redis (next resync retries) error=%s", exc)
+        return False
+    return True
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:

@@ -237,3 +237,83 @@ async def test_an_idle_node_reads_no_certificate_at_its_resyncs(
             assert await reads.take() == Counter({names[7]: 1})
     finally:
         reads.close()
+
+
+async def test_a_restore_that_failed_is_tried_again_at_the_next_resync(
+    redis_server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis lost its data and refused the writes back (here: too few replicas) at the resync
+    that found out: the next resync tries again, not the hourly check an hour later."""
+    a = store(redis_server, tmp_path, "a")
+    a.save(bundle("kept.test", "v1"))
+    cursor = a.changes_since(None).cursor
+    heard: list[str] = []
+    stop = asyncio.Event()
+    follower = asyncio.create_task(
+        follow_changes(
+            a,
+            heard.append,
+            stop,
+            cursor=cursor,
+            resync_every=0.1,
+            check_every=3600,
+            restore_spread=0,
+        )
+    )
+    raw = redis_server.client()
+    try:
+        await asyncio.sleep(0.3)  # subscribed, first resyncs done
+        # Lost (another epoch, the certificate gone), and writes refused from then on.
+        pipe = raw.pipeline(transaction=True)
+        pipe.delete("rs:cert:kept.test", "rs:names")
+        pipe.set("rs:epoch", "another")
+        pipe.config_set("min-replicas-to-write", 1)
+        await asyncio.to_thread(pipe.execute)
+        await wait_until(lambda: "local copies not restored" in caplog.text)
+        await wait_until(lambda: "resync" in heard)
+        await asyncio.to_thread(raw.config_set, "min-replicas-to-write", 0)
+        await wait_until(lambda: raw.exists("rs:cert:kept.test") == 1, limit=5)
+    finally:
+        await asyncio.to_thread(raw.config_set, "min-replicas-to-write", 0)
+        stop.set()
+        await asyncio.wait_for(follower, 10)
+
+
+@pytest.mark.parametrize("kind", ["cert", "state"])
+def test_a_lost_change_index_means_a_full_read(
+    redis_server: RedisServer, tmp_path: Path, kind: str
+) -> None:
+    """An index evicted (maxmemory allkeys-*) or deleted, the epoch and the counter kept: the
+    names written before are gone from it, so the cursor no longer tells."""
+    a, b = store(redis_server, tmp_path, "a"), store(redis_server, tmp_path, "b")
+    cursor = a.changes_since(None).cursor
+    b.save(bundle("before.test", "v1"))
+    b.save_state("before.test", {"status": "processing"})
+    redis_server.client().delete(f"rs:revs:{kind}")  # what eviction does
+    b.save(bundle("after.test", "v1"))
+    b.save_state("after.test", {"status": "processing"})
+    lost = a.changes_since(cursor)
+    assert "index" in lost.full, lost
+    assert since(a, lost.cursor) == Changes(lost.cursor)  # told once, then it tells again
+
+
+def test_a_restart_that_lost_the_last_writes_means_a_full_read(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Redis restarted from a dump (or an AOF, or failed over to a replica) that lacks the last
+    writes, then written to again before the node resynced: the counter is past the cursor
+    again, but the revs the node had seen now name other writes, which it would never read."""
+    a, b = store(redis_server, tmp_path, "a"), store(redis_server, tmp_path, "b")
+    b.save(bundle("old.test", "v1"))
+    a.changes_since(None)  # the fleet's epoch, in the dump
+    redis_server.client().save()  # the dump the restart comes back with
+    b.save(bundle("lost.test", "v1"))
+    b.save_state("lost.test", {"status": "processing"})
+    cursor = a.changes_since(None).cursor
+    redis_server.stop()
+    redis_server.start_again()
+    b.save(bundle("written.test", "v1"))
+    b.save_state("written.test", {"status": "processing"})
+    b.save_state("again.test", {"status": "processing"})
+    assert redis_server.client().get("rs:rev") == str(cursor.rev + 1).encode()  # past it again
+    assert "restarted" in a.changes_since(cursor).full

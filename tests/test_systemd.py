@@ -270,6 +270,47 @@ async def test_status_is_resent_when_it_changes(
     assert summaries and (False in summaries) == in_thread, summaries
 
 
+async def test_a_status_check_running_when_the_stop_comes_does_not_undo_stopping(
+    tmp_path: Path, pki: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A periodic check (in a thread) that began before the stop ends after STOPPING's
+    "stopping: draining" line: its "serving" line is out of date, not sent over it."""
+    notify = Notify(tmp_path / "notify.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify.path))
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    monkeypatch.setattr(edged.daemon, "STATUS_INTERVAL", 0.1)
+    monkeypatch.setattr(edged.daemon, "STATUS_IN_THREAD", 1)
+    entered, release = threading.Event(), threading.Event()
+    summary = edged.daemon.status_summary
+
+    def slow(*args: Any) -> str:
+        if threading.current_thread() is not threading.main_thread():
+            entered.set()
+            release.wait(10)  # the walk over 100k sites, taking its time
+        return summary(*args)
+
+    monkeypatch.setattr(edged.daemon, "status_summary", slow)
+    ctx = client_context(pki)
+    try:
+        async with run_backend() as backend, run_edged(tmp_path, site(pki, backend.address)) as e:
+            assert (await notify.until("STATUS=")).startswith("STATUS=serving")
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", e.port, ssl=ctx, server_hostname=NAME
+            )
+            await asyncio.to_thread(entered.wait, 10)
+            e.daemon.request_stop()
+            assert (await notify.until("STATUS=")).startswith("STATUS=stopping")
+            release.set()
+            with pytest.raises(TimeoutError):
+                msg = await notify.until("STATUS=", limit=0.5)
+                raise AssertionError(f"sent after the stop: {msg}")
+            writer.close()
+            del reader
+    finally:
+        release.set()
+        notify.close()
+
+
 # --- socket activation ---------------------------------------------------------------------
 
 

@@ -124,7 +124,11 @@ return 1
 )
 # What changed since a cursor (epoch, rev): [epoch, rev, 1, cert names, state names], or
 # [epoch, rev, 0] when the cursor does not apply (another epoch: Redis lost its data; a lower
-# rev: restored from an older dump or the counter lost). An epoch is made when there is none.
+# rev: restored from an older dump or the counter lost; an index without its marker, the
+# member "" this script adds: evicted or deleted alone, the names it held lost). An epoch is
+# made when there is none. The epoch answered ends with the server's run_id: a restart (or a
+# failover) may come back without the last writes (an RDB or AOF behind, async replication)
+# and take their revs again for other writes, which a cursor past them would never list.
 # KEYS: epoch, rev, revs:cert, revs:state; ARGV: a new epoch, the cursor's epoch and rev, the
 # most names to list per kind (more: the caller reads everything instead).
 _CHANGES = """
@@ -133,9 +137,20 @@ if not epoch then
   epoch = ARGV[1]
   redis.call('SET', KEYS[1], epoch)
 end
+local info = redis.pcall('INFO', 'server')  -- an ACL without INFO: as before, no run_id
+if type(info) == 'string' then
+  epoch = epoch .. ':' .. (string.match(info, 'run_id:(%x+)') or '')
+end
 local rev = tonumber(redis.call('GET', KEYS[2]) or '0')
 local since = tonumber(ARGV[3])
-if epoch ~= ARGV[2] or rev < since then return {epoch, rev, 0} end
+local intact = true
+for i = 3, 4 do
+  if not redis.call('ZSCORE', KEYS[i], '') then
+    redis.call('ZADD', KEYS[i], 0, '')
+    intact = false
+  end
+end
+if epoch ~= ARGV[2] or rev < since or not intact then return {epoch, rev, 0} end
 local limit = tonumber(ARGV[4])
 local certs = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. since, rev, 'LIMIT', 0, limit)
 local states = redis.call('ZRANGEBYSCORE', KEYS[4], '(' .. since, rev, 'LIMIT', 0, limit)
@@ -762,10 +777,14 @@ class RedisStore:
         if cursor is None:
             return Changes(now, "first resync")
         if not found[2]:
-            if now.epoch != cursor.epoch:
+            if now.epoch.partition(":")[0] != cursor.epoch.partition(":")[0]:
                 why = "redis lost its data (flushed, or restarted without persistence)"
-            else:
+            elif now.epoch != cursor.epoch:
+                why = "redis restarted or failed over (the last writes may be lost)"
+            elif now.rev < cursor.rev:
                 why = f"redis holds older data (rev {now.rev} < {cursor.rev}: an older dump)"
+            else:
+                why = "redis lost the change index (evicted or deleted)"
             return Changes(now, why)
         certs = tuple(bytes(n).decode() for n in found[3])
         states = tuple(bytes(n).decode() for n in found[4])
