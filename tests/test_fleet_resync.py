@@ -317,3 +317,27 @@ def test_a_restart_that_lost_the_last_writes_means_a_full_read(
     b.save_state("again.test", {"status": "processing"})
     assert redis_server.client().get("rs:rev") == str(cursor.rev + 1).encode()  # past it again
     assert "restarted" in a.changes_since(cursor).full
+
+
+def test_a_read_redis_failed_since_the_cursor_means_a_full_read(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Redis stalls past the client's timeout: a read then serves the node's local copy
+    (the older version) and the index will not list that name again, so the next resync
+    reads everything; the one after that is back to the names written."""
+    a, b = store(redis_server, tmp_path, "a"), store(redis_server, tmp_path, "b")
+    b.save(bundle("one.test", "v1"))
+    assert a.load("one.test") is not None  # a's local copy: v1
+    cursor = a.changes_since(None).cursor
+    b.save(bundle("one.test", "v2"))
+    raw = redis_server.client()
+    raw.client_pause(3000)  # a's timeout is 2 s
+    try:
+        stale = a.load("one.test")  # what a reload meanwhile would read
+    finally:
+        raw.client_unpause()
+    assert stale is not None and stale.pairs != b.load("one.test").pairs  # type: ignore[union-attr]
+    assert a.failures == 1
+    found = a.changes_since(cursor)
+    assert found.full == "redis calls failed since the last resync"
+    assert since(a, found.cursor) == Changes(found.cursor)

@@ -296,10 +296,12 @@ class Stale:
 
 @dataclass(frozen=True)
 class Cursor:
-    """Where a node's view of the fleet's writes stands: Redis's epoch and the rev read."""
+    """Where a node's view of the fleet's writes stands: Redis's epoch and the rev read, and
+    how many of this client's calls had failed then (see changes_since)."""
 
     epoch: str
     rev: int
+    failures: int = 0
 
 
 @dataclass(frozen=True)
@@ -380,6 +382,9 @@ class RedisStore:
         self._save_state = self.client.register_script(_SAVE_STATE)
         self._changes = self.client.register_script(_CHANGES)
         self.available = True
+        # Calls that failed so far: a read that fell back to the local copy meanwhile may
+        # have missed a version the change index will not list again (see edged.fleet).
+        self.failures = 0
 
     @property
     def root(self) -> Path:
@@ -400,6 +405,7 @@ class RedisStore:
         try:
             result = fn(*args)
         except redis.RedisError as exc:
+            self.failures += 1
             message = self.describe_error(exc)
             if self.available:
                 log.error("redis unavailable action=%s error=%s", what, message)
@@ -770,12 +776,17 @@ class RedisStore:
             cursor.rev if cursor else 0,
             CHANGES_MAX,
         ]
+        failures = self.failures  # before the call: one failing meanwhile counts next time
         found = cast(
             list[Any], self._call("changes_since", lambda: self._changes(keys=keys, args=args))
         )
-        now = Cursor(bytes(found[0]).decode(), int(found[1]))
+        now = Cursor(bytes(found[0]).decode(), int(found[1]), failures)
         if cursor is None:
             return Changes(now, "first resync")
+        if found[2] and failures != cursor.failures:
+            # A read since the cursor may have served the local copy instead (Redis failed
+            # it), and the index will not list that name again: everything is read.
+            return Changes(now, "redis calls failed since the last resync")
         if not found[2]:
             if now.epoch.partition(":")[0] != cursor.epoch.partition(":")[0]:
                 why = "redis lost its data (flushed, or restarted without persistence)"
