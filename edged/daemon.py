@@ -352,6 +352,7 @@ class Daemon:
         self._fleet_cursor: Cursor | None = None
         self._exited = asyncio.Event()  # drained: the systemd loop ends
         self._last_status = ""
+        self._status_sent = 0  # STATUS= lines sent: a check in a thread sees if one came since
         self._inherited = InheritedListeners([])
         self._passed = inherited
         self._reload = asyncio.Event()
@@ -433,15 +434,20 @@ class Daemon:
             return self.status_text()
         config, bundles, states = self.config, self.bundles, list(self.renewer.states.values())
         conns = self.connections_active()
+        sent = self._status_sent
         text = await asyncio.to_thread(status_summary, config, bundles, states, conns)
-        # A stop meanwhile sent "stopping: draining": this line is out of date, not sent over it.
-        return self.status_text() if self._stop.is_set() else text
+        # A stop ("stopping: draining") or a reload sent a newer line meanwhile: this one is
+        # out of date, not sent over it.
+        if self._stop.is_set():
+            return self.status_text()
+        return text if sent == self._status_sent else self._last_status
 
     def _send_status(self, *, only_changed: bool = False, text: str | None = None) -> None:
         text = self.status_text() if text is None else text
         if only_changed and text == self._last_status:
             return
         self._last_status = text
+        self._status_sent += 1
         systemd.notify(systemd.status_line(text))
 
     def name_statuses(self) -> list[NameStatus]:

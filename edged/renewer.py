@@ -708,8 +708,11 @@ class Renewer:
                         self._pass, states, frozenset(self._running), now, expiry
                     )
                 for name in due:
-                    if name in self._running or self.states.get(name) is not states[name]:
-                        continue  # changed meanwhile: that change woke the loop again
+                    if name in self._running:
+                        continue
+                    if self.states.get(name) is not states[name]:
+                        wait = MIN_SLEEP  # changed meanwhile: look again soon, not in a minute
+                        continue
                     self._running.add(name)
                     tg.create_task(self._attempt(name, limit, tg))
                 if expiry:

@@ -27,6 +27,7 @@ from edged.config import parse_config
 from edged.errors import ConfigError
 from edged.listen import InheritedListeners
 from tests.conftest import BackendConn, free_port, run_backend, run_edged
+from tests.test_redis_store import wait_until
 
 NAME = "one.example.test"
 EDGED = str(Path(sys.executable).with_name("edged"))
@@ -305,6 +306,50 @@ async def test_a_status_check_running_when_the_stop_comes_does_not_undo_stopping
                 msg = await notify.until("STATUS=", limit=0.5)
                 raise AssertionError(f"sent after the stop: {msg}")
             writer.close()
+            del reader
+    finally:
+        release.set()
+        notify.close()
+
+
+async def test_a_status_check_running_when_a_reload_ends_does_not_undo_its_line(
+    tmp_path: Path, pki: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A periodic check (in a thread) that read one connection ends after a reload sent the
+    newer line (no connection): its line is out of date, not sent over the reload's."""
+    notify = Notify(tmp_path / "notify.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify.path))
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    monkeypatch.setattr(edged.daemon, "STATUS_INTERVAL", 0.1)
+    monkeypatch.setattr(edged.daemon, "STATUS_IN_THREAD", 1)
+    entered, release = threading.Event(), threading.Event()
+    summary = edged.daemon.status_summary
+
+    def slow(*args: Any) -> str:
+        if threading.current_thread() is not threading.main_thread() and args[3] == 1:
+            entered.set()
+            release.wait(10)
+        return summary(*args)
+
+    monkeypatch.setattr(edged.daemon, "status_summary", slow)
+    ctx = client_context(pki)
+    try:
+        async with run_backend() as backend, run_edged(tmp_path, site(pki, backend.address)) as e:
+            assert (await notify.until("STATUS=")).startswith("STATUS=serving")
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", e.port, ssl=ctx, server_hostname=NAME
+            )
+            await asyncio.to_thread(entered.wait, 10)  # the check read 1 connection
+            writer.close()
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                await writer.wait_closed()
+            await wait_until(lambda: e.daemon.connections_active() == 0)
+            assert await e.daemon.reload("signal")
+            assert await notify.until("STATUS=") == "STATUS=serving 1 certs, 0 connections"
+            release.set()
+            with pytest.raises(TimeoutError):
+                msg = await notify.until("STATUS=", limit=0.5)
+                raise AssertionError(f"sent after the reload: {msg}")
             del reader
     finally:
         release.set()
