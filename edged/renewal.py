@@ -488,13 +488,21 @@ _ARI_TIMES = ("start", "end", "next_check")
 # --- transitions ------------------------------------------------------------------------------
 
 
+def due_at(state: RenewalState, now: datetime) -> datetime | None:
+    """When an attempt should start: `now` when it is due at once (never scheduled), None
+    while one runs (its end decides); never before a rate limit's end."""
+    if state.in_flight:
+        return None
+    when = state.next_try or now
+    if state.not_before_retry is not None and state.not_before_retry > when:
+        return state.not_before_retry
+    return when
+
+
 def is_due(state: RenewalState, now: datetime) -> bool:
     """True when an attempt should start now (never while one runs or a rate limit holds)."""
-    if state.in_flight:
-        return False
-    if state.not_before_retry is not None and now < state.not_before_retry:
-        return False
-    return state.next_try is None or state.next_try <= now
+    when = due_at(state, now)
+    return when is not None and when <= now
 
 
 def due_and_wait(
@@ -505,17 +513,15 @@ def due_and_wait(
     ceiling: float,
 ) -> tuple[list[str], float]:
     """One pass over `states` (the loop's wake at 100k names: one pass, not two): the names
-    due now that are not `running`, and how long the loop may sleep after starting them
-    before another of the rest is due, within [floor, ceiling]: the floor keeps a state that
-    stays due from spinning the loop."""
+    due now (is_due) that are not `running`, and how long the loop may sleep after starting
+    them before another of the rest is due, within [floor, ceiling]: the floor keeps a state
+    that stays due from spinning the loop."""
     due: list[str] = []
     wait = ceiling
     for name, state in states.items():
-        if state.in_flight or name in running:
+        when = due_at(state, now)
+        if when is None or name in running:
             continue  # not due by time: its attempt's end wakes the loop
-        when = state.next_try or now
-        if state.not_before_retry is not None:
-            when = max(when, state.not_before_retry)
         if when <= now:
             due.append(name)
         else:
