@@ -436,11 +436,10 @@ class Daemon:
         conns = self.connections_active()
         sent = self._status_sent
         text = await asyncio.to_thread(status_summary, config, bundles, states, conns)
-        # A stop ("stopping: draining") or a reload sent a newer line meanwhile: this one is
-        # out of date, not sent over it.
-        if self._stop.is_set():
-            return self.status_text()
-        return text if sent == self._status_sent else self._last_status
+        # A stop ("stopping: draining") or a reload sends a newer line meanwhile: this one is
+        # out of date, not sent over it (the last line sent is answered: nothing changed).
+        stale = self._stop.is_set() or sent != self._status_sent
+        return self._last_status if stale else text
 
     def _send_status(self, *, only_changed: bool = False, text: str | None = None) -> None:
         text = self.status_text() if text is None else text
