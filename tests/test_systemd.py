@@ -14,7 +14,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -271,11 +271,12 @@ async def test_status_is_resent_when_it_changes(
     assert summaries and (False in summaries) == in_thread, summaries
 
 
-async def test_a_status_check_running_when_the_stop_comes_does_not_undo_stopping(
-    tmp_path: Path, pki: dict[str, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A periodic check (in a thread) that began before the stop ends after STOPPING's
-    "stopping: draining" line: its "serving" line is out of date, not sent over it."""
+def held_status_checks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hold: Callable[[int], bool]
+) -> tuple[Notify, threading.Event, threading.Event]:
+    """Periodic STATUS= checks every 0.1 s, each in a thread: the first whose connection
+    count `hold` picks sets `entered` and waits for `release` (a walk over 100k sites,
+    taking its time)."""
     notify = Notify(tmp_path / "notify.sock")
     monkeypatch.setenv("NOTIFY_SOCKET", str(notify.path))
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)
@@ -285,12 +286,21 @@ async def test_a_status_check_running_when_the_stop_comes_does_not_undo_stopping
     summary = edged.daemon.status_summary
 
     def slow(*args: Any) -> str:
-        if threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread() and hold(args[3]):
             entered.set()
-            release.wait(10)  # the walk over 100k sites, taking its time
+            release.wait(10)
         return summary(*args)
 
     monkeypatch.setattr(edged.daemon, "status_summary", slow)
+    return notify, entered, release
+
+
+async def test_a_status_check_running_when_the_stop_comes_does_not_undo_stopping(
+    tmp_path: Path, pki: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A periodic check (in a thread) that began before the stop ends after STOPPING's
+    "stopping: draining" line: its "serving" line is out of date, not sent over it."""
+    notify, entered, release = held_status_checks(tmp_path, monkeypatch, lambda conns: True)
     ctx = client_context(pki)
     try:
         async with run_backend() as backend, run_edged(tmp_path, site(pki, backend.address)) as e:
@@ -317,21 +327,7 @@ async def test_a_status_check_running_when_a_reload_ends_does_not_undo_its_line(
 ) -> None:
     """A periodic check (in a thread) that read one connection ends after a reload sent the
     newer line (no connection): its line is out of date, not sent over the reload's."""
-    notify = Notify(tmp_path / "notify.sock")
-    monkeypatch.setenv("NOTIFY_SOCKET", str(notify.path))
-    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
-    monkeypatch.setattr(edged.daemon, "STATUS_INTERVAL", 0.1)
-    monkeypatch.setattr(edged.daemon, "STATUS_IN_THREAD", 1)
-    entered, release = threading.Event(), threading.Event()
-    summary = edged.daemon.status_summary
-
-    def slow(*args: Any) -> str:
-        if threading.current_thread() is not threading.main_thread() and args[3] == 1:
-            entered.set()
-            release.wait(10)
-        return summary(*args)
-
-    monkeypatch.setattr(edged.daemon, "status_summary", slow)
+    notify, entered, release = held_status_checks(tmp_path, monkeypatch, lambda conns: conns == 1)
     ctx = client_context(pki)
     try:
         async with run_backend() as backend, run_edged(tmp_path, site(pki, backend.address)) as e:
