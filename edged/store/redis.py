@@ -768,8 +768,12 @@ class RedisStore:
     def changes_since(self, cursor: Cursor | None) -> Changes:
         """The certificate and state names written since `cursor` (None: none known yet, so
         everything counts as changed), from one script call however many names there are."""
-        keys = [self.key("epoch"), self.key("rev"), self.key("revs", "cert")]
-        keys.append(self.key("revs", "state"))
+        keys = [
+            self.key("epoch"),
+            self.key("rev"),
+            self.key("revs", "cert"),
+            self.key("revs", "state"),
+        ]
         args: list[str | int] = [
             secrets.token_hex(8),
             cursor.epoch if cursor else "",
@@ -783,10 +787,6 @@ class RedisStore:
         now = Cursor(bytes(found[0]).decode(), int(found[1]), failures)
         if cursor is None:
             return Changes(now, "first resync")
-        if found[2] and failures != cursor.failures:
-            # A read since the cursor may have served the local copy instead (Redis failed
-            # it), and the index will not list that name again: everything is read.
-            return Changes(now, "redis calls failed since the last resync")
         if not found[2]:
             if now.epoch.partition(":")[0] != cursor.epoch.partition(":")[0]:
                 why = "redis lost its data (flushed, or restarted without persistence)"
@@ -797,6 +797,10 @@ class RedisStore:
             else:
                 why = "redis lost the change index (evicted or deleted)"
             return Changes(now, why)
+        if failures != cursor.failures:
+            # A read since the cursor may have served the local copy instead (Redis failed
+            # it), and the index will not list that name again: everything is read.
+            return Changes(now, "redis calls failed since the last resync")
         certs = tuple(bytes(n).decode() for n in found[3])
         states = tuple(bytes(n).decode() for n in found[4])
         if max(len(certs), len(states)) >= CHANGES_MAX:
