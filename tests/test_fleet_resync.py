@@ -26,12 +26,12 @@ from edged.store.redis import Changes, Cursor, RedisStore
 from tests.conftest import run_edged
 from tests.pki import make_ca, make_leaf
 from tests.redis_server import RedisServer
-from tests.test_daemon_acme import wait_for
 from tests.test_redis_store import bundle, wait_until
+from tests.test_redis_store import store as redis_store
 
 
 def store(redis_server: RedisServer, tmp_path: Path, node: str) -> RedisStore:
-    return RedisStore(redis_server.url, FileStore(tmp_path / f"local-{node}"), prefix="rs")
+    return redis_store(redis_server, tmp_path, node, prefix="rs")
 
 
 def since(s: RedisStore, cursor: Cursor) -> Changes:
@@ -215,7 +215,7 @@ async def test_an_idle_node_reads_no_certificate_at_its_resyncs(
         async with run_edged(
             tmp_path, sites(names), store=redis_server.url, edged_extra=extra
         ) as e:
-            await wait_for(lambda: e.daemon._following is not None)
+            await wait_until(lambda: e.daemon._following is not None)
             await asyncio.sleep(0.6)  # the first resync and two periodic ones
             assert await reads.take() == Counter(names)  # the start's load, nothing more
             assert not any(kind == "resync" for kind, _ in e.daemon.counters.reloads)
@@ -227,7 +227,7 @@ async def test_an_idle_node_reads_no_certificate_at_its_resyncs(
             served = e.daemon.serving(names[7])
             assert served is not None
             await asyncio.to_thread(writer.save, many([names[7]], "v2")[0])
-            await wait_for(
+            await wait_until(
                 lambda: (
                     getattr(e.daemon.serving(names[7]), "fingerprint", None)
                     not in (None, served.fingerprint)
