@@ -341,3 +341,37 @@ def test_a_read_redis_failed_since_the_cursor_means_a_full_read(
     found = a.changes_since(cursor)
     assert found.full == "redis calls failed since the last resync"
     assert since(a, found.cursor) == Changes(found.cursor)
+
+
+@pytest.mark.parametrize("refusal", ["read-only replica", "out of memory"])
+def test_redis_refusing_the_index_writes_means_a_full_read(
+    redis_server: RedisServer, tmp_path: Path, refusal: str
+) -> None:
+    """The epoch or an index marker must be written again (here: the index lost) while Redis
+    takes no writes: the resync reads everything, as without an index, instead of failing and
+    reconnecting until Redis takes writes again; once it does, the index is made again."""
+    a, b = store(redis_server, tmp_path, "a"), store(redis_server, tmp_path, "b")
+    cursor = a.changes_since(None).cursor
+    b.save(bundle("one.test", "v1"))
+    raw = redis_server.client()
+    raw.delete("rs:revs:cert")
+    if refusal == "read-only replica":
+        raw.replicaof("127.0.0.1", "1")  # a master that never answers: read-only meanwhile
+        undo = lambda: raw.replicaof("NO", "ONE")  # noqa: E731
+    else:
+        raw.config_set("maxmemory-policy", "noeviction")
+        raw.config_set("maxmemory", "1")
+        undo = lambda: raw.config_set("maxmemory", "0")  # noqa: E731
+    try:
+        for _ in range(2):  # each resync meanwhile, not only the first
+            refused = a.changes_since(cursor)
+            assert refused.full.startswith("redis refused to write its change index ("), refused
+            assert ("READONLY" if refusal == "read-only replica" else "OOM") in refused.full
+            cursor = refused.cursor
+        assert a.failures == 0  # not a failed call: the follower stays connected
+    finally:
+        undo()
+    again = a.changes_since(cursor)
+    assert "lost the change index" in again.full  # made again now: told once
+    b.save(bundle("two.test", "v1"))
+    assert since(a, again.cursor).certs == ("two.test",)

@@ -129,13 +129,21 @@ return 1
 # made when there is none. The epoch answered ends with the server's run_id: a restart (or a
 # failover) may come back without the last writes (an RDB or AOF behind, async replication)
 # and take their revs again for other writes, which a cursor past them would never list.
+# Redis may refuse those two writes (a read-only replica, out of memory under noeviction): the
+# answer is then [epoch, rev, 0, the error], the caller reads everything, as it would without
+# an index, instead of failing the resync and reconnecting until Redis takes writes again.
 # KEYS: epoch, rev, revs:cert, revs:state; ARGV: a new epoch, the cursor's epoch and rev, the
 # most names to list per kind (more: the caller reads everything instead).
 _CHANGES = """
+local refused = nil
+local function write(...)
+  local answer = redis.pcall(...)
+  if type(answer) == 'table' and answer.err then refused = refused or answer.err end
+end
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then
   epoch = ARGV[1]
-  redis.call('SET', KEYS[1], epoch)
+  write('SET', KEYS[1], epoch)
 end
 local info = redis.pcall('INFO', 'server')  -- an ACL without INFO: as before, no run_id
 if type(info) == 'string' then
@@ -146,10 +154,11 @@ local since = tonumber(ARGV[3])
 local intact = true
 for i = 3, 4 do
   if not redis.call('ZSCORE', KEYS[i], '') then
-    redis.call('ZADD', KEYS[i], 0, '')
+    write('ZADD', KEYS[i], 0, '')
     intact = false
   end
 end
+if refused then return {epoch, rev, 0, refused} end
 if epoch ~= ARGV[2] or rev < since or not intact then return {epoch, rev, 0} end
 local limit = tonumber(ARGV[4])
 local certs = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. since, rev, 'LIMIT', 0, limit)
@@ -787,6 +796,14 @@ class RedisStore:
         now = Cursor(bytes(found[0]).decode(), int(found[1]), failures)
         if cursor is None:
             return Changes(now, "first resync")
+        if not found[2] and len(found) > 3:
+            refused = bytes(found[3]).decode(errors="replace")
+            return Changes(
+                now,
+                f"redis refused to write its change index ({refused}): a read-only replica "
+                "or out of memory; every certificate is read at each resync until it takes "
+                "writes again",
+            )
         if not found[2]:
             if now.epoch.partition(":")[0] != cursor.epoch.partition(":")[0]:
                 why = "redis lost its data (flushed, or restarted without persistence)"
