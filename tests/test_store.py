@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -305,6 +306,27 @@ def test_meta_for_another_name_is_refused(store: FileStore) -> None:
     shutil.copytree(live_dir(store), store.root / "live" / "b.com")
     with pytest.raises(StoreError, match=r"not 'b\.com'"):
         store.load("b.com")
+
+
+def test_stored_at_reads_the_stamp_load_would_return_from_meta_alone(store: FileStore) -> None:
+    """The local-copy check's cheap read: the stamp of the version load() returns, without
+    reading the PEM files (restore() reads those in full before it writes anything)."""
+    assert store.stored_at(NAME) is None
+    store.save(V1)
+    store.save(dataclasses.replace(V2, stored_at=1_700_000_100.0))
+    assert store.stored_at(NAME) == 1_700_000_100.0
+    (live_dir(store) / "privkey.pem").unlink()  # not read: the live meta still answers
+    assert store.stored_at(NAME) == 1_700_000_100.0
+    (live_dir(store) / "meta.json").write_text("{not json")
+    assert store.stored_at(NAME) == V1.stored_at  # as load(): previous when live is unusable
+    (live_dir(store) / "previous" / "meta.json").write_text(
+        json.dumps({"version": files_module.META_VERSION, "name": NAME, "stored_at": "x"})
+    )
+    with pytest.raises(StoreError, match="'stored_at' must be a number"):
+        store.stored_at(NAME)
+    shutil.copytree(store.root / "live" / NAME, store.root / "live" / "b.com")
+    with pytest.raises(StoreError, match="re-issue"):
+        store.stored_at("b.com")
 
 
 # --- state --------------------------------------------------------------------------------

@@ -29,8 +29,9 @@ import re
 import secrets
 import shutil
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from edged.errors import StoreError
@@ -44,6 +45,7 @@ PREVIOUS = "previous"
 META_VERSION = 1
 FILE_MODE = 0o600
 DIR_MODE = 0o700
+_T = TypeVar("_T")
 _TMP_PREFIX = ".tmp-"
 _DELETED_PREFIX = ".deleted-"
 # Files this store owns inside a bundle directory: anything matching and not listed in the
@@ -98,7 +100,7 @@ class FileStore:
 
     def load(self, name: str) -> StoredCert | None:
         name, dirname = _checked(name)
-        return self._load_dir(self._live / dirname, name)
+        return self._load_dir(self._live / dirname, name, _read_bundle)
 
     def load_previous(self, name: str) -> StoredCert | None:
         name, dirname = _checked(name)
@@ -258,14 +260,21 @@ class FileStore:
 
     # --- reading ------------------------------------------------------------------------
 
-    def _load_dir(self, directory: Path, name: str) -> StoredCert | None:
+    def stored_at(self, name: str) -> float | None:
+        """When the version load() returns was stored, from meta.json alone: its PEM files are
+        neither read nor verified (~6x cheaper), for comparing every local copy with Redis,
+        where a caller reads the version in full before it acts. None when absent."""
+        name, dirname = _checked(name)
+        return self._load_dir(self._live / dirname, name, _read_stamp)
+
+    def _load_dir(self, directory: Path, name: str, read: Callable[[Path, str], _T]) -> _T | None:
         """Live version if whole, else previous/ if whole, else None (absent) or StoreError."""
         try:
-            return _read_bundle(directory, name)
+            return read(directory, name)
         except _Unusable as exc:
             live_error = exc
         try:
-            cert = _read_bundle(directory / PREVIOUS, name)
+            cert = read(directory / PREVIOUS, name)
         except _Unusable as exc:
             if isinstance(live_error, _Absent) and isinstance(exc, _Absent):
                 return None
@@ -452,6 +461,30 @@ def _name_of_entry(entry: os.DirEntry[str]) -> str | None:
 
 def _read_bundle(directory: Path, name: str) -> StoredCert:
     """The version in `directory`, verified against its meta.json; _Unusable says why not."""
+    meta, meta_path = _read_meta(directory)
+    try:
+        return _cert_from_meta(meta, directory, name)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _Unusable(f"{meta_path} is invalid: {exc}") from None
+
+
+def _read_stamp(directory: Path, name: str) -> float:
+    """The stored_at of the version in `directory`, from its meta.json alone."""
+    meta, meta_path = _read_meta(directory)
+    try:
+        if not isinstance(meta, dict) or meta.get("version") != META_VERSION:
+            raise ValueError(f"not a version {META_VERSION} meta object")
+        if meta["name"] != name:
+            raise ValueError(f"it is for {meta['name']!r}, not {name!r}")
+        stored_at = meta["stored_at"]
+        if not isinstance(stored_at, int | float):
+            raise ValueError("'stored_at' must be a number")
+    except (KeyError, ValueError) as exc:
+        raise _Unusable(f"{meta_path} is invalid: {exc}") from None
+    return float(stored_at)
+
+
+def _read_meta(directory: Path) -> tuple[object, Path]:
     meta_path = directory / META
     try:
         raw = meta_path.read_bytes()
@@ -464,10 +497,7 @@ def _read_bundle(directory: Path, name: str) -> StoredCert:
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         # RecursionError: a hostile or corrupt file nesting arrays thousands deep.
         raise _Unusable(f"{meta_path} is not valid JSON ({exc})") from None
-    try:
-        return _cert_from_meta(meta, directory, name)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise _Unusable(f"{meta_path} is invalid: {exc}") from None
+    return meta, meta_path
 
 
 def _cert_from_meta(meta: object, directory: Path, name: str) -> StoredCert:

@@ -701,28 +701,30 @@ class RedisStore:
     def stale_in_redis(self) -> Stale:
         """Read-only and cheap (one script call for all certificates): what restore() would
         write. Local copies that cannot be read are skipped (logged)."""
-        local: list[StoredCert] = []
+        # Each copy's stamp from its meta.json alone: restore() reads the copies it writes in
+        # full, and Redis checks the stamp again then.
+        local: list[tuple[str, float]] = []
         for name in self.local.names():
             try:
-                cert = self.local.load(name)
+                stored_at = self.local.stored_at(name)
             except StoreError as exc:
                 log.warning("local copy unreadable, not restored name=%s error=%s", name, exc)
                 continue
-            if cert is not None:
-                local.append(cert)
+            if stored_at is not None:
+                local.append((name, stored_at))
         reasons: dict[str, str] = {}
         # In batches: one script call blocks Redis while it runs.
         for start in range(0, len(local), STALE_BATCH):
             batch = local[start : start + STALE_BATCH]
-            keys = [self.key("cert", c.name) for c in batch]
-            keys += [self.key("gone", c.name) for c in batch]
-            args = [repr(c.stored_at) for c in batch]
+            keys = [self.key("cert", name) for name, _ in batch]
+            keys += [self.key("gone", name) for name, _ in batch]
+            args = [repr(stored_at) for _, stored_at in batch]
             found = cast(
                 list[Any],
                 self._call("stale_in_redis", lambda k=keys, a=args: self._stale(keys=k, args=a)),
             )
             for i, why in zip(found[::2], found[1::2], strict=True):
-                reasons[batch[int(i) - 1].name] = bytes(why).decode()
+                reasons[batch[int(i) - 1][0]] = bytes(why).decode()
         folders = self.local.account_folders()
         missing_accounts: list[str] = []
         if folders:
