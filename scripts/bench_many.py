@@ -16,8 +16,12 @@ With --gc, each edged process logs the garbage collector's passes (a `gc.callbac
 on its path as sitecustomize; thread CPU time, so waits for the interpreter's lock do not
 count), and the passes are summed up per phase: start, background read, swaps, each reload.
 
+With --acme the entries are ACME-managed and [acme] is set (its CA unreachable; the
+certificates are fresh, so nothing is due): the start also reads and plans a renewal state for
+every name, and the time until the renewer logs that it has is reported.
+
 Run: scripts/bench many [--sites 100000] [--swaps 10] [--reloads 3] [--workers 1] [--gc]
-                        [--distinct] [--workdir DIR]
+                        [--distinct] [--acme] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -186,6 +190,12 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=1, help="[edged] workers")
     p.add_argument("--gc", action="store_true", help="log and sum up the collector's passes")
     p.add_argument("--distinct", action="store_true", help="a certificate of its own per site")
+    p.add_argument(
+        "--acme",
+        action="store_true",
+        help="ACME-managed entries and an [acme] table (its CA unreachable: nothing is due), "
+        "started twice: without renewal states (each planned and saved), then with them",
+    )
     p.add_argument("--workdir", type=Path, default=Path("/tmp/edged-bench-many"))
     args = p.parse_args()
 
@@ -202,13 +212,22 @@ def main() -> int:
         write_distinct(work / "store", names, inter)
     else:
         chain = fullchain(leaf, inter)
-        write_many(work / "store", names, [PemPair("ecdsa-p256", chain, leaf.key_pem)])
+        source = "acme" if args.acme else "upload"
+        write_many(work / "store", names, [PemPair("ecdsa-p256", chain, leaf.key_pem)], source)
     print(f"store with {args.sites} entries written in {time.perf_counter() - t:.1f} s")
     port = free_port()
     (work / "edged.toml").write_text(
         f'[edged]\nstore = "store"\nworkers = {args.workers}\n'
         f'[listen]\nhttps = ["127.0.0.1:{port}"]\nhttp = []\n'
-        f'metrics = ""\nadmin = ""\n' + many_sites_config(names, "127.0.0.1:9")
+        f'metrics = ""\nadmin = ""\n'
+        # An unreachable CA: the certificates are fresh, so nothing is due; ARI checks fail
+        # (logged) and only delay themselves.
+        + (
+            f'[acme]\ndirectory = "https://127.0.0.1:{free_port()}/dir"\nemail = "a@b.test"\n'
+            if args.acme
+            else ""
+        )
+        + many_sites_config(names, "127.0.0.1:9")
     )
 
     env = dict(os.environ)
@@ -232,12 +251,15 @@ def main() -> int:
     )
     indexed = threading.Event()
     reloaded = threading.Event()
+    planned = threading.Event()
 
     def read_log() -> None:
         assert proc.stderr is not None
         for line in proc.stderr:
             if "store indexed" in line:
                 indexed.set()
+            elif "renewal planned" in line:
+                planned.set()
             elif "reloaded (signal)" in line:
                 reloaded.set()
 
@@ -259,6 +281,14 @@ def main() -> int:
         indexed.wait(600)
         indexed_s = time.monotonic() - start
         phases.append(("background read", phases[-1][2], time.time()))
+        planned_s = planned_rss = 0.0
+        if args.acme:
+            # Every name's renewal state read and planned (the renewer logs it).
+            if not planned.wait(900):
+                print("renewal not planned within 900 s")
+                return 1
+            planned_s, planned_rss = time.monotonic() - start, rss_mib(proc.pid)
+            phases.append(("renewal planned", phases[-1][2], time.time()))
         cold = [handshake(port, rng.choice(names))[0] for _ in range(args.samples)]
         warm = [handshake(port, first)[0] for _ in range(args.samples)]
         full_rss = rss_mib(proc.pid)
@@ -301,6 +331,10 @@ def main() -> int:
     print(f"sites: {args.sites}")
     print(f"first handshake after exec: {first_s:.2f} s (RSS {first_rss:.0f} MiB)")
     print(f"whole store read after: {indexed_s:.1f} s (RSS then {full_rss:.0f} MiB)")
+    if args.acme:
+        print(
+            f"renewal planned for every name after: {planned_s:.1f} s (RSS {planned_rss:.0f} MiB)"
+        )
     print(
         "processes after indexing (RSS / PSS MiB): "
         + ", ".join(f"{pid} {rss:.0f} / {pss:.0f}" for pid, rss, pss in tree)

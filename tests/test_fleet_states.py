@@ -120,11 +120,11 @@ async def test_configure_reads_states_in_batches_with_the_per_name_result(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
     """The cases a configure meets, read in one batch, end as the reads one by one made them
-    end: new (saved), known and unchanged (left as stored, not saved nor published again),
-    interrupted (a failed attempt, saved), in flight under another node's live lease (looked
-    at again in 5 s), corrupt (started over). At the next configure (a resync): a state
-    another node saved newer is adopted, one older is not, a forced name keeps its attempt
-    unless the fleet renewed it."""
+    end: new (not saved: its absent state reads as new), known and unchanged (left as stored,
+    not saved nor published again), interrupted (a failed attempt, saved), in flight under
+    another node's live lease (looked at again in 5 s), corrupt (started over). At the next
+    configure (a resync): a state another node saved newer is adopted, one older is not, a
+    forced name keeps its attempt unless the fleet renewed it."""
     store = RedisStore(redis_server.url, FileStore(tmp_path / "local"), prefix="states")
     other = RedisStore(redis_server.url, FileStore(tmp_path / "other"), prefix="states")
     client = redis_server.client()
@@ -152,9 +152,12 @@ async def test_configure_reads_states_in_batches_with_the_per_name_result(
     used = counted(client, before)
     assert used.get("mget") == 1
     states = renewer.states
-    # Saved: new, interrupted, leased (its next look), corrupt (started over); not the rest.
-    assert used.get("publish") == 4, used
+    # Saved: interrupted, leased (its next look), corrupt (started over, so the error is not
+    # met again); not the rest, nor the new name, which has nothing to record.
+    assert used.get("publish") == 3, used
     assert states["new.test"] == RenewalState.new("new.test")
+    assert store.load_state("new.test") is None and store.local.load_state("new.test") is None
+    assert store.load_state("corrupt.test") == RenewalState.new("corrupt.test").to_json()
     assert states["known.test"] == one_by_one["known.test"][0]
     assert store.load_state("known.test") == failing("known.test", 2).to_json()
     assert store.local.load_state("known.test") == failing("known.test", 2).to_json()
