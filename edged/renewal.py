@@ -315,7 +315,7 @@ def _cert_id_or_empty(bundle: CertBundle) -> str:
 # --- state ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RenewalState:
     """Everything the renewal loop remembers about one name (persisted as JSON in the store)."""
 
@@ -622,7 +622,13 @@ def observe_cert(
     ari = state.ari
     if ari is not None and ari.cert_id and ari.cert_id != cert_id:
         ari = None
-    seen = replace(state, ari=ari, replaces=cert_id)
+    # The same object when nothing changes: a full reload observes every name again, and new
+    # copies of 100k unchanged states only raised the reload's memory peak.
+    seen = (
+        state
+        if ari is state.ari and state.replaces == cert_id
+        else replace(state, ari=ari, replaces=cert_id)
+    )
     if not (state.status is CertStatus.ACTIVE or state.is_new):
         return seen
     if not reschedule and ari is state.ari and _scheduled_for(state, cert_id):
