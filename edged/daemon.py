@@ -949,8 +949,14 @@ class Daemon:
                 self.counters.reloads[kind, "error"] += 1
                 return False
             self._log_problems(certs.problems)
+            uploads = self._uploads.intersection(site.name for site in sites)
             self._apply_sites(sites, certs)
             self._record_stamps(stamps)
+            if self._uploads.intersection(site.name for site in sites) != uploads:
+                # An upload came (another node's `edged upload`, one an order found) or was
+                # handed back: the renewal loop takes the sites without one, no more, no less
+                # (else it would plan, and order, renewals of an uploaded certificate).
+                await self._configure_renewer(config, self.store)
             # A certificate that changed under a name (a rollback, another node's write) has
             # its own renewal time: the one planned may be for the certificate it replaced.
             self.renewer.observe_serving(names=[site.name for site in sites])

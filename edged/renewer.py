@@ -229,6 +229,17 @@ def covers_all(bundle: CertBundle, names: Sequence[str]) -> bool:
     return all(any(covers(pattern, name) for pattern in bundle.names) for name in names)
 
 
+class UploadKept(AcmeError):
+    """The order's certificate was not stored: an upload for the site landed while it ran."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            name,
+            "a certificate was uploaded for the site while this order ran: the upload stays "
+            "and ACME no longer manages the site (the new certificate is dropped)",
+        )
+
+
 def obtain(
     settings: AcmeSettings,
     store: Store,
@@ -256,19 +267,30 @@ def obtain(
     finally:
         session.close()
     try:
+        if not keep_upload:
+            store.save(issued.cert)
+            return issued
         # An upload while this order ran hands the site to the operator: it stays (the site
-        # was managed when the order began, so any upload found now is that new one).
-        current = store.load(site.name) if keep_upload else None
-        if current is not None and current.source == "upload":
-            raise AcmeError(
-                site.name,
-                "a certificate was uploaded for the site while this order ran: the upload "
-                "stays and ACME no longer manages the site (the new certificate is dropped)",
-            )
-        store.save(issued.cert)
+        # was managed when the order began, so any upload found now is that new one). Looked
+        # for in the write itself: another node's upload, or the admin API's, may land until
+        # the last moment.
+        upload = store.save_unless_upload(issued.cert)
     except StoreError as exc:
         raise AcmeError(site.name, f"the new certificate could not be stored: {exc}") from exc
-    return issued
+    if upload is None:
+        return issued
+    serials = ",".join(
+        f"{x509.load_pem_x509_certificate(p.fullchain).serial_number:x}" for p in issued.cert.pairs
+    )
+    log.warning(
+        "certificate obtained but not stored: an upload for the site landed while its order "
+        "ran, the upload stays and ACME no longer manages the site name=%s upload_stored_at=%s "
+        "unused_serials=%s",
+        site.name,
+        datetime.fromtimestamp(upload.stored_at, UTC).isoformat(timespec="seconds"),
+        serials,
+    )
+    raise UploadKept(site.name)
 
 
 def fetch_directory(
@@ -868,18 +890,24 @@ class Renewer:
             new_solver = build_solver_factory(
                 config.acme, self.board, self.alpn_board, cancel, self.journal
             )
-            issued = await _cancellable(
-                cancel,
-                obtain,
-                config.acme,
-                store,
-                site,
-                new_solver,
-                self.counters,
-                replaces,
-                cancel,
-                True,  # keep_upload
-            )
+            try:
+                issued = await _cancellable(
+                    cancel,
+                    obtain,
+                    config.acme,
+                    store,
+                    site,
+                    new_solver,
+                    self.counters,
+                    replaces,
+                    cancel,
+                    True,  # keep_upload
+                )
+            except UploadKept:
+                # The daemon reads the upload now (another node's may reach it later over
+                # pub/sub): it serves it, and the name leaves this loop (below).
+                await self.on_installed(name)
+                raise
             pair = issued.cert.pairs[0]
             bundle = parse_bundle(pair.fullchain, pair.privkey, source=name)
             log.info(
