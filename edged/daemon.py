@@ -371,6 +371,7 @@ class Daemon:
             counters=self.counters,
             on_installed=lambda name: self.reload("store", {name}),
             serving=self.serving,
+            served=self.served,
         )
         self._metrics: web.AppRunner | None = None
         self._admin: web.AppRunner | None = None
@@ -389,6 +390,12 @@ class Daemon:
         site = self.config.site_for(name) if self.config else None
         found = self.bundles.get(site.index) if site is not None else None
         return found[0] if found else None
+
+    def served(self, name: str) -> tuple[CertBundle, ...]:
+        """Every certificate served for the site whose first name is `name` (one per key
+        type, the first key type's first)."""
+        site = self.config.site_for(name) if self.config else None
+        return self.bundles.get(site.index, ()) if site is not None else ()
 
     def store_available(self) -> bool:
         """False while a shared (Redis) store is unreachable."""

@@ -26,7 +26,7 @@ from edged.config import Config, Site
 from edged.errors import AcmeError, StoreError
 from edged.heap import current_allocator
 from edged.names import NameError_, normalize_name
-from edged.renewal import CertStatus, RenewalState, fallback_active, renewal_window
+from edged.renewal import CertStatus, RenewalState, fallback_active, window_cert
 from edged.store.base import PemPair, StoredCert
 
 if TYPE_CHECKING:
@@ -135,12 +135,14 @@ class DaemonOperations:
             summary["not_before_retry"] = state.not_before_retry
             summary["issued_by"] = state.issued_by
             summary["error"] = state.last_error
-            if state.ari is not None and served and renewal_window(served[0], state) is not None:
-                # The CA's window for the served certificate, and its page saying why (RFC
-                # 9773 section 4.2: for the operator).
+            window = window_cert(served[0], state, served[1:]) if served else None
+            if state.ari is not None and window is not None:
+                # The CA's window the renewal follows, the served certificate (key type) it
+                # is for, and its page saying why (RFC 9773 section 4.2: for the operator).
                 summary["ari_window"] = {
                     "start": state.ari.start,
                     "end": state.ari.end,
+                    "key_type": window.key_type,
                     "explanation_url": state.ari.explanation_url,
                 }
         return summary

@@ -424,7 +424,7 @@ async def test_an_upload_landing_right_before_the_orders_write_is_kept(
                 site,
                 lambda: Http01Solver(board),
                 None,
-                "",
+                None,
                 None,
                 True,
             )
