@@ -371,6 +371,7 @@ class Daemon:
             counters=self.counters,
             on_installed=lambda name: self.reload("store", {name}),
             serving=self.serving,
+            served=self.served,
         )
         self._metrics: web.AppRunner | None = None
         self._admin: web.AppRunner | None = None
@@ -389,6 +390,12 @@ class Daemon:
         site = self.config.site_for(name) if self.config else None
         found = self.bundles.get(site.index) if site is not None else None
         return found[0] if found else None
+
+    def served(self, name: str) -> tuple[CertBundle, ...]:
+        """Every certificate served for the site whose first name is `name` (one per key
+        type, the first key type's first)."""
+        site = self.config.site_for(name) if self.config else None
+        return self.bundles.get(site.index, ()) if site is not None else ()
 
     def store_available(self) -> bool:
         """False while a shared (Redis) store is unreachable."""
@@ -949,8 +956,14 @@ class Daemon:
                 self.counters.reloads[kind, "error"] += 1
                 return False
             self._log_problems(certs.problems)
+            uploads = self._uploads.intersection(site.name for site in sites)
             self._apply_sites(sites, certs)
             self._record_stamps(stamps)
+            if self._uploads.intersection(site.name for site in sites) != uploads:
+                # An upload came (another node's `edged upload`, one an order found) or was
+                # handed back: the renewal loop takes the sites without one, no more, no less
+                # (else it would plan, and order, renewals of an uploaded certificate).
+                await self._configure_renewer(config, self.store)
             # A certificate that changed under a name (a rollback, another node's write) has
             # its own renewal time: the one planned may be for the certificate it replaced.
             self.renewer.observe_serving(names=[site.name for site in sites])

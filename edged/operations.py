@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -25,8 +26,8 @@ from edged.certs import CertBundle, check_bundle, parse_bundle
 from edged.config import Config, Site
 from edged.errors import AcmeError, StoreError
 from edged.heap import current_allocator
-from edged.names import NameError_, normalize_name
-from edged.renewal import CertStatus, RenewalState, fallback_active, renewal_window
+from edged.names import NameError_, normalize_name, store_dirname
+from edged.renewal import CertStatus, RenewalState, fallback_active, window_cert
 from edged.store.base import PemPair, StoredCert
 
 if TYPE_CHECKING:
@@ -135,12 +136,14 @@ class DaemonOperations:
             summary["not_before_retry"] = state.not_before_retry
             summary["issued_by"] = state.issued_by
             summary["error"] = state.last_error
-            if state.ari is not None and served and renewal_window(served[0], state) is not None:
-                # The CA's window for the served certificate, and its page saying why (RFC
-                # 9773 section 4.2: for the operator).
+            window = window_cert(served[0], state, served[1:]) if served else None
+            if state.ari is not None and window is not None:
+                # The CA's window the renewal follows, the served certificate (key type) it
+                # is for, and its page saying why (RFC 9773 section 4.2: for the operator).
                 summary["ari_window"] = {
                     "start": state.ari.start,
                     "end": state.ari.end,
+                    "key_type": window.key_type,
                     "explanation_url": state.ari.explanation_url,
                 }
         return summary
@@ -294,9 +297,20 @@ class DaemonOperations:
         stored = await asyncio.to_thread(store.load, site.name)
         if stored is None or stored.source != "acme":
             raise AdminError("not_acme", f"{site.name} has no ACME certificate to revoke", 409)
-        session = AcmeSession(
-            config.acme, store, observe=self.daemon.counters.acme_requests.observe
-        )
+        # At the CA that issued it (recorded at issuance), which acme.directory may no longer
+        # name: the configured CA would refuse it, after registering an account for nothing.
+        # Its settings otherwise (acme.ca_bundle must trust both then).
+        directory = stored.extra.get("directory") or config.acme.directory
+        settings = config.acme
+        if directory != settings.directory:
+            settings = dataclasses.replace(settings, directory=directory)
+        try:
+            account = await asyncio.to_thread(store.load_account, directory)
+        except StoreError as exc:
+            raise AdminError("store_failed", str(exc), 500) from exc
+        if account is None:
+            raise AdminError("no_account", _no_account(config, site, directory), 409)
+        session = AcmeSession(settings, store, observe=self.daemon.counters.acme_requests.observe)
         chains = [(pair.key_type, pair.fullchain) for pair in stored.pairs]
         try:
             outcomes = await asyncio.to_thread(revoke_certs, session, site.name, chains, reason)
@@ -316,6 +330,8 @@ class DaemonOperations:
                 502,
             )
         message = f"revoked {done} certificate(s) of {site.name} (reason {reason}): {each}"
+        if directory != config.acme.directory:
+            message += f"; at {directory}, the CA that issued them (not acme.directory)"
         if replace:
             self.daemon.renewer.force(site.name)
             message += "; a replacement is being ordered"
@@ -354,6 +370,20 @@ class DaemonOperations:
             await asyncio.to_thread(write)
         except StoreError as exc:
             raise AdminError("store_failed", str(exc), 500) from exc
+
+
+def _no_account(config: Config, site: Site, directory: str) -> str:
+    """Why a certificate cannot be revoked through ACME here, and how to do it instead."""
+    assert config.acme is not None
+    where = "" if directory == config.acme.directory else " (not the configured acme.directory)"
+    live = config.local_store_path / "live" / store_dirname(site.name)
+    return (
+        f"{site.name}'s certificate was issued by {directory}{where}, and the store holds no "
+        "account for that CA (only that account, or the certificate's own key, may revoke "
+        f"it): revoke it with its key, e.g. `certbot revoke --server {directory} --cert-path "
+        f"{live}/fullchain.pem --key-path {live}/privkey.pem` (and fullchain.<key type>.pem "
+        "with privkey.<key type>.pem for further key types); nothing was sent to a CA"
+    )
 
 
 def _serves(served: CertBundle | None, bundle: CertBundle) -> bool:

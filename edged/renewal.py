@@ -20,7 +20,7 @@ import email.utils
 import json
 import random
 import re
-from collections.abc import Container, Mapping
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta, timezone
 from enum import StrEnum
@@ -244,8 +244,26 @@ def pick_in_window(start: datetime, end: datetime, now: datetime, rng: random.Ra
 
 
 def ari_check_due(state: RenewalState, now: datetime) -> bool:
-    """True when renewal info should be (re)fetched for the state's certificate."""
+    """True when renewal info should be (re)fetched for the state's certificates."""
     return state.ari is None or state.ari.next_check <= now
+
+
+def governing_window(
+    found: Sequence[tuple[CertBundle, AriInfo]], retry_at: datetime | None = None
+) -> AriInfo:
+    """The window a name follows, of those fetched for its served certificates (one per key
+    type; an attempt renews them all, so the first to need it decides): the one that ends
+    first among those usable for their certificate (see renewal_window), else the first
+    fetched (kept, shown and paced, not followed). Asked again at the earliest next_check of
+    them all, and by `retry_at` (some certificate's fetch failed) at the latest."""
+    if not found:
+        raise ValueError("no window fetched")
+    usable = [ari for bundle, ari in found if _usable(bundle, ari)]
+    chosen = min(usable, key=lambda a: (a.end, a.start)) if usable else found[0][1]
+    checks = [ari.next_check for _, ari in found]
+    if retry_at is not None:
+        checks.append(retry_at)
+    return replace(chosen, next_check=min(checks))
 
 
 # --- schedule ---------------------------------------------------------------------------------
@@ -274,14 +292,16 @@ def next_renewal(
     policy: RenewalPolicy,
     now: datetime,
     rng: random.Random,
+    others: Sequence[CertBundle] = (),
 ) -> datetime:
     """When to renew `bundle`: in the CA's ARI window if one is known, else on the schedule.
 
     The schedule renews `renew_before_days` before expiry (or at a lifetime fraction), minus a
     random jitter: earlier, never later than the deadline, never before not_before. A time in
-    the past becomes `now`.
+    the past becomes `now`. `others`: the name's further served certificates (other key
+    types), whose ARI window the state may hold (see governing_window).
     """
-    window = renewal_window(bundle, state)
+    window = renewal_window(bundle, state, others)
     if window is not None:
         return pick_in_window(window.start, window.end, now, rng)
     if bundle.not_after <= bundle.not_before:
@@ -290,22 +310,41 @@ def next_renewal(
     return max(jittered, bundle.not_before, now)
 
 
-def renewal_window(bundle: CertBundle, state: RenewalState | None) -> AriInfo | None:
-    """The state's ARI window when it is one for `bundle` that the schedule follows."""
+def renewal_window(
+    bundle: CertBundle, state: RenewalState | None, others: Sequence[CertBundle] = ()
+) -> AriInfo | None:
+    """The state's ARI window when it is one for `bundle`, or for one of `others` (the name's
+    further served certificates), that the schedule follows."""
     ari = state.ari if state is not None else None
     if ari is None:
         return None
-    if ari.cert_id and ari.cert_id != _cert_id_or_empty(bundle):
-        return None  # the window is for another (older) certificate
+    if ari.cert_id:
+        bundle_ = next((b for b in (bundle, *others) if _cert_id_or_empty(b) == ari.cert_id), None)
+        if bundle_ is None:
+            return None  # the window is for another (older) certificate
+        bundle = bundle_
+    return ari if _usable(bundle, ari) else None
+
+
+def window_cert(
+    bundle: CertBundle, state: RenewalState | None, others: Sequence[CertBundle] = ()
+) -> CertBundle | None:
+    """The certificate, of `bundle` and `others`, whose window the schedule follows."""
+    ari = renewal_window(bundle, state, others)
+    if ari is None:
+        return None
+    return next((b for b in (bundle, *others) if _cert_id_or_empty(b) == ari.cert_id), bundle)
+
+
+def _usable(bundle: CertBundle, ari: AriInfo) -> bool:
+    """`ari`, a window fetched for `bundle`, is one to follow."""
     # A window ending after expiry would let the certificate lapse: such a CA answer is broken,
     # and the lifetime schedule is safer.
     if ari.end > bundle.not_after:
-        return None
+        return False
     # Nor is a window that closed before the certificate existed one for renewing it: a CA
     # that answers every certificate so would make each new one due at once, in a loop.
-    if ari.end <= bundle.not_before:
-        return None
-    return ari
+    return ari.end > bundle.not_before
 
 
 def _cert_id_or_empty(bundle: CertBundle) -> str:
@@ -608,6 +647,7 @@ def observe_cert(
     rng: random.Random,
     *,
     reschedule: bool = False,
+    others: Sequence[CertBundle] = (),
 ) -> RenewalState:
     """A certificate for the name was loaded at startup or installed by another node.
 
@@ -616,11 +656,17 @@ def observe_cert(
     an ARI pick) unless `reschedule` (the policy changed): seeing the same certificate again
     is no news, and re-planning would make overdue work due at once. PROCESSING and FAILED
     keep their retry pacing (a running outage is not hidden by a reload). The ARI id to
-    replace always follows the certificate, and a window for another certificate is dropped.
+    replace always follows the certificate, and a window for another certificate than
+    `bundle` and `others` (the name's further served certificates) is dropped.
     """
     cert_id = _cert_id_or_empty(bundle)
     ari = state.ari
-    if ari is not None and ari.cert_id and ari.cert_id != cert_id:
+    if (
+        ari is not None
+        and ari.cert_id
+        and ari.cert_id != cert_id
+        and all(ari.cert_id != _cert_id_or_empty(b) for b in others)
+    ):
         ari = None
     # The same object when nothing changes: a full reload observes every name again, and new
     # copies of 100k unchanged states only raised the reload's memory peak.
@@ -634,7 +680,7 @@ def observe_cert(
     if not reschedule and ari is state.ari and _scheduled_for(state, cert_id):
         return seen
     seen = replace(seen, status=CertStatus.ACTIVE)
-    return _scheduled(seen, next_renewal(bundle, seen, policy, now, rng))
+    return _scheduled(seen, next_renewal(bundle, seen, policy, now, rng, others))
 
 
 def _scheduled_for(state: RenewalState, cert_id: str) -> bool:
@@ -670,9 +716,11 @@ def record_ari(
     now: datetime,
     rng: random.Random,
     ari: AriInfo,
+    others: Sequence[CertBundle] = (),
 ) -> RenewalState:
-    """Fresh renewal info for the current certificate: store it; an ACTIVE name is rescheduled
-    only when the window changed (RFC 9773: pick a new time for a new window)."""
+    """Fresh renewal info for the current certificates (`bundle` and `others`, see
+    governing_window): store it; an ACTIVE name is rescheduled only when the window changed
+    (RFC 9773: pick a new time for a new window)."""
     old = state.ari
     same = old is not None and (old.start, old.end, old.cert_id) == (
         ari.start,
@@ -682,7 +730,7 @@ def record_ari(
     updated = replace(state, ari=ari)
     if state.status is not CertStatus.ACTIVE or (same and state.next_try is not None):
         return updated
-    return _scheduled(updated, next_renewal(bundle, updated, policy, now, rng))
+    return _scheduled(updated, next_renewal(bundle, updated, policy, now, rng, others))
 
 
 def force_retry(state: RenewalState, now: datetime) -> RenewalState:

@@ -233,17 +233,29 @@ def covers_all(bundle: CertBundle, names: Sequence[str]) -> bool:
     return all(any(covers(pattern, name) for pattern in bundle.names) for name in names)
 
 
+class UploadKept(AcmeError):
+    """The order's certificate was not stored: an upload for the site landed while it ran."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            name,
+            "a certificate was uploaded for the site while this order ran: the upload stays "
+            "and ACME no longer manages the site (the new certificate is dropped)",
+        )
+
+
 def obtain(
     settings: AcmeSettings,
     store: Store,
     site: Site,
     new_solver: Callable[[], Solver],
     counters: Counters | None = None,
-    replaces: str = "",
+    replaces: Mapping[str, str] | None = None,
     cancel: threading.Event | None = None,
     keep_upload: bool = False,
 ) -> Issued:
     """Blocking: order a certificate for `site`, store it atomically. AcmeError on failure.
+    `replaces`: key type → the ARI id of the certificate its order replaces.
     `cancel` set: give up at the next wait (the caller was cancelled; edged is stopping).
     `keep_upload` (the renewal loop, which orders only for managed sites): a certificate
     uploaded meanwhile is not replaced."""
@@ -253,26 +265,49 @@ def obtain(
         name=site.name,
         names=site.names,
         key_types=settings.key_types,
-        replaces={settings.key_types[0]: replaces} if replaces else {},
+        replaces=dict(replaces or {}),
     )
     try:
         issued = issue(session, request, new_solver, extra={"node": node_id()})
     finally:
         session.close()
     try:
+        if not keep_upload:
+            store.save(issued.cert)
+            return issued
         # An upload while this order ran hands the site to the operator: it stays (the site
-        # was managed when the order began, so any upload found now is that new one).
-        current = store.load(site.name) if keep_upload else None
-        if current is not None and current.source == "upload":
-            raise AcmeError(
-                site.name,
-                "a certificate was uploaded for the site while this order ran: the upload "
-                "stays and ACME no longer manages the site (the new certificate is dropped)",
-            )
-        store.save(issued.cert)
+        # was managed when the order began, so any upload found now is that new one). Looked
+        # for in the write itself: another node's upload, or the admin API's, may land until
+        # the last moment.
+        upload = store.save_unless_upload(issued.cert)
     except StoreError as exc:
         raise AcmeError(site.name, f"the new certificate could not be stored: {exc}") from exc
-    return issued
+    if upload is None:
+        return issued
+    serials = ",".join(
+        f"{x509.load_pem_x509_certificate(p.fullchain).serial_number:x}" for p in issued.cert.pairs
+    )
+    log.warning(
+        "certificate obtained but not stored: an upload for the site landed while its order "
+        "ran, the upload stays and ACME no longer manages the site name=%s upload_stored_at=%s "
+        "unused_serials=%s",
+        site.name,
+        datetime.fromtimestamp(upload.stored_at, UTC).isoformat(timespec="seconds"),
+        serials,
+    )
+    raise UploadKept(site.name)
+
+
+def replaced_certs(
+    state: RenewalState, served: Sequence[CertBundle], key_types: Sequence[str]
+) -> dict[str, str]:
+    """Key type → the ARI id of the served certificate its next order replaces (RFC 9773
+    section 5: each order names the certificate it replaces). With none served (deleted from
+    the store) the state remembers the first key type's."""
+    found = {b.key_type: b.ari_id for b in served if b.ari_id}
+    if not found and state.replaces and key_types:
+        found[key_types[0]] = state.replaces
+    return found
 
 
 def fetch_directory(
@@ -376,12 +411,16 @@ class Renewer:
         on_installed: Callable[[str], Awaitable[object]],
         serving: Callable[[str], CertBundle | None],
         rng: random.Random | None = None,
+        served: Callable[[str], Sequence[CertBundle]] | None = None,
     ) -> None:
+        """`serving`: a name's served certificate of the first key type; `served`: all of them
+        (by default that one alone)."""
         self.board = board
         self.alpn_board = alpn_board
         self.counters = counters
         self.on_installed = on_installed
         self.serving = serving
+        self.served = served or (lambda name: tuple(b for b in (serving(name),) if b is not None))
         self.rng = rng or random.Random()
         self.states: dict[str, RenewalState] = {}
         self.config: Config | None = None
@@ -593,15 +632,17 @@ class Renewer:
         for name, state in observed.items():
             if state.in_flight:
                 continue
-            bundle = self.serving(name)
+            served = self.served(name)
             site = self._sites.get(name)
-            if bundle is None or (site is not None and not covers_all(bundle, site.names)):
+            if not served or (site is not None and not covers_all(served[0], site.names)):
                 # Names added to the site: the one served covers only some (sources.py's
                 # partly_covers), so one for them all is due now, as if there were none.
                 planned[name] = renewal.observe_no_cert(state, now)
             else:
                 again = replan or name in resumed
-                state = renewal.observe_cert(state, bundle, policy, now, rng, reschedule=again)
+                state = renewal.observe_cert(
+                    state, served[0], policy, now, rng, reschedule=again, others=served[1:]
+                )
                 if name in resumed:
                     state = renewal.spread_overdue(state, now, rng)
                 planned[name] = state
@@ -871,7 +912,9 @@ class Renewer:
         await self._save(state)
         log.info("renewal attempt name=%s attempt=%d", name, state.attempts + 1)
         # `replaces` only where the CA speaks ARI (RFC 9773 section 5); others may reject it.
-        replaces = state.replaces if self._renewal_info.get(config.acme.directory) else ""
+        replaces = {}
+        if self._renewal_info.get(config.acme.directory):
+            replaces = replaced_certs(state, self.served(name), config.acme.key_types)
         # Cancelled (a second SIGTERM), the order's thread must not keep the process alive
         # until the CA is done: it gives up at its next wait.
         cancel = threading.Event()
@@ -883,18 +926,24 @@ class Renewer:
             new_solver = build_solver_factory(
                 config.acme, self.board, self.alpn_board, cancel, self.journal
             )
-            issued = await _cancellable(
-                cancel,
-                obtain,
-                config.acme,
-                store,
-                site,
-                new_solver,
-                self.counters,
-                replaces,
-                cancel,
-                True,  # keep_upload
-            )
+            try:
+                issued = await _cancellable(
+                    cancel,
+                    obtain,
+                    config.acme,
+                    store,
+                    site,
+                    new_solver,
+                    self.counters,
+                    replaces,
+                    cancel,
+                    True,  # keep_upload
+                )
+            except UploadKept:
+                # The daemon reads the upload now (another node's may reach it later over
+                # pub/sub): it serves it, and the name leaves this loop (below).
+                await self.on_installed(name)
+                raise
             pair = issued.cert.pairs[0]
             bundle = parse_bundle(pair.fullchain, pair.privkey, source=name)
             log.info(
@@ -1069,8 +1118,8 @@ class Renewer:
                 return
             limit = asyncio.Semaphore(ARI_CONCURRENCY)
             async with asyncio.TaskGroup() as checks:
-                for name, bundle in self._ari_due(now):
-                    checks.create_task(self._check_ari(session, limit, base, name, bundle))
+                for name, served in self._ari_due(now):
+                    checks.create_task(self._check_ari(session, limit, base, name, served))
 
     async def _renewal_base(self, session: aiohttp.ClientSession, directory: str) -> str:
         """The CA's renewalInfo URL ("" = no ARI), read from its directory once."""
@@ -1085,21 +1134,21 @@ class Renewer:
         self._renewal_info[directory] = base
         return base
 
-    def _ari_due(self, now: datetime) -> list[tuple[str, CertBundle]]:
-        """The names whose served certificate's renewal info should be fetched now."""
+    def _ari_due(self, now: datetime) -> list[tuple[str, Sequence[CertBundle]]]:
+        """The names whose served certificates' renewal info should be fetched now."""
         due = []
         for name, state in self.states.items():
-            bundle = self.serving(name)
+            served = self.served(name)
             retry = self._ari_retry.get(name)
             if (
-                bundle is None
+                not served
                 or name in self._running
                 or state.status is not CertStatus.ACTIVE
                 or not renewal.ari_check_due(state, now)
                 or (retry is not None and now < retry)
             ):
                 continue
-            due.append((name, bundle))
+            due.append((name, served))
         return due
 
     async def _check_ari(
@@ -1108,47 +1157,64 @@ class Renewer:
         limit: asyncio.Semaphore,
         base: str,
         name: str,
-        bundle: CertBundle,
+        served: Sequence[CertBundle],
     ) -> None:
+        """Fetch the window of each served certificate (one per key type): the one that
+        needs renewal first decides (renewal.governing_window). A certificate whose fetch
+        fails is asked again within ARI_RETRY; when none could be, the name waits that long."""
+        found: list[tuple[CertBundle, renewal.AriInfo]] = []
         async with limit:
             now = datetime.now(UTC)
-            try:
-                info = await fetch_renewal_info(session, base, bundle, now)
-            except (aiohttp.ClientError, TimeoutError, EdgedError) as exc:
-                self._ari_retry[name] = now + ARI_RETRY
-                log.warning("ari check failed name=%s error=%s", name, exc or type(exc).__name__)
-                return
-            except Exception:
-                # A CA's answer nothing foresaw must not end the other checks: the schedule
-                # still applies, ARI is asked again later.
-                self._ari_retry[name] = now + ARI_RETRY
-                log.exception("ari check failed unexpectedly name=%s", name)
-                return
+            for bundle in served:
+                try:
+                    found.append((bundle, await fetch_renewal_info(session, base, bundle, now)))
+                except (aiohttp.ClientError, TimeoutError, EdgedError) as exc:
+                    log.warning(
+                        "ari check failed name=%s key_type=%s error=%s",
+                        name,
+                        bundle.key_type,
+                        exc or type(exc).__name__,
+                    )
+                except Exception:
+                    # A CA's answer nothing foresaw must not end the other checks: the
+                    # schedule still applies, ARI is asked again later.
+                    log.exception(
+                        "ari check failed unexpectedly name=%s key_type=%s", name, bundle.key_type
+                    )
+        if not found:
+            self._ari_retry[name] = now + ARI_RETRY
+            return
         self._ari_retry.pop(name, None)
-        await self._record_ari(name, bundle, info)
+        retry_at = now + ARI_RETRY if len(found) < len(served) else None
+        await self._record_ari(name, served, renewal.governing_window(found, retry_at))
 
-    async def _record_ari(self, name: str, bundle: CertBundle, info: renewal.AriInfo) -> None:
-        """Apply a window fetched for `bundle`, unless the name moved on while it was asked
-        for (an attempt started, another certificate serves, the site is gone)."""
-        state, policy, serving = self.states.get(name), self._policy(), self.serving(name)
+    async def _record_ari(
+        self, name: str, served: Sequence[CertBundle], info: renewal.AriInfo
+    ) -> None:
+        """Apply the window fetched for the `served` certificates, unless the name moved on
+        while it was asked for (an attempt started, other certificates serve, the site is
+        gone)."""
+        state, policy, serving = self.states.get(name), self._policy(), self.served(name)
         if (
             state is None
             or policy is None
             or name in self._running
             or state.status is not CertStatus.ACTIVE
-            or serving is None
-            or serving.fingerprint != bundle.fingerprint
+            or [b.fingerprint for b in serving] != [b.fingerprint for b in served]
         ):
             return
-        updated = renewal.record_ari(state, bundle, policy, datetime.now(UTC), self.rng, info)
+        updated = renewal.record_ari(
+            state, served[0], policy, datetime.now(UTC), self.rng, info, others=served[1:]
+        )
         if updated == state:
             return
         self.states[name] = updated
         self._wake.set()  # the loop's sleep was computed from the old next try
         await self._save(updated)
         log.info(
-            "ari window name=%s start=%s end=%s next_try=%s explanation=%s",
+            "ari window name=%s key_type=%s start=%s end=%s next_try=%s explanation=%s",
             name,
+            next((b.key_type for b in served if b.ari_id == info.cert_id), "-"),
             info.start.isoformat(),
             info.end.isoformat(),
             updated.next_try.isoformat() if updated.next_try else "-",

@@ -77,14 +77,17 @@ class Pebble:
 
 def _listener_cert(workdir: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pebble listener")])
+    # A name of its own: two Pebbles' listener certificates in one CA bundle (a test of a
+    # change of CA) must not be taken for each other by the subject lookup.
+    serial = x509.random_serial_number()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"pebble listener {serial:x}")])
     now = datetime.now(UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
+        .serial_number(serial)
         .not_valid_before(now - timedelta(hours=1))
         .not_valid_after(now + timedelta(days=30))
         .add_extension(

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,9 +21,10 @@ from edged.acme.solvers import Http01Solver, Solver
 from edged.config import AcmeSettings, parse_config
 from edged.errors import AcmeError
 from edged.http01 import ChallengeBoard, Http01App
-from edged.renewer import obtain
-from edged.store.base import PemPair, StoredCert
+from edged.renewer import UploadKept, obtain
+from edged.store.base import PemPair, Store, StoredCert
 from edged.store.files import FileStore
+from edged.store.redis import RedisStore
 from tests.https_front import HttpsFront
 from tests.pebble import Pebble, start_pebble
 from tests.pki import fullchain, make_ca, make_leaf
@@ -337,3 +339,96 @@ async def test_an_order_does_not_replace_a_certificate_uploaded_while_it_ran(
             )
     kept = store.load(site.name)
     assert kept is not None and kept.source == "upload" and kept.pairs == upload.pairs
+
+
+class UploadBeforeWrite:
+    """An operator's upload through another writer (another fleet node on the same Redis, or
+    the admin API's thread of the same daemon) that lands right before the store's next
+    certificate write: after the order's last look at the entry."""
+
+    def __init__(self, upload: StoredCert, write: Callable[[StoredCert], None]) -> None:
+        self.upload: StoredCert | None = upload
+        self.write = write
+
+    def land(self) -> None:
+        if self.upload is not None:
+            upload, self.upload = self.upload, None
+            self.write(upload)
+
+
+def racing_store(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, upload: StoredCert
+) -> Store:
+    """The store obtain writes to, file or Redis, with an UploadBeforeWrite."""
+    if kind == "file":
+
+        class RacingFiles(FileStore):
+            def save(self, cert: StoredCert) -> None:
+                race.land()
+                super().save(cert)
+
+            def save_unless_upload(self, cert: StoredCert) -> StoredCert | None:
+                race.land()
+                return super().save_unless_upload(cert)
+
+        files = RacingFiles(tmp_path / "store")
+        race = UploadBeforeWrite(upload, lambda cert: FileStore.save(files, cert))
+        return files
+
+    class RacingRedis(RedisStore):
+        def save(self, cert: StoredCert) -> None:
+            race.land()
+            super().save(cert)
+
+        def save_unless_upload(self, cert: StoredCert) -> StoredCert | None:
+            race.land()
+            return super().save_unless_upload(cert)
+
+    url = request.getfixturevalue("redis_server").url
+    race = UploadBeforeWrite(upload, RedisStore(url, FileStore(tmp_path / "other-node")).save)
+    return RacingRedis(url, FileStore(tmp_path / "this-node"))
+
+
+@pytest.mark.parametrize("kind", ["file", "redis"])
+async def test_an_upload_landing_right_before_the_orders_write_is_kept(
+    pebble: Pebble,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    kind: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The check for an upload and the write of the order's certificate were two steps (a
+    load, then a save): an upload landing between them (another node's `edged upload` into
+    the shared Redis, the admin API's upload in this daemon) was overwritten by the ACME
+    certificate, and ACME was back in charge. Now they are one step (a Lua script; the file
+    store's lock): the upload stays, and the log says so."""
+    config = parse_config(SITES, Path("/etc/edged/edged.toml"))
+    site = config.sites[0]
+    ca = make_ca("Own CA")
+    leaf = make_leaf(ca, list(site.names), cn="uploaded")
+    upload = StoredCert(
+        site.name,
+        site.names,
+        (PemPair("ecdsa-p256", fullchain(leaf), leaf.key_pem),),
+        "upload",
+        time.time(),
+    )
+    store = racing_store(kind, tmp_path, request, upload)
+    board = ChallengeBoard()
+    async with http01(board, pebble.http_port):
+        with pytest.raises(UploadKept, match="uploaded for the site while this order ran"):
+            await asyncio.to_thread(
+                obtain,
+                settings(pebble),
+                store,
+                site,
+                lambda: Http01Solver(board),
+                None,
+                None,
+                None,
+                True,
+            )
+    kept = store.load(site.name)
+    assert kept is not None and kept.source == "upload" and kept.pairs == upload.pairs
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("not stored" in m and "upload" in m and site.name in m for m in lines), lines

@@ -28,6 +28,7 @@ from edged.acme.client import load_account_key
 from edged.certs import CertBundle
 from edged.operations import DaemonOperations
 from edged.renewal import CertStatus, ari_cert_id
+from edged.renewer import ARI_RETRY
 from edged.store.files import FileStore
 from tests.conftest import Edged, run_backend, run_edged
 from tests.https_front import HttpsFront
@@ -40,6 +41,9 @@ class AriServer:
     url: str
     ca_bundle: Path
     window: tuple[datetime, datetime]
+    # Certificate id → its own window (others get `window`).
+    windows: dict[str, tuple[datetime, datetime]] = field(default_factory=dict)
+    broken: set[str] = field(default_factory=set)  # certificate ids answered with a 500
     retry_after: str = "3600"
     explanation: str = ""  # explanationURL, when set
     ari_requests: list[str] = field(default_factory=list)
@@ -50,6 +54,8 @@ class AriServer:
     # this store; orders with it get `refusal` (HTTP status, ACME problem type, detail).
     forward_to: Path | None = None
     refusal: tuple[int, str, str] = (500, "serverInternal", "test CA")
+    # With forward_to: orders with `replaces` go on to Pebble too (a CA that takes them).
+    accept_replaces: bool = False
 
 
 def forward_order(
@@ -103,10 +109,13 @@ async def ari_server(pebble: Pebble, tmp_path: Path) -> AsyncIterator[AriServer]
         )
 
     async def renewal_info(request: web.Request) -> web.Response:
-        server.ari_requests.append(request.match_info["id"])
+        cert_id = request.match_info["id"]
+        server.ari_requests.append(cert_id)
         if server.ari_hold is not None:
             await server.ari_hold.wait()
-        start, end = server.window
+        if cert_id in server.broken:
+            return web.Response(status=500, text="renewal info unavailable")
+        start, end = server.windows.get(cert_id, server.window)
         body: dict[str, object] = {
             "suggestedWindow": {"start": start.isoformat(), "end": end.isoformat()}
         }
@@ -119,7 +128,7 @@ async def ari_server(pebble: Pebble, tmp_path: Path) -> AsyncIterator[AriServer]
         payload = jws["payload"] + "=" * (-len(jws["payload"]) % 4)
         order = json.loads(base64.urlsafe_b64decode(payload))
         server.orders.append(order)
-        if server.forward_to is not None and "replaces" not in order:
+        if server.forward_to is not None and ("replaces" not in order or server.accept_replaces):
             status, headers, body = await asyncio.to_thread(
                 forward_order, pebble, server.forward_to, server.url, order
             )
@@ -177,6 +186,7 @@ async def test_ari_window_retry_after_and_replaces(pebble: Pebble, tmp_path: Pat
             state = edged.daemon.renewer.states["shop.test"]
             assert state.ari is None and state.next_try is not None
             assert state.next_try < served.not_after - timedelta(days=29)  # renew_before_days
+            both = edged.daemon.served("shop.test")
         cert_id = ari_cert_id(served.leaf)
 
         # Same store, directory with renewalInfo: the CA's window wins, Retry-After paces.
@@ -184,7 +194,8 @@ async def test_ari_window_retry_after_and_replaces(pebble: Pebble, tmp_path: Pat
             renewer = edged.daemon.renewer
             await wait_for(lambda: renewer.states["shop.test"].ari is not None)
             state = renewer.states["shop.test"]
-            assert ari.ari_requests == [cert_id]
+            # Each key type's certificate is asked for (the same window here).
+            assert sorted(ari.ari_requests) == sorted(ari_cert_id(b.leaf) for b in both)
             assert state.next_try is not None and state.ari is not None
             assert ari.window[0] <= state.next_try <= ari.window[1]
             now = datetime.now(UTC)
@@ -279,6 +290,7 @@ async def test_an_order_the_ca_refuses_as_a_replacement_is_sent_again_without_re
             await wait_for(lambda: edged.daemon.serving("shop.test") is not None)
             served = edged.daemon.serving("shop.test")
             assert served is not None
+            rsa = edged.daemon.served("shop.test")[1]
         ari.window = await past_window_for(served)  # renew now
         ari.forward_to = tmp_path / "store"
         ari.refusal = refusal
@@ -286,8 +298,9 @@ async def test_an_order_the_ca_refuses_as_a_replacement_is_sent_again_without_re
             attempts = edged.daemon.counters.renewal_attempts
             await wait_for(lambda: sum(attempts.values()) >= 1)
             assert attempts["shop.test", "failure"] == 0, edged.daemon.renewer.states["shop.test"]
-            # The first key type's order replaces the served certificate; the RSA one never did.
-            assert [o.get("replaces") for o in ari.orders] == [ari_cert_id(served.leaf), None, None]
+            # Each key type's order replaces its served certificate, refused, then sent again.
+            replaced = [ari_cert_id(served.leaf), None, ari_cert_id(rsa.leaf), None]
+            assert [o.get("replaces") for o in ari.orders] == replaced
             renewed = edged.daemon.serving("shop.test")
             assert renewed is not None and renewed.fingerprint != served.fingerprint
             assert edged.daemon.renewer.states["shop.test"].status is CertStatus.ACTIVE
@@ -314,3 +327,67 @@ async def test_the_explanation_url_reaches_the_operator(
             shown = DaemonOperations(edged.daemon).cert("shop.test")["ari_window"]
             assert isinstance(shown, dict) and shown["explanation_url"] == url
             assert shown["start"] == ari.window[0] and shown["end"] == ari.window[1]
+
+
+async def test_each_key_types_certificate_is_asked_for_and_the_first_window_decides(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    """A site served with an ECDSA and an RSA certificate: ARI asked about the first one
+    alone, so a CA that wants the RSA certificate replaced (an incident affecting it) was not
+    heard, and only the ECDSA order named what it replaces. Now each served certificate is
+    asked for, the window that needs renewal first decides (one attempt renews both), and
+    each key type's order names its own certificate in `replaces`."""
+    async with run_backend() as backend, ari_server(pebble, tmp_path) as ari:
+        body = acme_body(pebble, backend.port)
+        async with run_edged(tmp_path, body, http=(pebble.http_port,)) as edged:
+            await wait_for(lambda: len(edged.daemon.served("shop.test")) == 2)
+            ecdsa, rsa = edged.daemon.served("shop.test")
+        assert (ecdsa.key_type, rsa.key_type) == ("ecdsa-p256", "rsa-2048")
+        ids = [ari_cert_id(ecdsa.leaf), ari_cert_id(rsa.leaf)]
+
+        # The RSA certificate's window is later than the ECDSA one's: the ECDSA one decides.
+        later = (ari.window[0] + timedelta(days=5), ari.window[1] + timedelta(days=5))
+        ari.windows = {ids[1]: later}
+        async with restarted_with_ari(tmp_path, body, pebble, ari) as edged:
+            renewer = edged.daemon.renewer
+            await wait_for(lambda: renewer.states["shop.test"].ari is not None)
+            assert sorted(ari.ari_requests) == sorted(ids)
+            state = renewer.states["shop.test"]
+            assert state.ari is not None and state.ari.cert_id == ids[0]
+            assert state.next_try is not None and ari.window[0] <= state.next_try < ari.window[1]
+            shown = DaemonOperations(edged.daemon).cert("shop.test")["ari_window"]
+            assert isinstance(shown, dict) and shown["key_type"] == "ecdsa-p256"
+            assert ari.orders == []
+
+        # The CA moves the RSA certificate's window into the past: both are renewed now.
+        ari.windows = {ids[1]: await past_window_for(rsa)}
+        ari.forward_to = tmp_path / "store"
+        ari.accept_replaces = True
+        async with restarted_with_ari(tmp_path, body, pebble, ari) as edged:
+            counts = edged.daemon.counters.renewal_attempts
+            await wait_for(lambda: counts["shop.test", "success"] >= 1, limit=30)
+            assert [o.get("replaces") for o in ari.orders] == ids
+            renewed = edged.daemon.served("shop.test")
+            assert {b.fingerprint for b in renewed}.isdisjoint({ecdsa.fingerprint, rsa.fingerprint})
+
+
+async def test_a_certificate_whose_renewal_info_fails_is_asked_again_within_the_hour(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    """The RSA certificate's renewalInfo fails: the ECDSA certificate's window applies, and
+    the name is asked again within ARI_RETRY (not at that window's Retry-After, an hour
+    here but up to a day), in case the one not heard from needs renewal first."""
+    async with run_backend() as backend, ari_server(pebble, tmp_path) as ari:
+        body = acme_body(pebble, backend.port)
+        async with run_edged(tmp_path, body, http=(pebble.http_port,)) as edged:
+            await wait_for(lambda: len(edged.daemon.served("shop.test")) == 2)
+            ecdsa, rsa = edged.daemon.served("shop.test")
+        ari.broken = {ari_cert_id(rsa.leaf)}
+        ari.retry_after = str(20 * 3600)
+        async with restarted_with_ari(tmp_path, body, pebble, ari) as edged:
+            renewer = edged.daemon.renewer
+            await wait_for(lambda: renewer.states["shop.test"].ari is not None)
+            state = renewer.states["shop.test"]
+            assert state.ari is not None and state.ari.cert_id == ari_cert_id(ecdsa.leaf)
+            assert state.ari.next_check - datetime.now(UTC) <= ARI_RETRY
+            assert state.next_try is not None and ari.window[0] <= state.next_try < ari.window[1]

@@ -21,6 +21,7 @@ from edged.config import parse_config
 from edged.counters import Counters
 from edged.operations import DaemonOperations
 from edged.renewal import CertStatus, RenewalState
+from edged.store.base import PemPair, StoredCert
 from edged.store.files import FileStore
 from tests.conftest import (
     curl,
@@ -522,3 +523,49 @@ def test_a_plan_made_meanwhile_does_not_overwrite_a_newer_state() -> None:
     renewer._install(observed, planned)
     assert renewer.states["a.test"].attempts == 1
     assert renewer.states["b.test"] is newer
+
+
+async def test_an_upload_found_by_the_orders_write_is_served_and_ends_acme_management(
+    pebble: Pebble, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upload that lands right before a renewal's write (another node's, whose message
+    has not arrived; here without a store watcher): the write keeps it and the daemon reads
+    it at once: it serves the upload, and the name leaves ACME management without a failed
+    attempt (it was counted as one, retried every retry_interval with a new order, while the
+    upload waited for a full reload to be served)."""
+    from tests.test_acme import UploadBeforeWrite
+
+    caplog.set_level(logging.INFO, "edged.renewal")
+    ca = make_ca("Own CA")
+    own = make_leaf(ca, ["shop.test", "www.shop.test"], cn="uploaded")
+    upload = StoredCert(
+        "shop.test",
+        ("shop.test", "www.shop.test"),
+        (PemPair("ecdsa-p256", own.cert_pem, own.key_pem),),
+        "upload",
+        time.time(),
+    )
+
+    class RacingFiles(FileStore):
+        def save_unless_upload(self, cert: StoredCert) -> StoredCert | None:
+            race.land()
+            return super().save_unless_upload(cert)
+
+    async with run_backend() as backend:
+        body = acme_body(pebble, backend.port)
+        async with run_edged(
+            tmp_path, body, http=(pebble.http_port,), edged_extra="watch = false"
+        ) as edged:
+            renewer = edged.daemon.renewer
+            await wait_for(lambda: renewer.states["shop.test"].status is CertStatus.ACTIVE)
+            store = RacingFiles(tmp_path / "store")
+            race = UploadBeforeWrite(upload, FileStore(tmp_path / "store").save)
+            renewer.store = store  # the next order's write meets the upload
+            renewer.force("shop.test")
+            await wait_for(lambda: "shop.test" not in renewer.states)
+            served = edged.daemon.serving("shop.test")
+            assert served is not None and served.leaf == own.cert
+            attempts = edged.daemon.counters.renewal_attempts
+            assert attempts["shop.test", "failure"] == 0, renewer.states.get("shop.test")
+            lines = [r.getMessage() for r in caplog.records]
+            assert any("left ACME management" in m for m in lines), lines

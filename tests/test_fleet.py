@@ -531,3 +531,30 @@ async def test_a_failed_attempt_is_the_fleets_the_others_do_not_order_again(
             assert b.daemon.renewer.fallback_active("shop.test") is False  # no certificate
     finally:
         await runner.cleanup()
+
+
+async def test_an_upload_on_one_node_ends_acme_management_on_every_node(
+    pebble: Pebble, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """`edged upload` on node b hands the site to the operator on every node: node c, which
+    read the upload through a reload of that name alone (another node's write), went on
+    planning ACME renewals of the uploaded certificate until a full reload, and would order
+    one (its certificate dropped, the attempt failed, again and again). Handed back with
+    `edged upload --remove` on node b, node c manages it again."""
+    ca = make_ca("Own CA")
+    own = make_leaf(ca, ["shop.test", "www.shop.test"], cn="uploaded")
+    async with AsyncExitStack() as stack:
+        backend = await stack.enter_async_context(run_backend())
+        a, b, c = await start_fleet(stack, tmp_path, redis_server, pebble, backend.port)
+        await settled(a, b, c)
+        await DaemonOperations(b.daemon).upload("shop.test", own.cert_pem, own.key_pem)
+        assert "shop.test" not in b.daemon.renewer.states
+        await wait_for(lambda: "shop.test" not in c.daemon.renewer.states)
+        served = c.daemon.serving("shop.test")
+        assert (
+            served is not None
+            and served.fingerprint == parse_bundle(own.cert_pem, own.key_pem).fingerprint
+        )
+
+        await DaemonOperations(b.daemon).unmanage_upload("shop.test")
+        await wait_for(lambda: "shop.test" in c.daemon.renewer.states)

@@ -75,6 +75,49 @@ def test_bundle_previous_rollback_and_local_copy(redis_server: RedisServer, tmp_
     assert a.load("shop.test") is None and a.names() == []
 
 
+def test_save_unless_upload_keeps_another_nodes_upload(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The renewal loop's write: checked for an upload in the script that writes. Anything
+    else is replaced like save() does (indexed and published); another node's upload stays
+    (returned, nothing written); a value that is not JSON is no upload; an upload Redis lost
+    (or holds unreadable) that this node's copy holds stays, unless it was deleted since."""
+    a, b = store(redis_server, tmp_path, "a"), store(redis_server, tmp_path, "b")
+    v1, v2 = bundle("shop.test", "v1"), bundle("shop.test", "v2")
+    a.save(v1)
+    cursor = a.changes_since(None).cursor
+    assert a.save_unless_upload(v2) is None
+    assert b.load("shop.test") == v2 and b.load_previous("shop.test") == v1
+    changes = a.changes_since(cursor)
+    assert changes.certs == ("shop.test",)
+
+    upload = replace(bundle("shop.test", "up"), source="upload")
+    b.save(upload)
+    cursor = a.changes_since(changes.cursor).cursor
+    assert a.save_unless_upload(bundle("shop.test", "v3")) == upload
+    assert b.load("shop.test") == upload and b.load_previous("shop.test") == v2
+    assert a.local.load("shop.test") == upload
+    assert a.changes_since(cursor).certs == ()
+
+    redis_server.client().set("edged:cert:shop.test", b"{not json")
+    v4 = bundle("shop.test", "v4")
+    # Node a serves its copy meanwhile (see load): the upload, which stays; a node without
+    # one repairs the value.
+    assert a.save_unless_upload(v4) == upload
+    c = store(redis_server, tmp_path, "c")
+    assert c.save_unless_upload(v4) is None
+    assert b.load("shop.test") == v4
+
+    a.save(upload)
+    redis_server.client().flushall()  # Redis lost it; node a's copy is the upload
+    assert a.save_unless_upload(bundle("shop.test", "v5")) == upload
+    assert redis_server.client().get("edged:cert:shop.test") is None
+    b.delete("shop.test")  # deleted since: the upload is gone, the order's result is written
+    v6 = bundle("shop.test", "v6")
+    assert a.save_unless_upload(v6) is None
+    assert b.load("shop.test") == v6
+
+
 def test_state_accounts_and_prefix_isolation(redis_server: RedisServer, tmp_path: Path) -> None:
     a = store(redis_server, tmp_path, "a")
     other_fleet = store(redis_server, tmp_path, "x", prefix="fleet2")

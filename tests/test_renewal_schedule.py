@@ -37,6 +37,7 @@ from edged.renewal import (
     fallback_active,
     force_retry,
     format_time,
+    governing_window,
     is_due,
     max_jitter,
     next_renewal,
@@ -54,7 +55,9 @@ from edged.renewal import (
     renewal_deadline,
     resume,
     spread_overdue,
+    window_cert,
 )
+from edged.renewer import replaced_certs
 from tests.pki import Issued, fullchain, make_ca, make_leaf
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -232,6 +235,66 @@ def test_ari_window_ending_after_expiry_is_not_trusted() -> None:
     bundle = cached_bundle(90)
     state = replace(active_state(bundle), ari=ari_window(NOW + 80 * DAY, bundle.not_after + DAY))
     assert next_renewal(bundle, state, POLICY, NOW, rng()) <= bundle.not_after - 30 * DAY
+
+
+@functools.cache
+def rsa_bundle() -> CertBundle:
+    """The RSA certificate issued beside cached_bundle(90) (same names, CA and lifetime)."""
+    leaf = make_leaf(
+        _ca(), ["a.example.test"], "rsa-2048", not_before=NOW, not_after=NOW + 90 * DAY
+    )
+    return parse_bundle(leaf.cert_pem, leaf.key_pem)
+
+
+def test_the_window_of_another_served_certificate_is_followed() -> None:
+    """A site served with two key types: the window the state holds may be the second
+    certificate's (the one that needs renewal first, see governing_window). It is followed
+    while that certificate serves, and ignored once it does not."""
+    ecdsa, rsa = cached_bundle(90), rsa_bundle()
+    start, end = NOW + 20 * DAY, NOW + 21 * DAY
+    state = replace(active_state(ecdsa), ari=ari_window(start, end, ari_cert_id(rsa.leaf)))
+    times = [next_renewal(ecdsa, state, POLICY, NOW, rng(seed), (rsa,)) for seed in SEEDS]
+    assert all(start <= t < end for t in times)
+    assert window_cert(ecdsa, state, (rsa,)) is rsa
+    assert next_renewal(ecdsa, state, POLICY, NOW, rng()) > NOW + 59 * DAY  # not served
+    assert observe_cert(state, ecdsa, POLICY, NOW, rng(), others=(rsa,)).ari == state.ari
+    assert observe_cert(state, ecdsa, POLICY, NOW, rng()).ari is None
+    # Checked against its own certificate: ending after the RSA certificate expires, it is
+    # not followed.
+    late = ari_window(NOW + DAY, rsa.not_after + MINUTE, ari_cert_id(rsa.leaf))
+    assert window_cert(ecdsa, replace(state, ari=late), (rsa,)) is None
+
+
+def test_governing_window_is_the_first_to_end_of_those_to_follow() -> None:
+    ecdsa, rsa = cached_bundle(90), rsa_bundle()
+    own = ari_window(NOW + 50 * DAY, NOW + 52 * DAY, ari_cert_id(ecdsa.leaf), NOW + 6 * HOUR)
+    other = ari_window(NOW + 40 * DAY, NOW + 45 * DAY, ari_cert_id(rsa.leaf), NOW + 3 * HOUR)
+    assert governing_window([(ecdsa, own), (rsa, other)]) == other
+    assert governing_window([(rsa, other), (ecdsa, own)]) == other
+    # A window not to follow (ending after the certificate expires) never decides; the
+    # earliest next check of them all still applies.
+    broken = ari_window(NOW + DAY, rsa.not_after + DAY, ari_cert_id(rsa.leaf), NOW + HOUR)
+    assert governing_window([(ecdsa, own), (rsa, broken)]) == replace(own, next_check=NOW + HOUR)
+    # None to follow: the first one fetched is kept (shown, paced), the schedule applies.
+    assert governing_window([(rsa, broken)]) == broken
+    # A certificate whose fetch failed is asked again by `retry_at`.
+    assert governing_window([(ecdsa, own)], NOW + HOUR).next_check == NOW + HOUR
+    assert governing_window([(ecdsa, own)], NOW + DAY).next_check == own.next_check
+    with pytest.raises(ValueError):
+        governing_window([])
+
+
+def test_each_key_types_order_replaces_its_own_certificate() -> None:
+    ecdsa, rsa = cached_bundle(90), rsa_bundle()
+    state = active_state(ecdsa)
+    key_types = ("ecdsa-p256", "rsa-2048")
+    assert replaced_certs(state, (ecdsa, rsa), key_types) == {
+        "ecdsa-p256": ari_cert_id(ecdsa.leaf),
+        "rsa-2048": ari_cert_id(rsa.leaf),
+    }
+    # Nothing served (deleted from the store): the certificate the state remembers.
+    assert replaced_certs(state, (), key_types) == {"ecdsa-p256": state.replaces}
+    assert replaced_certs(RenewalState.new("a.example.test"), (), key_types) == {}
 
 
 def test_pick_in_window() -> None:

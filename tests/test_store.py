@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,56 @@ def test_previous_kept_and_dropped_key_type_files_removed(store: FileStore) -> N
     assert store.load(NAME) == V3
     assert store.load_previous(NAME) == V2
     assert files_in(live / "previous") == {"fullchain.pem", "privkey.pem", "meta.json"}
+
+
+def test_save_unless_upload_keeps_an_upload_and_repairs_an_unreadable_entry(
+    store: FileStore,
+) -> None:
+    """The renewal loop's write: anything but an upload is replaced like save() does; an
+    upload stays (and is returned); an entry that cannot be read is no upload."""
+    assert store.save_unless_upload(V1) is None
+    assert store.save_unless_upload(V2) is None
+    assert store.load(NAME) == V2 and store.load_previous(NAME) == V1
+    upload = make_cert("up", source="upload")
+    store.save(upload)
+    assert store.save_unless_upload(V3) == upload
+    assert store.load(NAME) == upload and store.load_previous(NAME) == V2
+    store.save(V1)
+    store.save(V2)
+    (live_dir(store) / "privkey.pem").unlink()
+    (live_dir(store) / "previous" / "meta.json").write_text("[]")
+    with pytest.raises(StoreError):
+        store.load(NAME)
+    assert store.save_unless_upload(V3) is None
+    assert store.load(NAME) == V3
+
+
+def test_save_unless_upload_looks_and_writes_under_one_lock(tmp_path: Path) -> None:
+    """An upload by another thread of the process (the admin API's) while the renewal loop's
+    write looks at the entry waits for that write, then replaces it: it is never lost
+    between the look and the write."""
+
+    class UploadWhileLooking(FileStore):
+        upload: StoredCert | None = None
+        uploader: threading.Thread | None = None
+
+        def _load_dir(self, directory: Path, name: str) -> StoredCert | None:
+            found = super()._load_dir(directory, name)
+            if self.upload is not None:
+                self.uploader = threading.Thread(target=self.save, args=(self.upload,))
+                self.upload = None
+                self.uploader.start()
+                self.uploader.join(0.5)  # done unless it waits for the lock
+            return found
+
+    store = UploadWhileLooking(tmp_path / "certs")
+    store.save(V1)
+    upload = make_cert("up", source="upload")
+    store.upload = upload
+    assert store.save_unless_upload(V2) is None  # it looked before the upload
+    assert store.uploader is not None
+    store.uploader.join()
+    assert store.load(NAME) == upload and store.load_previous(NAME) == V2
 
 
 def test_rollback_twice_is_back(store: FileStore) -> None:

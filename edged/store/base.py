@@ -118,6 +118,13 @@ class Store(Protocol):
         """Make `cert` live; the current live version (if whole) becomes the previous one."""
         ...
 
+    def save_unless_upload(self, cert: StoredCert) -> StoredCert | None:
+        """save(), unless the live entry is an upload: then nothing is written and that upload
+        is returned. Checked and written in one step, so an upload by another writer lands
+        before both (and stays) or after both (and replaces `cert`). An unreadable entry is
+        no upload: `cert` replaces it."""
+        ...
+
     def delete(self, name: str) -> None:
         """Remove the certificate and its previous version (no error when absent)."""
         ...

@@ -117,19 +117,37 @@ class FileStore:
 
     def save(self, cert: StoredCert) -> None:
         cert = _normalised(cert)
-        directory = self._live / store_dirname(cert.name)
         with self._lock:
-            self._make_dirs(directory)
+            self._save_locked(cert)
+
+    def save_unless_upload(self, cert: StoredCert) -> StoredCert | None:
+        """save(), unless the entry is an upload: then nothing is written and the upload is
+        returned. The look and the write hold the lock together, so an upload of this process
+        (the admin API's thread; the single writer) comes before both or after both."""
+        cert = _normalised(cert)
+        with self._lock:
             try:
-                current: StoredCert | None = _read_bundle(directory, cert.name)
-            except _Unusable:
-                # Live is absent or half-written by a crash: previous/ already holds the last
-                # whole version (or there is none), so keep it rather than overwrite it.
-                current = None
-            if current is not None:
-                self._write_bundle(directory / PREVIOUS, current)
-            self._write_bundle(directory, cert)
-            _announce(directory)
+                current = self._load_dir(self._live / store_dirname(cert.name), cert.name)
+            except StoreError:
+                current = None  # unreadable: the new version repairs it
+            if current is not None and current.source == "upload":
+                return current
+            self._save_locked(cert)
+        return None
+
+    def _save_locked(self, cert: StoredCert) -> None:
+        directory = self._live / store_dirname(cert.name)
+        self._make_dirs(directory)
+        try:
+            current: StoredCert | None = _read_bundle(directory, cert.name)
+        except _Unusable:
+            # Live is absent or half-written by a crash: previous/ already holds the last
+            # whole version (or there is none), so keep it rather than overwrite it.
+            current = None
+        if current is not None:
+            self._write_bundle(directory / PREVIOUS, current)
+        self._write_bundle(directory, cert)
+        _announce(directory)
 
     def rollback(self, name: str) -> StoredCert:
         name, dirname = _checked(name)

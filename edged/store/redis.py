@@ -86,6 +86,34 @@ redis.call('PUBLISH', KEYS[4], ARGV[2])
 return 1
 """
 )
+# _SAVE unless the live entry is an upload (another node's `edged upload`): then nothing is
+# written and {0, that entry} is answered. A value that is not JSON is no upload (the new
+# version repairs it); with none (or such a value) in Redis, ARGV[3] is the stored_at of this
+# node's local copy when that is an upload ("" otherwise): Redis lost it, and it stays
+# unless it was deleted since (as in RedisStore.load); then {0, ""}.
+# KEYS: cert, prev, names, channel, gone, rev, revs:cert; ARGV: value, name, the local
+# upload's stored_at
+_SAVE_UNLESS_UPLOAD = (
+    _BUMP
+    + """
+local current = redis.call('GET', KEYS[1])
+local ok, entry = false, nil
+if current then ok, entry = pcall(cjson.decode, current) end
+if ok and type(entry) == 'table' then
+  if entry.source == 'upload' then return {0, current} end
+elseif ARGV[3] ~= '' then
+  local gone = redis.call('GET', KEYS[5])
+  if not gone or (tonumber(gone) and tonumber(gone) < tonumber(ARGV[3])) then return {0, ''} end
+end
+if current then redis.call('SET', KEYS[2], current) end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[2])
+redis.call('DEL', KEYS[5])
+bump(KEYS[6], KEYS[7], ARGV[2])
+redis.call('PUBLISH', KEYS[4], ARGV[2])
+return {1, ''}
+"""
+)
 # Swap only if previous is still the version read (else another node changed it meanwhile).
 # KEYS: cert, prev, channel, rev, revs:cert; ARGV: previous as read, the new live value, name
 _ROLLBACK = (
@@ -382,6 +410,7 @@ class RedisStore:
             **self.connection_kwargs,
         )
         self._save = self.client.register_script(_SAVE)
+        self._save_unless_upload = self.client.register_script(_SAVE_UNLESS_UPLOAD)
         self._rollback = self.client.register_script(_ROLLBACK)
         self._extend = self.client.register_script(_EXTEND)
         self._release = self.client.register_script(_RELEASE)
@@ -525,6 +554,30 @@ class RedisStore:
         keys = [*self._cert_keys(name), self.key("gone", name), *self._revs("cert")]
         self._call("save", lambda: self._save(keys=keys, args=[_encode(cert), name]))
         self.local.save(cert)
+
+    def save_unless_upload(self, cert: StoredCert) -> StoredCert | None:
+        """save(), unless the live entry is an upload: then nothing is written and the upload
+        is returned. The check is in the script that writes (another node's upload comes
+        before or after it, never between), and also finds an upload Redis lost that this
+        node's local copy still holds (see load)."""
+        name = _name(cert.name)
+        try:
+            local = self.local.load(name)
+        except StoreError:
+            local = None
+        local_upload = repr(local.stored_at) if local and local.source == "upload" else ""
+        keys = [*self._cert_keys(name), self.key("gone", name), *self._revs("cert")]
+        args = [_encode(cert), name, local_upload]
+        written, found = cast(
+            list[Any],
+            self._call("save", lambda: self._save_unless_upload(keys=keys, args=args)),
+        )
+        if written:
+            self.local.save(cert)
+            return None
+        if not found:
+            return local
+        return self._mirror(_decode(bytes(found), name, "live"))
 
     def _cert_keys(self, name: str) -> list[str]:
         """cert, prev, names, channel (then a script's own keys, then _revs("cert"))."""
