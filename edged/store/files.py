@@ -127,7 +127,9 @@ class FileStore:
         cert = _normalised(cert)
         with self._lock:
             try:
-                current = self._load_dir(self._live / store_dirname(cert.name), cert.name)
+                current = self._load_dir(
+                    self._live / store_dirname(cert.name), cert.name, _read_bundle
+                )
             except StoreError:
                 current = None  # unreadable: the new version repairs it
             if current is not None and current.source == "upload":
