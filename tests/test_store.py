@@ -12,7 +12,7 @@ import stat
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -20,6 +20,7 @@ from edged.errors import StoreError
 from edged.store import FileStore, PemPair, Store, StoredCert
 from edged.store import files as files_module
 
+T = TypeVar("T")
 NAME = "a.com"
 ECDSA = "ecdsa-p256"
 RSA = "rsa-2048"
@@ -141,8 +142,8 @@ def test_save_unless_upload_looks_and_writes_under_one_lock(tmp_path: Path) -> N
         upload: StoredCert | None = None
         uploader: threading.Thread | None = None
 
-        def _load_dir(self, directory: Path, name: str) -> StoredCert | None:
-            found = super()._load_dir(directory, name)
+        def _load_dir(self, directory: Path, name: str, read: Callable[[Path, str], T]) -> T | None:
+            found = super()._load_dir(directory, name, read)
             if self.upload is not None:
                 self.uploader = threading.Thread(target=self.save, args=(self.upload,))
                 self.upload = None

@@ -31,7 +31,7 @@ import shutil
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from edged.errors import StoreError
@@ -492,16 +492,21 @@ def _read_stamp(directory: Path, name: str) -> float:
     """The stored_at of the version in `directory`, from its meta.json alone."""
     meta, meta_path = _read_meta(directory)
     try:
-        if not isinstance(meta, dict) or meta.get("version") != META_VERSION:
-            raise ValueError(f"not a version {META_VERSION} meta object")
-        if meta["name"] != name:
-            raise ValueError(f"it is for {meta['name']!r}, not {name!r}")
-        stored_at = meta["stored_at"]
-        if not isinstance(stored_at, int | float):
-            raise ValueError("'stored_at' must be a number")
+        return _meta_header(meta, name)[1]
     except (KeyError, ValueError) as exc:
         raise _Unusable(f"{meta_path} is invalid: {exc}") from None
-    return float(stored_at)
+
+
+def _meta_header(meta: object, name: str) -> tuple[dict[str, Any], float]:
+    """A meta object of this version, for `name`, and its stored_at. KeyError, ValueError."""
+    if not isinstance(meta, dict) or meta.get("version") != META_VERSION:
+        raise ValueError(f"not a version {META_VERSION} meta object")
+    if meta["name"] != name:
+        raise ValueError(f"it is for {meta['name']!r}, not {name!r}")
+    stored_at = meta["stored_at"]
+    if not isinstance(stored_at, int | float):
+        raise ValueError("'stored_at' must be a number")
+    return meta, float(stored_at)
 
 
 def _read_meta(directory: Path) -> tuple[object, Path]:
@@ -520,11 +525,8 @@ def _read_meta(directory: Path) -> tuple[object, Path]:
     return meta, meta_path
 
 
-def _cert_from_meta(meta: object, directory: Path, name: str) -> StoredCert:
-    if not isinstance(meta, dict) or meta.get("version") != META_VERSION:
-        raise ValueError(f"not a version {META_VERSION} meta object")
-    if meta["name"] != name:
-        raise ValueError(f"it is for {meta['name']!r}, not {name!r}")
+def _cert_from_meta(raw: object, directory: Path, name: str) -> StoredCert:
+    meta, _ = _meta_header(raw, name)
     digests = meta["sha256"]
     if not isinstance(digests, dict) or not isinstance(meta["pairs"], list):
         raise ValueError("'sha256' must be an object and 'pairs' a list")
@@ -545,10 +547,7 @@ def _cert_from_meta(meta: object, directory: Path, name: str) -> StoredCert:
         raise ValueError("'names' must be a list and 'extra' an object")
     if not all(isinstance(n, str) and normalize_name(n) == n for n in names):
         raise ValueError(f"'names' holds a name that is not normalised: {names!r}")
-    stored_at = meta["stored_at"]
-    if not isinstance(stored_at, int | float):
-        raise ValueError("'stored_at' must be a number")
-    return StoredCert(name, tuple(names), tuple(pairs), meta["source"], stored_at, extra)
+    return StoredCert(name, tuple(names), tuple(pairs), meta["source"], meta["stored_at"], extra)
 
 
 def _read_verified(path: Path, digest: object) -> bytes:
