@@ -66,6 +66,10 @@ def read_pem(path: Path) -> bytes:
         return path.read_bytes()
     except FileNotFoundError:
         raise CertError(CertReason.EMPTY, "no such file: check the path", str(path)) from None
+    except IsADirectoryError:
+        raise CertError(
+            CertReason.EMPTY, "is a directory: name the PEM file in it", str(path)
+        ) from None
     except PermissionError:
         raise CertError(
             CertReason.EMPTY,

@@ -167,6 +167,13 @@ def test_cert_inspect(tmp_path: Path) -> None:
     out = edged("cert", "inspect", str(tmp_path / "empty.crt"))
     assert out.returncode == 1 and "empty" in out.stdout
 
+    # The directory holding the files, not a file: said so (it was "check its permissions").
+    out = edged("cert", "inspect", str(tmp_path))
+    assert (out.returncode, out.stdout) == (
+        1,
+        f"{tmp_path}: is a directory: name the PEM file in it\n",
+    )
+
 
 @pytest.mark.parametrize("key_type", ["ecdsa-p521", "rsa-1024", "ed25519"])
 def test_cert_inspect_counts_an_unsupported_key_with_or_without_key(

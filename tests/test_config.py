@@ -186,6 +186,47 @@ def test_load_config_reports_missing_files(tmp_path: Path) -> None:
     ]
 
 
+def test_a_directory_named_as_a_file_is_called_a_directory(tmp_path: Path) -> None:
+    """cert_file naming the directory that holds the PEM files (a common slip) was reported
+    as "no such file", which sends the operator after a path that exists."""
+    (tmp_path / "example.com").mkdir()
+    (tmp_path / "key.pem").write_text("k")
+    path = tmp_path / "edged.toml"
+    path.write_text(
+        MINIMAL.replace(
+            'backend = "127.0.0.1:8080"',
+            'backend = "127.0.0.1:8080"\ncert_file = "example.com"\nkey_file = "key.pem"',
+        )
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert [str(p) for p in info.value.problems] == [
+        f"{path}: site[0].cert_file: {tmp_path}/example.com: is a directory: name the file in it"
+    ]
+
+
+def test_a_value_of_the_wrong_type_is_not_also_called_missing() -> None:
+    """names = "a.test", backend = 5 or https = ["1.2.3.4"] were each reported twice: the
+    real problem, then "needs at least one" / "needs a backend", which they do have."""
+    text = MINIMAL.replace('["127.0.0.1:8443"]', '["1.2.3.4"]')
+    text = text.replace('names = ["Example.COM.", "*.example.com"]', 'names = "a.test"')
+    text = text.replace('backend = "127.0.0.1:8080"', "backend = 5")
+    assert problems(text) == [
+        f"{SRC}: listen.https: '1.2.3.4': expected host:port (e.g. 127.0.0.1:8080)",
+        f"{SRC}: site[0].names: must be a list of DNS names, got a string 'a.test'",
+        f"{SRC}: site[0].backend: must be host:port or unix:/path, got an integer 5",
+    ]
+    # Missing or empty still says what is needed.
+    text = MINIMAL.replace('["127.0.0.1:8443"]', "[]").replace(
+        'names = ["Example.COM.", "*.example.com"]', "names = []"
+    )
+    assert problems(text.replace('backend = "127.0.0.1:8080"', 'backend = ""')) == [
+        f"{SRC}: site[0].names: a site needs at least one name, e.g. names = ['example.com']",
+        f"{SRC}: site[0].backend: a site needs a backend, e.g. backend = '127.0.0.1:8080'",
+        f"{SRC}: listen.https: needs at least one address, e.g. 0.0.0.0:443",
+    ]
+
+
 def test_load_config_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(tmp_path / "nope.toml")
