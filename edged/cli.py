@@ -294,7 +294,10 @@ def cmd_issue(config_path: Path, raw_names: list[str]) -> int:
         print(f"{config_path}: acme: no [acme] table: add one (directory, email) to issue")
         return EXIT_INVALID
     if config.store_path is None:
-        print(f"{config_path}: edged.store: `edged issue` needs a directory store")
+        print(
+            f"{config_path}: edged.store: `edged issue` needs a directory store; with Redis the "
+            f"fleet's daemons order: run `edged renew NAME --config {config_path}` on a node"
+        )
         return EXIT_INVALID
     sites: list[Site] = []
     for raw in raw_names:

@@ -137,6 +137,22 @@ def test_check_with_a_redis_store_checks_the_local_copy_and_says_so(tmp_path: Pa
     assert lines[-1] == f"{config}: FAILED: 2 sites, 1 valid certificates"
 
 
+def test_issue_with_a_redis_store_names_the_command_to_use(tmp_path: Path) -> None:
+    """`edged issue` orders into a directory store only; with Redis it said just that, not
+    what the README says to do instead (the fleet's daemons order: `edged renew`)."""
+    config = tmp_path / "edged.toml"
+    config.write_text(
+        '[edged]\nstore = "redis://127.0.0.1:1/0"\n[acme]\n'
+        '[[site]]\nnames = ["a.test"]\nbackend = "127.0.0.1:9"\n'
+    )
+    out = edged("issue", "a.test", "--config", str(config))
+    assert (out.returncode, out.stdout) == (
+        1,
+        f"{config}: edged.store: `edged issue` needs a directory store; with Redis the fleet's "
+        f"daemons order: run `edged renew NAME --config {config}` on a node\n",
+    )
+
+
 def test_cert_inspect(tmp_path: Path) -> None:
     files = cert_files()
     _, cert, key, _ = files["good"]
