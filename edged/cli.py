@@ -594,6 +594,13 @@ def cmd_admin(args: argparse.Namespace) -> int:
         except CertError as exc:
             print(f"edged: {exc}", file=sys.stderr)
             return EXIT_INVALID
+        try:
+            # Here too, not only by the daemon: its answer cannot name the operator's files
+            # ("the file is empty": which of the two?).
+            parse_bundle(*pems, source=str(args.cert), key_source=str(args.key))
+        except CertError as exc:
+            print(f"edged: invalid_cert: {exc} ({exc.reason})", file=sys.stderr)
+            return EXIT_INVALID
     client = _admin_client(args.config)
     if isinstance(client, int):
         return client

@@ -769,6 +769,15 @@ def test_cli_commands(sockdir: Path, certs: dict[str, tuple[bytes, bytes]]) -> N
         assert out.returncode == 1 and out.stdout == ""
         assert out.stderr.startswith("edged: invalid_cert: ") and "(key_mismatch)" in out.stderr
         assert "PRIVATE KEY" not in out.stderr
+        # A file that cannot be a bundle is named (the daemon's answer could not say which of
+        # the two was empty), before any request.
+        empty = sockdir / "empty.key"
+        empty.write_bytes(b"")
+        out = edged("upload", "a.test", "--cert", str(cert_file), "--key", str(empty),
+                    "--config", c)  # fmt: skip
+        assert (out.returncode, out.stderr) == (
+            1, f"edged: invalid_cert: {empty}: the file is empty (empty)\n"
+        )  # fmt: skip
         out = edged("renew", "../x", "--config", c)
         assert out.returncode == 1 and out.stderr.startswith("edged: bad_name: ")
         out = edged("renew", "files.test", "--config", c)
