@@ -107,6 +107,28 @@ def test_check_ok_with_only_warnings(tmp_path: Path) -> None:
     assert out.stdout.splitlines()[-1].endswith(": ok: 1 sites, 0 valid certificates")
 
 
+def test_check_says_acme_cannot_order_a_wildcard_without_dns01(tmp_path: Path) -> None:
+    """A wildcard site without a certificate under [acme] over http-01 (the default): the
+    renewer fails it at once without an order, yet `edged check` said "ACME will request
+    one". It names the fix instead (still a warning: an upload would serve it)."""
+    config = tmp_path / "edged.toml"
+    config.write_text(
+        "[acme]\n"
+        '[[site]]\nnames = ["*.w.test"]\nbackend = "127.0.0.1:9"\n'
+        '[[site]]\nnames = ["a.test"]\nbackend = "127.0.0.1:9"\n'
+    )
+    out = edged("check", "--config", str(config))
+    assert out.returncode == 0, out.stdout
+    assert out.stdout.splitlines()[:2] == [
+        f"{config}: site[0]: warning: no certificate yet for *.w.test: handshakes for these "
+        "names are refused until there is one (ACME cannot order it: CAs validate *.w.test "
+        'only over dns-01: set acme.challenge = "dns-01" with an [acme.dns] table, or upload '
+        "one)",
+        f"{config}: site[1]: warning: no certificate yet for a.test: handshakes for these "
+        "names are refused until there is one (ACME will request one)",
+    ]
+
+
 def test_check_with_a_redis_store_checks_the_local_copy_and_says_so(tmp_path: Path) -> None:
     """With a Redis store, `check` reads the node's local copy (edged.store_local) and says
     that Redis itself was not read. It used to read nothing: every site had "no certificate
