@@ -65,9 +65,11 @@ class AdminError(EdgedError):
     """An operation refused a request; answered as `{"error": code, "message": message}`.
 
     Codes in use (status): bad_request (400), bad_name (400), unauthorized (401),
-    unknown_name (404), not_found (404), method_not_allowed (405), managed_by_files (409),
-    not_acme (409), not_uploaded (409), busy (409), too_large (413), invalid_cert (422, with
-    `reason` = a CertReason), internal (500), unavailable (503).
+    cross_origin (403), unknown_name (404), not_found (404), method_not_allowed (405),
+    managed_by_files, not_acme, not_uploaded, passthrough, no_store (409), too_large (413),
+    unsupported_media_type (415), bad_host (421), invalid_cert (422, with `reason` = a
+    CertReason), reload_failed (422), internal, store_failed (500), renewal_failed,
+    revoke_failed, not_served (502), busy (503).
     """
 
     def __init__(self, code: str, message: str, status: int = 400, *, reason: str = "") -> None:

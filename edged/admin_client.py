@@ -22,13 +22,12 @@ DEFAULT_TIMEOUT = 120.0  # a forced renewal may wait for the CA
 class AdminUnreachable(EdgedError):
     """Nothing answers at the admin address (daemon stopped, wrong socket, timeout)."""
 
-    def __init__(self, address: Address, why: str) -> None:
+    def __init__(
+        self, address: Address, why: str, hint: str = "is edged running? (systemctl status edged)"
+    ) -> None:
         self.address = address
         self.why = why
-        super().__init__(
-            f"cannot reach the admin API at {address}: {why}: is edged running? "
-            "(systemctl status edged)"
-        )
+        super().__init__(f"cannot reach the admin API at {address}: {why}: {hint}")
 
 
 class AdminRequestError(EdgedError):
@@ -94,6 +93,13 @@ class AdminClient:
                 raise AdminUnreachable(self.address, "no such socket") from None
             except ConnectionRefusedError:
                 raise AdminUnreachable(self.address, "connection refused") from None
+            except PermissionError:
+                # edged runs; its socket (mode 0600) is its user's.
+                raise AdminUnreachable(
+                    self.address,
+                    "permission denied",
+                    "the socket belongs to edged's user: run this as that user or as root (sudo)",
+                ) from None
             except TimeoutError:
                 raise AdminUnreachable(self.address, "connection timed out") from None
             except OSError as exc:

@@ -294,7 +294,10 @@ def cmd_issue(config_path: Path, raw_names: list[str]) -> int:
         print(f"{config_path}: acme: no [acme] table: add one (directory, email) to issue")
         return EXIT_INVALID
     if config.store_path is None:
-        print(f"{config_path}: edged.store: `edged issue` needs a directory store")
+        print(
+            f"{config_path}: edged.store: `edged issue` needs a directory store; with Redis the "
+            f"fleet's daemons order: run `edged renew NAME --config {config_path}` on a node"
+        )
         return EXIT_INVALID
     sites: list[Site] = []
     for raw in raw_names:
@@ -590,6 +593,13 @@ def cmd_admin(args: argparse.Namespace) -> int:
             pems = (read_pem(args.cert), read_pem(args.key))
         except CertError as exc:
             print(f"edged: {exc}", file=sys.stderr)
+            return EXIT_INVALID
+        try:
+            # Here too, not only by the daemon: its answer cannot name the operator's files
+            # ("the file is empty": which of the two?).
+            parse_bundle(*pems, source=str(args.cert), key_source=str(args.key))
+        except CertError as exc:
+            print(f"edged: invalid_cert: {exc} ({exc.reason})", file=sys.stderr)
             return EXIT_INVALID
     client = _admin_client(args.config)
     if isinstance(client, int):

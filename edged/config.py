@@ -777,12 +777,15 @@ def _parse_site(r: _Reader, index: int, base: Path) -> Site | None:
             names.append(normalize_name(raw))
         except NameError_ as exc:
             r.problem("names", str(exc))
-    if not raw_names:
+    # Missing or empty only: a value of the wrong type was reported already, and "needs at
+    # least one" would send the operator after a problem they do not have.
+    if r.data.get("names", []) == []:
         r.problem("names", "a site needs at least one name, e.g. names = ['example.com']")
     backend_text = r.get("backend", str, "", "host:port or unix:/path")
     backend: Address | None = None
     if not backend_text:
-        r.problem("backend", "a site needs a backend, e.g. backend = '127.0.0.1:8080'")
+        if r.data.get("backend", "") == "":
+            r.problem("backend", "a site needs a backend, e.g. backend = '127.0.0.1:8080'")
     else:
         try:
             backend = parse_address(backend_text, listen=False)
@@ -951,7 +954,8 @@ def parse_config(text: str, source: Path) -> Config:
                     "handshake: remove preread = false or those settings",
                 )
             )
-    if not listen.https:
+    # Only when none was given: addresses that did not parse are reported each already.
+    if not listen.https and not any(p.key == "listen.https" for p in problems):
         problems.append(
             Problem(src, "listen.https", "needs at least one address, e.g. 0.0.0.0:443")
         )
@@ -992,12 +996,17 @@ def check_files(config: Config) -> list[Problem]:
     for key, path in config_files(config):
         try:
             exists = path.is_file()
+            directory = not exists and path.is_dir()
         except OSError as exc:  # e.g. EACCES on a parent directory
             problems.append(
                 Problem(str(config.source), key, f"{path}: {exc.strerror}: fix its mode")
             )
             continue
-        if not exists:
+        if directory:
+            problems.append(
+                Problem(str(config.source), key, f"{path}: is a directory: name the file in it")
+            )
+        elif not exists:
             problems.append(
                 Problem(str(config.source), key, f"{path}: no such file: check the path")
             )

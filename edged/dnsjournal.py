@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edged.dns import DnsError
-from edged.store.files import DIR_MODE, FILE_MODE, fsync_dir, write_atomic
+from edged.store.files import DIR_MODE, FILE_MODE, fsync_dir, store_owner, write_atomic
 
 if TYPE_CHECKING:
     from edged.dns import DnsUpdater
@@ -245,20 +245,30 @@ class DnsJournal:
             "pid": self.pid,
             "values": [e.to_json() for e in self._entries.values()],
         }
-        write_atomic(self.path, json.dumps(data, indent=2).encode() + b"\n")
+        write_atomic(self.path, json.dumps(data, indent=2).encode() + b"\n", self._owner())
+
+    def _owner(self) -> tuple[int, int] | None:
+        """The store's owner, for what `edged issue` run as root writes here (see
+        store_owner): the daemon, its user's, must be able to take a journal over."""
+        return store_owner(self.directory.parent)
 
     def _hold_lock(self) -> None:
         """Create and lock this process's lock file before its journal exists: a sweep of
         another process then sees this one alive."""
         if self._lock_fd is not None:
             return
+        owner = self._owner()
         if not self.directory.is_dir():
             os.makedirs(self.directory, DIR_MODE, exist_ok=True)
+            if owner is not None:
+                os.chown(self.directory, *owner)
             fsync_dir(self.directory.parent)
         path = self._lock_path(self.token)
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
             try:
+                if owner is not None:
+                    os.fchown(fd, *owner)
                 # Blocking: only a sweep can hold it, for a moment, between our open and
                 # this lock (it found no journal yet and removes the file it locked).
                 fcntl.flock(fd, fcntl.LOCK_EX)

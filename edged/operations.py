@@ -28,7 +28,7 @@ from edged.errors import AcmeError, StoreError
 from edged.heap import current_allocator
 from edged.names import NameError_, normalize_name, store_dirname
 from edged.renewal import CertStatus, RenewalState, fallback_active, window_cert
-from edged.store.base import PemPair, StoredCert
+from edged.store.base import PemPair, Store, StoredCert
 
 if TYPE_CHECKING:
     from edged.daemon import Daemon
@@ -150,16 +150,53 @@ class DaemonOperations:
 
     # --- actions --------------------------------------------------------------------------
 
+    async def _not_acme(self, site: Site, action: str) -> AdminError:
+        """The refusal of `action` (renew, revoke) for a site without a renewal state, naming
+        its own cause and fix: the operator cannot tell a cert_file, an upload, a missing
+        [acme] and a store still being read apart from the outside."""
+        config = self._config()
+        store = self.daemon.store
+        if config.acme is not None and self.daemon.renewer.config is None:
+            # A large store is read in the background; renewals start once it has been.
+            return AdminError(
+                "busy",
+                f"{site.name}: edged is still reading its store and starts renewals once it "
+                f"has (logged as 'store indexed'): {action} it then",
+                503,
+            )
+        elsewhere = "revoke it at the CA that issued it" if action == "revoke" else ""
+        if site.passthrough:
+            why = f"{site.key} passes TLS through to its backend, which holds the certificate"
+            fix = elsewhere or "renew it on the backend"
+        elif site.cert_file is not None:
+            why = f"{site.key} serves cert_file {site.cert_file}"
+            fix = elsewhere or "replace that file"
+        elif config.acme is None:
+            why = f"there is no [acme] table in {config.source}"
+            fix = elsewhere or "add one and reload to have edged obtain its certificate"
+        elif store is not None and await self._uploaded(store, site.name):
+            why = "it serves an uploaded certificate"
+            fix = elsewhere or (
+                f"`edged upload {site.name} --remove` hands it back to ACME, which orders a new "
+                "one at once"
+            )
+        else:
+            return AdminError("not_acme", f"{site.name} is not managed by ACME", 409)
+        return AdminError("not_acme", f"{site.name} is not managed by ACME: {why}: {fix}", 409)
+
+    @staticmethod
+    async def _uploaded(store: Store, name: str) -> bool:
+        try:
+            stored = await asyncio.to_thread(store.load, name)
+        except StoreError:
+            return False  # the refusal stands; it only says less about why
+        return stored is not None and stored.source == "upload"
+
     async def renew(self, name: str) -> dict[str, object]:
         site = self._site(name)
         renewer = self.daemon.renewer
         if site.name not in renewer.states:
-            raise AdminError(
-                "not_acme",
-                f"{site.name} is not managed by ACME (cert_file, an upload, or no [acme]): "
-                "nothing to renew",
-                409,
-            )
+            raise await self._not_acme(site, "renew")
         started = datetime.now(UTC)
         forced = renewer.force(site.name)
         limit = forced.not_before_retry
@@ -214,7 +251,8 @@ class DaemonOperations:
         if site.passthrough:
             raise AdminError(
                 "passthrough",
-                f"{site.key} passes TLS through to its backend, which holds the certificate",
+                f"{site.key} passes TLS through to its backend, which holds the certificate: "
+                "install it there, or set mode = 'terminate' on the site",
                 409,
             )
         if site.cert_file is not None:
@@ -262,12 +300,22 @@ class DaemonOperations:
 
     async def unmanage_upload(self, name: str) -> dict[str, object]:
         site = self._site(name)
+        config = self._config()
         store = self.daemon.store
-        if store is None or self._config().acme is None:
-            raise AdminError("not_acme", "no [acme] table: nothing would manage the name", 409)
+        if store is None or config.acme is None:
+            raise AdminError(
+                "not_acme",
+                f"{site.name}: there is no [acme] table in {config.source}, so nothing would "
+                "obtain its certificate: add one and reload first, or keep the upload",
+                409,
+            )
         stored = await asyncio.to_thread(store.load, site.name)
         if stored is None or stored.source != "upload":
-            raise AdminError("not_uploaded", f"{site.name} has no uploaded certificate", 409)
+            raise AdminError(
+                "not_uploaded",
+                f"{site.name} has no uploaded certificate: nothing to hand back to ACME",
+                409,
+            )
         # The upload keeps serving until ACME has a certificate: hand it back to ACME as the
         # certificate to renew, and renew it now.
         handed_back = StoredCert(
@@ -293,7 +341,7 @@ class DaemonOperations:
         config = self._config()
         store = self.daemon.store
         if config.acme is None or store is None or site.name not in self.daemon.renewer.states:
-            raise AdminError("not_acme", f"{site.name} was not issued by edged's ACME account", 409)
+            raise await self._not_acme(site, "revoke")
         stored = await asyncio.to_thread(store.load, site.name)
         if stored is None or stored.source != "acme":
             raise AdminError("not_acme", f"{site.name} has no ACME certificate to revoke", 409)

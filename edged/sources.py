@@ -66,6 +66,10 @@ def read_pem(path: Path) -> bytes:
         return path.read_bytes()
     except FileNotFoundError:
         raise CertError(CertReason.EMPTY, "no such file: check the path", str(path)) from None
+    except IsADirectoryError:
+        raise CertError(
+            CertReason.EMPTY, "is a directory: name the PEM file in it", str(path)
+        ) from None
     except PermissionError:
         raise CertError(
             CertReason.EMPTY,
@@ -376,11 +380,7 @@ def load_site_certs(
         if found:
             bundles[site.index] = found
         elif not any(p.key == site.key for p in problems):
-            how = (
-                "ACME will request one"
-                if config.acme is not None
-                else "set cert_file/key_file, upload one, or configure [acme]"
-            )
+            how = _how_to_get_one(site, config)
             problems.append(
                 Problem(
                     str(config.source),
@@ -391,6 +391,20 @@ def load_site_certs(
                 )
             )
     return SiteCerts(bundles, tuple(problems), expired, frozenset(uploads))
+
+
+def _how_to_get_one(site: Site, config: Config) -> str:
+    """What gets a certificate for a site without one, for its "no certificate yet" warning."""
+    if config.acme is None:
+        return "set cert_file/key_file, upload one, or configure [acme]"
+    wildcard = next((n for n in site.names if n.startswith("*.")), None)
+    if wildcard is not None and config.acme.challenge != "dns-01":
+        # The renewer fails such a site at once (renewer.check_challenge): not "will request".
+        return (
+            f"ACME cannot order it: CAs validate {wildcard} only over dns-01: set "
+            'acme.challenge = "dns-01" with an [acme.dns] table, or upload one'
+        )
+    return "ACME will request one"
 
 
 PREREAD_MIN = 256  # below this many store sites, read them one by one

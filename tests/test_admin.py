@@ -769,6 +769,15 @@ def test_cli_commands(sockdir: Path, certs: dict[str, tuple[bytes, bytes]]) -> N
         assert out.returncode == 1 and out.stdout == ""
         assert out.stderr.startswith("edged: invalid_cert: ") and "(key_mismatch)" in out.stderr
         assert "PRIVATE KEY" not in out.stderr
+        # A file that cannot be a bundle is named (the daemon's answer could not say which of
+        # the two was empty), before any request.
+        empty = sockdir / "empty.key"
+        empty.write_bytes(b"")
+        out = edged("upload", "a.test", "--cert", str(cert_file), "--key", str(empty),
+                    "--config", c)  # fmt: skip
+        assert (out.returncode, out.stderr) == (
+            1, f"edged: invalid_cert: {empty}: the file is empty (empty)\n"
+        )  # fmt: skip
         out = edged("renew", "../x", "--config", c)
         assert out.returncode == 1 and out.stderr.startswith("edged: bad_name: ")
         out = edged("renew", "files.test", "--config", c)
@@ -814,6 +823,28 @@ def test_cli_unreachable_exits_3(sockdir: Path) -> None:
     assert out.returncode == 3 and "listen.admin is '' (the admin API is off)" in out.stderr
     out = edged("status", "--config", str(sockdir / "missing.toml"))
     assert out.returncode == 1 and "no such file" in out.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the CLI as another user")
+def test_cli_as_a_user_who_may_not_use_the_socket_says_so(sockdir: Path) -> None:
+    """The socket is mode 0600, its daemon's user's: another user's `edged status` was told
+    "Permission denied: is edged running? (systemctl status edged)", which it is."""
+    config = write_config(sockdir, f"unix:{sockdir}/admin.sock")
+    sockdir.chmod(0o755)
+    config.chmod(0o644)
+    with serve(unix(sockdir)):
+        out = subprocess.run(
+            ["runuser", "-u", "nobody", "--", EDGED, "status", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        )
+    assert (out.returncode, out.stderr) == (
+        3,
+        f"edged: cannot reach the admin API at unix:{sockdir}/admin.sock: permission denied: "
+        "the socket belongs to edged's user: run this as that user or as root (sudo)\n",
+    )
 
 
 async def test_cli_reaches_the_daemon_through_a_config_it_cannot_load(

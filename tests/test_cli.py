@@ -107,6 +107,28 @@ def test_check_ok_with_only_warnings(tmp_path: Path) -> None:
     assert out.stdout.splitlines()[-1].endswith(": ok: 1 sites, 0 valid certificates")
 
 
+def test_check_says_acme_cannot_order_a_wildcard_without_dns01(tmp_path: Path) -> None:
+    """A wildcard site without a certificate under [acme] over http-01 (the default): the
+    renewer fails it at once without an order, yet `edged check` said "ACME will request
+    one". It names the fix instead (still a warning: an upload would serve it)."""
+    config = tmp_path / "edged.toml"
+    config.write_text(
+        "[acme]\n"
+        '[[site]]\nnames = ["*.w.test"]\nbackend = "127.0.0.1:9"\n'
+        '[[site]]\nnames = ["a.test"]\nbackend = "127.0.0.1:9"\n'
+    )
+    out = edged("check", "--config", str(config))
+    assert out.returncode == 0, out.stdout
+    assert out.stdout.splitlines()[:2] == [
+        f"{config}: site[0]: warning: no certificate yet for *.w.test: handshakes for these "
+        "names are refused until there is one (ACME cannot order it: CAs validate *.w.test "
+        'only over dns-01: set acme.challenge = "dns-01" with an [acme.dns] table, or upload '
+        "one)",
+        f"{config}: site[1]: warning: no certificate yet for a.test: handshakes for these "
+        "names are refused until there is one (ACME will request one)",
+    ]
+
+
 def test_check_with_a_redis_store_checks_the_local_copy_and_says_so(tmp_path: Path) -> None:
     """With a Redis store, `check` reads the node's local copy (edged.store_local) and says
     that Redis itself was not read. It used to read nothing: every site had "no certificate
@@ -135,6 +157,22 @@ def test_check_with_a_redis_store_checks_the_local_copy_and_says_so(tmp_path: Pa
     assert any("expired.test" in ln and "expired" in ln for ln in lines[1:-1]), lines
     assert "no certificate yet" not in out.stdout and "pw" not in out.stdout
     assert lines[-1] == f"{config}: FAILED: 2 sites, 1 valid certificates"
+
+
+def test_issue_with_a_redis_store_names_the_command_to_use(tmp_path: Path) -> None:
+    """`edged issue` orders into a directory store only; with Redis it said just that, not
+    what the README says to do instead (the fleet's daemons order: `edged renew`)."""
+    config = tmp_path / "edged.toml"
+    config.write_text(
+        '[edged]\nstore = "redis://127.0.0.1:1/0"\n[acme]\n'
+        '[[site]]\nnames = ["a.test"]\nbackend = "127.0.0.1:9"\n'
+    )
+    out = edged("issue", "a.test", "--config", str(config))
+    assert (out.returncode, out.stdout) == (
+        1,
+        f"{config}: edged.store: `edged issue` needs a directory store; with Redis the fleet's "
+        f"daemons order: run `edged renew NAME --config {config}` on a node\n",
+    )
 
 
 def test_cert_inspect(tmp_path: Path) -> None:
@@ -166,6 +204,13 @@ def test_cert_inspect(tmp_path: Path) -> None:
     (tmp_path / "empty.crt").write_bytes(b"")
     out = edged("cert", "inspect", str(tmp_path / "empty.crt"))
     assert out.returncode == 1 and "empty" in out.stdout
+
+    # The directory holding the files, not a file: said so (it was "check its permissions").
+    out = edged("cert", "inspect", str(tmp_path))
+    assert (out.returncode, out.stdout) == (
+        1,
+        f"{tmp_path}: is a directory: name the PEM file in it\n",
+    )
 
 
 @pytest.mark.parametrize("key_type", ["ecdsa-p521", "rsa-1024", "ed25519"])

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 
-from edged.config import Address, load_config, parse_address, parse_config
+from edged.config import (
+    AcmeSettings,
+    Address,
+    DnsSettings,
+    EdgedSettings,
+    ListenSettings,
+    Site,
+    TlsSettings,
+    load_config,
+    parse_address,
+    parse_config,
+)
 from edged.errors import ConfigError
 
 SRC = Path("/etc/edged/edged.toml")
@@ -45,6 +58,20 @@ def test_example_config_in_repo_parses() -> None:
         path = root / "config" / name
         config = parse_config(path.read_text(), path)
         assert config.sites
+
+
+def test_example_config_names_every_key() -> None:
+    """config/edged.toml is where the unknown-key error sends the operator ("check its
+    spelling against config/edged.toml") and, says the README, a commented example of every
+    key: each key the parser reads is in it, set or commented out. The Redis keys and a
+    site's own alpn were missing."""
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "config" / "edged.toml").read_text()
+    written = set(re.findall(r"^#?\s*([a-z_0-9]+)\s*=", text, re.MULTILINE))
+    tables = (EdgedSettings, ListenSettings, TlsSettings, AcmeSettings, DnsSettings, Site)
+    keys = {f.name for table in tables for f in dataclasses.fields(table)}
+    keys -= {"index", "dns"}  # a site's position, and the [acme.dns] table
+    assert sorted(keys - written) == []
 
 
 def test_unknown_keys_are_named_with_their_table() -> None:
@@ -156,6 +183,47 @@ def test_load_config_reports_missing_files(tmp_path: Path) -> None:
     assert found == [
         f"{path}: site[0].cert_file: {tmp_path}/full.pem: no such file: check the path",
         f"{path}: site[0].key_file: {tmp_path}/key.pem: no such file: check the path",
+    ]
+
+
+def test_a_directory_named_as_a_file_is_called_a_directory(tmp_path: Path) -> None:
+    """cert_file naming the directory that holds the PEM files (a common slip) was reported
+    as "no such file", which sends the operator after a path that exists."""
+    (tmp_path / "example.com").mkdir()
+    (tmp_path / "key.pem").write_text("k")
+    path = tmp_path / "edged.toml"
+    path.write_text(
+        MINIMAL.replace(
+            'backend = "127.0.0.1:8080"',
+            'backend = "127.0.0.1:8080"\ncert_file = "example.com"\nkey_file = "key.pem"',
+        )
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert [str(p) for p in info.value.problems] == [
+        f"{path}: site[0].cert_file: {tmp_path}/example.com: is a directory: name the file in it"
+    ]
+
+
+def test_a_value_of_the_wrong_type_is_not_also_called_missing() -> None:
+    """names = "a.test", backend = 5 or https = ["1.2.3.4"] were each reported twice: the
+    real problem, then "needs at least one" / "needs a backend", which they do have."""
+    text = MINIMAL.replace('["127.0.0.1:8443"]', '["1.2.3.4"]')
+    text = text.replace('names = ["Example.COM.", "*.example.com"]', 'names = "a.test"')
+    text = text.replace('backend = "127.0.0.1:8080"', "backend = 5")
+    assert problems(text) == [
+        f"{SRC}: listen.https: '1.2.3.4': expected host:port (e.g. 127.0.0.1:8080)",
+        f"{SRC}: site[0].names: must be a list of DNS names, got a string 'a.test'",
+        f"{SRC}: site[0].backend: must be host:port or unix:/path, got an integer 5",
+    ]
+    # Missing or empty still says what is needed.
+    text = MINIMAL.replace('["127.0.0.1:8443"]', "[]").replace(
+        'names = ["Example.COM.", "*.example.com"]', "names = []"
+    )
+    assert problems(text.replace('backend = "127.0.0.1:8080"', 'backend = ""')) == [
+        f"{SRC}: site[0].names: a site needs at least one name, e.g. names = ['example.com']",
+        f"{SRC}: site[0].backend: a site needs a backend, e.g. backend = '127.0.0.1:8080'",
+        f"{SRC}: listen.https: needs at least one address, e.g. 0.0.0.0:443",
     ]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Awaitable
 from pathlib import Path
 
 import aiohttp
@@ -20,7 +21,7 @@ from edged.config import Address
 from tests.conftest import free_port, peer_cn, run_backend, run_cmd, run_edged, s_client
 from tests.https_front import HttpsFront
 from tests.pebble import Pebble
-from tests.pki import fullchain, make_ca, make_intermediate, make_leaf
+from tests.pki import fullchain, make_ca, make_intermediate, make_leaf, write_pair
 from tests.test_daemon_acme import acme_body, wait_for
 
 EDGED = str(Path(sys.executable).with_name("edged"))
@@ -270,3 +271,98 @@ async def test_status_counts_the_sites_states_off_the_event_loop(
         status = await DaemonOperations(edged.daemon).status()
     assert status["sites"] == 3 and status["certs"] == {"missing": 3}
     assert on_loop == [False, False, False]
+
+
+async def test_refusals_name_their_cause_and_fix(tmp_path: Path) -> None:
+    """`edged renew/revoke/upload --remove` on a name edged cannot act on: each refusal says
+    why (a cert_file, no [acme], a passthrough site) and what to do. They said "not managed by
+    ACME (cert_file, an upload, or no [acme])", "no [acme] table: nothing would manage the
+    name" (no name, no fix) or "was not issued by edged's ACME account"."""
+    from edged.admin import AdminError
+    from edged.operations import DaemonOperations
+
+    inter = make_intermediate(make_ca(), "Files Intermediate")
+    leaf = make_leaf(inter, ["files.test"])
+    cert, key = write_pair(tmp_path, "files", leaf, [inter])
+    body = (
+        f'[[site]]\nnames = ["files.test"]\nbackend = "127.0.0.1:9"\n'
+        f'cert_file = "{cert}"\nkey_file = "{key}"\n'
+        '[[site]]\nnames = ["bare.test"]\nbackend = "127.0.0.1:9"\n'
+        '[[site]]\nnames = ["pass.test"]\nbackend = "127.0.0.1:9"\nmode = "passthrough"\n'
+    )
+    async with run_edged(tmp_path, body) as edged:
+        ops = DaemonOperations(edged.daemon)
+        config = edged.config_path
+
+        async def refusal(call: Awaitable[object]) -> tuple[str, int, str]:
+            with pytest.raises(AdminError) as refused:
+                await call
+            return refused.value.code, refused.value.status, refused.value.message
+
+        assert await refusal(ops.renew("files.test")) == (
+            "not_acme",
+            409,
+            f"files.test is not managed by ACME: site[0] serves cert_file {cert}: "
+            "replace that file",
+        )
+        no_acme = f"bare.test is not managed by ACME: there is no [acme] table in {config}"
+        assert await refusal(ops.renew("bare.test")) == (
+            "not_acme",
+            409,
+            f"{no_acme}: add one and reload to have edged obtain its certificate",
+        )
+        assert await refusal(ops.revoke("bare.test", "unspecified", True)) == (
+            "not_acme",
+            409,
+            f"{no_acme}: revoke it at the CA that issued it",
+        )
+        assert await refusal(ops.unmanage_upload("bare.test")) == (
+            "not_acme",
+            409,
+            f"bare.test: there is no [acme] table in {config}, so nothing would obtain its "
+            "certificate: add one and reload first, or keep the upload",
+        )
+        assert await refusal(ops.upload("pass.test", fullchain(leaf), leaf.key_pem)) == (
+            "passthrough",
+            409,
+            "site[2] passes TLS through to its backend, which holds the certificate: install "
+            "it there, or set mode = 'terminate' on the site",
+        )
+
+
+async def test_renew_while_the_store_is_still_read_is_busy_not_unmanaged(tmp_path: Path) -> None:
+    """From LAZY_MIN store sites on, edged serves before it has read the store and starts
+    renewals after: `edged renew` meanwhile answered "not managed by ACME (cert_file, an
+    upload, or no [acme])" for any name. It is 503 busy, saying when to try again; once the
+    store is read, an upload is refused naming the way back to ACME."""
+    from edged.admin import AdminError
+    from edged.daemon import LAZY_MIN
+    from edged.operations import DaemonOperations
+    from edged.store import PemPair
+    from tests.many_certs import many_sites_config, write_many
+
+    leaf = make_leaf(make_ca("Lazy CA"), ["*.lazy.test"])
+    names = [f"n{i}.lazy.test" for i in range(LAZY_MIN + 2000)]
+    pairs = [PemPair("ecdsa-p256", leaf.cert_pem, leaf.key_pem)]
+    await asyncio.to_thread(write_many, tmp_path / "store", names, pairs)
+    # No order is ever due (every site holds an upload): the directory is never asked.
+    body = '[acme]\ndirectory = "https://127.0.0.1:1/dir"\npreflight = false\n'
+    async with run_edged(tmp_path, body + many_sites_config(names, "127.0.0.1:9")) as edged:
+        ops = DaemonOperations(edged.daemon)
+        assert edged.daemon.renewer.config is None  # the store is still being read
+        with pytest.raises(AdminError) as refused:
+            await ops.renew(names[-1])
+        assert (refused.value.code, refused.value.status) == ("busy", 503)
+        assert refused.value.message == (
+            f"{names[-1]}: edged is still reading its store and starts renewals once it has "
+            "(logged as 'store indexed'): renew it then"
+        )
+        await wait_for(lambda: edged.daemon.renewer.config is not None, 60)
+        with pytest.raises(AdminError) as refused:
+            await ops.renew(names[-1])
+        assert (refused.value.code, refused.value.status) == ("not_acme", 409)
+        assert refused.value.message == (
+            f"{names[-1]} is not managed by ACME: it serves an uploaded certificate: "
+            f"`edged upload {names[-1]} --remove` hands it back to ACME, which orders a new one "
+            "at once"
+        )

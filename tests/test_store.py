@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import json
 import os
+import pwd
 import re
 import shutil
 import stat
@@ -289,6 +290,37 @@ def test_permissions(tmp_path: Path) -> None:
     assert checked == 5 + 5 + 3 + 1  # 5 dirs, live V1 (2 pairs), previous V2, state
     # A crash mid-write leaves no temp file around readable by others either.
     assert not [p for p in store.root.rglob(".tmp-*")]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give files to another user")
+def test_root_writes_what_the_stores_owner_can_read(tmp_path: Path) -> None:
+    """`sudo edged rollback NAME` (or `edged issue`) beside a daemon running as the service
+    user, which owns the store (README "Installing as a service"): what root writes gets the
+    store's owner. It stayed root's, mode 0600: the daemon could read neither the name's live
+    version nor its previous one, kept serving the old certificate and, at its next start,
+    served none. The DNS-01 journal of `edged issue` too, which the daemon takes over."""
+    from edged.dnsjournal import DnsJournal
+
+    nobody = pwd.getpwnam("nobody")
+    owner = (nobody.pw_uid, nobody.pw_gid)
+    root = tmp_path / "certs"
+    root.mkdir(mode=0o700)
+    os.chown(root, *owner)
+    store = FileStore(root)
+    store.save(V1)
+    store.save(V2)
+    store.rollback(NAME)
+    store.save_state(NAME, {"attempts": 1})
+    store.save_account("https://acme.test/dir", {"uri": "https://acme.test/acct/1"}, b"key")
+    journal = DnsJournal(root / "dns01", "edge1")
+    journal.record("_acme-challenge.a.com", "value", "a.com", "127.0.0.1:53")
+    written = [root, *root.rglob("*")]
+    assert len(written) > 15
+    assert [p for p in written if (p.stat().st_uid, p.stat().st_gid) != owner] == []
+    # Beside a store root's own (a daemon run as root, a test): files stay root's.
+    own = FileStore(tmp_path / "own")
+    own.save(V1)
+    assert {p.stat().st_uid for p in own.root.rglob("*")} == {0}
 
 
 # --- reading damaged stores --------------------------------------------------------------

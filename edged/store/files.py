@@ -95,6 +95,7 @@ class FileStore:
         if not self.root.is_dir():
             with _os_errors("create", self.root):
                 os.makedirs(self.root, DIR_MODE, exist_ok=True)
+        self._owner = store_owner(self.root)
 
     # --- public API ---------------------------------------------------------------------
 
@@ -352,7 +353,7 @@ class FileStore:
     def _write_file(self, path: Path, data: bytes) -> None:
         """Atomically replace `path` with `data` (see write_atomic); StoreError naming it."""
         with _os_errors("write", path):
-            write_atomic(path, data)
+            write_atomic(path, data, self._owner)
 
     def _make_dirs(self, directory: Path) -> None:
         """Create `directory` and its parents up to the root, 0700, durably."""
@@ -364,18 +365,38 @@ class FileStore:
         for path in reversed(missing):
             with _os_errors("create", path):
                 os.mkdir(path, DIR_MODE)
+                if self._owner is not None:
+                    os.chown(path, *self._owner)
                 fsync_dir(path.parent)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def store_owner(root: Path) -> tuple[int, int] | None:
+    """(uid, gid) that what is written under `root` must get: its owner's, when this process
+    runs as root and the store is another user's. `sudo edged rollback` (or `issue`) beside a
+    daemon running as the service user otherwise leaves root's files, mode 0600, that the
+    daemon cannot read: the name's certificate is refused, its previous version too. None:
+    files belong to whoever writes them."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        st = root.stat()
+    except OSError:
+        return None
+    return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
+
+
+def write_atomic(path: Path, data: bytes, owner: tuple[int, int] | None = None) -> None:
     """Replace `path` with `data` so that a crash leaves the old or the new file, whole: a temp
-    file beside it (mode 0600 from creation), fsync, rename, directory fsync. OSError."""
+    file beside it (mode 0600 from creation, `owner`'s if given), fsync, rename, directory
+    fsync. OSError."""
     tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{secrets.token_hex(6)}")
     # O_EXCL: never write through an existing file or symlink. The mode is set at creation so
     # a secret is never readable by others, not even for a moment.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
     try:
         try:
+            if owner is not None:
+                os.fchown(fd, *owner)
             _write_all(fd, data)
             os.fsync(fd)
         finally:
