@@ -261,11 +261,13 @@ class DnsJournal:
         if not self.directory.is_dir():
             os.makedirs(self.directory, DIR_MODE, exist_ok=True)
             if owner is not None:
-                os.chown(self.directory, *owner)
+                os.chown(self.directory, *owner, follow_symlinks=False)  # see below
             fsync_dir(self.directory.parent)
         path = self._lock_path(self.token)
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+            # O_NOFOLLOW: run as root, this fchowns what it opened to the store's owner, who
+            # could otherwise point a symlink here at any file.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
             try:
                 if owner is not None:
                     os.fchown(fd, *owner)
@@ -406,7 +408,9 @@ class DnsJournal:
         path = self.directory / f"{self.node}.{token}.json"
         lock_path = self._lock_path(token)
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+            fd = os.open(
+                lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE
+            )
         except OSError as exc:
             self._report_once(
                 lock_path,

@@ -323,6 +323,26 @@ def test_root_writes_what_the_stores_owner_can_read(tmp_path: Path) -> None:
     assert {p.stat().st_uid for p in own.root.rglob("*")} == {0}
 
 
+def test_root_hands_the_stores_owner_nothing_through_a_symlink(tmp_path: Path) -> None:
+    """What root gives the store's owner it gives by the file it made itself: a symlink the
+    owner put where root is about to write (the journal's lock file here) is not followed,
+    so the file it names keeps its owner."""
+    from edged.dns import DnsError
+    from edged.dnsjournal import DnsJournal
+
+    nobody = pwd.getpwnam("nobody")
+    root = tmp_path / "certs"
+    (root / "dns01").mkdir(mode=0o700, parents=True)
+    os.chown(root, nobody.pw_uid, nobody.pw_gid)
+    target = tmp_path / "roots-own-file"
+    target.write_bytes(b"root's")
+    journal = DnsJournal(root / "dns01", "edge1")
+    journal._lock_path(journal.token).symlink_to(target)
+    with pytest.raises(DnsError, match="Too many levels of symbolic links"):
+        journal.record("_acme-challenge.a.com", "value", "a.com", "127.0.0.1:53")
+    assert target.stat().st_uid == 0 and target.read_bytes() == b"root's"
+
+
 # --- reading damaged stores --------------------------------------------------------------
 
 

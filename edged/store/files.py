@@ -366,7 +366,9 @@ class FileStore:
             with _os_errors("create", path):
                 os.mkdir(path, DIR_MODE)
                 if self._owner is not None:
-                    os.chown(path, *self._owner)
+                    # Not through a symlink the store's owner may have put there meanwhile:
+                    # root would hand it whatever the link names.
+                    os.chown(path, *self._owner, follow_symlinks=False)
                 fsync_dir(path.parent)
 
 
