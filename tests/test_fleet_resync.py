@@ -375,3 +375,29 @@ def test_redis_refusing_the_index_writes_means_a_full_read(
     assert "lost the change index" in again.full  # made again now: told once
     b.save(bundle("two.test", "v1"))
     assert since(a, again.cursor).certs == ("two.test",)
+
+
+def test_an_acl_denying_info_is_said_once(
+    redis_server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without INFO the epoch carries no run_id, so a restart that lost the last writes goes
+    unnoticed (test_a_restart_that_lost_the_last_writes_means_a_full_read): the operator is
+    told what to allow, once, and the index still serves."""
+    redis_server.client().acl_setuser(
+        "edge",
+        enabled=True,
+        passwords=["+pw"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all", "-info"],
+    )
+    url = redis_server.url.replace("redis://", "redis://edge:pw@")
+    a = RedisStore(url, FileStore(tmp_path / "acl"), prefix="rs")
+    b = store(redis_server, tmp_path, "b")
+    with caplog.at_level(logging.WARNING, logger="edged"):
+        cursor = a.changes_since(None).cursor
+        b.save(bundle("one.test", "v1"))
+        assert since(a, cursor).certs == ("one.test",)
+    warned = [r for r in caplog.records if "refuses INFO" in r.getMessage()]
+    assert len(warned) == 1 and "+info" in warned[0].getMessage()
+    assert ":" not in cursor.epoch

@@ -423,6 +423,7 @@ class RedisStore:
         # Calls that failed so far: a read that fell back to the local copy meanwhile may
         # have missed a version the change index will not list again (see edged.fleet).
         self.failures = 0
+        self._warned_no_info = False  # see changes_since
 
     @property
     def root(self) -> Path:
@@ -849,6 +850,13 @@ class RedisStore:
             list[Any], self._call("changes_since", lambda: self._changes(keys=keys, args=args))
         )
         now = Cursor(bytes(found[0]).decode(), int(found[1]), failures)
+        if ":" not in now.epoch and not self._warned_no_info:
+            self._warned_no_info = True
+            log.warning(
+                "redis refuses INFO to edged's scripts (an ACL): a restart or failover that "
+                "loses the last writes is not noticed, and a node may miss writes made after "
+                "it until a change lists them again; allow it for edged's user (+info)"
+            )
         if cursor is None:
             return Changes(now, "first resync")
         if not found[2] and len(found) > 3:
