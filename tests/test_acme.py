@@ -356,37 +356,41 @@ class UploadBeforeWrite:
             self.write(upload)
 
 
+class Racing:
+    """A store whose certificate writes let `race` land its upload first."""
+
+    race: UploadBeforeWrite
+
+    def save(self, cert: StoredCert) -> None:
+        self.race.land()
+        super().save(cert)  # type: ignore[misc]
+
+    def save_unless_upload(self, cert: StoredCert) -> StoredCert | None:
+        self.race.land()
+        return super().save_unless_upload(cert)  # type: ignore[misc,no-any-return]
+
+
+class RacingFiles(Racing, FileStore):
+    pass
+
+
+class RacingRedis(Racing, RedisStore):
+    pass
+
+
 def racing_store(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest, upload: StoredCert
 ) -> Store:
     """The store obtain writes to, file or Redis, with an UploadBeforeWrite."""
     if kind == "file":
-
-        class RacingFiles(FileStore):
-            def save(self, cert: StoredCert) -> None:
-                race.land()
-                super().save(cert)
-
-            def save_unless_upload(self, cert: StoredCert) -> StoredCert | None:
-                race.land()
-                return super().save_unless_upload(cert)
-
         files = RacingFiles(tmp_path / "store")
-        race = UploadBeforeWrite(upload, lambda cert: FileStore.save(files, cert))
+        files.race = UploadBeforeWrite(upload, lambda cert: FileStore.save(files, cert))
         return files
-
-    class RacingRedis(RedisStore):
-        def save(self, cert: StoredCert) -> None:
-            race.land()
-            super().save(cert)
-
-        def save_unless_upload(self, cert: StoredCert) -> StoredCert | None:
-            race.land()
-            return super().save_unless_upload(cert)
-
     url = request.getfixturevalue("redis_server").url
-    race = UploadBeforeWrite(upload, RedisStore(url, FileStore(tmp_path / "other-node")).save)
-    return RacingRedis(url, FileStore(tmp_path / "this-node"))
+    redis_store = RacingRedis(url, FileStore(tmp_path / "this-node"))
+    other = RedisStore(url, FileStore(tmp_path / "other-node"))
+    redis_store.race = UploadBeforeWrite(upload, other.save)
+    return redis_store
 
 
 @pytest.mark.parametrize("kind", ["file", "redis"])

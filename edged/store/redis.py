@@ -72,17 +72,26 @@ local function bump(rev, revs, name)
   redis.call('ZADD', revs, redis.call('INCR', rev), name)
 end
 """
-# KEYS: cert, prev, names, channel, gone, rev, revs:cert; ARGV: value, name
-_SAVE = (
+# The live value `current` becomes previous, `value` live, and the write is recorded and
+# announced. KEYS: cert, prev, names, channel, gone, rev, revs:cert.
+_WRITE_LIVE = (
     _BUMP
     + """
-local current = redis.call('GET', KEYS[1])
-if current then redis.call('SET', KEYS[2], current) end
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('SADD', KEYS[3], ARGV[2])
-redis.call('DEL', KEYS[5])
-bump(KEYS[6], KEYS[7], ARGV[2])
-redis.call('PUBLISH', KEYS[4], ARGV[2])
+local function write_live(current, value, name)
+  if current then redis.call('SET', KEYS[2], current) end
+  redis.call('SET', KEYS[1], value)
+  redis.call('SADD', KEYS[3], name)
+  redis.call('DEL', KEYS[5])
+  bump(KEYS[6], KEYS[7], name)
+  redis.call('PUBLISH', KEYS[4], name)
+end
+"""
+)
+# KEYS: as _WRITE_LIVE; ARGV: value, name
+_SAVE = (
+    _WRITE_LIVE
+    + """
+write_live(redis.call('GET', KEYS[1]), ARGV[1], ARGV[2])
 return 1
 """
 )
@@ -91,10 +100,9 @@ return 1
 # version repairs it); with none (or such a value) in Redis, ARGV[3] is the stored_at of this
 # node's local copy when that is an upload ("" otherwise): Redis lost it, and it stays
 # unless it was deleted since (as in RedisStore.load); then {0, ""}.
-# KEYS: cert, prev, names, channel, gone, rev, revs:cert; ARGV: value, name, the local
-# upload's stored_at
+# KEYS: as _WRITE_LIVE; ARGV: value, name, the local upload's stored_at
 _SAVE_UNLESS_UPLOAD = (
-    _BUMP
+    _WRITE_LIVE
     + """
 local current = redis.call('GET', KEYS[1])
 local ok, entry = false, nil
@@ -105,12 +113,7 @@ elseif ARGV[3] ~= '' then
   local gone = redis.call('GET', KEYS[5])
   if not gone or (tonumber(gone) and tonumber(gone) < tonumber(ARGV[3])) then return {0, ''} end
 end
-if current then redis.call('SET', KEYS[2], current) end
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('SADD', KEYS[3], ARGV[2])
-redis.call('DEL', KEYS[5])
-bump(KEYS[6], KEYS[7], ARGV[2])
-redis.call('PUBLISH', KEYS[4], ARGV[2])
+write_live(current, ARGV[1], ARGV[2])
 return {1, ''}
 """
 )
