@@ -959,10 +959,16 @@ class Daemon:
             uploads = self._uploads.intersection(site.name for site in sites)
             self._apply_sites(sites, certs)
             self._record_stamps(stamps)
-            if self._uploads.intersection(site.name for site in sites) != uploads:
+            if (
+                self._uploads.intersection(site.name for site in sites) != uploads
+                and self._filled.is_set()
+            ):
                 # An upload came (another node's `edged upload`, one an order found) or was
                 # handed back: the renewal loop takes the sites without one, no more, no less
-                # (else it would plan, and order, renewals of an uploaded certificate).
+                # (else it would plan, and order, renewals of an uploaded certificate). Not
+                # while a background fill runs: a site not read yet would be planned as one
+                # without a certificate, due at once; the loop is configured when it is done,
+                # from the uploads known then.
                 await self._configure_renewer(config, self.store)
             # A certificate that changed under a name (a rollback, another node's write) has
             # its own renewal time: the one planned may be for the certificate it replaced.

@@ -39,7 +39,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edged.dns import DnsError
-from edged.store.files import DIR_MODE, FILE_MODE, fsync_dir, store_owner, write_atomic
+from edged.store.files import (
+    DIR_MODE,
+    FILE_MODE,
+    as_owner,
+    fsync_dir,
+    store_owner,
+    write_atomic,
+)
 
 if TYPE_CHECKING:
     from edged.dns import DnsUpdater
@@ -231,21 +238,23 @@ class DnsJournal:
 
     def _write(self) -> None:
         """Replace the file with the entries (under self._lock); none: remove it. OSError."""
-        if not self._entries:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
+        owner = self._owner()
+        with as_owner(owner):  # see as_owner: the directory may be a symlink the owner made
+            if not self._entries:
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    return
+                fsync_dir(self.directory)
                 return
-            fsync_dir(self.directory)
-            return
-        self._hold_lock()
-        data = {
-            "version": VERSION,
-            "node": self.node,
-            "pid": self.pid,
-            "values": [e.to_json() for e in self._entries.values()],
-        }
-        write_atomic(self.path, json.dumps(data, indent=2).encode() + b"\n", self._owner())
+            self._hold_lock()
+            data = {
+                "version": VERSION,
+                "node": self.node,
+                "pid": self.pid,
+                "values": [e.to_json() for e in self._entries.values()],
+            }
+            write_atomic(self.path, json.dumps(data, indent=2).encode() + b"\n", owner)
 
     def _owner(self) -> tuple[int, int] | None:
         """The store's owner, for what `edged issue` run as root writes here (see

@@ -771,9 +771,14 @@ def adoptable(shared: RenewalState, ours: RenewalState) -> bool:
     saves: a success and a failure alike (else each would order again once the lease is
     free, counting attempts of its own). Not while the shared state is in flight (that
     node's attempt runs; its lease tells), nor when it records anything earlier than ours
-    (an older save arriving late): only a state that differs and is no older.
+    (an older save arriving late): only a state that differs and is no older. Nor a new one
+    that records nothing (no attempt, no notice) of any node's: a name whose state no node
+    saved reads so (see Renewer._configure), and taken, it would undo this node's plan for
+    the certificate it serves (due at once until planned again).
     """
     if shared.in_flight or shared == ours:
+        return False
+    if shared.is_new and shared.last_expiry_notice is None:
         return False
     times = ("last_success", "last_attempt", "last_expiry_notice")
     return not any(_earlier(getattr(shared, t), getattr(ours, t)) for t in times)

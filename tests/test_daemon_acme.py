@@ -569,3 +569,69 @@ async def test_an_upload_found_by_the_orders_write_is_served_and_ends_acme_manag
             assert attempts["shop.test", "failure"] == 0, renewer.states.get("shop.test")
             lines = [r.getMessage() for r in caplog.records]
             assert any("left ACME management" in m for m in lines), lines
+
+
+async def test_an_upload_read_during_the_background_fill_makes_no_name_due(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large store is read in the background after start and the renewal loop is planned
+    once it has been (a site not read yet looks like one without a certificate). An upload
+    read meanwhile by a reload of its name alone (another node's, the store watcher's) must
+    not plan renewals then: it did, and every ACME name not read yet was planned as having
+    no certificate, due at once, and stayed so: the loop, once started, ordered them all."""
+    from edged import daemon as daemon_module
+
+    monkeypatch.setattr(daemon_module, "LAZY_MIN", 2)
+    monkeypatch.setattr(daemon_module, "FILL_BATCH", 1)
+    ca = make_ca("Fill CA")
+    names = ["a.fill.test", "b.fill.test", "c.fill.test"]
+    store = FileStore(tmp_path / "store")
+    now = datetime.now(UTC)
+    for name in names:
+        made = make_leaf(ca, [name])
+        pair = PemPair("ecdsa-p256", fullchain(made), made.key_pem)
+        store.save(StoredCert(name, (name,), (pair,), "acme", time.time()))
+        renewed = RenewalState(
+            name,
+            CertStatus.ACTIVE,
+            last_success=now - timedelta(days=1),
+            last_attempt=now - timedelta(days=1),
+            next_try=now + timedelta(days=40),
+        )
+        store.save_state(name, renewed.to_json())
+    upload = make_leaf(ca, [names[0]], cn="uploaded")
+    upload_pair = PemPair("ecdsa-p256", fullchain(upload), upload.key_pem)
+
+    held, release = threading.Event(), threading.Event()
+    real_load = FileStore.load
+
+    def load(self: FileStore, name: str) -> StoredCert | None:
+        if name == names[1] and not release.is_set():  # the fill's read of b waits
+            held.set()
+            release.wait(10)
+        return real_load(self, name)
+
+    monkeypatch.setattr(FileStore, "load", load)
+    sites = "".join(f'[[site]]\nnames = ["{n}"]\nbackend = "127.0.0.1:9"\n' for n in names)
+    body = f"""
+        [acme]
+        directory = "https://127.0.0.1:{free_port()}/directory"
+        email = "ops@fill.test"
+        {sites}
+    """
+    async with run_edged(tmp_path, body, edged_extra="watch = false") as edged:
+        daemon = edged.daemon
+        try:
+            assert await asyncio.to_thread(held.wait, 10)
+            store.save(StoredCert(names[0], (names[0],), (upload_pair,), "upload", time.time()))
+            assert await daemon.reload("store", {names[0]})
+        finally:
+            release.set()
+        await asyncio.wait_for(daemon._filled.wait(), 10)
+        renewer = daemon.renewer
+        await wait_for(lambda: renewer._stop is daemon._stop)  # the loop runs
+        assert names[0] not in renewer.states
+        for name in names[1:]:
+            state = renewer.states[name]
+            assert state.status is CertStatus.ACTIVE, state
+            assert state.next_try is not None and state.next_try > now + timedelta(days=1), state

@@ -7,18 +7,24 @@ as they are; states announced over pub/sub are read in batches too."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 import redis
 
+from edged.certs import CertBundle, parse_bundle
 from edged.config import Config, parse_config
 from edged.errors import StoreError
 from edged.renewal import CertStatus, RenewalState
 from edged.store.files import FileStore
 from edged.store.redis import STATES_BATCH, RedisStore
 from tests.conftest import new_renewer
+from tests.pki import fullchain, make_ca, make_leaf
 from tests.redis_server import RedisServer
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -252,3 +258,88 @@ async def test_a_configure_of_many_names_is_a_round_trip_per_batch(
     await renewer._adopt_shared_states()
     assert counted(client, before) == {"mget": batches}
     assert all(renewer.states[n].attempts == 2 for n in names)
+
+
+async def test_a_resync_keeps_the_plan_of_a_name_whose_state_no_node_saved(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name served with a certificate whose renewal state no node saved (`edged issue`, a
+    store that came with its certificates, a name new to the store: its absent state reads
+    as new) is planned from that certificate. A resync must not take the absent state, which
+    records no attempt of anyone's, as the fleet's truth: it did, and the name was new again,
+    due at once, until planned anew; the renewal loop, woken meanwhile (plans of 2,000 names
+    and more are made in a thread), ordered a certificate still valid for months."""
+    import edged.renewer as renewer_module
+
+    monkeypatch.setattr(renewer_module, "OBSERVE_IN_THREAD", 1)
+    name = "served.test"
+    made = make_leaf(make_ca("Served CA"), [name])
+    served = parse_bundle(fullchain(made), made.key_pem, source=name)
+    loop = asyncio.get_running_loop()
+    armed = threading.Event()
+
+    def serving(asked: str) -> CertBundle | None:
+        if armed.is_set() and threading.current_thread() is not threading.main_thread():
+            armed.clear()  # the resync's plan, in its thread: the loop wakes meanwhile
+            loop.call_soon_threadsafe(renewer._wake.set)
+            time.sleep(1)
+        return served if asked == name else None
+
+    store = RedisStore(redis_server.url, FileStore(tmp_path / "local"), prefix="absent")
+    config = fleet_config(tmp_path, redis_server.url, [name], prefix="absent")
+    renewer = new_renewer(serving)
+    await renewer.configure(config, store)
+    planned = renewer.states[name]
+    assert planned.status is CertStatus.ACTIVE and store.load_state(name) is None
+    stop = asyncio.Event()
+    task = asyncio.create_task(renewer.run(stop))
+    try:
+        await asyncio.sleep(0.5)  # its first pass (which looks at expiry, served) is done
+        armed.set()
+        await renewer.configure(config, store)  # a resync
+        for _ in range(200):
+            if not renewer._running:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert not armed.is_set()  # the plan was made in a thread, the loop woken meanwhile
+    assert renewer.counters.renewal_attempts[name, "failure"] == 0
+    assert renewer.states[name].status is CertStatus.ACTIVE
+    assert renewer.states[name].next_try == planned.next_try
+
+
+async def test_a_new_state_another_node_publishes_does_not_undo_a_plan(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """An edged before this one saved and published a new state for every name new to the
+    store at its start (this one saves none): in a fleet being upgraded, an old node's
+    restart announced such a state for every name the upgraded nodes had planned from the
+    certificates they serve, and each of them took it (the fleet's truth), without planning
+    again: every name due at once, ordered although served with a valid certificate."""
+    name = "served.test"
+    made = make_leaf(make_ca("Served CA"), [name])
+    served = parse_bundle(fullchain(made), made.key_pem, source=name)
+    store = RedisStore(redis_server.url, FileStore(tmp_path / "local"), prefix="old")
+    old_node = RedisStore(redis_server.url, FileStore(tmp_path / "old"), prefix="old")
+    config = fleet_config(tmp_path, redis_server.url, [name], prefix="old")
+    renewer = new_renewer(lambda asked: served if asked == name else None)
+    await renewer.configure(config, store)
+    planned = renewer.states[name]
+    assert planned.status is CertStatus.ACTIVE and store.load_state(name) is None
+    stop = asyncio.Event()
+    task = asyncio.create_task(renewer.run(stop))
+    try:
+        old_node.save_state(name, RenewalState.new(name).to_json())  # and publishes it
+        renewer.note_shared_state(name)  # as the follower does when the message arrives
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if not renewer._shared_changed and not renewer._running:
+                break
+        await asyncio.sleep(0.5)  # an attempt it would start, done
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert renewer.counters.renewal_attempts[name, "failure"] == 0
+    assert renewer.states[name] == planned

@@ -10,6 +10,7 @@ import pwd
 import re
 import shutil
 import stat
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -292,8 +293,20 @@ def test_permissions(tmp_path: Path) -> None:
     assert not [p for p in store.root.rglob(".tmp-*")]
 
 
+@pytest.fixture
+def reachable(tmp_path: Path) -> Iterator[Path]:
+    """A directory under which another user (the store's owner) can reach what it owns:
+    pytest's own temp directories are root's, mode 0700."""
+    base = Path(tempfile.mkdtemp(prefix="edged-owner-"))
+    base.chmod(0o711)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can give files to another user")
-def test_root_writes_what_the_stores_owner_can_read(tmp_path: Path) -> None:
+def test_root_writes_what_the_stores_owner_can_read(reachable: Path) -> None:
     """`sudo edged rollback NAME` (or `edged issue`) beside a daemon running as the service
     user, which owns the store (README "Installing as a service"): what root writes gets the
     store's owner. It stayed root's, mode 0600: the daemon could read neither the name's live
@@ -303,7 +316,7 @@ def test_root_writes_what_the_stores_owner_can_read(tmp_path: Path) -> None:
 
     nobody = pwd.getpwnam("nobody")
     owner = (nobody.pw_uid, nobody.pw_gid)
-    root = tmp_path / "certs"
+    root = reachable / "certs"
     root.mkdir(mode=0o700)
     os.chown(root, *owner)
     store = FileStore(root)
@@ -318,12 +331,13 @@ def test_root_writes_what_the_stores_owner_can_read(tmp_path: Path) -> None:
     assert len(written) > 15
     assert [p for p in written if (p.stat().st_uid, p.stat().st_gid) != owner] == []
     # Beside a store root's own (a daemon run as root, a test): files stay root's.
-    own = FileStore(tmp_path / "own")
+    own = FileStore(reachable / "own")
     own.save(V1)
     assert {p.stat().st_uid for p in own.root.rglob("*")} == {0}
 
 
-def test_root_hands_the_stores_owner_nothing_through_a_symlink(tmp_path: Path) -> None:
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give files to another user")
+def test_root_hands_the_stores_owner_nothing_through_a_symlink(reachable: Path) -> None:
     """What root gives the store's owner it gives by the file it made itself: a symlink the
     owner put where root is about to write (the journal's lock file here) is not followed,
     so the file it names keeps its owner."""
@@ -331,16 +345,68 @@ def test_root_hands_the_stores_owner_nothing_through_a_symlink(tmp_path: Path) -
     from edged.dnsjournal import DnsJournal
 
     nobody = pwd.getpwnam("nobody")
-    root = tmp_path / "certs"
+    root = reachable / "certs"
     (root / "dns01").mkdir(mode=0o700, parents=True)
-    os.chown(root, nobody.pw_uid, nobody.pw_gid)
-    target = tmp_path / "roots-own-file"
+    for path in (root, root / "dns01"):
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    target = reachable / "roots-own-file"
     target.write_bytes(b"root's")
     journal = DnsJournal(root / "dns01", "edge1")
     journal._lock_path(journal.token).symlink_to(target)
     with pytest.raises(DnsError, match="Too many levels of symbolic links"):
         journal.record("_acme-challenge.a.com", "value", "a.com", "127.0.0.1:53")
     assert target.stat().st_uid == 0 and target.read_bytes() == b"root's"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give files to another user")
+def test_root_reaches_nothing_through_a_directory_the_owner_made_a_symlink(
+    reachable: Path,
+) -> None:
+    """Root writing another user's store (`sudo edged issue`, `rollback`) works in it as that
+    user: a directory of the store the owner replaced by a symlink leads nowhere the owner
+    could not go itself. Root followed it: it wrote the owner's files into a directory of
+    its own (which the owner could then fill at will), and copied the version it found there
+    (another store's, key and all) into previous/ for the owner to read."""
+    from edged.dns import DnsError
+    from edged.dnsjournal import DnsJournal
+
+    nobody = pwd.getpwnam("nobody")
+    owner = (nobody.pw_uid, nobody.pw_gid)
+    private = FileStore(reachable / "roots-own-store")  # root's, 0700
+    secret = make_cert("secret")
+    private.save(secret)
+    root = reachable / "certs"
+    (root / "live").mkdir(parents=True)
+    for path in (root, root / "live"):
+        os.chown(path, *owner)
+    (root / "live" / NAME).symlink_to(private.root / "live" / NAME)
+    (root / "state").symlink_to(private.root / "live")
+    (root / "dns01").symlink_to(private.root / "live")
+    before = {p: p.stat() for p in private.root.rglob("*")}
+
+    store = FileStore(root)
+    with pytest.raises(StoreError, match="Permission denied"):
+        store.save(V1)
+    with pytest.raises(StoreError, match="Permission denied"):
+        store.save_state(NAME, {"attempts": 1})
+    journal = DnsJournal(root / "dns01", "edge1")
+    with pytest.raises(DnsError, match="Permission denied"):
+        journal.record("_acme-challenge.a.com", "value", "a.com", "127.0.0.1:53")
+    after = {p: p.stat() for p in private.root.rglob("*")}
+    assert after.keys() == before.keys()
+    assert {p: (s.st_uid, s.st_mtime_ns) for p, s in after.items()} == {
+        p: (s.st_uid, s.st_mtime_ns) for p, s in before.items()
+    }
+    assert private.load(NAME) == secret
+    copied = [p for p in root.rglob("*") if p.is_file() and b"secret" in p.read_bytes()]
+    assert copied == []
+    # Its own directories it writes as before, the owner's.
+    for link in (root / "live" / NAME, root / "state", root / "dns01"):
+        link.unlink()
+    store.save(V1)
+    store.save_state(NAME, {"attempts": 1})
+    assert store.load(NAME) == V1
+    assert {(p.stat().st_uid, p.stat().st_gid) for p in root.rglob("*")} == {owner}
 
 
 # --- reading damaged stores --------------------------------------------------------------

@@ -21,6 +21,9 @@ threads via asyncio.to_thread); two processes must not write the same store at o
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import hashlib
 import json
 import logging
@@ -118,7 +121,7 @@ class FileStore:
 
     def save(self, cert: StoredCert) -> None:
         cert = _normalised(cert)
-        with self._lock:
+        with self._lock, self._as_owner():
             self._save_locked(cert)
 
     def save_unless_upload(self, cert: StoredCert) -> StoredCert | None:
@@ -126,7 +129,7 @@ class FileStore:
         returned. The look and the write hold the lock together, so an upload of this process
         (the admin API's thread; the single writer) comes before both or after both."""
         cert = _normalised(cert)
-        with self._lock:
+        with self._lock, self._as_owner():
             try:
                 current = self._load_dir(
                     self._live / store_dirname(cert.name), cert.name, _read_bundle
@@ -155,7 +158,7 @@ class FileStore:
     def rollback(self, name: str) -> StoredCert:
         name, dirname = _checked(name)
         directory = self._live / dirname
-        with self._lock:
+        with self._lock, self._as_owner():
             try:
                 target = _read_bundle(directory / PREVIOUS, name)
             except _Unusable as exc:
@@ -178,7 +181,7 @@ class FileStore:
     def delete(self, name: str) -> None:
         name, dirname = _checked(name)
         directory = self._live / dirname
-        with self._lock:
+        with self._lock, self._as_owner():
             if not directory.exists():
                 return
             # One rename makes the certificate (live and previous together) vanish atomically;
@@ -188,7 +191,8 @@ class FileStore:
                 os.rename(directory, grave)
                 fsync_dir(self._live)
         try:
-            shutil.rmtree(grave)
+            with self._as_owner():
+                shutil.rmtree(grave)
         except OSError as exc:
             # The certificate is already gone; only disk space is wasted, so do not fail.
             log.warning("certificate %s deleted, but cannot remove %s: %s", name, grave, exc)
@@ -232,7 +236,7 @@ class FileStore:
             data = json.dumps(dict(state), indent=2, sort_keys=True, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise StoreError(f"renewal state of {name!r} is not JSON-serialisable: {exc}") from None
-        with self._lock:
+        with self._lock, self._as_owner():
             self._make_dirs(self._state)
             self._write_file(self._state / f"{dirname}.json", data.encode() + b"\n")
 
@@ -273,7 +277,7 @@ class FileStore:
     def save_account(self, directory: str, account: Mapping[str, object], key_pem: bytes) -> None:
         folder = self._accounts / account_dirname(directory)
         data = json.dumps(dict(account), indent=2, sort_keys=True).encode() + b"\n"
-        with self._lock:
+        with self._lock, self._as_owner():
             self._make_dirs(folder)
             # The key first: an account.json without its key would be unusable.
             self._write_file(folder / "key.pem", key_pem)
@@ -355,13 +359,22 @@ class FileStore:
         with _os_errors("write", path):
             write_atomic(path, data, self._owner)
 
+    @contextlib.contextmanager
+    def _as_owner(self) -> Iterator[None]:
+        """as_owner(the store's owner), StoreError when this thread cannot act as it."""
+        with contextlib.ExitStack() as stack:
+            with _os_errors("act as the owner of", self.root):
+                stack.enter_context(as_owner(self._owner))
+            yield
+
     def _make_dirs(self, directory: Path) -> None:
         """Create `directory` and its parents up to the root, 0700, durably."""
         missing = []
         current = directory
-        while current != self.root and not current.is_dir():
-            missing.append(current)
-            current = current.parent
+        with _os_errors("create", directory):  # is_dir raises EACCES
+            while current != self.root and not current.is_dir():
+                missing.append(current)
+                current = current.parent
         for path in reversed(missing):
             with _os_errors("create", path):
                 os.mkdir(path, DIR_MODE)
@@ -385,6 +398,50 @@ def store_owner(root: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
+
+
+@contextlib.contextmanager
+def as_owner(owner: tuple[int, int] | None) -> Iterator[None]:
+    """The block's file system calls, on this thread, as `owner` (see store_owner; None: as
+    this process): root writing another user's store reaches in it only what that user may.
+    A directory of the store its owner replaced by a symlink then leads nowhere the owner
+    could not go itself: root neither writes the owner's files into a directory of its own
+    nor copies what it reads there (another store's key) into the store. Linux's fsuid and
+    fsgid: this thread's alone (a glibc wrapper changes no other thread), and root's
+    capabilities come back with them. PermissionError when they cannot be changed."""
+    if owner is None:
+        yield
+        return
+    uid, gid = owner
+    old_gid = _setfsid(_libc().setfsgid, gid)
+    try:
+        old_uid = _setfsid(_libc().setfsuid, uid)
+        try:
+            yield
+        finally:
+            _setfsid(_libc().setfsuid, old_uid)
+    finally:
+        _setfsid(_libc().setfsgid, old_gid)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    for call in (libc.setfsuid, libc.setfsgid):
+        call.argtypes = [ctypes.c_uint]
+        call.restype = ctypes.c_int
+    return libc
+
+
+def _setfsid(call: Callable[[int], int], value: int) -> int:
+    """setfsuid/setfsgid(value): the id before. They report no error: the id is read back
+    (an invalid id changes nothing and answers the current one)."""
+    before = call(value)
+    if call(0xFFFFFFFF) != value:
+        raise PermissionError(
+            errno.EPERM, f"cannot take uid/gid {value}, the store's owner: run this as that user"
+        )
+    return before
 
 
 def write_atomic(path: Path, data: bytes, owner: tuple[int, int] | None = None) -> None:
