@@ -800,14 +800,17 @@ class Daemon:
             await self._configure_renewer(self.config, self.store)
         await self.renewer.run(self._stop)
 
-    async def _configure_renewer(self, config: Config, store: Store | None) -> None:
+    async def _configure_renewer(
+        self, config: Config, store: Store | None, only: Collection[str] | None = None
+    ) -> None:
         """The renewer takes `config` (just applied), told which sites hold an upload from
         what the loads read (no entry read again), but for sites not read yet (a background
-        fill cut short by an error): those it reads, as it read every site before."""
+        fill cut short by an error): those it reads, as it read every site before. `only`:
+        see Renewer.configure."""
         unread: set[str] = set()
         if not self._snapshot_store:  # a lazy start's fill not done: some may be pending
             unread = {s.name for s in config.sites if s.stored and self._pending(s)}
-        await self.renewer.configure(config, store, frozenset(self._uploads), unread)
+        await self.renewer.configure(config, store, frozenset(self._uploads), unread, only)
 
     async def _fill(self, config: Config, sites: list[Site]) -> None:
         """Read the store's certificates in batches after the listeners are up (see LAZY_MIN),
@@ -969,7 +972,9 @@ class Daemon:
                 # while a background fill runs: a site not read yet would be planned as one
                 # without a certificate, due at once; the loop is configured when it is done,
                 # from the uploads known then.
-                await self._configure_renewer(config, self.store)
+                await self._configure_renewer(
+                    config, self.store, only=[site.name for site in sites]
+                )
             # A certificate that changed under a name (a rollback, another node's write) has
             # its own renewal time: the one planned may be for the certificate it replaced.
             self.renewer.observe_serving(names=[site.name for site in sites])

@@ -460,14 +460,17 @@ class Renewer:
         store: Store | None,
         uploads: Collection[str] | None = None,
         unread: Collection[str] = (),
+        only: Collection[str] | None = None,
     ) -> None:
         """Take a (re)loaded config: load states of newly managed names, resume them. Calls
         take turns: a reload's and the loop's start may come together, and each would load
         and resume the names new to it (an interrupted attempt counted twice). `uploads`,
-        `unread`: what the caller's load found, see managed_sites (not changed meanwhile)."""
+        `unread`: what the caller's load found, see managed_sites (not changed meanwhile).
+        `only`: the names whose management may have changed (an upload came or went), the
+        only ones read and planned; the others are left as they are."""
         async with self._configuring:
             started, first = time.monotonic(), self.config is None
-            await self._configure(config, store, uploads, unread)
+            await self._configure(config, store, uploads, unread, only)
             took = time.monotonic() - started
             if config.acme is not None and (first or took >= SLOW_CONFIGURE):
                 # When renewal is planned for every name: at a start with 100k names, that
@@ -480,6 +483,7 @@ class Renewer:
         store: Store | None,
         uploads: Collection[str] | None,
         unread: Collection[str],
+        only: Collection[str] | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -497,12 +501,13 @@ class Renewer:
         # STATES_BATCH names): names new to this node, and in a fleet the known ones, whose
         # state another node may have saved (a message missed). One read per name, each a
         # thread hop and a round trip, took 3 s per resync for 20,000 names.
-        wanted = [
-            n for n in self._sites if n not in self.states or (fleet and n not in self._running)
-        ]
+        # With `only` (an upload came or went), a fleet node does not read every state again:
+        # seconds at 100k names, on every node, for each upload.
+        names = list(self._sites) if only is None else [n for n in only if n in self._sites]
+        wanted = [n for n in names if n not in self.states or (fleet and n not in self._running)]
         read = await asyncio.to_thread(self._load_states, wanted) if wanted else {}
         unchanged: dict[str, RenewalState] = {}  # read from a fleet's store, left as read
-        for done, name in enumerate(self._sites, 1):
+        for done, name in enumerate(names, 1):
             if done % YIELD_EVERY == 0:
                 await asyncio.sleep(0)  # 20,000 names held the loop ~300 ms in one go
             if name in self.states:
@@ -551,7 +556,10 @@ class Renewer:
             if name not in self._sites:
                 del self.states[name]
                 self._forced.discard(name)
-        await self._observe_all(resumed)
+        if only is None:
+            await self._observe_all(resumed)
+        else:
+            self.observe_serving(resumed, names=[n for n in names if n in self.states])
         self._wake.set()
         self._ari_wake.set()
 

@@ -343,3 +343,30 @@ async def test_a_new_state_another_node_publishes_does_not_undo_a_plan(
         await asyncio.wait_for(task, 10)
     assert renewer.counters.renewal_attempts[name, "failure"] == 0
     assert renewer.states[name] == planned
+
+
+async def test_a_configure_of_some_names_reads_and_plans_those_alone(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """An upload that comes or goes on a fleet node configures the renewal loop for that name
+    alone (`only`): every node read every state again for each upload (100 MGETs and a plan
+    of every name at 100k names). A name handed over to ACME is read, resumed and planned;
+    one taken by an upload leaves the loop; the others keep their states as they were."""
+    store = RedisStore(redis_server.url, FileStore(tmp_path / "local"), prefix="states")
+    names = [f"n{i}.test" for i in range(1500)]
+    for name in names[:3]:
+        store.save_state(name, failing(name, 1).to_json())
+    config = fleet_config(tmp_path, redis_server.url, names)
+    renewer = new_renewer()
+    await renewer.configure(config, store, frozenset({"n0.test"}))
+    assert "n0.test" not in renewer.states and renewer.states["n1.test"].attempts == 1
+    kept = dict(renewer.states)
+    client = redis_server.client()
+    store.save_state("n2.test", failing("n2.test", 4).to_json())  # not adopted: not asked for
+    before = commands(client)
+    await renewer.configure(config, store, frozenset({"n1.test"}), only=["n0.test", "n1.test"])
+    used = counted(client, before)
+    assert used.get("mget") == 1 and "get" not in used, used  # n0's state alone
+    assert renewer.states["n0.test"].attempts == 1  # handed back: its stored state resumed
+    assert "n1.test" not in renewer.states  # an upload now
+    assert all(renewer.states[n] is kept[n] for n in names[2:])
