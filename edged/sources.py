@@ -26,7 +26,7 @@ from edged.chains import split_fullchain
 from edged.config import Config, Site
 from edged.errors import CertError, CertReason, Problem, StoreError
 from edged.renewal import RenewalState, StateError
-from edged.store.base import PemPair, Store, StoredCert, read_each
+from edged.store.base import PemPair, Store, StoredCert
 
 
 @dataclass(frozen=True)
@@ -446,4 +446,4 @@ def _preread(
 
 def _read_chunk(store: Store, names: list[str]) -> dict[str, StoredCert | StoreError | None]:
     """The reads release the interpreter's lock; parsing stays in the caller's thread."""
-    return read_each(names, store.load)
+    return store.load_many(names)

@@ -151,10 +151,12 @@ def many(names: list[str], cn: str) -> list[StoredCert]:
 
 
 class Reads:
-    """The certificates clients GET (not the reads inside scripts), seen with MONITOR."""
+    """The certificates clients GET or MGET (not the reads inside scripts), seen with
+    MONITOR."""
 
     def __init__(self, redis_server: RedisServer, prefix: str) -> None:
         self.prefix = f"GET {prefix}:cert:"
+        self.key_prefix = f"{prefix}:cert:"
         self.certs: Counter[str] = Counter()
         self.marks: set[str] = set()
         self._conn = redis.Redis.from_url(redis_server.url)
@@ -172,8 +174,14 @@ class Reads:
             started.set()
             for seen in m.listen():
                 command = seen["command"]
-                if seen["client_type"] != "lua" and command.startswith(self.prefix):
+                if seen["client_type"] == "lua":
+                    continue
+                if command.startswith(self.prefix):
                     self.certs[command.removeprefix(self.prefix)] += 1
+                elif command.startswith("MGET "):
+                    for key in command.split()[1:]:
+                        if key.startswith(self.key_prefix):
+                            self.certs[key.removeprefix(self.key_prefix)] += 1
                 elif command.startswith("ECHO "):
                     self.marks.add(command.removeprefix("ECHO "))
 

@@ -456,3 +456,49 @@ def test_corrupt_values_are_store_errors_that_name_the_key(
             s.load_account("https://ca.test/dir")
         with pytest.raises(StoreError, match="challenge token 'tok_1'"):
             s.get_token("tok_1")
+
+
+def test_load_many_matches_load_and_batches(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store read of a full reload, in batches: each name gives what load() gives (present,
+    absent, lost by Redis but in the local copy, corrupt with and without a local copy, an
+    invalid name), in one MGET per CERTS_BATCH names and no GET for the names Redis has; with
+    Redis gone, the local copies answer, as load()'s do."""
+    monkeypatch.setattr("edged.store.redis.CERTS_BATCH", 4)
+    a, b = store(redis_server, tmp_path, "a"), store(redis_server, tmp_path, "b")
+    present = [f"n{i}.test" for i in range(6)]
+    one = bundle("n0.test", "v1")
+    for name in present:
+        b.save(replace(one, name=name, names=(name,)))
+    a.load("n1.test")  # a's local copy, then Redis loses it
+    a.load("n2.test")  # a's local copy, then Redis's value is corrupted
+    client = redis_server.client()
+    client.delete("edged:cert:n1.test")
+    client.set("edged:cert:n2.test", b"{not json")
+    client.set("edged:cert:corrupt.test", b"{not json")
+    asked = [*present, "absent.test", "corrupt.test", "bad name!"]
+    before = client.info("commandstats")
+    found = a.load_many(asked)
+    after = client.info("commandstats")
+    calls = {k: after[k]["calls"] - before.get(k, {"calls": 0})["calls"] for k in after}
+    assert calls.get("cmdstat_mget") == -(-(len(asked) - 1) // 4)  # the bad name asks nothing
+    assert calls.get("cmdstat_get", 0) == 1  # n1's `gone` marker (lost, in the local copy)
+    assert set(found) == set(asked)
+    for name in asked:
+        try:
+            expected: object = a.load(name)
+        except StoreError as exc:
+            expected = str(exc)
+        got = found[name]
+        assert (str(got) if isinstance(got, StoreError) else got) == expected, name
+    assert found["n1.test"] is not None and found["absent.test"] is None
+    assert found["n2.test"] == a.local.load("n2.test")  # corrupt in Redis: the local copy
+    assert isinstance(found["corrupt.test"], StoreError)
+
+    redis_server.stop()
+    try:
+        down = a.load_many(present)
+        assert down == {n: a.local.load(n) for n in present}
+    finally:
+        redis_server.start_again()

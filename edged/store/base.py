@@ -114,6 +114,12 @@ class Store(Protocol):
         """The live certificate; None when absent; StoreError when present but unreadable."""
         ...
 
+    def load_many(self, names: Sequence[str]) -> dict[str, StoredCert | StoreError | None]:
+        """load() of each of `names` at once, keyed by the names as given (one bad name does
+        not fail the others). A store may read them in batches (Redis: one round trip per
+        CERTS_BATCH names)."""
+        ...
+
     def save(self, cert: StoredCert) -> None:
         """Make `cert` live; the current live version (if whole) becomes the previous one."""
         ...

@@ -106,6 +106,10 @@ class FileStore:
         name, dirname = _checked(name)
         return self._load_dir(self._live / dirname, name, _read_bundle)
 
+    def load_many(self, names: Sequence[str]) -> dict[str, StoredCert | StoreError | None]:
+        """load() of each name, one by one (files: nothing to batch)."""
+        return read_each(names, self.load)
+
     def load_previous(self, name: str) -> StoredCert | None:
         name, dirname = _checked(name)
         directory = self._live / dirname / PREVIOUS
