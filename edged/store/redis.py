@@ -39,10 +39,10 @@ import logging
 import secrets
 import ssl
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import redis
@@ -63,6 +63,7 @@ CHANGES_MAX = 10_000
 STATES_BATCH = 1000
 # Certificates per MGET in load_many: a few KiB each, so ~1 MiB a batch.
 CERTS_BATCH = 256
+_R = TypeVar("_R")
 # OpenSSL's verify codes for a certificate naming other hosts (X509_V_ERR_HOSTNAME_MISMATCH,
 # X509_V_ERR_IP_ADDRESS_MISMATCH)
 NAME_MISMATCH_CODES = (62, 64)
@@ -357,7 +358,7 @@ class Changes:
     states: tuple[str, ...] = ()
 
 
-def _decode_state(raw: bytes | None, name: str) -> dict[str, object] | None:
+def _decode_state(name: str, raw: bytes | None) -> dict[str, object] | None:
     if raw is None:
         return None
     try:
@@ -520,9 +521,22 @@ class RedisStore:
 
     def load_many(self, names: Sequence[str]) -> dict[str, StoredCert | StoreError | None]:
         """load() of each name, one MGET per CERTS_BATCH names: a full reload of 100k names
-        made 100k round trips. Redis unreachable: the batch that failed and the rest come from
-        the local copy, as load()'s would (without waiting for a timeout per batch)."""
-        found: dict[str, StoredCert | StoreError | None] = {}
+        made 100k round trips. Redis unreachable: as _read_batched."""
+        return self._read_batched(names, "cert", CERTS_BATCH, self._loaded, self.local.load)
+
+    def _read_batched(
+        self,
+        names: Sequence[str],
+        kind: str,
+        size: int,
+        from_redis: Callable[[str, bytes | None], _R],
+        from_local: Callable[[str], _R],
+    ) -> dict[str, _R | StoreError]:
+        """Each name's `kind` key, one MGET per `size` names, made into its answer (a name's
+        StoreError for that name alone). Redis unreachable: the batch that failed and the
+        rest come from the local copy, as a read of one name would (without waiting for a
+        timeout per batch)."""
+        found: dict[str, _R | StoreError] = {}
         keyed: list[tuple[str, str]] = []  # (as given, normalised)
         for name in names:
             try:
@@ -530,21 +544,21 @@ class RedisStore:
             except StoreError as exc:
                 found[name] = exc
         down = False
-        for start in range(0, len(keyed), CERTS_BATCH):
-            batch = keyed[start : start + CERTS_BATCH]
+        for start in range(0, len(keyed), size):
+            batch = keyed[start : start + size]
             values: list[bytes | None] | None = None
             if not down:
-                keys = [self.key("cert", normal) for _, normal in batch]
+                keys = [self.key(kind, normal) for _, normal in batch]
                 try:
-                    values = self._call("load_many", self.client.mget, keys)
+                    values = self._call(f"load_{kind}s", self.client.mget, keys)
                 except StoreError:
                     down = True
             for i, (given, normal) in enumerate(batch):
                 try:
                     if values is None:
-                        found[given] = self.local.load(normal)
+                        found[given] = from_local(normal)
                     else:
-                        found[given] = self._loaded(normal, values[i])
+                        found[given] = from_redis(normal, values[i])
                 except StoreError as exc:
                     found[given] = exc
         return found
@@ -691,41 +705,14 @@ class RedisStore:
             raw = self._call("load_state", self.client.get, self.key("state", name))
         except StoreError:
             return self.local.load_state(name)
-        return _decode_state(raw, name)
+        return _decode_state(name, raw)
 
     def load_states(self, names: Sequence[str]) -> dict[str, StateRead]:
         """load_state of each name, one MGET per STATES_BATCH names (one round trip each, not
-        one per name). Redis unreachable: the batch that failed and the rest come from the
-        local copy, as load_state's would (without waiting for a timeout per batch)."""
-        found: dict[str, StateRead] = {}
-        keyed: list[tuple[str, str]] = []  # (as given, normalised)
-        for name in names:
-            try:
-                keyed.append((name, _name(name)))
-            except StoreError as exc:
-                found[name] = exc
-        down = False
-        for start in range(0, len(keyed), STATES_BATCH):
-            batch = keyed[start : start + STATES_BATCH]
-            if not down:
-                keys = [self.key("state", normal) for _, normal in batch]
-                try:
-                    values = self._call("load_states", self.client.mget, keys)
-                except StoreError:
-                    down = True
-                else:
-                    for (given, normal), raw in zip(batch, values, strict=True):
-                        try:
-                            found[given] = _decode_state(raw, normal)
-                        except StoreError as exc:
-                            found[given] = exc
-                    continue
-            for given, normal in batch:
-                try:
-                    found[given] = self.local.load_state(normal)
-                except StoreError as exc:
-                    found[given] = exc
-        return found
+        one per name). Redis unreachable: as _read_batched."""
+        return self._read_batched(
+            names, "state", STATES_BATCH, _decode_state, self.local.load_state
+        )
 
     def mirror_states(self, states: Mapping[str, Mapping[str, object]]) -> None:
         """Keep the local copy of these states, read from Redis and not written again, equal
