@@ -18,7 +18,7 @@ from aiohttp import web
 from edged.acme.client import AcmeSession
 from edged.acme.issue import OrderRequest, issue
 from edged.acme.solvers import Http01Solver, Solver
-from edged.config import AcmeSettings, parse_config
+from edged.config import AcmeSettings, Site, parse_config
 from edged.errors import AcmeError
 from edged.http01 import ChallengeBoard, Http01App
 from edged.renewer import UploadKept, obtain
@@ -317,15 +317,7 @@ async def test_an_order_does_not_replace_a_certificate_uploaded_while_it_ran(
     config = parse_config(SITES, Path("/etc/edged/edged.toml"))
     site = config.sites[0]
     store = FileStore(tmp_path / "store")
-    ca = make_ca("Own CA")
-    leaf = make_leaf(ca, list(site.names), cn="uploaded")
-    upload = StoredCert(
-        site.name,
-        site.names,
-        (PemPair("ecdsa-p256", fullchain(leaf), leaf.key_pem),),
-        "upload",
-        time.time(),
-    )
+    upload = uploaded_cert(site)
     board = ChallengeBoard()
 
     def order_then_upload() -> Solver:
@@ -339,6 +331,13 @@ async def test_an_order_does_not_replace_a_certificate_uploaded_while_it_ran(
             )
     kept = store.load(site.name)
     assert kept is not None and kept.source == "upload" and kept.pairs == upload.pairs
+
+
+def uploaded_cert(site: Site) -> StoredCert:
+    """An operator's upload for `site`, from a CA of their own."""
+    leaf = make_leaf(make_ca("Own CA"), list(site.names), cn="uploaded")
+    pair = PemPair("ecdsa-p256", fullchain(leaf), leaf.key_pem)
+    return StoredCert(site.name, site.names, (pair,), "upload", time.time())
 
 
 class UploadBeforeWrite:
@@ -408,15 +407,7 @@ async def test_an_upload_landing_right_before_the_orders_write_is_kept(
     store's lock): the upload stays, and the log says so."""
     config = parse_config(SITES, Path("/etc/edged/edged.toml"))
     site = config.sites[0]
-    ca = make_ca("Own CA")
-    leaf = make_leaf(ca, list(site.names), cn="uploaded")
-    upload = StoredCert(
-        site.name,
-        site.names,
-        (PemPair("ecdsa-p256", fullchain(leaf), leaf.key_pem),),
-        "upload",
-        time.time(),
-    )
+    upload = uploaded_cert(site)
     store = racing_store(kind, tmp_path, request, upload)
     board = ChallengeBoard()
     async with http01(board, pebble.http_port):
