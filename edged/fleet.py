@@ -110,6 +110,12 @@ async def follow_changes(
         finally:
             # Bounded: closing must not hang a shutdown when Redis is gone mid-close.
             with contextlib.suppress(Exception):
+                # Closed and waited for: pubsub.aclose() only starts the close (nowait), and a
+                # TLS connection whose shutdown still runs when the event loop closes (edged's
+                # exit) makes uvloop fail the close (EBUSY, a transport left open).
+                if pubsub.connection is not None:
+                    await asyncio.wait_for(pubsub.connection.disconnect(), 2)
+            with contextlib.suppress(Exception):
                 await asyncio.wait_for(pubsub.aclose(), 2)  # type: ignore[no-untyped-call,unused-ignore]
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.aclose(), 2)

@@ -5,6 +5,8 @@ back when Redis lost its data, and TLS (rediss://) with client certificates."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -382,13 +384,36 @@ async def test_tls_store_with_client_certificate_and_pubsub(
     follower = asyncio.create_task(
         follow_changes(b, heard.append, stop, resync_every=60, restore_spread=0)
     )
+    before = connections_to(redis_tls_server.port)
     try:
         await wait_until(lambda: "resync" in heard)
+        assert connections_to(redis_tls_server.port) == before + 1  # the subscription
         await asyncio.to_thread(a.save, bundle("shop.test", "v2"))
         await wait_until(lambda: "store" in heard)
     finally:
         stop.set()
         await asyncio.wait_for(follower, 10)
+    # Closed when the follower returns, its TLS shutdown included: a close still running when
+    # the event loop closes (edged's exit) made uvloop fail it (EBUSY, a transport left open).
+    assert connections_to(redis_tls_server.port) == before
+
+
+def connections_to(port: int) -> int:
+    """This process's established TCP connections to `port` on this host (/proc)."""
+    inodes = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+            if remote_port == port and fields[3] == "01" and fields[9] in inodes:
+                count += 1
+    return count
 
 
 def test_tls_wrong_ca_or_no_client_certificate_is_named(
