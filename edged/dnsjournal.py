@@ -238,8 +238,9 @@ class DnsJournal:
 
     def _write(self) -> None:
         """Replace the file with the entries (under self._lock); none: remove it. OSError."""
-        owner = self._owner()
-        with as_owner(owner):  # see as_owner: the directory may be a symlink the owner made
+        # As the store's owner (see as_owner): what is made here is the owner's, and a
+        # directory the owner replaced by a symlink leads nowhere the owner could not go.
+        with as_owner(self._owner()):
             if not self._entries:
                 try:
                     os.unlink(self.path)
@@ -254,7 +255,7 @@ class DnsJournal:
                 "pid": self.pid,
                 "values": [e.to_json() for e in self._entries.values()],
             }
-            write_atomic(self.path, json.dumps(data, indent=2).encode() + b"\n", owner)
+            write_atomic(self.path, json.dumps(data, indent=2).encode() + b"\n")
 
     def _owner(self) -> tuple[int, int] | None:
         """The store's owner, for what `edged issue` run as root writes here (see
@@ -263,23 +264,17 @@ class DnsJournal:
 
     def _hold_lock(self) -> None:
         """Create and lock this process's lock file before its journal exists: a sweep of
-        another process then sees this one alive."""
+        another process then sees this one alive. Called by _write, as the store's owner."""
         if self._lock_fd is not None:
             return
-        owner = self._owner()
         if not self.directory.is_dir():
             os.makedirs(self.directory, DIR_MODE, exist_ok=True)
-            if owner is not None:
-                os.chown(self.directory, *owner, follow_symlinks=False)  # see below
             fsync_dir(self.directory.parent)
         path = self._lock_path(self.token)
         while True:
-            # O_NOFOLLOW: run as root, this fchowns what it opened to the store's owner, who
-            # could otherwise point a symlink here at any file.
+            # O_NOFOLLOW: a lock file is never a symlink (one there was not made by edged).
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
             try:
-                if owner is not None:
-                    os.fchown(fd, *owner)
                 # Blocking: only a sweep can hold it, for a moment, between our open and
                 # this lock (it found no journal yet and removes the file it locked).
                 fcntl.flock(fd, fcntl.LOCK_EX)

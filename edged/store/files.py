@@ -361,7 +361,7 @@ class FileStore:
     def _write_file(self, path: Path, data: bytes) -> None:
         """Atomically replace `path` with `data` (see write_atomic); StoreError naming it."""
         with _os_errors("write", path):
-            write_atomic(path, data, self._owner)
+            write_atomic(path, data)
 
     @contextlib.contextmanager
     def _as_owner(self) -> Iterator[None]:
@@ -382,10 +382,6 @@ class FileStore:
         for path in reversed(missing):
             with _os_errors("create", path):
                 os.mkdir(path, DIR_MODE)
-                if self._owner is not None:
-                    # Not through a symlink the store's owner may have put there meanwhile:
-                    # root would hand it whatever the link names.
-                    os.chown(path, *self._owner, follow_symlinks=False)
                 fsync_dir(path.parent)
 
 
@@ -412,7 +408,8 @@ def as_owner(owner: tuple[int, int] | None) -> Iterator[None]:
     could not go itself: root neither writes the owner's files into a directory of its own
     nor copies what it reads there (another store's key) into the store. Linux's fsuid and
     fsgid: this thread's alone (a glibc wrapper changes no other thread), and root's
-    capabilities come back with them. PermissionError when they cannot be changed."""
+    capabilities come back with them. What the block creates is the owner's, as if the owner
+    had made it. PermissionError when they cannot be changed."""
     if owner is None:
         yield
         return
@@ -448,18 +445,15 @@ def _setfsid(call: Callable[[int], int], value: int) -> int:
     return before
 
 
-def write_atomic(path: Path, data: bytes, owner: tuple[int, int] | None = None) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so that a crash leaves the old or the new file, whole: a temp
-    file beside it (mode 0600 from creation, `owner`'s if given), fsync, rename, directory
-    fsync. OSError."""
+    file beside it (mode 0600 from creation), fsync, rename, directory fsync. OSError."""
     tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{secrets.token_hex(6)}")
     # O_EXCL: never write through an existing file or symlink. The mode is set at creation so
     # a secret is never readable by others, not even for a moment.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
     try:
         try:
-            if owner is not None:
-                os.fchown(fd, *owner)
             _write_all(fd, data)
             os.fsync(fd)
         finally:
