@@ -387,8 +387,7 @@ class Daemon:
 
     def serving(self, name: str) -> CertBundle | None:
         """The certificate served for the site whose first name is `name` (first key type)."""
-        site = self.config.site_for(name) if self.config else None
-        found = self.bundles.get(site.index) if site is not None else None
+        found = self.served(name)
         return found[0] if found else None
 
     def served(self, name: str) -> tuple[CertBundle, ...]:

@@ -315,25 +315,40 @@ def renewal_window(
 ) -> AriInfo | None:
     """The state's ARI window when it is one for `bundle`, or for one of `others` (the name's
     further served certificates), that the schedule follows."""
-    ari = state.ari if state is not None else None
-    if ari is None:
-        return None
-    if ari.cert_id:
-        bundle_ = next((b for b in (bundle, *others) if _cert_id_or_empty(b) == ari.cert_id), None)
-        if bundle_ is None:
-            return None  # the window is for another (older) certificate
-        bundle = bundle_
-    return ari if _usable(bundle, ari) else None
+    followed = _followed(bundle, state, others)
+    return followed[0] if followed is not None else None
 
 
 def window_cert(
     bundle: CertBundle, state: RenewalState | None, others: Sequence[CertBundle] = ()
 ) -> CertBundle | None:
     """The certificate, of `bundle` and `others`, whose window the schedule follows."""
-    ari = renewal_window(bundle, state, others)
+    followed = _followed(bundle, state, others)
+    if followed is None:
+        return None
+    ari, cert = followed
+    # A window without a certificate id: the first certificate without one either, as before.
+    return cert if ari.cert_id else (_cert_of("", bundle, others) or bundle)
+
+
+def _followed(
+    bundle: CertBundle, state: RenewalState | None, others: Sequence[CertBundle]
+) -> tuple[AriInfo, CertBundle] | None:
+    """The state's ARI window the schedule follows and the certificate it is for."""
+    ari = state.ari if state is not None else None
     if ari is None:
         return None
-    return next((b for b in (bundle, *others) if _cert_id_or_empty(b) == ari.cert_id), bundle)
+    if ari.cert_id:
+        found = _cert_of(ari.cert_id, bundle, others)
+        if found is None:
+            return None  # the window is for another (older) certificate
+        bundle = found
+    return (ari, bundle) if _usable(bundle, ari) else None
+
+
+def _cert_of(cert_id: str, bundle: CertBundle, others: Sequence[CertBundle]) -> CertBundle | None:
+    """The certificate, of `bundle` and `others`, whose ARI id is `cert_id`."""
+    return next((b for b in (bundle, *others) if _cert_id_or_empty(b) == cert_id), None)
 
 
 def _usable(bundle: CertBundle, ari: AriInfo) -> bool:
@@ -661,12 +676,7 @@ def observe_cert(
     """
     cert_id = _cert_id_or_empty(bundle)
     ari = state.ari
-    if (
-        ari is not None
-        and ari.cert_id
-        and ari.cert_id != cert_id
-        and all(ari.cert_id != _cert_id_or_empty(b) for b in others)
-    ):
+    if ari is not None and ari.cert_id and _cert_of(ari.cert_id, bundle, others) is None:
         ari = None
     # The same object when nothing changes: a full reload observes every name again, and new
     # copies of 100k unchanged states only raised the reload's memory peak.
