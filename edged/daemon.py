@@ -947,42 +947,38 @@ class Daemon:
         ]
         if not sites:
             return True
+        site_names = [site.name for site in sites]
         with self.counters.names_reload_seconds.timed():  # not for names no site has
             try:
                 # Before reading, as a full load does: the stamps may be older than what is read
                 # (then the next full load reads it again), never newer.
-                stamps = await asyncio.to_thread(self._entry_stamps, [site.name for site in sites])
+                stamps = await asyncio.to_thread(self._entry_stamps, site_names)
                 certs = await self._read_sites(config, sites)
             except (EdgedError, OSError) as exc:
                 log.error("reload rejected, keeping the running certificates: %s", exc)
                 self.counters.reloads[kind, "error"] += 1
                 return False
             self._log_problems(certs.problems)
-            uploads = self._uploads.intersection(site.name for site in sites)
+            uploads = self._uploads.intersection(site_names)
             self._apply_sites(sites, certs)
             self._record_stamps(stamps)
-            if (
-                self._uploads.intersection(site.name for site in sites) != uploads
-                and self._filled.is_set()
-            ):
+            if self._uploads.intersection(site_names) != uploads and self._filled.is_set():
                 # An upload came (another node's `edged upload`, one an order found) or was
                 # handed back: the renewal loop takes the sites without one, no more, no less
                 # (else it would plan, and order, renewals of an uploaded certificate). Not
                 # while a background fill runs: a site not read yet would be planned as one
                 # without a certificate, due at once; the loop is configured when it is done,
                 # from the uploads known then.
-                await self._configure_renewer(
-                    config, self.store, only=[site.name for site in sites]
-                )
+                await self._configure_renewer(config, self.store, only=site_names)
             # A certificate that changed under a name (a rollback, another node's write) has
             # its own renewal time: the one planned may be for the certificate it replaced.
-            self.renewer.observe_serving(names=[site.name for site in sites])
+            self.renewer.observe_serving(names=site_names)
             await self.renewer.changed()
             result = "error" if certs.errors else "ok"
             self.counters.reloads[kind, result] += 1
             if result == "ok":
                 self.counters.last_reload_success = time.time()
-            log.info("reloaded (%s): %s", kind, ", ".join(site.name for site in sites))
+            log.info("reloaded (%s): %s", kind, ", ".join(site_names))
             return result == "ok"
 
     def _record_stamps(self, stamps: Mapping[str, Stamp | None]) -> None:
