@@ -11,6 +11,7 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from edged.certs import CertBundle, parse_bundle
 from edged.config import Config, parse_config
 from edged.errors import StoreError
 from edged.renewal import CertStatus, RenewalState
+from edged.renewer import Renewer
 from edged.store.files import FileStore
 from edged.store.redis import STATES_BATCH, RedisStore
 from tests.conftest import new_renewer
@@ -260,6 +262,24 @@ async def test_a_configure_of_many_names_is_a_round_trip_per_batch(
     assert all(renewer.states[n].attempts == 2 for n in names)
 
 
+async def planned_in_fleet(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    name: str,
+    serving: Callable[[str], CertBundle | None],
+    prefix: str,
+) -> tuple[RedisStore, Config, Renewer, RenewalState]:
+    """A fleet node's renewer that planned `name` from the certificate `serving` gives, with
+    no state saved for it (absent in Redis): its store, config, renewer and the plan."""
+    store = RedisStore(redis_server.url, FileStore(tmp_path / "local"), prefix=prefix)
+    config = fleet_config(tmp_path, redis_server.url, [name], prefix=prefix)
+    renewer = new_renewer(serving)
+    await renewer.configure(config, store)
+    planned = renewer.states[name]
+    assert planned.status is CertStatus.ACTIVE and store.load_state(name) is None
+    return store, config, renewer, planned
+
+
 async def test_a_resync_keeps_the_plan_of_a_name_whose_state_no_node_saved(
     redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -285,12 +305,9 @@ async def test_a_resync_keeps_the_plan_of_a_name_whose_state_no_node_saved(
             time.sleep(1)
         return served if asked == name else None
 
-    store = RedisStore(redis_server.url, FileStore(tmp_path / "local"), prefix="absent")
-    config = fleet_config(tmp_path, redis_server.url, [name], prefix="absent")
-    renewer = new_renewer(serving)
-    await renewer.configure(config, store)
-    planned = renewer.states[name]
-    assert planned.status is CertStatus.ACTIVE and store.load_state(name) is None
+    store, config, renewer, planned = await planned_in_fleet(
+        redis_server, tmp_path, name, serving, "absent"
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(renewer.run(stop))
     try:
@@ -321,13 +338,10 @@ async def test_a_new_state_another_node_publishes_does_not_undo_a_plan(
     name = "served.test"
     made = make_leaf(make_ca("Served CA"), [name])
     served = parse_bundle(fullchain(made), made.key_pem, source=name)
-    store = RedisStore(redis_server.url, FileStore(tmp_path / "local"), prefix="old")
     old_node = RedisStore(redis_server.url, FileStore(tmp_path / "old"), prefix="old")
-    config = fleet_config(tmp_path, redis_server.url, [name], prefix="old")
-    renewer = new_renewer(lambda asked: served if asked == name else None)
-    await renewer.configure(config, store)
-    planned = renewer.states[name]
-    assert planned.status is CertStatus.ACTIVE and store.load_state(name) is None
+    _, _, renewer, planned = await planned_in_fleet(
+        redis_server, tmp_path, name, lambda asked: served if asked == name else None, "old"
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(renewer.run(stop))
     try:
