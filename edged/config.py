@@ -194,6 +194,13 @@ class Site:
     def key(self) -> str:
         return f"site[{self.index}]"
 
+    def wildcard_without(self, challenge: str) -> str | None:
+        """The first wildcard name `challenge` cannot validate (CAs validate wildcards only
+        over dns-01, RFC 8555 section 7.1.3), None when it can validate every name."""
+        if challenge == "dns-01":
+            return None
+        return next((n for n in self.names if n.startswith("*.")), None)
+
 
 @dataclass(frozen=True)
 class Config:

@@ -221,11 +221,9 @@ def check_challenge(site: Site, settings: AcmeSettings) -> None:
     """WildcardChallengeError when `settings.challenge` cannot validate one of the site's
     names. Checked per attempt, not by the config parser: a wildcard site may be served from
     an uploaded certificate, which ACME leaves alone."""
-    if settings.challenge == "dns-01":
-        return
-    for name in site.names:
-        if name.startswith("*."):
-            raise WildcardChallengeError(site.name, name, settings.challenge)
+    wildcard = site.wildcard_without(settings.challenge)
+    if wildcard is not None:
+        raise WildcardChallengeError(site.name, wildcard, settings.challenge)
 
 
 def covers_all(bundle: CertBundle, names: Sequence[str]) -> bool:

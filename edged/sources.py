@@ -397,8 +397,8 @@ def _how_to_get_one(site: Site, config: Config) -> str:
     """What gets a certificate for a site without one, for its "no certificate yet" warning."""
     if config.acme is None:
         return "set cert_file/key_file, upload one, or configure [acme]"
-    wildcard = next((n for n in site.names if n.startswith("*.")), None)
-    if wildcard is not None and config.acme.challenge != "dns-01":
+    wildcard = site.wildcard_without(config.acme.challenge)
+    if wildcard is not None:
         # The renewer fails such a site at once (renewer.check_challenge): not "will request".
         return (
             f"ACME cannot order it: CAs validate {wildcard} only over dns-01: set "
